@@ -1,0 +1,14 @@
+"""edgeport: get trained PyTorch models onto edge devices — export, verify, profile.
+
+The SDK facade; see `edgeport.sdk` for the calls and DESIGN.md for the flow.
+"""
+__version__ = "0.1.0"
+
+from edgeport import zoo  # noqa: E402
+from edgeport.errors import BackendUnavailable, CheckFailed, EdgeportError, ExportError, UserError  # noqa: E402
+from edgeport.export.artifact import Artifact  # noqa: E402
+from edgeport.export.verify import ParityReport, Tolerance  # noqa: E402
+from edgeport.sdk import export, load_model, verify  # noqa: E402
+
+__all__ = ["Artifact", "BackendUnavailable", "CheckFailed", "EdgeportError", "ExportError", "ParityReport",
+           "Tolerance", "UserError", "export", "load_model", "verify", "zoo", "__version__"]

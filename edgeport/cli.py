@@ -1,0 +1,195 @@
+"""The `edgeport` command: a thin shell over the SDK, one sub-command per SDK call.
+
+Exit codes: 0 ok, 1 a check failed, 2 bad usage or input, 3 an internal error (a bug).
+User errors print one line; `--debug` shows the traceback.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from edgeport.errors import BackendUnavailable, CheckFailed, UserError
+
+console = Console(stderr=True)  # progress and tables; --json output goes to stdout alone
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+def _emit_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def _load_inputs(path: str | None):
+    """Verification inputs from an .npz file: one array per model input, in file order."""
+    if path is None:
+        return None
+    import numpy as np
+    import torch
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = [data[k] for k in data.files]
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read inputs {path}: {error}") from error
+    if not arrays:
+        raise UserError(f"{path} holds no arrays")
+    return [tuple(torch.from_numpy(a) for a in arrays)]
+
+
+def _parity_table(artifact) -> Table:
+    table = Table(title=f"{artifact.path}  ({artifact.exporter}, opset {artifact.opset})")
+    for column in ("output", "verdict", "max abs", "rel to scale", "cosine", "SQNR dB", "tolerance"):
+        table.add_column(column)
+    for o in artifact.parity.outputs if artifact.parity else []:
+        table.add_row(o.name, "[green]ok[/]" if o.passed else "[red]FAILED[/]", f"{o.max_abs_error:.2e}",
+                      f"{o.max_rel_error:.2e}", f"{o.cosine:.6f}", f"{o.sqnr_db:.1f}", o.tolerance.why)
+    return table
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks for every error.")
+@click.version_option(package_name="edgeport")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """edgeport: export trained PyTorch models to edge runtimes, verified."""
+    ctx.obj = {"debug": debug}
+
+
+@cli.command("export")
+@click.argument("model")
+@click.option("--to", "targets", default="onnx", show_default=True, help="Comma-separated targets.")
+@click.option("--input", "inputs", multiple=True, help="Example input shape, e.g. 1x3x224x224 or 1x16:int64; "
+              "repeat for several inputs. Zoo models bring their own.")
+@click.option("--weights", type=click.Path(), help="Weights for package.module:factory (safetensors or weights-only).")
+@click.option("-o", "--out", default="build", show_default=True, type=click.Path(), help="Output folder.")
+@click.option("--name", help="Artifact file name (default: the model's).")
+@click.option("--opset", type=int, help="ONNX opset (default: the exporter's, 20; below 18 uses the legacy exporter).")
+@click.option("--dynamic-batch", is_flag=True, help="Make axis 0 of every input and output symbolic.")
+@click.option("--exporter", type=click.Choice(["auto", "torch.export", "legacy-torchscript"]), default="auto",
+              show_default=True)
+@click.option("--verify-inputs", type=click.Path(), help=".npz with real inputs for verification.")
+@click.option("--no-verify", is_flag=True, help="Skip verification (the sidecar then has no parity report).")
+@click.option("--json", "as_json", is_flag=True, help="Print the artifacts' records as JSON.")
+def export_command(model, targets, inputs, weights, out, name, opset, dynamic_batch, exporter, verify_inputs,
+                   no_verify, as_json):
+    """Export MODEL (zoo name, .pt2, or package.module:factory) and verify each artifact."""
+    from edgeport.sdk import export, parse_input
+
+    example = tuple(parse_input(s) for s in inputs) or None
+    with console.status(f"exporting {model} to {targets}"):
+        artifacts = export(model, example, targets=[t.strip() for t in targets.split(",") if t.strip()], out=out,
+                           name=name, weights=weights, verify_inputs=_load_inputs(verify_inputs),
+                           check=not no_verify, opset=opset, dynamic_batch=dynamic_batch, exporter=exporter)
+    if as_json:
+        _emit_json({t: a.to_dict() for t, a in artifacts.items()})
+        return
+    for artifact in artifacts.values():
+        console.print(_parity_table(artifact))
+        for note in artifact.notes:
+            console.print(f"note: {note}")
+        console.print(f"wrote {artifact.path} and {artifact.sidecar.name}")
+
+
+@cli.command("verify")
+@click.argument("artifact", type=click.Path())
+@click.option("--against", "model", required=True, help="The torch model: zoo name, .pt2 or package.module:factory.")
+@click.option("--weights", type=click.Path(), help="Weights for package.module:factory.")
+@click.option("--inputs", type=click.Path(), help=".npz with real inputs (one array per model input).")
+@click.option("--json", "as_json", is_flag=True, help="Print the parity report as JSON.")
+def verify_command(artifact, model, weights, inputs, as_json):
+    """Check an artifact against its torch model on the same inputs; exit 1 if parity fails."""
+    from edgeport.export.artifact import Artifact
+    from edgeport.sdk import verify
+
+    art = Artifact.load(artifact)
+    with console.status(f"verifying {artifact}"):
+        art.parity = verify(art, model, _load_inputs(inputs), weights=weights)
+    if as_json:
+        _emit_json(art.parity.to_dict())
+    else:
+        console.print(_parity_table(art))
+    if not art.parity.passed:
+        raise CheckFailed(f"{artifact} fails verification: {art.parity.failures()[0].describe()}")
+
+
+@cli.command("zoo")
+@click.option("--json", "as_json", is_flag=True)
+def zoo_command(as_json):
+    """List the embedded models with their recorded test accuracy."""
+    from edgeport import zoo
+
+    records = [zoo.info(n) for n in zoo.names()]
+    if as_json:
+        _emit_json(records)
+        return
+    table = Table(title="edgeport zoo (scikit-learn digits, 360 test images)")
+    for column in ("name", "architecture", "parameters", "test accuracy %", "epochs"):
+        table.add_column(column)
+    for r in records:
+        table.add_row(r["name"], r["architecture"], f"{r['parameters']:,}", f"{r['test_accuracy_percent']:.2f}",
+                      str(r["epochs"]))
+    console.print(table)
+
+
+@cli.command("demo")
+@click.option("-o", "--out", default="edgeport-demo", show_default=True, type=click.Path())
+@click.option("--runs", default=200, show_default=True, type=click.IntRange(min=1), help="Timed runs per runner.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def demo_command(out, runs, as_json):
+    """The whole flow on the zoo: export, verify, accuracy and latency of torch vs ONNX Runtime."""
+    from edgeport.demo import run_demo
+
+    with console.status("demo") as status:
+        summary = run_demo(out, runs=runs, progress=lambda s: status.update(s))
+    if as_json:
+        _emit_json(summary)
+        return
+    table = Table(title=f"edgeport demo — artifacts and summary.json in {out}/")
+    for column in ("model", "exporter", "parity", "acc torch %", "acc ORT %", "agree %",
+                   "torch p50 ms", "ORT p50 ms"):
+        table.add_column(column)
+    for m in summary["models"]:
+        table.add_row(m["model"], m["exporter"], f"ok ({m['max_rel_error']:.1e})" if m["parity_passed"] else "FAILED",
+                      f"{m['accuracy_percent']['torch']:.2f}", f"{m['accuracy_percent']['onnxruntime']:.2f}",
+                      f"{m['prediction_agreement_percent']:.1f}", f"{m['latency_ms']['torch']['p50']:.3f}",
+                      f"{m['latency_ms']['onnxruntime']['p50']:.3f}")
+    console.print(table)
+    console.print(f"latency: {summary['latency_method']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the CLI and turn errors into one line and an exit code."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        cli.main(args=args, prog_name="edgeport", standalone_mode=False)
+    except click.exceptions.Exit as done:
+        return done.exit_code
+    except click.ClickException as error:
+        error.show()
+        return EXIT_USAGE
+    except click.exceptions.Abort:
+        console.print("aborted")
+        return EXIT_USAGE
+    except (UserError, BackendUnavailable, CheckFailed) as error:
+        if debug:
+            traceback.print_exc()
+        console.print(f"[red]error:[/] {error}", highlight=False, markup=True, soft_wrap=True)
+        return EXIT_CHECK_FAILED if isinstance(error, CheckFailed) else EXIT_USAGE
+    except Exception as error:  # a bug: say so, keep the traceback behind --debug
+        if debug:
+            traceback.print_exc()
+        console.print(f"internal error: {type(error).__name__}: {error} (run with --debug for the traceback)",
+                      highlight=False, markup=False, soft_wrap=True)
+        return EXIT_INTERNAL
+    return EXIT_OK
+
+
+def console_main() -> None:
+    """The console script: exit with `main()`'s code."""
+    sys.exit(main())

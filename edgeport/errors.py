@@ -1,0 +1,35 @@
+"""The exceptions edgeport raises on purpose.
+
+The CLI maps them to exit codes: `UserError` (and its subclasses) to 2, `CheckFailed` to 1.
+Anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+
+class EdgeportError(Exception):
+    """Base class of every error edgeport raises deliberately."""
+
+
+class UserError(EdgeportError):
+    """Bad input: a missing or corrupt file, a wrong shape, an unknown name. Exit code 2."""
+
+
+class ExportError(UserError):
+    """A model that no exporter path could turn into an artifact; names the op and module path."""
+
+
+class BackendUnavailable(EdgeportError):
+    """A backend that cannot run on this machine; `reason` says why, `remedy` what would fix it."""
+
+    def __init__(self, backend: str, reason: str, remedy: str = ""):
+        self.backend, self.reason, self.remedy = backend, reason, remedy
+        message = f"{backend} is unavailable here: {reason}"
+        super().__init__(message + (f" ({remedy})" if remedy else ""))
+
+
+class CheckFailed(EdgeportError):
+    """A check ran and failed (parity, validity). Exit code 1."""
+
+    def __init__(self, message: str, report=None):
+        super().__init__(message)
+        self.report = report

@@ -1,0 +1,1 @@
+"""torch -> artifacts (ONNX now; Core ML and TensorRT join here), and their verification."""

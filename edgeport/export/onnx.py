@@ -1,0 +1,252 @@
+"""torch -> ONNX: the torch.export-based exporter first, the legacy TorchScript one as fallback.
+
+The artifact records which path was taken and why. The written file has been through
+`onnx.checker` (full check) and shape inference, carries metadata props (edgeport version,
+source-model hash, precision, exporter), is a single file below 2 GB (external data above),
+and loads in ONNX Runtime. A model neither path can convert raises `ExportError` naming the
+failing op and the `nn.Module` path that produced it.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import io
+import logging
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from edgeport.errors import ExportError, UserError
+from edgeport.export.artifact import Artifact, TensorSpec
+from edgeport.runtime.runners import flatten_outputs
+
+SINGLE_FILE_LIMIT = 1_800_000_000  # bytes; protobuf's hard limit is 2 GiB, keep headroom
+DYNAMO_MIN_OPSET = 18  # the torch.export path silently raises anything lower to 18
+EXPORTERS = ("auto", "torch.export", "legacy-torchscript")
+
+_ONNX_DTYPES = {v: np.dtype(k).name for k, v in {
+    np.float32: onnx.TensorProto.FLOAT, np.float16: onnx.TensorProto.FLOAT16, np.float64: onnx.TensorProto.DOUBLE,
+    np.int64: onnx.TensorProto.INT64, np.int32: onnx.TensorProto.INT32, np.int8: onnx.TensorProto.INT8,
+    np.uint8: onnx.TensorProto.UINT8, np.bool_: onnx.TensorProto.BOOL}.items()}
+
+
+def input_names(model: torch.nn.Module, count: int) -> list[str]:
+    """Names for the first `count` positional inputs: the forward's parameter names."""
+    try:
+        params = [p.name for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        params = []
+    return [params[i] if i < len(params) else f"input_{i}" for i in range(count)]
+
+
+def source_sha256(model: torch.nn.Module) -> str:
+    """A hash of the model's class and every parameter and buffer (names, dtypes, shapes, bytes)."""
+    digest = hashlib.sha256(type(model).__qualname__.encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def quiet():
+    """Silence the exporters' progress prints, deprecation warnings and log noise."""
+    loggers = [logging.getLogger(n) for n in ("torch", "onnxscript", "onnx_ir", "torch.onnx")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _dynamo_export(model, args, path: Path, names, outputs, opset, dynamic_axes, large: bool) -> None:
+    shapes = tuple(dynamic_axes.get(n) for n in names) if dynamic_axes else None
+    torch.onnx.export(model, args, str(path), dynamo=True, external_data=large, opset_version=opset,
+                      input_names=names, output_names=outputs, dynamic_shapes=shapes, verbose=False,
+                      optimize=True)
+
+
+def _legacy_export(model, args, path: Path, names, outputs, opset, dynamic_axes, large: bool) -> None:
+    axes = dict(dynamic_axes or {})
+    if any(0 in v for v in axes.values()):  # a dynamic batch on the inputs is one on the outputs
+        axes.update({n: {0: "batch"} for n in outputs})
+    torch.onnx.export(model, args, str(path), dynamo=False, opset_version=opset or 18, input_names=names,
+                      output_names=outputs, dynamic_axes=axes or None, do_constant_folding=True)
+
+
+PATHS = {"torch.export": _dynamo_export, "legacy-torchscript": _legacy_export}
+
+
+def _tensor_specs(values) -> list[TensorSpec]:
+    specs = []
+    for value in values:
+        tensor_type = value.type.tensor_type
+        dims = [d.dim_param if d.dim_param else d.dim_value for d in tensor_type.shape.dim]
+        specs.append(TensorSpec(value.name, dims, _ONNX_DTYPES.get(tensor_type.elem_type, str(tensor_type.elem_type))))
+    return specs
+
+
+def _finalize(path: Path, metadata: dict[str, str]) -> tuple[int, list[str]]:
+    """Shape-infer, stamp metadata, save (single file or external data), full-check the file.
+
+    Returns the default-domain opset and the names of every file the model occupies.
+    """
+    model = onnx.load(str(path))
+    large = model.ByteSize() > SINGLE_FILE_LIMIT
+    if not large:
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    stamped = {p.key: p.value for p in model.metadata_props} | metadata
+    del model.metadata_props[:]
+    for key, value in sorted(stamped.items()):
+        model.metadata_props.add(key=key, value=value)
+    for stale in path.parent.glob(path.name + "*.data"):
+        stale.unlink()
+    files = [path.name]
+    if large:
+        data_name = path.name + ".data"
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+        files.insert(0, data_name)
+    else:
+        onnx.save_model(model, str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    return opset, files
+
+
+def _loads_in_onnxruntime(path: Path) -> None:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def export_onnx(model: torch.nn.Module, args: tuple[torch.Tensor, ...], folder: Path, name: str, *,
+                opset: int | None = None, dynamic_axes: dict[str, dict[int, str]] | None = None,
+                exporter: str = "auto", precision: str = "fp32") -> Artifact:
+    """Export `model` called on `args` to `folder/name.onnx`; returns the (unverified) Artifact.
+
+    `dynamic_axes` maps input names to {axis: symbol}, e.g. {"x": {0: "batch"}}.
+    `exporter="auto"` tries torch.export then the legacy exporter; each path must produce a
+    file that passes the full checker and loads in ONNX Runtime, or the next one is tried.
+    """
+    if exporter not in EXPORTERS:
+        raise UserError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
+    names = input_names(model, len(args))
+    unknown = set(dynamic_axes or {}) - set(names)
+    if unknown:
+        raise UserError(f"dynamic axes name unknown inputs {sorted(unknown)}; the inputs are {names}")
+    if dynamic_axes and any(0 in axes for axes in dynamic_axes.values()):
+        # torch.export specializes a size-1 dimension; trace with a batch of 2 to keep it symbolic
+        args = tuple(a.expand(2, *a.shape[1:]).clone() if a.shape[0] == 1 else a for a in args)
+    with torch.no_grad():
+        outputs = [f"output_{i}" for i in range(len(flatten_outputs(model(*args))))]
+    path = folder / f"{name}.onnx"
+    large = sum(p.numel() * p.element_size() for p in model.parameters()) > SINGLE_FILE_LIMIT
+    order = ["torch.export", "legacy-torchscript"] if exporter == "auto" else [exporter]
+    notes: list[str] = []
+    if opset is not None and opset < DYNAMO_MIN_OPSET and "torch.export" in order:
+        notes.append(f"opset {opset} < {DYNAMO_MIN_OPSET}: only the legacy exporter can write it")
+        order.remove("torch.export")
+        if not order:
+            raise UserError(f"the torch.export path writes opset {DYNAMO_MIN_OPSET} or newer, not {opset}")
+    metadata = {"edgeport.source_sha256": source_sha256(model), "edgeport.precision": precision}
+    failures: dict[str, BaseException] = {}
+    for route in order:
+        try:
+            with quiet():
+                PATHS[route](model, args, path, names, outputs, opset, dynamic_axes, large)
+                from edgeport import __version__
+                written_opset, files = _finalize(path, metadata | {"edgeport.version": __version__,
+                                                                    "edgeport.exporter": route})
+                _loads_in_onnxruntime(path)
+        except Exception as error:  # each exporter raises its own zoo of types
+            failures[route] = error
+            notes.append(f"{route} failed: {summarize_error(error)}")
+            for leftover in folder.glob(path.name + "*"):
+                leftover.unlink()
+            continue
+        proto = onnx.load(str(path), load_external_data=False)
+        return Artifact(
+            path=path, format="onnx", precision=precision, inputs=_tensor_specs(proto.graph.input),
+            outputs=_tensor_specs(proto.graph.output), source_sha256=metadata["edgeport.source_sha256"],
+            exporter=route, opset=written_opset, notes=notes, files=files,
+            settings={"opset_requested": opset, "dynamic_axes": dynamic_axes or {}, "exporter_requested": exporter,
+                      "external_data": len(files) > 1})
+    raise ExportError(diagnose(model, args, failures))
+
+
+def summarize_error(error: BaseException) -> str:
+    """The one line of an exporter's error that says what went wrong."""
+    text = str(error)
+    summary = text.split("## Exception summary", 1)
+    lines = [ln.strip() for ln in (summary[1] if len(summary) > 1 else text).splitlines() if ln.strip()]
+    line = lines[0] if lines else type(error).__name__
+    line = re.sub(r"\x1b\[[0-9;]*m", "", line)
+    return (line[:300] + "…") if len(line) > 300 else line
+
+
+def diagnose(model: torch.nn.Module, args: tuple, failures: dict[str, BaseException]) -> str:
+    """Name the ops the exporters could not convert and the module paths that call them."""
+    failing = {m for e in failures.values() for m in re.findall(r"aten(?:\.|::)([A-Za-z0-9_]+)", str(e))}
+    used = trace_ops(model, args)
+    places = []
+    for op in sorted(failing):
+        paths = {p for name, ps in used.items() if name.startswith(op) or op.startswith(name) for p in ps}
+        where = ", ".join(sorted(paths)[:5]) if paths else "unknown module"
+        places.append(f"aten.{op} in {where}")
+    detail = "; ".join(f"{route}: {summarize_error(e)}" for route, e in failures.items())
+    if places:
+        return f"cannot export to ONNX: no conversion for {'; '.join(places)} ({detail})"
+    return f"cannot export to ONNX: {detail}"
+
+
+def trace_ops(model: torch.nn.Module, args: tuple) -> dict[str, set[str]]:
+    """Run the model once and record, for each aten op, the module paths that called it.
+
+    A path reads like `blocks.0.attn (Attention)`; the root module is `<root> (ClassName)`.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    names = {id(m): n for n, m in model.named_modules()}
+    stack = [f"<root> ({type(model).__name__})"]
+    used: dict[str, set[str]] = {}
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            used.setdefault(func.overloadpacket.__name__, set()).add(stack[-1])
+            return func(*args, **(kwargs or {}))
+
+    def push(module, _inputs):
+        if id(module) in names and names[id(module)]:
+            stack.append(f"{names[id(module)]} ({type(module).__name__})")
+
+    def pop(module, _inputs, _outputs):
+        if id(module) in names and names[id(module)]:
+            stack.pop()
+
+    pre = torch.nn.modules.module.register_module_forward_pre_hook(push)
+    post = torch.nn.modules.module.register_module_forward_hook(pop)
+    try:
+        with torch.no_grad(), Recorder():
+            model(*args)
+    except Exception:  # the diagnosis is best effort; the export errors are reported anyway
+        pass
+    finally:
+        pre.remove()
+        post.remove()
+    return used

@@ -1,0 +1,1 @@
+"""Running artifacts: one Runner per backend, latency measurement."""

@@ -1,0 +1,126 @@
+"""One Runner per backend, all with the same interface: `load()`, `infer(feeds) -> outputs`.
+
+Feeds and outputs are dicts from tensor name to numpy array. A backend that cannot run
+here raises `BackendUnavailable` with the reason and the remedy — never a silent skip.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgeport.errors import BackendUnavailable, UserError
+
+
+class Runner(ABC):
+    """A loaded model that maps named numpy inputs to named numpy outputs."""
+
+    name: str = "runner"
+    device: str = "cpu"
+    input_names: list[str]
+    output_names: list[str]
+
+    @abstractmethod
+    def load(self) -> "Runner":
+        """Prepare the backend (open a session, move weights); returns self."""
+
+    @abstractmethod
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one inference; `feeds` must hold every input name."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, device={self.device!r})"
+
+
+class TorchRunner(Runner):
+    """A torch module run eagerly under `torch.inference_mode`, on CPU or CUDA.
+
+    Outputs are the module's outputs flattened in pytree order (tuples, dicts and
+    `transformers` ModelOutputs alike), the same order both ONNX exporters use.
+    """
+
+    def __init__(self, model: torch.nn.Module, input_names: list[str], output_names: list[str] | None = None,
+                 device: str = "cpu"):
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise BackendUnavailable("torch-cuda", "no CUDA device is visible to torch",
+                                     "run on a machine with an NVIDIA GPU and a CUDA build of torch")
+        self.model, self.input_names, self.device = model, list(input_names), device
+        self.output_names = list(output_names or [])
+        self.name = "torch" if device == "cpu" else f"torch-{device}"
+
+    def load(self) -> "TorchRunner":
+        self.model = in_eval_mode(self.model).to(self.device)
+        return self
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        args = [torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self.device) for n in self.input_names]
+        with torch.inference_mode():
+            flat = flatten_outputs(self.model(*args))
+        if not self.output_names:
+            self.output_names = [f"output_{i}" for i in range(len(flat))]
+        if len(flat) != len(self.output_names):
+            raise UserError(f"the model returned {len(flat)} outputs, expected {len(self.output_names)}")
+        return {n: t.detach().cpu().numpy() for n, t in zip(self.output_names, flat)}
+
+
+def in_eval_mode(model: torch.nn.Module) -> torch.nn.Module:
+    """`model.eval()`, except for torch.export modules, which are inference graphs already
+    and refuse the call."""
+    try:
+        return model.eval()
+    except NotImplementedError:
+        return model
+
+
+def flatten_outputs(outputs) -> list[torch.Tensor]:
+    """The tensors of a model's output structure, in pytree order (non-tensors dropped)."""
+    leaves, _ = torch.utils._pytree.tree_flatten(outputs)
+    return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+
+
+class OnnxRuntimeRunner(Runner):
+    """An ONNX Runtime session on the providers actually available here (CPU unless told).
+
+    `threads` sets intra-op threads (None: ORT's default). `spinning=False` stops idle
+    worker threads from busy-waiting, which matters when another session is being timed
+    in the same process.
+    """
+
+    def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int | None = None,
+                 spinning: bool = True):
+        self.path, self.threads, self.spinning = Path(path), threads, spinning
+        self.providers = providers
+        self.name, self.session = "onnxruntime", None
+        self.input_names: list[str] = []
+        self.output_names: list[str] = []
+
+    def load(self) -> "OnnxRuntimeRunner":
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        providers = self.providers or ["CPUExecutionProvider"]
+        missing = [p for p in providers if p not in available]
+        if missing:
+            raise BackendUnavailable(f"onnxruntime {missing[0]}", f"this onnxruntime build offers {available}",
+                                     "install an onnxruntime build with that execution provider")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+            options.inter_op_num_threads = 1
+        if not self.spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        except Exception as error:  # ORT raises its own Fail/InvalidGraph types for bad files
+            raise UserError(f"onnxruntime cannot load {self.path}: {str(error).splitlines()[0]}") from error
+        self.device = "cpu" if providers == ["CPUExecutionProvider"] else providers[0]
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        return self
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outputs = self.session.run(None, {n: feeds[n] for n in self.input_names})
+        return dict(zip(self.output_names, outputs))

@@ -1,0 +1,250 @@
+"""The Python API: resolve a model, export it to each target, verify every artifact.
+
+    import edgeport as ep
+    arts = ep.export("vit-digits", targets=["onnx"], out="build/vit")
+    print(arts["onnx"].parity.summary())
+
+A model is an `nn.Module`, a zoo name, a `.pt2` file (torch.export) or
+`package.module:factory` (weights from `weights=`, read without executing code).
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import pickle
+import re
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from edgeport import zoo
+from edgeport.errors import CheckFailed, UserError
+from edgeport.export.artifact import Artifact, Staging
+from edgeport.export.onnx import export_onnx, input_names
+from edgeport.export.verify import ParityReport, Tolerance, compare
+from edgeport.runtime.runners import OnnxRuntimeRunner, TorchRunner, in_eval_mode
+
+TARGETS = ("onnx",)
+Example = torch.Tensor | Sequence[torch.Tensor]
+
+
+def _refuse_pickle(path: Path, error: Exception) -> UserError:
+    return UserError(f"refusing to load {path}: it is a pickle that needs code execution to load "
+                     f"({str(error).splitlines()[0][:160]}); save the model with torch.export (.pt2) or "
+                     f"give package.module:factory with safetensors or weights-only state_dict")
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state_dict from safetensors or a weights-only torch file; never executes pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"weights file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise _refuse_pickle(path, error) from error
+    except Exception as error:
+        raise UserError(f"cannot read weights {path}: {str(error).splitlines()[0][:200]}") from error
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} holds a {type(state).__name__}, not a state_dict of tensors")
+    return state
+
+
+def load_model(spec: str | torch.nn.Module, weights: str | Path | None = None) -> torch.nn.Module:
+    """Resolve a model given as a module, zoo name, `.pt2` file or `package.module:factory`."""
+    if isinstance(spec, torch.nn.Module):
+        return in_eval_mode(spec)
+    if isinstance(spec, torch.export.ExportedProgram):
+        return spec.module()  # already in inference form; it refuses .eval()
+    text = str(spec)
+    path = Path(text)
+    if text in zoo.names():
+        model = zoo.load(text)
+    elif path.suffix == ".pt2":
+        if not path.is_file():
+            raise UserError(f"model file {path} does not exist")
+        try:
+            program = torch.export.load(str(path))
+        except Exception as error:
+            raise UserError(f"cannot read {path} as a torch.export program: "
+                            f"{str(error).splitlines()[0][:200]}") from error
+        if weights is not None:
+            raise UserError("a .pt2 file carries its own weights; drop --weights")
+        return program.module()
+    elif re.fullmatch(r"[\w.]+:\w+", text):
+        module_name, factory_name = text.split(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), factory_name)
+        except (ImportError, AttributeError) as error:
+            raise UserError(f"cannot import {text}: {error}") from error
+        model = factory()
+        if not isinstance(model, torch.nn.Module):
+            raise UserError(f"{text} returned a {type(model).__name__}, not a torch.nn.Module")
+    elif path.suffix in (".pt", ".pth", ".bin", ".pkl", ".ckpt"):
+        if not path.is_file():
+            raise UserError(f"model file {path} does not exist")
+        load_weights(path)  # refuses code-executing pickles; a plain state_dict passes
+        raise UserError(f"{path} holds weights, not a model: give the architecture as "
+                        f"package.module:factory with --weights {path}, or export a .pt2")
+    else:
+        close = difflib.get_close_matches(text, zoo.names(), n=2)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise UserError(f"cannot resolve model {text!r}: {hint}give a zoo name ({', '.join(zoo.names())}), "
+                        f"a .pt2 file, or package.module:factory")
+    if weights is not None:
+        try:
+            model.load_state_dict(load_weights(weights))
+        except RuntimeError as error:
+            raise UserError(f"weights {weights} do not fit {text}: {str(error).splitlines()[0][:200]}") from error
+    return in_eval_mode(model)
+
+
+def parse_input(text: str) -> torch.Tensor:
+    """An example input from `1x1x8x8` or `1x16:int64`: zeros-free random data of that shape."""
+    match = re.fullmatch(r"(\d+(?:x\d+)*)(?::(\w+))?", text.strip())
+    if not match:
+        raise UserError(f"input shape {text!r} is not like 1x3x224x224 or 1x16:int64")
+    shape = [int(d) for d in match.group(1).split("x")]
+    dtype = getattr(torch, match.group(2) or "float32", None)
+    if not isinstance(dtype, torch.dtype):
+        raise UserError(f"unknown dtype {match.group(2)!r} in input {text!r}")
+    generator = torch.Generator().manual_seed(0)
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=generator).to(dtype)
+    return torch.randint(0, 100, shape, generator=generator, dtype=dtype)
+
+
+def as_args(example: Example) -> tuple[torch.Tensor, ...]:
+    """Normalize an example to a tuple of tensors."""
+    args = (example,) if isinstance(example, torch.Tensor) else tuple(example)
+    if not args or not all(isinstance(a, torch.Tensor) for a in args):
+        raise UserError("an example must be a tensor or a sequence of tensors")
+    return args
+
+
+def _run_reference(model: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+    shapes = ", ".join("x".join(map(str, a.shape)) + f":{str(a.dtype).removeprefix('torch.')}" for a in args)
+    try:
+        with torch.no_grad():
+            model(*args)
+    except Exception as error:
+        raise UserError(f"the model does not accept input {shapes}: {str(error).splitlines()[0][:200]}") from error
+
+
+def default_inputs(model_spec, args: tuple[torch.Tensor, ...], count: int = 4) -> tuple[list[tuple], str]:
+    """Inputs for verification when none are given: a zoo model's test images, else the
+    example plus seeded random draws shaped like it (labelled as such in the report)."""
+    if isinstance(model_spec, str) and model_spec in zoo.names():
+        images = zoo.testset(model_spec)[0][:64]
+        return [(images[i:i + args[0].shape[0]],) for i in range(0, len(images), args[0].shape[0])], \
+            f"{model_spec} test images"
+    generator = torch.Generator().manual_seed(1)
+
+    def draw(a: torch.Tensor) -> torch.Tensor:  # same dtype, similar range as the example
+        if a.dtype.is_floating_point:
+            return (torch.randn(a.shape, generator=generator) * a.float().std().nan_to_num(1.0).clamp(min=1e-3)
+                    + a.float().mean()).to(a.dtype)
+        return torch.randint(int(a.min()), int(a.max()) + 1, a.shape, generator=generator, dtype=a.dtype)
+
+    batches = [args] + [tuple(draw(a) for a in args) for _ in range(count - 1)]
+    return batches, f"the example + {count - 1} seeded random inputs"
+
+
+def _feeds(names: list[str], batches: Sequence[Example], static_batch: int | None) -> list[dict[str, np.ndarray]]:
+    """Feed dicts keyed by input name; batches are split to an artifact's static batch size."""
+    feeds = []
+    for batch in batches:
+        arrays = [a.detach().cpu().numpy() for a in as_args(batch)]
+        if len(arrays) != len(names):
+            raise UserError(f"verification inputs have {len(arrays)} tensors, the model takes {len(names)}")
+        size = arrays[0].shape[0] if arrays[0].ndim else 1
+        step = static_batch if static_batch and static_batch < size else size
+        for start in range(0, size - size % step if size % step else size, step):
+            feeds.append({n: a[start:start + step] for n, a in zip(names, arrays)})
+    return feeds
+
+
+def verify(artifact: Artifact | str | Path, model: str | torch.nn.Module, inputs: Sequence[Example] | None = None,
+           *, weights: str | Path | None = None, tolerance: Tolerance | None = None,
+           inputs_source: str = "given inputs") -> ParityReport:
+    """Run `artifact` and the torch `model` on the same inputs and report per-output parity.
+
+    `inputs` is a sequence of batches (each a tensor or tuple of tensors); with None, a zoo
+    model's test images are used, or random draws shaped like the artifact's inputs.
+    """
+    art = artifact if isinstance(artifact, Artifact) else Artifact.load(artifact)
+    torch_model = load_model(model, weights)
+    if art.format != "onnx":
+        raise UserError(f"verification of {art.format} artifacts is not available yet")
+    candidate = OnnxRuntimeRunner(art.path, spinning=False).load()
+    torch_names = input_names(torch_model, len(art.inputs))
+    if inputs is None:
+        shapes = [[d if isinstance(d, int) else 1 for d in spec.shape] for spec in art.inputs]
+        example = tuple(torch.zeros(s, dtype=getattr(torch, spec.dtype)) for s, spec in zip(shapes, art.inputs))
+        inputs, inputs_source = default_inputs(model, example)
+    static = art.inputs[0].shape[0] if art.inputs and art.inputs[0].shape and isinstance(art.inputs[0].shape[0], int) else None
+    feeds = _feeds(torch_names, inputs, static)
+    for feed, spec_names in ((f, candidate.input_names) for f in feeds):
+        for onnx_name, torch_name in zip(spec_names, torch_names):
+            if onnx_name not in feed:
+                feed[onnx_name] = feed[torch_name]
+    reference = TorchRunner(torch_model, torch_names, candidate.output_names).load()
+    return compare(reference, candidate, feeds, precision=art.precision, inputs_source=inputs_source,
+                   tolerance=tolerance)
+
+
+def export(model: str | torch.nn.Module, example: Example | None = None, targets: Sequence[str] = ("onnx",),
+           out: str | Path = "build", *, name: str | None = None, weights: str | Path | None = None,
+           verify_inputs: Sequence[Example] | None = None, check: bool = True, opset: int | None = None,
+           dynamic_batch: bool = False, dynamic_axes: dict[str, dict[int, str]] | None = None,
+           exporter: str = "auto", tolerance: Tolerance | None = None) -> dict[str, Artifact]:
+    """Export `model` to every target in `targets` under `out`, verifying each artifact.
+
+    `example` is one input batch (a zoo model brings its own). Every artifact is verified
+    against the torch model on `verify_inputs` (a sequence of batches; default: a zoo
+    model's test images, else the example plus seeded random draws) unless `check=False`.
+    A failed verification raises `CheckFailed` and leaves nothing behind in `out`.
+    Returns {target: Artifact}.
+    """
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown or not targets:
+        close = difflib.get_close_matches(unknown[0], TARGETS, n=1) if unknown else []
+        raise UserError(f"unknown target {unknown[0] if unknown else '(none)'!r}"
+                        f"{'; did you mean ' + close[0] + '?' if close else ''}; available: {', '.join(TARGETS)}")
+    torch_model = load_model(model, weights)
+    if example is None:
+        if not (isinstance(model, str) and model in zoo.names()):
+            raise UserError("an example input is needed (e.g. --input 1x3x224x224); only zoo models bring their own")
+        example = zoo.example(model)
+    args = as_args(example)
+    _run_reference(torch_model, args)
+    if dynamic_batch:
+        names = input_names(torch_model, len(args))
+        dynamic_axes = {n: {0: "batch", **(dynamic_axes or {}).get(n, {})} for n in names} | \
+            {k: v for k, v in (dynamic_axes or {}).items() if k not in names}
+    name = name or (model if isinstance(model, str) and model in zoo.names() else type(torch_model).__name__.lower())
+    if verify_inputs is None:
+        verify_inputs, source = default_inputs(model, args)
+    else:
+        source = "given inputs"
+    artifacts = {}
+    for target in targets:
+        with Staging(out) as staging:
+            artifact = export_onnx(torch_model, args, staging.dir, name, opset=opset,
+                                   dynamic_axes=dynamic_axes, exporter=exporter)
+            if check:
+                artifact.parity = verify(artifact, torch_model, verify_inputs, tolerance=tolerance,
+                                         inputs_source=source)
+                if not artifact.parity.passed:
+                    worst = artifact.parity.failures()[0]
+                    raise CheckFailed(f"{target} artifact fails verification: {worst.describe()}",
+                                      artifact.parity)
+            artifacts[target] = staging.commit(artifact)
+    return artifacts

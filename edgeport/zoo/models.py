@@ -1,0 +1,120 @@
+"""Architectures of the zoo models: small, but with the layers real deployments have.
+
+The ViT has patch embedding, LayerNorm, multi-head attention with an explicit softmax
+and a GELU MLP; the CNN has Conv/BatchNorm/ReLU; the spiking CNN has LIF neurons unrolled
+over T timesteps with direct (repeated-input) encoding. All take (B, 1, 8, 8) digits.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from edgeport.snn import LIF
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection and an explicit softmax."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads, self.scale = heads, (dim // heads) ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = torch.softmax((q @ k.transpose(-2, -1)) * self.scale, dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, dim * mlp_ratio), nn.GELU(), nn.Linear(dim * mlp_ratio, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """Vision transformer for 8x8 images: 2x2 patches (16 tokens) plus a class token."""
+
+    def __init__(self, dim: int = 64, depth: int = 4, heads: int = 4, mlp_ratio: int = 4,
+                 patch: int = 2, image: int = 8, classes: int = 10):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(1, dim, patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, (image // patch) ** 2 + 1, dim) * 0.02)
+        self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = self.norm(self.blocks(x))
+        return self.head(x[:, 0])
+
+
+def conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class CNN(nn.Module):
+    """Three Conv/BN/ReLU stages, one max-pool, global average pool, linear classifier."""
+
+    def __init__(self, width: int = 32, classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(
+            conv_bn_relu(1, width), conv_bn_relu(width, width), nn.MaxPool2d(2),
+            conv_bn_relu(width, 2 * width), conv_bn_relu(2 * width, 2 * width),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.classifier = nn.Linear(2 * width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class SpikingCNN(nn.Module):
+    """Conv-BN-LIF-pool, Conv-BN-LIF, FC-LIF, FC; T timesteps of the same input (direct coding).
+
+    The output is the FC readout averaged over the T steps (logits). Membranes are locals
+    of `forward`, initialised to zero, so the unrolled graph exports as plain ops.
+    """
+
+    def __init__(self, timesteps: int = 4, width: int = 16, hidden: int = 128, classes: int = 10):
+        super().__init__()
+        self.timesteps = timesteps
+        self.conv1 = nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width))
+        self.lif1 = LIF()
+        self.pool = nn.MaxPool2d(2)
+        self.conv2 = nn.Sequential(nn.Conv2d(width, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width))
+        self.lif2 = LIF()
+        self.fc1 = nn.Linear(2 * width * 16, hidden)
+        self.lif3 = LIF()
+        self.fc2 = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c1 = self.conv1(x)  # the encoding layer sees the same pixels at every step
+        v1 = torch.zeros_like(c1)
+        v2 = v3 = None
+        out = 0
+        for _ in range(self.timesteps):
+            s1, v1 = self.lif1(c1, v1)
+            c2 = self.conv2(self.pool(s1))
+            s2, v2 = self.lif2(c2, torch.zeros_like(c2) if v2 is None else v2)
+            h = self.fc1(s2.flatten(1))
+            s3, v3 = self.lif3(h, torch.zeros_like(h) if v3 is None else v3)
+            out = out + self.fc2(s3)
+        return out / self.timesteps
+
+
+ARCHITECTURES = {"vit-digits": ViT, "cnn-digits": CNN, "snn-digits": SpikingCNN}

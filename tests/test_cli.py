@@ -1,0 +1,147 @@
+"""The command line: exit codes, one-line errors, nothing half-written, real files."""
+import json
+import pickle
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import edgeport as ep
+from edgeport.cli import main
+from conftest import leftovers
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    """The real console entry point in a fresh interpreter."""
+    return subprocess.run([sys.executable, "-m", "edgeport", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_export_zoo_model_json(out, capsys):
+    assert main(["export", "cnn-digits", "-o", str(out), "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)["onnx"]
+    assert record["parity"]["passed"] and record["exporter"] == "torch.export"
+    assert (out / "cnn-digits.onnx").exists() and (out / "cnn-digits.onnx.edgeport.json").exists()
+
+
+def test_export_pt2_then_verify_with_real_inputs(tmp_path, out, capsys):
+    program = torch.export.export(ep.zoo.load("cnn-digits"), (ep.zoo.example("cnn-digits"),))
+    torch.export.save(program, tmp_path / "cnn.pt2")
+    assert main(["export", str(tmp_path / "cnn.pt2"), "--input", "1x1x8x8", "-o", str(out), "--name", "cnn"]) == 0
+    np.savez(tmp_path / "test.npz", x=ep.zoo.testset("cnn-digits")[0][:20].numpy())
+    capsys.readouterr()
+    assert main(["verify", str(out / "cnn.onnx"), "--against", "cnn-digits", "--inputs", str(tmp_path / "test.npz"),
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["passed"] and report["samples"] == 20
+
+
+def test_factory_with_safetensors_weights(tmp_path, out, monkeypatch):
+    (tmp_path / "mymodels.py").write_text(textwrap.dedent("""
+        import torch
+        def tiny():
+            return torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Tanh())
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.manual_seed(3)
+    save_file(torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Tanh()).state_dict(), tmp_path / "w.safetensors")
+    assert main(["export", "mymodels:tiny", "--weights", str(tmp_path / "w.safetensors"), "--input", "2x6",
+                 "-o", str(out)]) == 0
+    assert ep.Artifact.load(out / "sequential.onnx").parity.passed
+
+
+class _Exploit:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.fixture
+def malicious_pickle(tmp_path) -> tuple[Path, Path]:
+    marker = tmp_path / "code-was-executed"
+    path = tmp_path / "model.pt"
+    path.write_bytes(pickle.dumps({"weight": _Exploit(marker)}))
+    return path, marker
+
+
+def bad_inputs(tmp_path: Path, malicious: Path) -> dict[str, tuple[list[str], str]]:
+    corrupt = tmp_path / "corrupt.pt2"
+    corrupt.write_bytes(b"this is not a zip archive")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    nan = tmp_path / "nan.npz"
+    images = ep.zoo.testset("cnn-digits")[0][:4].numpy().copy()
+    images[0, 0, 0, 0] = np.nan
+    np.savez(nan, x=images)
+    return {
+        "missing model file": (["export", str(tmp_path / "nope.pt2"), "--input", "1x1x8x8"], "does not exist"),
+        "corrupt model file": (["export", str(corrupt), "--input", "1x1x8x8"], "cannot read"),
+        "code-executing pickle": (["export", "mymod:factory"], "cannot import"),
+        "pickle as model": (["export", str(malicious), "--input", "1x1x8x8"], "refusing to load"),
+        "pickle as weights": (["export", "cnn-digits", "--weights", str(malicious)], "refusing to load"),
+        "wrong input shape": (["export", "cnn-digits", "--input", "1x3x8x8"], "does not accept input 1x3x8x8"),
+        "unknown target": (["export", "cnn-digits", "--to", "onnx,tflite"], "unknown target 'tflite'"),
+        "unknown zoo name": (["export", "vit-digts"], "did you mean vit-digits"),
+        "unwritable output": (["export", "cnn-digits", "-o", str(blocker / "sub")], "cannot write to output folder"),
+        "NaN in inputs": (["export", "cnn-digits", "--verify-inputs", str(nan)], "1 NaN"),
+        "bad shape text": (["export", "cnn-digits", "--input", "1by8"], "is not like"),
+    }
+
+
+CASES = ["missing model file", "corrupt model file", "code-executing pickle", "pickle as model", "pickle as weights",
+         "wrong input shape", "unknown target", "unknown zoo name", "unwritable output", "NaN in inputs",
+         "bad shape text"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(case, tmp_path, out, capsys, malicious_pickle):
+    args, expected = bad_inputs(tmp_path, malicious_pickle[0])[case]
+    if "-o" not in args:
+        args = [*args, "-o", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) <= 3  # one message (rich may wrap a long line)
+    assert leftovers(out) == []
+    assert not malicious_pickle[1].exists(), "the pickle's code ran"
+
+
+def test_bad_input_through_the_real_entry_point(tmp_path):
+    result = run("export", "cnn-digits", "--input", "1x3x8x8", "-o", str(tmp_path / "o"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "does not accept" in result.stderr
+    debug = run("--debug", "export", "cnn-digits", "--input", "1x3x8x8", "-o", str(tmp_path / "o"))
+    assert debug.returncode == 2 and "Traceback" in debug.stderr
+
+
+def test_failed_verification_exits_1(tmp_path, out, capsys):
+    assert main(["export", "cnn-digits", "-o", str(out)]) == 0
+    assert main(["verify", str(out / "cnn-digits.onnx"), "--against", "vit-digits"]) == 1
+    assert "fails verification" in capsys.readouterr().err
+
+
+def test_verify_artifact_without_sidecar(tmp_path, capsys):
+    (tmp_path / "x.onnx").write_bytes(b"")
+    assert main(["verify", str(tmp_path / "x.onnx"), "--against", "cnn-digits"]) == 2
+    assert "sidecar" in capsys.readouterr().err
+
+
+def test_zoo_listing(capsys):
+    assert main(["zoo", "--json"]) == 0
+    assert [r["name"] for r in json.loads(capsys.readouterr().out)] == ep.zoo.names()
+
+
+def test_demo_writes_summary(tmp_path, capsys):
+    assert main(["demo", "-o", str(tmp_path / "demo"), "--runs", "20", "--json"]) == 0
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert [m["model"] for m in summary["models"]] == ep.zoo.names()
+    for model in summary["models"]:
+        assert model["parity_passed"] and model["prediction_agreement_percent"] == 100.0
+        assert model["accuracy_percent"]["onnxruntime"] == model["accuracy_percent"]["torch"] > 95
+        assert model["latency_ms"]["onnxruntime"]["runs"] == 20
+    assert json.loads(capsys.readouterr().out)["models"][0]["model"] == "cnn-digits"

@@ -1,0 +1,91 @@
+"""Comparator, runners and latency statistics on real runtimes."""
+import numpy as np
+import pytest
+import torch
+
+import edgeport as ep
+from edgeport.export.verify import TOLERANCES, compare, judge, tolerance_for
+from edgeport.runtime.latency import measure, median_ci, summarize
+from edgeport.runtime.runners import OnnxRuntimeRunner, TorchRunner
+
+
+@pytest.fixture(scope="module")
+def cnn_artifact(tmp_path_factory):
+    return ep.export("cnn-digits", out=tmp_path_factory.mktemp("cnn"))["onnx"]
+
+
+def test_runners_share_one_interface(cnn_artifact):
+    images = ep.zoo.testset("cnn-digits")[0][:1].numpy()
+    ort_runner = OnnxRuntimeRunner(cnn_artifact.path, threads=1).load()
+    torch_runner = TorchRunner(ep.zoo.load("cnn-digits"), ["x"], ort_runner.output_names).load()
+    a, b = torch_runner.infer({"x": images}), ort_runner.infer({"x": images})
+    assert list(a) == list(b) == ["output_0"] and a["output_0"].shape == b["output_0"].shape == (1, 10)
+
+
+def test_comparator_catches_a_perturbed_model(cnn_artifact):
+    model = ep.zoo.load("cnn-digits")
+    with torch.no_grad():
+        model.classifier.bias[3] += 0.05  # a 0.05 shift on one logit, about 0.4% of the output scale
+    images = ep.zoo.testset("cnn-digits")[0][:8].numpy()
+    report = compare(TorchRunner(model, ["x"]).load(), OnnxRuntimeRunner(cnn_artifact.path).load(),
+                     [{"x": images[i:i + 1]} for i in range(8)])
+    assert not report.passed and report.failures()[0].name == "output_0"
+    assert report.outputs[0].max_abs_error == pytest.approx(0.05, rel=1e-3)
+    assert "FAILED" in report.summary()
+
+
+def test_nan_inputs_are_refused(cnn_artifact):
+    images = ep.zoo.testset("cnn-digits")[0][:1].numpy().copy()
+    images[0, 0, 1, 1] = np.inf
+    runner = OnnxRuntimeRunner(cnn_artifact.path).load()
+    with pytest.raises(ep.UserError, match="0 NaN and 1 Inf"):
+        compare(runner, runner, [{"x": images}])
+
+
+def test_tolerances_follow_dtype_and_precision():
+    assert tolerance_for("fp32", np.dtype(np.bool_)).kind == "exact"
+    assert tolerance_for("fp32", np.dtype(np.int64)).kind == "exact"
+    assert tolerance_for("int8", np.dtype(np.float32)).kind == "cosine"
+    assert tolerance_for("w4a4", np.dtype(np.float32)) is TOLERANCES["int4"]
+    assert tolerance_for("fp16", np.dtype(np.float32)).max_error == 1e-2
+    spikes = np.array([[0, 1, 1, 1]], dtype=np.bool_)
+    assert not judge("s", spikes, spikes[:, ::-1].copy(), TOLERANCES["exact"]).passed
+    reference = np.linspace(-1, 1, 1000).astype(np.float32)
+    noisy = reference + np.random.default_rng(0).normal(0, 0.01, 1000).astype(np.float32)
+    int8 = judge("y", reference, noisy, TOLERANCES["int8"])
+    assert int8.passed and 30 < int8.sqnr_db < 40  # atol would have failed this int8-level noise
+    assert not judge("y", reference, noisy, TOLERANCES["fp32"]).passed
+    assert not judge("y", reference, np.full_like(reference, np.nan), TOLERANCES["int8"]).passed
+
+
+def test_latency_statistics():
+    samples = [float(x) for x in range(1, 101)]  # 1..100 ms
+    stats = summarize(samples)
+    assert stats.p50 == pytest.approx(50.5) and stats.p90 == pytest.approx(90.1)
+    assert stats.mean == pytest.approx(50.5) and stats.throughput_per_s == pytest.approx(1000 / 50.5)
+    low, high = median_ci(np.array(samples))
+    assert low < stats.p50 < high and high - low < 25
+
+
+def test_measure_counts_and_rejects_bad_counts(cnn_artifact):
+    runner = OnnxRuntimeRunner(cnn_artifact.path).load()
+    feeds = [{"x": ep.zoo.testset("cnn-digits")[0][i:i + 1].numpy()} for i in range(4)]
+    stats = measure(runner, feeds, runs=30, warmup=3)
+    assert len(stats.samples_ms) == 30 and all(s > 0 for s in stats.samples_ms)
+    for runs in (0, -5):
+        with pytest.raises(ep.UserError, match="runs must be positive"):
+            measure(runner, feeds, runs=runs)
+
+
+def test_unavailable_backends_say_why():
+    with pytest.raises(ep.BackendUnavailable, match="onnxruntime TensorrtExecutionProvider is unavailable"):
+        OnnxRuntimeRunner("unused.onnx", providers=["TensorrtExecutionProvider"]).load()
+    if not torch.cuda.is_available():
+        with pytest.raises(ep.BackendUnavailable, match="no CUDA device"):
+            TorchRunner(ep.zoo.load("cnn-digits"), ["x"], device="cuda")
+
+
+def test_corrupt_onnx_file_is_a_user_error(tmp_path):
+    (tmp_path / "bad.onnx").write_bytes(b"\x08\x07garbage")
+    with pytest.raises(ep.UserError, match="onnxruntime cannot load"):
+        OnnxRuntimeRunner(tmp_path / "bad.onnx").load()
