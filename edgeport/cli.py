@@ -70,21 +70,24 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--name", help="Artifact file name (default: the model's).")
 @click.option("--opset", type=int, help="ONNX opset (default: the exporter's, 20; below 18 uses the legacy exporter).")
 @click.option("--dynamic-batch", is_flag=True, help="Make axis 0 of every input and output symbolic.")
+@click.option("--dynamic", "dynamic", multiple=True, metavar="INPUT:AXIS:SYMBOL",
+              help="Make one input axis symbolic, e.g. input_ids:1:sequence; repeatable.")
 @click.option("--exporter", type=click.Choice(["auto", "torch.export", "legacy-torchscript"]), default="auto",
               show_default=True)
 @click.option("--verify-inputs", type=click.Path(), help=".npz with real inputs for verification.")
 @click.option("--no-verify", is_flag=True, help="Skip verification (the sidecar then has no parity report).")
 @click.option("--json", "as_json", is_flag=True, help="Print the artifacts' records as JSON.")
-def export_command(model, targets, inputs, weights, out, name, opset, dynamic_batch, exporter, verify_inputs,
-                   no_verify, as_json):
+def export_command(model, targets, inputs, weights, out, name, opset, dynamic_batch, dynamic, exporter,
+                   verify_inputs, no_verify, as_json):
     """Export MODEL (zoo name, .pt2, or package.module:factory) and verify each artifact."""
-    from edgeport.sdk import export, parse_input
+    from edgeport.sdk import export, parse_dynamic, parse_input
 
     example = tuple(parse_input(s) for s in inputs) or None
     with console.status(f"exporting {model} to {targets}"):
         artifacts = export(model, example, targets=[t.strip() for t in targets.split(",") if t.strip()], out=out,
                            name=name, weights=weights, verify_inputs=_load_inputs(verify_inputs),
-                           check=not no_verify, opset=opset, dynamic_batch=dynamic_batch, exporter=exporter)
+                           check=not no_verify, opset=opset, dynamic_batch=dynamic_batch,
+                           dynamic_axes=parse_dynamic(dynamic), exporter=exporter)
     if as_json:
         _emit_json({t: a.to_dict() for t, a in artifacts.items()})
         return

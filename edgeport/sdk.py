@@ -121,6 +121,17 @@ def parse_input(text: str) -> torch.Tensor:
     return torch.randint(0, 100, shape, generator=generator, dtype=dtype)
 
 
+def parse_dynamic(specs: Sequence[str]) -> dict[str, dict[int, str]] | None:
+    """Dynamic axes from `input_ids:1:sequence` strings, as {input: {axis: symbol}}."""
+    axes: dict[str, dict[int, str]] = {}
+    for spec in specs:
+        match = re.fullmatch(r"(\w+):(\d+):(\w+)", spec.strip())
+        if not match:
+            raise UserError(f"dynamic axis {spec!r} is not like input_ids:1:sequence")
+        axes.setdefault(match.group(1), {})[int(match.group(2))] = match.group(3)
+    return axes or None
+
+
 def as_args(example: Example) -> tuple[torch.Tensor, ...]:
     """Normalize an example to a tuple of tensors."""
     args = (example,) if isinstance(example, torch.Tensor) else tuple(example)
