@@ -1,7 +1,12 @@
 """Latency: warm-up, timed runs, raw samples, and the one place statistics are computed.
 
 Inputs are rotated among several real samples so that caches do not flatter the result.
-Times are wall-clock milliseconds from `time.perf_counter_ns` around `runner.infer`.
+Times are milliseconds: wall clock (`time.perf_counter_ns`) around `runner.infer`, or CUDA
+events around the model call for runners on a GPU (device-side time).
+
+The validity verdict follows the spirit of MLPerf's rules: enough samples for the
+percentiles reported, a coefficient of variation under a threshold, and no drift between
+the first and the last tenth of the run (thermal throttling, frequency changes).
 """
 from __future__ import annotations
 
@@ -30,6 +35,12 @@ class LatencyStats:
     median_ci95: tuple[float, float]  # distribution-free 95% interval for the median
     throughput_per_s: float  # batch items per second at the median
     batch: int = 1
+    drift: float = 0.0  # (median of last tenth - median of first tenth) / median
+    problems: list[str] = field(default_factory=list)  # empty: valid
+
+    @property
+    def valid(self) -> bool:
+        return not self.problems
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,29 +55,83 @@ def median_ci(sorted_samples: np.ndarray, confidence: float = 0.95) -> tuple[flo
     return float(sorted_samples[lo]), float(sorted_samples[hi])
 
 
+MAX_CV = 0.25  # a run noisier than this is flagged
+MAX_DRIFT = 0.05  # 5% between the first and last tenth
+
+
+def validity(samples_ms: np.ndarray, cv: float, max_cv: float = MAX_CV, max_drift: float = MAX_DRIFT
+             ) -> tuple[float, list[str]]:
+    """(drift, problems) of a run in time order; no problems means the run is valid."""
+    n, problems = len(samples_ms), []
+    for q, needed in ((99, 100), (95, 20), (90, 10)):
+        if n < needed:
+            problems.append(f"{n} samples are too few for p{q} (needs {needed})")
+            break
+    if cv > max_cv:
+        problems.append(f"coefficient of variation {cv:.2f} is above {max_cv}")
+    tenth = max(1, n // 10)
+    drift = 0.0
+    if n >= 20:
+        first, last = np.median(samples_ms[:tenth]), np.median(samples_ms[-tenth:])
+        drift = float((last - first) / np.median(samples_ms))
+        if abs(drift) > max_drift:
+            problems.append(f"latency drifted {drift:+.1%} between the first and last tenth of the run")
+    return drift, problems
+
+
 def summarize(samples_ms: list[float], batch: int = 1) -> LatencyStats:
-    """Percentiles, mean, std, CV, the median's confidence interval and throughput."""
+    """Percentiles, mean, std, CV, the median's confidence interval, throughput and validity.
+
+    `samples_ms` must be in the order they were taken (drift is judged from it).
+    """
     if not samples_ms:
         raise UserError("no latency samples to summarize")
-    data = np.sort(np.asarray(samples_ms, dtype=np.float64))
+    ordered = np.asarray(samples_ms, dtype=np.float64)
+    data = np.sort(ordered)
     p50, p90, p95, p99 = (float(np.percentile(data, q)) for q in (50, 90, 95, 99))
     mean, std = float(data.mean()), float(data.std(ddof=1)) if len(data) > 1 else 0.0
-    return LatencyStats(list(map(float, samples_ms)), p50, p90, p95, p99, mean, std,
-                        std / mean if mean > 0 else 0.0, median_ci(data), 1000.0 * batch / p50, batch)
+    cv = std / mean if mean > 0 else 0.0
+    drift, problems = validity(ordered, cv)
+    return LatencyStats(list(map(float, samples_ms)), p50, p90, p95, p99, mean, std, cv, median_ci(data),
+                        1000.0 * batch / p50, batch, drift, problems)
 
 
-def measure(runner: Runner, feeds: list[dict[str, np.ndarray]], runs: int = 100, warmup: int = 10) -> LatencyStats:
-    """Time `runs` inferences after `warmup` untimed ones, cycling through `feeds`."""
-    if runs <= 0 or warmup < 0:
+def _timer(runner: Runner):
+    """A function that runs one inference and returns its time in ms (CUDA events on a GPU)."""
+    if runner.device.startswith("cuda"):
+        import torch
+
+        def timed(feeds):
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            runner.infer(feeds)  # returns host arrays, so the work is finished when it returns
+            stop.record()
+            stop.synchronize()
+            return start.elapsed_time(stop)
+        return timed
+
+    def timed(feeds):
+        start = time.perf_counter_ns()
+        runner.infer(feeds)
+        return (time.perf_counter_ns() - start) / 1e6
+    return timed
+
+
+def measure(runner: Runner, feeds: list[dict[str, np.ndarray]], runs: int = 100, warmup: int = 10,
+            warmup_s: float = 0.0, min_duration_s: float = 0.0) -> LatencyStats:
+    """Time at least `runs` inferences (and at least `min_duration_s` of them) after warm-up
+    (`warmup` untimed runs and at least `warmup_s` seconds), cycling through `feeds`."""
+    if runs <= 0 or warmup < 0 or warmup_s < 0 or min_duration_s < 0:
         raise UserError(f"runs must be positive and warm-up non-negative (got runs={runs}, warmup={warmup})")
     if not feeds:
         raise UserError("latency measurement needs at least one input")
-    for i in range(warmup):
+    start, i = time.perf_counter(), 0
+    while i < warmup or time.perf_counter() - start < warmup_s:
         runner.infer(feeds[i % len(feeds)])
-    samples = []
-    for i in range(runs):
-        start = time.perf_counter_ns()
-        runner.infer(feeds[i % len(feeds)])
-        samples.append((time.perf_counter_ns() - start) / 1e6)
+        i += 1
+    timed, samples = _timer(runner), []
+    start = time.perf_counter()
+    while len(samples) < runs or time.perf_counter() - start < min_duration_s:
+        samples.append(timed(feeds[len(samples) % len(feeds)]))
     batch = next(iter(feeds[0].values())).shape[0] if feeds[0] else 1
     return summarize(samples, batch)

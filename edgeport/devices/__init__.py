@@ -1,0 +1,1 @@
+"""Devices: the catalog of specs (each number with its source) and the roofline estimator."""
