@@ -120,6 +120,103 @@ def verify_command(artifact, model, weights, inputs, as_json):
         raise CheckFailed(f"{artifact} fails verification: {art.parity.failures()[0].describe()}")
 
 
+@cli.command("profile")
+@click.argument("artifact", type=click.Path())
+@click.option("--backend", default="onnxruntime", show_default=True)
+@click.option("--device", default="host", show_default=True, help="Where to measure: this machine ('host').")
+@click.option("--runs", default=200, show_default=True, type=int, help="Timed runs (at least).")
+@click.option("--warmup", default=20, show_default=True, type=int, help="Untimed warm-up runs.")
+@click.option("--min-duration", default=0.0, show_default=True, type=float, help="Time at least this many seconds.")
+@click.option("--threads", type=int, help="Intra-op threads (default: the runtime's).")
+@click.option("--inputs", type=click.Path(), help=".npz with real inputs (one array per model input).")
+@click.option("--batch-sizes", default="", help="Also measure throughput at these batch sizes, e.g. 1,8,32.")
+@click.option("--no-ops", is_flag=True, help="Skip the per-op breakdown.")
+@click.option("--no-energy", is_flag=True, help="Skip energy measurement.")
+@click.option("-o", "--output", type=click.Path(), help="Write the profile JSON here (for `edgeport report`).")
+@click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON.")
+def profile_command(artifact, backend, device, runs, warmup, min_duration, threads, inputs, batch_sizes, no_ops,
+                    no_energy, output, as_json):
+    """Measure latency (and energy where a meter exists) of ARTIFACT on this machine."""
+    from edgeport.sdk import profile
+
+    sizes = [int(b) for b in batch_sizes.split(",") if b.strip()] if batch_sizes else []
+    with console.status(f"profiling {artifact}"):
+        prof = profile(artifact, backend, device, runs=runs, warmup=warmup, min_duration_s=min_duration,
+                       threads=threads, inputs=_load_inputs(inputs), ops=not no_ops, energy=not no_energy,
+                       batch_sizes=sizes)
+    if output:
+        prof.save(output)
+    if as_json:
+        _emit_json(prof.to_dict())
+        return
+    console.print(prof.summary(), highlight=False)
+    if prof.ops:
+        table = Table(title="time per op category (onnxruntime profiler)")
+        table.add_column("category")
+        table.add_column("share", justify="right")
+        for name, share in prof.ops.by_category().items():
+            table.add_row(name, f"{share:.1%}")
+        console.print(table)
+
+
+@cli.command("estimate")
+@click.argument("artifact", type=click.Path())
+@click.option("--device", "devices", multiple=True, default=["host"], show_default=True,
+              help="Catalog device (repeatable), or 'all'.")
+@click.option("--json", "as_json", is_flag=True)
+def estimate_command(artifact, devices, as_json):
+    """Roofline latency and energy of ARTIFACT on catalog devices (estimates, labelled so)."""
+    from edgeport.devices import catalog
+    from edgeport.sdk import estimate
+
+    names = catalog.names() if "all" in devices else list(devices)
+    estimates = [estimate(artifact, d) for d in names]
+    if as_json:
+        _emit_json([{k: v for k, v in e.to_dict().items() if k != "nodes"} for e in estimates])
+        return
+    table = Table(title=f"estimated for {artifact} (roofline; not measured)")
+    for column in ("device", "latency ms", "energy mJ", "45 nm compute mJ", "MACs"):
+        table.add_column(column)
+    for e in estimates:
+        table.add_row(e.device, f"{e.latency_ms:.4g}", f"{e.energy_mj:.4g}", f"{e.compute_energy_45nm_mj:.3g}",
+                      f"{e.macs:.3g}")
+    console.print(table)
+    console.print("energy = the device's active power x roofline latency; sources: `edgeport devices --json`")
+
+
+@cli.command("devices")
+@click.option("--json", "as_json", is_flag=True)
+def devices_command(as_json):
+    """The device catalog (the host is measured by micro-benchmarks here)."""
+    from dataclasses import asdict
+
+    from edgeport.devices import catalog
+
+    devices = [catalog.get(n) for n in catalog.names()]
+    if as_json:
+        _emit_json([asdict(d) for d in devices])
+        return
+    table = Table(title="devices (peak figures; sources with --json)")
+    for column in ("name", "kind", "int8 TOPS", "fp16 TFLOPS", "fp32 TFLOPS", "GB/s", "active W", "backends"):
+        table.add_column(column)
+    for d in devices:
+        table.add_row(d.name, d.kind, *(f"{d.peak[p]:.3g}" if p in d.peak else "-" for p in ("int8", "fp16", "fp32")),
+                      f"{d.memory_bandwidth_gbs:.4g}", f"{d.active_w:.3g}", ", ".join(d.backends))
+    console.print(table)
+
+
+@cli.command("report")
+@click.argument("folder", type=click.Path())
+@click.option("--html", "html_path", type=click.Path(), help="Where to write the HTML (default FOLDER/report.html).")
+def report_command(folder, html_path):
+    """Collect the profile and estimate JSON files in FOLDER into one HTML report with plots."""
+    from edgeport.runtime.report import load_reports, write_html
+
+    profiles, estimates = load_reports(folder)
+    path = write_html(html_path or Path(folder) / "report.html", profiles, estimates)
+    console.print(f"wrote {path} ({len(profiles)} profiles, {len(estimates)} estimates)")
+
+
 @cli.command("zoo")
 @click.option("--json", "as_json", is_flag=True)
 def zoo_command(as_json):

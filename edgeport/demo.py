@@ -16,9 +16,11 @@ import numpy as np
 import torch
 
 from edgeport import __version__, zoo
+from edgeport.devices import catalog
 from edgeport.runtime.latency import measure
+from edgeport.runtime.report import write_html
 from edgeport.runtime.runners import OnnxRuntimeRunner, Runner, TorchRunner
-from edgeport.sdk import export
+from edgeport.sdk import estimate, export, profile
 
 
 def predictions(runner: Runner, images: np.ndarray) -> np.ndarray:
@@ -40,9 +42,11 @@ def environment() -> dict:
 def run_demo(out: str | Path = "edgeport-demo", runs: int = 200, progress: Callable[[str], None] = lambda s: None
              ) -> dict:
     """Export every zoo model to ONNX, verify it, compare test accuracy and latency of torch
-    and ONNX Runtime, and write artifacts plus `summary.json` to `out`. Latencies in ms."""
+    and ONNX Runtime, profile each artifact (latency, per-op breakdown, energy where a meter
+    exists), estimate it on every catalog device, and write artifacts, `summary.json`,
+    `*.profile.json`, `estimates.json` and `report.html` to `out`. Latencies in ms."""
     out = Path(out)
-    models = []
+    models, profiles, estimates = [], [], []
     for name in zoo.names():
         progress(f"{name}: export to ONNX and verify")
         artifact = export(name, out=out)["onnx"]
@@ -54,7 +58,11 @@ def run_demo(out: str | Path = "edgeport-demo", runs: int = 200, progress: Calla
         progress(f"{name}: latency, {runs} runs each")
         feeds = [{artifact.inputs[0].name: images[i:i + 1]} for i in range(16)]
         latency = {r.name: measure(r, feeds, runs=runs, warmup=max(10, runs // 10)) for r in (torch_runner, ort_runner)}
-        del ort_runner  # its worker threads must not spin beside the next measurement
+        ort_runner.close()  # its worker threads must not spin beside the next measurement
+        progress(f"{name}: profile and per-device estimates")
+        prof = profile(artifact.path, runs=runs, warmup=max(10, runs // 10), label=name, idle_s=0.5)
+        profiles.append(prof.save(out / f"{name}.profile.json"))
+        estimates += [estimate(artifact.path, device) for device in catalog.names()]
         models.append({
             "model": name, "artifact": artifact.path.name, "exporter": artifact.exporter, "opset": artifact.opset,
             "parity_passed": artifact.parity.passed,
@@ -70,4 +78,9 @@ def run_demo(out: str | Path = "edgeport-demo", runs: int = 200, progress: Calla
                                  "inputs rotated over 16 test images, after warm-up",
                "environment": environment(), "models": models}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    estimate_dicts = [{k: v for k, v in e.to_dict().items() if k != "nodes"} for e in estimates]
+    (out / "estimates.json").write_text(json.dumps(estimate_dicts, indent=2) + "\n")
+    write_html(out / "report.html", [json.loads(p.read_text()) for p in profiles], estimate_dicts,
+               title="edgeport demo report")
+    summary["report"] = str(out / "report.html")
     return summary

@@ -10,6 +10,7 @@ A model is an `nn.Module`, a zoo name, a `.pt2` file (torch.export) or
 from __future__ import annotations
 
 import difflib
+import gc
 import importlib
 import pickle
 import re
@@ -207,8 +208,11 @@ def verify(artifact: Artifact | str | Path, model: str | torch.nn.Module, inputs
             if onnx_name not in feed:
                 feed[onnx_name] = feed[torch_name]
     reference = TorchRunner(torch_model, torch_names, candidate.output_names).load()
-    return compare(reference, candidate, feeds, precision=art.precision, inputs_source=inputs_source,
-                   tolerance=tolerance)
+    try:
+        return compare(reference, candidate, feeds, precision=art.precision, inputs_source=inputs_source,
+                       tolerance=tolerance)
+    finally:
+        candidate.close()
 
 
 def export(model: str | torch.nn.Module, example: Example | None = None, targets: Sequence[str] = ("onnx",),
@@ -250,6 +254,7 @@ def export(model: str | torch.nn.Module, example: Example | None = None, targets
         with Staging(out) as staging:
             artifact = export_onnx(torch_model, args, staging.dir, name, opset=opset,
                                    dynamic_axes=dynamic_axes, exporter=exporter)
+            artifact.settings["source"] = model if isinstance(model, str) else type(torch_model).__name__
             if check:
                 artifact.parity = verify(artifact, torch_model, verify_inputs, tolerance=tolerance,
                                          inputs_source=source)
@@ -259,3 +264,111 @@ def export(model: str | torch.nn.Module, example: Example | None = None, targets
                                       artifact.parity)
             artifacts[target] = staging.commit(artifact)
     return artifacts
+
+
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+               "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+               "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
+
+
+def profile_feeds(runner: OnnxRuntimeRunner, source: str | None, inputs: Sequence[Example] | None,
+                  count: int = 16, batch: int | None = None) -> tuple[list[dict[str, np.ndarray]], str]:
+    """Feeds for profiling: the given inputs, a zoo model's test images, or seeded random data
+    shaped like the model's inputs (symbolic dims as 1, or `batch` for the first)."""
+    specs = runner.session.get_inputs()
+    if inputs is not None:
+        feeds = _feeds([s.name for s in specs], inputs, None)
+        return feeds, "given inputs"
+    rows = batch or 1
+    if source in zoo.names() and len(specs) == 1:
+        images = zoo.testset(source)[0].numpy()
+        return [{specs[0].name: images[i * rows:(i + 1) * rows]} for i in range(count)], f"{source} test images"
+    generator = np.random.default_rng(0)
+    feeds = []
+    for _ in range(count):
+        feed = {}
+        for spec in specs:
+            shape = [d if isinstance(d, int) else 1 for d in spec.shape]
+            if shape and batch:
+                shape[0] = batch
+            dtype = _ORT_DTYPES.get(spec.type, np.float32)
+            feed[spec.name] = (generator.standard_normal(shape).astype(dtype) if np.issubdtype(dtype, np.floating)
+                               else generator.integers(0, 2, shape).astype(dtype))
+        feeds.append(feed)
+    return feeds, "seeded random inputs"
+
+
+def profile(artifact: str | Path, backend: str = "onnxruntime", device: str = "host", *, runs: int = 200,
+            warmup: int = 20, warmup_s: float = 0.0, min_duration_s: float = 0.0, threads: int | None = None,
+            inputs: Sequence[Example] | None = None, ops: bool = True, energy: bool = True,
+            energy_window_s: float = 1.0, idle_s: float = 1.0, batch_sizes: Sequence[int] = (),
+            rapl_root: str | Path = "/sys/class/powercap", hwmon_root: str | Path = "/sys/class/hwmon",
+            label: str = "") -> "Profile":
+    """Measure an ONNX artifact on this machine: latency statistics (ms), per-op breakdown,
+    energy per inference (mJ) from a meter where one exists, and the host estimate beside it.
+
+    Energy needs a meter (RAPL, Jetson rails); without one the profile says so and why.
+    `batch_sizes` adds throughput (items/s) at those batch sizes when the batch axis is symbolic.
+    """
+    import resource
+
+    from edgeport.devices import catalog
+    from edgeport.devices.estimate import estimate as roofline
+    from edgeport.runtime.energy import MeterError, MeterUnavailable, detect_meter, measure_energy
+    from edgeport.runtime.latency import measure
+    from edgeport.runtime.opprofile import profile_onnxruntime
+    from edgeport.runtime.report import Energy, Profile, environment
+
+    if device != "host":
+        catalog.get(device)  # an unknown name gets its suggestions first
+        raise UserError(f"profiling measures on this machine (device 'host'); for {device} use `estimate`")
+    if backend != "onnxruntime":
+        raise UserError(f"unknown profiling backend {backend!r}; available: onnxruntime")
+    if runs <= 0 or warmup < 0:
+        raise UserError(f"runs must be positive and warm-up non-negative (got runs={runs}, warmup={warmup})")
+    path = Path(artifact)
+    if not path.is_file():
+        raise UserError(f"artifact {path} does not exist")
+    try:
+        source = Artifact.load(path).settings.get("source")
+    except UserError:
+        source = None  # a plain .onnx without a sidecar profiles as well
+    gc.collect()  # sessions the caller dropped still spin until collected
+    runner = OnnxRuntimeRunner(path, threads=threads).load()
+    feeds, inputs_source = profile_feeds(runner, source, inputs)
+    latency = measure(runner, feeds, runs=runs, warmup=warmup, warmup_s=warmup_s, min_duration_s=min_duration_s)
+    throughput = {1: latency.throughput_per_s}
+    symbolic_batch = all(not isinstance(s.shape[0], int) for s in runner.session.get_inputs() if s.shape)
+    for size in batch_sizes:
+        if size != 1 and symbolic_batch and inputs is None:
+            batch_feeds, _ = profile_feeds(runner, source, None, count=4, batch=size)
+            throughput[size] = measure(runner, batch_feeds, runs=max(10, runs // 5), warmup=3).throughput_per_s
+    energy_record = Energy(False, "unavailable", reasons=["not requested"])
+    if energy:
+        meter, reasons = detect_meter(rapl_root, hwmon_root)
+        if meter is None:
+            energy_record = Energy(False, "unavailable", reasons=reasons)
+        else:
+            try:
+                index = iter(range(10 ** 12))
+                m = measure_energy(meter, lambda: runner.infer(feeds[next(index) % len(feeds)]),
+                                   min_window_s=energy_window_s, idle_s=idle_s)
+                energy_record = Energy(True, m.provenance, m.gross_mj_per_inference, m.net_mj_per_inference,
+                                       m.idle_watts, idle_s > 0, m.window_s, m.inferences)
+            except (MeterUnavailable, MeterError) as error:
+                energy_record = Energy(False, "unavailable", reasons=[str(error)])
+    runner.close()  # no idle worker threads beside the op profiler's session
+    op_profile = profile_onnxruntime(path, feeds, runs=min(runs, 50), threads=threads) if ops else None
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return Profile(str(path), backend, device, latency, energy_record, inputs_source, peak_mb, environment(threads),
+                   op_profile, roofline(path, "host"), throughput, label)
+
+
+def estimate(artifact: str | Path, device: str = "host", **options):
+    """Roofline latency (ms) and energy (mJ, estimated) of an ONNX artifact on a catalog device."""
+    from edgeport.devices.estimate import estimate as roofline
+
+    path = Path(artifact)
+    if not path.is_file():
+        raise UserError(f"artifact {path} does not exist")
+    return roofline(path, device, **options)

@@ -32,6 +32,7 @@ class LatencyStats:
     mean: float
     std: float
     cv: float  # std / mean
+    robust_cv: float  # IQR / 1.349 / median: the spread without the outliers' pull; judged for validity
     median_ci95: tuple[float, float]  # distribution-free 95% interval for the median
     throughput_per_s: float  # batch items per second at the median
     batch: int = 1
@@ -55,11 +56,11 @@ def median_ci(sorted_samples: np.ndarray, confidence: float = 0.95) -> tuple[flo
     return float(sorted_samples[lo]), float(sorted_samples[hi])
 
 
-MAX_CV = 0.25  # a run noisier than this is flagged
+MAX_CV = 0.25  # a run whose robust CV is above this is flagged
 MAX_DRIFT = 0.05  # 5% between the first and last tenth
 
 
-def validity(samples_ms: np.ndarray, cv: float, max_cv: float = MAX_CV, max_drift: float = MAX_DRIFT
+def validity(samples_ms: np.ndarray, robust_cv: float, max_cv: float = MAX_CV, max_drift: float = MAX_DRIFT
              ) -> tuple[float, list[str]]:
     """(drift, problems) of a run in time order; no problems means the run is valid."""
     n, problems = len(samples_ms), []
@@ -67,8 +68,8 @@ def validity(samples_ms: np.ndarray, cv: float, max_cv: float = MAX_CV, max_drif
         if n < needed:
             problems.append(f"{n} samples are too few for p{q} (needs {needed})")
             break
-    if cv > max_cv:
-        problems.append(f"coefficient of variation {cv:.2f} is above {max_cv}")
+    if robust_cv > max_cv:
+        problems.append(f"robust coefficient of variation {robust_cv:.2f} is above {max_cv}")
     tenth = max(1, n // 10)
     drift = 0.0
     if n >= 20:
@@ -91,8 +92,10 @@ def summarize(samples_ms: list[float], batch: int = 1) -> LatencyStats:
     p50, p90, p95, p99 = (float(np.percentile(data, q)) for q in (50, 90, 95, 99))
     mean, std = float(data.mean()), float(data.std(ddof=1)) if len(data) > 1 else 0.0
     cv = std / mean if mean > 0 else 0.0
-    drift, problems = validity(ordered, cv)
-    return LatencyStats(list(map(float, samples_ms)), p50, p90, p95, p99, mean, std, cv, median_ci(data),
+    iqr = float(np.percentile(data, 75) - np.percentile(data, 25))
+    robust_cv = iqr / 1.349 / p50 if p50 > 0 else 0.0
+    drift, problems = validity(ordered, robust_cv)
+    return LatencyStats(list(map(float, samples_ms)), p50, p90, p95, p99, mean, std, cv, robust_cv, median_ci(data),
                         1000.0 * batch / p50, batch, drift, problems)
 
 

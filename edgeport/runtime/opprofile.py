@@ -7,6 +7,7 @@ data movement (reshape, transpose, gather, concat, ...).
 """
 from __future__ import annotations
 
+import gc
 import json
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -102,6 +103,8 @@ def profile_onnxruntime(path: str | Path, feeds: list[dict[str, np.ndarray]], ru
         for i in range(runs):
             session.run(None, {n: feeds[i % len(feeds)][n] for n in names})
         events = json.loads(Path(session.end_profiling()).read_text())
+        del session
+        gc.collect()  # release its worker threads now; they would spin beside the next timing
     totals: dict[str, OpTime] = {}
     for event in events:
         if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
