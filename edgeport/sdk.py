@@ -300,6 +300,7 @@ def profile_feeds(runner: OnnxRuntimeRunner, source: str | None, inputs: Sequenc
 
 def profile(artifact: str | Path, backend: str = "onnxruntime", device: str = "host", *, runs: int = 200,
             warmup: int = 20, warmup_s: float = 0.0, min_duration_s: float = 0.0, threads: int | None = None,
+            sessions: int = 5,
             inputs: Sequence[Example] | None = None, ops: bool = True, energy: bool = True,
             energy_window_s: float = 1.0, idle_s: float = 1.0, batch_sizes: Sequence[int] = (),
             rapl_root: str | Path = "/sys/class/powercap", hwmon_root: str | Path = "/sys/class/hwmon",
@@ -307,6 +308,8 @@ def profile(artifact: str | Path, backend: str = "onnxruntime", device: str = "h
     """Measure an ONNX artifact on this machine: latency statistics (ms), per-op breakdown,
     energy per inference (mJ) from a meter where one exists, and the host estimate beside it.
 
+    The runs are spread over `sessions` fresh ONNX Runtime sessions, so that the median's
+    confidence interval covers session-to-session variation, not only sampling noise.
     Energy needs a meter (RAPL, Jetson rails); without one the profile says so and why.
     `batch_sizes` adds throughput (items/s) at those batch sizes when the batch axis is symbolic.
     """
@@ -315,7 +318,7 @@ def profile(artifact: str | Path, backend: str = "onnxruntime", device: str = "h
     from edgeport.devices import catalog
     from edgeport.devices.estimate import estimate as roofline
     from edgeport.runtime.energy import MeterError, MeterUnavailable, detect_meter, measure_energy
-    from edgeport.runtime.latency import measure
+    from edgeport.runtime.latency import measure, measure_sessions
     from edgeport.runtime.opprofile import profile_onnxruntime
     from edgeport.runtime.report import Energy, Profile, environment
 
@@ -336,7 +339,10 @@ def profile(artifact: str | Path, backend: str = "onnxruntime", device: str = "h
     gc.collect()  # sessions the caller dropped still spin until collected
     runner = OnnxRuntimeRunner(path, threads=threads).load()
     feeds, inputs_source = profile_feeds(runner, source, inputs)
-    latency = measure(runner, feeds, runs=runs, warmup=warmup, warmup_s=warmup_s, min_duration_s=min_duration_s)
+    runner.close()
+    latency = measure_sessions(lambda: OnnxRuntimeRunner(path, threads=threads).load(), feeds, runs=runs,
+                               sessions=sessions, warmup=warmup, warmup_s=warmup_s, min_duration_s=min_duration_s)
+    runner = OnnxRuntimeRunner(path, threads=threads).load()
     throughput = {1: latency.throughput_per_s}
     symbolic_batch = all(not isinstance(s.shape[0], int) for s in runner.session.get_inputs() if s.shape)
     for size in batch_sizes:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -47,13 +48,28 @@ class LatencyStats:
         return asdict(self)
 
 
-def median_ci(sorted_samples: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
-    """Order-statistic confidence interval for the median (binomial, normal approximation)."""
+T_975 = {2: 12.71, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
+
+
+def median_ci(sorted_samples: np.ndarray, block_medians: list[float] | None = None) -> tuple[float, float]:
+    """95% confidence interval for the median.
+
+    The order-statistic interval (binomial, normal approximation) covers sampling noise
+    within one run; with `block_medians` (one per session), it is widened to a Student-t
+    interval on their spread, which covers what changes between sessions (memory layout,
+    thread placement): without it, two profiles of one model would disagree beyond their
+    intervals.
+    """
     n = len(sorted_samples)
-    z = {0.9: 1.645, 0.95: 1.96, 0.99: 2.576}[confidence]
-    half = z * math.sqrt(n) / 2
-    lo, hi = max(0, math.floor(n / 2 - half)), min(n - 1, math.ceil(n / 2 + half))
-    return float(sorted_samples[lo]), float(sorted_samples[hi])
+    half = 1.96 * math.sqrt(n) / 2
+    lo = float(sorted_samples[max(0, math.floor(n / 2 - half))])
+    hi = float(sorted_samples[min(n - 1, math.ceil(n / 2 + half))])
+    if block_medians and len(block_medians) > 1:
+        k = len(block_medians)
+        spread = T_975.get(k, 1.96) * float(np.std(block_medians, ddof=1)) / math.sqrt(k)
+        median = float(np.median(sorted_samples))
+        lo, hi = min(lo, median - spread), max(hi, median + spread)
+    return lo, hi
 
 
 MAX_CV = 0.25  # a run whose robust CV is above this is flagged
@@ -80,10 +96,11 @@ def validity(samples_ms: np.ndarray, robust_cv: float, max_cv: float = MAX_CV, m
     return drift, problems
 
 
-def summarize(samples_ms: list[float], batch: int = 1) -> LatencyStats:
+def summarize(samples_ms: list[float], batch: int = 1, blocks: int = 1) -> LatencyStats:
     """Percentiles, mean, std, CV, the median's confidence interval, throughput and validity.
 
-    `samples_ms` must be in the order they were taken (drift is judged from it).
+    `samples_ms` must be in the order they were taken (drift is judged from it); `blocks`
+    is the number of equal consecutive parts that came from separate sessions.
     """
     if not samples_ms:
         raise UserError("no latency samples to summarize")
@@ -95,8 +112,9 @@ def summarize(samples_ms: list[float], batch: int = 1) -> LatencyStats:
     iqr = float(np.percentile(data, 75) - np.percentile(data, 25))
     robust_cv = iqr / 1.349 / p50 if p50 > 0 else 0.0
     drift, problems = validity(ordered, robust_cv)
-    return LatencyStats(list(map(float, samples_ms)), p50, p90, p95, p99, mean, std, cv, robust_cv, median_ci(data),
-                        1000.0 * batch / p50, batch, drift, problems)
+    block_medians = [float(np.median(b)) for b in np.array_split(ordered, blocks)] if blocks > 1 else None
+    return LatencyStats(list(map(float, samples_ms)), p50, p90, p95, p99, mean, std, cv, robust_cv,
+                        median_ci(data, block_medians), 1000.0 * batch / p50, batch, drift, problems)
 
 
 def _timer(runner: Runner):
@@ -120,10 +138,8 @@ def _timer(runner: Runner):
     return timed
 
 
-def measure(runner: Runner, feeds: list[dict[str, np.ndarray]], runs: int = 100, warmup: int = 10,
-            warmup_s: float = 0.0, min_duration_s: float = 0.0) -> LatencyStats:
-    """Time at least `runs` inferences (and at least `min_duration_s` of them) after warm-up
-    (`warmup` untimed runs and at least `warmup_s` seconds), cycling through `feeds`."""
+def _collect(runner: Runner, feeds: list[dict[str, np.ndarray]], runs: int, warmup: int, warmup_s: float,
+             min_duration_s: float) -> list[float]:
     if runs <= 0 or warmup < 0 or warmup_s < 0 or min_duration_s < 0:
         raise UserError(f"runs must be positive and warm-up non-negative (got runs={runs}, warmup={warmup})")
     if not feeds:
@@ -136,5 +152,34 @@ def measure(runner: Runner, feeds: list[dict[str, np.ndarray]], runs: int = 100,
     start = time.perf_counter()
     while len(samples) < runs or time.perf_counter() - start < min_duration_s:
         samples.append(timed(feeds[len(samples) % len(feeds)]))
-    batch = next(iter(feeds[0].values())).shape[0] if feeds[0] else 1
-    return summarize(samples, batch)
+    return samples
+
+
+def _batch(feeds: list[dict[str, np.ndarray]]) -> int:
+    return next(iter(feeds[0].values())).shape[0] if feeds and feeds[0] else 1
+
+
+def measure(runner: Runner, feeds: list[dict[str, np.ndarray]], runs: int = 100, warmup: int = 10,
+            warmup_s: float = 0.0, min_duration_s: float = 0.0) -> LatencyStats:
+    """Time at least `runs` inferences (and at least `min_duration_s` of them) after warm-up
+    (`warmup` untimed runs and at least `warmup_s` seconds), cycling through `feeds`."""
+    return summarize(_collect(runner, feeds, runs, warmup, warmup_s, min_duration_s), _batch(feeds))
+
+
+def measure_sessions(make_runner: Callable[[], Runner], feeds: list[dict[str, np.ndarray]], runs: int = 100,
+                     sessions: int = 5, warmup: int = 10, warmup_s: float = 0.0, min_duration_s: float = 0.0
+                     ) -> LatencyStats:
+    """`measure` spread over `sessions` freshly loaded runners, one after another, so that the
+    median's confidence interval includes the variation between sessions. Each session gets
+    the full warm-up and an equal share of `runs` and `min_duration_s`."""
+    if sessions < 1:
+        raise UserError(f"sessions must be at least 1, not {sessions}")
+    per_session = math.ceil(runs / sessions) if runs > 0 else runs
+    samples: list[float] = []
+    for _ in range(sessions):
+        runner = make_runner()
+        try:
+            samples += _collect(runner, feeds, per_session, warmup, warmup_s, min_duration_s / sessions)
+        finally:
+            runner.close()
+    return summarize(samples, _batch(feeds), blocks=sessions)

@@ -31,6 +31,9 @@ class Runner(ABC):
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one inference; `feeds` must hold every input name."""
 
+    def close(self) -> None:
+        """Release what `load` acquired (sessions, device memory)."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, device={self.device!r})"
 

@@ -118,3 +118,10 @@ class SpikingCNN(nn.Module):
 
 
 ARCHITECTURES = {"vit-digits": ViT, "cnn-digits": CNN, "snn-digits": SpikingCNN}
+
+
+def vit_small_stack(seed: int = 0) -> ViT:
+    """A ViT-S-like stack for timing (random weights, not a zoo model): dim 384, 6 blocks,
+    6 heads, 16x16 patches of a 224x224 grey image = 196 tokens + class token = 197."""
+    torch.manual_seed(seed)
+    return ViT(dim=384, depth=6, heads=6, mlp_ratio=4, patch=16, image=224, classes=1000).eval()

@@ -1,0 +1,96 @@
+"""Runtime benchmark: profiler overhead, repeatability, estimator error on the host.
+
+1. Overhead: on one ONNX Runtime session, blocks of a bare `session.run` loop (timed with
+   perf_counter_ns around each call) alternate with blocks of edgeport's `measure` (the
+   profiler's timing loop); the medians of all samples are compared. Target: within 2%.
+2. Repeatability: two full `ep.profile` calls (10 sessions each) on the same artifact; their
+   95% confidence intervals for the median must overlap (whether each median also lies
+   inside the other's interval is reported beside it).
+3. Estimator: roofline latency for the host against the measured median. Target within 2x.
+Models: the zoo (vit-digits for 1 and 2, all three for 3) and a ViT-S-like stack (dim 384,
+6 blocks, 197 tokens, random weights), batch 1, 2 threads. Writes bench/results/runtime.json.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import edgeport as ep
+from edgeport.runtime.latency import measure
+from edgeport.runtime.report import environment
+from edgeport.runtime.runners import OnnxRuntimeRunner
+from edgeport.zoo.models import vit_small_stack
+
+ROOT = Path(__file__).resolve().parent
+THREADS = 2
+
+
+def overhead(path: Path, feeds: list[dict], blocks: int = 10, runs: int = 200) -> dict:
+    runner = OnnxRuntimeRunner(path, threads=THREADS).load()
+    session, names = runner.session, runner.input_names
+    measure(runner, feeds, runs=runs, warmup=50)
+    bare, ours = [], []
+    for _ in range(blocks):
+        for i in range(runs):
+            feed = feeds[i % len(feeds)]
+            start = time.perf_counter_ns()
+            session.run(None, {n: feed[n] for n in names})
+            bare.append((time.perf_counter_ns() - start) / 1e6)
+        ours += measure(runner, feeds, runs=runs, warmup=0).samples_ms
+    runner.close()
+    b, o = statistics.median(bare), statistics.median(ours)
+    return {"bare_session_run_p50_ms": b, "edgeport_profiler_p50_ms": o, "difference": (o - b) / b,
+            "samples_each": len(bare), "target_within": 0.02, "passed": abs(o - b) / b <= 0.02}
+
+
+def repeatability(path: Path, runs: int, sessions: int = 10) -> dict:
+    first, second = (ep.profile(path, runs=runs, warmup=20, threads=THREADS, ops=False, energy=False,
+                                sessions=sessions).latency for _ in range(2))
+    inside = (first.median_ci95[0] <= second.p50 <= first.median_ci95[1]
+              and second.median_ci95[0] <= first.p50 <= second.median_ci95[1])
+    overlap = first.median_ci95[0] <= second.median_ci95[1] and second.median_ci95[0] <= first.median_ci95[1]
+    return {"runs": runs, "sessions": sessions, "p50_ms": [first.p50, second.p50],
+            "ci95_ms": [first.median_ci95, second.median_ci95],
+            "each_median_inside_the_others_ci": inside, "intervals_overlap": overlap, "passed": overlap}
+
+
+def estimator_error(path: Path, runs: int) -> dict:
+    measured = ep.profile(path, runs=runs, warmup=50, threads=THREADS, ops=False, energy=False).latency.p50
+    estimated = ep.estimate(path, "host").latency_ms
+    ratio = estimated / measured
+    return {"measured_p50_ms": measured, "estimated_ms": estimated, "ratio": ratio,
+            "target_within_x": 2.0, "passed": 0.5 <= ratio <= 2.0}
+
+
+def main() -> None:
+    torch.set_num_threads(THREADS)
+    results = {"benchmark": "runtime", "environment": environment(THREADS), "models": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {name: ep.export(name, out=tmp)["onnx"].path for name in ep.zoo.names()}
+        stack = vit_small_stack()
+        paths["vit-s-stack"] = ep.export(stack, torch.randn(1, 1, 224, 224), out=tmp, name="vit-s-stack")["onnx"].path
+        feeds = {name: [{"x": ep.zoo.testset(name)[0][i:i + 1].numpy()} for i in range(16)] for name in ep.zoo.names()}
+        generator = np.random.default_rng(0)
+        feeds["vit-s-stack"] = [{"x": generator.random((1, 1, 224, 224), dtype=np.float32)} for _ in range(8)]
+        for name, path in paths.items():
+            runs = 300 if name == "vit-s-stack" else 1000
+            row = {"estimator": estimator_error(path, runs)}
+            if name in ("vit-digits", "vit-s-stack"):
+                row["overhead"] = overhead(path, feeds[name], blocks=6, runs=runs // 5 if name == "vit-s-stack" else 200)
+                row["repeatability"] = repeatability(path, runs)
+            results["models"][name] = row
+            print(name, json.dumps(row), flush=True)
+    results["all_passed"] = all(part["passed"] for row in results["models"].values() for part in row.values())
+    (ROOT / "results").mkdir(exist_ok=True)
+    (ROOT / "results" / "runtime.json").write_text(json.dumps(results, indent=2) + "\n")
+    print("all targets met:", results["all_passed"])
+
+
+if __name__ == "__main__":
+    main()
