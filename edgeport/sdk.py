@@ -298,76 +298,74 @@ def profile_feeds(runner: OnnxRuntimeRunner, source: str | None, inputs: Sequenc
     return feeds, "seeded random inputs"
 
 
-def profile(artifact: str | Path, backend: str = "onnxruntime", device: str = "host", *, runs: int = 200,
-            warmup: int = 20, warmup_s: float = 0.0, min_duration_s: float = 0.0, threads: int | None = None,
-            sessions: int = 5,
-            inputs: Sequence[Example] | None = None, ops: bool = True, energy: bool = True,
-            energy_window_s: float = 1.0, idle_s: float = 1.0, batch_sizes: Sequence[int] = (),
-            rapl_root: str | Path = "/sys/class/powercap", hwmon_root: str | Path = "/sys/class/hwmon",
-            label: str = "") -> "Profile":
-    """Measure an ONNX artifact on this machine: latency statistics (ms), per-op breakdown,
-    energy per inference (mJ) from a meter where one exists, and the host estimate beside it.
+PROFILE_BACKENDS = ("onnxruntime", "torch", "torch-cuda")
 
-    The runs are spread over `sessions` fresh ONNX Runtime sessions, so that the median's
+
+def profile(target: str | Path | torch.nn.Module, backend: str = "onnxruntime", device: str = "host", *,
+            runs: int = 200, warmup: int = 20, warmup_s: float = 0.0, min_duration_s: float = 0.0,
+            threads: int | None = None, sessions: int = 5, inputs: Sequence[Example] | None = None,
+            ops: bool = True, energy: bool = True, energy_window_s: float = 1.0, idle_s: float = 1.0,
+            batch_sizes: Sequence[int] = (), rapl_root: str | Path = "/sys/class/powercap",
+            hwmon_root: str | Path = "/sys/class/hwmon", label: str = "") -> "Profile":
+    """Measure on this machine: latency statistics (ms), per-op breakdown, energy per inference
+    (mJ) where a meter exists, and (for ONNX artifacts) the host's roofline estimate beside it.
+
+    `target` is an ONNX artifact for backend "onnxruntime", or a model (module, zoo name, .pt2,
+    package.module:factory) for "torch" and "torch-cuda" (then `inputs` are needed unless it
+    is a zoo model). The runs are spread over `sessions` fresh sessions, so that the median's
     confidence interval covers session-to-session variation, not only sampling noise.
-    Energy needs a meter (RAPL, Jetson rails); without one the profile says so and why.
     `batch_sizes` adds throughput (items/s) at those batch sizes when the batch axis is symbolic.
     """
-    import resource
-
     from edgeport.devices import catalog
     from edgeport.devices.estimate import estimate as roofline
-    from edgeport.runtime.energy import MeterError, MeterUnavailable, detect_meter, measure_energy
-    from edgeport.runtime.latency import measure, measure_sessions
-    from edgeport.runtime.opprofile import profile_onnxruntime
-    from edgeport.runtime.report import Energy, Profile, environment
+    from edgeport.runtime.opprofile import profile_onnxruntime, profile_torch
+    from edgeport.runtime.profile import profile_runner
 
     if device != "host":
         catalog.get(device)  # an unknown name gets its suggestions first
         raise UserError(f"profiling measures on this machine (device 'host'); for {device} use `estimate`")
-    if backend != "onnxruntime":
-        raise UserError(f"unknown profiling backend {backend!r}; available: onnxruntime")
+    if backend not in PROFILE_BACKENDS:
+        raise UserError(f"unknown profiling backend {backend!r}; available: {', '.join(PROFILE_BACKENDS)}")
     if runs <= 0 or warmup < 0:
         raise UserError(f"runs must be positive and warm-up non-negative (got runs={runs}, warmup={warmup})")
-    path = Path(artifact)
+    gc.collect()  # sessions the caller dropped still spin until collected
+    common = dict(runs=runs, warmup=warmup, warmup_s=warmup_s, min_duration_s=min_duration_s, sessions=sessions,
+                  energy=energy, energy_window_s=energy_window_s, idle_s=idle_s, rapl_root=rapl_root,
+                  hwmon_root=hwmon_root, threads=threads, label=label, device=device, backend=backend)
+    if backend != "onnxruntime":
+        model = load_model(target)
+        example = zoo.example(target) if isinstance(target, str) and target in zoo.names() else None
+        if inputs is None and example is None:
+            raise UserError("profiling a torch model needs inputs (only zoo models bring their own)")
+        names = input_names(model, len(as_args(inputs[0] if inputs is not None else example)))
+        if inputs is None:
+            images = zoo.testset(target)[0]
+            feeds, source = [{names[0]: images[i:i + 1].numpy()} for i in range(16)], f"{target} test images"
+        else:
+            feeds, source = _feeds(names, inputs, None), "given inputs"
+        run_on = "cuda" if backend == "torch-cuda" else "cpu"
+        return profile_runner(
+            lambda: TorchRunner(model, names, device=run_on).load(), feeds, str(target) if isinstance(target, str)
+            else type(model).__name__, source, gpu=run_on == "cuda",
+            op_profiler=(lambda: profile_torch(model, names, feeds, runs=min(runs, 50))) if ops and run_on == "cpu"
+            else None, **common)
+    path = Path(target)
     if not path.is_file():
         raise UserError(f"artifact {path} does not exist")
     try:
-        source = Artifact.load(path).settings.get("source")
+        source_model = Artifact.load(path).settings.get("source")
     except UserError:
-        source = None  # a plain .onnx without a sidecar profiles as well
-    gc.collect()  # sessions the caller dropped still spin until collected
-    runner = OnnxRuntimeRunner(path, threads=threads).load()
-    feeds, inputs_source = profile_feeds(runner, source, inputs)
-    runner.close()
-    latency = measure_sessions(lambda: OnnxRuntimeRunner(path, threads=threads).load(), feeds, runs=runs,
-                               sessions=sessions, warmup=warmup, warmup_s=warmup_s, min_duration_s=min_duration_s)
-    runner = OnnxRuntimeRunner(path, threads=threads).load()
-    throughput = {1: latency.throughput_per_s}
-    symbolic_batch = all(not isinstance(s.shape[0], int) for s in runner.session.get_inputs() if s.shape)
-    for size in batch_sizes:
-        if size != 1 and symbolic_batch and inputs is None:
-            batch_feeds, _ = profile_feeds(runner, source, None, count=4, batch=size)
-            throughput[size] = measure(runner, batch_feeds, runs=max(10, runs // 5), warmup=3).throughput_per_s
-    energy_record = Energy(False, "unavailable", reasons=["not requested"])
-    if energy:
-        meter, reasons = detect_meter(rapl_root, hwmon_root)
-        if meter is None:
-            energy_record = Energy(False, "unavailable", reasons=reasons)
-        else:
-            try:
-                index = iter(range(10 ** 12))
-                m = measure_energy(meter, lambda: runner.infer(feeds[next(index) % len(feeds)]),
-                                   min_window_s=energy_window_s, idle_s=idle_s)
-                energy_record = Energy(True, m.provenance, m.gross_mj_per_inference, m.net_mj_per_inference,
-                                       m.idle_watts, idle_s > 0, m.window_s, m.inferences)
-            except (MeterUnavailable, MeterError) as error:
-                energy_record = Energy(False, "unavailable", reasons=[str(error)])
-    runner.close()  # no idle worker threads beside the op profiler's session
-    op_profile = profile_onnxruntime(path, feeds, runs=min(runs, 50), threads=threads) if ops else None
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return Profile(str(path), backend, device, latency, energy_record, inputs_source, peak_mb, environment(threads),
-                   op_profile, roofline(path, "host"), throughput, label)
+        source_model = None  # a plain .onnx without a sidecar profiles as well
+    probe = OnnxRuntimeRunner(path, threads=threads).load()
+    feeds, source = profile_feeds(probe, source_model, inputs)
+    symbolic_batch = all(not isinstance(s.shape[0], int) for s in probe.session.get_inputs() if s.shape)
+    batch_feeds = {size: profile_feeds(probe, source_model, None, count=4, batch=size)[0] for size in batch_sizes
+                   if size != 1 and symbolic_batch and inputs is None}
+    probe.close()
+    return profile_runner(
+        lambda: OnnxRuntimeRunner(path, threads=threads).load(), feeds, str(path), source, gpu=False,
+        op_profiler=(lambda: profile_onnxruntime(path, feeds, runs=min(runs, 50), threads=threads)) if ops else None,
+        estimate=roofline(path, "host"), batch_feeds=batch_feeds, **common)
 
 
 def estimate(artifact: str | Path, device: str = "host", **options):

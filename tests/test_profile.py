@@ -166,3 +166,23 @@ def test_accuracy_plot_renders():
     page = render_html([], [], accuracy=[{"model": "vit", "variant": "w8a8", "bits": 8, "accuracy_percent": 97.0},
                                          {"model": "vit", "variant": "w4a4", "bits": 4, "accuracy_percent": 90.0}])
     assert "accuracy vs bit width" in page and "<polyline" in page
+
+
+def test_torch_backend_profile_with_op_breakdown(capsys):
+    prof = ep.profile("cnn-digits", backend="torch", runs=30, warmup=3, energy=False)
+    assert prof.backend == "torch" and prof.inputs_source == "cnn-digits test images"
+    assert len(prof.latency.samples_ms) == 30 and prof.estimate is None
+    assert prof.ops.backend == "torch" and "conv" in prof.ops.by_category()
+    with pytest.raises(ep.UserError, match="needs inputs"):
+        ep.profile(__import__("torch").nn.Linear(3, 3), backend="torch")
+    assert main(["profile", "vit-digits", "--backend", "torch", "--runs", "20", "--no-energy", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["backend"] == "torch"
+
+
+def test_cuda_backend_is_unavailable_without_a_gpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: bench/gpu_check.py covers the CUDA runner")
+    with pytest.raises(ep.BackendUnavailable, match="no CUDA device"):
+        ep.profile("cnn-digits", backend="torch-cuda", runs=5)
