@@ -47,7 +47,7 @@ def _parity_table(artifact) -> Table:
         table.add_column(column)
     for o in artifact.parity.outputs if artifact.parity else []:
         table.add_row(o.name, "[green]ok[/]" if o.passed else "[red]FAILED[/]", f"{o.max_abs_error:.2e}",
-                      f"{o.max_rel_error:.2e}", f"{o.cosine:.6f}", f"{o.sqnr_db:.1f}", o.tolerance.why)
+                      f"{o.max_rel_error:.2e}", f"{o.cosine:.6f}", f"{o.sqnr_db:.1f}", o.tolerance.short())
     return table
 
 
@@ -74,11 +74,15 @@ def cli(ctx: click.Context, debug: bool) -> None:
               help="Make one input axis symbolic, e.g. input_ids:1:sequence; repeatable.")
 @click.option("--exporter", type=click.Choice(["auto", "torch.export", "legacy-torchscript"]), default="auto",
               show_default=True)
+@click.option("--snn-form", type=click.Choice(["unrolled", "step"]),
+              help="Spiking models: T steps in one graph, or one step with membranes as inputs/outputs.")
+@click.option("--timesteps", type=int, help="Spiking models: T (default: the model's own).")
+@click.option("--sequence", is_flag=True, help="Spiking models: the input is (T, B, ...), not one frame repeated.")
 @click.option("--verify-inputs", type=click.Path(), help=".npz with real inputs for verification.")
 @click.option("--no-verify", is_flag=True, help="Skip verification (the sidecar then has no parity report).")
 @click.option("--json", "as_json", is_flag=True, help="Print the artifacts' records as JSON.")
 def export_command(model, targets, inputs, weights, out, name, opset, dynamic_batch, dynamic, exporter,
-                   verify_inputs, no_verify, as_json):
+                   snn_form, timesteps, sequence, verify_inputs, no_verify, as_json):
     """Export MODEL (zoo name, .pt2, or package.module:factory) and verify each artifact."""
     from edgeport.sdk import export, parse_dynamic, parse_input
 
@@ -87,7 +91,8 @@ def export_command(model, targets, inputs, weights, out, name, opset, dynamic_ba
         artifacts = export(model, example, targets=[t.strip() for t in targets.split(",") if t.strip()], out=out,
                            name=name, weights=weights, verify_inputs=_load_inputs(verify_inputs),
                            check=not no_verify, opset=opset, dynamic_batch=dynamic_batch,
-                           dynamic_axes=parse_dynamic(dynamic), exporter=exporter)
+                           dynamic_axes=parse_dynamic(dynamic), exporter=exporter, snn_form=snn_form,
+                           timesteps=timesteps, sequence=sequence)
     if as_json:
         _emit_json({t: a.to_dict() for t, a in artifacts.items()})
         return
@@ -215,6 +220,35 @@ def report_command(folder, html_path):
     profiles, estimates = load_reports(folder)
     path = write_html(html_path or Path(folder) / "report.html", profiles, estimates)
     console.print(f"wrote {path} ({len(profiles)} profiles, {len(estimates)} estimates)")
+
+
+@cli.command("spikes")
+@click.argument("model")
+@click.option("--weights", type=click.Path(), help="Weights for package.module:factory.")
+@click.option("--inputs", type=click.Path(), help=".npz whose first array is a batch of real samples.")
+@click.option("--timesteps", type=int, help="T (default: the model's own).")
+@click.option("--json", "as_json", is_flag=True)
+def spikes_command(model, weights, inputs, timesteps, as_json):
+    """Firing rates, synaptic operations and 45 nm energy of a spiking MODEL beside its ANN."""
+    from edgeport.sdk import spike_statistics
+
+    batch = _load_inputs(inputs)
+    stats = spike_statistics(model, batch[0][0] if batch else None, timesteps, weights=weights)
+    if as_json:
+        _emit_json(stats.to_dict())
+        return
+    table = Table(title=f"{model}: per sample, {stats.samples} samples")
+    for column in ("layer", "input", "calls", "input rate", "MACs/call", "SOPs"):
+        table.add_column(column)
+    for layer in stats.layers:
+        table.add_row(layer.name, "spikes" if layer.spike_input else "real", str(layer.calls),
+                      f"{layer.input_rate:.3f}", f"{layer.macs_per_call:.3g}", f"{layer.synaptic_ops:.3g}")
+    console.print(table)
+    console.print("firing rates: " + ", ".join(f"{k} {v:.3f}" for k, v in stats.neuron_rates.items()))
+    for precision in ("fp32", "fp16", "int8"):
+        e = stats.energy(precision)
+        console.print(f"{precision}: SNN {e['snn_mj'] * 1e3:.4g} uJ vs ANN {e['ann_mj'] * 1e3:.4g} uJ per sample")
+    console.print(f"({stats.energy()['provenance']})")
 
 
 @cli.command("zoo")

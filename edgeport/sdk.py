@@ -24,6 +24,7 @@ from edgeport import zoo
 from edgeport.errors import CheckFailed, UserError
 from edgeport.export.artifact import Artifact, Staging
 from edgeport.export.onnx import export_onnx, input_names
+from edgeport.export.spiking import build_form, verify_spiking
 from edgeport.export.verify import ParityReport, Tolerance, compare
 from edgeport.runtime.runners import OnnxRuntimeRunner, TorchRunner, in_eval_mode
 
@@ -219,14 +220,17 @@ def export(model: str | torch.nn.Module, example: Example | None = None, targets
            out: str | Path = "build", *, name: str | None = None, weights: str | Path | None = None,
            verify_inputs: Sequence[Example] | None = None, check: bool = True, opset: int | None = None,
            dynamic_batch: bool = False, dynamic_axes: dict[str, dict[int, str]] | None = None,
-           exporter: str = "auto", tolerance: Tolerance | None = None) -> dict[str, Artifact]:
+           exporter: str = "auto", tolerance: Tolerance | None = None, snn_form: str | None = None,
+           timesteps: int | None = None, sequence: bool = False) -> dict[str, Artifact]:
     """Export `model` to every target in `targets` under `out`, verifying each artifact.
 
     `example` is one input batch (a zoo model brings its own). Every artifact is verified
     against the torch model on `verify_inputs` (a sequence of batches; default: a zoo
     model's test images, else the example plus seeded random draws) unless `check=False`.
     A failed verification raises `CheckFailed` and leaves nothing behind in `out`.
-    Returns {target: Artifact}.
+    Spiking models export as `snn_form="unrolled"` (T steps in one graph) or `"step"` (one
+    step, membranes as graph inputs and outputs) with `timesteps` T; `sequence=True` takes
+    the input as (T, B, ...) instead of one frame repeated. Returns {target: Artifact}.
     """
     unknown = [t for t in targets if t not in TARGETS]
     if unknown or not targets:
@@ -239,7 +243,8 @@ def export(model: str | torch.nn.Module, example: Example | None = None, targets
             raise UserError("an example input is needed (e.g. --input 1x3x224x224); only zoo models bring their own")
         example = zoo.example(model)
     args = as_args(example)
-    _run_reference(torch_model, args)
+    if snn_form is None:
+        _run_reference(torch_model, args)
     if dynamic_batch:
         names = input_names(torch_model, len(args))
         dynamic_axes = {n: {0: "batch", **(dynamic_axes or {}).get(n, {})} for n in names} | \
@@ -249,13 +254,27 @@ def export(model: str | torch.nn.Module, example: Example | None = None, targets
         verify_inputs, source = default_inputs(model, args)
     else:
         source = "given inputs"
+    form = None
+    if snn_form is not None:
+        steps = timesteps if timesteps is not None else getattr(torch_model, "timesteps", None)
+        if steps is None:
+            raise UserError("a spiking export needs timesteps (--timesteps T)")
+        form = build_form(torch_model, args[0], snn_form, steps, sequence)
+        name = f"{name}-{snn_form}"
     artifacts = {}
     for target in targets:
         with Staging(out) as staging:
-            artifact = export_onnx(torch_model, args, staging.dir, name, opset=opset,
-                                   dynamic_axes=dynamic_axes, exporter=exporter)
+            artifact = export_onnx(form.module if form else torch_model, form.args if form else args, staging.dir,
+                                   name, opset=opset, dynamic_axes=dynamic_axes, exporter=exporter,
+                                   names=form.input_names if form else None,
+                                   output_names=form.output_names if form else None)
             artifact.settings["source"] = model if isinstance(model, str) else type(torch_model).__name__
-            if check:
+            if form:
+                artifact.settings["snn"] = form.describe()
+            if check and form:
+                batches = [as_args(b)[0].detach().cpu().numpy() for b in verify_inputs]
+                artifact.parity = verify_spiking(artifact.path, form, torch_model, batches, source)
+            elif check:
                 artifact.parity = verify(artifact, torch_model, verify_inputs, tolerance=tolerance,
                                          inputs_source=source)
                 if not artifact.parity.passed:
@@ -376,3 +395,26 @@ def estimate(artifact: str | Path, device: str = "host", **options):
     if not path.is_file():
         raise UserError(f"artifact {path} does not exist")
     return roofline(path, device, **options)
+
+
+def spike_statistics(model: str | torch.nn.Module, inputs: torch.Tensor | None = None, timesteps: int | None = None,
+                     *, weights: str | Path | None = None, sequence: bool = False):
+    """Firing rates per neuron layer, synaptic operations per weight layer, and the 45 nm
+    energy (mJ per sample, labelled estimated) of a spiking model beside its ANN equivalent.
+
+    `inputs` is a batch of real samples (default: 32 calibration images of a zoo model); the
+    model runs `timesteps` steps (default: its `timesteps` attribute). A model without
+    spiking neurons is measured as an ANN (all MACs).
+    """
+    from edgeport.snn.stats import spike_statistics as measure_spikes
+
+    torch_model = load_model(model, weights)
+    if inputs is None:
+        if not (isinstance(model, str) and model in zoo.names()):
+            raise UserError("spike statistics need inputs (a batch of real samples); only zoo models bring their own")
+        inputs = zoo.calibration(model, 32)
+    steps = timesteps if timesteps is not None else getattr(torch_model, "timesteps", None)
+    if steps is None:
+        return measure_spikes(torch_model, inputs)
+    form = build_form(torch_model, inputs, "unrolled", steps, sequence)
+    return measure_spikes(form.module, inputs)

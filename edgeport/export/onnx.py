@@ -137,16 +137,19 @@ def _loads_in_onnxruntime(path: Path) -> None:
 
 def export_onnx(model: torch.nn.Module, args: tuple[torch.Tensor, ...], folder: Path, name: str, *,
                 opset: int | None = None, dynamic_axes: dict[str, dict[int, str]] | None = None,
-                exporter: str = "auto", precision: str = "fp32") -> Artifact:
+                exporter: str = "auto", precision: str = "fp32", names: list[str] | None = None,
+                output_names: list[str] | None = None) -> Artifact:
     """Export `model` called on `args` to `folder/name.onnx`; returns the (unverified) Artifact.
 
-    `dynamic_axes` maps input names to {axis: symbol}, e.g. {"x": {0: "batch"}}.
+    `dynamic_axes` maps input names to {axis: symbol}, e.g. {"x": {0: "batch"}}. Inputs are
+    named after the forward's parameters and outputs `output_<i>`, unless `names` and
+    `output_names` say otherwise.
     `exporter="auto"` tries torch.export then the legacy exporter; each path must produce a
     file that passes the full checker and loads in ONNX Runtime, or the next one is tried.
     """
     if exporter not in EXPORTERS:
         raise UserError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
-    names = input_names(model, len(args))
+    names = names or input_names(model, len(args))
     unknown = set(dynamic_axes or {}) - set(names)
     if unknown:
         raise UserError(f"dynamic axes name unknown inputs {sorted(unknown)}; the inputs are {names}")
@@ -154,7 +157,7 @@ def export_onnx(model: torch.nn.Module, args: tuple[torch.Tensor, ...], folder: 
         # torch.export specializes a size-1 dimension; trace with a batch of 2 to keep it symbolic
         args = tuple(a.expand(2, *a.shape[1:]).clone() if a.shape[0] == 1 else a for a in args)
     with torch.no_grad():
-        outputs = [f"output_{i}" for i in range(len(flatten_outputs(model(*args))))]
+        outputs = output_names or [f"output_{i}" for i in range(len(flatten_outputs(model(*args))))]
     path = folder / f"{name}.onnx"
     large = sum(p.numel() * p.element_size() for p in model.parameters()) > SINGLE_FILE_LIMIT
     order = ["torch.export", "legacy-torchscript"] if exporter == "auto" else [exporter]

@@ -7,7 +7,8 @@ dtype and the artifact's precision:
 - float32: max abs error <= 1e-4 x the output's scale (max |reference|);
 - float16: max abs error <= 1e-2 x scale;
 - integer-quantized (int8 and narrower): cosine similarity and SQNR, not atol;
-- bool and integer outputs (class ids, spikes): exactly equal.
+- bool and integer outputs (class ids), and outputs whose reference is all 0 and 1 (spikes):
+  exactly equal.
 """
 from __future__ import annotations
 
@@ -29,6 +30,14 @@ class Tolerance:
     min_cosine: float = 0.0
     min_sqnr_db: float = 0.0
     why: str = ""
+
+    def short(self) -> str:
+        """The rule in a few characters, for tables."""
+        if self.kind == "exact":
+            return "exact"
+        if self.kind == "cosine":
+            return f"cos>={self.min_cosine:g}, SQNR>={self.min_sqnr_db:g}dB"
+        return f"rel<={self.max_error:g}"
 
 
 TOLERANCES = {
@@ -108,6 +117,11 @@ class ParityReport:
         return cls(data["reference"], data["candidate"], data["samples"], data["inputs_source"], outputs)
 
 
+def is_binary(array: np.ndarray) -> bool:
+    """Whether every value is 0 or 1 (spike tensors), judged exactly rather than by error size."""
+    return array.dtype == np.bool_ or (array.size > 0 and bool(np.isin(array, (0, 1)).all()))
+
+
 def check_finite(feeds: dict[str, np.ndarray]) -> None:
     """Refuse inputs holding NaN or Inf: parity measured on them means nothing."""
     for name, array in feeds.items():
@@ -172,5 +186,7 @@ def compare(reference: Runner, candidate: Runner, batches: list[dict[str, np.nda
         ref = np.concatenate([r[index].reshape(1, -1) if r[index].ndim == 0 else r[index] for r in ref_outputs])
         cand = np.concatenate([c[index].reshape(1, -1) if c[index].ndim == 0 else c[index] for c in cand_outputs])
         chosen = tolerance if tolerance and np.issubdtype(ref.dtype, np.floating) else None
+        if chosen is None and is_binary(ref):
+            chosen = TOLERANCES["exact"]  # spikes: one flipped spike is a failure, not an error size
         report.outputs.append(judge(name, ref, cand, chosen or tolerance_for(precision, ref.dtype)))
     return report

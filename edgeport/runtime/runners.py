@@ -134,3 +134,58 @@ class OnnxRuntimeRunner(Runner):
         worker threads, which spin and halve the speed of the next session timed here."""
         self.session = None
         gc.collect()
+
+
+class StreamingRunner(Runner):
+    """A step-form spiking artifact run one timestep at a time, its state kept between calls.
+
+    `reset(batch)` starts every state at the value the sidecar records; `infer({"x": x_t})`
+    runs one step and returns the model outputs (the state stays inside). `set_state` takes
+    states from elsewhere (another device, a checkpoint) and checks their shapes.
+    """
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        from edgeport.export.artifact import Artifact
+
+        self.artifact = Artifact.load(path)
+        self.snn = self.artifact.settings.get("snn") or {}
+        if self.snn.get("form") != "step":
+            raise UserError(f"{path} is not a step-form spiking artifact (export it with snn_form='step')")
+        self.runner = OnnxRuntimeRunner(path, threads=threads)
+        self.name, self.state = "onnxruntime-streaming", []
+
+    def load(self) -> "StreamingRunner":
+        self.runner.load()
+        self.input_names = self.runner.input_names[:1]
+        self.output_names = self.snn["outputs"]
+        return self.reset()
+
+    def _state_specs(self):
+        return [spec for spec in self.artifact.inputs if spec.name in self.snn["state_inputs"]]
+
+    def reset(self, batch: int = 1) -> "StreamingRunner":
+        """Every state back to its initial value, for `batch` streams."""
+        self.state = [np.full([batch, *spec.shape[1:]], value, dtype=np.float32)
+                      for spec, value in zip(self._state_specs(), self.snn["initial_state_values"])]
+        return self
+
+    def set_state(self, state: list[np.ndarray]) -> None:
+        """Replace the state; each tensor must have the shape the step model declares."""
+        specs = self._state_specs()
+        if len(state) != len(specs):
+            raise UserError(f"the step model has {len(specs)} state tensors, {len(state)} were given")
+        for spec, given in zip(specs, state):
+            expected = [d for d in spec.shape]
+            if list(given.shape[1:]) != expected[1:] or (isinstance(expected[0], int) and given.shape[0] != expected[0]):
+                raise UserError(f"state {spec.name!r} has shape {list(given.shape)}, the step model needs {expected}")
+        self.state = [np.asarray(s, dtype=np.float32) for s in state]
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = list(self.runner.infer(dict(zip(self.runner.input_names, [next(iter(feeds.values())), *self.state])))
+                       .values())
+        count = len(self.output_names)
+        self.state = results[count:]
+        return dict(zip(self.output_names, results[:count]))
+
+    def close(self) -> None:
+        self.runner.close()

@@ -1,4 +1,5 @@
-"""Spiking neurons written as plain elementwise ops, so that every exporter can take them."""
-from edgeport.snn.neurons import LIF, atan_spike
+"""Spiking networks: neurons as plain elementwise ops with explicit state, conversion of
+snnTorch and SpikingJelly networks, and spike statistics with the energy they imply."""
+from edgeport.snn.neurons import LIF, NEURONS, Leaky, MultiLevel, Synaptic, atan_spike
 
-__all__ = ["LIF", "atan_spike"]
+__all__ = ["LIF", "NEURONS", "Leaky", "MultiLevel", "Synaptic", "atan_spike"]

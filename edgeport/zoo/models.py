@@ -86,13 +86,14 @@ class CNN(nn.Module):
 class SpikingCNN(nn.Module):
     """Conv-BN-LIF-pool, Conv-BN-LIF, FC-LIF, FC; T timesteps of the same input (direct coding).
 
-    The output is the FC readout averaged over the T steps (logits). Membranes are locals
-    of `forward`, initialised to zero, so the unrolled graph exports as plain ops.
+    `step(x, v1, v2, v3)` is one timestep with the three membranes as explicit state (the
+    streaming form); `forward(x)` runs T steps from `initial_state` and returns the FC readout
+    averaged over them (logits).
     """
 
     def __init__(self, timesteps: int = 4, width: int = 16, hidden: int = 128, classes: int = 10):
         super().__init__()
-        self.timesteps = timesteps
+        self.timesteps, self.width, self.hidden = timesteps, width, hidden
         self.conv1 = nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width))
         self.lif1 = LIF()
         self.pool = nn.MaxPool2d(2)
@@ -102,18 +103,24 @@ class SpikingCNN(nn.Module):
         self.lif3 = LIF()
         self.fc2 = nn.Linear(hidden, classes)
 
+    def initial_state(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Zero membranes for a batch like `x` (B, 1, 8, 8)."""
+        b = x.shape[0]
+        return (x.new_zeros(b, self.width, 8, 8), x.new_zeros(b, 2 * self.width, 4, 4), x.new_zeros(b, self.hidden))
+
+    def step(self, x: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor, v3: torch.Tensor):
+        """One timestep: (readout, v1', v2', v3')."""
+        s1, v1 = self.lif1(self.conv1(x), v1)
+        s2, v2 = self.lif2(self.conv2(self.pool(s1)), v2)
+        s3, v3 = self.lif3(self.fc1(s2.flatten(1)), v3)
+        return self.fc2(s3), v1, v2, v3
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c1 = self.conv1(x)  # the encoding layer sees the same pixels at every step
-        v1 = torch.zeros_like(c1)
-        v2 = v3 = None
+        state = self.initial_state(x)
         out = 0
         for _ in range(self.timesteps):
-            s1, v1 = self.lif1(c1, v1)
-            c2 = self.conv2(self.pool(s1))
-            s2, v2 = self.lif2(c2, torch.zeros_like(c2) if v2 is None else v2)
-            h = self.fc1(s2.flatten(1))
-            s3, v3 = self.lif3(h, torch.zeros_like(h) if v3 is None else v3)
-            out = out + self.fc2(s3)
+            y, *state = self.step(x, *state)
+            out = out + y
         return out / self.timesteps
 
 

@@ -1,0 +1,214 @@
+"""Turn spiking networks into the step protocol: `step(x_t, *states) -> (*outputs, *states)`
+and `initial_state(x_t) -> states`, with every neuron's state explicit.
+
+A model that already has `step` and `initial_state` (the zoo's spiking CNN) is used as it
+is. A single-step network built with snnTorch (`Leaky`, `Synaptic`) or SpikingJelly
+(`IFNode`, `LIFNode`, single- or multi-step mode) is converted: each library neuron is
+replaced by its edgeport equivalent with the library's exact arithmetic and call
+convention, and its hidden state moves into a `StateBank` that the step function fills
+from its arguments and empties into its results. A neuron type or option we do not support
+is named in a `UserError`.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from edgeport.errors import UserError
+from edgeport.snn.neurons import LIF, Leaky, Synaptic
+
+
+@dataclass
+class Slot:
+    """One neuron's state in the bank: names, per-sample shapes and initial fill values."""
+
+    path: str
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]  # without the batch axis
+    fills: tuple[float, ...]
+
+
+class StateBank:
+    """The states of every converted neuron during one step, in the order they fire."""
+
+    def __init__(self):
+        self.slots: list[Slot] = []
+        self.current: list[torch.Tensor] | None = None  # flat, set by the step function
+        self.next: dict[int, tuple[torch.Tensor, ...]] = {}
+
+    def read(self, neuron: "StatefulNeuron", x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.current is None:  # discovery: an eager pass that records shapes and fills
+            state = neuron.neuron.initial_state(x)
+            neuron.slot = len(self.slots)
+            self.slots.append(Slot(neuron.path, neuron.state_names, tuple(tuple(s.shape[1:]) for s in state),
+                                   tuple(float(s.flatten()[0]) if s.numel() else 0.0 for s in state)))
+            return state
+        start = sum(len(s.names) for s in self.slots[:neuron.slot])
+        return tuple(self.current[start:start + len(self.slots[neuron.slot].names)])
+
+    def write(self, neuron: "StatefulNeuron", state: tuple[torch.Tensor, ...]) -> None:
+        self.next[neuron.slot] = state
+
+
+class StatefulNeuron(nn.Module):
+    """A library neuron replaced by an edgeport neuron; keeps the library's call convention
+    (`returns_state`: snnTorch returns (spk, *state) unless init_hidden) while its state
+    lives in the bank. Called with explicit state, it simply computes."""
+
+    def __init__(self, neuron: nn.Module, bank: StateBank, path: str, state_names: tuple[str, ...],
+                 returns_state: bool):
+        super().__init__()
+        self.neuron, self.path, self.state_names, self.returns_state = neuron, path, state_names, returns_state
+        self.bank, self.slot = bank, -1  # a plain attribute: the bank is no submodule
+
+    def forward(self, x: torch.Tensor, *explicit: torch.Tensor):
+        if explicit and all(e is not None for e in explicit):
+            return self.neuron(x, *explicit)
+        out, *state = self.neuron(x, *self.bank.read(self, x))
+        self.bank.write(self, tuple(state))
+        return (out, *state) if self.returns_state else out
+
+
+def _is_from(module: nn.Module, package: str) -> bool:
+    return any(c.__module__.startswith(package) for c in type(module).__mro__)
+
+
+def replacement(module: nn.Module, path: str) -> tuple[nn.Module, tuple[str, ...], bool] | None:
+    """(edgeport neuron, state names, returns state) for a library neuron; None for other modules."""
+    kind = type(module).__name__
+    if _is_from(module, "spikingjelly") and hasattr(module, "v_threshold"):
+        from spikingjelly.activation_based import neuron as sj
+
+        if type(module) is sj.IFNode:
+            return LIF(tau=None, threshold=module.v_threshold, v_reset=module.v_reset), ("v",), False
+        if type(module) is sj.LIFNode:
+            return (LIF(tau=module.tau, threshold=module.v_threshold, v_reset=module.v_reset,
+                        decay_input=module.decay_input), ("v",), False)
+        raise UserError(f"SpikingJelly neuron {kind} at {path or '<root>'} is not supported "
+                        f"(supported: IFNode, LIFNode)")
+    if _is_from(module, "snntorch") and hasattr(module, "threshold") and hasattr(module, "reset_mechanism"):
+        for option in ("inhibition", "state_quant"):
+            if getattr(module, option, False):
+                raise UserError(f"snnTorch {kind} at {path or '<root>'} uses {option}=True, which is not supported")
+        returns_state = bool(getattr(module, "output", False)) or not module.init_hidden
+        common = dict(threshold=module.threshold.detach().clone(), reset=module.reset_mechanism,
+                      reset_delay=module.reset_delay, graded_spikes_factor=module.graded_spikes_factor.detach().clone())
+        if kind == "Leaky":
+            return Leaky(module.beta.detach().clone(), **common), ("mem",), returns_state
+        if kind == "Synaptic":
+            return (Synaptic(module.alpha.detach().clone(), module.beta.detach().clone(), **common), ("syn", "mem"),
+                    returns_state)
+        raise UserError(f"snnTorch neuron {kind} at {path or '<root>'} is not supported (supported: Leaky, Synaptic)")
+    return None
+
+
+class SteppedNetwork(nn.Module):
+    """A converted single-step network implementing the step protocol."""
+
+    def __init__(self, net: nn.Module, bank: StateBank):
+        super().__init__()
+        self.net, self.bank = net, bank
+
+    @property
+    def state_names(self) -> list[str]:
+        return [f"{slot.path}.{name}" for slot in self.bank.slots for name in slot.names]
+
+    def initial_state(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(x.new_full((x.shape[0], *shape), fill) for slot in self.bank.slots
+                     for shape, fill in zip(slot.shapes, slot.fills))
+
+    def step(self, x: torch.Tensor, *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self.bank.current, self.bank.next = list(states), {}
+        try:
+            outputs = self.net(x)
+        finally:
+            self.bank.current = None
+        outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+        return (*outputs, *(s for i in range(len(self.bank.slots)) for s in self.bank.next[i]))
+
+
+def multi_step(model: nn.Module) -> bool:
+    """Whether a SpikingJelly network runs in multi-step mode (input [T, B, ...])."""
+    return any(getattr(m, "step_mode", "s") == "m" for m in model.modules() if _is_from(m, "spikingjelly"))
+
+
+def convert(model: nn.Module, example_step: torch.Tensor) -> SteppedNetwork:
+    """Convert a library spiking network into a `SteppedNetwork`; `example_step` is one
+    timestep's input (B, ...), used once to record each neuron's state shape."""
+    net = copy.deepcopy(model).eval()
+    if multi_step(net):
+        from spikingjelly.activation_based import functional
+
+        functional.set_step_mode(net, "s")
+    bank = StateBank()
+    replaced = 0
+    for path, module in list(net.named_modules()):
+        found = replacement(module, path)
+        if found is None:
+            continue
+        neuron, names, returns_state = found
+        parent = net.get_submodule(path.rpartition(".")[0]) if "." in path else net
+        wrapped = StatefulNeuron(neuron, bank, path, names, returns_state)
+        if path:
+            setattr(parent, path.rpartition(".")[2], wrapped)
+        else:
+            raise UserError("the model is a single neuron; wrap it in a network")
+        replaced += 1
+    if not replaced:
+        raise UserError("no spiking neurons found: the model is neither an edgeport step model (step, initial_state) "
+                        "nor built with snnTorch (Leaky, Synaptic) or SpikingJelly (IFNode, LIFNode) neurons")
+    with torch.no_grad():
+        net(example_step)  # discovery: slot order and state shapes
+    if len({s.path for s in bank.slots}) != len(bank.slots):
+        raise UserError("a neuron module is called more than once per step; give each use its own module")
+    return SteppedNetwork(net, bank)
+
+
+def as_stepped(model: nn.Module, example_step: torch.Tensor) -> nn.Module:
+    """The model itself when it implements the step protocol, else its conversion."""
+    if callable(getattr(model, "step", None)) and callable(getattr(model, "initial_state", None)):
+        return model.eval()
+    return convert(model, example_step)
+
+
+def state_names(stepped: nn.Module, count: int) -> list[str]:
+    """The names of the `count` state tensors, in the order `step` takes and returns them:
+    `<module path>.<v|mem|syn>` for converted networks, `step`'s parameter names otherwise."""
+    if isinstance(stepped, SteppedNetwork):
+        return stepped.state_names
+    import inspect
+
+    params = [p.name for p in inspect.signature(stepped.step).parameters.values()
+              if p.kind == p.POSITIONAL_OR_KEYWORD][1:]
+    return params if len(params) == count else [f"state_{i}" for i in range(count)]
+
+
+def reset_library_state(model: nn.Module) -> None:
+    """Clear the hidden state that snnTorch and SpikingJelly neurons keep between calls."""
+    for module in model.modules():
+        if _is_from(module, "spikingjelly") and hasattr(module, "reset"):
+            module.reset()
+        elif _is_from(module, "snntorch"):
+            for name in ("mem", "syn"):
+                if isinstance(getattr(module, name, None), torch.Tensor):
+                    setattr(module, name, torch.zeros(0))
+
+
+def library_reference(model: nn.Module, steps: list[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
+    """The original model's outputs at each timestep, run the library's own way."""
+    with torch.no_grad():
+        reset_library_state(model)
+        if multi_step(model):
+            outputs = model(torch.stack(steps))
+            outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+            result = [tuple(o[t] for o in outputs) for t in range(len(steps))]
+        else:
+            result = []
+            for x in steps:
+                out = model(x)
+                result.append(tuple(out) if isinstance(out, (tuple, list)) else (out,))
+        reset_library_state(model)
+    return result
