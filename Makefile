@@ -9,7 +9,8 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v "is ignored: it is neither" || true
-	$(PY) -c "import edgeport, torch, onnxruntime, transformers"
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps spikingjelly==2.0.0 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PY) -c "import edgeport, torch, onnxruntime, transformers, snntorch, spikingjelly.activation_based.neuron"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -294,6 +294,20 @@ def demo_command(out, runs, as_json):
                       f"{m['latency_ms']['onnxruntime']['p50']:.3f}")
     console.print(table)
     console.print(f"latency: {summary['latency_method']}")
+    snn = summary["spiking"]
+    spiking = Table(title="snn-digits spiking forms (accuracy through ONNX Runtime; torch "
+                          f"{snn['accuracy_percent_torch']:.2f}%)")
+    for column in ("form", "ONNX", "Core ML", "parity", "accuracy %", "same predictions as torch"):
+        spiking.add_column(column)
+    for form, row in snn["forms"].items():
+        spiking.add_row(form, row["onnx"], row["coreml"], "ok" if row["parity_passed"] else "FAILED",
+                        f"{row['accuracy_percent_onnxruntime']:.2f}", "yes" if row["identical_predictions_to_torch"]
+                        else "NO")
+    console.print(spiking)
+    console.print("firing rates: " + ", ".join(f"{k} {v:.3f}" for k, v in snn["firing_rates"].items()))
+    for precision, values in snn["energy_per_sample_uj"].items():
+        console.print(f"energy {precision}: " + ", ".join(f"{k} {v:.4g} uJ" for k, v in values.items()))
+    console.print(f"({snn['energy_provenance']}); Core ML numerics: {snn['forms']['step']['coreml_numerical_check']}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,8 +19,8 @@ from edgeport import __version__, zoo
 from edgeport.devices import catalog
 from edgeport.runtime.latency import measure
 from edgeport.runtime.report import write_html
-from edgeport.runtime.runners import OnnxRuntimeRunner, Runner, TorchRunner
-from edgeport.sdk import estimate, export, profile
+from edgeport.runtime.runners import OnnxRuntimeRunner, Runner, StreamingRunner, TorchRunner
+from edgeport.sdk import estimate, export, profile, spike_statistics
 
 
 def predictions(runner: Runner, images: np.ndarray) -> np.ndarray:
@@ -28,6 +28,43 @@ def predictions(runner: Runner, images: np.ndarray) -> np.ndarray:
     name = runner.input_names[0]
     return np.array([int(next(iter(runner.infer({name: images[i:i + 1]}).values())).argmax())
                      for i in range(len(images))])
+
+
+def spiking_section(out: Path) -> dict:
+    """The zoo SNN in both spiking forms (ONNX and Core ML), its accuracy through ONNX Runtime
+    against torch, and its firing rates and estimated energy beside the ANN CNN."""
+    images, labels = (t.numpy() for t in zoo.testset("snn-digits"))
+    with torch.no_grad():
+        torch_pred = zoo.load("snn-digits")(torch.from_numpy(images)).argmax(1).numpy()
+    forms = {}
+    for form in ("unrolled", "step"):
+        arts = export("snn-digits", out=out, targets=["onnx", "coreml"], snn_form=form)
+        if form == "unrolled":
+            runner = OnnxRuntimeRunner(arts["onnx"].path).load()
+            pred = np.array([runner.infer({"x": images[i:i + 1]})["output_0"].mean(0).argmax()
+                             for i in range(len(images))])
+        else:
+            runner = StreamingRunner(arts["onnx"].path).load()
+            pred = []
+            for i in range(len(images)):
+                runner.reset()
+                pred.append(int(np.mean([runner.infer({"x": images[i:i + 1]})["output_0"] for _ in range(4)],
+                                        axis=0).argmax()))
+            pred = np.array(pred)
+        runner.close()
+        forms[form] = {"onnx": arts["onnx"].path.name, "coreml": arts["coreml"].path.name,
+                       "parity_passed": arts["onnx"].parity.passed,
+                       "coreml_numerical_check": arts["coreml"].settings["verification"].get("numerical", "checked"),
+                       "accuracy_percent_onnxruntime": float((pred == labels).mean() * 100),
+                       "identical_predictions_to_torch": bool((pred == torch_pred).all())}
+    snn_stats, ann_stats = spike_statistics("snn-digits"), spike_statistics("cnn-digits")
+    return {"forms": forms, "accuracy_percent_torch": float((torch_pred == labels).mean() * 100),
+            "firing_rates": snn_stats.neuron_rates,
+            "energy_per_sample_uj": {p: {"snn-digits": snn_stats.energy(p)["snn_mj"] * 1e3,
+                                         "snn-digits as ANN": snn_stats.energy(p)["ann_mj"] * 1e3,
+                                         "cnn-digits (ANN)": ann_stats.energy(p)["ann_mj"] * 1e3}
+                                     for p in ("fp32", "int8")},
+            "energy_provenance": snn_stats.energy()["provenance"]}
 
 
 def environment() -> dict:
@@ -73,7 +110,9 @@ def run_demo(out: str | Path = "edgeport-demo", runs: int = 200, progress: Calla
             "latency_ms": {k: {"p50": v.p50, "p90": v.p90, "p99": v.p99, "mean": v.mean, "cv": v.cv,
                                "median_ci95": v.median_ci95, "runs": len(v.samples_ms)} for k, v in latency.items()},
         })
-    summary = {"edgeport_demo": __version__, "test_images": 360,
+    progress("snn-digits: spiking forms (unrolled, step) for ONNX and Core ML, firing rates, energy")
+    spiking = spiking_section(out)
+    summary = {"edgeport_demo": __version__, "test_images": 360, "spiking": spiking,
                "latency_method": "measured: wall clock (perf_counter_ns) around each inference, batch 1, "
                                  "inputs rotated over 16 test images, after warm-up",
                "environment": environment(), "models": models}

@@ -21,14 +21,15 @@ import numpy as np
 import torch
 
 from edgeport import zoo
-from edgeport.errors import CheckFailed, UserError
+from edgeport.errors import BackendUnavailable, CheckFailed, UserError
 from edgeport.export.artifact import Artifact, Staging
+from edgeport.export.coreml import export_coreml
 from edgeport.export.onnx import export_onnx, input_names
 from edgeport.export.spiking import build_form, verify_spiking
 from edgeport.export.verify import ParityReport, Tolerance, compare
-from edgeport.runtime.runners import OnnxRuntimeRunner, TorchRunner, in_eval_mode
+from edgeport.runtime.runners import OnnxRuntimeRunner, TorchRunner, in_eval_mode, runner_for
 
-TARGETS = ("onnx",)
+TARGETS = ("onnx", "coreml")
 Example = torch.Tensor | Sequence[torch.Tensor]
 
 
@@ -194,9 +195,7 @@ def verify(artifact: Artifact | str | Path, model: str | torch.nn.Module, inputs
     """
     art = artifact if isinstance(artifact, Artifact) else Artifact.load(artifact)
     torch_model = load_model(model, weights)
-    if art.format != "onnx":
-        raise UserError(f"verification of {art.format} artifacts is not available yet")
-    candidate = OnnxRuntimeRunner(art.path, spinning=False).load()
+    candidate = runner_for(art.path, art.format).load()
     torch_names = input_names(torch_model, len(art.inputs))
     if inputs is None:
         shapes = [[d if isinstance(d, int) else 1 for d in spec.shape] for spec in art.inputs]
@@ -216,12 +215,30 @@ def verify(artifact: Artifact | str | Path, model: str | torch.nn.Module, inputs
         candidate.close()
 
 
+def _check_numerics(artifact: Artifact, torch_model: torch.nn.Module, form, batches: Sequence[Example], source: str,
+                    tolerance: Tolerance | None) -> ParityReport | None:
+    """Parity of an artifact against its torch model where its runtime runs here; None (and
+    the reason in the artifact's settings) where it does not, as Core ML off macOS."""
+    try:
+        runner = runner_for(artifact.path, artifact.format).load()
+    except BackendUnavailable as unavailable:
+        artifact.settings.setdefault("verification", {})["numerical"] = f"not checked here: {unavailable.reason}"
+        artifact.notes.append(f"numerical parity NOT checked: {unavailable.reason}")
+        return None
+    if form is None:
+        runner.close()
+        return verify(artifact, torch_model, batches, tolerance=tolerance, inputs_source=source)
+    arrays = [as_args(b)[0].detach().cpu().numpy() for b in batches]
+    return verify_spiking(runner, form, torch_model, arrays, source)
+
+
 def export(model: str | torch.nn.Module, example: Example | None = None, targets: Sequence[str] = ("onnx",),
            out: str | Path = "build", *, name: str | None = None, weights: str | Path | None = None,
            verify_inputs: Sequence[Example] | None = None, check: bool = True, opset: int | None = None,
            dynamic_batch: bool = False, dynamic_axes: dict[str, dict[int, str]] | None = None,
            exporter: str = "auto", tolerance: Tolerance | None = None, snn_form: str | None = None,
-           timesteps: int | None = None, sequence: bool = False) -> dict[str, Artifact]:
+           timesteps: int | None = None, sequence: bool = False, coreml_precision: str = "fp32"
+           ) -> dict[str, Artifact]:
     """Export `model` to every target in `targets` under `out`, verifying each artifact.
 
     `example` is one input batch (a zoo model brings its own). Every artifact is verified
@@ -230,7 +247,9 @@ def export(model: str | torch.nn.Module, example: Example | None = None, targets
     A failed verification raises `CheckFailed` and leaves nothing behind in `out`.
     Spiking models export as `snn_form="unrolled"` (T steps in one graph) or `"step"` (one
     step, membranes as graph inputs and outputs) with `timesteps` T; `sequence=True` takes
-    the input as (T, B, ...) instead of one frame repeated. Returns {target: Artifact}.
+    the input as (T, B, ...) instead of one frame repeated. Core ML packages are checked
+    structurally everywhere and numerically where Core ML runs (macOS); the artifact's
+    `settings["verification"]` says which. Returns {target: Artifact}.
     """
     unknown = [t for t in targets if t not in TARGETS]
     if unknown or not targets:
@@ -261,23 +280,23 @@ def export(model: str | torch.nn.Module, example: Example | None = None, targets
             raise UserError("a spiking export needs timesteps (--timesteps T)")
         form = build_form(torch_model, args[0], snn_form, steps, sequence)
         name = f"{name}-{snn_form}"
+    module, module_args = (form.module, form.args) if form else (torch_model, args)
+    io_names = {"names": form.input_names, "output_names": form.output_names} if form else {}
     artifacts = {}
     for target in targets:
         with Staging(out) as staging:
-            artifact = export_onnx(form.module if form else torch_model, form.args if form else args, staging.dir,
-                                   name, opset=opset, dynamic_axes=dynamic_axes, exporter=exporter,
-                                   names=form.input_names if form else None,
-                                   output_names=form.output_names if form else None)
+            if target == "onnx":
+                artifact = export_onnx(module, module_args, staging.dir, name, opset=opset, dynamic_axes=dynamic_axes,
+                                       exporter=exporter, **io_names)
+            else:
+                artifact = export_coreml(module, module_args, staging.dir, name, precision=coreml_precision,
+                                         **io_names)
             artifact.settings["source"] = model if isinstance(model, str) else type(torch_model).__name__
             if form:
                 artifact.settings["snn"] = form.describe()
-            if check and form:
-                batches = [as_args(b)[0].detach().cpu().numpy() for b in verify_inputs]
-                artifact.parity = verify_spiking(artifact.path, form, torch_model, batches, source)
-            elif check:
-                artifact.parity = verify(artifact, torch_model, verify_inputs, tolerance=tolerance,
-                                         inputs_source=source)
-                if not artifact.parity.passed:
+            if check:
+                artifact.parity = _check_numerics(artifact, torch_model, form, verify_inputs, source, tolerance)
+                if artifact.parity is not None and not artifact.parity.passed:
                     worst = artifact.parity.failures()[0]
                     raise CheckFailed(f"{target} artifact fails verification: {worst.describe()}",
                                       artifact.parity)

@@ -145,3 +145,16 @@ def test_demo_writes_summary(tmp_path, capsys):
         assert model["accuracy_percent"]["onnxruntime"] == model["accuracy_percent"]["torch"] > 95
         assert model["latency_ms"]["onnxruntime"]["runs"] == 20
     assert json.loads(capsys.readouterr().out)["models"][0]["model"] == "cnn-digits"
+
+
+def test_demo_covers_the_spiking_forms(tmp_path):
+    from edgeport.demo import spiking_section
+
+    section = spiking_section(tmp_path)
+    for form in ("unrolled", "step"):
+        row = section["forms"][form]
+        assert row["parity_passed"] and row["identical_predictions_to_torch"]
+        assert row["accuracy_percent_onnxruntime"] == section["accuracy_percent_torch"]
+        assert (tmp_path / row["coreml"]).is_dir()
+    energy = section["energy_per_sample_uj"]["fp32"]
+    assert energy["snn-digits"] < energy["snn-digits as ANN"]

@@ -3,7 +3,7 @@
 - *unrolled*: T timesteps in one static graph; input x (the same frame every step, direct
   coding) or a sequence (T, B, ...); every output stacked over time, (T, B, ...);
 - *step*: one timestep, `(x_t, *state) -> (*y_t, *state')`, every membrane a named graph
-  input and output (`lif1.v` in, `lif1.v.next` out), so a device runs one step at a time and
+  input and output (`v_lif1` in, `v_lif1_next` out), so a device runs one step at a time and
   feeds the state back.
 
 Parity is checked per timestep against the torch model on real inputs: spikes (outputs
@@ -98,7 +98,7 @@ def build_form(model: nn.Module, example: torch.Tensor, form: str, timesteps: in
     outputs_names = [f"output_{i}" for i in range(outputs)]
     if form == "step":
         return SpikingForm(form, StepModule(stepped).eval(), (step_example, *state), ["x", *names],
-                           outputs_names + [f"{n}.next" for n in names], stepped, timesteps, sequence, outputs)
+                           outputs_names + [f"{n}_next" for n in names], stepped, timesteps, sequence, outputs)
     return SpikingForm(form, UnrolledModule(stepped, timesteps, sequence, outputs).eval(), (example,), ["x"],
                        outputs_names, stepped, timesteps, sequence, outputs)
 
@@ -158,15 +158,13 @@ def _merge(per_batch: list[list[list[np.ndarray]]]) -> list[list[np.ndarray]]:
             for t in range(len(per_batch[0]))]
 
 
-def verify_spiking(path, form: SpikingForm, original: nn.Module, batches: list[np.ndarray],
+def verify_spiking(runner: Runner, form: SpikingForm, original: nn.Module, batches: list[np.ndarray],
                    inputs_source: str) -> ParityReport:
-    """Run the exported form in ONNX Runtime against the torch step model, timestep by
+    """Run the exported form (a loaded runner) against the torch step model, timestep by
     timestep, on every batch; for a converted library network, also check the converted
     torch model against the library's own run (`conversion/` outputs)."""
-    from edgeport.runtime.runners import OnnxRuntimeRunner
     from edgeport.snn.convert import SteppedNetwork, library_reference
 
-    runner = OnnxRuntimeRunner(path, spinning=False).load()
     try:
         reference = _merge([torch_steps(form, x) for x in batches])
         if form.form == "step":
@@ -177,7 +175,7 @@ def verify_spiking(path, form: SpikingForm, original: nn.Module, batches: list[n
                          for t in range(form.timesteps)]
             reference = [step[:form.outputs] for step in reference]
         names = runner.output_names if form.form == "step" else runner.output_names[:form.outputs]
-        report = compare_steps(reference, candidate, names, "torch", "onnxruntime", inputs_source)
+        report = compare_steps(reference, candidate, names, "torch", runner.name, inputs_source)
     finally:
         runner.close()
     if isinstance(form.stepped, SteppedNetwork):

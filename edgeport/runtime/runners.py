@@ -189,3 +189,42 @@ class StreamingRunner(Runner):
 
     def close(self) -> None:
         self.runner.close()
+
+
+class CoreMLRunner(Runner):
+    """A Core ML package run by Core ML itself; only macOS has that runtime."""
+
+    def __init__(self, path: str | Path, compute_units: str = "ALL"):
+        self.path, self.compute_units = Path(path), compute_units
+        self.name, self.model = "coreml", None
+
+    def load(self) -> "CoreMLRunner":
+        import platform
+
+        if platform.system() != "Darwin":
+            raise BackendUnavailable("coreml", f"Core ML predicts only on macOS; this is {platform.system()}",
+                                     "verify and profile the package on a Mac")
+        import coremltools as ct
+
+        self.model = ct.models.MLModel(str(self.path), compute_units=getattr(ct.ComputeUnit, self.compute_units))
+        spec = self.model.get_spec()
+        self.input_names = [f.name for f in spec.description.input]
+        self.output_names = [f.name for f in spec.description.output]
+        self.device = f"coreml-{self.compute_units.lower()}"
+        return self
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        result = self.model.predict({n: feeds[n] for n in self.input_names})
+        return {n: np.asarray(result[n]) for n in self.output_names}
+
+
+def runner_for(path: str | Path, format: str, threads: int | None = None) -> Runner:
+    """An unloaded runner for an artifact file of the given format ('onnx' or 'coreml').
+
+    Verification sessions do not spin: they would distort timings taken beside them.
+    """
+    if format == "onnx":
+        return OnnxRuntimeRunner(path, threads=threads, spinning=False)
+    if format == "coreml":
+        return CoreMLRunner(path)
+    raise UserError(f"no runner for {format!r} artifacts here")

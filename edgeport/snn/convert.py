@@ -12,6 +12,7 @@ is named in a `UserError`.
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 
 import torch
@@ -114,7 +115,8 @@ class SteppedNetwork(nn.Module):
 
     @property
     def state_names(self) -> list[str]:
-        return [f"{slot.path}.{name}" for slot in self.bank.slots for name in slot.names]
+        """`<state>_<module path>`, e.g. `mem_1`, `v_features_3`: valid names in ONNX and Core ML."""
+        return [re.sub(r"\W", "_", f"{name}_{slot.path}") for slot in self.bank.slots for name in slot.names]
 
     def initial_state(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(x.new_full((x.shape[0], *shape), fill) for slot in self.bank.slots
@@ -176,7 +178,7 @@ def as_stepped(model: nn.Module, example_step: torch.Tensor) -> nn.Module:
 
 def state_names(stepped: nn.Module, count: int) -> list[str]:
     """The names of the `count` state tensors, in the order `step` takes and returns them:
-    `<module path>.<v|mem|syn>` for converted networks, `step`'s parameter names otherwise."""
+    `<v|mem|syn>_<module path>` for converted networks, `step`'s parameter names otherwise."""
     if isinstance(stepped, SteppedNetwork):
         return stepped.state_names
     import inspect

@@ -1,0 +1,125 @@
+"""torch -> Core ML (mlprogram `.mlpackage`) through torch.export, tracing as the fallback.
+
+coremltools converts on any OS but predicts only on macOS. So every package is checked
+structurally here — it reloads, its spec has the expected inputs, outputs and shapes, its
+op histogram is recorded — and numerical parity is checked only where Core ML can run; the
+artifact says plainly which of the two happened. The minimum deployment target is the
+lowest the model needs, and the reason is recorded.
+"""
+from __future__ import annotations
+
+import collections
+import platform
+from pathlib import Path
+
+import torch
+
+from edgeport.errors import ExportError, UserError
+from edgeport.export.artifact import Artifact, TensorSpec
+from edgeport.export.onnx import input_names, quiet, source_sha256, summarize_error
+from edgeport.runtime.runners import flatten_outputs
+
+ROUTES = ("torch.export", "torchscript-trace")
+# mlprogram needs iOS 15; these features raise it (coremltools' documented requirements)
+TARGET_NEEDS = {"mlprogram": ("iOS15", "the mlprogram format"), "int8-weights": ("iOS16", "linear weight quantization"),
+                "palettized-weights": ("iOS16", "palettized weights"), "int4-weights": ("iOS18", "per-block int4 weights")}
+_ORDER = ["iOS15", "iOS16", "iOS17", "iOS18"]
+
+
+def deployment_target(features: list[str]) -> tuple[str, str]:
+    """The lowest deployment target every feature allows, with the feature that set it."""
+    needs = [TARGET_NEEDS[f] for f in ["mlprogram", *features]]
+    target, reason = max(needs, key=lambda need: _ORDER.index(need[0]))
+    return target, reason
+
+
+def _convert(route: str, model: torch.nn.Module, args: tuple, names: list[str], outputs: list[str], target: str,
+             precision: str):
+    import coremltools as ct
+
+    if route == "torch.export":
+        source = torch.export.export(model, args).run_decompositions({})
+    else:
+        with torch.no_grad():
+            source = torch.jit.trace(model, args)
+    return ct.convert(source, convert_to="mlprogram", minimum_deployment_target=getattr(ct.target, target),
+                      compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32,
+                      inputs=[ct.TensorType(name=n, shape=tuple(a.shape)) for n, a in zip(names, args)],
+                      outputs=[ct.TensorType(name=n) for n in outputs])
+
+
+def op_histogram(mlmodel) -> dict[str, int]:
+    """Count of each MIL op type in the program's main function (works on reloaded packages)."""
+    counts: collections.Counter = collections.Counter()
+    program = mlmodel.get_spec().mlProgram
+    for function in program.functions.values():
+        for block in function.block_specializations.values():
+            counts.update(op.type for op in block.operations)
+    return dict(counts.most_common())
+
+
+def _specs(features) -> list[TensorSpec]:
+    specs = []
+    for feature in features:
+        array = feature.type.multiArrayType
+        dtype = {65568: "float32", 65552: "float16", 131104: "int32"}.get(array.dataType, str(array.dataType))
+        specs.append(TensorSpec(feature.name, list(array.shape), dtype))
+    return specs
+
+
+def check_structure(path: Path, names: list[str], outputs: list[str], args: tuple) -> dict:
+    """Reload the package without Core ML's runtime and compare its interface with the model's."""
+    import coremltools as ct
+
+    with quiet():
+        reloaded = ct.models.MLModel(str(path), skip_model_load=True)
+    spec = reloaded.get_spec()
+    got_inputs = {f.name: list(f.type.multiArrayType.shape) for f in spec.description.input}
+    got_outputs = [f.name for f in spec.description.output]
+    expected_inputs = {n: list(a.shape) for n, a in zip(names, args)}
+    if got_inputs != expected_inputs:
+        raise ExportError(f"Core ML package inputs {got_inputs} differ from the model's {expected_inputs}")
+    if got_outputs != outputs:
+        raise ExportError(f"Core ML package outputs {got_outputs} differ from the model's {outputs}")
+    return {"reloaded": True, "spec_version": spec.specificationVersion, "inputs": got_inputs,
+            "outputs": got_outputs, "op_histogram": op_histogram(reloaded)}
+
+
+def export_coreml(model: torch.nn.Module, args: tuple[torch.Tensor, ...], folder: Path, name: str, *,
+                  precision: str = "fp32", names: list[str] | None = None, output_names: list[str] | None = None,
+                  features: list[str] | None = None) -> Artifact:
+    """Convert `model` called on `args` to `folder/name.mlpackage`; returns the Artifact with
+    its structural check in `settings["verification"]` (numerical parity comes separately)."""
+    if precision not in ("fp32", "fp16"):
+        raise UserError(f"Core ML compute precision must be fp32 or fp16, not {precision!r}")
+    names = names or input_names(model, len(args))
+    with torch.no_grad():
+        outputs = output_names or [f"output_{i}" for i in range(len(flatten_outputs(model(*args))))]
+    target, reason = deployment_target(features or [])
+    path = folder / f"{name}.mlpackage"
+    failures, notes = {}, []
+    for route in ROUTES:
+        try:
+            with quiet():
+                mlmodel = _convert(route, model, args, names, outputs, target, precision)
+                mlmodel.save(str(path))
+            structure = check_structure(path, names, outputs, args)
+        except Exception as error:  # coremltools raises many types: the next route may work
+            failures[route] = error
+            notes.append(f"{route} failed: {summarize_error(error)}")
+            continue
+        spec_inputs = _specs(mlmodel.get_spec().description.input)
+        spec_outputs = _specs(mlmodel.get_spec().description.output)
+        return Artifact(path=path, format="coreml", precision=precision, inputs=spec_inputs, outputs=spec_outputs,
+                        source_sha256=source_sha256(model), exporter=route, notes=notes, files=[path.name],
+                        settings={"minimum_deployment_target": target, "target_reason": reason,
+                                  "compute_precision": precision, "verification": {"structure": structure}})
+    detail = "; ".join(f"{route}: {summarize_error(e)}" for route, e in failures.items())
+    raise ExportError(f"cannot convert to Core ML: {detail}")
+
+
+def can_predict() -> tuple[bool, str]:
+    """Whether Core ML predictions run here, and why not."""
+    if platform.system() != "Darwin":
+        return False, f"Core ML predicts only on macOS; this is {platform.system()}"
+    return True, ""
