@@ -22,6 +22,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/export_bench.py
 	$(PY) bench/runtime_bench.py
+	$(PY) bench/slim_bench.py
 
 clean:
 	rm -rf $(VENV) build edgeport-demo .pytest_cache

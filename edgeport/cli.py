@@ -78,11 +78,12 @@ def cli(ctx: click.Context, debug: bool) -> None:
               help="Spiking models: T steps in one graph, or one step with membranes as inputs/outputs.")
 @click.option("--timesteps", type=int, help="Spiking models: T (default: the model's own).")
 @click.option("--sequence", is_flag=True, help="Spiking models: the input is (T, B, ...), not one frame repeated.")
+@click.option("--slim", "slim_model", is_flag=True, help="Remove pruned channels and heads first (same function).")
 @click.option("--verify-inputs", type=click.Path(), help=".npz with real inputs for verification.")
 @click.option("--no-verify", is_flag=True, help="Skip verification (the sidecar then has no parity report).")
 @click.option("--json", "as_json", is_flag=True, help="Print the artifacts' records as JSON.")
 def export_command(model, targets, inputs, weights, out, name, opset, dynamic_batch, dynamic, exporter,
-                   snn_form, timesteps, sequence, verify_inputs, no_verify, as_json):
+                   snn_form, timesteps, sequence, slim_model, verify_inputs, no_verify, as_json):
     """Export MODEL (zoo name, .pt2, or package.module:factory) and verify each artifact."""
     from edgeport.sdk import export, parse_dynamic, parse_input
 
@@ -92,7 +93,7 @@ def export_command(model, targets, inputs, weights, out, name, opset, dynamic_ba
                            name=name, weights=weights, verify_inputs=_load_inputs(verify_inputs),
                            check=not no_verify, opset=opset, dynamic_batch=dynamic_batch,
                            dynamic_axes=parse_dynamic(dynamic), exporter=exporter, snn_form=snn_form,
-                           timesteps=timesteps, sequence=sequence)
+                           timesteps=timesteps, sequence=sequence, slim=slim_model)
     if as_json:
         _emit_json({t: a.to_dict() for t, a in artifacts.items()})
         return
@@ -294,6 +295,10 @@ def demo_command(out, runs, as_json):
                       f"{m['latency_ms']['onnxruntime']['p50']:.3f}")
     console.print(table)
     console.print(f"latency: {summary['latency_method']}")
+    slim = summary["slim"]
+    console.print("slimming: " + "; ".join(f"{k} {v['accuracy_percent']:.2f}% {v['macs']:,.0f} MACs "
+                                            f"p50 {v['p50_ms']:.4f} ms" for k, v in slim.items() if k != "speedup")
+                  + f" (speed-up {slim['speedup']:.2f}x, measured)")
     snn = summary["spiking"]
     spiking = Table(title="snn-digits spiking forms (accuracy through ONNX Runtime; torch "
                           f"{snn['accuracy_percent_torch']:.2f}%)")

@@ -237,8 +237,8 @@ def export(model: str | torch.nn.Module, example: Example | None = None, targets
            verify_inputs: Sequence[Example] | None = None, check: bool = True, opset: int | None = None,
            dynamic_batch: bool = False, dynamic_axes: dict[str, dict[int, str]] | None = None,
            exporter: str = "auto", tolerance: Tolerance | None = None, snn_form: str | None = None,
-           timesteps: int | None = None, sequence: bool = False, coreml_precision: str = "fp32"
-           ) -> dict[str, Artifact]:
+           timesteps: int | None = None, sequence: bool = False, coreml_precision: str = "fp32",
+           slim: bool = False) -> dict[str, Artifact]:
     """Export `model` to every target in `targets` under `out`, verifying each artifact.
 
     `example` is one input batch (a zoo model brings its own). Every artifact is verified
@@ -249,7 +249,9 @@ def export(model: str | torch.nn.Module, example: Example | None = None, targets
     step, membranes as graph inputs and outputs) with `timesteps` T; `sequence=True` takes
     the input as (T, B, ...) instead of one frame repeated. Core ML packages are checked
     structurally everywhere and numerically where Core ML runs (macOS); the artifact's
-    `settings["verification"]` says which. Returns {target: Artifact}.
+    `settings["verification"]` says which. `slim=True` first turns pruning into a smaller
+    dense model (see `edgeport.slim`) and verifies the artifact against the pruned model.
+    Returns {target: Artifact}.
     """
     unknown = [t for t in targets if t not in TARGETS]
     if unknown or not targets:
@@ -273,6 +275,12 @@ def export(model: str | torch.nn.Module, example: Example | None = None, targets
         verify_inputs, source = default_inputs(model, args)
     else:
         source = "given inputs"
+    slim_report = None
+    export_model = torch_model
+    if slim:
+        from edgeport.export.slim import slim as make_slim
+
+        export_model, slim_report = make_slim(torch_model, args)
     form = None
     if snn_form is not None:
         steps = timesteps if timesteps is not None else getattr(torch_model, "timesteps", None)
@@ -280,7 +288,7 @@ def export(model: str | torch.nn.Module, example: Example | None = None, targets
             raise UserError("a spiking export needs timesteps (--timesteps T)")
         form = build_form(torch_model, args[0], snn_form, steps, sequence)
         name = f"{name}-{snn_form}"
-    module, module_args = (form.module, form.args) if form else (torch_model, args)
+    module, module_args = (form.module, form.args) if form else (export_model, args)
     io_names = {"names": form.input_names, "output_names": form.output_names} if form else {}
     artifacts = {}
     for target in targets:
@@ -294,6 +302,9 @@ def export(model: str | torch.nn.Module, example: Example | None = None, targets
             artifact.settings["source"] = model if isinstance(model, str) else type(torch_model).__name__
             if form:
                 artifact.settings["snn"] = form.describe()
+            if slim_report:
+                artifact.settings["slim"] = {k: v for k, v in slim_report.__dict__.items()}
+                artifact.notes.append(slim_report.summary())
             if check:
                 artifact.parity = _check_numerics(artifact, torch_model, form, verify_inputs, source, tolerance)
                 if artifact.parity is not None and not artifact.parity.passed:
@@ -437,3 +448,23 @@ def spike_statistics(model: str | torch.nn.Module, inputs: torch.Tensor | None =
         return measure_spikes(torch_model, inputs)
     form = build_form(torch_model, inputs, "unrolled", steps, sequence)
     return measure_spikes(form.module, inputs)
+
+
+def slim(model: str | torch.nn.Module, example: Example | None = None, *, weights: str | Path | None = None):
+    """A smaller dense model computing the same function as the pruned `model`, and the
+    report (channels and heads removed, MACs and parameters before and after, what was kept
+    and why, unstructured sparsity and what each backend does with it).
+
+    Masks from `torch.nn.utils.prune` are baked first; a model with nothing to remove comes
+    back unchanged with a report that says so.
+    """
+    from edgeport.export.slim import slim as make_slim
+
+    torch_model = load_model(model, weights)
+    if example is None:
+        if not (isinstance(model, str) and model in zoo.names()):
+            raise UserError("slimming needs an example input; only zoo models bring their own")
+        example = zoo.example(model)
+    args = as_args(example)
+    _run_reference(torch_model, args)
+    return make_slim(torch_model, args)

@@ -6,10 +6,10 @@ from edgeport.zoo import WEIGHTS_DIR
 
 
 def test_names():
-    assert ep.zoo.names() == ["cnn-digits", "snn-digits", "vit-digits"]
+    assert ep.zoo.names() == ["cnn-digits", "cnn-digits-pruned", "snn-digits", "vit-digits"]
 
 
-@pytest.mark.parametrize("name", ["cnn-digits", "snn-digits", "vit-digits"])
+@pytest.mark.parametrize("name", ["cnn-digits", "cnn-digits-pruned", "snn-digits", "vit-digits"])
 def test_shipped_model_reaches_its_recorded_accuracy(name):
     record = ep.zoo.info(name)
     images, labels = ep.zoo.testset(name)

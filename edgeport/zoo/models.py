@@ -13,20 +13,24 @@ from edgeport.snn import LIF
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection and an explicit softmax."""
+    """Multi-head self-attention with a fused qkv projection and an explicit softmax.
+
+    The head count may shrink (slimming removes dead heads); the head size does not.
+    """
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
-        self.heads, self.scale = heads, (dim // heads) ** -0.5
+        self.heads, self.head_dim = heads, dim // heads
+        self.scale = self.head_dim ** -0.5
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
         attn = torch.softmax((q @ k.transpose(-2, -1)) * self.scale, dim=-1)
-        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
 
 
 class Block(nn.Module):
@@ -124,7 +128,7 @@ class SpikingCNN(nn.Module):
         return out / self.timesteps
 
 
-ARCHITECTURES = {"vit-digits": ViT, "cnn-digits": CNN, "snn-digits": SpikingCNN}
+ARCHITECTURES = {"vit-digits": ViT, "cnn-digits": CNN, "snn-digits": SpikingCNN, "cnn-digits-pruned": CNN}
 
 
 def vit_small_stack(seed: int = 0) -> ViT:

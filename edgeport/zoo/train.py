@@ -23,6 +23,9 @@ RECIPES = {  # epochs and peak learning rate; AdamW + OneCycle, batch 64
     "vit-digits": {"config": {}, "epochs": 40, "lr": 3e-3, "weight_decay": 0.05},
     "cnn-digits": {"config": {}, "epochs": 20, "lr": 1e-2, "weight_decay": 1e-4},
     "snn-digits": {"config": {}, "epochs": 20, "lr": 5e-3, "weight_decay": 1e-4},
+    # half of every conv's output channels zeroed by L2 magnitude, then fine-tuned with the masks on
+    "cnn-digits-pruned": {"config": {}, "epochs": 5, "lr": 2e-3, "weight_decay": 1e-4, "prune_from": "cnn-digits",
+                          "prune_amount": 0.5},
 }
 
 
@@ -51,6 +54,14 @@ def _train(name: str, recipe: dict) -> dict:
 
     x_train, y_train, x_test, y_test = (torch.from_numpy(a.copy()) for a in digits_split())
     model = ARCHITECTURES[name](**recipe["config"])
+    if "prune_from" in recipe:
+        import torch.nn.utils.prune as prune
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(WEIGHTS_DIR / f"{recipe['prune_from']}.safetensors"))
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d):
+                prune.ln_structured(module, "weight", amount=recipe["prune_amount"], n=2, dim=0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"])
     batch, epochs = 64, recipe["epochs"]
     steps = epochs * ((len(x_train) + batch - 1) // batch)
@@ -67,6 +78,10 @@ def _train(name: str, recipe: dict) -> dict:
             schedule.step()
     seconds = time.perf_counter() - start
     model.eval()
+    if "prune_from" in recipe:
+        from edgeport.export.slim import bake_masks
+
+        model = bake_masks(model).eval()
     WEIGHTS_DIR.mkdir(exist_ok=True)
     weights = WEIGHTS_DIR / f"{name}.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
@@ -75,6 +90,7 @@ def _train(name: str, recipe: dict) -> dict:
         "parameters": sum(p.numel() for p in model.parameters()),
         "dataset": "scikit-learn digits, stratified split 1437 train / 360 test, seed 0",
         "epochs": epochs, "lr": recipe["lr"], "weight_decay": recipe["weight_decay"], "seed": SEED,
+        **{k: recipe[k] for k in ("prune_from", "prune_amount") if k in recipe},
         "test_accuracy_percent": round(accuracy(model, x_test, y_test), 2),
         "train_seconds": round(seconds, 1), "torch": torch.__version__,
         "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),

@@ -1,0 +1,514 @@
+"""Slimming: turn pruning into a smaller dense model that computes the same function.
+
+1. `bake_masks` removes `torch.nn.utils.prune` re-parameterizations (weight_orig x
+   weight_mask) so that plain weights remain; it accepts a model straight from `prune`,
+   which cannot be deep-copied in that state.
+2. `slim` finds channels that are constant (an all-zero weight row makes its output the
+   bias, or 0) and follows them through per-channel ops (BatchNorm, activations, pooling,
+   residual additions, concatenation, flatten) to the layers that consume them. Where every
+   consumer can absorb the constant exactly — into its bias (Linear, 1x1 or unpadded conv),
+   or into a constant bias map added after a zero-padded conv — the channel is removed from
+   its producer, every per-channel op and every consumer. Where one cannot (a residual
+   addition whose other branch is not constant, a LayerNorm, a model output), the channel
+   stays and the report says why.
+3. Attention modules with fused `qkv`, `proj` and a head count lose whole heads whose value
+   rows are zero (their output is exactly zero whatever the attention weights).
+
+The result is traced with torch.fx; the report lists what was removed and the MAC and
+parameter counts before and after.
+"""
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from edgeport.errors import CheckFailed, UserError
+
+ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.LeakyReLU, nn.Identity,
+               nn.Dropout, nn.ELU, nn.Mish)
+ACTIVATION_FUNCTIONS = {F.relu, torch.relu, F.gelu, F.silu, torch.sigmoid, torch.tanh, F.relu6, F.hardswish,
+                        F.dropout}
+POOLS = (nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+def bake_masks(model: nn.Module) -> nn.Module:
+    """A copy of `model` with every `torch.nn.utils.prune` mask multiplied into its weight.
+
+    The pruned model itself is left as it was (its masks still attached)."""
+    import torch.nn.utils.prune as prune
+
+    pruned = [(m, hook._tensor_name) for m in model.modules() for hook in m._forward_pre_hooks.values()
+              if isinstance(hook, prune.BasePruningMethod)]
+    # deepcopy refuses the computed (non-leaf) `weight` attribute that prune leaves behind
+    saved = [(m, name, getattr(m, name)) for m, name in pruned]
+    for m, name, _ in saved:
+        delattr(m, name)
+    try:
+        clone = copy.deepcopy(model)
+    finally:
+        for m, name, value in saved:
+            setattr(m, name, value)
+    for m in list(clone.modules()):
+        for hook in list(m._forward_pre_hooks.values()):
+            if isinstance(hook, prune.BasePruningMethod):
+                setattr(m, hook._tensor_name, hook.apply_mask(m))  # remove() needs the attribute present
+                prune.remove(m, hook._tensor_name)
+    return clone
+
+
+@dataclass
+class SlimReport:
+    """What slimming did: channels removed per layer, MACs and parameters before and after."""
+
+    removed: dict[str, int] = field(default_factory=dict)  # layer -> output channels (or heads) removed
+    kept: list[str] = field(default_factory=list)  # why constant channels could not be removed
+    macs_before: int = 0
+    macs_after: int = 0
+    params_before: int = 0
+    params_after: int = 0
+    sparsity: dict = field(default_factory=dict)
+    max_rel_error: float = 0.0  # slimmed vs pruned on the example, relative to the output scale
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.removed)
+
+    def summary(self) -> str:
+        if not self.changed:
+            head = "nothing to remove: the model is returned unchanged (masks baked)"
+        else:
+            head = (f"removed {sum(self.removed.values())} channels/heads from {len(self.removed)} layers: "
+                    f"MACs {self.macs_before:,} -> {self.macs_after:,} ({self.macs_after / self.macs_before:.1%}), "
+                    f"parameters {self.params_before:,} -> {self.params_after:,}")
+        return "\n".join([head, *(f"kept: {reason}" for reason in self.kept)])
+
+
+class BiasMap(nn.Module):
+    """A conv followed by a constant map: what constant input channels contributed through
+    zero padding, which no per-channel bias can express. Fixed to one spatial size."""
+
+    def __init__(self, conv: nn.Conv2d, bias_map: torch.Tensor):
+        super().__init__()
+        self.conv = conv
+        self.register_buffer("bias_map", bias_map)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) + self.bias_map
+
+
+class _Tracer(fx.Tracer):
+    """Keeps attention blocks (qkv, proj, heads) whole so the head rule can see them."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return is_attention(m) or super().is_leaf_module(m, qualname)
+
+
+def is_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
+def is_attention(m: nn.Module) -> bool:
+    """Attention with a fused `qkv` Linear, a `proj` Linear, a head count and a fixed `head_dim`."""
+    return isinstance(getattr(m, "qkv", None), nn.Linear) and isinstance(getattr(m, "proj", None), nn.Linear) \
+        and isinstance(getattr(m, "heads", getattr(m, "num_heads", None)), int) and hasattr(m, "head_dim")
+
+
+def count_macs(model: nn.Module, example: tuple) -> int:
+    """Multiply-accumulates of Conv2d and Linear layers for one call on `example`."""
+    total = 0
+
+    def hook(module, args, output):
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            total += output.numel() * module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+        else:
+            total += output.numel() // output.shape[-1] * module.in_features * module.out_features
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            model(*example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return int(total)
+
+
+def sparsity_report(model: nn.Module) -> dict:
+    """Unstructured sparsity per weight layer, whether it follows 2:4, and what backends do with it."""
+    layers = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            w = m.weight.detach()
+            zeros = float((w == 0).float().mean())
+            if zeros == 0:
+                continue
+            groups = w.reshape(w.shape[0], -1)
+            two_four = groups.shape[1] % 4 == 0 and bool(((groups.reshape(-1, 4) == 0).sum(1) >= 2).all())
+            layers[name] = {"zero_fraction": round(zeros, 4), "two_four_pattern": two_four}
+    return {"layers": layers, "backends": {
+        "onnxruntime-cpu": "dense kernels: zeros inside a weight cost the same time as any value",
+        "tensorrt": "2:4 structured sparsity runs on sparse tensor cores (Ampere and newer, with "
+                    "--sparsity=enable) for the layers whose pattern holds",
+        "coreml": "prune_weights can store sparse weights (smaller file); speed depends on the device"}}
+
+
+# --- constant-channel analysis ---------------------------------------------------------
+
+
+@dataclass
+class _Info:
+    """Per node: constant values per channel, and the channel axis of the tensor."""
+
+    const: dict[int, float]
+    axis: int
+
+
+def _module(gm: fx.GraphModule, node: fx.Node):
+    return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def _row_constants(m: nn.Module) -> dict[int, float]:
+    weight = m.weight.detach()
+    zero_rows = (weight.reshape(weight.shape[0], -1) == 0).all(1)
+    bias = m.bias.detach() if m.bias is not None else torch.zeros(weight.shape[0])
+    return {int(j): float(bias[j]) for j in torch.nonzero(zero_rows).flatten()}
+
+
+def _apply(fn, const: dict[int, float]) -> dict[int, float]:
+    values = fn(torch.tensor(list(const.values()), dtype=torch.float32)) if const else []
+    return {j: float(v) for j, v in zip(const, values)}
+
+
+class _Analysis:
+    """Walks the traced graph, tracking constant channels and channel-preserving edges."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm, self.info, self.edges, self.blockers = gm, {}, [], {}
+        for node in gm.graph.nodes:
+            self.info[node] = self._visit(node)
+
+    def _input(self, node: fx.Node, index: int = 0) -> _Info | None:
+        arg = node.args[index] if len(node.args) > index else None
+        return self.info.get(arg) if isinstance(arg, fx.Node) else None
+
+    def _link(self, node: fx.Node, source: fx.Node, mapping=lambda j: j) -> None:
+        """Channel j of `source` is channel mapping(j) of `node` (one removal group)."""
+        self.edges.append((source, node, mapping))
+
+    def _visit(self, node: fx.Node) -> _Info:
+        shape = node.meta.get("tensor_meta")
+        shape = tuple(shape.shape) if shape is not None and hasattr(shape, "shape") else ()
+        axis = 1 if len(shape) == 4 else -1
+        m = _module(self.gm, node)
+        src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        inp = self._input(node)
+        if isinstance(m, nn.Conv2d) and is_depthwise(m):
+            if inp is None:
+                return _Info({}, 1)
+            self._link(node, src)  # channel j in, channel j out: a per-channel op
+            bias = m.bias.detach() if m.bias is not None else torch.zeros(m.out_channels)
+            return _Info({j: float(bias[j]) for j, c in inp.const.items() if c == 0.0}, 1)  # zeros pad like zeros
+        if isinstance(m, nn.Conv2d):
+            return _Info(_row_constants(m) if m.groups == 1 else {}, 1)
+        if isinstance(m, nn.Linear):
+            return _Info(_row_constants(m), -1)
+        if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)) and inp:
+            self._link(node, src)
+            with torch.no_grad():
+                const = torch.tensor(list(inp.const.values()), dtype=torch.float32)
+                index = torch.tensor(list(inp.const.keys()), dtype=torch.long)
+                out = (const - m.running_mean[index]) / torch.sqrt(m.running_var[index] + m.eps) * m.weight[index] \
+                    + m.bias[index] if inp.const else const
+            return _Info(dict(zip(inp.const, map(float, out))), inp.axis)
+        elementwise = isinstance(m, ACTIVATIONS) or (node.op == "call_function" and node.target in ACTIVATION_FUNCTIONS) \
+            or (node.op == "call_method" and node.target in ("relu", "sigmoid", "tanh"))
+        if elementwise and inp:
+            self._link(node, src)
+            fn = (m.eval() if m is not None else lambda t: node.target(t) if node.op == "call_function"
+                  else getattr(t, node.target)())
+            return _Info(_apply(fn, inp.const), inp.axis)
+        pool_ok = isinstance(m, POOLS) or (isinstance(m, nn.AvgPool2d) and (m.padding == 0 or not m.count_include_pad))
+        if pool_ok and inp:
+            self._link(node, src)
+            return _Info(dict(inp.const), inp.axis)
+        if node.op == "call_function" and node.target in (operator.add, torch.add) and len(node.args) == 2 and \
+                all(isinstance(a, fx.Node) for a in node.args):
+            a, b = self.info[node.args[0]], self.info[node.args[1]]
+            for arg in node.args:
+                self._link(node, arg)
+            return _Info({j: a.const[j] + b.const[j] for j in a.const.keys() & b.const.keys()}, a.axis)
+        if node.op == "call_function" and node.target is torch.cat and inp is None:
+            tensors = node.args[0]
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            if dim in (1, -3) and len(shape) == 4:
+                const, offset = {}, 0
+                for t in tensors:
+                    channels = t.meta["tensor_meta"].shape[1]
+                    self._link(node, t, lambda j, o=offset: j + o)
+                    const |= {j + offset: c for j, c in self.info[t].const.items()}
+                    offset += channels
+                return _Info(const, 1)
+        if self._is_flatten(node, shape) and inp:
+            spatial = int(src.meta["tensor_meta"].shape[2] * src.meta["tensor_meta"].shape[3])
+            self._link(node, src, lambda j, s=spatial: [j * s + p for p in range(s)])
+            return _Info({j * spatial + p: c for j, c in inp.const.items() for p in range(spatial)}, -1)
+        return _Info({}, axis)
+
+    @staticmethod
+    def _is_flatten(node: fx.Node, shape: tuple) -> bool:
+        src = node.args[0] if node.args else None
+        if not isinstance(src, fx.Node) or "tensor_meta" not in src.meta or len(shape) != 2:
+            return False
+        before = tuple(src.meta["tensor_meta"].shape)
+        flat = node.target in (torch.flatten, "flatten", "view", "reshape") or isinstance(
+            _module_or_none(node), nn.Flatten)
+        return flat and len(before) == 4 and shape[1] == before[1] * before[2] * before[3]
+
+
+def _module_or_none(node: fx.Node):
+    root = node.graph.owning_module
+    return root.get_submodule(node.target) if node.op == "call_module" and root is not None else None
+
+
+def slim(model: nn.Module, example: torch.Tensor | tuple) -> tuple[nn.Module, SlimReport]:
+    """A smaller dense model computing the same function as the pruned `model` on inputs
+    shaped like `example`, and the report of what was removed (and what was kept, why).
+
+    Masks from `torch.nn.utils.prune` are baked first. A model with nothing to remove comes
+    back unchanged (masks baked) with a report that says so.
+    """
+    args = example if isinstance(example, tuple) else (example,)
+    baked = bake_masks(model).eval()
+    report = SlimReport(macs_before=count_macs(baked, args), params_before=sum(p.numel() for p in baked.parameters()))
+    report.sparsity = sparsity_report(baked)
+    try:
+        graph = _Tracer().trace(baked)
+    except Exception as error:  # data-dependent control flow and the like: fx cannot see the channels
+        report.kept.append(f"torch.fx cannot trace the model ({str(error).splitlines()[0][:120]}); masks were baked, "
+                           f"no channel was removed")
+        report.macs_after, report.params_after = report.macs_before, report.params_before
+        return baked, report
+    gm = fx.GraphModule(baked, graph)
+    ShapeProp(gm).propagate(*args)
+    _remove_heads(gm, report)
+    _remove_channels(gm, report)
+    gm.recompile()
+    with torch.no_grad():
+        before, after = baked(*args), gm(*args)
+    report.max_rel_error = float((before - after).abs().max() / before.abs().max().clamp(min=1e-12))
+    if report.max_rel_error > 1e-4:
+        raise CheckFailed(f"slimming changed the function: max error {report.max_rel_error:.2e} of the output "
+                          f"scale on the example (a bug: please report it with the model)")
+    report.macs_after = count_macs(gm, args)
+    report.params_after = sum(p.numel() for p in gm.parameters())
+    return (gm if report.changed else baked), report
+
+
+def _remove_heads(gm: fx.GraphModule, report: SlimReport) -> None:
+    """Drop attention heads whose value rows and biases are all zero (their output is 0)."""
+    for name, m in list(gm.named_modules()):
+        if not is_attention(m):
+            continue
+        heads_attr = "heads" if hasattr(m, "heads") else "num_heads"
+        heads, head_dim = getattr(m, heads_attr), m.head_dim
+        dim = heads * head_dim
+        w = m.qkv.weight.detach().reshape(3, heads, head_dim, -1)
+        b = m.qkv.bias.detach().reshape(3, heads, head_dim) if m.qkv.bias is not None else torch.zeros(3, heads, head_dim)
+        dead = [h for h in range(heads) if bool((w[2, h] == 0).all()) and bool((b[2, h] == 0).all())]
+        if not dead or len(dead) == heads:
+            continue
+        keep = [h for h in range(heads) if h not in dead]
+        rows = torch.tensor([part * dim + h * head_dim + i for part in range(3) for h in keep for i in range(head_dim)])
+        cols = torch.tensor([h * head_dim + i for h in keep for i in range(head_dim)])
+        m.qkv = _linear_subset(m.qkv, rows=rows)
+        m.proj = _linear_subset(m.proj, cols=cols)
+        setattr(m, heads_attr, len(keep))  # the softmax scale stays that of the (unchanged) head size
+        report.removed[name] = len(dead)
+
+
+def _linear_subset(m: nn.Linear, rows=None, cols=None, bias_add: torch.Tensor | None = None) -> nn.Linear:
+    weight = m.weight.detach()
+    weight = weight[rows] if rows is not None else weight
+    weight = weight[:, cols] if cols is not None else weight
+    bias = m.bias.detach() if m.bias is not None else None
+    if bias is not None and rows is not None:
+        bias = bias[rows]
+    if bias_add is not None:
+        bias = bias_add if bias is None else bias + bias_add
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    new.weight.data.copy_(weight)
+    if bias is not None:
+        new.bias.data.copy_(bias)
+    return new
+
+
+def _conv_subset(m: nn.Conv2d, rows=None, cols=None, bias_add: torch.Tensor | None = None) -> nn.Conv2d:
+    weight = m.weight.detach()
+    weight = weight[rows] if rows is not None else weight
+    if cols is not None and m.groups == 1:
+        weight = weight[:, cols]
+    bias = m.bias.detach() if m.bias is not None else None
+    if bias is not None and rows is not None:
+        bias = bias[rows]
+    if bias_add is not None:
+        bias = bias_add if bias is None else bias + bias_add
+    groups = weight.shape[0] if m.groups > 1 else 1
+    new = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], m.kernel_size, m.stride, m.padding, m.dilation, groups,
+                    bias is not None, m.padding_mode)
+    new.weight.data.copy_(weight)
+    if bias is not None:
+        new.bias.data.copy_(bias)
+    return new
+
+
+def _groups(analysis: _Analysis) -> list[set[tuple[fx.Node, int]]]:
+    """Union-find over (node, channel): channels joined by per-channel ops are one group."""
+    parent: dict = {}
+
+    def find(x):
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for source, node, mapping in analysis.edges:
+        for j in analysis.info[source].const:
+            targets = mapping(j)
+            for t in targets if isinstance(targets, list) else [targets]:
+                parent[find((node, t))] = find((source, j))
+        for j in analysis.info[node].const:  # constant in the output without a constant input: its own root
+            find((node, j))
+    for node, info in analysis.info.items():
+        for j in info.const:
+            find((node, j))
+    groups: dict = {}
+    for member in list(parent):
+        groups.setdefault(find(member), set()).add(member)
+    return list(groups.values())
+
+
+PER_CHANNEL = (nn.BatchNorm2d, nn.BatchNorm1d)
+
+
+def _foldable(m: nn.Module | None) -> bool:
+    """Consumers that absorb a constant input channel exactly: Linear, and convs over all channels."""
+    return isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)
+
+
+def _blocker(gm: fx.GraphModule, analysis: _Analysis, group, linked) -> str | None:
+    """Why this group of constant channels cannot be removed, or None when it can."""
+    for node, j in group:
+        if j not in analysis.info[node].const:
+            if node.target in (operator.add, torch.add):
+                return f"they reach {node.name} (residual addition) where the other input is not constant"
+            kind = type(_module(gm, node)).__name__
+            return f"they pass through {node.name} ({kind}), whose zero padding turns a nonzero constant into a map"
+        for user in node.users:
+            if (user, node) in linked:
+                continue
+            if user.op == "output":
+                return "they are an output of the model"
+            um = _module(gm, user)
+            if not _foldable(um):
+                kind = type(um).__name__ if um is not None else getattr(user.target, "__name__", str(user.target))
+                return f"they feed {user.name} ({kind}), which cannot absorb a constant channel"
+    return None
+
+
+def _remove_channels(gm: fx.GraphModule, report: SlimReport) -> None:
+    analysis = _Analysis(gm)
+    linked = {(node, src) for src, node, _ in analysis.edges}
+    removals: dict[fx.Node, set[int]] = {}  # node -> channels removed from its output
+    folds: dict[tuple[fx.Node, fx.Node], dict[int, float]] = {}  # (consumer, source) -> {channel: constant}
+    kept: dict[tuple[str, str], int] = {}
+    for group in _groups(analysis):
+        producers = [n for n, _ in group if _foldable(_module(gm, n))]
+        if not producers:
+            continue
+        reason = _blocker(gm, analysis, group, linked)
+        if reason:
+            key = (", ".join(sorted({str(p.target) for p in producers})), reason)
+            kept[key] = kept.get(key, 0) + 1
+            continue
+        for node, j in group:
+            removals.setdefault(node, set()).add(j)
+            for user in node.users:
+                if (user, node) not in linked and _foldable(_module(gm, user)):
+                    folds.setdefault((user, node), {})[j] = analysis.info[node].const[j]
+    report.kept += [f"{count} constant channel(s) of {where}: {reason}" for (where, reason), count in kept.items()]
+    _apply_removals(gm, removals, folds, report)
+
+
+def _apply_removals(gm: fx.GraphModule, removals: dict, folds: dict, report: SlimReport) -> None:
+    """Fold constants into consumers (with the original weights), then cut rows and columns."""
+    for (consumer, source), constants in folds.items():
+        m = _module(gm, consumer)
+        cols = sorted(constants)
+        values = torch.tensor([constants[j] for j in cols], dtype=torch.float64)
+        if isinstance(m, nn.Linear):
+            contribution = (m.weight.detach().double()[:, cols] @ values).float()
+            setattr_module(gm, consumer.target, _linear_subset(m, bias_add=contribution))
+            continue
+        shape = source.meta["tensor_meta"].shape
+        image = torch.zeros(1, m.in_channels, shape[2], shape[3], dtype=torch.float64)
+        for j, c in constants.items():
+            image[0, j] = c
+        bias_map = F.conv2d(image, m.weight.detach().double(), None, m.stride, m.padding, m.dilation, m.groups)[0]
+        flat = bias_map.reshape(bias_map.shape[0], -1)
+        if bool((flat == flat[:, :1]).all()):  # spatially uniform: an ordinary bias
+            setattr_module(gm, consumer.target, _conv_subset(m, bias_add=flat[:, 0].float()))
+        else:
+            wrapped = BiasMap(m, bias_map.float().unsqueeze(0))
+            setattr_module(gm, consumer.target, wrapped)
+    for node, channels in removals.items():
+        m = _module(gm, node)
+        if not isinstance(m, (nn.Conv2d, nn.Linear, BiasMap, *PER_CHANNEL)):
+            continue  # activations, pools, additions: their width follows their inputs
+        conv = m.conv if isinstance(m, BiasMap) else m
+        size = conv.out_channels if isinstance(conv, nn.Conv2d) else (
+            conv.out_features if isinstance(conv, nn.Linear) else conv.num_features)
+        keep = torch.tensor([j for j in range(size) if j not in channels])
+        if isinstance(conv, nn.Conv2d):
+            new = _conv_subset(conv, rows=keep)
+        elif isinstance(conv, nn.Linear):
+            new = _linear_subset(conv, rows=keep)
+        else:
+            new = type(conv)(len(keep), conv.eps, conv.momentum, conv.affine, conv.track_running_stats)
+            new.load_state_dict({k: v[keep] if v.ndim else v for k, v in conv.state_dict().items()})
+        if isinstance(m, BiasMap):
+            m.conv, m.bias_map = new, m.bias_map[:, keep]
+        else:
+            setattr_module(gm, node.target, new.eval())
+        if isinstance(conv, (nn.Conv2d, nn.Linear)):
+            report.removed[node.target] = len(channels)
+    for (consumer, source), constants in folds.items():
+        m = _module(gm, consumer)
+        conv = m.conv if isinstance(m, BiasMap) else m
+        width = conv.in_features if isinstance(conv, nn.Linear) else conv.in_channels
+        keep = torch.tensor([j for j in range(width) if j not in constants])
+        new = _linear_subset(conv, cols=keep) if isinstance(conv, nn.Linear) else _conv_subset(conv, cols=keep)
+        if isinstance(m, BiasMap):
+            m.conv = new
+        else:
+            setattr_module(gm, consumer.target, new)
+
+
+def setattr_module(gm: nn.Module, target: str, module: nn.Module) -> None:
+    parent, _, name = target.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, name, module)
+
+
+def check_example(model: nn.Module, example) -> None:
+    args = example if isinstance(example, tuple) else (example,)
+    try:
+        with torch.no_grad():
+            model(*args)
+    except Exception as error:
+        raise UserError(f"the model does not accept the example: {str(error).splitlines()[0][:160]}") from error

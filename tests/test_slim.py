@@ -1,0 +1,171 @@
+"""Slimming: masks baked, channels and heads physically removed, same function, real libraries."""
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.utils.prune as prune
+from torch import nn
+
+import edgeport as ep
+from edgeport.cli import main
+from edgeport.export.slim import BiasMap, bake_masks, slim
+from edgeport.zoo.models import ViT
+from slim_models import Branches, BottleneckResNet, DepthwiseChain, SlimmingViT, randomize_batchnorm
+
+IMAGES = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / a.abs().max())
+
+
+def pruned_resnet(layers=("conv1", "conv2")) -> nn.Module:
+    torch.manual_seed(0)
+    model = randomize_batchnorm(BottleneckResNet(widths=(32, 64), blocks=2))
+    for block in model.modules():
+        if type(block).__name__ == "Bottleneck":
+            for name in layers:
+                prune.ln_structured(getattr(block, name), "weight", amount=0.5, n=2, dim=0)
+    return model
+
+
+def test_bake_masks_accepts_a_model_straight_from_prune():
+    model = pruned_resnet()
+    baked = bake_masks(model)
+    conv = baked.features[3].conv1
+    assert "weight_orig" not in dict(conv.named_parameters()) and not conv._forward_pre_hooks
+    assert hasattr(model.features[3].conv1, "weight_mask")  # the user's model keeps its masks
+    with torch.no_grad():
+        assert torch.equal(baked(IMAGES), model(IMAGES))
+
+
+def test_residual_network_slims_to_the_same_function(tmp_path):
+    model = pruned_resnet()
+    slimmed, report = slim(model, IMAGES[:1])
+    assert report.changed and report.macs_after < 0.6 * report.macs_before
+    assert report.params_after < report.params_before
+    with torch.no_grad():
+        assert max_rel(model(IMAGES), slimmed(IMAGES)) <= 1e-5
+    assert any(isinstance(m, BiasMap) for m in slimmed.modules())  # constants through zero padding, folded exactly
+    artifact = ep.export(model, IMAGES[:1], out=tmp_path, slim=True, verify_inputs=[IMAGES[i:i + 1] for i in range(4)])
+    art = artifact["onnx"]
+    assert art.parity.passed and art.settings["slim"]["macs_after"] == report.macs_after
+
+
+def test_inconsistent_residual_mask_keeps_the_model_and_says_why():
+    model = pruned_resnet(layers=("conv3",))  # zeroes channels of the residual stream in one branch only
+    slimmed, report = slim(model, IMAGES[:1])
+    assert not report.changed and report.macs_after == report.macs_before
+    assert any("residual addition" in reason and "not constant" in reason for reason in report.kept)
+    with torch.no_grad():
+        assert torch.equal(slimmed(IMAGES), model(IMAGES))
+
+
+def test_nothing_to_remove():
+    model = randomize_batchnorm(BottleneckResNet(widths=(16,), blocks=1))
+    slimmed, report = slim(model, IMAGES[:1])
+    assert not report.changed and "nothing to remove" in report.summary()
+    with torch.no_grad():
+        assert torch.equal(slimmed(IMAGES), model(IMAGES))
+
+
+def test_vit_mlp_units_and_attention_heads():
+    torch.manual_seed(0)
+    model = ViT(dim=64, depth=2, heads=4).eval()
+    for block in model.blocks:
+        prune.ln_structured(block.mlp[0], "weight", amount=0.5, n=2, dim=0)
+        rows = torch.ones(192, 1)
+        rows[128 + 16:128 + 32] = 0  # head 1's values: its output is zero whatever it attends to
+        prune.custom_from_mask(block.attn.qkv, "weight", rows.expand(192, 64))
+        prune.custom_from_mask(block.attn.qkv, "bias", rows.flatten())
+    images = ep.zoo.testset("vit-digits")[0][:16]
+    slimmed, report = slim(model, images[:1])
+    assert report.removed == {"blocks.0.attn": 1, "blocks.1.attn": 1, "blocks.0.mlp.0": 128, "blocks.1.mlp.0": 128}
+    assert slimmed.get_submodule("blocks.0.attn").heads == 3
+    with torch.no_grad():
+        assert max_rel(model(images), slimmed(images)) <= 1e-5
+
+
+@pytest.mark.parametrize("bias, removable", [(-5.0, True), (5.0, False)])
+def test_depthwise_passes_only_zero_channels(bias, removable):
+    torch.manual_seed(0)
+    model = randomize_batchnorm(DepthwiseChain())
+    prune.ln_structured(model.expand, "weight", amount=0.25, n=2, dim=0)
+    with torch.no_grad():
+        model.bn1.bias.fill_(bias)  # -5: the pruned channels are 0 after ReLU; +5: a constant a depthwise conv smears
+    x = torch.randn(2, 8, 6, 6)
+    slimmed, report = slim(model, x)
+    assert report.changed == removable
+    if removable:
+        assert slimmed.get_submodule("depthwise").groups == 24
+    else:
+        assert "zero padding" in report.kept[0]
+    with torch.no_grad():
+        assert max_rel(model(x), slimmed(x)) <= 1e-5
+
+
+def test_concatenated_branches():
+    torch.manual_seed(0)
+    model = Branches().eval()
+    prune.ln_structured(model.b, "weight", amount=0.5, n=2, dim=0)
+    slimmed, report = slim(model, IMAGES[:1])
+    assert report.removed == {"b": 4} and slimmed.get_submodule("merge").in_channels == 12
+    with torch.no_grad():
+        assert max_rel(model(IMAGES), slimmed(IMAGES)) <= 1e-5
+
+
+def test_torch_pruning_residual_network_and_vit_mlp(tmp_path):
+    tp = pytest.importorskip("torch_pruning", reason="torch-pruning is in the dev extra")
+    model = randomize_batchnorm(BottleneckResNet(widths=(32, 64), blocks=1))
+    before = sum(p.numel() for p in model.parameters())
+    pruner = tp.pruner.MagnitudePruner(model, IMAGES[:1], importance=tp.importance.MagnitudeImportance(p=2),
+                                       pruning_ratio=0.5, ignored_layers=[model.fc])
+    pruner.step()
+    assert sum(p.numel() for p in model.parameters()) < 0.5 * before
+    art = ep.export(model, IMAGES[:1], out=tmp_path, slim=True)["onnx"]
+    assert art.parity.passed and "nothing to remove" in art.notes[-1]
+
+    torch.manual_seed(0)
+    vit = ViT(dim=64, depth=2, heads=4).eval()
+    pruner = tp.pruner.MagnitudePruner(vit, ep.zoo.example("vit-digits"), importance=tp.importance.MagnitudeImportance(),
+                                       pruning_ratio=0.5, root_module_types=[nn.Linear],
+                                       ignored_layers=[vit.head, vit.patch_embed] + [b.attn for b in vit.blocks]
+                                       + [b.mlp[2] for b in vit.blocks], unwrapped_parameters=[])
+    pruner.step()  # Torch-Pruning shrinks each MLP's hidden layer
+    assert [b.mlp[0].out_features for b in vit.blocks] == [128, 128]
+    art = ep.export(vit, ep.zoo.example("vit-digits"), out=tmp_path, name="vit-tp")["onnx"]
+    assert art.parity.passed
+
+
+@pytest.mark.parametrize("slimmer", ["aggregate", "topk"])
+def test_token_slimming_models_export_with_dynamic_batch(slimmer, tmp_path):
+    torch.manual_seed(0)
+    model = SlimmingViT(slimmer).eval()
+    images = ep.zoo.testset("vit-digits")[0]
+    art = ep.export(model, images[:2], out=tmp_path, dynamic_batch=True,
+                    verify_inputs=[images[i:i + 8] for i in range(0, 32, 8)])["onnx"]
+    assert art.parity.passed and art.inputs[0].shape[0] == "batch"
+    logits = ort.InferenceSession(str(art.path)).run(None, {"x": images[:5].numpy()})[0]
+    with torch.no_grad():
+        assert np.abs(logits - model(images[:5]).numpy()).max() <= 1e-4 * float(model(images[:5]).abs().max())
+
+
+def test_unstructured_sparsity_is_reported_not_removed():
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    prune.l1_unstructured(model[0], "weight", amount=0.5)
+    with torch.no_grad():
+        model[2].weight.copy_(torch.tensor([[1.0, 0, 2, 0, 0, 3, 4, 0]] * 4))  # 2:4 pattern
+    _, report = slim(model, torch.randn(1, 16))
+    assert not report.changed
+    layers = report.sparsity["layers"]
+    assert layers["0"]["zero_fraction"] == 0.5 and layers["2"]["two_four_pattern"]
+    assert "2:4" in report.sparsity["backends"]["tensorrt"] and "dense" in report.sparsity["backends"]["onnxruntime-cpu"]
+
+
+def test_cli_export_slim_of_the_pruned_zoo_cnn(tmp_path, capsys):
+    assert main(["export", "cnn-digits-pruned", "--slim", "-o", str(tmp_path), "--json"]) == 0
+    import json
+
+    record = json.loads(capsys.readouterr().out)["onnx"]
+    assert record["parity"]["passed"] and record["settings"]["slim"]["macs_after"] < 0.3 * record["settings"]["slim"][
+        "macs_before"]
