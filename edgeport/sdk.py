@@ -143,6 +143,16 @@ def as_args(example: Example) -> tuple[torch.Tensor, ...]:
     return args
 
 
+def _model_and_example(model, example: Example | None, weights) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+    """The resolved torch model and its example arguments (a zoo model brings its own)."""
+    torch_model = load_model(model, weights)
+    if example is None:
+        if not (isinstance(model, str) and model in zoo.names()):
+            raise UserError("an example input is needed (e.g. --input 1x3x224x224); only zoo models bring their own")
+        example = zoo.example(model)
+    return torch_model, as_args(example)
+
+
 def _run_reference(model: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
     shapes = ", ".join("x".join(map(str, a.shape)) + f":{str(a.dtype).removeprefix('torch.')}" for a in args)
     try:
@@ -258,12 +268,7 @@ def export(model: str | torch.nn.Module, example: Example | None = None, targets
         close = difflib.get_close_matches(unknown[0], TARGETS, n=1) if unknown else []
         raise UserError(f"unknown target {unknown[0] if unknown else '(none)'!r}"
                         f"{'; did you mean ' + close[0] + '?' if close else ''}; available: {', '.join(TARGETS)}")
-    torch_model = load_model(model, weights)
-    if example is None:
-        if not (isinstance(model, str) and model in zoo.names()):
-            raise UserError("an example input is needed (e.g. --input 1x3x224x224); only zoo models bring their own")
-        example = zoo.example(model)
-    args = as_args(example)
+    torch_model, args = _model_and_example(model, example, weights)
     if snn_form is None:
         _run_reference(torch_model, args)
     if dynamic_batch:
@@ -460,11 +465,6 @@ def slim(model: str | torch.nn.Module, example: Example | None = None, *, weight
     """
     from edgeport.export.slim import slim as make_slim
 
-    torch_model = load_model(model, weights)
-    if example is None:
-        if not (isinstance(model, str) and model in zoo.names()):
-            raise UserError("slimming needs an example input; only zoo models bring their own")
-        example = zoo.example(model)
-    args = as_args(example)
+    torch_model, args = _model_and_example(model, example, weights)
     _run_reference(torch_model, args)
     return make_slim(torch_model, args)
