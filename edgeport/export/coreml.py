@@ -33,12 +33,59 @@ def deployment_target(features: list[str]) -> tuple[str, str]:
     return target, reason
 
 
+def op_kind(target) -> str:
+    """The name under which coremltools' torch frontend looks an op up."""
+    from coremltools.converters.mil.frontend.torch.utils import sanitize_op_kind
+
+    try:
+        kind = target.name()
+    except (AttributeError, TypeError):
+        kind = getattr(target, "__name__", str(target))
+    return sanitize_op_kind(kind)
+
+
+def unsupported_ops(program: torch.export.ExportedProgram) -> dict:
+    """{op: [nn.Module paths]} for every op in the program that coremltools cannot convert."""
+    from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_OPS_REGISTRY
+
+    known = _TORCH_OPS_REGISTRY.name_to_func_mapping
+    found: dict = {}
+    for node in program.graph.nodes:
+        if node.op == "call_function" and op_kind(node.target) not in known:
+            stack = node.meta.get("nn_module_stack") or {}
+            path = next(reversed(stack.values()))[0] if stack else "<root>"
+            found.setdefault(node.target, []).append(path or "<root>")
+    return found
+
+
+def decompose_for_coreml(program: torch.export.ExportedProgram, rounds: int = 4):
+    """Decompose every op coremltools lacks into ops it has, where PyTorch's core ATen
+    decompositions know how (e.g. `new_ones`, `diff`, `__and__` in `transformers` attention
+    masks). Returns (program, decomposed op names, {op: module paths} still unsupported)."""
+    from torch._decomp import core_aten_decompositions
+
+    table, applied = core_aten_decompositions(), []
+    for _ in range(rounds):
+        missing = unsupported_ops(program)
+        decomposable = {op: table[op] for op in missing if op in table}
+        if not decomposable:
+            return program, applied, missing
+        applied += [op_kind(op) for op in decomposable]
+        program = program.run_decompositions(decomposable)
+    return program, applied, unsupported_ops(program)
+
+
 def _convert(route: str, model: torch.nn.Module, args: tuple, names: list[str], outputs: list[str], target: str,
-             precision: str):
+             precision: str, notes: list[str]):
     import coremltools as ct
 
     if route == "torch.export":
-        source = torch.export.export(model, args).run_decompositions({})
+        source, applied, missing = decompose_for_coreml(torch.export.export(model, args).run_decompositions({}))
+        if applied:
+            notes.append(f"decomposed for Core ML: {', '.join(sorted(set(applied)))}")
+        if missing:
+            where = "; ".join(f"{op_kind(op)} in {', '.join(sorted(set(paths))[:3])}" for op, paths in missing.items())
+            raise ExportError(f"Core ML's converter has no conversion for: {where}")
     else:
         with torch.no_grad():
             source = torch.jit.trace(model, args)
@@ -101,7 +148,7 @@ def export_coreml(model: torch.nn.Module, args: tuple[torch.Tensor, ...], folder
     for route in ROUTES:
         try:
             with quiet():
-                mlmodel = _convert(route, model, args, names, outputs, target, precision)
+                mlmodel = _convert(route, model, args, names, outputs, target, precision, notes)
                 mlmodel.save(str(path))
             structure = check_structure(path, names, outputs, args)
         except Exception as error:  # coremltools raises many types: the next route may work
