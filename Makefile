@@ -23,6 +23,7 @@ bench: $(STAMP)
 	$(PY) bench/export_bench.py
 	$(PY) bench/runtime_bench.py
 	$(PY) bench/slim_bench.py
+	$(PY) bench/backend_bench.py
 
 clean:
 	rm -rf $(VENV) build edgeport-demo .pytest_cache

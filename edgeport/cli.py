@@ -78,12 +78,17 @@ def cli(ctx: click.Context, debug: bool) -> None:
               help="Spiking models: T steps in one graph, or one step with membranes as inputs/outputs.")
 @click.option("--timesteps", type=int, help="Spiking models: T (default: the model's own).")
 @click.option("--sequence", is_flag=True, help="Spiking models: the input is (T, B, ...), not one frame repeated.")
+@click.option("--coreml-precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--coreml-weights", type=click.Choice(["int8", "int4", "palettize4", "palettize6"]),
+              help="Core ML weight compression.")
+@click.option("--tensorrt-precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp16", show_default=True)
 @click.option("--slim", "slim_model", is_flag=True, help="Remove pruned channels and heads first (same function).")
 @click.option("--verify-inputs", type=click.Path(), help=".npz with real inputs for verification.")
 @click.option("--no-verify", is_flag=True, help="Skip verification (the sidecar then has no parity report).")
 @click.option("--json", "as_json", is_flag=True, help="Print the artifacts' records as JSON.")
 def export_command(model, targets, inputs, weights, out, name, opset, dynamic_batch, dynamic, exporter,
-                   snn_form, timesteps, sequence, slim_model, verify_inputs, no_verify, as_json):
+                   snn_form, timesteps, sequence, coreml_precision, coreml_weights, tensorrt_precision, slim_model,
+                   verify_inputs, no_verify, as_json):
     """Export MODEL (zoo name, .pt2, or package.module:factory) and verify each artifact."""
     from edgeport.sdk import export, parse_dynamic, parse_input
 
@@ -93,7 +98,9 @@ def export_command(model, targets, inputs, weights, out, name, opset, dynamic_ba
                            name=name, weights=weights, verify_inputs=_load_inputs(verify_inputs),
                            check=not no_verify, opset=opset, dynamic_batch=dynamic_batch,
                            dynamic_axes=parse_dynamic(dynamic), exporter=exporter, snn_form=snn_form,
-                           timesteps=timesteps, sequence=sequence, slim=slim_model)
+                           timesteps=timesteps, sequence=sequence, slim=slim_model,
+                           coreml_precision=coreml_precision, coreml_weights=coreml_weights,
+                           tensorrt_precision=tensorrt_precision)
     if as_json:
         _emit_json({t: a.to_dict() for t, a in artifacts.items()})
         return

@@ -29,7 +29,7 @@ from edgeport.export.spiking import build_form, verify_spiking
 from edgeport.export.verify import ParityReport, Tolerance, compare
 from edgeport.runtime.runners import OnnxRuntimeRunner, TorchRunner, in_eval_mode, runner_for
 
-TARGETS = ("onnx", "coreml")
+TARGETS = ("onnx", "coreml", "tensorrt")
 Example = torch.Tensor | Sequence[torch.Tensor]
 
 
@@ -242,13 +242,59 @@ def _check_numerics(artifact: Artifact, torch_model: torch.nn.Module, form, batc
     return verify_spiking(runner, form, torch_model, arrays, source)
 
 
+def _profile_shapes(artifact: Artifact, args: tuple[torch.Tensor, ...]) -> dict:
+    """(min, opt, max) per input with symbolic dims: 1, the example's size, 4x it (at least 8)."""
+    shapes = {}
+    for spec, arg in zip(artifact.inputs, args):
+        if any(isinstance(d, str) for d in spec.shape):
+            opt = list(arg.shape)
+            low = [1 if isinstance(d, str) else d for d in spec.shape]
+            high = [max(8, 4 * o) if isinstance(d, str) else d for d, o in zip(spec.shape, opt)]
+            shapes[spec.name] = (low, opt, high)
+    return shapes
+
+
+def _prepare_tensorrt(onnx_artifact: Artifact, args: tuple, staging: Staging, torch_model, batches, source: str,
+                      precision: str, check: bool) -> Artifact:
+    """Readiness check and trtexec command for a verified ONNX artifact; the engine itself
+    where tensorrt and a GPU exist (then verified), else the ONNX artifact says why not."""
+    from edgeport.export.tensorrt import build_engine, check_readiness, trtexec_command
+
+    readiness = check_readiness(onnx_artifact.path)
+    shapes = _profile_shapes(onnx_artifact, args)
+    command = trtexec_command(onnx_artifact.path, readiness, precision, shapes)
+    script = onnx_artifact.path.with_suffix(".trtexec.sh")
+    script.write_text(f"#!/bin/sh\n# Build the TensorRT engine on the device (written by edgeport)\n{command}\n")
+    onnx_artifact.files.insert(0, script.name)
+    onnx_artifact.settings["tensorrt"] = {"readiness": readiness.to_dict(), "trtexec": command, "profiles": shapes}
+    if not readiness.ready:
+        onnx_artifact.notes.append(readiness.summary())
+        return onnx_artifact
+    engine_path = onnx_artifact.path.with_suffix(".engine")
+    try:
+        build_engine(onnx_artifact.path, engine_path, precision, shapes or None)
+    except BackendUnavailable as unavailable:
+        onnx_artifact.settings["tensorrt"]["engine"] = f"not built here: {unavailable}"
+        onnx_artifact.notes.append(f"TensorRT engine not built: {unavailable}; run {script.name} on the device")
+        return onnx_artifact
+    staging.commit(onnx_artifact)
+    engine = Artifact(path=engine_path, format="tensorrt", precision=precision, inputs=onnx_artifact.inputs,
+                      outputs=onnx_artifact.outputs, source_sha256=onnx_artifact.source_sha256,
+                      exporter="tensorrt-api", files=[engine_path.name], settings={"onnx": onnx_artifact.path.name,
+                                                                                    "profiles": shapes})
+    if check:
+        engine.parity = verify(engine, torch_model, batches, inputs_source=source)
+    return engine
+
+
 def export(model: str | torch.nn.Module, example: Example | None = None, targets: Sequence[str] = ("onnx",),
            out: str | Path = "build", *, name: str | None = None, weights: str | Path | None = None,
            verify_inputs: Sequence[Example] | None = None, check: bool = True, opset: int | None = None,
            dynamic_batch: bool = False, dynamic_axes: dict[str, dict[int, str]] | None = None,
            exporter: str = "auto", tolerance: Tolerance | None = None, snn_form: str | None = None,
            timesteps: int | None = None, sequence: bool = False, coreml_precision: str = "fp32",
-           slim: bool = False) -> dict[str, Artifact]:
+           slim: bool = False, tensorrt_precision: str = "fp16", coreml_weights: str | None = None
+           ) -> dict[str, Artifact]:
     """Export `model` to every target in `targets` under `out`, verifying each artifact.
 
     `example` is one input batch (a zoo model brings its own). Every artifact is verified
@@ -259,7 +305,10 @@ def export(model: str | torch.nn.Module, example: Example | None = None, targets
     step, membranes as graph inputs and outputs) with `timesteps` T; `sequence=True` takes
     the input as (T, B, ...) instead of one frame repeated. Core ML packages are checked
     structurally everywhere and numerically where Core ML runs (macOS); the artifact's
-    `settings["verification"]` says which. `slim=True` first turns pruning into a smaller
+    `settings["verification"]` says which; `coreml_weights` ("int8", "int4", "palettize4",
+    "palettize6") compresses their weights. `targets=["tensorrt"]` writes the verified ONNX
+    with a readiness report and the trtexec command, and the engine where tensorrt and a GPU
+    exist. `slim=True` first turns pruning into a smaller
     dense model (see `edgeport.slim`) and verifies the artifact against the pruned model.
     Returns {target: Artifact}.
     """
@@ -298,12 +347,12 @@ def export(model: str | torch.nn.Module, example: Example | None = None, targets
     artifacts = {}
     for target in targets:
         with Staging(out) as staging:
-            if target == "onnx":
+            if target in ("onnx", "tensorrt"):
                 artifact = export_onnx(module, module_args, staging.dir, name, opset=opset, dynamic_axes=dynamic_axes,
                                        exporter=exporter, **io_names)
             else:
                 artifact = export_coreml(module, module_args, staging.dir, name, precision=coreml_precision,
-                                         **io_names)
+                                         weights=coreml_weights, **io_names)
             artifact.settings["source"] = model if isinstance(model, str) else type(torch_model).__name__
             if form:
                 artifact.settings["snn"] = form.describe()
@@ -316,6 +365,9 @@ def export(model: str | torch.nn.Module, example: Example | None = None, targets
                     worst = artifact.parity.failures()[0]
                     raise CheckFailed(f"{target} artifact fails verification: {worst.describe()}",
                                       artifact.parity)
+            if target == "tensorrt":
+                artifact = _prepare_tensorrt(artifact, module_args, staging, torch_model, verify_inputs, source,
+                                             tensorrt_precision, check)
             artifacts[target] = staging.commit(artifact)
     return artifacts
 

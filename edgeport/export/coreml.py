@@ -33,6 +33,28 @@ def deployment_target(features: list[str]) -> tuple[str, str]:
     return target, reason
 
 
+WEIGHT_MODES = {  # mode -> (deployment feature, MIL ops that store the compressed weights)
+    "int8": ("int8-weights", ("constexpr_affine_dequantize", "constexpr_blockwise_shift_scale")),
+    "int4": ("int4-weights", ("constexpr_blockwise_shift_scale",)),
+    "palettize4": ("palettized-weights", ("constexpr_lut_to_dense",)),
+    "palettize6": ("palettized-weights", ("constexpr_lut_to_dense",)),
+}
+
+
+def compress_weights(mlmodel, mode: str, min_elements: int = 256):
+    """Core ML weight compression: symmetric int8 per output channel, int4 in blocks of 32,
+    or k-means palettes of 16 / 64 entries; weights with fewer than `min_elements` stay."""
+    import coremltools.optimize.coreml as cto
+
+    if mode in ("int8", "int4"):
+        op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype=mode, weight_threshold=min_elements,
+                                         granularity="per_channel" if mode == "int8" else "per_block",
+                                         **({} if mode == "int8" else {"block_size": 32}))
+        return cto.linear_quantize_weights(mlmodel, cto.OptimizationConfig(global_config=op))
+    op = cto.OpPalettizerConfig(mode="kmeans", nbits=int(mode.removeprefix("palettize")), weight_threshold=min_elements)
+    return cto.palettize_weights(mlmodel, cto.OptimizationConfig(global_config=op))
+
+
 def op_kind(target) -> str:
     """The name under which coremltools' torch frontend looks an op up."""
     from coremltools.converters.mil.frontend.torch.utils import sanitize_op_kind
@@ -134,21 +156,29 @@ def check_structure(path: Path, names: list[str], outputs: list[str], args: tupl
 
 def export_coreml(model: torch.nn.Module, args: tuple[torch.Tensor, ...], folder: Path, name: str, *,
                   precision: str = "fp32", names: list[str] | None = None, output_names: list[str] | None = None,
-                  features: list[str] | None = None) -> Artifact:
+                  weights: str | None = None) -> Artifact:
     """Convert `model` called on `args` to `folder/name.mlpackage`; returns the Artifact with
-    its structural check in `settings["verification"]` (numerical parity comes separately)."""
+    its structural check in `settings["verification"]` (numerical parity comes separately).
+
+    `weights` compresses the stored weights: "int8", "int4", "palettize4" or "palettize6".
+    """
     if precision not in ("fp32", "fp16"):
         raise UserError(f"Core ML compute precision must be fp32 or fp16, not {precision!r}")
+    if weights is not None and weights not in WEIGHT_MODES:
+        raise UserError(f"unknown Core ML weight compression {weights!r}; choose one of {', '.join(WEIGHT_MODES)}")
+    features = [WEIGHT_MODES[weights][0]] if weights else []
     names = names or input_names(model, len(args))
     with torch.no_grad():
         outputs = output_names or [f"output_{i}" for i in range(len(flatten_outputs(model(*args))))]
-    target, reason = deployment_target(features or [])
+    target, reason = deployment_target(features)
     path = folder / f"{name}.mlpackage"
     failures, notes = {}, []
     for route in ROUTES:
         try:
             with quiet():
                 mlmodel = _convert(route, model, args, names, outputs, target, precision, notes)
+                if weights:
+                    mlmodel = compress_weights(mlmodel, weights)
                 mlmodel.save(str(path))
             structure = check_structure(path, names, outputs, args)
         except Exception as error:  # coremltools raises many types: the next route may work
@@ -157,10 +187,15 @@ def export_coreml(model: torch.nn.Module, args: tuple[torch.Tensor, ...], folder
             continue
         spec_inputs = _specs(mlmodel.get_spec().description.input)
         spec_outputs = _specs(mlmodel.get_spec().description.output)
-        return Artifact(path=path, format="coreml", precision=precision, inputs=spec_inputs, outputs=spec_outputs,
+        if weights and not set(WEIGHT_MODES[weights][1]) & set(structure["op_histogram"]):
+            raise ExportError(f"{weights} weight compression left no {' or '.join(WEIGHT_MODES[weights][1])} op: "
+                              f"no weight was large enough to compress")
+        return Artifact(path=path, format="coreml", precision=f"{precision}, weights {weights}" if weights else precision,
+                        inputs=spec_inputs, outputs=spec_outputs,
                         source_sha256=source_sha256(model), exporter=route, notes=notes, files=[path.name],
                         settings={"minimum_deployment_target": target, "target_reason": reason,
-                                  "compute_precision": precision, "verification": {"structure": structure}})
+                                  "compute_precision": precision, "weight_compression": weights,
+                                  "verification": {"structure": structure}})
     detail = "; ".join(f"{route}: {summarize_error(e)}" for route, e in failures.items())
     raise ExportError(f"cannot convert to Core ML: {detail}")
 

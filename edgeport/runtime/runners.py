@@ -227,4 +227,47 @@ def runner_for(path: str | Path, format: str, threads: int | None = None) -> Run
         return OnnxRuntimeRunner(path, threads=threads, spinning=False)
     if format == "coreml":
         return CoreMLRunner(path)
+    if format == "tensorrt":
+        return TensorRTRunner(path)
     raise UserError(f"no runner for {format!r} artifacts here")
+
+
+class TensorRTRunner(Runner):
+    """A serialized TensorRT engine run through the tensorrt API on the GPU (torch holds the
+    device buffers). Raises `BackendUnavailable` without tensorrt or a CUDA device."""
+
+    def __init__(self, path: str | Path):
+        self.path, self.name, self.device = Path(path), "tensorrt", "cuda"
+
+    def load(self) -> "TensorRTRunner":
+        from edgeport.export.tensorrt import tensorrt_module
+
+        trt = tensorrt_module()
+        if not torch.cuda.is_available():
+            raise BackendUnavailable("tensorrt", "no CUDA device is visible", "run on a machine with an NVIDIA GPU")
+        self.trt = trt
+        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(self.path.read_bytes())
+        if self.engine is None:
+            raise UserError(f"{self.path} is not a TensorRT engine for this GPU and TensorRT version")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        return self
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        keep = []
+        for name in self.input_names:
+            tensor = torch.from_numpy(np.ascontiguousarray(feeds[name])).cuda()
+            self.context.set_input_shape(name, tuple(tensor.shape))
+            self.context.set_tensor_address(name, tensor.data_ptr())
+            keep.append(tensor)
+        outputs = {}
+        for name in self.output_names:
+            dtype = torch.from_numpy(np.zeros(0, dtype=self.trt.nptype(self.engine.get_tensor_dtype(name)))).dtype
+            outputs[name] = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=dtype, device="cuda")
+            self.context.set_tensor_address(name, outputs[name].data_ptr())
+        stream = torch.cuda.current_stream()
+        self.context.execute_async_v3(stream.cuda_stream)
+        stream.synchronize()
+        return {n: t.cpu().numpy() for n, t in outputs.items()}

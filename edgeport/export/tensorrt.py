@@ -1,0 +1,231 @@
+"""ONNX -> TensorRT: a readiness check that runs anywhere, the trtexec command for the device,
+and engine building through the `tensorrt` Python API where that package and a GPU exist.
+
+The readiness check reads the ONNX graph against TensorRT's documented constraints:
+operators its ONNX parser does not implement; explicit quantization rules (INT8 Q/DQ with
+zero point 0, scales that are positive constants, per-tensor activations, per-channel weights
+only along the consumer's output-channel axis); symbolic input dimensions, which need an
+optimization profile. Each violation names the node and the rule. TensorRT itself cannot be
+installed on the development machines (its wheels live on NVIDIA's own index), so nothing
+here pretends to build an engine without it.
+"""
+from __future__ import annotations
+
+import shlex
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from edgeport.errors import BackendUnavailable, UserError
+
+# From onnx-tensorrt's docs/operators.md (the parser's support matrix); operators listed there
+# as unsupported that later releases still do not implement.
+UNSUPPORTED_OPS = {
+    "BitShift", "ConcatFromSequence", "ConvInteger", "Det", "DynamicQuantizeLinear", "MatMulInteger", "MaxRoiPool",
+    "MaxUnpool", "Multinomial", "NegativeLogLikelihoodLoss", "QLinearConv", "QLinearMatMul", "RandomNormal",
+    "RandomNormalLike", "SequenceAt", "SequenceConstruct", "SequenceEmpty", "SequenceErase", "SequenceInsert",
+    "SequenceLength", "SoftmaxCrossEntropyLoss", "SplitToSequence", "StringNormalizer", "TfIdfVectorizer", "Unique"}
+OPS_SOURCE = "onnx-tensorrt docs/operators.md support matrix"
+INSTALL = ("install TensorRT from NVIDIA's package index (pip install tensorrt) on a machine with an NVIDIA GPU, "
+           "or run the trtexec command written beside the ONNX file on the device")
+
+
+@dataclass
+class Violation:
+    rule: str
+    node: str
+    message: str
+
+
+@dataclass
+class Readiness:
+    """The result of checking an ONNX model against TensorRT's constraints."""
+
+    model: str
+    violations: list[Violation] = field(default_factory=list)
+    dynamic_inputs: dict[str, list] = field(default_factory=dict)  # need an optimization profile
+    quantized: bool = False
+
+    @property
+    def ready(self) -> bool:
+        return not self.violations
+
+    def summary(self) -> str:
+        head = f"{self.model}: {'ready for TensorRT' if self.ready else f'{len(self.violations)} violation(s)'}"
+        lines = [head] + [f"  [{v.rule}] {v.node}: {v.message}" for v in self.violations]
+        if self.dynamic_inputs:
+            lines.append("  symbolic dimensions need an optimization profile: " + ", ".join(
+                f"{k} {v}" for k, v in self.dynamic_inputs.items()))
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ready": self.ready}
+
+
+def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    values = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute:
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return values
+
+
+def _weight_axis(consumer: onnx.NodeProto, weight_rank: int) -> int | None:
+    """The output-channel axis of a weight consumed by `consumer` (None: not a weight input)."""
+    if consumer.op_type == "Conv":
+        return 0
+    if consumer.op_type == "ConvTranspose":
+        return 1
+    if consumer.op_type == "MatMul":
+        return weight_rank - 1
+    if consumer.op_type == "Gemm":
+        trans_b = next((a.i for a in consumer.attribute if a.name == "transB"), 0)
+        return 0 if trans_b else 1
+    return None
+
+
+def check_readiness(path: str | Path) -> Readiness:
+    """Check an ONNX file against TensorRT's parser and explicit-quantization constraints."""
+    path = Path(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as error:
+        raise UserError(f"cannot read {path} as ONNX: {str(error).splitlines()[0][:160]}") from error
+    result = Readiness(path.name)
+    constants = _constants(model)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    initializers = {i.name for i in model.graph.initializer}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+        if any(isinstance(d, str) and d for d in dims) or any(d == 0 for d in dims):
+            result.dynamic_inputs[value.name] = dims
+    for node in model.graph.node:
+        where = f"{node.op_type} {node.name or node.output[0]}"
+        if node.domain not in ("", "ai.onnx"):
+            result.violations.append(Violation("operator", where, f"custom domain {node.domain!r}: the TensorRT "
+                                                                  f"parser needs a plugin for it"))
+        elif node.op_type in UNSUPPORTED_OPS:
+            result.violations.append(Violation("operator", where, f"not implemented by TensorRT's ONNX parser "
+                                                                  f"({OPS_SOURCE})"))
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        result.quantized = True
+        scale_name = node.input[1]
+        zero_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        if scale_name not in constants:
+            result.violations.append(Violation("constant-scale", where, "the scale must be a constant initializer"))
+            continue
+        scale = constants[scale_name]
+        if not (scale > 0).all():
+            result.violations.append(Violation("positive-scale", where, "every scale must be positive"))
+        if zero_name is not None:
+            if zero_name not in constants:
+                result.violations.append(Violation("symmetric", where, "the zero point must be a constant 0"))
+            else:
+                zero = constants[zero_name]
+                if zero.dtype == np.int32:
+                    result.violations.append(Violation("int8", where, "an INT32 quantized bias: TensorRT dequantizes "
+                                                                      "INT8 only; keep biases in float"))
+                elif zero.dtype != np.int8 and zero.dtype.name not in ("int4", "float8_e4m3fn"):
+                    result.violations.append(Violation("int8", where, f"zero point of type {zero.dtype}: TensorRT "
+                                                                      f"quantizes to INT8 (not UINT8)"))
+                if np.any(zero.astype(np.int64) != 0):
+                    result.violations.append(Violation("symmetric", where, f"zero point {zero.ravel()[:4].tolist()}: "
+                                                                           f"TensorRT supports symmetric quantization "
+                                                                           f"only (zero point 0)"))
+        per_channel = scale.size > 1
+        is_weight = node.op_type == "DequantizeLinear" and node.input[0] in constants
+        if per_channel and not is_weight:
+            result.violations.append(Violation("per-tensor-activations", where,
+                                               f"{scale.size} scales on an activation: TensorRT quantizes "
+                                               f"activations per tensor"))
+        if per_channel and is_weight:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            rank = constants[node.input[0]].ndim
+            axis = axis % rank
+            for consumer in consumers.get(node.output[0], []):
+                expected = _weight_axis(consumer, rank)
+                if expected is not None and axis != expected:
+                    result.violations.append(Violation(
+                        "weight-axis", where, f"per-channel scales on axis {axis}, but {consumer.op_type} "
+                                              f"{consumer.name} has its output channels on axis {expected}"))
+    return result
+
+
+def trtexec_command(onnx_path: Path, readiness: Readiness, precision: str = "fp16",
+                    shapes: dict[str, tuple[list[int], list[int], list[int]]] | None = None) -> str:
+    """The trtexec command line that builds the engine on the device (a Jetson, a GPU server).
+
+    `shapes` gives (min, opt, max) for every input with symbolic dimensions.
+    """
+    args = ["trtexec", f"--onnx={onnx_path.name}", f"--saveEngine={onnx_path.stem}.engine",
+            f"--timingCacheFile={onnx_path.stem}.timing.cache"]
+    if precision == "fp16" or readiness.quantized:
+        args.append("--fp16")
+    if readiness.quantized:
+        args.append("--int8")  # with Q/DQ nodes: explicit quantization, the scales come from the graph
+    if readiness.dynamic_inputs:
+        if not shapes or set(shapes) != set(readiness.dynamic_inputs):
+            raise UserError(f"inputs with symbolic dimensions {sorted(readiness.dynamic_inputs)} need (min, opt, max) "
+                            f"shapes for the optimization profile")
+        for flag, index in (("--minShapes", 0), ("--optShapes", 1), ("--maxShapes", 2)):
+            args.append(f"{flag}=" + ",".join(f"{name}:{'x'.join(map(str, dims[index]))}"
+                                              for name, dims in shapes.items()))
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def tensorrt_module():
+    """The `tensorrt` package, or `BackendUnavailable` saying how to get it."""
+    try:
+        import tensorrt
+    except ImportError as error:
+        raise BackendUnavailable("tensorrt", "the tensorrt package is not installed here", INSTALL) from error
+    return tensorrt
+
+
+def build_engine(onnx_path: Path, engine_path: Path, precision: str = "fp16",
+                 shapes: dict[str, tuple[list[int], list[int], list[int]]] | None = None,
+                 timing_cache: Path | None = None) -> Path:
+    """Build a serialized engine with the tensorrt API (explicit batch; fp32, fp16, or int8
+    from the graph's Q/DQ nodes), with optimization profiles for symbolic inputs and a timing
+    cache reused across builds. Raises `BackendUnavailable` without tensorrt or a GPU."""
+    trt = tensorrt_module()
+    import torch
+
+    if not torch.cuda.is_available():
+        raise BackendUnavailable("tensorrt", "no CUDA device is visible", "build on a machine with an NVIDIA GPU")
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise UserError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
+    config = builder.create_builder_config()
+    if precision in ("fp16", "int8"):
+        config.set_flag(trt.BuilderFlag.FP16)
+    if precision == "int8":
+        config.set_flag(trt.BuilderFlag.INT8)
+    if shapes:
+        profile = builder.create_optimization_profile()
+        for name, (low, opt, high) in shapes.items():
+            profile.set_shape(name, low, opt, high)
+        config.add_optimization_profile(profile)
+    cache_bytes = timing_cache.read_bytes() if timing_cache and timing_cache.exists() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise UserError(f"TensorRT could not build an engine from {onnx_path.name} (see its log above)")
+    engine_path.write_bytes(bytes(serialized))
+    if timing_cache:
+        timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+    return engine_path

@@ -1,0 +1,105 @@
+"""TensorRT readiness: accepted and rejected graphs built here, real ORT quantizer output,
+and the honest absence of an engine where tensorrt cannot be installed."""
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import edgeport as ep
+from edgeport.export.tensorrt import check_readiness, tensorrt_module
+from edgeport.runtime.runners import TensorRTRunner
+
+
+def qdq_model(path, *, zero=0, zero_type=np.int8, act_scale=np.float32(0.05), weight_axis=1, scale_as_input=False,
+              extra_nodes=()):
+    """x[1,16] -> Q/DQ -> MatMul(W: int8 [16, 8], per-channel DQ) -> y[1, 8]."""
+    weight = (np.arange(128).reshape(16, 8) % 7 - 3).astype(np.int8)
+    channels = weight.shape[weight_axis]
+    inits = [numpy_helper.from_array(np.asarray(act_scale, np.float32), "act_scale"),
+             numpy_helper.from_array(np.asarray(zero, zero_type), "act_zero"),
+             numpy_helper.from_array(weight, "w_int8"),
+             numpy_helper.from_array(np.full(channels, 0.02, np.float32), "w_scale"),
+             numpy_helper.from_array(np.zeros(channels, np.int8), "w_zero")]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])]
+    if scale_as_input:
+        inits = inits[1:]
+        inputs.append(helper.make_tensor_value_info("act_scale", TensorProto.FLOAT, []))
+    nodes = [helper.make_node("QuantizeLinear", ["x", "act_scale", "act_zero"], ["xq"], name="q_x"),
+             helper.make_node("DequantizeLinear", ["xq", "act_scale", "act_zero"], ["xd"], name="dq_x"),
+             helper.make_node("DequantizeLinear", ["w_int8", "w_scale", "w_zero"], ["w"], name="dq_w",
+                              axis=weight_axis),
+             helper.make_node("MatMul", ["xd", "w"], ["y"], name="matmul"), *extra_nodes]
+    graph = helper.make_graph(nodes, "qdq", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
+                              inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+def test_symmetric_int8_qdq_is_accepted(tmp_path):
+    readiness = check_readiness(qdq_model(tmp_path / "ok.onnx"))
+    assert readiness.ready and readiness.quantized, readiness.summary()
+    assert readiness.dynamic_inputs == {"x": ["batch", 16]}
+
+
+@pytest.mark.parametrize("options, rule, words", [
+    ({"zero": 3}, "symmetric", "zero point 0"),
+    ({"zero": 128, "zero_type": np.uint8}, "int8", "not UINT8"),
+    ({"act_scale": np.full(16, 0.05, np.float32)}, "per-tensor-activations", "per tensor"),
+    ({"weight_axis": 0}, "weight-axis", "output channels on axis 1"),
+    ({"scale_as_input": True}, "constant-scale", "constant initializer"),
+    ({"act_scale": np.float32(-0.05)}, "positive-scale", "positive"),
+    ({"extra_nodes": [helper.make_node("Unique", ["y"], ["u"], name="unique")]}, "operator", "not implemented"),
+    ({"extra_nodes": [helper.make_node("FusedMatMul", ["y", "y"], ["f"], name="fused", domain="com.microsoft")]},
+     "operator", "plugin"),
+])
+def test_violations_are_named(options, rule, words, tmp_path):
+    readiness = check_readiness(qdq_model(tmp_path / "bad.onnx", **options))
+    assert not readiness.ready
+    assert any(v.rule == rule and words in v.message for v in readiness.violations), readiness.summary()
+
+
+def test_onnxruntime_default_static_quantization_is_rejected(tmp_path):
+    """ORT's default QDQ output (uint8, asymmetric activations, int32 biases) is not
+    TensorRT-legal; its symmetric int8 per-channel mode with float biases is."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    fp32 = ep.export("cnn-digits", out=tmp_path)["onnx"].path
+    images = ep.zoo.calibration("cnn-digits", 8).numpy()
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.rows = iter([{"x": images[i:i + 1]} for i in range(8)])
+
+        def get_next(self):
+            return next(self.rows, None)
+
+    quantize_static(str(fp32), str(tmp_path / "u8.onnx"), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
+    rejected = check_readiness(tmp_path / "u8.onnx")
+    assert not rejected.ready and {v.rule for v in rejected.violations} >= {"int8", "symmetric"}
+    quantize_static(str(fp32), str(tmp_path / "s8.onnx"), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False})
+    assert check_readiness(tmp_path / "s8.onnx").ready, check_readiness(tmp_path / "s8.onnx").summary()
+
+
+def test_tensorrt_target_writes_readiness_and_trtexec(tmp_path):
+    artifact = ep.export("cnn-digits", targets=["tensorrt"], out=tmp_path, dynamic_batch=True)["tensorrt"]
+    settings = artifact.settings["tensorrt"]
+    assert settings["readiness"]["ready"] and artifact.parity.passed
+    command = (tmp_path / "cnn-digits.trtexec.sh").read_text()
+    assert "--onnx=cnn-digits.onnx" in command and "--minShapes=x:1x1x8x8" in command and "--maxShapes=x:8x1x8x8" in command
+    try:
+        tensorrt_module()
+    except ep.BackendUnavailable as unavailable:
+        assert artifact.format == "onnx" and "not built here" in settings["engine"]
+        assert "NVIDIA" in unavailable.remedy
+        with pytest.raises(ep.BackendUnavailable, match="tensorrt"):
+            TensorRTRunner(tmp_path / "cnn-digits.engine").load()
+
+
+@pytest.mark.needs_tensorrt
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("tensorrt"),
+                    reason="needs the tensorrt package and an NVIDIA GPU (not installable on the dev machines)")
+def test_engine_builds_and_verifies(tmp_path):
+    artifact = ep.export("cnn-digits", targets=["tensorrt"], out=tmp_path)["tensorrt"]
+    assert artifact.format == "tensorrt" and artifact.path.suffix == ".engine" and artifact.parity.passed
