@@ -110,7 +110,7 @@ def load_model(spec: str | torch.nn.Module, weights: str | Path | None = None) -
 
 
 def parse_input(text: str) -> torch.Tensor:
-    """An example input from `1x1x8x8` or `1x16:int64`: zeros-free random data of that shape."""
+    """An example input from `1x1x8x8` or `1x16:int64`: seeded random data of that shape and dtype."""
     match = re.fullmatch(r"(\d+(?:x\d+)*)(?::(\w+))?", text.strip())
     if not match:
         raise UserError(f"input shape {text!r} is not like 1x3x224x224 or 1x16:int64")
@@ -182,7 +182,8 @@ def default_inputs(model_spec, args: tuple[torch.Tensor, ...], count: int = 4) -
 
 
 def _feeds(names: list[str], batches: Sequence[Example], static_batch: int | None) -> list[dict[str, np.ndarray]]:
-    """Feed dicts keyed by input name; batches are split to an artifact's static batch size."""
+    """Feed dicts keyed by input name; batches are split to an artifact's static batch size
+    (a remainder smaller than that size is left out)."""
     feeds = []
     for batch in batches:
         arrays = [a.detach().cpu().numpy() for a in as_args(batch)]
@@ -190,7 +191,7 @@ def _feeds(names: list[str], batches: Sequence[Example], static_batch: int | Non
             raise UserError(f"verification inputs have {len(arrays)} tensors, the model takes {len(names)}")
         size = arrays[0].shape[0] if arrays[0].ndim else 1
         step = static_batch if static_batch and static_batch < size else size
-        for start in range(0, size - size % step if size % step else size, step):
+        for start in range(0, size - size % step, step):
             feeds.append({n: a[start:start + step] for n, a in zip(names, arrays)})
     return feeds
 
@@ -213,10 +214,9 @@ def verify(artifact: Artifact | str | Path, model: str | torch.nn.Module, inputs
         inputs, inputs_source = default_inputs(model, example)
     static = art.inputs[0].shape[0] if art.inputs and art.inputs[0].shape and isinstance(art.inputs[0].shape[0], int) else None
     feeds = _feeds(torch_names, inputs, static)
-    for feed, spec_names in ((f, candidate.input_names) for f in feeds):
-        for onnx_name, torch_name in zip(spec_names, torch_names):
-            if onnx_name not in feed:
-                feed[onnx_name] = feed[torch_name]
+    for feed in feeds:  # the artifact may name its inputs differently: match them by position
+        for artifact_name, torch_name in zip(candidate.input_names, torch_names):
+            feed.setdefault(artifact_name, feed[torch_name])
     reference = TorchRunner(torch_model, torch_names, candidate.output_names).load()
     try:
         return compare(reference, candidate, feeds, precision=art.precision, inputs_source=inputs_source,

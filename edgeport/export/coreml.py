@@ -33,11 +33,11 @@ def deployment_target(features: list[str]) -> tuple[str, str]:
     return target, reason
 
 
-WEIGHT_MODES = {  # mode -> (deployment feature, MIL ops that store the compressed weights)
-    "int8": ("int8-weights", ("constexpr_affine_dequantize", "constexpr_blockwise_shift_scale")),
-    "int4": ("int4-weights", ("constexpr_blockwise_shift_scale",)),
-    "palettize4": ("palettized-weights", ("constexpr_lut_to_dense",)),
-    "palettize6": ("palettized-weights", ("constexpr_lut_to_dense",)),
+WEIGHT_MODES = {  # mode -> (deployment feature, MIL ops that store the compressed weights, precision label)
+    "int8": ("int8-weights", ("constexpr_affine_dequantize", "constexpr_blockwise_shift_scale"), "w8"),
+    "int4": ("int4-weights", ("constexpr_blockwise_shift_scale",), "w4"),
+    "palettize4": ("palettized-weights", ("constexpr_lut_to_dense",), "w4-palettized"),
+    "palettize6": ("palettized-weights", ("constexpr_lut_to_dense",), "w6-palettized"),
 }
 
 
@@ -190,7 +190,7 @@ def export_coreml(model: torch.nn.Module, args: tuple[torch.Tensor, ...], folder
         if weights and not set(WEIGHT_MODES[weights][1]) & set(structure["op_histogram"]):
             raise ExportError(f"{weights} weight compression left no {' or '.join(WEIGHT_MODES[weights][1])} op: "
                               f"no weight was large enough to compress")
-        return Artifact(path=path, format="coreml", precision=f"{precision}, weights {weights}" if weights else precision,
+        return Artifact(path=path, format="coreml", precision=WEIGHT_MODES[weights][2] if weights else precision,
                         inputs=spec_inputs, outputs=spec_outputs,
                         source_sha256=source_sha256(model), exporter=route, notes=notes, files=[path.name],
                         settings={"minimum_deployment_target": target, "target_reason": reason,
