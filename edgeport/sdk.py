@@ -27,6 +27,7 @@ from edgeport.export.coreml import export_coreml
 from edgeport.export.onnx import export_onnx, input_names
 from edgeport.export.spiking import build_form, verify_spiking
 from edgeport.export.verify import ParityReport, Tolerance, compare
+from edgeport.runtime.report import Profile
 from edgeport.runtime.runners import OnnxRuntimeRunner, TorchRunner, in_eval_mode, runner_for
 
 TARGETS = ("onnx", "coreml", "tensorrt")
@@ -412,7 +413,7 @@ def profile(target: str | Path | torch.nn.Module, backend: str = "onnxruntime", 
             threads: int | None = None, sessions: int = 5, inputs: Sequence[Example] | None = None,
             ops: bool = True, energy: bool = True, energy_window_s: float = 1.0, idle_s: float = 1.0,
             batch_sizes: Sequence[int] = (), rapl_root: str | Path = "/sys/class/powercap",
-            hwmon_root: str | Path = "/sys/class/hwmon", label: str = "") -> "Profile":
+            hwmon_root: str | Path = "/sys/class/hwmon", label: str = "") -> Profile:
     """Measure on this machine: latency statistics (ms), per-op breakdown, energy per inference
     (mJ) where a meter exists, and (for ONNX artifacts) the host's roofline estimate beside it.
 

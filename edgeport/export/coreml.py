@@ -9,7 +9,6 @@ lowest the model needs, and the reason is recorded.
 from __future__ import annotations
 
 import collections
-import platform
 from pathlib import Path
 
 import torch
@@ -198,10 +197,3 @@ def export_coreml(model: torch.nn.Module, args: tuple[torch.Tensor, ...], folder
                                   "verification": {"structure": structure}})
     detail = "; ".join(f"{route}: {summarize_error(e)}" for route, e in failures.items())
     raise ExportError(f"cannot convert to Core ML: {detail}")
-
-
-def can_predict() -> tuple[bool, str]:
-    """Whether Core ML predictions run here, and why not."""
-    if platform.system() != "Darwin":
-        return False, f"Core ML predicts only on macOS; this is {platform.system()}"
-    return True, ""

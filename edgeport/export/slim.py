@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from edgeport.errors import CheckFailed, UserError
+from edgeport.errors import CheckFailed
 
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.LeakyReLU, nn.Identity,
                nn.Dropout, nn.ELU, nn.Mish)
@@ -503,12 +503,3 @@ def _apply_removals(gm: fx.GraphModule, removals: dict, folds: dict, report: Sli
 def setattr_module(gm: nn.Module, target: str, module: nn.Module) -> None:
     parent, _, name = target.rpartition(".")
     setattr(gm.get_submodule(parent) if parent else gm, name, module)
-
-
-def check_example(model: nn.Module, example) -> None:
-    args = example if isinstance(example, tuple) else (example,)
-    try:
-        with torch.no_grad():
-            model(*args)
-    except Exception as error:
-        raise UserError(f"the model does not accept the example: {str(error).splitlines()[0][:160]}") from error

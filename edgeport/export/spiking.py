@@ -118,14 +118,6 @@ def run_steps(runner: Runner, form: SpikingForm, x: np.ndarray) -> list[list[np.
     return results
 
 
-def check_state_shapes(form: SpikingForm, state: list[np.ndarray]) -> None:
-    """Refuse state tensors whose shapes differ from the step model's."""
-    for name, given, expected in zip(form.input_names[1:], state, form.args[1:]):
-        if tuple(given.shape[1:]) != tuple(expected.shape[1:]):
-            raise UserError(f"state {name!r} has shape {list(given.shape)}, the step model needs "
-                            f"[batch, {', '.join(map(str, expected.shape[1:]))}]")
-
-
 def compare_steps(reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]], names: list[str],
                   reference_name: str, candidate_name: str, inputs_source: str) -> ParityReport:
     """Per-output parity over all timesteps; binary outputs (spikes) must match exactly."""
