@@ -16,7 +16,9 @@ from rich.table import Table
 
 from edgeport.errors import BackendUnavailable, CheckFailed, UserError
 
-console = Console(stderr=True)  # progress and tables; --json output goes to stdout alone
+# progress and tables go to stderr (--json output to stdout alone); logs and CI are not
+# terminals and would get 80 columns, too narrow for the tables
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
 

@@ -231,14 +231,13 @@ def _check_numerics(artifact: Artifact, torch_model: torch.nn.Module, form, batc
     """Parity of an artifact against its torch model where its runtime runs here; None (and
     the reason in the artifact's settings) where it does not, as Core ML off macOS."""
     try:
+        if form is None:
+            return verify(artifact, torch_model, batches, tolerance=tolerance, inputs_source=source)
         runner = runner_for(artifact.path, artifact.format).load()
     except BackendUnavailable as unavailable:
         artifact.settings.setdefault("verification", {})["numerical"] = f"not checked here: {unavailable.reason}"
         artifact.notes.append(f"numerical parity NOT checked: {unavailable.reason}")
         return None
-    if form is None:
-        runner.close()
-        return verify(artifact, torch_model, batches, tolerance=tolerance, inputs_source=source)
     arrays = [as_args(b)[0].detach().cpu().numpy() for b in batches]
     return verify_spiking(runner, form, torch_model, arrays, source)
 

@@ -130,10 +130,11 @@ class OnnxRuntimeRunner(Runner):
         return dict(zip(self.output_names, outputs))
 
     def close(self) -> None:
-        """Release the session now: a session waiting for the garbage collector keeps its
-        worker threads, which spin and halve the speed of the next session timed here."""
+        """Release the session now: a spinning session waiting for the garbage collector keeps
+        its worker threads busy, which halved the speed of the next session timed here."""
         self.session = None
-        gc.collect()
+        if self.spinning:  # a full collection costs ~0.1 s: only worth it where threads spin
+            gc.collect()
 
 
 class StreamingRunner(Runner):
