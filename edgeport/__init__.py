@@ -8,7 +8,8 @@ from edgeport import zoo  # noqa: E402
 from edgeport.errors import BackendUnavailable, CheckFailed, EdgeportError, ExportError, UserError  # noqa: E402
 from edgeport.export.artifact import Artifact  # noqa: E402
 from edgeport.export.verify import ParityReport, Tolerance  # noqa: E402
-from edgeport.sdk import estimate, export, load_model, profile, slim, spike_statistics, verify  # noqa: E402
+from edgeport.sdk import (estimate, export, load_model, profile, quantize, slim, spike_statistics,  # noqa: E402
+                          verify)
 
 __all__ = ["Artifact", "BackendUnavailable", "CheckFailed", "EdgeportError", "ExportError", "ParityReport",
-           "Tolerance", "UserError", "estimate", "export", "load_model", "profile", "slim", "spike_statistics", "verify", "zoo", "__version__"]
+           "Tolerance", "UserError", "estimate", "export", "load_model", "profile", "quantize", "slim", "spike_statistics", "verify", "zoo", "__version__"]

@@ -113,6 +113,56 @@ def export_command(model, targets, inputs, weights, out, name, opset, dynamic_ba
         console.print(f"wrote {artifact.path} and {artifact.sidecar.name}")
 
 
+@cli.command("quantize")
+@click.argument("model")
+@click.option("--method", type=click.Choice(["minmax", "percentile", "repq"]), default="repq", show_default=True)
+@click.option("--w-bits", type=int, default=8, show_default=True)
+@click.option("--a-bits", type=int, default=8, show_default=True)
+@click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
+              help="tensorrt: symmetric quantizers (zero point 0).")
+@click.option("--calib", type=click.Path(), help=".npz whose first array is the calibration batch (zoo: its own).")
+@click.option("--weights", type=click.Path(), help="Weights for package.module:factory.")
+@click.option("--input", "inputs", multiple=True, help="Example input shape (zoo models bring their own).")
+@click.option("--to", "targets", default="onnx", show_default=True, help="Comma-separated export targets.")
+@click.option("-o", "--out", default="build", show_default=True, type=click.Path())
+@click.option("--json", "as_json", is_flag=True)
+def quantize_command(model, method, w_bits, a_bits, target, calib, weights, inputs, targets, out, as_json):
+    """Post-training quantization of MODEL, exported as QDQ and verified against the fake-quant model."""
+    from dataclasses import asdict
+
+    from edgeport.sdk import parse_input, quantize
+
+    batch = _load_inputs(calib)
+    with console.status(f"quantizing {model} ({method}, W{w_bits}A{a_bits})"):
+        qmodel = quantize(model, batch[0][0] if batch else None, method, w_bits, a_bits, target=target,
+                          weights=weights)
+        example = tuple(parse_input(s) for s in inputs) or None
+        name = f"{model if not any(c in model for c in '/:') else 'model'}-{method}-w{w_bits}a{a_bits}"
+        artifacts = _export_quantized(model, qmodel, example, targets, out, name)
+    report = asdict(qmodel.quant_report)
+    if as_json:
+        _emit_json({"report": report, "artifacts": {t: a.to_dict() for t, a in artifacts.items()}})
+        return
+    console.print(f"quantized {len(report['layers'])} layers; reparameterized {len(report['reparameterized'])}; "
+                  f"conv-BN folded {len(report['batchnorm_folds'])}")
+    for artifact in artifacts.values():
+        console.print(_parity_table(artifact))
+        console.print(f"wrote {artifact.path}")
+
+
+def _export_quantized(model, qmodel, example, targets, out, name):
+    """Export the quantized model; a zoo model is verified on 64 of its test images."""
+    from edgeport import zoo
+    from edgeport.sdk import export
+
+    if example is None and model in zoo.names():
+        example, inputs = zoo.example(model), [zoo.testset(model)[0][i:i + 1] for i in range(64)]
+    else:
+        inputs = None
+    return export(qmodel, example, targets=[t.strip() for t in targets.split(",")], out=out, name=name,
+                  verify_inputs=inputs)
+
+
 @cli.command("verify")
 @click.argument("artifact", type=click.Path())
 @click.option("--against", "model", required=True, help="The torch model: zoo name, .pt2 or package.module:factory.")

@@ -242,6 +242,15 @@ def _check_numerics(artifact: Artifact, torch_model: torch.nn.Module, form, batc
     return verify_spiking(runner, form, torch_model, arrays, source)
 
 
+def precision_of(model: torch.nn.Module) -> str:
+    """"fp32", or "w<bits>a<bits>" for a model quantized by `edgeport.quantize` (widest layer)."""
+    from edgeport.quant.quantizers import UniformQuantizer
+
+    weights = [m.wq.bits for m in model.modules() if isinstance(getattr(m, "wq", None), UniformQuantizer)]
+    acts = [m.act.bits for m in model.modules() if isinstance(getattr(m, "act", None), UniformQuantizer)]
+    return f"w{min(weights)}a{min(acts)}" if weights and acts else "fp32"
+
+
 def _profile_shapes(artifact: Artifact, args: tuple[torch.Tensor, ...]) -> dict:
     """(min, opt, max) per input with symbolic dims: 1, the example's size, 4x it (at least 8)."""
     shapes = {}
@@ -349,7 +358,7 @@ def export(model: str | torch.nn.Module, example: Example | None = None, targets
         with Staging(out) as staging:
             if target in ("onnx", "tensorrt"):
                 artifact = export_onnx(module, module_args, staging.dir, name, opset=opset, dynamic_axes=dynamic_axes,
-                                       exporter=exporter, **io_names)
+                                       exporter=exporter, precision=precision_of(export_model), **io_names)
             else:
                 artifact = export_coreml(module, module_args, staging.dir, name, precision=coreml_precision,
                                          weights=coreml_weights, **io_names)
@@ -520,3 +529,23 @@ def slim(model: str | torch.nn.Module, example: Example | None = None, *, weight
     torch_model, args = _model_and_example(model, example, weights)
     _run_reference(torch_model, args)
     return make_slim(torch_model, args)
+
+
+def quantize(model: str | torch.nn.Module, calib: torch.Tensor | None = None, method: str = "repq", w_bits: int = 8,
+             a_bits: int = 8, *, target: str = "onnxruntime", weights: str | Path | None = None,
+             keep_8bit: Sequence[str] = ()) -> torch.nn.Module:
+    """A fake-quantized copy of `model` (post-training, `method` "minmax", "percentile" or
+    "repq"), calibrated on `calib` (a batch of real samples; a zoo model brings 32 training
+    images). `ep.export` turns it into QDQ ONNX; `target="tensorrt"` makes it symmetric.
+    The pipeline's report is the returned module's `quant_report` attribute.
+    """
+    from edgeport.quant.ptq import quantize as run_ptq
+
+    torch_model = load_model(model, weights)
+    if calib is None:
+        if not (isinstance(model, str) and model in zoo.names()):
+            raise UserError("quantization needs calibration data (about 32 real samples); only zoo models bring their own")
+        calib = zoo.calibration(model, 32)
+    qmodel, report = run_ptq(torch_model, calib, method, w_bits, a_bits, target=target, keep_8bit=tuple(keep_8bit))
+    qmodel.quant_report = report
+    return qmodel

@@ -73,10 +73,12 @@ def quiet():
 
 
 def _dynamo_export(model, args, path: Path, names, outputs, opset, dynamic_axes, large: bool) -> None:
+    from edgeport.quant.qdq import TRANSLATIONS
+
     shapes = tuple(dynamic_axes.get(n) for n in names) if dynamic_axes else None
     torch.onnx.export(model, args, str(path), dynamo=True, external_data=large, opset_version=opset,
                       input_names=names, output_names=outputs, dynamic_shapes=shapes, verbose=False,
-                      optimize=True)
+                      optimize=True, custom_translation_table=TRANSLATIONS)
 
 
 def _legacy_export(model, args, path: Path, names, outputs, opset, dynamic_axes, large: bool) -> None:

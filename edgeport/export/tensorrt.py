@@ -101,6 +101,9 @@ def check_readiness(path: str | Path) -> Readiness:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
     initializers = {i.name for i in model.graph.initializer}
+    # weights: constants, and what a QuantizeLinear makes of a constant (TensorRT folds Q(weight))
+    weights = set(constants) | {n.output[0] for n in model.graph.node
+                                if n.op_type == "QuantizeLinear" and n.input[0] in constants}
     for value in model.graph.input:
         if value.name in initializers:
             continue
@@ -142,14 +145,17 @@ def check_readiness(path: str | Path) -> Readiness:
                                                                            f"TensorRT supports symmetric quantization "
                                                                            f"only (zero point 0)"))
         per_channel = scale.size > 1
-        is_weight = node.op_type == "DequantizeLinear" and node.input[0] in constants
+        is_weight = node.input[0] in weights
         if per_channel and not is_weight:
             result.violations.append(Violation("per-tensor-activations", where,
                                                f"{scale.size} scales on an activation: TensorRT quantizes "
                                                f"activations per tensor"))
         if per_channel and is_weight:
             axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-            rank = constants[node.input[0]].ndim
+            source = node.input[0]
+            while source not in constants:  # DQ(Q(weight)): the rank of the weight itself
+                source = next(n.input[0] for n in model.graph.node if source in n.output)
+            rank = constants[source].ndim
             axis = axis % rank
             for consumer in consumers.get(node.output[0], []):
                 expected = _weight_axis(consumer, rank)

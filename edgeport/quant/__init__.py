@@ -1,0 +1,1 @@
+"""Post-training quantization: quantizers, calibration, reparameterization, the pipeline."""

@@ -1,0 +1,67 @@
+"""Observers: how a quantizer's range is chosen from calibration data.
+
+Each observer maps (tensor, quantizer) to per-channel (low, high) along the quantizer's
+axis (one value when per tensor). `mse` tries min-max and the 99.9/99.99/99.999th
+percentiles and keeps, per channel, the range whose fake-quantized values are closest to
+the data (mean squared error): the calibration error chooses, not the recipe.
+"""
+from __future__ import annotations
+
+import torch
+
+from edgeport.errors import UserError
+
+PERCENTILES = (0.999, 0.9999, 0.99999)
+MAX_QUANTILE_ELEMENTS = 1 << 22  # torch.quantile refuses very large inputs; subsample beyond this
+
+
+def _rows(x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """x as (channels, values): one row per channel, or a single row per tensor."""
+    rows = x.reshape(1, -1) if axis is None else x.movedim(axis, 0).reshape(x.shape[axis], -1)
+    if rows.shape[1] > MAX_QUANTILE_ELEMENTS // rows.shape[0]:
+        step = rows.shape[1] // (MAX_QUANTILE_ELEMENTS // rows.shape[0]) + 1
+        rows = rows[:, ::step]
+    return rows.float()
+
+
+def minmax(x: torch.Tensor, quantizer) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = _rows(x, quantizer.axis)
+    return _shape(rows.min(1).values, quantizer), _shape(rows.max(1).values, quantizer)
+
+
+def percentile(x: torch.Tensor, quantizer, p: float = 0.9999) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = _rows(x, quantizer.axis)
+    return (_shape(torch.quantile(rows, 1 - p, dim=1), quantizer),
+            _shape(torch.quantile(rows, p, dim=1), quantizer))
+
+
+def _shape(values: torch.Tensor, quantizer) -> torch.Tensor:
+    return values.reshape(()) if quantizer.axis is None else values
+
+
+def mse(x: torch.Tensor, quantizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per channel, the candidate range (min-max or a percentile) with the lowest MSE."""
+    candidates = [minmax(x, quantizer)] + [percentile(x, quantizer, p) for p in PERCENTILES]
+    best_low, best_high, best_error = None, None, None
+    for low, high in candidates:
+        quantizer.set_range(low, high)
+        error = (quantizer(x) - x) ** 2
+        error = error.mean() if quantizer.axis is None else error.movedim(quantizer.axis, 0).reshape(
+            x.shape[quantizer.axis], -1).mean(1)
+        if best_error is None:
+            best_low, best_high, best_error = low.clone(), high.clone(), error
+            continue
+        better = error < best_error
+        best_low, best_high = torch.where(better, low, best_low), torch.where(better, high, best_high)
+        best_error = torch.minimum(error, best_error)
+    quantizer.fitted = False
+    return best_low, best_high
+
+
+OBSERVERS = {"minmax": minmax, "percentile": percentile, "mse": mse}
+
+
+def observer(name: str):
+    if name not in OBSERVERS:
+        raise UserError(f"unknown calibration method {name!r}; choose one of {', '.join(OBSERVERS)}")
+    return OBSERVERS[name]

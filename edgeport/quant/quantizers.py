@@ -1,0 +1,117 @@
+"""Quantizers as small modules: uniform affine (per tensor or per channel, symmetric or
+asymmetric, 2 to 8 bits) and log-sqrt2 for post-softmax attention.
+
+A quantizer is fitted once (`fit`, or lazily on the first tensor it sees while calibrating)
+and then fake-quantizes: x -> (clamp(round(x / scale) + zero, qmin, qmax) - zero) * scale,
+rounding half to even as ONNX QuantizeLinear does. Codes live in int8 ranges (signed) or
+uint8 ranges (unsigned) narrowed to the bit width.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from edgeport.errors import UserError
+
+
+def check_bits(bits: int) -> int:
+    if not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise UserError(f"bit widths must be integers from 2 to 8, not {bits!r}")
+    return bits
+
+
+class UniformQuantizer(nn.Module):
+    """Uniform affine fake-quantizer; `axis` None is per tensor, an int is per channel.
+
+    Symmetric quantizers use signed codes [-2^(b-1), 2^(b-1) - 1] with zero point 0 (what
+    TensorRT needs; the scale maps the largest magnitude to 2^(b-1) - 1); asymmetric ones use
+    [0, 2^b - 1] with an integer zero point. `observer` (a function of the tensor returning
+    per-channel (low, high)) fits the quantizer lazily on the first tensor it sees.
+    """
+
+    def __init__(self, bits: int = 8, symmetric: bool = False, axis: int | None = None):
+        super().__init__()
+        self.bits, self.symmetric, self.axis = check_bits(bits), symmetric, axis
+        self.qmin, self.qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2 ** bits - 1)
+        self.observer = None
+        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
+        self.fitted, self.enabled = False, True
+
+    def set_range(self, low: torch.Tensor, high: torch.Tensor) -> None:
+        """Fit scale and zero point to cover [low, high] (tensors, one value per channel)."""
+        low, high = torch.minimum(low, torch.zeros_like(low)), torch.maximum(high, torch.zeros_like(high))
+        if self.symmetric:
+            scale = torch.maximum(high, -low) / self.qmax
+            zero = torch.zeros_like(scale, dtype=torch.int32)
+        else:
+            scale = (high - low) / (self.qmax - self.qmin)
+            zero = (self.qmin - torch.round(low / scale.clamp(min=1e-12))).clamp(self.qmin, self.qmax).to(torch.int32)
+        self.scale = scale.clamp(min=1e-8).float().detach()
+        self.zero_point = zero.detach()
+        self.fitted = True
+
+    def _view(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.axis is None or t.ndim == 0:
+            return t
+        shape = [1] * x.ndim
+        shape[self.axis] = -1
+        return t.reshape(shape)
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer codes of x (as floats), clamped to the bit width."""
+        scale, zero = self._view(self.scale, x), self._view(self.zero_point, x)
+        return torch.clamp(torch.round(x / scale) + zero, self.qmin, self.qmax)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fitted and self.observer is not None:
+            self.set_range(*self.observer(x.detach(), self))
+        if not (self.enabled and self.fitted):
+            return x
+        if self.axis is None:
+            return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.qmin, self.qmax)
+        return torch.fake_quantize_per_channel_affine(x, self.scale, self.zero_point, self.axis % x.ndim, self.qmin,
+                                                      self.qmax)
+
+    def extra_repr(self) -> str:
+        kind = "symmetric" if self.symmetric else "asymmetric"
+        return f"bits={self.bits}, {kind}, axis={self.axis}, fitted={self.fitted}"
+
+
+class LogSqrt2Quantizer(nn.Module):
+    """Log-sqrt2 quantizer for attention probabilities A in [0, 1] (RepQ-ViT).
+
+    q = round(-2 log2(A / s)); A_hat = s * 2^(-q/2). In the `strict` encoding code 2^b - 1
+    is reserved for exact zero, so b bits hold every state: q >= 2^b - 1 maps to 0.
+    """
+
+    def __init__(self, bits: int = 4, strict: bool = True):
+        super().__init__()
+        self.bits, self.strict = check_bits(bits), strict
+        self.register_buffer("scale", torch.ones(()))
+        self.fitted, self.enabled = False, True
+
+    @property
+    def top_code(self) -> int:
+        return 2 ** self.bits - (2 if self.strict else 1)
+
+    def codes(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes clamped to [0, top], mask of elements that quantize to exact zero)."""
+        q = torch.round(-2 * torch.log2(a.clamp(min=1e-30) / self.scale))
+        zero = q > self.top_code if self.strict else q >= 2 ** self.bits
+        return q.clamp(0, self.top_code), zero
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        if not (self.enabled and self.fitted):
+            return a
+        q, zero = self.codes(a)
+        return torch.where(zero, torch.zeros_like(a), self.scale * torch.exp2(-q / 2))
+
+    def shift_form(self, a: torch.Tensor) -> torch.Tensor:
+        """The inference form: s * 2^(-ceil(q/2)) * (1 + (sqrt2 - 1) * (q mod 2)), every value
+        a power of two times s or sqrt2*s; equal to `forward` (RepQ-ViT's reparameterization)."""
+        q, zero = self.codes(a)
+        value = self.scale * torch.exp2(-torch.ceil(q / 2)) * (1 + (math.sqrt(2) - 1) * torch.remainder(q, 2))
+        return torch.where(zero, torch.zeros_like(a), value)

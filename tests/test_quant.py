@@ -1,0 +1,141 @@
+"""Post-training quantization: quantizers, exact reparameterization, the pipeline, QDQ export."""
+
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import edgeport as ep
+from edgeport.export.tensorrt import check_readiness
+from edgeport.quant.calibrate import minmax
+from edgeport.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
+from edgeport.quant.reparam import fold_into_linear, fold_targets
+
+
+def test_rounding_is_half_to_even_like_onnx():
+    q = UniformQuantizer(8, symmetric=True)
+    q.set_range(torch.tensor(-127.0), torch.tensor(127.0))  # scale 1
+    x = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5])
+    assert q(x).tolist() == [0.0, 2.0, 2.0, -0.0, -2.0]
+
+
+def test_per_channel_codes_respect_the_bit_width():
+    q = UniformQuantizer(3, axis=0)
+    w = torch.randn(4, 50)
+    q.set_range(*minmax(w, q))
+    codes = q.codes(w)
+    assert codes.min() >= 0 and codes.max() <= 7 and q.scale.shape == (4,)
+
+
+def test_log_sqrt2_shift_form_and_strict_encoding():
+    q = LogSqrt2Quantizer(4, strict=True)
+    q.scale, q.fitted = torch.tensor(0.8), True
+    attention = torch.softmax(torch.randn(8, 16, 16) * 3, dim=-1)
+    assert torch.allclose(q(attention), q.shift_form(attention), rtol=1e-6, atol=0)
+    assert len(torch.unique(q(attention))) <= 2 ** 4  # b bits hold every state, exact zero included
+    reference = LogSqrt2Quantizer(4, strict=False)
+    reference.scale, reference.fitted = torch.tensor(0.8), True
+    levels = torch.cat([0.8 * torch.exp2(-torch.arange(0, 40) / 2.0), torch.zeros(1)])
+    assert len(torch.unique(reference(levels))) == 2 ** 4 + 1  # the reference encoding needs b + 1 bits
+
+
+@pytest.mark.parametrize("bits", [-1, 0, 1, 9, 16])
+def test_bits_outside_2_to_8_are_refused(bits):
+    with pytest.raises(ep.UserError, match="from 2 to 8"):
+        UniformQuantizer(bits)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_reparameterization_is_exact(symmetric):
+    """Per-channel codes on x equal per-tensor codes on x' = x / r - b, and the folded Linear
+    computes the same function (RepQ with a rounded, or symmetric, target zero point)."""
+    torch.manual_seed(0)
+    channel_scale = torch.exp(torch.randn(64) * 1.5)
+    x = (torch.randn(4, 50, 64) * channel_scale + torch.randn(64) * 3).double()
+    per_channel = UniformQuantizer(4, axis=-1)
+    per_channel.set_range(*minmax(x, per_channel))
+    r, b, target_scale, target_zero = fold_targets(per_channel.scale, per_channel.zero_point,
+                                                   symmetric_zero=8 if symmetric else None)
+    x_prime = x / r - b
+    codes_tensor = torch.clamp(torch.round(x_prime / target_scale) + target_zero, 0, 15)
+    codes_channel = per_channel.codes(x.float()).double()
+    assert (codes_tensor != codes_channel).float().mean() <= 1e-5  # fp32 ties may flip; fp64 none
+    linear = nn.Linear(64, 32).double()
+    folded = nn.Linear(64, 32).double()
+    folded.load_state_dict(linear.state_dict())
+    fold_into_linear(folded, r, b)
+    assert (folded(x_prime) - linear(x)).abs().max() <= 1e-10
+    linear32, folded32 = linear.float(), folded.float()
+    assert (folded32(x_prime.float()) - linear32(x.float())).abs().max() <= 1e-5 * linear32(x.float()).abs().max()
+
+
+def accuracy_and_agreement(model, reference, x, y):
+    with torch.no_grad():
+        prediction, expected = model(x).argmax(1), reference(x).argmax(1)
+    return float((prediction == y).float().mean() * 100), float((prediction == expected).float().mean() * 100)
+
+
+def test_zoo_vit_w8a8_and_w4a4():
+    model = ep.zoo.load("vit-digits")
+    x, y = ep.zoo.testset("vit-digits")
+    fp32 = accuracy_and_agreement(model, model, x, y)[0]
+    q8 = ep.quantize("vit-digits", method="repq", w_bits=8, a_bits=8)
+    accuracy, agreement = accuracy_and_agreement(q8, model, x, y)
+    assert fp32 - accuracy <= 1.0 and agreement >= 99.0
+    assert q8.quant_report.reparameterized == [f"blocks.{i}.{n}" for i in range(4) for n in ("attn.qkv", "mlp.0")]
+    w4 = {m: accuracy_and_agreement(ep.quantize("vit-digits", method=m, w_bits=4, a_bits=4), model, x, y)[1]
+          for m in ("minmax", "percentile", "repq")}
+    assert w4["repq"] >= max(w4["minmax"], w4["percentile"])
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_qdq_export_matches_the_fake_quant_model(bits, tmp_path):
+    qmodel = ep.quantize("vit-digits", w_bits=bits, a_bits=bits)
+    images = ep.zoo.testset("vit-digits")[0]
+    artifact = ep.export(qmodel, images[:1], out=tmp_path, verify_inputs=[images[i:i + 1] for i in range(32)])["onnx"]
+    assert artifact.parity.passed and artifact.precision == f"w{bits}a{bits}"
+    ops = [n.op_type for n in onnx.load(str(artifact.path)).graph.node]
+    assert ops.count("QuantizeLinear") >= 2 * 9 and ops.count("DequantizeLinear") >= 2 * 9
+    if bits == 4:  # narrower than int8: an integer Clip between Q and DQ, bit-exact
+        assert "Clip" in ops and artifact.parity.outputs[0].max_rel_error <= 1e-5
+
+
+def test_tensorrt_mode_export_is_ready_and_default_mode_is_not(tmp_path):
+    images = ep.zoo.testset("cnn-digits")[0]
+    for target, ready in (("tensorrt", True), ("onnxruntime", False)):
+        qmodel = ep.quantize("cnn-digits", target=target)
+        artifact = ep.export(qmodel, images[:1], out=tmp_path / target)["onnx"]
+        assert artifact.parity.passed and check_readiness(artifact.path).ready == ready
+
+
+def test_conv_batchnorm_is_folded():
+    qmodel = ep.quantize("cnn-digits", method="minmax")
+    assert len(qmodel.quant_report.batchnorm_folds) == 4
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in qmodel.modules())
+
+
+def test_quantization_bad_input():
+    model = ep.zoo.load("vit-digits")
+    with pytest.raises(ep.UserError, match="does not accept calibration data of shape \\[32, 3, 8, 8\\]"):
+        ep.quantize(model, torch.zeros(32, 3, 8, 8))
+    with pytest.raises(ep.UserError, match="dtype int64"):
+        ep.quantize(model, torch.zeros(32, 1, 8, 8, dtype=torch.int64))
+    with pytest.raises(ep.UserError, match="empty"):
+        ep.quantize(model, torch.zeros(0, 1, 8, 8))
+    with pytest.raises(ep.UserError, match="from 2 to 8"):
+        ep.quantize("vit-digits", w_bits=1)
+    with pytest.raises(ep.UserError, match="no Linear or Conv2d"):
+        ep.quantize(nn.Sequential(nn.ReLU()), torch.zeros(4, 3))
+    with pytest.raises(ep.UserError, match="unknown quantization method"):
+        ep.quantize("vit-digits", method="awq")
+
+
+def test_cli_quantize(tmp_path, capsys):
+    import json
+
+    from edgeport.cli import main
+
+    assert main(["quantize", "cnn-digits", "--w-bits", "6", "--a-bits", "6", "-o", str(tmp_path), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["artifacts"]["onnx"]["parity"]["passed"] and result["report"]["w_bits"] == 6
+    assert main(["quantize", "cnn-digits", "--a-bits", "12", "-o", str(tmp_path)]) == 2
