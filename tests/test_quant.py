@@ -116,9 +116,9 @@ def test_conv_batchnorm_is_folded():
 
 def test_quantization_bad_input():
     model = ep.zoo.load("vit-digits")
-    with pytest.raises(ep.UserError, match="does not accept calibration data of shape \\[32, 3, 8, 8\\]"):
+    with pytest.raises(ep.UserError, match="does not accept calibration data of shape \\[32, 3, 8, 8\\] float32"):
         ep.quantize(model, torch.zeros(32, 3, 8, 8))
-    with pytest.raises(ep.UserError, match="dtype int64"):
+    with pytest.raises(ep.UserError, match=r"\[32, 1, 8, 8\] int64"):
         ep.quantize(model, torch.zeros(32, 1, 8, 8, dtype=torch.int64))
     with pytest.raises(ep.UserError, match="empty"):
         ep.quantize(model, torch.zeros(0, 1, 8, 8))

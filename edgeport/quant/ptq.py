@@ -87,7 +87,7 @@ def _fold_batchnorms(model: nn.Module, report: QuantReport) -> None:
                 report.batchnorm_folds.append(f"{name}.{k1}" if name else k1)
 
 
-def _norm_fed(model: nn.Module, sample: torch.Tensor) -> set[str]:
+def _norm_fed(model: nn.Module, sample: tuple[torch.Tensor, ...]) -> set[str]:
     """Names of Linear layers whose input is exactly a LayerNorm's output."""
     norm_outputs, fed = set(), set()
     names = {m: n for n, m in model.named_modules()}
@@ -100,29 +100,34 @@ def _norm_fed(model: nn.Module, sample: torch.Tensor) -> set[str]:
                 lambda mod, a: fed.add(names[mod]) if id(a[0]) in norm_outputs else None))
     try:
         with torch.no_grad():
-            model(sample)
+            model(*sample)
     finally:
         for h in hooks:
             h.remove()
     return fed
 
 
-def _check_calibration(model: nn.Module, calib: torch.Tensor) -> None:
-    if not isinstance(calib, torch.Tensor):
-        raise UserError(f"calibration data must be a tensor of samples, not {type(calib).__name__}")
-    if calib.numel() == 0 or calib.shape[0] == 0:
+def _calibration_args(model: nn.Module, calib) -> tuple[torch.Tensor, ...]:
+    """The calibration batch as model arguments (a tensor, or a tuple such as token ids and
+    attention mask), checked: not empty, finite, accepted by the model."""
+    args = calib if isinstance(calib, tuple) else (calib,)
+    if not args or not all(isinstance(a, torch.Tensor) for a in args):
+        raise UserError(f"calibration data must be a tensor (or a tuple of tensors), not {type(calib).__name__}")
+    if any(a.numel() == 0 or a.shape[0] == 0 for a in args):
         raise UserError("the calibration set is empty")
-    if calib.is_floating_point() and not torch.isfinite(calib).all():
+    if any(a.is_floating_point() and not torch.isfinite(a).all() for a in args):
         raise UserError("the calibration set contains NaN or Inf values")
     try:
         with torch.no_grad():
-            model(calib[:1])
+            model(*(a[:1] for a in args))
     except Exception as error:
-        raise UserError(f"the model does not accept calibration data of shape {list(calib.shape)} and dtype "
-                        f"{str(calib.dtype).removeprefix('torch.')}: {str(error).splitlines()[0][:160]}") from error
+        shapes = ", ".join(f"{list(a.shape)} {str(a.dtype).removeprefix('torch.')}" for a in args)
+        raise UserError(f"the model does not accept calibration data of shape {shapes}: "
+                        f"{str(error).splitlines()[0][:160]}") from error
+    return args
 
 
-def quantize(model: nn.Module, calib: torch.Tensor, method: str = "repq", w_bits: int = 8, a_bits: int = 8,
+def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], method: str = "repq", w_bits: int = 8, a_bits: int = 8,
              target: str = "onnxruntime", keep_8bit: tuple[str, ...] = ()) -> tuple[nn.Module, QuantReport]:
     """A fake-quantized copy of `model` calibrated on `calib` (a batch of real samples), and
     its report. `target="tensorrt"` makes every quantizer symmetric (zero point 0); layers
@@ -132,11 +137,11 @@ def quantize(model: nn.Module, calib: torch.Tensor, method: str = "repq", w_bits
     if target not in TARGETS:
         raise UserError(f"unknown quantization target {target!r}; choose one of {', '.join(TARGETS)}")
     check_bits(w_bits), check_bits(a_bits)
-    _check_calibration(model, calib)
+    args = _calibration_args(model, calib)
     qmodel = copy.deepcopy(model).eval()
-    report = QuantReport(method, w_bits, a_bits, target, calibration_samples=int(calib.shape[0]))
+    report = QuantReport(method, w_bits, a_bits, target, calibration_samples=int(args[0].shape[0]))
     _fold_batchnorms(qmodel, report)
-    fed = _norm_fed(qmodel, calib[:1]) if method == "repq" else set()
+    fed = _norm_fed(qmodel, tuple(a[:1] for a in args)) if method == "repq" else set()
     act_observer = observer({"minmax": "minmax", "percentile": "percentile", "repq": "mse"}[method])
     symmetric = target == "tensorrt"
     for name, module in list(qmodel.named_modules()):
@@ -155,7 +160,7 @@ def quantize(model: nn.Module, calib: torch.Tensor, method: str = "repq", w_bits
     if not report.layers:
         raise UserError("the model has no Linear or Conv2d layer to quantize")
     with torch.no_grad():
-        qmodel(calib)  # pass 1: sequential, lazy fitting in forward order
+        qmodel(*args)  # pass 1: sequential, lazy fitting in forward order
     for name, module in qmodel.named_modules():
         if isinstance(module, QuantLinear) and module.act.axis is not None:
             _reparameterize(name, module, symmetric, report)
