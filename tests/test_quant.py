@@ -139,3 +139,17 @@ def test_cli_quantize(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["artifacts"]["onnx"]["parity"]["passed"] and result["report"]["w_bits"] == 6
     assert main(["quantize", "cnn-digits", "--a-bits", "12", "-o", str(tmp_path)]) == 2
+
+
+def test_weights_are_stored_as_integers(tmp_path):
+    """Quantized weights become int8 initializers (not re-quantized on every call), with the
+    codes the graph itself computed."""
+    qmodel = ep.quantize("cnn-digits", w_bits=4, a_bits=8)
+    artifact = ep.export(qmodel, ep.zoo.example("cnn-digits"), out=tmp_path)["onnx"]
+    model = onnx.load(str(artifact.path))
+    int_weights = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4]
+    assert len(int_weights) == 4
+    codes = onnx.numpy_helper.to_array(int_weights[0])
+    assert codes.min() >= -8 and codes.max() <= 7  # 4-bit weights, clipped once, at export
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] in {i.name for i in model.graph.initializer}
+                   for n in model.graph.node)

@@ -102,11 +102,15 @@ def _tensor_specs(values) -> list[TensorSpec]:
 
 
 def _finalize(path: Path, metadata: dict[str, str]) -> tuple[int, list[str]]:
-    """Shape-infer, stamp metadata, save (single file or external data), full-check the file.
+    """Fold weight quantization, shape-infer, stamp metadata, save (single file or external
+    data), full-check the file.
 
     Returns the default-domain opset and the names of every file the model occupies.
     """
+    from edgeport.quant.qdq import fold_weight_quantization
+
     model = onnx.load(str(path))
+    fold_weight_quantization(model)
     large = model.ByteSize() > SINGLE_FILE_LIMIT
     if not large:
         model = onnx.shape_inference.infer_shapes(model, data_prop=True)
