@@ -20,10 +20,12 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,test-models]' 2>&1 | grep -v "is ignored: it is neither" || true
 	$(PY) bench/export_bench.py
 	$(PY) bench/runtime_bench.py
 	$(PY) bench/slim_bench.py
 	$(PY) bench/backend_bench.py
+	$(PY) bench/quant_bench.py
 
 clean:
 	rm -rf $(VENV) build edgeport-demo .pytest_cache
