@@ -19,7 +19,6 @@ from __future__ import annotations
 import ast
 import json
 import os
-import statistics
 import sysconfig
 import tempfile
 import time
@@ -31,6 +30,7 @@ from torch import nn
 
 import edgeport as ep
 from edgeport.export.onnx import quiet
+from edgeport.runtime.latency import interleaved_medians
 from edgeport.runtime.report import environment
 from edgeport.runtime.runners import OnnxRuntimeRunner
 
@@ -191,23 +191,6 @@ def zoo_vit() -> dict:
     return {"model": "vit-digits", "test_images": len(y), "rows": rows}
 
 
-def interleaved(paths: dict[str, Path], feed: dict, blocks: int = 6, runs: int = 20) -> dict[str, float]:
-    runners = {k: OnnxRuntimeRunner(p, threads=THREADS, spinning=False).load() for k, p in paths.items()}
-    samples = {k: [] for k in runners}
-    for r in runners.values():
-        for _ in range(5):
-            r.infer(feed)
-    for _ in range(blocks):
-        for name, runner in runners.items():
-            for _ in range(runs):
-                start = time.perf_counter_ns()
-                runner.infer(feed)
-                samples[name].append((time.perf_counter_ns() - start) / 1e6)
-    for r in runners.values():
-        r.close()
-    return {k: statistics.median(v) for k, v in samples.items()}
-
-
 def speed() -> dict:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 
@@ -229,8 +212,11 @@ def speed() -> dict:
 
         with quiet():
             quantize_static(str(fp32), str(folder / "ort.onnx"), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
-        medians = interleaved({"fp32": fp32, "edgeport W8A8 QDQ": ours, "onnxruntime quantize_static": folder / "ort.onnx"},
-                              {"x": calib[:1].numpy()})
+        runners = {name: OnnxRuntimeRunner(path, threads=THREADS, spinning=False).load() for name, path in
+                   (("fp32", fp32), ("edgeport W8A8 QDQ", ours), ("onnxruntime quantize_static", folder / "ort.onnx"))}
+        medians = interleaved_medians(runners, {"x": calib[:1].numpy()}, blocks=6, runs=20)
+        for runner in runners.values():
+            runner.close()
         est_fp32, est_int8 = ep.estimate(fp32, "host").latency_ms, ep.estimate(ours, "host").latency_ms
     return {"model": "ViT-S stack (384, 6 blocks, 197 tokens), batch 1, 2 threads", "p50_ms": medians,
             "speedup_vs_fp32": {k: medians["fp32"] / v for k, v in medians.items()},

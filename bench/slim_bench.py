@@ -12,16 +12,15 @@ Latency: median of interleaved blocks, batch 1, 2 threads. Writes bench/results/
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.utils.prune as prune
 
 import edgeport as ep
+from edgeport.runtime.latency import interleaved_medians
 from edgeport.runtime.report import environment
 from edgeport.runtime.runners import OnnxRuntimeRunner
 from edgeport.zoo.models import vit_small_stack
@@ -33,27 +32,14 @@ from slim_models import BottleneckResNet, randomize_batchnorm  # noqa: E402
 THREADS = 2
 
 
-def interleaved_medians(paths: dict[str, Path], feed: dict, blocks: int = 8, runs: int = 40) -> dict[str, float]:
-    runners = {k: OnnxRuntimeRunner(p, threads=THREADS, spinning=False).load() for k, p in paths.items()}
-    for r in runners.values():
-        for _ in range(10):
-            r.infer(feed)
-    samples = {k: [] for k in runners}
-    for _ in range(blocks):
-        for name, runner in runners.items():
-            for _ in range(runs):
-                start = time.perf_counter_ns()
-                runner.infer(feed)
-                samples[name].append((time.perf_counter_ns() - start) / 1e6)
-    for r in runners.values():
-        r.close()
-    return {k: statistics.median(v) for k, v in samples.items()}
-
-
 def case(name: str, model: torch.nn.Module, example: torch.Tensor, target: float, folder: Path) -> dict:
     masked = ep.export(model, example, out=folder, name=f"{name}-masked")["onnx"]
     slimmed = ep.export(model, example, out=folder, name=f"{name}-slim", slim=True)["onnx"]
-    medians = interleaved_medians({"masked": masked.path, "slim": slimmed.path}, {"x": example.numpy()})
+    runners = {k: OnnxRuntimeRunner(p, threads=THREADS, spinning=False).load()
+               for k, p in (("masked", masked.path), ("slim", slimmed.path))}
+    medians = interleaved_medians(runners, {"x": example.numpy()}, blocks=8, runs=40)
+    for runner in runners.values():
+        runner.close()
     report = slimmed.settings["slim"]
     row = {"model": name, "masked_p50_ms": medians["masked"], "slim_p50_ms": medians["slim"],
            "speedup": medians["masked"] / medians["slim"], "target_speedup": target,

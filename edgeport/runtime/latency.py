@@ -183,3 +183,18 @@ def measure_sessions(make_runner: Callable[[], Runner], feeds: list[dict[str, np
         finally:
             runner.close()
     return summarize(samples, _batch(feeds), blocks=sessions)
+
+
+def interleaved_medians(runners: dict[str, Runner], feed: dict[str, np.ndarray], blocks: int = 8, runs: int = 40,
+                        warmup: int = 10) -> dict[str, float]:
+    """Median latency (ms) of each runner, timed in alternating blocks so that the machine's
+    slow drifts fall on every variant alike: the way to compare variants side by side."""
+    timers = {name: _timer(runner) for name, runner in runners.items()}
+    for runner in runners.values():
+        for _ in range(warmup):
+            runner.infer(feed)
+    samples: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(blocks):
+        for name, timed in timers.items():
+            samples[name] += [timed(feed) for _ in range(runs)]
+    return {name: float(np.median(values)) for name, values in samples.items()}
