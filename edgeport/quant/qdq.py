@@ -45,6 +45,8 @@ def fold_weight_quantization(model: onnx.ModelProto) -> int:
     import numpy as np
     from onnx import numpy_helper
 
+    if not any(node.op_type == "QuantizeLinear" for node in model.graph.node):
+        return 0  # a float model: nothing to fold, and no initializer worth decoding
     constants = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
