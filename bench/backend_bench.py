@@ -67,7 +67,7 @@ def main() -> None:
             for snn_form in ("unrolled", "step"):
                 zoo_rows.append({"model": name, "form": f"spiking {snn_form}",
                                  "error": ours(name, None, snn_form=snn_form)})
-        quantized = ep.quantize(name, method="repq")  # W8A8 fake-quant: Core ML's converter has no such op
+        quantized = ep.quantize(name, method="repq")
         zoo_rows.append({"model": name, "form": "W8A8", "error": ours(quantized, ep.zoo.example(name))})
         print(json.dumps(zoo_rows[-1]), flush=True)
     result = {

@@ -354,6 +354,16 @@ def demo_command(out, runs, as_json):
                       f"{m['latency_ms']['onnxruntime']['p50']:.3f}")
     console.print(table)
     console.print(f"latency: {summary['latency_method']}")
+    quant = Table(title="post-training quantization (RepQ, QDQ ONNX through ONNX Runtime)")
+    for column in ("model", "variant", "accuracy %", "p50 ms", "parity"):
+        quant.add_column(column)
+    for row in summary["quantized"]:
+        quant.add_row(row["model"], row["variant"], f"{row['accuracy_percent']:.2f}", f"{row['p50_ms']:.4f}",
+                      "ok" if row["parity_passed"] else "FAILED")
+    console.print(quant)
+    converted = summary["coreml"]
+    console.print(f"Core ML: {len(converted)} packages ({', '.join(sorted({r['variant'] for r in converted}))}) "
+                  f"converted and checked structurally; numerics: {converted[0]['numerics']}")
     slim = summary["slim"]
     console.print("slimming: " + "; ".join(f"{k} {v['accuracy_percent']:.2f}% {v['macs']:,.0f} MACs "
                                             f"p50 {v['p50_ms']:.4f} ms" for k, v in slim.items() if k != "speedup")

@@ -66,3 +66,16 @@ def test_fp16_compute_and_bad_options(tmp_path):
 def test_predictions_match_torch_on_macos(tmp_path):
     artifact = ep.export("vit-digits", targets=["coreml"], out=tmp_path, coreml_precision="fp16")["coreml"]
     assert artifact.parity is not None and artifact.parity.passed
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_models_convert_with_activation_qdq_and_compressed_weights(bits, tmp_path):
+    qmodel = ep.quantize("vit-digits", w_bits=bits, a_bits=bits)
+    artifact = ep.export(qmodel, ep.zoo.example("vit-digits"), targets=["coreml"], out=tmp_path)["coreml"]
+    histogram = artifact.settings["verification"]["structure"]["op_histogram"]
+    assert histogram["quantize"] == histogram["dequantize"] == 18  # every quantized layer's input
+    weights_op = "constexpr_affine_dequantize" if bits == 8 else "constexpr_blockwise_shift_scale"
+    assert histogram[weights_op] == 18 and artifact.precision == f"w{bits}a8"
+    assert artifact.settings["minimum_deployment_target"] == ("iOS17" if bits == 8 else "iOS18")
+    if bits == 4:  # what Core ML cannot express is listed
+        assert any("4-bit activations run as 8-bit" in note for note in artifact.notes)

@@ -21,7 +21,8 @@ from edgeport.runtime.runners import flatten_outputs
 ROUTES = ("torch.export", "torchscript-trace")
 # mlprogram needs iOS 15; these features raise it (coremltools' documented requirements)
 TARGET_NEEDS = {"mlprogram": ("iOS15", "the mlprogram format"), "int8-weights": ("iOS16", "linear weight quantization"),
-                "palettized-weights": ("iOS16", "palettized weights"), "int4-weights": ("iOS18", "per-block int4 weights")}
+                "palettized-weights": ("iOS16", "palettized weights"), "int4-weights": ("iOS18", "int4 weights"),
+                "activation-quantization": ("iOS17", "quantize/dequantize of activations")}
 _ORDER = ["iOS15", "iOS16", "iOS17", "iOS18"]
 
 
@@ -34,6 +35,7 @@ def deployment_target(features: list[str]) -> tuple[str, str]:
 
 WEIGHT_MODES = {  # mode -> (deployment feature, MIL ops that store the compressed weights, precision label)
     "int8": ("int8-weights", ("constexpr_affine_dequantize", "constexpr_blockwise_shift_scale"), "w8"),
+    "int4-per-channel": ("int4-weights", ("constexpr_blockwise_shift_scale",), "w4"),
     "int4": ("int4-weights", ("constexpr_blockwise_shift_scale",), "w4"),
     "palettize4": ("palettized-weights", ("constexpr_lut_to_dense",), "w4-palettized"),
     "palettize6": ("palettized-weights", ("constexpr_lut_to_dense",), "w6-palettized"),
@@ -45,13 +47,54 @@ def compress_weights(mlmodel, mode: str, min_elements: int = 256):
     or k-means palettes of 16 / 64 entries; weights with fewer than `min_elements` stay."""
     import coremltools.optimize.coreml as cto
 
-    if mode in ("int8", "int4"):
-        op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype=mode, weight_threshold=min_elements,
-                                         granularity="per_channel" if mode == "int8" else "per_block",
-                                         **({} if mode == "int8" else {"block_size": 32}))
+    if mode in ("int8", "int4", "int4-per-channel"):
+        dtype = mode.removesuffix("-per-channel")
+        op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype=dtype, weight_threshold=min_elements,
+                                         granularity="per_block" if mode == "int4" else "per_channel",
+                                         **({"block_size": 32} if mode == "int4" else {}))
         return cto.linear_quantize_weights(mlmodel, cto.OptimizationConfig(global_config=op))
     op = cto.OpPalettizerConfig(mode="kmeans", nbits=int(mode.removeprefix("palettize")), weight_threshold=min_elements)
     return cto.palettize_weights(mlmodel, cto.OptimizationConfig(global_config=op))
+
+
+class _QuantizeDequantize(torch.nn.Module):
+    """A per-tensor activation quantizer as the quantize/dequantize pair Core ML converts."""
+
+    def __init__(self, scale: float, zero_point: int, signed: bool):
+        super().__init__()
+        self.scale, self.zero_point = scale, zero_point
+        self.dtype = torch.qint8 if signed else torch.quint8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.dequantize(torch.quantize_per_tensor(x, self.scale, self.zero_point, self.dtype))
+
+
+def coreml_quantized_form(model: torch.nn.Module) -> tuple[torch.nn.Module, str | None, list[str]]:
+    """A copy of an `edgeport.quantize`d model in the form Core ML takes: weights baked onto
+    their grid (then stored by Core ML's int8 or int4 weight compression) and activation
+    quantizers as quantize/dequantize pairs. Returns (module, weight mode or None, what
+    could not be expressed exactly)."""
+    import copy
+
+    from edgeport.quant.ptq import QuantConv2d, QuantLinear
+
+    layers = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantConv2d))]
+    if not layers:
+        return model, None, []
+    form, notes = copy.deepcopy(model), []
+    w_bits = min(m.wq.bits for m in layers)
+    for layer in (m for m in form.modules() if isinstance(m, (QuantLinear, QuantConv2d))):
+        with torch.no_grad():
+            layer.inner.weight.copy_(layer.wq(layer.inner.weight))
+        layer.wq = torch.nn.Identity()
+        act = layer.act
+        if act.bits < 8:
+            notes.append(f"{act.bits}-bit activations run as 8-bit quantize/dequantize (Core ML quantizes to 8 "
+                         f"bits): values beyond the {act.bits}-bit range are not clipped")
+        layer.act = _QuantizeDequantize(float(act.scale), int(act.zero_point), act.qmin < 0)
+    if w_bits not in (4, 8):
+        notes.append(f"{w_bits}-bit weights are stored with Core ML's int8 compression (its scale, not ours)")
+    return form, "int4-per-channel" if w_bits <= 4 else "int8", sorted(set(notes))
 
 
 def op_kind(target) -> str:
@@ -165,14 +208,18 @@ def export_coreml(model: torch.nn.Module, args: tuple[torch.Tensor, ...], folder
         raise UserError(f"Core ML compute precision must be fp32 or fp16, not {precision!r}")
     if weights is not None and weights not in WEIGHT_MODES:
         raise UserError(f"unknown Core ML weight compression {weights!r}; choose one of {', '.join(WEIGHT_MODES)}")
-    features = [WEIGHT_MODES[weights][0]] if weights else []
+    model, quantized_weights, not_expressed = coreml_quantized_form(model)
+    weights = weights or quantized_weights
+    features = ([WEIGHT_MODES[weights][0]] if weights else []) + (["activation-quantization"] if quantized_weights
+                                                                   else [])
     names = names or input_names(model, len(args))
-    with torch.no_grad():
+    with torch.no_grad(), quiet():
         outputs = output_names or [f"output_{i}" for i in range(len(flatten_outputs(model(*args))))]
     target, reason = deployment_target(features)
     path = folder / f"{name}.mlpackage"
-    failures, notes = {}, []
-    for route in ROUTES:
+    failures, notes = {}, [f"not expressed exactly: {n}" for n in not_expressed]
+    # coremltools converts quantize/dequantize pairs from traced graphs only
+    for route in ROUTES[1:] if quantized_weights else ROUTES:
         try:
             with quiet():
                 mlmodel = _convert(route, model, args, names, outputs, target, precision, notes)
@@ -189,7 +236,10 @@ def export_coreml(model: torch.nn.Module, args: tuple[torch.Tensor, ...], folder
         if weights and not set(WEIGHT_MODES[weights][1]) & set(structure["op_histogram"]):
             raise ExportError(f"{weights} weight compression left no {' or '.join(WEIGHT_MODES[weights][1])} op: "
                               f"no weight was large enough to compress")
-        return Artifact(path=path, format="coreml", precision=WEIGHT_MODES[weights][2] if weights else precision,
+        label = WEIGHT_MODES[weights][2] if weights else precision
+        if quantized_weights:
+            label += "a8"  # Core ML's quantize/dequantize pairs are 8-bit
+        return Artifact(path=path, format="coreml", precision=label,
                         inputs=spec_inputs, outputs=spec_outputs,
                         source_sha256=source_sha256(model), exporter=route, notes=notes, files=[path.name],
                         settings={"minimum_deployment_target": target, "target_reason": reason,
