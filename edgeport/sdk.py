@@ -243,7 +243,7 @@ def _check_numerics(artifact: Artifact, torch_model: torch.nn.Module, form, batc
 
 
 def precision_of(model: torch.nn.Module) -> str:
-    """"fp32", or "w<bits>a<bits>" for a model quantized by `edgeport.quantize` (widest layer)."""
+    """The precision label: "fp32", or "w<bits>a<bits>" for a model from `edgeport.quantize` (its narrowest layer)."""
     from edgeport.quant.quantizers import UniformQuantizer
 
     weights = [m.wq.bits for m in model.modules() if isinstance(getattr(m, "wq", None), UniformQuantizer)]
