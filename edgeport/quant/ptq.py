@@ -27,7 +27,7 @@ from torch import nn
 from edgeport.errors import UserError
 from edgeport.quant.calibrate import observer
 from edgeport.quant.quantizers import UniformQuantizer, check_bits
-from edgeport.quant.reparam import Fold, fold_batchnorm, fold_into_linear, fold_targets
+from edgeport.quant.reparam import fold_batchnorm, fold_into_linear, fold_targets
 
 # method -> (activation observer, weight observer); "auto" weights: min-max at 8 bits, where a
 # 256-level grid loses more to clipping than to rounding, MSE below. Measured on MiniLM
@@ -68,7 +68,7 @@ class QuantConv2d(nn.Module):
 
 @dataclass
 class QuantReport:
-    """What the pipeline did: layers quantized, folds made, and those it could not make."""
+    """What the pipeline did: layers quantized, Conv-BN folds, layers reparameterized."""
 
     method: str
     w_bits: int
@@ -77,7 +77,6 @@ class QuantReport:
     layers: list[str] = field(default_factory=list)
     batchnorm_folds: list[str] = field(default_factory=list)
     reparameterized: list[str] = field(default_factory=list)
-    not_reparameterized: list[str] = field(default_factory=list)
     calibration_samples: int = 0
 
 
@@ -181,7 +180,7 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], m
     return qmodel, report
 
 
-def _reparameterize(name: str, layer: QuantLinear, symmetric: bool, report: QuantReport, weight_fit) -> Fold:
+def _reparameterize(name: str, layer: QuantLinear, symmetric: bool, report: QuantReport, weight_fit) -> None:
     """Per-channel input quantizer -> per-tensor, folded into the layer (exact codes)."""
     act = layer.act
     bits = act.bits
@@ -203,4 +202,3 @@ def _reparameterize(name: str, layer: QuantLinear, symmetric: bool, report: Quan
     weight.set_range(*weight_fit(layer.inner.weight.detach(), weight))  # refitted on W' = W diag(r)
     layer.wq = weight
     report.reparameterized.append(name)
-    return Fold(name, r, b, target_scale, target_zero)

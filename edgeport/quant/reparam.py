@@ -10,21 +10,8 @@ so W' x' + bias' = W x + bias. The arithmetic runs in float64.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
-
-
-@dataclass
-class Fold:
-    """One reparameterized consumer: the per-channel factors and what became of its input."""
-
-    layer: str
-    r: torch.Tensor  # per-channel scale ratio
-    b: torch.Tensor  # per-channel shift
-    target_scale: float
-    target_zero: int
 
 
 def fold_targets(scale: torch.Tensor, zero: torch.Tensor, symmetric_zero: int | None = None
