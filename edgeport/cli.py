@@ -121,12 +121,14 @@ def export_command(model, targets, inputs, weights, out, name, opset, dynamic_ba
 @click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
               help="tensorrt: symmetric quantizers (zero point 0).")
 @click.option("--calib", type=click.Path(), help=".npz whose first array is the calibration batch (zoo: its own).")
+@click.option("--calibration", type=click.Choice(["minmax", "percentile", "mse", "entropy"]),
+              help="Activation range calibration (default: the method's own; entropy is KL as in TensorRT).")
 @click.option("--weights", type=click.Path(), help="Weights for package.module:factory.")
 @click.option("--input", "inputs", multiple=True, help="Example input shape (zoo models bring their own).")
 @click.option("--to", "targets", default="onnx", show_default=True, help="Comma-separated export targets.")
 @click.option("-o", "--out", default="build", show_default=True, type=click.Path())
 @click.option("--json", "as_json", is_flag=True)
-def quantize_command(model, method, w_bits, a_bits, target, calib, weights, inputs, targets, out, as_json):
+def quantize_command(model, method, w_bits, a_bits, target, calib, calibration, weights, inputs, targets, out, as_json):
     """Post-training quantization of MODEL, exported as QDQ and verified against the fake-quant model."""
     from dataclasses import asdict
 
@@ -135,7 +137,7 @@ def quantize_command(model, method, w_bits, a_bits, target, calib, weights, inpu
     batch = _load_inputs(calib)
     with console.status(f"quantizing {model} ({method}, W{w_bits}A{a_bits})"):
         qmodel = quantize(model, batch[0][0] if batch else None, method, w_bits, a_bits, target=target,
-                          weights=weights)
+                          weights=weights, act_observer=calibration)
         example = tuple(parse_input(s) for s in inputs) or None
         name = f"{model if not any(c in model for c in '/:') else 'model'}-{method}-w{w_bits}a{a_bits}"
         artifacts = _export_quantized(model, qmodel, example, targets, out, name)
@@ -143,8 +145,11 @@ def quantize_command(model, method, w_bits, a_bits, target, calib, weights, inpu
     if as_json:
         _emit_json({"report": report, "artifacts": {t: a.to_dict() for t, a in artifacts.items()}})
         return
-    console.print(f"quantized {len(report['layers'])} layers; reparameterized {len(report['reparameterized'])}; "
-                  f"conv-BN folded {len(report['batchnorm_folds'])}")
+    console.print(f"quantized {len(report['layers'])} layers and {len(report['matmuls'])} activation matmuls"
+                  f"{' (' + report['matmuls_not_quantized'] + ')' if report['matmuls_not_quantized'] else ''}; "
+                  f"reparameterized {len(report['reparameterized'])}; conv-BN folded {len(report['batchnorm_folds'])}")
+    for line in report["float_ops"]:
+        console.print(f"  runs as float ops: {line}")
     for artifact in artifacts.values():
         console.print(_parity_table(artifact))
         console.print(f"wrote {artifact.path}")

@@ -533,11 +533,13 @@ def slim(model: str | torch.nn.Module, example: Example | None = None, *, weight
 
 def quantize(model: str | torch.nn.Module, calib: torch.Tensor | None = None, method: str = "repq", w_bits: int = 8,
              a_bits: int = 8, *, target: str = "onnxruntime", weights: str | Path | None = None,
-             keep_8bit: Sequence[str] = ()) -> torch.nn.Module:
+             keep_8bit: Sequence[str] = (), act_observer: str | None = None) -> torch.nn.Module:
     """A fake-quantized copy of `model` (post-training, `method` "minmax", "percentile" or
     "repq"), calibrated on `calib` (a batch of real samples; a zoo model brings 32 training
     images). `ep.export` turns it into QDQ ONNX; `target="tensorrt"` makes it symmetric.
-    The pipeline's report is the returned module's `quant_report` attribute.
+    Layers named in `keep_8bit` stay at 8 bits; `act_observer` ("minmax", "percentile",
+    "mse", "entropy") overrides the method's activation calibration. The pipeline's report is
+    the returned module's `quant_report` attribute.
     """
     from edgeport.quant.ptq import quantize as run_ptq
 
@@ -546,6 +548,7 @@ def quantize(model: str | torch.nn.Module, calib: torch.Tensor | None = None, me
         if not (isinstance(model, str) and model in zoo.names()):
             raise UserError("quantization needs calibration data (about 32 real samples); only zoo models bring their own")
         calib = zoo.calibration(model, 32)
-    qmodel, report = run_ptq(torch_model, calib, method, w_bits, a_bits, target=target, keep_8bit=tuple(keep_8bit))
+    qmodel, report = run_ptq(torch_model, calib, method, w_bits, a_bits, target=target, keep_8bit=tuple(keep_8bit),
+                             act_observer=act_observer)
     qmodel.quant_report = report
     return qmodel

@@ -76,7 +76,8 @@ def coreml_quantized_form(model: torch.nn.Module) -> tuple[torch.nn.Module, str 
     could not be expressed exactly)."""
     import copy
 
-    from edgeport.quant.ptq import QuantConv2d, QuantLinear
+    from edgeport.quant.ptq import QuantConv2d, QuantLinear, QuantMatMul
+    from edgeport.quant.quantizers import UniformQuantizer
 
     layers = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantConv2d))]
     if not layers:
@@ -87,14 +88,21 @@ def coreml_quantized_form(model: torch.nn.Module) -> tuple[torch.nn.Module, str 
         with torch.no_grad():
             layer.inner.weight.copy_(layer.wq(layer.inner.weight))
         layer.wq = torch.nn.Identity()
-        act = layer.act
-        if act.bits < 8:
-            notes.append(f"{act.bits}-bit activations run as 8-bit quantize/dequantize (Core ML quantizes to 8 "
-                         f"bits): values beyond the {act.bits}-bit range are not clipped")
-        layer.act = _QuantizeDequantize(float(act.scale), int(act.zero_point), act.qmin < 0)
+        layer.act = _core_ml_activation(layer.act, notes)
+    for matmul in (m for m in form.modules() if isinstance(m, QuantMatMul)):
+        matmul.left, matmul.right = (_core_ml_activation(q, notes) if isinstance(q, UniformQuantizer) else q
+                                     for q in (matmul.left, matmul.right))
     if w_bits not in (4, 8):
         notes.append(f"{w_bits}-bit weights are stored with Core ML's int8 compression (its scale, not ours)")
     return form, "int4-per-channel" if w_bits <= 4 else "int8", sorted(set(notes))
+
+
+def _core_ml_activation(act, notes: list[str]) -> torch.nn.Module:
+    """A per-tensor activation quantizer as the quantize/dequantize pair Core ML has."""
+    if act.bits < 8:
+        notes.append(f"{act.bits}-bit activations run as 8-bit quantize/dequantize (Core ML quantizes to 8 "
+                     f"bits): values beyond the {act.bits}-bit range are not clipped")
+    return _QuantizeDequantize(float(act.scale), int(act.zero_point), act.qmin < 0)
 
 
 def op_kind(target) -> str:

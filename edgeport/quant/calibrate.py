@@ -3,7 +3,9 @@
 Each observer maps (tensor, quantizer) to per-channel (low, high) along the quantizer's
 axis (one value when per tensor). `mse` tries min-max and the 99.9/99.99/99.999th
 percentiles and keeps, per channel, the range whose fake-quantized values are closest to
-the data (mean squared error): the calibration error chooses, not the recipe.
+the data (mean squared error): the calibration error chooses, not the recipe. `entropy`
+is TensorRT's KL calibration: the clipping threshold whose quantized histogram loses the
+least information (KL divergence) against the data's.
 """
 from __future__ import annotations
 
@@ -58,7 +60,42 @@ def mse(x: torch.Tensor, quantizer) -> tuple[torch.Tensor, torch.Tensor]:
     return best_low, best_high
 
 
-OBSERVERS = {"minmax": minmax, "percentile": percentile, "mse": mse}
+HISTOGRAM_BINS = 512
+THRESHOLD_STEP = 8  # candidate thresholds every 8 bins: 64 candidates per channel
+
+
+def entropy(x: torch.Tensor, quantizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per channel, the threshold T on |x| minimising KL(P || Q), where P is the histogram of
+    |x| clipped at T (outliers in the last bin) and Q is P merged into the quantizer's levels
+    and spread back over the bins that were non-empty; the range is [max(min, -T), min(max, T)]."""
+    rows = _rows(x, quantizer.axis)
+    levels = quantizer.qmax - quantizer.qmin + 1 if rows.min() >= 0 else (quantizer.qmax - quantizer.qmin + 1) // 2
+    low, high = rows.min(1).values, rows.max(1).values
+    thresholds = []
+    for row in rows.abs():
+        top = float(row.max())
+        if top == 0:
+            thresholds.append(0.0)
+            continue
+        hist = torch.histc(row, HISTOGRAM_BINS, 0, top).double()
+        best, best_kl = HISTOGRAM_BINS, float("inf")
+        for kept in range(max(levels, THRESHOLD_STEP), HISTOGRAM_BINS + 1, THRESHOLD_STEP):
+            reference = hist[:kept].clone()
+            reference[-1] += hist[kept:].sum()
+            groups = torch.tensor_split(hist[:kept], levels)
+            expanded = torch.cat([torch.where(g > 0, g.sum() / (g > 0).sum().clamp(min=1), torch.zeros_like(g))
+                                  for g in groups])
+            p_, q_ = reference / reference.sum(), expanded / expanded.sum().clamp(min=1e-12)
+            present = p_ > 0
+            kl = float((p_[present] * torch.log(p_[present] / q_[present].clamp(min=1e-12))).sum())
+            if kl < best_kl:
+                best, best_kl = kept, kl
+        thresholds.append(top * best / HISTOGRAM_BINS)
+    threshold = torch.tensor(thresholds, dtype=low.dtype)
+    return _shape(torch.maximum(low, -threshold), quantizer), _shape(torch.minimum(high, threshold), quantizer)
+
+
+OBSERVERS = {"minmax": minmax, "percentile": percentile, "mse": mse, "entropy": entropy}
 
 
 def observer(name: str):

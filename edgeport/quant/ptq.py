@@ -9,8 +9,9 @@ symmetric). Presets:
 - `repq`: activation ranges chosen by MSE among min-max and percentiles (weights: min-max
   at 8 bits, MSE below); inputs that come straight
   from a LayerNorm are calibrated per channel and reparameterized to per tensor (RepQ-ViT),
-  the scale and shift folded into the consumer (an elementwise affine stays in front of the
-  quantizer, exactly the per-channel codes).
+  the scale and shift folded into the consumer and, where the norm feeds nothing else, into
+  the norm's affine (otherwise, as in post-norm BERT, an elementwise affine stays in front of
+  the quantizer: exactly the per-channel codes).
 
 Calibration is sequential: each quantizer is fitted on the first batch it sees, with every
 layer upstream already quantized. Conv-BatchNorm pairs are folded first.
@@ -18,6 +19,7 @@ layer upstream already quantized. Conv-BatchNorm pairs are folded first.
 from __future__ import annotations
 
 import copy
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +28,7 @@ from torch import nn
 
 from edgeport.errors import UserError
 from edgeport.quant.calibrate import observer
-from edgeport.quant.quantizers import UniformQuantizer, check_bits
+from edgeport.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer, check_bits
 from edgeport.quant.reparam import fold_batchnorm, fold_into_linear, fold_targets
 
 # method -> (activation observer, weight observer); "auto" weights: min-max at 8 bits, where a
@@ -51,7 +53,13 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre_scale is not None:
             x = x * self.pre_scale + self.pre_shift
-        return F.linear(self.act(x), self.wq(self.inner.weight), self.inner.bias)
+        y = F.linear(self.act(x), self.wq(self.inner.weight))
+        if self.inner.bias is None:
+            return y
+        # The bias is added at full rank: ONNX Runtime fuses MatMul with a 1-D bias Add into a
+        # float Gemm before its QDQ pass runs, which then leaves DQ -> Gemm in float. With an
+        # Add it cannot fuse, DQ -> MatMul becomes an integer kernel (MatMulIntegerToFloat).
+        return y + self.inner.bias.reshape([1] * (y.ndim - 1) + [-1])
 
 
 class QuantConv2d(nn.Module):
@@ -66,9 +74,52 @@ class QuantConv2d(nn.Module):
         return F.conv2d(self.act(x), self.wq(c.weight), c.bias, c.stride, c.padding, c.dilation, c.groups)
 
 
+class QuantMatMul(nn.Module):
+    """An activation x activation matmul (attention scores, attention-weighted values) with
+    both operands fake-quantized per tensor.
+
+    A left operand that is a softmax output brings candidate probability quantizers
+    (`left_choices`: uniform, log-sqrt2), each fitted on the first calibration batch; the
+    pipeline then keeps the one that gives the smaller error at the model's output."""
+
+    def __init__(self, left: nn.Module, right: UniformQuantizer, left_choices: tuple[nn.Module, ...] = ()):
+        super().__init__()
+        self.left, self.right = left, right
+        self.left_choices = left_choices
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        for candidate in self.left_choices:
+            if not candidate.fitted:
+                candidate.fit(a)
+        return torch.matmul(self.left(a), self.right(b))
+
+
+def _choose_probability_quantizers(qmodel: nn.Module, model: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+    """Per bit width, let the calibration error choose the softmax-output quantizer: each
+    candidate kind in every attention, the one whose model output is closest (mean squared
+    error) to the float model's on the calibration batch. Measured on the zoo ViT: log-sqrt2
+    gives the smaller error on each attention product at 4 bits yet the worse model output."""
+    layers = [m for m in qmodel.modules() if isinstance(m, QuantMatMul) and len(m.left_choices) > 1]
+    if layers:
+        def flat(outputs):
+            return torch.cat([o.float().flatten() for o in torch.utils._pytree.tree_leaves(outputs)
+                              if isinstance(o, torch.Tensor) and o.is_floating_point()])
+
+        reference, errors = flat(model(*args)), []
+        for k in range(len(layers[0].left_choices)):
+            for layer in layers:
+                layer.left = layer.left_choices[k]
+            errors.append(float(((flat(qmodel(*args)) - reference) ** 2).mean()))
+        for layer in layers:
+            layer.left = layer.left_choices[errors.index(min(errors))]
+    for layer in (m for m in qmodel.modules() if isinstance(m, QuantMatMul)):
+        layer.left_choices = ()
+
+
 @dataclass
 class QuantReport:
-    """What the pipeline did: layers quantized, Conv-BN folds, layers reparameterized."""
+    """What the pipeline did: layers quantized, Conv-BN folds, layers reparameterized,
+    activation matmuls quantized (and which run as float ops), and why matmuls stayed float."""
 
     method: str
     w_bits: int
@@ -77,6 +128,9 @@ class QuantReport:
     layers: list[str] = field(default_factory=list)
     batchnorm_folds: list[str] = field(default_factory=list)
     reparameterized: list[str] = field(default_factory=list)
+    matmuls: list[str] = field(default_factory=list)
+    float_ops: list[str] = field(default_factory=list)
+    matmuls_not_quantized: str = ""
     calibration_samples: int = 0
 
 
@@ -92,28 +146,89 @@ def _fold_batchnorms(model: nn.Module, report: QuantReport) -> None:
                 report.batchnorm_folds.append(f"{name}.{k1}" if name else k1)
 
 
-def _norm_fed(model: nn.Module, sample: tuple[torch.Tensor, ...]) -> set[str]:
-    """Names of Linear layers whose input is exactly a LayerNorm's output tensor.
+_MATMULS = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm"}
+_SOFTMAXES = {torch.softmax, F.softmax, torch.Tensor.softmax, "softmax"}
 
-    The outputs are kept alive for the pass: comparing ids of freed tensors would match
-    unrelated tensors that reuse their memory (it did, on MiniLM, one run in three)."""
-    norm_outputs: list[torch.Tensor] = []
-    fed: set[str] = set()
-    names = {m: n for n, m in model.named_modules()}
-    hooks = []
-    for m in model.modules():
-        if isinstance(m, nn.LayerNorm):
-            hooks.append(m.register_forward_hook(lambda mod, a, out: norm_outputs.append(out)))
-        elif isinstance(m, nn.Linear):
-            hooks.append(m.register_forward_pre_hook(
-                lambda mod, a: fed.add(names[mod]) if any(a[0] is out for out in norm_outputs) else None))
+
+def _quantize_matmuls(model: nn.Module, act_quantizer, probability_choices, report: QuantReport) -> nn.Module:
+    """The model as a torch.fx graph whose activation x activation matmuls are `QuantMatMul`s
+    (found in the graph, not by module names); the model unchanged when it has none or cannot
+    be traced, the reason in the report. `act_quantizer()` makes an operand quantizer and
+    `probability_choices()` the candidates for a softmax output."""
     try:
-        with torch.no_grad():
-            model(*sample)
+        graph_module = torch.fx.symbolic_trace(model)
+    except Exception as error:  # tracing runs arbitrary model code; any failure means "not traceable"
+        report.matmuls_not_quantized = f"not traceable by torch.fx ({type(error).__name__}: {str(error).splitlines()[0][:120]})"
+        return model
+    parameters = {n for n, _ in graph_module.named_parameters()} | {n for n, _ in graph_module.named_buffers()}
+    counts: dict[str, int] = {}
+    for node in list(graph_module.graph.nodes):
+        if node.op not in ("call_function", "call_method") or node.target not in _MATMULS or len(node.args) != 2:
+            continue
+        if any(not isinstance(a, torch.fx.Node) or a.op == "get_attr" and a.target in parameters for a in node.args):
+            continue
+        scope = next(reversed(node.meta.get("nn_module_stack", {"": None})), "")
+        counts[scope] = counts.get(scope, -1) + 1
+        name = f"{scope}.matmul{counts[scope]}" if scope else f"matmul{counts[scope]}"
+        left = node.args[0]
+        softmax = left.op in ("call_function", "call_method") and left.target in _SOFTMAXES
+        choices = probability_choices() if softmax else ()
+        graph_module.add_submodule(name, QuantMatMul(choices[0] if choices else act_quantizer(), act_quantizer(),
+                                                     choices))
+        with graph_module.graph.inserting_after(node):
+            replacement = graph_module.graph.call_module(name, node.args)
+        node.replace_all_uses_with(replacement)
+        graph_module.graph.erase_node(node)
+        report.matmuls.append(name)
+    if not report.matmuls:
+        report.matmuls_not_quantized = "no activation x activation matmul"
+        return model
+    graph_module.recompile()
+    return graph_module
+
+
+def _norm_fed(model: nn.Module, sample: tuple[torch.Tensor, ...]) -> tuple[dict[str, str], set[str]]:
+    """Linear layers whose input is exactly a LayerNorm's output tensor (name -> norm name), and
+    the norms whose output reaches nothing but those layers (pre-norm blocks; a post-norm block's
+    residual also reads it).
+
+    Exclusivity is read from autograd: each norm output gets a zero probe that requires grad
+    added (same values, graph intact) and the fed Linears read it detached, so a probe that
+    still gets a gradient from the model's outputs reaches them another way. The outputs are
+    kept alive for the pass: comparing ids of freed tensors would match unrelated tensors
+    that reuse their memory (it did, on MiniLM)."""
+    norm_outputs: dict[nn.LayerNorm, torch.Tensor] = {}
+    probes: dict[nn.LayerNorm, torch.Tensor] = {}
+    fed: dict[str, str] = {}
+    names = {m: n for n, m in model.named_modules()}
+
+    def probe(norm, args, out):
+        probes[norm] = torch.zeros((), dtype=out.dtype, requires_grad=True)
+        norm_outputs[norm] = out + probes[norm]
+        return norm_outputs[norm]
+
+    def read(linear, args):
+        norm = next((n for n, out in norm_outputs.items() if args[0] is out), None)
+        if norm is not None:
+            fed[names[linear]] = names[norm]
+            return (args[0].detach(),) + args[1:]
+
+    hooks = [m.register_forward_hook(probe) if isinstance(m, nn.LayerNorm) else m.register_forward_pre_hook(read)
+             for m in model.modules() if isinstance(m, (nn.LayerNorm, nn.Linear))]
+    try:
+        with torch.enable_grad():
+            outputs = [o for o in torch.utils._pytree.tree_leaves(model(*sample))
+                       if isinstance(o, torch.Tensor) and o.requires_grad]
+            norms = list(probes)
+            if not (outputs and probes):  # nothing to read exclusivity from: assume shared, the safe side
+                return fed, set()
+            grads = torch.autograd.grad([o.float().sum() for o in outputs], [probes[n] for n in norms],
+                                        allow_unused=True)
     finally:
         for h in hooks:
             h.remove()
-    return fed
+    exclusive = {names[n] for n, g in zip(norms, grads) if g is None and n.elementwise_affine and n.bias is not None}
+    return fed, exclusive
 
 
 def _calibration_args(model: nn.Module, calib) -> tuple[torch.Tensor, ...]:
@@ -152,18 +267,28 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], m
     qmodel = copy.deepcopy(model).eval()
     report = QuantReport(method, w_bits, a_bits, target, calibration_samples=int(args[0].shape[0]))
     _fold_batchnorms(qmodel, report)
-    fed = _norm_fed(qmodel, tuple(a[:1] for a in args)) if method == "repq" else set()
+    fed, exclusive = _norm_fed(qmodel, tuple(a[:1] for a in args)) if method == "repq" else ({}, set())
     act_observer = observer(act_observer or PRESETS[method][0])
     weight_choice = weight_observer or PRESETS[method][1]
     weight_fit = observer(("minmax" if w_bits >= 8 else "mse") if weight_choice == "auto" else weight_choice)
     symmetric = target == "tensorrt"
+
+    def act_quantizer(bits: int = a_bits, per_channel: bool = False) -> UniformQuantizer:
+        quantizer = UniformQuantizer(bits, symmetric=symmetric and not per_channel, axis=-1 if per_channel else None)
+        quantizer.observer = act_observer
+        return quantizer
+
+    def probability_choices() -> tuple[nn.Module, ...]:
+        # Log-sqrt2 runs as float ops in every runtime; it is a candidate only where the
+        # method calibrates by error (repq) — the baselines keep the plain uniform grid.
+        return (act_quantizer(),) + ((LogSqrt2Quantizer(a_bits),) if method == "repq" else ())
+
+    qmodel = _quantize_matmuls(qmodel, act_quantizer, probability_choices, report)
     for name, module in list(qmodel.named_modules()):
         if not isinstance(module, (nn.Linear, nn.Conv2d)) or any(name.startswith(f"{n}.") for n in report.layers):
             continue
         bits_a, bits_w = (8, 8) if name in keep_8bit else (a_bits, w_bits)
-        per_channel = name in fed
-        act = UniformQuantizer(bits_a, symmetric=symmetric and not per_channel, axis=-1 if per_channel else None)
-        act.observer = act_observer
+        act = act_quantizer(bits_a, per_channel=name in fed)
         weight = UniformQuantizer(bits_w, symmetric=True, axis=0)
         weight.set_range(*weight_fit(module.weight.detach(), weight))
         wrapped = (QuantLinear if isinstance(module, nn.Linear) else QuantConv2d)(module, act, weight)
@@ -174,10 +299,29 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], m
         raise UserError("the model has no Linear or Conv2d layer to quantize")
     with torch.no_grad():
         qmodel(*args)  # pass 1: sequential, lazy fitting in forward order
+        _choose_probability_quantizers(qmodel, model, args)
     for name, module in qmodel.named_modules():
         if isinstance(module, QuantLinear) and module.act.axis is not None:
             _reparameterize(name, module, symmetric, report, weight_fit)
+        elif isinstance(module, QuantMatMul) and isinstance(module.left, LogSqrt2Quantizer):
+            report.float_ops.append(f"{name}: log-sqrt2 softmax quantizer (float ops; no runtime has it as an "
+                                    f"integer kernel)")
+    for norm in exclusive:
+        _fold_into_norm(qmodel.get_submodule(norm), [qmodel.get_submodule(name) for name, n in fed.items() if n == norm])
     return qmodel, report
+
+
+def _fold_into_norm(norm: nn.LayerNorm, layers: list[QuantLinear]) -> None:
+    """Move the layers' shared input affine into the norm's own (gamma/r, beta/r - b) when the
+    norm feeds nothing else: one elementwise affine fewer at run time, same function up to
+    float32 rounding."""
+    scale, shift = layers[0].pre_scale, layers[0].pre_shift
+    if any(not (torch.equal(l.pre_scale, scale) and torch.equal(l.pre_shift, shift)) for l in layers):
+        return
+    norm.weight.data.copy_((norm.weight.double() * scale.double()).float())
+    norm.bias.data.copy_((norm.bias.double() * scale.double() + shift.double()).float())
+    for layer in layers:
+        layer.pre_scale = layer.pre_shift = None
 
 
 def _reparameterize(name: str, layer: QuantLinear, symmetric: bool, report: QuantReport, weight_fit) -> None:

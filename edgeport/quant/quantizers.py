@@ -53,6 +53,10 @@ class UniformQuantizer(nn.Module):
         self.zero_point = zero.detach()
         self.fitted = True
 
+    def fit(self, x: torch.Tensor) -> None:
+        """Fit to a calibration tensor with the quantizer's observer."""
+        self.set_range(*self.observer(x.detach(), self))
+
     def _view(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self.axis is None or t.ndim == 0:
             return t
@@ -67,7 +71,7 @@ class UniformQuantizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fitted and self.observer is not None:
-            self.set_range(*self.observer(x.detach(), self))
+            self.fit(x)
         if not (self.enabled and self.fitted):
             return x
         if self.axis is None:
@@ -92,6 +96,11 @@ class LogSqrt2Quantizer(nn.Module):
         self.bits, self.strict = check_bits(bits), strict
         self.register_buffer("scale", torch.ones(()))
         self.fitted, self.enabled = False, True
+
+    def fit(self, a: torch.Tensor) -> None:
+        """Scale = the largest probability seen, so code 0 holds it unclipped."""
+        self.scale = a.detach().max().float().clamp(min=1e-8)
+        self.fitted = True
 
     @property
     def top_code(self) -> int:
