@@ -187,7 +187,9 @@ def zoo_vit() -> dict:
                 prediction = qmodel(x).argmax(1)
             rows.append({"variant": f"edgeport {method}", "bits": bits,
                          "accuracy_percent": float((prediction == y).float().mean() * 100),
-                         "agreement_percent": float((prediction == reference).float().mean() * 100)})
+                         "agreement_percent": float((prediction == reference).float().mean() * 100),
+                         "quantized_matmuls": len(qmodel.quant_report.matmuls),
+                         "log_sqrt2_softmax_matmuls": len(qmodel.quant_report.float_ops)})
     return {"model": "vit-digits", "test_images": len(y), "rows": rows}
 
 

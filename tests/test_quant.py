@@ -177,6 +177,13 @@ def test_norm_fold_is_exact_and_only_where_the_norm_feeds_nothing_else(monkeypat
     post = ep.quantize(PostNorm(), torch.randn(16, 5, 8) * torch.linspace(0.1, 10, 8))
     assert post.quant_report.reparameterized == ["fc"] and post.get_submodule("fc").pre_scale is not None
 
+    class UnusedNorm(PostNorm):  # a norm whose output reaches nothing is no fold target
+        def forward(self, x):
+            self.norm(x)
+            return self.fc(x)
+
+    assert ep.quantize(UnusedNorm(), torch.randn(16, 5, 8)).quant_report.reparameterized == []
+
 
 def test_entropy_calibration_at_8_bits():
     model = ep.zoo.load("vit-digits")

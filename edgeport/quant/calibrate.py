@@ -85,9 +85,9 @@ def entropy(x: torch.Tensor, quantizer) -> tuple[torch.Tensor, torch.Tensor]:
             groups = torch.tensor_split(hist[:kept], levels)
             expanded = torch.cat([torch.where(g > 0, g.sum() / (g > 0).sum().clamp(min=1), torch.zeros_like(g))
                                   for g in groups])
-            p_, q_ = reference / reference.sum(), expanded / expanded.sum().clamp(min=1e-12)
-            present = p_ > 0
-            kl = float((p_[present] * torch.log(p_[present] / q_[present].clamp(min=1e-12))).sum())
+            p, q = reference / reference.sum(), expanded / expanded.sum().clamp(min=1e-12)
+            present = p > 0
+            kl = float((p[present] * torch.log(p[present] / q[present].clamp(min=1e-12))).sum())
             if kl < best_kl:
                 best, best_kl = kept, kl
         thresholds.append(top * best / HISTOGRAM_BINS)

@@ -227,7 +227,8 @@ def _norm_fed(model: nn.Module, sample: tuple[torch.Tensor, ...]) -> tuple[dict[
     finally:
         for h in hooks:
             h.remove()
-    exclusive = {names[n] for n, g in zip(norms, grads) if g is None and n.elementwise_affine and n.bias is not None}
+    exclusive = {names[n] for n, g in zip(norms, grads)
+                 if g is None and names[n] in fed.values() and n.elementwise_affine and n.bias is not None}
     return fed, exclusive
 
 
