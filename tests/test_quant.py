@@ -231,6 +231,9 @@ def test_cli_quantize(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["artifacts"]["onnx"]["parity"]["passed"] and result["report"]["w_bits"] == 6
     assert main(["quantize", "cnn-digits", "--a-bits", "12", "-o", str(tmp_path)]) == 2
+    assert main(["quantize", "cnn-digits", "--calibration", "entropy", "-o", str(tmp_path), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["report"]["activation_calibration"] == "entropy" and result["artifacts"]["onnx"]["parity"]["passed"]
 
 
 def test_weights_are_stored_as_integers(tmp_path):

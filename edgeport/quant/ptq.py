@@ -119,7 +119,8 @@ def _choose_probability_quantizers(qmodel: nn.Module, model: nn.Module, args: tu
 @dataclass
 class QuantReport:
     """What the pipeline did: layers quantized, Conv-BN folds, layers reparameterized,
-    activation matmuls quantized (and which run as float ops), and why matmuls stayed float."""
+    activation matmuls quantized (and which run as float ops), why matmuls stayed float, and
+    the activation calibration used."""
 
     method: str
     w_bits: int
@@ -132,6 +133,7 @@ class QuantReport:
     float_ops: list[str] = field(default_factory=list)
     matmuls_not_quantized: str = ""
     calibration_samples: int = 0
+    activation_calibration: str = ""
 
 
 def _fold_batchnorms(model: nn.Module, report: QuantReport) -> None:
@@ -266,10 +268,11 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], m
     check_bits(w_bits), check_bits(a_bits)
     args = _calibration_args(model, calib)
     qmodel = copy.deepcopy(model).eval()
-    report = QuantReport(method, w_bits, a_bits, target, calibration_samples=int(args[0].shape[0]))
+    report = QuantReport(method, w_bits, a_bits, target, calibration_samples=int(args[0].shape[0]),
+                         activation_calibration=act_observer or PRESETS[method][0])
     _fold_batchnorms(qmodel, report)
     fed, exclusive = _norm_fed(qmodel, tuple(a[:1] for a in args)) if method == "repq" else ({}, set())
-    act_observer = observer(act_observer or PRESETS[method][0])
+    act_observer = observer(report.activation_calibration)
     weight_choice = weight_observer or PRESETS[method][1]
     weight_fit = observer(("minmax" if w_bits >= 8 else "mse") if weight_choice == "auto" else weight_choice)
     symmetric = target == "tensorrt"
