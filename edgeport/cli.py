@@ -129,7 +129,7 @@ def export_command(model, targets, inputs, weights, out, name, opset, dynamic_ba
 @click.option("-o", "--out", default="build", show_default=True, type=click.Path())
 @click.option("--json", "as_json", is_flag=True)
 def quantize_command(model, method, w_bits, a_bits, target, calib, calibration, weights, inputs, targets, out, as_json):
-    """Post-training quantization of MODEL, exported as QDQ and verified against the fake-quant model."""
+    """Post-training quantization of MODEL, exported as quantized ONNX and verified against the fake-quant model."""
     from dataclasses import asdict
 
     from edgeport.sdk import parse_input, quantize
@@ -359,7 +359,7 @@ def demo_command(out, runs, as_json):
                       f"{m['latency_ms']['onnxruntime']['p50']:.3f}")
     console.print(table)
     console.print(f"latency: {summary['latency_method']}")
-    quant = Table(title="post-training quantization (RepQ, QDQ ONNX through ONNX Runtime)")
+    quant = Table(title="post-training quantization (RepQ, quantized ONNX through ONNX Runtime)")
     for column in ("model", "variant", "accuracy %", "p50 ms", "parity"):
         quant.add_column(column)
     for row in summary["quantized"]:

@@ -31,8 +31,8 @@ def predictions(runner: Runner, images: np.ndarray) -> np.ndarray:
 
 
 def quant_section(out: Path, runs: int) -> list[dict]:
-    """RepQ W8A8 and W4A4 versions of the zoo ViT and CNN as QDQ ONNX: accuracy through ONNX
-    Runtime and measured latency, beside fp32."""
+    """RepQ W8A8 and W4A4 versions of the zoo ViT and CNN as quantized ONNX: accuracy through
+    ONNX Runtime and measured latency, beside fp32."""
     rows = []
     for name in ("vit-digits", "cnn-digits"):
         images, labels = (t.numpy() for t in zoo.testset(name))

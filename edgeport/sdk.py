@@ -357,8 +357,11 @@ def export(model: str | torch.nn.Module, example: Example | None = None, targets
     for target in targets:
         with Staging(out) as staging:
             if target in ("onnx", "tensorrt"):
-                artifact = export_onnx(module, module_args, staging.dir, name, opset=opset, dynamic_axes=dynamic_axes,
-                                       exporter=exporter, precision=precision_of(export_model), **io_names)
+                # The TensorRT form of a quantized model is pure QDQ (no MatMulInteger): its own file.
+                file_name = name if target == "onnx" else f"{name}-tensorrt"
+                artifact = export_onnx(module, module_args, staging.dir, file_name, opset=opset, dynamic_axes=dynamic_axes,
+                                       exporter=exporter, precision=precision_of(export_model),
+                                       integer_matmuls=target == "onnx", **io_names)
             else:
                 artifact = export_coreml(module, module_args, staging.dir, name, precision=coreml_precision,
                                          weights=coreml_weights, **io_names)
@@ -536,7 +539,8 @@ def quantize(model: str | torch.nn.Module, calib: torch.Tensor | None = None, me
              keep_8bit: Sequence[str] = (), act_observer: str | None = None) -> torch.nn.Module:
     """A fake-quantized copy of `model` (post-training, `method` "minmax", "percentile" or
     "repq"), calibrated on `calib` (a batch of real samples; a zoo model brings 32 training
-    images). `ep.export` turns it into QDQ ONNX; `target="tensorrt"` makes it symmetric.
+    images). `ep.export` turns it into quantized ONNX (QuantizeLinear and integer matmuls for
+    ONNX Runtime, pure QDQ for the `tensorrt` target); `target="tensorrt"` makes it symmetric.
     Layers named in `keep_8bit` stay at 8 bits; `act_observer` ("minmax", "percentile",
     "mse", "entropy") overrides the method's activation calibration. The pipeline's report is
     the returned module's `quant_report` attribute.

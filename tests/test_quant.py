@@ -92,14 +92,35 @@ def test_zoo_vit_w8a8_and_w4a4():
 def test_qdq_export_matches_the_fake_quant_model(bits, tmp_path):
     qmodel = ep.quantize("vit-digits", w_bits=bits, a_bits=bits)
     images = ep.zoo.testset("vit-digits")[0]
-    artifact = ep.export(qmodel, images[:1], out=tmp_path, verify_inputs=[images[i:i + 1] for i in range(32)])["onnx"]
-    assert artifact.parity.passed and artifact.precision == f"w{bits}a{bits}"
-    ops = [n.op_type for n in onnx.load(str(artifact.path)).graph.node]
-    assert ops.count("QuantizeLinear") >= 2 * 9 + 2 * 8 and ops.count("DequantizeLinear") >= 2 * 9 + 2 * 8
-    if bits == 8:
-        assert artifact.parity.outputs[0].max_rel_error <= 1e-2
-    else:  # narrower than int8: an integer Clip between Q and DQ
-        assert "Clip" in ops
+    artifacts = ep.export(qmodel, images[:1], ["onnx", "tensorrt"], out=tmp_path,
+                          verify_inputs=[images[i:i + 1] for i in range(32)])
+    for target, artifact in artifacts.items():
+        assert artifact.parity.passed and artifact.precision == f"w{bits}a{bits}"
+        if bits == 8:
+            assert artifact.parity.outputs[0].max_rel_error <= 1e-2
+    onnxruntime_ops, tensorrt_ops = ([n.op_type for n in onnx.load(str(a.path)).graph.node] for a in artifacts.values())
+    # 17 Linears and the patch Conv quantize their input; 4 blocks x 2 matmuls both operands
+    assert tensorrt_ops.count("QuantizeLinear") >= 18 + 16 and tensorrt_ops.count("DequantizeLinear") >= 2 * 18 + 16
+    assert "MatMulInteger" not in tensorrt_ops
+    # for ONNX Runtime: the 16 Linears with a bias and the 4 scaled attention scores in integer
+    # form; the attention-weighted values (re-quantized, no scale or bias after) stay QDQ
+    assert onnxruntime_ops.count("MatMulInteger") == 20 and onnxruntime_ops.count("MatMul") == 4
+    assert onnxruntime_ops.count("QuantizeLinear") == tensorrt_ops.count("QuantizeLinear")
+    if bits < 8:  # narrower than int8: an integer Clip between Q and DQ
+        assert "Clip" in onnxruntime_ops and "Clip" in tensorrt_ops
+    else:  # the runtime folds every scale and bias into its integer kernel: no float Mul or Add is left
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+        ort.InferenceSession(str(artifacts["onnx"].path), options, providers=["CPUExecutionProvider"])
+        optimized = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+        assert optimized.count("MatMulIntegerToFloat") == 20 and optimized.count("Mul") == 0
+        assert optimized.count("Add") == 4 * 2 + 1  # the residuals and the position embedding
+        # and the roofline counts that epilogue as fused too, the residual Adds not
+        integer, qdq = (ep.estimate(a.path) for a in artifacts.values())
+        fused_adds = [n.name for n in integer.nodes if n.op_type == "Add" and n.bound == "fused"]
+        assert len(fused_adds) == 16 and integer.macs == qdq.macs
 
 
 def test_qdq_export_is_bit_exact_where_no_product_of_two_grids_is_requantized(tmp_path):

@@ -86,15 +86,15 @@ def test_tensorrt_target_writes_readiness_and_trtexec(tmp_path):
     artifact = ep.export("cnn-digits", targets=["tensorrt"], out=tmp_path, dynamic_batch=True)["tensorrt"]
     settings = artifact.settings["tensorrt"]
     assert settings["readiness"]["ready"] and artifact.parity.passed
-    command = (tmp_path / "cnn-digits.trtexec.sh").read_text()
-    assert "--onnx=cnn-digits.onnx" in command and "--minShapes=x:1x1x8x8" in command and "--maxShapes=x:8x1x8x8" in command
+    command = (tmp_path / "cnn-digits-tensorrt.trtexec.sh").read_text()
+    assert "--onnx=cnn-digits-tensorrt.onnx" in command and "--minShapes=x:1x1x8x8" in command and "--maxShapes=x:8x1x8x8" in command
     try:
         tensorrt_module()
     except ep.BackendUnavailable as unavailable:
         assert artifact.format == "onnx" and "not built here" in settings["engine"]
         assert "NVIDIA" in unavailable.remedy
         with pytest.raises(ep.BackendUnavailable, match="tensorrt"):
-            TensorRTRunner(tmp_path / "cnn-digits.engine").load()
+            TensorRTRunner(tmp_path / "cnn-digits-tensorrt.engine").load()
 
 
 @pytest.mark.needs_tensorrt

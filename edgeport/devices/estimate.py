@@ -131,6 +131,21 @@ def node_precision(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto], t
     return "fp32"
 
 
+def _integer_epilogue(node: onnx.NodeProto, accumulators: set[str], constants: set[str]) -> bool:
+    """Whether `node` is part of an integer matmul's epilogue, which the runtime runs inside
+    the kernel (MatMulIntegerToFloat): the Cast of its int32 result, the Muls by its scale,
+    and one Add of a constant bias. Records the chain in `accumulators`."""
+    if node.op_type == "MatMulInteger":
+        accumulators.add(node.output[0])
+        return False
+    if not any(i in accumulators for i in node.input):
+        return False
+    if node.op_type in ("Cast", "Mul"):
+        accumulators.add(node.output[0])
+        return True
+    return node.op_type == "Add" and any(i in constants for i in node.input)
+
+
 def estimate(artifact: str | Path, device: str | Device = "host", dims: dict[str, int] | None = None,
              firing_rates: dict[str, float] | None = None) -> Estimate:
     """Roofline latency (ms) and energy (mJ) of one inference of an ONNX artifact on `device`.
@@ -150,14 +165,17 @@ def estimate(artifact: str | Path, device: str | Device = "host", dims: dict[str
     producers = {o: n for n in model.graph.node for o in n.output}
     eff_c, eff_m = dev.efficiency["compute"], dev.efficiency["memory"]
     rates = firing_rates or {}
+    constants = {i.name for i in model.graph.initializer}
+    accumulators: set[str] = set()  # a MatMulInteger result on its way through Cast, scale and bias
     nodes, energy_45nm, sops = [], 0.0, 0.0
     for node in model.graph.node:
         macs, ops = node_work(node, table)
         precision = node_precision(node, producers, table)
         nbytes = float(sum(_size(table[t]) * _BYTES.get(table[t][1], 4) for t in [*node.input, *node.output]
                            if t in table))
-        if node.op_type in FREE_OPS or node.op_type in FUSED_OPS:
-            time_us, bound = 0.0, "fused" if node.op_type in FUSED_OPS else "overhead"
+        epilogue = _integer_epilogue(node, accumulators, constants)
+        if node.op_type in FREE_OPS or node.op_type in FUSED_OPS or epilogue:
+            time_us, bound = 0.0, "fused" if node.op_type in FUSED_OPS or epilogue else "overhead"
         else:
             compute = (2 * macs + ops) / (eff_c * dev.peak_ops(precision))
             memory = nbytes / (eff_m * dev.memory_bandwidth_gbs * 1e9)
@@ -183,4 +201,5 @@ def estimate(artifact: str | Path, device: str | Device = "host", dims: dict[str
         assumptions=[f"efficiency compute {eff_c}, memory {eff_m}; per-node overhead {dev.node_overhead_us:.2f} us",
                      f"active power: {dev.sources.get('active_w', 'catalog')}",
                      "45 nm theoretical compute energy (Horowitz, ISSCC 2014) ignores memory traffic",
-                     "Q/DQ nodes assumed fused into integer kernels"])
+                     "Q/DQ nodes and integer matmul epilogues (Cast, scale, bias) assumed fused into "
+                     "integer kernels"])

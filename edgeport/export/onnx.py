@@ -101,16 +101,18 @@ def _tensor_specs(values) -> list[TensorSpec]:
     return specs
 
 
-def _finalize(path: Path, metadata: dict[str, str]) -> tuple[int, list[str]]:
-    """Fold weight quantization, shape-infer, stamp metadata, save (single file or external
-    data), full-check the file.
+def _finalize(path: Path, metadata: dict[str, str], integer_matmuls: bool) -> tuple[int, list[str]]:
+    """Fold weight quantization (and, with `integer_matmuls`, write quantized matmuls in the
+    integer form ONNX Runtime fuses best), shape-infer, stamp metadata, save (single file or
+    external data), full-check the file.
 
     Returns the default-domain opset and the names of every file the model occupies.
     """
-    from edgeport.quant.qdq import fold_weight_quantization
+    from edgeport.quant.qdq import fold_weight_quantization, integer_matmuls as rewrite_matmuls
 
     model = onnx.load(str(path))
-    fold_weight_quantization(model)
+    if fold_weight_quantization(model) and integer_matmuls:
+        metadata = metadata | {"edgeport.quantized_matmuls": f"{rewrite_matmuls(model)} as MatMulInteger"}
     large = model.ByteSize() > SINGLE_FILE_LIMIT
     if not large:
         model = onnx.shape_inference.infer_shapes(model, data_prop=True)
@@ -144,12 +146,14 @@ def _loads_in_onnxruntime(path: Path) -> None:
 def export_onnx(model: torch.nn.Module, args: tuple[torch.Tensor, ...], folder: Path, name: str, *,
                 opset: int | None = None, dynamic_axes: dict[str, dict[int, str]] | None = None,
                 exporter: str = "auto", precision: str = "fp32", names: list[str] | None = None,
-                output_names: list[str] | None = None) -> Artifact:
+                output_names: list[str] | None = None, integer_matmuls: bool = True) -> Artifact:
     """Export `model` called on `args` to `folder/name.onnx`; returns the (unverified) Artifact.
 
     `dynamic_axes` maps input names to {axis: symbol}, e.g. {"x": {0: "batch"}}. Inputs are
     named after the forward's parameters and outputs `output_<i>`, unless `names` and
-    `output_names` say otherwise.
+    `output_names` say otherwise. A quantized model's matmuls that a constant scale or bias
+    follows are written as MatMulInteger (see `edgeport.quant.qdq.integer_matmuls`) unless
+    `integer_matmuls=False` keeps every one in QDQ form (TensorRT's).
     `exporter="auto"` tries torch.export then the legacy exporter; each path must produce a
     file that passes the full checker and loads in ONNX Runtime, or the next one is tried.
     """
@@ -181,7 +185,7 @@ def export_onnx(model: torch.nn.Module, args: tuple[torch.Tensor, ...], folder: 
                 PATHS[route](model, args, path, names, outputs, opset, dynamic_axes, large)
                 from edgeport import __version__
                 written_opset, files = _finalize(path, metadata | {"edgeport.version": __version__,
-                                                                    "edgeport.exporter": route})
+                                                                    "edgeport.exporter": route}, integer_matmuls)
                 _loads_in_onnxruntime(path)
         except Exception as error:  # each exporter raises its own zoo of types
             failures[route] = error

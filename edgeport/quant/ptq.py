@@ -56,9 +56,9 @@ class QuantLinear(nn.Module):
         y = F.linear(self.act(x), self.wq(self.inner.weight))
         if self.inner.bias is None:
             return y
-        # The bias is added at full rank: ONNX Runtime fuses MatMul with a 1-D bias Add into a
-        # float Gemm before its QDQ pass runs, which then leaves DQ -> Gemm in float. With an
-        # Add it cannot fuse, DQ -> MatMul becomes an integer kernel (MatMulIntegerToFloat).
+        # The bias is added at full rank: in the QDQ form ONNX Runtime fuses MatMul with a 1-D
+        # bias Add into a float Gemm before its QDQ pass runs, which then leaves DQ -> Gemm in
+        # float. With an Add it cannot fuse, DQ -> MatMul becomes an integer kernel.
         return y + self.inner.bias.reshape([1] * (y.ndim - 1) + [-1])
 
 

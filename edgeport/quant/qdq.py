@@ -1,9 +1,13 @@
-"""QDQ emission: fake-quant ops become QuantizeLinear / DequantizeLinear in ONNX.
+"""Quantized ONNX: fake-quant ops become QuantizeLinear / DequantizeLinear, then the forms
+each runtime runs best.
 
 torch's exporter maps 8-bit fake quantization to Q/DQ itself but refuses narrower ranges.
 These translations express any 2-8 bit range exactly: Q to int8 (signed) or uint8, an
 integer Clip to the narrower range, then DQ — bit-exact against the torch fake-quant. Full
-8-bit ranges get plain Q/DQ pairs, the pattern ONNX Runtime fuses into integer kernels.
+8-bit ranges get plain Q/DQ pairs. After export, weights are stored as integers
+(`fold_weight_quantization`: the QDQ form TensorRT takes) and, for ONNX Runtime, matmuls
+followed by a scale or bias are written as MatMulInteger (`integer_matmuls`), the form whose
+scale and bias it folds into the integer kernel.
 """
 from __future__ import annotations
 
@@ -111,12 +115,113 @@ def fold_weight_quantization(model: onnx.ModelProto) -> int:
         removed.add(id(transpose))
     if not removed:
         return 0
-    del model.graph.value_info[:]  # stale shapes (transposed weights): shape inference redoes them
     kept = [n for n in model.graph.node if id(n) not in removed]
     del model.graph.node[:]
     model.graph.node.extend(kept)
-    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
-    stale = [i for i in model.graph.initializer if i.name not in used]
-    for initializer in stale:
-        model.graph.initializer.remove(initializer)
+    _drop_unused(model.graph)
     return folded
+
+
+def integer_matmuls(model: onnx.ModelProto) -> int:
+    """Rewrite each quantized matmul whose result is then scaled by a constant or gets a
+    constant added (a Linear's bias, attention's 1/sqrt(d)): DQ(a) x DQ(b) -> MatMul -> Mul
+    -> Add becomes MatMulInteger -> Cast -> Mul(scale) -> Add. Standard ONNX ops, the same
+    arithmetic, and the form from which ONNX Runtime folds the scaling and the bias into its
+    integer kernel (MatMulIntegerToFloat with bias); from DQ -> MatMul it makes the kernel
+    without them, leaving a float Mul or Add per layer to run after it. A matmul whose result is re-quantized directly keeps its QDQ form (the
+    runtime makes that QLinearMatMul).
+
+    The scale is written as Mul(1, sa * sb) with the 1 coming out of DequantizeLinear: the
+    runtime's fusion looks for that Mul node, and its constant folding, which would fold a
+    Mul of constants away first, leaves DequantizeLinear outputs alone (an Abs after it keeps
+    the runtime from copying that DequantizeLinear for every consumer). Returns how many
+    matmuls were rewritten; TensorRT, which has no MatMulInteger, takes the QDQ form."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    constants |= {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
+                  if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    graph_outputs = {o.name for o in graph.output}
+
+    def dequantize(name: str):
+        node = producer.get(name)
+        if node is None or node.op_type != "DequantizeLinear" or len(node.input) != 3 or node.input[1] not in constants:
+            return None
+        return node if constants[node.input[1]].dtype == np.float32 else None
+
+    def per_output_column(dq) -> bool:
+        """A scale that factors out of the sum: one for the tensor, or one per column of a 2-D
+        constant B (a Linear's weight, channel axis last)."""
+        if constants[dq.input[1]].size == 1:
+            return True
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        return dq.input[0] in constants and constants[dq.input[0]].ndim == 2 and axis in (1, -1)
+
+    def follower(name: str, op_type: str):
+        """The only consumer of `name` if it is `op_type` with a constant other operand."""
+        users = consumers.get(name, [])
+        if len(users) != 1 or users[0].op_type != op_type or name in graph_outputs:
+            return None, None
+        other = next((i for i in users[0].input if i != name), None)
+        return (users[0], other) if other in constants else (None, None)
+
+    unit = "edgeport_unit_scale"
+    rewritten, removed, nodes = 0, set(), []
+    for node in graph.node:
+        a, b = (dequantize(name) for name in node.input[:2]) if node.op_type == "MatMul" else (None, None)
+        if a is None or b is None or constants[a.input[1]].size != 1 or not per_output_column(b):
+            nodes.append(node)
+            continue
+        mul, factor = follower(node.output[0], "Mul")
+        if mul is not None and constants[factor].size != 1:
+            mul = None
+        add, bias = follower((mul or node).output[0], "Add")
+        if mul is None and add is None:
+            nodes.append(node)
+            continue
+        rewritten += 1
+        out = (add or mul).output[0]
+        scale = constants[a.input[1]].astype(np.float32).reshape(()) * constants[b.input[1]].astype(np.float32)
+        if mul is not None:
+            scale = scale * constants[factor].astype(np.float32).reshape(())
+        graph.initializer.append(numpy_helper.from_array(scale, f"{out}_int_scale"))
+        nodes += [helper.make_node("MatMulInteger", [a.input[0], b.input[0], a.input[2], b.input[2]], [f"{out}_int"]),
+                  helper.make_node("Cast", [f"{out}_int"], [f"{out}_acc"], to=onnx.TensorProto.FLOAT),
+                  helper.make_node("Mul", [unit, f"{out}_int_scale"], [f"{out}_scale"]),
+                  helper.make_node("Mul", [f"{out}_acc", f"{out}_scale"], [f"{out}_scaled" if add else out])]
+        if add is not None:
+            nodes.append(helper.make_node("Add", [f"{out}_scaled", bias], [out]))
+        removed |= {id(n) for n in (mul, add) if n is not None}
+    if not rewritten:
+        return 0
+    graph.initializer.extend([numpy_helper.from_array(np.array(1, np.int8), f"{unit}_code"),
+                              numpy_helper.from_array(np.array(1, np.float32), f"{unit}_one")])
+    nodes[:0] = [helper.make_node("DequantizeLinear", [f"{unit}_code", f"{unit}_one"], [f"{unit}_dq"]),
+                 helper.make_node("Abs", [f"{unit}_dq"], [unit])]
+    del graph.node[:]
+    graph.node.extend(n for n in nodes if id(n) not in removed)
+    _drop_unused(graph)
+    return rewritten
+
+
+def _drop_unused(graph: onnx.GraphProto) -> None:
+    """Remove nodes whose outputs nothing reads, then initializers nothing reads, and the
+    recorded shapes (stale after a rewrite; shape inference redoes them)."""
+    while True:
+        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    used = {i for n in graph.node for i in n.input}
+    for initializer in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(initializer)
+    del graph.value_info[:]
