@@ -21,7 +21,7 @@ from edgeport.devices.estimate import module_path
 CATEGORIES = {
     "conv": {"Conv", "ConvInteger", "QLinearConv", "FusedConv", "NhwcConv", "ConvTranspose"},
     "matmul/gemm": {"MatMul", "Gemm", "FusedMatMul", "FusedGemm", "QLinearMatMul", "MatMulInteger", "MatMulNBits",
-                    "DynamicQuantizeMatMul", "MatMulIntegerToFloat"},
+                    "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm"},
     "attention": {"Softmax", "Attention", "MultiHeadAttention", "GroupQueryAttention"},
     "normalization": {"LayerNormalization", "BatchNormalization", "SkipLayerNormalization", "InstanceNormalization",
                       "GroupNormalization", "SimplifiedLayerNormalization", "RMSNormalization"},
