@@ -359,9 +359,10 @@ def export(model: str | torch.nn.Module, example: Example | None = None, targets
             if target in ("onnx", "tensorrt"):
                 # The TensorRT form of a quantized model is pure QDQ (no MatMulInteger): its own file.
                 file_name = name if target == "onnx" else f"{name}-tensorrt"
-                artifact = export_onnx(module, module_args, staging.dir, file_name, opset=opset, dynamic_axes=dynamic_axes,
-                                       exporter=exporter, precision=precision_of(export_model),
-                                       integer_matmuls=target == "onnx", **io_names)
+                artifact = export_onnx(module, module_args, staging.dir, file_name, opset=opset,
+                                       dynamic_axes=dynamic_axes, exporter=exporter,
+                                       precision=precision_of(export_model), integer_matmuls=target == "onnx",
+                                       **io_names)
             else:
                 artifact = export_coreml(module, module_args, staging.dir, name, precision=coreml_precision,
                                          weights=coreml_weights, **io_names)

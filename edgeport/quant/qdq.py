@@ -11,8 +11,10 @@ scale and bias it folds into the integer kernel.
 """
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import torch
+from onnx import helper, numpy_helper
 from onnxscript import opset18 as op
 
 
@@ -22,8 +24,8 @@ def _qdq(x, scale, zero_point, quant_min: int, quant_max: int, axis: int | None 
     options = {} if axis is None else {"axis": axis}
     q = op.QuantizeLinear(x, scale, zero, **options)
     if (quant_min, quant_max) not in ((-128, 127), (0, 255)):
-        low = op.Constant(value=onnx.helper.make_tensor("low", dtype, [], [quant_min]))
-        high = op.Constant(value=onnx.helper.make_tensor("high", dtype, [], [quant_max]))
+        low = op.Constant(value=helper.make_tensor("low", dtype, [], [quant_min]))
+        high = op.Constant(value=helper.make_tensor("high", dtype, [], [quant_max]))
         q = op.Clip(q, low, high)
     return op.DequantizeLinear(q, scale, zero, **options)
 
@@ -46,9 +48,6 @@ def fold_weight_quantization(model: onnx.ModelProto) -> int:
     pattern it runs as integer kernels, instead of re-quantizing every weight on every call.
     Returns how many weights were folded. The codes are those the graph computed (round half
     to even, saturate, clip)."""
-    import numpy as np
-    from onnx import numpy_helper
-
     if not any(node.op_type == "QuantizeLinear" for node in model.graph.node):
         return 0  # a float model: nothing to fold, and no initializer worth decoding
     constants = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
@@ -107,7 +106,7 @@ def fold_weight_quantization(model: onnx.ModelProto) -> int:
             if attribute.name == "axis":
                 attribute.i = 1 - (attribute.i % 2)
         if not any(a.name == "axis" for a in dq.attribute) and constants[dq.input[1]].ndim:
-            dq.attribute.append(onnx.helper.make_attribute("axis", 0))
+            dq.attribute.append(helper.make_attribute("axis", 0))
         for node in model.graph.node:
             for i, value in enumerate(node.input):
                 if value == transpose.output[0]:
@@ -128,17 +127,14 @@ def integer_matmuls(model: onnx.ModelProto) -> int:
     -> Add becomes MatMulInteger -> Cast -> Mul(scale) -> Add. Standard ONNX ops, the same
     arithmetic, and the form from which ONNX Runtime folds the scaling and the bias into its
     integer kernel (MatMulIntegerToFloat with bias); from DQ -> MatMul it makes the kernel
-    without them, leaving a float Mul or Add per layer to run after it. A matmul whose result is re-quantized directly keeps its QDQ form (the
-    runtime makes that QLinearMatMul).
+    without them, leaving a float Mul or Add per layer to run after it. A matmul whose result
+    is re-quantized directly keeps its QDQ form (the runtime makes that QLinearMatMul).
 
     The scale is written as Mul(1, sa * sb) with the 1 coming out of DequantizeLinear: the
     runtime's fusion looks for that Mul node, and its constant folding, which would fold a
     Mul of constants away first, leaves DequantizeLinear outputs alone (an Abs after it keeps
     the runtime from copying that DequantizeLinear for every consumer). Returns how many
     matmuls were rewritten; TensorRT, which has no MatMulInteger, takes the QDQ form."""
-    import numpy as np
-    from onnx import helper, numpy_helper
-
     graph = model.graph
     constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     constants |= {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
