@@ -217,8 +217,9 @@ def test_tensorrt_mode_export_is_ready_and_default_mode_is_not(tmp_path):
     images = ep.zoo.testset("cnn-digits")[0]
     for target, ready in (("tensorrt", True), ("onnxruntime", False)):
         qmodel = ep.quantize("cnn-digits", target=target)
-        artifact = ep.export(qmodel, images[:1], out=tmp_path / target)["onnx"]
+        artifact = ep.export(qmodel, images[:1], ["tensorrt"], out=tmp_path / target)["tensorrt"]
         assert artifact.parity.passed and check_readiness(artifact.path).ready == ready
+        assert artifact.settings["tensorrt"]["readiness"]["ready"] == ready
 
 
 def test_conv_batchnorm_is_folded():
