@@ -10,9 +10,10 @@
    quantize_static (QDQ, per channel, MatMul only, MinMax and Percentile) at 8 bits.
 2. The zoo ViT on the 360 digits test images: accuracy and agreement with fp32 predictions.
 3. Speed: the ViT-S stack (dim 384, 6 blocks, 197 tokens, batch 1, 2 threads) in ONNX
-   Runtime: fp32, our W8A8, ONNX Runtime's quantize_static, interleaved, in seven rounds (this
-   shared machine changes speed in phases; the median ratio is the figure); beside it the host
-   roofline's int8 / fp32 ratio (what the machine could give at best).
+   Runtime: fp32, our W8A8 (ONNX Runtime form, and the pure QDQ form TensorRT takes), ONNX
+   Runtime's quantize_static, interleaved, in seven rounds (this shared machine changes speed
+   in phases; the median ratio is the figure); beside it the host roofline's int8 / fp32
+   ratio (what the machine could give at best).
 Writes bench/results/quant.json. Run: `python bench/quant_bench.py` (about 4 minutes).
 """
 from __future__ import annotations
@@ -195,7 +196,8 @@ def zoo_vit() -> dict:
 
 
 def speed(rounds: int = 7) -> dict:
-    """fp32, our W8A8 and ONNX Runtime's quantize_static of the ViT-S stack, timed side by side
+    """fp32, our W8A8 (the `onnx` target's form, and the pure QDQ form of the `tensorrt`
+    target) and ONNX Runtime's quantize_static of the ViT-S stack, timed side by side
     (interleaved) in `rounds` rounds; the speed-ups per round and their median, where our
     model's time goes (ONNX Runtime's profiler, per op category), and the host roofline."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
@@ -205,11 +207,13 @@ def speed(rounds: int = 7) -> dict:
 
     stack = vit_small_stack()
     calib = torch.rand(8, 1, 224, 224, generator=torch.Generator().manual_seed(0))
-    ours_name, ort_name = "edgeport W8A8", "onnxruntime quantize_static"
+    ours_name, qdq_name, ort_name = "edgeport W8A8", "edgeport W8A8, pure QDQ form", "onnxruntime quantize_static"
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         fp32 = ep.export(stack, calib[:1], out=folder, name="vit-s")["onnx"].path
-        ours = ep.export(ep.quantize(stack, calib, "repq", 8, 8), calib[:1], out=folder, name="vit-s-w8a8")["onnx"].path
+        forms = ep.export(ep.quantize(stack, calib, "repq", 8, 8), calib[:1], ["onnx", "tensorrt"], out=folder,
+                          name="vit-s-w8a8")
+        ours = forms["onnx"].path
 
         class Reader(CalibrationDataReader):
             def __init__(self):
@@ -221,14 +225,15 @@ def speed(rounds: int = 7) -> dict:
         with quiet():
             quantize_static(str(fp32), str(folder / "ort.onnx"), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
         runners = {name: OnnxRuntimeRunner(path, threads=THREADS, spinning=False).load() for name, path in
-                   (("fp32", fp32), (ours_name, ours), (ort_name, folder / "ort.onnx"))}
+                   (("fp32", fp32), (ours_name, ours), (qdq_name, forms["tensorrt"].path),
+                    (ort_name, folder / "ort.onnx"))}
         feed = {"x": calib[:1].numpy()}
         per_round = [interleaved_medians(runners, feed, blocks=6, runs=20) for _ in range(rounds)]
         for runner in runners.values():
             runner.close()
         where = profile_onnxruntime(ours, [feed], runs=30, threads=THREADS).by_category()
         est_fp32, est_int8 = ep.estimate(fp32, "host").latency_ms, ep.estimate(ours, "host").latency_ms
-    ratios = {name: [r["fp32"] / r[name] for r in per_round] for name in (ours_name, ort_name)}
+    ratios = {name: [r["fp32"] / r[name] for r in per_round] for name in (ours_name, qdq_name, ort_name)}
     median = {name: float(np.median(values)) for name, values in ratios.items()}
     return {"model": "ViT-S stack (384, 6 blocks, 197 tokens), batch 1, 2 threads",
             "p50_ms_per_round": per_round, "speedup_vs_fp32_per_round": ratios, "median_speedup_vs_fp32": median,
