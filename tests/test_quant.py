@@ -123,6 +123,19 @@ def test_qdq_export_matches_the_fake_quant_model(bits, tmp_path):
         assert len(fused_adds) == 16 and integer.macs == qdq.macs
 
 
+def test_quantized_export_with_a_dynamic_batch(tmp_path):
+    """torch.export traces a dynamic batch with fake tensors; fake quantization needs fake
+    kernels for that, at every width (4 bits had no exporter at all before)."""
+    import onnxruntime as ort
+
+    qmodel = ep.quantize("vit-digits", w_bits=4, a_bits=4)
+    images = ep.zoo.testset("vit-digits")[0]
+    artifact = ep.export(qmodel, images[:1], out=tmp_path, dynamic_batch=True)["onnx"]
+    assert artifact.exporter == "torch.export" and artifact.parity.passed
+    session = ort.InferenceSession(str(artifact.path), providers=["CPUExecutionProvider"])
+    assert session.run(None, {session.get_inputs()[0].name: images[:8].numpy()})[0].shape == (8, 10)
+
+
 def test_qdq_export_is_bit_exact_where_no_product_of_two_grids_is_requantized(tmp_path):
     """Without the attention-weighted values (a product of two quantized operands lands on a
     lattice whose points sit on the next quantizer's rounding ties, decided by the last bit

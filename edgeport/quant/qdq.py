@@ -42,6 +42,21 @@ TRANSLATIONS = {torch.ops.aten.fake_quantize_per_tensor_affine.tensor_qparams: _
                 torch.ops.aten.fake_quantize_per_channel_affine.default: _per_channel}
 
 
+def _output_and_mask(x, *_):
+    return torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
+
+
+# torch.export traces a dynamic batch with fake tensors, and torch has no fake kernel for the
+# ops fake quantization calls inside: without these, a quantized model exports only with
+# static shapes (8-bit ones fell back to the legacy exporter; narrower ones failed).
+for _op in ("aten::_fake_quantize_per_tensor_affine_cachemask_tensor_qparams",
+            "aten::fake_quantize_per_channel_affine_cachemask"):
+    try:
+        torch.library.register_fake(_op, _output_and_mask)
+    except RuntimeError:  # a torch that has its own
+        pass
+
+
 def fold_weight_quantization(model: onnx.ModelProto) -> int:
     """Store quantized weights as integer initializers: QuantizeLinear (and its Clip) applied
     to a constant float weight is computed once here, so the runtime sees DQ(int8 weight), the
