@@ -316,8 +316,9 @@ def export(model: str | torch.nn.Module, example: Example | None = None, targets
     structurally everywhere and numerically where Core ML runs (macOS); the artifact's
     `settings["verification"]` says which; `coreml_weights` ("int8", "int4", "palettize4",
     "palettize6") compresses their weights. `targets=["tensorrt"]` writes the verified ONNX
-    with a readiness report and the trtexec command, and the engine where tensorrt and a GPU
-    exist. `slim=True` first turns pruning into a smaller
+    as `<name>-tensorrt.onnx` (a quantized model's in pure QDQ form; the `onnx` target's runs
+    its matmuls as MatMulInteger) with a readiness report and the trtexec command, and the
+    engine where tensorrt and a GPU exist. `slim=True` first turns pruning into a smaller
     dense model (see `edgeport.slim`) and verifies the artifact against the pruned model.
     Returns {target: Artifact}.
     """
