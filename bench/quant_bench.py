@@ -34,7 +34,7 @@ import edgeport as ep
 from edgeport.export.onnx import quiet
 from edgeport.runtime.latency import interleaved_medians
 from edgeport.runtime.report import environment
-from edgeport.runtime.runners import OnnxRuntimeRunner
+from edgeport.export.onnx import OnnxRuntimeRunner
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent

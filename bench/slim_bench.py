@@ -22,7 +22,7 @@ import torch.nn.utils.prune as prune
 import edgeport as ep
 from edgeport.runtime.latency import interleaved_medians
 from edgeport.runtime.report import environment
-from edgeport.runtime.runners import OnnxRuntimeRunner
+from edgeport.export.onnx import OnnxRuntimeRunner
 from edgeport.zoo.models import vit_small_stack
 
 ROOT = Path(__file__).resolve().parent

@@ -6,8 +6,7 @@ __version__ = "0.1.0"
 
 from edgeport import zoo  # noqa: E402
 from edgeport.errors import BackendUnavailable, CheckFailed, EdgeportError, ExportError, UserError  # noqa: E402
-from edgeport.export.artifact import Artifact  # noqa: E402
-from edgeport.export.verify import ParityReport, Tolerance  # noqa: E402
+from edgeport.core import Artifact, ParityReport, Tolerance  # noqa: E402
 from edgeport.sdk import (estimate, export, load_model, profile, quantize, slim, spike_statistics,  # noqa: E402
                           verify)
 

@@ -5,20 +5,40 @@ User errors print one line; `--debug` shows the traceback.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sys
+import time
 import traceback
 from pathlib import Path
 
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from edgeport.errors import BackendUnavailable, CheckFailed, UserError
 
-# progress and tables go to stderr (--json output to stdout alone); logs and CI are not
-# terminals and would get 80 columns, too narrow for the tables
-console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
+# Results (tables, JSON) go to stdout and progress and diagnostics to stderr, as Unix tools
+# do. Logs and CI are not terminals and would get 80 columns, too narrow for the tables.
+# Markup is off: file names and messages are user text and print literally.
+console = Console(width=None if sys.stdout.isatty() else 140, markup=False, highlight=False)
+diagnostics = Console(stderr=True, width=None if sys.stderr.isatty() else 140, markup=False, highlight=False)
+
+
+@contextlib.contextmanager
+def progress(message: str):
+    """A long step: a spinner on a terminal; in logs (not a terminal), one line when it starts
+    and one when it ends, with its duration. Yields a function that reports a sub-step."""
+    if diagnostics.is_terminal:
+        with diagnostics.status(message) as status:
+            yield lambda step: status.update(f"{message}: {step}")
+        return
+    start = time.perf_counter()
+    diagnostics.print(f"... {message}")
+    yield lambda step: diagnostics.print(f"... {message}: {step}")
+    diagnostics.print(f"... {message}: done in {time.perf_counter() - start:.1f} s")
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
 
@@ -48,18 +68,45 @@ def _parity_table(artifact) -> Table:
     for column in ("output", "verdict", "max abs", "rel to scale", "cosine", "SQNR dB", "tolerance"):
         table.add_column(column)
     for o in artifact.parity.outputs if artifact.parity else []:
-        table.add_row(o.name, "[green]ok[/]" if o.passed else "[red]FAILED[/]", f"{o.max_abs_error:.2e}",
+        table.add_row(o.name, Text("ok", style="green") if o.passed else Text("FAILED", style="red"), f"{o.max_abs_error:.2e}",
                       f"{o.max_rel_error:.2e}", f"{o.cosine:.6f}", f"{o.sqnr_db:.1f}", o.tolerance.short())
     return table
 
 
+def backend_options(command):
+    """Add one flag per field of every registered backend's `Options` (from the registry), so
+    a backend's new option needs no second declaration here. Unset flags pass None: the
+    backend's own default applies."""
+    from edgeport.export import registry
+
+    for entry in reversed(registry.option_fields().values()):
+        meta, default = entry.spec.metadata, entry.spec.default
+        kind = click.Choice([str(c) for c in meta["choices"]]) if meta.get("choices") else \
+            (int if "int" in str(entry.spec.type) else str)
+        shown = "" if default is None else f" [default: {default}]"
+        command = click.option(entry.flag, entry.keyword, type=kind, default=None,
+                               help=f"{meta['help']} ({', '.join(entry.backends)}).{shown}")(command)
+    return command
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks for every error.")
+@click.option("--max-input-bytes", type=click.IntRange(min=1), metavar="BYTES",
+              help="Largest input batch edgeport will allocate (default 1 GiB, or EDGEPORT_MAX_INPUT_BYTES).")
 @click.version_option(package_name="edgeport")
 @click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
-    """edgeport: export trained PyTorch models to edge runtimes, verified."""
+def cli(ctx: click.Context, debug: bool, max_input_bytes: int | None) -> None:
+    """edgeport: export trained PyTorch models to edge runtimes, verified.
+
+    MODEL is a zoo name, a .pt2 file (torch.export), or package.module:factory; the current
+    folder is on the import path for the latter, and the factory must be a class or function
+    defined in that module that returns a torch.nn.Module.
+    """
+    import edgeport.core
+
     ctx.obj = {"debug": debug}
+    if max_input_bytes:
+        edgeport.core.MAX_INPUT_BYTES = max_input_bytes
 
 
 @cli.command("export")
@@ -70,39 +117,30 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--weights", type=click.Path(), help="Weights for package.module:factory (safetensors or weights-only).")
 @click.option("-o", "--out", default="build", show_default=True, type=click.Path(), help="Output folder.")
 @click.option("--name", help="Artifact file name (default: the model's).")
-@click.option("--opset", type=int, help="ONNX opset (default: the exporter's, 20; below 18 uses the legacy exporter).")
 @click.option("--dynamic-batch", is_flag=True, help="Make axis 0 of every input and output symbolic.")
 @click.option("--dynamic", "dynamic", multiple=True, metavar="INPUT:AXIS:SYMBOL",
               help="Make one input axis symbolic, e.g. input_ids:1:sequence; repeatable.")
-@click.option("--exporter", type=click.Choice(["auto", "torch.export", "legacy-torchscript"]), default="auto",
-              show_default=True)
 @click.option("--snn-form", type=click.Choice(["unrolled", "step"]),
               help="Spiking models: T steps in one graph, or one step with membranes as inputs/outputs.")
 @click.option("--timesteps", type=int, help="Spiking models: T (default: the model's own).")
 @click.option("--sequence", is_flag=True, help="Spiking models: the input is (T, B, ...), not one frame repeated.")
-@click.option("--coreml-precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
-@click.option("--coreml-weights", type=click.Choice(["int8", "int4", "palettize4", "palettize6"]),
-              help="Core ML weight compression.")
-@click.option("--tensorrt-precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp16", show_default=True)
 @click.option("--slim", "slim_model", is_flag=True, help="Remove pruned channels and heads first (same function).")
 @click.option("--verify-inputs", type=click.Path(), help=".npz with real inputs for verification.")
 @click.option("--no-verify", is_flag=True, help="Skip verification (the sidecar then has no parity report).")
 @click.option("--json", "as_json", is_flag=True, help="Print the artifacts' records as JSON.")
-def export_command(model, targets, inputs, weights, out, name, opset, dynamic_batch, dynamic, exporter,
-                   snn_form, timesteps, sequence, coreml_precision, coreml_weights, tensorrt_precision, slim_model,
-                   verify_inputs, no_verify, as_json):
+@backend_options
+def export_command(model, targets, inputs, weights, out, name, dynamic_batch, dynamic, snn_form, timesteps, sequence,
+                   slim_model, verify_inputs, no_verify, as_json, **options):
     """Export MODEL (zoo name, .pt2, or package.module:factory) and verify each artifact."""
     from edgeport.sdk import export, parse_dynamic, parse_input
 
     example = tuple(parse_input(s) for s in inputs) or None
-    with console.status(f"exporting {model} to {targets}"):
+    with progress(f"exporting {model} to {targets}"):
         artifacts = export(model, example, targets=[t.strip() for t in targets.split(",") if t.strip()], out=out,
                            name=name, weights=weights, verify_inputs=_load_inputs(verify_inputs),
-                           check=not no_verify, opset=opset, dynamic_batch=dynamic_batch,
-                           dynamic_axes=parse_dynamic(dynamic), exporter=exporter, snn_form=snn_form,
-                           timesteps=timesteps, sequence=sequence, slim=slim_model,
-                           coreml_precision=coreml_precision, coreml_weights=coreml_weights,
-                           tensorrt_precision=tensorrt_precision)
+                           check=not no_verify, dynamic_batch=dynamic_batch, dynamic_axes=parse_dynamic(dynamic),
+                           snn_form=snn_form, timesteps=timesteps, sequence=sequence, slim=slim_model,
+                           **{k: v for k, v in options.items() if v is not None})
     if as_json:
         _emit_json({t: a.to_dict() for t, a in artifacts.items()})
         return
@@ -135,7 +173,7 @@ def quantize_command(model, method, w_bits, a_bits, target, calib, calibration, 
     from edgeport.sdk import parse_input, quantize
 
     batch = _load_inputs(calib)
-    with console.status(f"quantizing {model} ({method}, W{w_bits}A{a_bits})"):
+    with progress(f"quantizing {model} ({method}, W{w_bits}A{a_bits})"):
         qmodel = quantize(model, batch[0][0] if batch else None, method, w_bits, a_bits, target=target,
                           weights=weights, act_observer=calibration)
         example = tuple(parse_input(s) for s in inputs) or None
@@ -176,11 +214,11 @@ def _export_quantized(model, qmodel, example, targets, out, name):
 @click.option("--json", "as_json", is_flag=True, help="Print the parity report as JSON.")
 def verify_command(artifact, model, weights, inputs, as_json):
     """Check an artifact against its torch model on the same inputs; exit 1 if parity fails."""
-    from edgeport.export.artifact import Artifact
+    from edgeport.core import Artifact
     from edgeport.sdk import verify
 
     art = Artifact.load(artifact)
-    with console.status(f"verifying {artifact}"):
+    with progress(f"verifying {artifact}"):
         art.parity = verify(art, model, _load_inputs(inputs), weights=weights)
     if as_json:
         _emit_json(art.parity.to_dict())
@@ -210,7 +248,7 @@ def profile_command(artifact, backend, device, runs, warmup, min_duration, threa
     from edgeport.sdk import profile
 
     sizes = [int(b) for b in batch_sizes.split(",") if b.strip()] if batch_sizes else []
-    with console.status(f"profiling {artifact}"):
+    with progress(f"profiling {artifact}"):
         prof = profile(artifact, backend, device, runs=runs, warmup=warmup, min_duration_s=min_duration,
                        threads=threads, inputs=_load_inputs(inputs), ops=not no_ops, energy=not no_energy,
                        batch_sizes=sizes)
@@ -343,8 +381,8 @@ def demo_command(out, runs, as_json):
     """The whole flow on the zoo: export, verify, accuracy and latency of torch vs ONNX Runtime."""
     from edgeport.demo import run_demo
 
-    with console.status("demo") as status:
-        summary = run_demo(out, runs=runs, progress=lambda s: status.update(s))
+    with progress("demo") as step:
+        summary = run_demo(out, runs=runs, progress=step)
     if as_json:
         _emit_json(summary)
         return
@@ -393,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI and turn errors into one line and an exit code."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
+    if argv is None:  # the console script, not a caller's process: take SIGTERM over
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         cli.main(args=args, prog_name="edgeport", standalone_mode=False)
     except click.exceptions.Exit as done:
@@ -401,20 +441,30 @@ def main(argv: list[str] | None = None) -> int:
         error.show()
         return EXIT_USAGE
     except click.exceptions.Abort:
-        console.print("aborted")
+        diagnostics.print("aborted")
         return EXIT_USAGE
     except (UserError, BackendUnavailable, CheckFailed) as error:
         if debug:
             traceback.print_exc()
-        console.print(f"[red]error:[/] {error}", highlight=False, markup=True, soft_wrap=True)
+        diagnostics.print(Text("error: ", style="red") + Text(_one_line(error)), soft_wrap=True)
         return EXIT_CHECK_FAILED if isinstance(error, CheckFailed) else EXIT_USAGE
     except Exception as error:  # a bug: say so, keep the traceback behind --debug
         if debug:
             traceback.print_exc()
-        console.print(f"internal error: {type(error).__name__}: {error} (run with --debug for the traceback)",
-                      highlight=False, markup=False, soft_wrap=True)
+        diagnostics.print(f"internal error: {type(error).__name__}: {_one_line(error)} (run with --debug for the "
+                          f"traceback)", soft_wrap=True)
         return EXIT_INTERNAL
     return EXIT_OK
+
+
+def _one_line(error: BaseException) -> str:
+    """An error message as one line (messages quoting a library's error may span several)."""
+    return " ".join(str(error).split())[:2000]
+
+
+def _terminate(signum, frame) -> None:
+    """SIGTERM (a `timeout`, a CI cancel) unwinds like Ctrl-C: staging folders are removed."""
+    raise SystemExit(128 + signum)
 
 
 def console_main() -> None:

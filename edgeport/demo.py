@@ -19,7 +19,9 @@ from edgeport import __version__, zoo
 from edgeport.devices import catalog
 from edgeport.runtime.latency import measure
 from edgeport.runtime.report import write_html
-from edgeport.runtime.runners import OnnxRuntimeRunner, Runner, StreamingRunner, TorchRunner
+from edgeport.core import Runner, TorchRunner
+from edgeport.export.onnx import OnnxRuntimeRunner
+from edgeport.verify import StreamingRunner
 from edgeport.sdk import estimate, export, profile, quantize, spike_statistics
 
 
@@ -99,7 +101,7 @@ def spiking_section(out: Path) -> dict:
             pred = np.array([runner.infer({"x": images[i:i + 1]})["output_0"].mean(0).argmax()
                              for i in range(len(images))])
         else:
-            runner = StreamingRunner(arts["onnx"].path).load()
+            runner = StreamingRunner.open(arts["onnx"].path).load()
             pred = []
             for i in range(len(images)):
                 runner.reset()

@@ -8,7 +8,7 @@ from torch import nn
 
 import edgeport as ep
 from edgeport.cli import main
-from edgeport.export.slim import BiasMap, bake_masks, slim
+from edgeport.transforms.slim import BiasMap, bake_masks, slim
 from edgeport.zoo.models import ViT
 from slim_models import Branches, BottleneckResNet, DepthwiseChain, SlimmingViT, randomize_batchnorm
 

@@ -12,7 +12,8 @@ from torch import nn
 
 import edgeport as ep
 from edgeport.cli import main
-from edgeport.runtime.runners import OnnxRuntimeRunner, StreamingRunner
+from edgeport.export.onnx import OnnxRuntimeRunner
+from edgeport.verify import StreamingRunner
 from edgeport.snn import MultiLevel
 from edgeport.snn.stats import sdt_energy
 
@@ -95,7 +96,7 @@ def test_library_network_exports_spike_exact(name, form, tmp_path):
         assert len(artifact.settings["snn"]["state_inputs"]) >= 2
     # the output spikes are neither all zero nor all one over the run
     if form == "step":
-        streaming = StreamingRunner(artifact.path).load()
+        streaming = StreamingRunner.open(artifact.path).load()
         spikes = np.stack([streaming.infer({"x": (example[t] if sequence else example).numpy()})["output_0"]
                            for t in range(T)])
     else:
@@ -108,7 +109,7 @@ def test_step_form_reproduces_the_unrolled_output_exactly(tmp_path):
         step = ep.export(model, example, out=tmp_path, snn_form="step", timesteps=T)["onnx"]
         unrolled = ep.export(model, example, out=tmp_path, snn_form="unrolled", timesteps=T)["onnx"]
         x = (ep.zoo.example("snn-digits") if example is None else example).numpy()
-        streaming = StreamingRunner(step.path).load()
+        streaming = StreamingRunner.open(step.path).load()
         steps = [streaming.infer({"x": x}) for _ in range(T)]
         whole = OnnxRuntimeRunner(unrolled.path).load().infer({"x": x})
         for index, name in enumerate(streaming.output_names):
@@ -182,7 +183,7 @@ def test_spiking_bad_input(tmp_path):
     with pytest.raises(ep.UserError, match="no spiking neurons"):
         ep.export(nn.Linear(64, 3), DIGITS[:1], out=tmp_path, snn_form="step", timesteps=T)
     step = ep.export("snn-digits", out=tmp_path, snn_form="step")["onnx"]
-    streaming = StreamingRunner(step.path).load()
+    streaming = StreamingRunner.open(step.path).load()
     with pytest.raises(ep.UserError, match="state 'v1' has shape \\[1, 16, 8, 7\\]"):
         streaming.set_state([np.zeros((1, 16, 8, 7), np.float32)] + [np.zeros((1, 32, 4, 4)), np.zeros((1, 128))])
     with pytest.raises(ep.UserError, match="3 state tensors, 1 were given"):

@@ -7,7 +7,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import edgeport as ep
 from edgeport.export.tensorrt import check_readiness, tensorrt_module
-from edgeport.runtime.runners import TensorRTRunner
+from edgeport.export.tensorrt import TensorRTRunner
 
 
 def qdq_model(path, *, zero=0, zero_type=np.int8, act_scale=np.float32(0.05), weight_axis=1, scale_as_input=False,

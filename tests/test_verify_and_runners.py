@@ -4,9 +4,11 @@ import pytest
 import torch
 
 import edgeport as ep
-from edgeport.export.verify import TOLERANCES, compare, judge, tolerance_for
+from edgeport.core import TOLERANCES, tolerance_for
+from edgeport.verify import compare, judge
 from edgeport.runtime.latency import measure, median_ci, summarize
-from edgeport.runtime.runners import OnnxRuntimeRunner, TorchRunner
+from edgeport.core import TorchRunner
+from edgeport.export.onnx import OnnxRuntimeRunner
 
 
 @pytest.fixture(scope="module")

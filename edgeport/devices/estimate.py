@@ -10,6 +10,7 @@ where inputs with a given firing rate count as accumulates (synaptic operations)
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,8 @@ import onnx
 from edgeport.devices.catalog import Device, get
 from edgeport.errors import UserError
 
+ESTIMATED_FORMATS = ("onnx",)  # artifact formats whose graphs the estimator reads
+
 ENERGY_45NM_PJ = {  # Horowitz, ISSCC 2014, 45 nm: (MAC, accumulate)
     "fp32": (4.6, 0.9), "fp16": (1.5, 0.4), "int8": (0.23, 0.03)}
 ELEMENTWISE_OPS = {"Softmax": 5, "LayerNormalization": 8, "Gelu": 8, "Erf": 4, "BatchNormalization": 2,
@@ -26,6 +29,21 @@ ELEMENTWISE_OPS = {"Softmax": 5, "LayerNormalization": 8, "Gelu": 8, "Erf": 4, "
 FREE_OPS = {"Constant", "Shape", "Identity"}
 FUSED_OPS = {"QuantizeLinear", "DequantizeLinear"}  # folded into integer kernels by the runtime
 INT8_OPS = {"QLinearMatMul", "QLinearConv", "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear"}
+CONV_OPS = {"Conv", "QLinearConv", "ConvInteger"}
+MATMUL_OPS = {"MatMul", "MatMulInteger", "QLinearMatMul", "Gemm"}
+# Memory-bound ops (pointwise, data movement, reductions, pooling) for which one operation per
+# output element plus the bytes they move is the intended model; anything outside the known
+# sets gets that same price, but as a guess that the estimate names in its assumptions.
+PER_ELEMENT_OPS = {
+    "Add", "Sub", "Mul", "Neg", "Abs", "Reciprocal", "Max", "Min", "Sum", "Mean", "Clip", "Where", "Sign", "Floor",
+    "Ceil", "Round", "Mod", "Log", "Sin", "Cos", "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "HardSigmoid",
+    "HardSwish", "Softplus", "Softsign", "Mish", "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Not",
+    "And", "Or", "Xor", "Cast", "CastLike", "Dropout", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze",
+    "Concat", "Split", "Slice", "Gather", "GatherElements", "GatherND", "ScatterElements", "ScatterND", "Expand",
+    "Tile", "Pad", "Resize", "DepthToSpace", "SpaceToDepth", "Range", "ConstantOfShape", "Trilu", "CumSum",
+    "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL2", "ArgMax", "ArgMin", "TopK", "MaxPool",
+    "AveragePool", "GlobalAveragePool", "GlobalMaxPool"}
+KNOWN_OPS = CONV_OPS | MATMUL_OPS | set(ELEMENTWISE_OPS) | PER_ELEMENT_OPS | FREE_OPS | FUSED_OPS | INT8_OPS
 _BYTES = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.DOUBLE: 8,
           onnx.TensorProto.INT64: 8, onnx.TensorProto.INT32: 4, onnx.TensorProto.INT8: 1,
           onnx.TensorProto.UINT8: 1, onnx.TensorProto.BOOL: 1, onnx.TensorProto.INT4: 1, onnx.TensorProto.UINT4: 1}
@@ -106,11 +124,11 @@ def _size(entry) -> int:
 def node_work(node: onnx.NodeProto, table) -> tuple[float, float]:
     """(MACs, elementwise ops) of one node from its input and output shapes."""
     out = table.get(node.output[0]) if node.output else None
-    if node.op_type in ("Conv", "QLinearConv", "ConvInteger"):
+    if node.op_type in CONV_OPS:
         weight = table.get(node.input[3 if node.op_type == "QLinearConv" else 1])
         if out and weight and len(weight[0]) >= 2:
             return float(_size(out) * np.prod(weight[0][1:])), 0.0
-    if node.op_type in ("MatMul", "MatMulInteger", "QLinearMatMul", "Gemm"):
+    if node.op_type in MATMUL_OPS:
         a = table.get(node.input[0])
         if out and a and a[0]:
             k = a[0][0] if node.op_type == "Gemm" and any(x.name == "transA" and x.i for x in node.attribute) \
@@ -146,6 +164,51 @@ def _integer_epilogue(node: onnx.NodeProto, accumulators: set[str], constants: s
     return node.op_type == "Add" and any(i in constants for i in node.input)
 
 
+def load_graph(path: Path) -> onnx.ModelProto:
+    """The ONNX model at `path` (external weights left on disk) with its shapes inferred.
+
+    A file that is empty, is not an ONNX protobuf, holds no graph or defeats shape inference
+    raises a UserError naming it, so that a broken artifact is never estimated as zero work.
+    """
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as error:
+        raise UserError(f"cannot read {path} as ONNX: {str(error).splitlines()[0][:160]}") from error
+    if not model.HasField("graph"):  # protobuf parses an empty file, and some garbage, as an empty model
+        what = "is empty (0 bytes)" if path.stat().st_size == 0 else "holds no ONNX graph"
+        raise UserError(f"cannot read {path} as ONNX: it {what}")
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as error:
+        raise UserError(f"cannot infer the shapes of {path}: {str(error).splitlines()[0][:160]}") from error
+
+
+def op_label(node: onnx.NodeProto) -> str:
+    """`op_type`, prefixed by its domain unless that is the standard ONNX one."""
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+
+
+def pricing_gaps(graph: onnx.GraphProto, table: dict[str, tuple[list[int], int]]) -> list[str]:
+    """Assumption lines for the nodes the estimator can only guess at: op types it has no cost
+    model for (priced as one operation per output element), and nodes whose output shape
+    shape inference could not give (their compute counts as zero). Each op type with its count.
+    """
+    def counted(nodes) -> str:
+        return ", ".join(f"{op} x{count}" for op, count in sorted(Counter(map(op_label, nodes)).items()))
+
+    unknown = [n for n in graph.node if n.op_type not in KNOWN_OPS]
+    shapeless = [n for n in graph.node if n.op_type not in FREE_OPS | FUSED_OPS
+                 and (not n.output or n.output[0] not in table)]
+    gaps = []
+    if unknown:
+        gaps.append(f"no cost model for op types {counted(unknown)}: priced as one operation per output element "
+                    "plus memory traffic and per-node overhead")
+    if shapeless:
+        gaps.append(f"output shape unknown for {counted(shapeless)}: compute priced at zero (only the memory "
+                    "traffic of tensors with known shapes and per-node overhead count)")
+    return gaps
+
+
 def estimate(artifact: str | Path, device: str | Device = "host", dims: dict[str, int] | None = None,
              firing_rates: dict[str, float] | None = None) -> Estimate:
     """Roofline latency (ms) and energy (mJ) of one inference of an ONNX artifact on `device`.
@@ -156,11 +219,7 @@ def estimate(artifact: str | Path, device: str | Device = "host", dims: dict[str
     """
     dev = device if isinstance(device, Device) else get(device)
     path = Path(artifact)
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as error:
-        raise UserError(f"cannot read {path} as ONNX: {str(error).splitlines()[0][:160]}") from error
-    model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    model = load_graph(path)
     table = tensor_table(model, dims or {})
     producers = {o: n for n in model.graph.node for o in n.output}
     eff_c, eff_m = dev.efficiency["compute"], dev.efficiency["memory"]
@@ -202,4 +261,4 @@ def estimate(artifact: str | Path, device: str | Device = "host", dims: dict[str
                      f"active power: {dev.sources.get('active_w', 'catalog')}",
                      "45 nm theoretical compute energy (Horowitz, ISSCC 2014) ignores memory traffic",
                      "Q/DQ nodes and integer matmul epilogues (Cast, scale, bias) assumed fused into "
-                     "integer kernels"])
+                     "integer kernels", *pricing_gaps(model.graph, table)])

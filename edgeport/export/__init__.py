@@ -1,1 +1,3 @@
-"""torch -> artifacts (ONNX now; Core ML and TensorRT join here), and their verification."""
+"""The backends, one module each (`onnx`, `coreml`, `tensorrt`), found by name through
+`edgeport.export.registry` (not this package's namespace: `edgeport.export` is also the SDK
+function that `import edgeport` re-exports)."""

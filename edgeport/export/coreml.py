@@ -9,14 +9,15 @@ lowest the model needs, and the reason is recorded.
 from __future__ import annotations
 
 import collections
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from edgeport.errors import ExportError, UserError
-from edgeport.export.artifact import Artifact, TensorSpec
-from edgeport.export.onnx import input_names, quiet, source_sha256, summarize_error
-from edgeport.runtime.runners import flatten_outputs
+from edgeport.errors import BackendUnavailable, ExportError, UserError
+from edgeport.core import (Artifact, Backend, ExportRequest, Runner, TensorSpec, flatten_outputs, input_names, option,
+                           source_sha256)
+from edgeport.export.onnx import quiet, summarize_error
 
 ROUTES = ("torch.export", "torchscript-trace")
 # mlprogram needs iOS 15; these features raise it (coremltools' documented requirements)
@@ -255,3 +256,61 @@ def export_coreml(model: torch.nn.Module, args: tuple[torch.Tensor, ...], folder
                                   "verification": {"structure": structure}})
     detail = "; ".join(f"{route}: {summarize_error(e)}" for route, e in failures.items())
     raise ExportError(f"cannot convert to Core ML: {detail}")
+
+
+class CoreMLRunner(Runner):
+    """A Core ML package run by Core ML itself; only macOS has that runtime."""
+
+    def __init__(self, path: str | Path, compute_units: str = "ALL"):
+        self.path, self.compute_units = Path(path), compute_units
+        self.name, self.model = "coreml", None
+
+    def load(self) -> "CoreMLRunner":
+        import platform
+
+        if platform.system() != "Darwin":
+            raise BackendUnavailable("coreml", f"Core ML predicts only on macOS; this is {platform.system()}",
+                                     "verify and profile the package on a Mac")
+        import coremltools as ct
+
+        self.model = ct.models.MLModel(str(self.path), compute_units=getattr(ct.ComputeUnit, self.compute_units))
+        spec = self.model.get_spec()
+        self.input_names = [f.name for f in spec.description.input]
+        self.output_names = [f.name for f in spec.description.output]
+        self.device = f"coreml-{self.compute_units.lower()}"
+        return self
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        result = self.model.predict({n: feeds[n] for n in self.input_names})
+        return {n: np.asarray(result[n]) for n in self.output_names}
+
+
+@dataclass
+class CoreMLOptions:
+    """How the Core ML package is converted and stored."""
+
+    precision: str = option("fp32", "Core ML compute precision", choices=("fp32", "fp16"))
+    weights: str | None = option(None, "Core ML weight compression", choices=tuple(m for m in WEIGHT_MODES
+                                                                                   if m != "int4-per-channel"))
+
+
+class CoreMLBackend(Backend):
+    """Core ML ML Programs (`.mlpackage`): converted on any OS, run by Core ML on macOS."""
+
+    name = "coreml"
+    summary = "Core ML ML Program, checked structurally everywhere and numerically on macOS"
+    Options = CoreMLOptions
+    formats = ("coreml",)
+    quantized = ("weights on their grid in Core ML's int8/int4 compression, activations as 8-bit "
+                 "quantize/dequantize (iOS17+)")
+
+    def export(self, request: ExportRequest, options: CoreMLOptions) -> list[Artifact]:
+        return [export_coreml(request.module, request.args, request.folder, request.name,
+                              precision=options.precision, weights=options.weights, names=request.input_names,
+                              output_names=request.output_names)]
+
+    def runner(self, artifact: Artifact, threads: int | None = None, profiling: bool = False) -> Runner:
+        return CoreMLRunner(artifact.path)
+
+
+BACKEND = CoreMLBackend()

@@ -9,50 +9,33 @@ failing op and the `nn.Module` path that produced it.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import inspect
+import gc
 import io
 import logging
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
 
-from edgeport.errors import ExportError, UserError
-from edgeport.export.artifact import Artifact, TensorSpec
-from edgeport.runtime.runners import flatten_outputs
+from edgeport.errors import BackendUnavailable, ExportError, UserError
+from edgeport.core import (Artifact, Backend, ExportRequest, Runner, TensorSpec, flatten_outputs, input_names, option,
+                           source_sha256)
 
 SINGLE_FILE_LIMIT = 1_800_000_000  # bytes; protobuf's hard limit is 2 GiB, keep headroom
 DYNAMO_MIN_OPSET = 18  # the torch.export path silently raises anything lower to 18
+# The legacy exporter writes 13..20, torch.export 18..23 (torch 2.13's ONNX_MAX_OPSET); below 13
+# the zoo's own ops (e.g. Softmax over one axis, Split with inputs) do not exist.
+MIN_OPSET, MAX_OPSET = 13, 23
 EXPORTERS = ("auto", "torch.export", "legacy-torchscript")
 
 _ONNX_DTYPES = {v: np.dtype(k).name for k, v in {
     np.float32: onnx.TensorProto.FLOAT, np.float16: onnx.TensorProto.FLOAT16, np.float64: onnx.TensorProto.DOUBLE,
     np.int64: onnx.TensorProto.INT64, np.int32: onnx.TensorProto.INT32, np.int8: onnx.TensorProto.INT8,
     np.uint8: onnx.TensorProto.UINT8, np.bool_: onnx.TensorProto.BOOL}.items()}
-
-
-def input_names(model: torch.nn.Module, count: int) -> list[str]:
-    """Names for the first `count` positional inputs: the forward's parameter names."""
-    try:
-        params = [p.name for p in inspect.signature(model.forward).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    except (TypeError, ValueError):
-        params = []
-    return [params[i] if i < len(params) else f"input_{i}" for i in range(count)]
-
-
-def source_sha256(model: torch.nn.Module) -> str:
-    """A hash of the model's class and every parameter and buffer (names, dtypes, shapes, bytes)."""
-    digest = hashlib.sha256(type(model).__qualname__.encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager
@@ -99,6 +82,12 @@ def _tensor_specs(values) -> list[TensorSpec]:
         dims = [d.dim_param if d.dim_param else d.dim_value for d in tensor_type.shape.dim]
         specs.append(TensorSpec(value.name, dims, _ONNX_DTYPES.get(tensor_type.elem_type, str(tensor_type.elem_type))))
     return specs
+
+
+def _graph_inputs(proto: onnx.ModelProto) -> list:
+    """The graph's real inputs (older files also list their initializers as inputs)."""
+    initializers = {i.name for i in proto.graph.initializer}
+    return [v for v in proto.graph.input if v.name not in initializers]
 
 
 def _finalize(path: Path, metadata: dict[str, str], integer_matmuls: bool) -> tuple[int, list[str]]:
@@ -195,7 +184,7 @@ def export_onnx(model: torch.nn.Module, args: tuple[torch.Tensor, ...], folder: 
             continue
         proto = onnx.load(str(path), load_external_data=False)
         return Artifact(
-            path=path, format="onnx", precision=precision, inputs=_tensor_specs(proto.graph.input),
+            path=path, format="onnx", precision=precision, inputs=_tensor_specs(_graph_inputs(proto)),
             outputs=_tensor_specs(proto.graph.output), source_sha256=metadata["edgeport.source_sha256"],
             exporter=route, opset=written_opset, notes=notes, files=files,
             settings={"opset_requested": opset, "dynamic_axes": dynamic_axes or {}, "exporter_requested": exporter,
@@ -263,3 +252,101 @@ def trace_ops(model: torch.nn.Module, args: tuple) -> dict[str, set[str]]:
         pre.remove()
         post.remove()
     return used
+
+
+class OnnxRuntimeRunner(Runner):
+    """An ONNX Runtime session on the providers actually available here (CPU unless told).
+
+    `threads` sets intra-op threads (None: ORT's default). `spinning=False` stops idle
+    worker threads from busy-waiting, which matters when another session is being timed
+    in the same process.
+    """
+
+    def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int | None = None,
+                 spinning: bool = True):
+        self.path, self.threads, self.spinning = Path(path), threads, spinning
+        self.providers = providers
+        self.name, self.session = "onnxruntime", None
+        self.input_names: list[str] = []
+        self.output_names: list[str] = []
+
+    def load(self) -> "OnnxRuntimeRunner":
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        providers = self.providers or ["CPUExecutionProvider"]
+        missing = [p for p in providers if p not in available]
+        if missing:
+            raise BackendUnavailable(f"onnxruntime {missing[0]}", f"this onnxruntime build offers {available}",
+                                     "install an onnxruntime build with that execution provider")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+            options.inter_op_num_threads = 1
+        if not self.spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        except Exception as error:  # ORT raises its own Fail/InvalidGraph types for bad files
+            raise UserError(f"onnxruntime cannot load {self.path}: {str(error).splitlines()[0]}") from error
+        self.device = "cpu" if providers == ["CPUExecutionProvider"] else providers[0]
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        return self
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outputs = self.session.run(None, {n: feeds[n] for n in self.input_names})
+        return dict(zip(self.output_names, outputs))
+
+    def close(self) -> None:
+        """Release the session now: a spinning session waiting for the garbage collector keeps
+        its worker threads busy, which halved the speed of the next session timed here."""
+        self.session = None
+        if self.spinning:  # a full collection costs ~0.1 s: only worth it where threads spin
+            gc.collect()
+
+
+@dataclass
+class OnnxOptions:
+    """How the ONNX file is written."""
+
+    opset: int | None = option(None, "ONNX opset (default: the exporter's; below 18 uses the legacy exporter)",
+                               flag="--opset", keyword="opset", minimum=MIN_OPSET, maximum=MAX_OPSET)
+    exporter: str = option("auto", "Which torch exporter: torch.export first with the legacy one as fallback, "
+                                   "or only one of them", flag="--exporter", keyword="exporter", choices=EXPORTERS)
+
+
+class OnnxBackend(Backend):
+    """ONNX for ONNX Runtime: torch.export (legacy exporter as fallback), run by ONNX Runtime."""
+
+    name = "onnx"
+    summary = "ONNX, verified in ONNX Runtime"
+    Options = OnnxOptions
+    formats = ("onnx",)
+    quantized = ("QuantizeLinear/DequantizeLinear with integer weights; matmuls that a constant scale or bias "
+                 "follows as MatMulInteger, which ONNX Runtime fuses into integer kernels")
+
+    def export(self, request: ExportRequest, options: OnnxOptions) -> list[Artifact]:
+        return [export_onnx(request.module, request.args, request.folder, request.name, opset=options.opset,
+                            dynamic_axes=request.dynamic_axes, exporter=options.exporter, precision=request.precision,
+                            names=request.input_names, output_names=request.output_names, integer_matmuls=True)]
+
+    suffixes = (".onnx",)
+
+    def runner(self, artifact: Artifact, threads: int | None = None, profiling: bool = False) -> Runner:
+        # verification sessions do not spin: they would distort timings taken beside them
+        return OnnxRuntimeRunner(artifact.path, threads=threads, spinning=profiling)
+
+    def describe(self, path: Path) -> Artifact:
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+        except Exception as error:  # protobuf raises its own DecodeError for a file that is not ONNX
+            raise UserError(f"cannot read {path} as ONNX: {str(error).splitlines()[0][:160]}") from error
+        opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+        return Artifact(path=path, format="onnx", precision="unknown", inputs=_tensor_specs(_graph_inputs(proto)),
+                        outputs=_tensor_specs(proto.graph.output), source_sha256="", exporter="unknown (no sidecar)",
+                        opset=opset)
+
+
+BACKEND = OnnxBackend()

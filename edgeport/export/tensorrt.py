@@ -19,7 +19,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from edgeport.core import Artifact, Backend, ExportRequest, Runner, option
 from edgeport.errors import BackendUnavailable, UserError
+from edgeport.export.onnx import OnnxOptions, export_onnx
 
 # From onnx-tensorrt's docs/operators.md (the parser's support matrix); operators listed there
 # as unsupported that later releases still do not implement.
@@ -235,3 +237,110 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str = "fp16",
     if timing_cache:
         timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
     return engine_path
+
+
+class TensorRTRunner(Runner):
+    """A serialized TensorRT engine run through the tensorrt API on the GPU (torch holds the
+    device buffers). Raises `BackendUnavailable` without tensorrt or a CUDA device."""
+
+    def __init__(self, path: str | Path):
+        self.path, self.name, self.device = Path(path), "tensorrt", "cuda"
+
+    def load(self) -> "TensorRTRunner":
+        trt = tensorrt_module()
+        if not torch.cuda.is_available():
+            raise BackendUnavailable("tensorrt", "no CUDA device is visible", "run on a machine with an NVIDIA GPU")
+        self.trt = trt
+        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(self.path.read_bytes())
+        if self.engine is None:
+            raise UserError(f"{self.path} is not a TensorRT engine for this GPU and TensorRT version")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        return self
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        keep = []
+        for name in self.input_names:
+            tensor = torch.from_numpy(np.ascontiguousarray(feeds[name])).cuda()
+            self.context.set_input_shape(name, tuple(tensor.shape))
+            self.context.set_tensor_address(name, tensor.data_ptr())
+            keep.append(tensor)
+        outputs = {}
+        for name in self.output_names:
+            dtype = torch.from_numpy(np.zeros(0, dtype=self.trt.nptype(self.engine.get_tensor_dtype(name)))).dtype
+            outputs[name] = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=dtype, device="cuda")
+            self.context.set_tensor_address(name, outputs[name].data_ptr())
+        stream = torch.cuda.current_stream()
+        self.context.execute_async_v3(stream.cuda_stream)
+        stream.synchronize()
+        return {n: t.cpu().numpy() for n, t in outputs.items()}
+
+
+def profile_shapes(artifact: Artifact, args: tuple) -> dict:
+    """(min, opt, max) per input with symbolic dims: 1, the example's size, 4x it (at least 8)."""
+    shapes = {}
+    for spec, arg in zip(artifact.inputs, args):
+        if any(isinstance(d, str) for d in spec.shape):
+            opt = list(arg.shape)
+            low = [1 if isinstance(d, str) else d for d in spec.shape]
+            high = [max(8, 4 * o) if isinstance(d, str) else d for d, o in zip(spec.shape, opt)]
+            shapes[spec.name] = (low, opt, high)
+    return shapes
+
+
+@dataclass
+class TensorRTOptions(OnnxOptions):
+    """The ONNX file TensorRT parses, and the engine's precision."""
+
+    precision: str = option("fp16", "TensorRT engine precision (a quantized model's Q/DQ nodes make it int8)",
+                            choices=("fp32", "fp16", "int8"))
+
+
+class TensorRTBackend(Backend):
+    """TensorRT: the verified ONNX in pure QDQ form (`<name>-tensorrt.onnx`), a readiness
+    report, the trtexec command for the device, and the engine where tensorrt and a GPU exist."""
+
+    name = "tensorrt"
+    summary = "TensorRT: readiness-checked ONNX + trtexec script; the engine where tensorrt and a GPU exist"
+    Options = TensorRTOptions
+    formats = ("tensorrt",)
+    quantized = "pure QDQ (no MatMulInteger): symmetric INT8 Q/DQ pairs TensorRT fuses (explicit quantization)"
+
+    def export(self, request: ExportRequest, options: TensorRTOptions) -> list[Artifact]:
+        """The ONNX artifact (ready or not, with the reasons), and the engine when one was built."""
+        onnx_artifact = export_onnx(request.module, request.args, request.folder, f"{request.name}-tensorrt",
+                                    opset=options.opset, dynamic_axes=request.dynamic_axes,
+                                    exporter=options.exporter, precision=request.precision,
+                                    names=request.input_names, output_names=request.output_names,
+                                    integer_matmuls=False)
+        readiness = check_readiness(onnx_artifact.path)
+        shapes = profile_shapes(onnx_artifact, request.args)
+        command = trtexec_command(onnx_artifact.path, readiness, options.precision, shapes)
+        script = onnx_artifact.path.with_suffix(".trtexec.sh")
+        script.write_text(f"#!/bin/sh\n# Build the TensorRT engine on the device (written by edgeport)\n{command}\n")
+        onnx_artifact.files.insert(0, script.name)
+        onnx_artifact.settings["tensorrt"] = {"readiness": readiness.to_dict(), "trtexec": command, "profiles": shapes}
+        if not readiness.ready:
+            onnx_artifact.notes.append(readiness.summary())
+            return [onnx_artifact]
+        engine_path = onnx_artifact.path.with_suffix(".engine")
+        try:
+            build_engine(onnx_artifact.path, engine_path, options.precision, shapes or None)
+        except BackendUnavailable as unavailable:
+            onnx_artifact.settings["tensorrt"]["engine"] = f"not built here: {unavailable}"
+            onnx_artifact.notes.append(f"TensorRT engine not built: {unavailable}; run {script.name} on the device")
+            return [onnx_artifact]
+        precision = request.precision if request.precision != "fp32" else options.precision
+        engine = Artifact(path=engine_path, format="tensorrt", precision=precision, inputs=onnx_artifact.inputs,
+                          outputs=onnx_artifact.outputs, source_sha256=onnx_artifact.source_sha256,
+                          exporter="tensorrt-api", files=[engine_path.name],
+                          settings={"onnx": onnx_artifact.path.name, "profiles": shapes})
+        return [onnx_artifact, engine]
+
+    def runner(self, artifact: Artifact, threads: int | None = None, profiling: bool = False) -> Runner:
+        return TensorRTRunner(artifact.path)
+
+
+BACKEND = TensorRTBackend()

@@ -350,3 +350,10 @@ def _reparameterize(name: str, layer: QuantLinear, symmetric: bool, report: Quan
     weight.set_range(*weight_fit(layer.inner.weight.detach(), weight))  # refitted on W' = W diag(r)
     layer.wq = weight
     report.reparameterized.append(name)
+
+
+def precision_label(model: nn.Module) -> str:
+    """"fp32", or "w<bits>a<bits>" for a model from `quantize` (its narrowest layer)."""
+    weights = [m.wq.bits for m in model.modules() if isinstance(getattr(m, "wq", None), UniformQuantizer)]
+    acts = [m.act.bits for m in model.modules() if isinstance(getattr(m, "act", None), UniformQuantizer)]
+    return f"w{min(weights)}a{min(acts)}" if weights and acts else "fp32"

@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 
 from edgeport.errors import UserError
-from edgeport.runtime.runners import Runner
+from edgeport.core import Runner
 
 
 @dataclass

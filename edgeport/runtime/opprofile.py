@@ -138,3 +138,8 @@ def profile_torch(model, input_names: list[str], feeds: list[dict[str, np.ndarra
         cat = next((c for c, keys in TORCH_CATEGORIES.items() if op.lstrip("_") in keys), "elementwise")
         ops.append(OpTime(event.key, op, "", cat, float(event.self_cpu_time_total), int(event.count)))
     return OpProfile("torch", runs, sorted(ops, key=lambda o: -o.total_us))
+
+
+def op_profiler_for(artifact_format: str):
+    """The per-op profiler for artifacts of a format, or None where the runtime has none here."""
+    return {"onnx": profile_onnxruntime}.get(artifact_format)

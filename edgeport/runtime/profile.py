@@ -16,7 +16,7 @@ from edgeport.runtime.energy import MeterError, MeterUnavailable, detect_meter, 
 from edgeport.runtime.latency import measure, measure_sessions
 from edgeport.runtime.opprofile import OpProfile
 from edgeport.runtime.report import Energy, Profile, environment
-from edgeport.runtime.runners import Runner
+from edgeport.core import Runner
 
 
 def measure_energy_of(runner: Runner, feeds: list[dict[str, np.ndarray]], gpu: bool, window_s: float, idle_s: float,

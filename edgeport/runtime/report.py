@@ -4,6 +4,10 @@ A `Profile` holds what was measured on this machine (latency samples and statist
 per-op breakdown, energy with its provenance, peak memory, the environment) and, beside it,
 the estimate for the device asked about. Every figure carries its unit and provenance;
 an estimate is never printed as a measurement.
+
+The JSON files a report is built from are data, not markup: they may come from another
+machine or another person, so every string from them is HTML-escaped on the page, and a
+file of the wrong shape is refused, naming the file and the field, before anything is written.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import os
 import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from edgeport.devices.estimate import Estimate
 from edgeport.errors import UserError
@@ -105,11 +110,24 @@ class Profile:
         return "\n".join(lines)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n")
+        """Write the profile's JSON (`edgeport.profile/1`) atomically to `path`; returns it."""
+        return write_atomically(Path(path), json.dumps(self.to_dict(), indent=2, default=str) + "\n")
+
+
+def write_atomically(path: Path, text: str) -> Path:
+    """Write `text` to `path` through a temporary file in the same folder, renamed into place,
+    so that a reader never sees half a file and a failed write leaves nothing behind.
+    A missing or unwritable folder is a UserError naming it."""
+    if not path.parent.is_dir():
+        raise UserError(f"cannot write {path}: the folder {path.parent} does not exist")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: concurrent writers do not collide
+    try:
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
-        return path
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {error.strerror or error}") from error
+    return path
 
 
 # --- SVG plots: small, dependency-free, readable -----------------------------------------
@@ -207,7 +225,8 @@ def render_html(profiles: list[dict], estimates: list[dict], accuracy: list[dict
     """A self-contained HTML page from profile and estimate dicts (their JSON form).
 
     `accuracy` rows are {"model", "variant", "bits", "accuracy_percent"} for the accuracy vs
-    bit width plot.
+    bit width plot. Every string from the dicts is HTML-escaped, in text and in SVG alike,
+    and the page has no script, so hostile values show as text.
     """
     parts = [f"<h1>{html.escape(title)}</h1>"]
     if profiles:
@@ -217,7 +236,7 @@ def render_html(profiles: list[dict], estimates: list[dict], accuracy: list[dict
             lat, energy = p["latency"], p["energy"]
             energy_text = (f"{energy['net_mj_per_inference']:.4g} mJ net ({energy['provenance']})"
                            if energy["available"] else "not measured: " + "; ".join(energy["reasons"]))
-            parts.append(f"<tr><td>{html.escape(p['label'] or Path(p['artifact']).name)}</td><td>{p['backend']}</td>"
+            parts.append(f"<tr><td>{html.escape(p['label'] or Path(p['artifact']).name)}</td><td>{html.escape(p['backend'])}</td>"
                          f"<td>{lat['p50']:.4f}</td><td>{lat['median_ci95'][0]:.4f}–{lat['median_ci95'][1]:.4f}</td>"
                          f"<td>{lat['p99']:.4f}</td><td>{lat['cv']:.2f}</td>"
                          f"<td>{'yes' if lat['valid'] else html.escape('; '.join(lat['problems']))}</td>"
@@ -240,7 +259,7 @@ def render_html(profiles: list[dict], estimates: list[dict], accuracy: list[dict
         parts.append("<table><tr><th>artifact</th><th>device</th><th>est. latency ms</th><th>est. energy mJ</th>"
                      "<th>45 nm compute mJ</th><th>MACs</th></tr>")
         for e in estimates:
-            parts.append(f"<tr><td>{html.escape(Path(e['artifact']).name)}</td><td>{e['device']}</td>"
+            parts.append(f"<tr><td>{html.escape(Path(e['artifact']).name)}</td><td>{html.escape(e['device'])}</td>"
                          f"<td>{e['latency_ms']:.4g}</td><td>{e['energy_mj']:.4g}</td>"
                          f"<td>{e['compute_energy_45nm_mj']:.3g}</td><td>{e['macs']:.3g}</td></tr>")
         parts.append("</table>")
@@ -257,23 +276,151 @@ def render_html(profiles: list[dict], estimates: list[dict], accuracy: list[dict
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
 
 
+# --- Reading report folders: the shape each file must have --------------------------------
+# A shape is one of the scalar names below, a dict (an object with those keys; a Nullable key
+# may be left out), a tuple (a list of exactly those items), ListOf, MapOf, Nullable or Exactly.
+# Only the fields the page reads are checked; other keys pass through.
+
+TEXT, FLAG, FINITE, OBJECT = "a string", "true or false", "a finite number", "an object"
+_SCALARS = {TEXT: lambda v: isinstance(v, str), FLAG: lambda v: isinstance(v, bool),
+            FINITE: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+            OBJECT: lambda v: isinstance(v, dict)}
+
+
+@dataclass(frozen=True)
+class ListOf:
+    item: Any
+    min_length: int = 0
+
+
+@dataclass(frozen=True)
+class MapOf:
+    value: Any  # every value of an object with any keys
+
+
+@dataclass(frozen=True)
+class Nullable:
+    shape: Any
+
+
+@dataclass(frozen=True)
+class Exactly:
+    value: str
+
+
+PROFILE_SHAPE = {
+    "schema": Exactly(SCHEMA), "artifact": TEXT, "backend": TEXT, "label": TEXT, "environment": OBJECT,
+    "latency": {"p50": FINITE, "p99": FINITE, "cv": FINITE, "median_ci95": (FINITE, FINITE), "valid": FLAG,
+                "problems": ListOf(TEXT), "samples_ms": ListOf(FINITE, min_length=1)},
+    "energy": {"available": FLAG, "provenance": TEXT, "net_mj_per_inference": Nullable(FINITE),
+               "reasons": ListOf(TEXT)},
+    "ops": Nullable({"by_category": MapOf(FINITE)})}
+ESTIMATE_SHAPE = {"provenance": Exactly("estimated:roofline"), "artifact": TEXT, "device": TEXT,
+                  "latency_ms": FINITE, "energy_mj": FINITE, "compute_energy_45nm_mj": FINITE, "macs": FINITE}
+
+
+def _describe(value: Any) -> str:
+    """A JSON value's kind, never its text: messages reach a terminal that reads markup."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value).replace("nan", "NaN").replace("inf", "Infinity")
+    kinds = {str: "a string", int: "a number", float: "a number", list: f"a list", dict: "an object"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def shape_problem(value: Any, shape: Any, where: str = "") -> str | None:
+    """What is wrong with JSON `value` against `shape`, with the path to the field
+    (e.g. `latency.samples_ms[3] should be a finite number, not a string`), or None."""
+    here = where or "the file"
+    if isinstance(shape, str):
+        return None if _SCALARS[shape](value) else f"{here} should be {shape}, not {_describe(value)}"
+    if isinstance(shape, Exactly):
+        return None if value == shape.value else f"{here} should be {shape.value!r}"
+    if isinstance(shape, Nullable):
+        return None if value is None else shape_problem(value, shape.shape, where)
+    if isinstance(shape, dict):
+        if not isinstance(value, dict):
+            return f"{here} should be {OBJECT}, not {_describe(value)}"
+        for key, inner in shape.items():
+            if key not in value and not isinstance(inner, Nullable):
+                return f"{here} has no {key!r}"
+            problem = shape_problem(value.get(key), inner, f"{where}.{key}" if where else key)
+            if problem:
+                return problem
+        return None
+    if isinstance(shape, MapOf):
+        if not isinstance(value, dict):
+            return f"{here} should be {OBJECT}, not {_describe(value)}"
+        return next((f"{here} has a value that is {_describe(v)}, not {shape.value}" for v in value.values()
+                     if shape_problem(v, shape.value)), None)
+    items, fixed = (shape, True) if isinstance(shape, tuple) else ((), False)
+    if not isinstance(value, list):
+        return f"{here} should be a list, not {_describe(value)}"
+    if fixed and len(value) != len(items):
+        return f"{here} should hold {len(items)} items, not {len(value)}"
+    if not fixed and len(value) < shape.min_length:
+        return f"{here} should hold at least {shape.min_length} item(s), not {len(value)}"
+    for index, item in enumerate(value):
+        problem = shape_problem(item, items[index] if fixed else shape.item, f"{here}[{index}]")
+        if problem:
+            return problem
+    return None
+
+
+def read_json(path: Path) -> Any:
+    """The JSON value in `path`; a UserError naming the file if it cannot be read or parsed."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise UserError(f"cannot read {path}: {error.strerror or error}") from error
+    except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError; deep nesting recurses
+        raise UserError(f"{path} is not valid JSON: {error}") from error
+
+
+def checked_profile(data: Any, path: Path) -> dict:
+    """`data` if it is a profile the page can render; otherwise a UserError naming `path` and the field."""
+    problem = shape_problem(data, PROFILE_SHAPE)
+    if not problem and data["energy"]["available"] and data["energy"]["net_mj_per_inference"] is None:
+        problem = "energy.net_mj_per_inference should be a finite number when energy.available is true"
+    if problem:
+        raise UserError(f"malformed profile {path}: {problem}")
+    return data
+
+
+def checked_estimates(data: Any, path: Path) -> list[dict]:
+    """The estimates in `data` (one object or a list of them, as `estimate --json` writes);
+    a UserError naming `path`, the item and the field if any is malformed."""
+    problem = shape_problem(data, ListOf(ESTIMATE_SHAPE) if isinstance(data, list) else ESTIMATE_SHAPE)
+    if problem:
+        raise UserError(f"malformed estimate {path}: {problem}")
+    return data if isinstance(data, list) else [data]
+
+
+def _claims(data: Any, key: str, value: str) -> bool:
+    return isinstance(data, dict) and data.get(key) == value
+
+
 def load_reports(folder: str | Path) -> tuple[list[dict], list[dict]]:
-    """Every `*.profile.json` and `*.estimate.json` in `folder`, as dicts."""
+    """Every profile and estimate in `folder`, as dicts checked to have what the page reads.
+
+    A file is a profile if it is named `*.profile.json` or says `"schema": "edgeport.profile/1"`,
+    and holds estimates if it is named `*.estimate.json` or holds an object (or a list with an
+    object) saying `"provenance": "estimated:roofline"`. Other `*.json` files (a demo's
+    summary) are skipped, but must be valid JSON. Anything malformed is a UserError naming
+    the file and what is wrong.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder of profiles")
     profiles, estimates = [], []
     for path in sorted(folder.glob("*.json")):
-        try:
-            data = json.loads(path.read_text())
-        except ValueError as error:
-            raise UserError(f"{path} is not valid JSON: {error}") from error
-        if isinstance(data, dict) and data.get("schema") == SCHEMA:
-            profiles.append(data)
-        elif isinstance(data, dict) and data.get("provenance") == "estimated:roofline":
-            estimates.append(data)
-        elif isinstance(data, list):
-            estimates += [d for d in data if isinstance(d, dict) and d.get("provenance") == "estimated:roofline"]
+        data = read_json(path)
+        if path.name.endswith(".profile.json") or _claims(data, "schema", SCHEMA):
+            profiles.append(checked_profile(data, path))
+        elif path.name.endswith(".estimate.json") or _claims(data, "provenance", "estimated:roofline") or (
+                isinstance(data, list) and any(_claims(d, "provenance", "estimated:roofline") for d in data)):
+            estimates += checked_estimates(data, path)
     if not profiles and not estimates:
         raise UserError(f"no profiles (*.json with schema {SCHEMA}) or estimates in {folder}")
     return profiles, estimates
@@ -281,9 +428,6 @@ def load_reports(folder: str | Path) -> tuple[list[dict], list[dict]]:
 
 def write_html(path: str | Path, profiles: list[dict], estimates: list[dict], accuracy: list[dict] | None = None,
                title: str = "edgeport report") -> Path:
-    """Write the HTML report atomically; returns its path."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render_html(profiles, estimates, accuracy, title))
-    os.replace(tmp, path)
-    return path
+    """Render the report and write it atomically to `path` (a missing folder is a UserError);
+    returns the path."""
+    return write_atomically(Path(path), render_html(profiles, estimates, accuracy, title))

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from edgeport.devices.estimate import ENERGY_45NM_PJ
-from edgeport.export.verify import is_binary
+from edgeport.verify import is_binary
 from edgeport.snn.neurons import NEURONS
 
 PROVENANCE = "estimated:45nm-sop (Horowitz ISSCC 2014 constants; compute only, no memory traffic)"
@@ -96,7 +96,7 @@ def spike_statistics(model: nn.Module, inputs: torch.Tensor) -> SpikeStats:
     weight layer's MACs, calls and input firing rate, and each neuron layer's firing rate.
 
     `model` is anything whose forward runs all timesteps (the zoo's spiking CNN, or an
-    `UnrolledModule` from `edgeport.export.spiking`).
+    `UnrolledModule` from `edgeport.transforms.spiking`).
     """
     names = {m: n.removeprefix("stepped.").removeprefix("net.") for n, m in model.named_modules()}
     layers: dict[str, LayerStats] = {}

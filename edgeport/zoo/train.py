@@ -79,7 +79,7 @@ def _train(name: str, recipe: dict) -> dict:
     seconds = time.perf_counter() - start
     model.eval()
     if "prune_from" in recipe:
-        from edgeport.export.slim import bake_masks
+        from edgeport.transforms.slim import bake_masks
 
         model = bake_masks(model).eval()
     WEIGHTS_DIR.mkdir(exist_ok=True)

@@ -1,0 +1,618 @@
+"""The core objects every stage shares; this module imports no stage.
+
+- `Artifact`: a file on disk plus its `*.edgeport.json` sidecar, written atomically through
+  `Staging` (exporters write into a staging folder inside the output folder; only after the
+  artifact has been verified does `Staging.commit` move it into place);
+- `Tolerance`, `OutputParity`, `ParityReport`: what a verification decided and why;
+- `Runner`: the one interface every backend's runtime implements, and `TorchRunner`, the
+  reference every artifact is compared against;
+- `Source` and the feeds policy: the model, its example and the inputs made for it, with one
+  rule for dtypes and value ranges (token ids within the vocabulary, masks 0/1) and one size
+  limit checked before anything is allocated.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import inspect
+import json
+import math
+import os
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from edgeport.errors import BackendUnavailable, UserError
+
+SIDECAR_SUFFIX = ".edgeport.json"
+
+
+@dataclass
+class Tolerance:
+    """What an output must satisfy; `why` says where the numbers come from."""
+
+    kind: str  # "relative-to-scale" | "cosine" | "exact"
+    max_error: float = 0.0  # relative to the output scale, for "relative-to-scale"
+    min_cosine: float = 0.0
+    min_sqnr_db: float = 0.0
+    why: str = ""
+
+    def short(self) -> str:
+        """The rule in a few characters, for tables."""
+        if self.kind == "exact":
+            return "exact"
+        if self.kind == "cosine":
+            return f"cos>={self.min_cosine:g}, SQNR>={self.min_sqnr_db:g}dB"
+        return f"rel<={self.max_error:g}"
+
+
+TOLERANCES = {
+    "fp32": Tolerance("relative-to-scale", max_error=1e-4, why="fp32: max abs error <= 1e-4 x max|reference|"),
+    "fp16": Tolerance("relative-to-scale", max_error=1e-2, why="fp16: max abs error <= 1e-2 x max|reference|"),
+    "int8": Tolerance("cosine", min_cosine=0.99, min_sqnr_db=15.0,
+                      why="int8: judged by cosine >= 0.99 and SQNR >= 15 dB, not atol"),
+    "int4": Tolerance("cosine", min_cosine=0.9, min_sqnr_db=5.0,
+                      why="sub-8-bit: judged by cosine >= 0.9 and SQNR >= 5 dB, not atol"),
+    "exact": Tolerance("exact", why="bool/integer output: must be identical"),
+}
+
+
+def tolerance_for(precision: str, dtype: np.dtype) -> Tolerance:
+    """The default tolerance for one output of an artifact of the given precision."""
+    if dtype == np.bool_ or np.issubdtype(dtype, np.integer):
+        return TOLERANCES["exact"]
+    if precision in TOLERANCES:
+        return TOLERANCES[precision]
+    if precision.startswith(("w8", "int8")):
+        return TOLERANCES["int8"]
+    if precision.startswith(("w", "int")):
+        return TOLERANCES["int4"]
+    return TOLERANCES["fp16" if dtype == np.float16 else "fp32"]
+
+
+@dataclass
+class OutputParity:
+    """Errors of one output over all compared samples, and the verdict."""
+
+    name: str
+    shape: list[int]
+    max_abs_error: float
+    max_rel_error: float  # max abs error / output scale
+    scale: float  # max |reference|
+    cosine: float
+    sqnr_db: float
+    mismatched: int  # elements that differ at all (what counts for exact outputs)
+    tolerance: Tolerance
+    passed: bool
+
+    def describe(self) -> str:
+        verdict = "ok" if self.passed else "FAILED"
+        return (f"{self.name}: {verdict} max abs {self.max_abs_error:.3g} (scale {self.scale:.3g}, "
+                f"rel {self.max_rel_error:.3g}), cosine {self.cosine:.6f}, SQNR {self.sqnr_db:.1f} dB "
+                f"[{self.tolerance.why}]")
+
+
+@dataclass
+class ParityReport:
+    """Per-output parity between a reference and a candidate runner on the same inputs."""
+
+    reference: str
+    candidate: str
+    samples: int
+    inputs_source: str
+    outputs: list[OutputParity] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(o.passed for o in self.outputs)
+
+    def failures(self) -> list[OutputParity]:
+        return [o for o in self.outputs if not o.passed]
+
+    def summary(self) -> str:
+        head = f"parity {self.candidate} vs {self.reference} on {self.samples} samples ({self.inputs_source})"
+        return "\n".join([head + (": passed" if self.passed else ": FAILED")] +
+                         ["  " + o.describe() for o in self.outputs])
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ParityReport":
+        outputs = [OutputParity(**{**o, "tolerance": Tolerance(**o["tolerance"])}) for o in data["outputs"]]
+        return cls(data["reference"], data["candidate"], data["samples"], data["inputs_source"], outputs)
+
+
+@dataclass
+class TensorSpec:
+    """A graph input or output: name, shape (ints, or strings for symbolic dims), dtype."""
+
+    name: str
+    shape: list
+    dtype: str
+
+
+@dataclass
+class Artifact:
+    """An exported model file and everything known about how it was made and checked."""
+
+    path: Path
+    format: str  # "onnx", "coreml", "tensorrt"
+    precision: str  # "fp32", "fp16", "int8", "w4a4", ...
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    source_sha256: str
+    exporter: str  # the path actually taken, e.g. "torch.export" or "legacy-torchscript"
+    opset: int | None = None
+    settings: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # e.g. why the fallback was taken
+    files: list[str] = field(default_factory=list)  # every file that belongs to the artifact
+    parity: ParityReport | None = None
+    edgeport_version: str = ""
+    created: str = ""
+
+    @property
+    def sidecar(self) -> Path:
+        return self.path.with_name(self.path.name + SIDECAR_SUFFIX)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["path"] = str(self.path)
+        data["parity"] = self.parity.to_dict() if self.parity else None
+        return data
+
+    def write_sidecar(self) -> Path:
+        from edgeport import __version__
+
+        self.edgeport_version = __version__
+        self.created = self.created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        data = self.to_dict()
+        data["path"] = self.path.name  # relative: the folder may be moved
+        self.sidecar.write_text(json.dumps(data, indent=2) + "\n")
+        return self.sidecar
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Artifact":
+        """Read an artifact's sidecar; `path` is the artifact file (or the sidecar itself)."""
+        path = Path(path)
+        if path.name.endswith(SIDECAR_SUFFIX):
+            path = path.with_name(path.name[: -len(SIDECAR_SUFFIX)])
+        sidecar = path.with_name(path.name + SIDECAR_SUFFIX)
+        if not path.exists():
+            raise UserError(f"artifact {path} does not exist")
+        if not sidecar.exists():
+            raise UserError(f"{path} has no {SIDECAR_SUFFIX} sidecar; was it exported by edgeport?")
+        try:
+            data = json.loads(sidecar.read_text())
+            data["path"] = path
+            data["inputs"] = [TensorSpec(**t) for t in data["inputs"]]
+            data["outputs"] = [TensorSpec(**t) for t in data["outputs"]]
+            data["parity"] = ParityReport.from_dict(data["parity"]) if data.get("parity") else None
+            return cls(**data)
+        except (ValueError, KeyError, TypeError) as error:
+            raise UserError(f"corrupt sidecar {sidecar}: {error}") from error
+
+
+STAGING_PREFIX = ".edgeport-staging-"
+
+
+def check_artifact_name(name: str) -> str:
+    """An artifact name is a file name: refuse separators, `..`, absolute paths, control
+    characters and names a shell or a file system would mangle, so nothing lands outside the
+    output folder."""
+    if not isinstance(name, str) or not name.strip():
+        raise UserError("an artifact name must be a non-empty file name")
+    bad = [c for c in name if ord(c) < 32 or ord(c) == 127]
+    if "/" in name or "\\" in name or name in (".", "..") or name.startswith(("..", ".", "-")) or bad \
+            or os.path.isabs(name) or len(name.encode()) > 200:
+        raise UserError(f"artifact name {name!r} is not a plain file name (no path separators, no leading "
+                        f"'.' or '-', no control characters, at most 200 bytes)")
+    return name
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_staging(out: Path) -> list[str]:
+    """Remove staging folders in `out` left by edgeport processes that no longer run (killed
+    mid-export); returns their names. A folder of a live process is left alone."""
+    swept = []
+    for folder in out.glob(STAGING_PREFIX + "*"):
+        pid = folder.name.removeprefix(STAGING_PREFIX).split("-", 1)[0]
+        if folder.is_dir() and not folder.is_symlink() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            swept.append(folder.name)
+    return swept
+
+
+class Staging:
+    """A temporary folder inside `out` whose files move into `out` only on `commit()`.
+
+    Use as a context manager: leaving the block without committing (an exception, Ctrl-C, or
+    SIGTERM, which the CLI turns into an exception) deletes the folder and everything in it.
+    The folder's name carries the process id, so the next export into `out` removes folders
+    of processes that were killed outright.
+    """
+
+    def __init__(self, out: str | Path):
+        self.out = Path(out)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            sweep_stale_staging(self.out)
+            self.dir = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=self.out))
+        except OSError as error:
+            raise UserError(f"cannot write to output folder {self.out}: {error.strerror}") from error
+
+    def __enter__(self) -> "Staging":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _replaceable(self, artifact: Artifact) -> set[str]:
+        """Names in `out` that a previous export of this artifact wrote (listed in its sidecar)."""
+        previous = self.out / artifact.sidecar.name
+        if not previous.is_file() or previous.is_symlink():
+            return set()
+        try:
+            data = json.loads(previous.read_text())
+            return {previous.name, str(data["path"]), *map(str, data.get("files", []))}
+        except (OSError, ValueError, KeyError, TypeError):
+            return set()
+
+    def commit(self, *artifacts: Artifact) -> list[Artifact]:
+        """Move the artifacts' files and sidecars into `out` (each by an atomic rename). A name
+        in `out` is replaced only if an earlier edgeport export wrote it; anything else there
+        (a user's file or folder) stops the commit before anything moves."""
+        moves = []
+        for artifact in artifacts:
+            sidecar = artifact.write_sidecar()
+            names = list(dict.fromkeys([*artifact.files, artifact.path.name, sidecar.name]))  # sidecar last
+            owned = self._replaceable(artifact)
+            for name in names:
+                target = self.out / name
+                if (target.exists() or target.is_symlink()) and name not in owned:
+                    raise UserError(f"refusing to overwrite {target}: it was not written by an edgeport export "
+                                    f"(move it away or choose another --name)")
+                moves.append((self.dir / name, target))
+        for staged, target in moves:
+            if target.is_symlink() or target.is_file():
+                target.unlink()
+            elif target.is_dir():
+                shutil.rmtree(target)
+            os.replace(staged, target)
+        for artifact in artifacts:
+            artifact.path = self.out / artifact.path.name
+        return list(artifacts)
+
+
+class Runner(ABC):
+    """A loaded model that maps named numpy inputs to named numpy outputs (one per backend)."""
+
+    name: str = "runner"
+    device: str = "cpu"
+    input_names: list[str]
+    output_names: list[str]
+
+    @abstractmethod
+    def load(self) -> "Runner":
+        """Prepare the backend (open a session, move weights); returns self."""
+
+    @abstractmethod
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one inference; `feeds` must hold every input name."""
+
+    def close(self) -> None:
+        """Release what `load` acquired (sessions, device memory)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, device={self.device!r})"
+
+
+def in_eval_mode(model: torch.nn.Module) -> torch.nn.Module:
+    """`model.eval()`, except for torch.export modules, which are inference graphs already
+    and refuse the call."""
+    try:
+        return model.eval()
+    except NotImplementedError:
+        return model
+
+
+def flatten_outputs(outputs) -> list[torch.Tensor]:
+    """The tensors of a model's output structure, in pytree order (non-tensors dropped)."""
+    leaves, _ = torch.utils._pytree.tree_flatten(outputs)
+    return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+
+
+class TorchRunner(Runner):
+    """A torch module run eagerly under `torch.inference_mode`, on CPU or CUDA.
+
+    Outputs are the module's outputs flattened in pytree order (tuples, dicts and
+    `transformers` ModelOutputs alike), the same order both ONNX exporters use.
+    """
+
+    def __init__(self, model: torch.nn.Module, input_names: list[str], output_names: list[str] | None = None,
+                 device: str = "cpu"):
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise BackendUnavailable("torch-cuda", "no CUDA device is visible to torch",
+                                     "run on a machine with an NVIDIA GPU and a CUDA build of torch")
+        self.model, self.input_names, self.device = model, list(input_names), device
+        self.output_names = list(output_names or [])
+        self.name = "torch" if device == "cpu" else f"torch-{device}"
+
+    def load(self) -> "TorchRunner":
+        self.model = in_eval_mode(self.model).to(self.device)
+        return self
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        args = [torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self.device) for n in self.input_names]
+        with torch.inference_mode():
+            flat = flatten_outputs(self.model(*args))
+        if not self.output_names:
+            self.output_names = [f"output_{i}" for i in range(len(flat))]
+        if len(flat) != len(self.output_names):
+            raise UserError(f"the model returned {len(flat)} outputs, expected {len(self.output_names)}")
+        return {n: t.detach().cpu().numpy() for n, t in zip(self.output_names, flat)}
+
+
+def input_names(model: torch.nn.Module, count: int) -> list[str]:
+    """Names for the first `count` positional inputs: the forward's parameter names."""
+    try:
+        params = [p.name for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        params = []
+    return [params[i] if i < len(params) else f"input_{i}" for i in range(count)]
+
+
+def source_sha256(model: torch.nn.Module) -> str:
+    """A hash of the model's class and every parameter and buffer (names, dtypes, shapes, bytes)."""
+    digest = hashlib.sha256(type(model).__qualname__.encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+# --- inputs: one policy for every feed edgeport makes -------------------------------------
+
+# Bytes one input batch may take before anything is allocated; `edgeport --max-input-bytes`
+# or `EDGEPORT_MAX_INPUT_BYTES` raises it for a model that really needs more.
+MAX_INPUT_BYTES = int(os.environ.get("EDGEPORT_MAX_INPUT_BYTES", 1 << 30))
+DEFAULT_VOCABULARY = 100  # token ids drawn below this when the model has no embedding to ask
+
+
+def check_input_size(name: str, shape: Sequence[int], dtype: np.dtype | torch.dtype) -> None:
+    """Refuse an input whose every dimension is not positive, or that would take more than
+    `MAX_INPUT_BYTES` bytes, before it is allocated."""
+    if any(not isinstance(d, (int, np.integer)) or d <= 0 for d in shape):
+        raise UserError(f"input {name!r} has shape {list(shape)}: every dimension must be a positive integer")
+    itemsize = dtype.itemsize if isinstance(dtype, torch.dtype) else np.dtype(dtype).itemsize
+    size = math.prod(int(d) for d in shape) * itemsize
+    if size > MAX_INPUT_BYTES:
+        raise UserError(f"input {name!r} of shape {'x'.join(map(str, shape))} would take {size / 2**30:.3g} GiB, "
+                        f"over the {MAX_INPUT_BYTES / 2**30:.3g} GiB limit (raise it with --max-input-bytes)")
+
+
+def vocabulary_size(model: torch.nn.Module | None) -> int | None:
+    """The number of rows of the model's first embedding table: the range of its token ids."""
+    if model is None:
+        return None
+    embedding = next((m for m in model.modules() if isinstance(m, torch.nn.Embedding)), None)
+    return embedding.num_embeddings if embedding is not None else None
+
+
+def draw_input(name: str, shape: Sequence[int], dtype: np.dtype, rng: np.random.Generator,
+               like: np.ndarray | None = None, vocabulary: int | None = None) -> np.ndarray:
+    """One seeded input: floats normal with the mean and spread of `like` (standard normal
+    without it); a mask (its name says so) or a bool 0/1; other integers token ids in
+    [0, vocabulary) — or within the range `like` shows."""
+    check_input_size(name, shape, dtype)
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.floating):
+        mean, std = (float(like.mean()), float(np.nan_to_num(like.astype(np.float64).std(), nan=1.0))) \
+            if like is not None and like.size else (0.0, 1.0)
+        return (rng.standard_normal(shape) * max(std, 1e-3) + mean).astype(dtype)
+    if dtype == np.bool_ or "mask" in name.lower():
+        return rng.integers(0, 2, shape).astype(dtype)
+    if like is not None and like.size:
+        low, high = int(like.min()), int(like.max())
+    else:
+        low, high = 0, (vocabulary or DEFAULT_VOCABULARY) - 1
+    return rng.integers(low, high + 1, shape).astype(dtype)
+
+
+def random_feeds(specs: Sequence[TensorSpec], count: int, *, seed: int = 0, batch: int | None = None,
+                 dims: dict[str, int] | None = None, vocabulary: int | None = None) -> list[dict[str, np.ndarray]]:
+    """`count` seeded feeds for inputs described by `specs` (an artifact's): a symbolic
+    dimension takes its value from `dims`, else 1 (the first one `batch`, when given)."""
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for _ in range(count):
+        feed = {}
+        for spec in specs:
+            shape = [d if isinstance(d, int) and d > 0 else (dims or {}).get(d, 1) for d in spec.shape]
+            if shape and batch and not isinstance(spec.shape[0], int):
+                shape[0] = batch
+            feed[spec.name] = draw_input(spec.name, shape, np.dtype(spec.dtype), rng, vocabulary=vocabulary)
+        feeds.append(feed)
+    return feeds
+
+
+Example = torch.Tensor | Sequence[torch.Tensor]
+
+
+def as_args(example: Example) -> tuple[torch.Tensor, ...]:
+    """Normalize an example to a tuple of tensors."""
+    args = (example,) if isinstance(example, torch.Tensor) else tuple(example)
+    if not args or not all(isinstance(a, torch.Tensor) for a in args):
+        raise UserError("an example must be a tensor or a sequence of tensors")
+    return args
+
+
+def feeds_from(names: Sequence[str], batches: Sequence[Example], static_batch: int | None = None
+               ) -> list[dict[str, np.ndarray]]:
+    """Feed dicts keyed by input name; batches are split to an artifact's static batch size
+    (a remainder smaller than that size is left out). Inputs must agree on their batch size."""
+    feeds = []
+    for batch in batches:
+        arrays = [a.detach().cpu().numpy() for a in as_args(batch)]
+        if len(arrays) != len(names):
+            raise UserError(f"inputs have {len(arrays)} tensors, the model takes {len(names)} ({', '.join(names)})")
+        size = arrays[0].shape[0] if arrays[0].ndim else 1
+        if static_batch and static_batch < size:
+            if any(a.ndim == 0 or a.shape[0] != size for a in arrays):
+                raise UserError(f"inputs of batch {size} do not split into the artifact's batch of {static_batch}: "
+                                f"not every input has the batch on axis 0")
+            feeds += [{n: a[start:start + static_batch] for n, a in zip(names, arrays)}
+                      for start in range(0, size - size % static_batch, static_batch)]
+        else:
+            feeds.append(dict(zip(names, arrays)))
+    return feeds
+
+
+@dataclass
+class Source:
+    """What a run starts from: the torch model, its example arguments, the batches it is
+    verified on (and where they come from), and the policy that makes more inputs like them.
+
+    `label` names the model in artifacts (a zoo name, or the module's class name).
+    """
+
+    model: torch.nn.Module
+    example: tuple[torch.Tensor, ...]
+    label: str
+    verification: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
+    verification_label: str = ""
+
+    @property
+    def input_names(self) -> list[str]:
+        return input_names(self.model, len(self.example))
+
+    @property
+    def vocabulary(self) -> int | None:
+        return vocabulary_size(self.model)
+
+    def seeded_batches(self, count: int, seed: int = 1) -> list[tuple[torch.Tensor, ...]]:
+        """The example plus `count - 1` seeded draws shaped and ranged like it."""
+        rng = np.random.default_rng(seed)
+        names, vocabulary = self.input_names, self.vocabulary
+        draws = [tuple(torch.from_numpy(draw_input(n, a.shape, a.numpy().dtype, rng, like=a.numpy(),
+                                                   vocabulary=vocabulary)) for n, a in zip(names, self.example))
+                 for _ in range(count - 1)]
+        return [self.example, *draws]
+
+    def with_default_verification(self, count: int = 4) -> "Source":
+        """Verification batches where none were given: the example plus seeded draws like it."""
+        if not self.verification:
+            self.verification = self.seeded_batches(count)
+            self.verification_label = f"the example + {count - 1} seeded random inputs"
+        return self
+
+
+# --- backends: the unit of extension ---------------------------------------------------------
+
+def option(default, help: str, *, flag: str | None = None, keyword: str | None = None,
+           choices: Sequence | None = None, minimum: int | None = None, maximum: int | None = None):
+    """A field of a backend's `Options` dataclass, with what the CLI and the SDK need to offer
+    it: its help text, allowed values, and (when it is not `--<backend>-<field>` and
+    `<backend>_<field>`) its flag and SDK keyword."""
+    return field(default=default, metadata={"help": help, "flag": flag, "keyword": keyword, "choices": choices,
+                                            "minimum": minimum, "maximum": maximum})
+
+
+@dataclass
+class ExportRequest:
+    """What a backend exports: the module after every model transform (quantization, slimming,
+    a spiking form), called on `args`, into `folder` (a staging folder) as `name`.
+
+    `precision` labels a quantized module ("w8a8") or "fp32"; `dynamic_axes` maps input names
+    to {axis: symbol}; `output_names` None means `output_<i>`.
+    """
+
+    module: torch.nn.Module
+    args: tuple[torch.Tensor, ...]
+    folder: Path
+    name: str
+    input_names: list[str]
+    output_names: list[str] | None = None
+    precision: str = "fp32"
+    dynamic_axes: dict[str, dict[int, str]] | None = None
+
+
+class Backend(ABC):
+    """One target format: its options, its exporter, the runner for its artifacts, and how it
+    expresses quantized and spiking models. Registered by name in `edgeport.export`.
+
+    `Options` is a dataclass whose fields are made with `option(...)`; each becomes a keyword
+    of `edgeport.export(...)` and a flag of `edgeport export`. `formats` are the artifact
+    formats whose runners this backend provides.
+    """
+
+    name: str
+    summary: str
+    Options: type
+    formats: tuple[str, ...] = ()
+    quantized: str = "not supported"  # how a model from `edgeport.quantize` is expressed
+    spiking: str = "unrolled and step forms, as plain graphs"
+
+    @abstractmethod
+    def export(self, request: ExportRequest, options) -> list[Artifact]:
+        """Write the artifacts for `request` into `request.folder`; the last one is the
+        target's main artifact. The SDK verifies each with `runner` before committing any."""
+
+    suffixes: tuple[str, ...] = ()  # files of these suffixes open without a sidecar (`describe`)
+
+    @abstractmethod
+    def runner(self, artifact: Artifact, threads: int | None = None, profiling: bool = False) -> Runner:
+        """An unloaded runner for one of this backend's artifacts; `profiling` asks for the
+        runtime's fastest settings rather than the quietest (verification's)."""
+
+    def describe(self, path: Path) -> Artifact:
+        """An Artifact record for a file of this format that has no sidecar (written elsewhere)."""
+        raise UserError(f"{path} has no {SIDECAR_SUFFIX} sidecar; was it exported by edgeport?")
+
+    def options(self, values: dict) -> object:
+        """The backend's Options from keyword values (unset ones keep their defaults), each
+        checked against its declared choices and bounds."""
+        import dataclasses
+
+        chosen = {}
+        for spec in dataclasses.fields(self.Options):
+            keyword = option_keyword(self, spec)
+            if values.get(keyword) is None:
+                continue
+            value, meta = values[keyword], spec.metadata
+            flag = option_flag(self, spec)
+            if meta.get("choices") and value not in meta["choices"]:
+                raise UserError(f"{flag} {value!r} is not one of {', '.join(map(str, meta['choices']))}")
+            if (meta.get("minimum") is not None and value < meta["minimum"]) or \
+                    (meta.get("maximum") is not None and value > meta["maximum"]):
+                raise UserError(f"{flag} {value} is outside the supported range "
+                                f"{meta['minimum']}..{meta['maximum']}")
+            chosen[spec.name] = value
+        return self.Options(**chosen)
+
+
+def option_keyword(backend: Backend, spec) -> str:
+    """The SDK keyword of one Options field: declared, else `<backend>_<field>`."""
+    return spec.metadata.get("keyword") or f"{backend.name}_{spec.name}"
+
+
+def option_flag(backend: Backend, spec) -> str:
+    """The CLI flag of one Options field: declared, else `--<backend>-<field>`."""
+    return spec.metadata.get("flag") or "--" + option_keyword(backend, spec).replace("_", "-")

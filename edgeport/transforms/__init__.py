@@ -1,0 +1,1 @@
+"""Model -> model transforms applied before any backend: slimming, spiking forms."""

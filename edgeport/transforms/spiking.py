@@ -1,0 +1,137 @@
+"""Spiking export forms, built on the step protocol (`edgeport.snn.convert`):
+
+- *unrolled*: T timesteps in one static graph; input x (the same frame every step, direct
+  coding) or a sequence (T, B, ...); every output stacked over time, (T, B, ...);
+- *step*: one timestep, `(x_t, *state) -> (*y_t, *state')`, every membrane a named graph
+  input and output (`v_lif1` in, `v_lif1_next` out), so a device runs one step at a time and
+  feeds the state back.
+
+Verification drives both forms the same way (`edgeport.verify.UnrolledSteps` runs a step
+form for T steps), so the one comparator judges every timestep: spikes (outputs whose
+reference values are all 0 or 1) must be identical, membranes within float tolerance.
+A network converted from snnTorch or SpikingJelly is also compared with the library's own
+run (`LibraryRunner`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgeport.core import Runner, TensorSpec
+from edgeport.errors import UserError
+from edgeport.snn.convert import SteppedNetwork, as_stepped, library_reference, state_names
+
+FORMS = ("unrolled", "step")
+
+
+class StepModule(nn.Module):
+    """`forward(x_t, *state)` is one step of the stepped model (what the step form exports)."""
+
+    def __init__(self, stepped: nn.Module):
+        super().__init__()
+        self.stepped = stepped
+
+    def forward(self, x: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.stepped.step(x, *state))
+
+
+class UnrolledModule(nn.Module):
+    """`forward(x)` runs T steps from the initial state and stacks each output over time.
+
+    `sequence=False` feeds the same x at every step; `sequence=True` takes x as (T, B, ...).
+    """
+
+    def __init__(self, stepped: nn.Module, timesteps: int, sequence: bool, outputs: int):
+        super().__init__()
+        self.stepped, self.timesteps, self.sequence, self.outputs = stepped, timesteps, sequence, outputs
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        state = self.stepped.initial_state(x[0] if self.sequence else x)
+        per_step = []
+        for t in range(self.timesteps):
+            result = self.stepped.step(x[t] if self.sequence else x, *state)
+            per_step.append(result[:self.outputs])
+            state = result[self.outputs:]
+        return tuple(torch.stack([step[i] for step in per_step]) for i in range(self.outputs))
+
+
+@dataclass
+class SpikingForm:
+    """What to export for one form: the module, its example arguments and I/O names."""
+
+    form: str
+    module: nn.Module
+    args: tuple[torch.Tensor, ...]
+    input_names: list[str]
+    output_names: list[str]
+    stepped: nn.Module
+    timesteps: int
+    sequence: bool
+    outputs: int  # model outputs per step (the rest of a step's results are states)
+
+    def describe(self) -> dict:
+        """What a device needs to run the artifact: the form, T, and each state's start value."""
+        states = self.args[1:] if self.form == "step" else ()
+        return {"form": self.form, "timesteps": self.timesteps, "sequence": self.sequence,
+                "outputs": self.output_names[:self.outputs],
+                "state_inputs": self.input_names[1:] if self.form == "step" else [],
+                "state_outputs": self.output_names[self.outputs:],
+                "initial_state_values": [float(s.flatten()[0]) if s.numel() else 0.0 for s in states]}
+
+    def state_specs(self) -> list[TensorSpec]:
+        """The state inputs of the step form (batch first), as the artifact declares them."""
+        if self.form != "step":
+            return []
+        return [TensorSpec(n, list(a.shape), str(a.dtype).removeprefix("torch."))
+                for n, a in zip(self.input_names[1:], self.args[1:])]
+
+    @property
+    def converted(self) -> bool:
+        """Whether the network was converted from snnTorch or SpikingJelly (then the library's
+        own run is a second reference)."""
+        return isinstance(self.stepped, SteppedNetwork)
+
+
+def build_form(model: nn.Module, example: torch.Tensor, form: str, timesteps: int, sequence: bool = False
+               ) -> SpikingForm:
+    """The exportable module for `form`; `example` is one step's input, or (T, B, ...) with `sequence`."""
+    if form not in FORMS:
+        raise UserError(f"unknown spiking form {form!r}; choose one of {', '.join(FORMS)}")
+    if not isinstance(timesteps, int) or timesteps <= 0:
+        raise UserError(f"timesteps must be a positive integer, not {timesteps!r}")
+    if sequence and example.shape[0] != timesteps:
+        raise UserError(f"a sequence input has T first: shape {list(example.shape)} does not start with {timesteps}")
+    step_example = example[0] if sequence else example
+    stepped = as_stepped(model, step_example)
+    with torch.no_grad():
+        state = stepped.initial_state(step_example)
+        outputs = len(stepped.step(step_example, *state)) - len(state)
+    names = state_names(stepped, len(state))
+    outputs_names = [f"output_{i}" for i in range(outputs)]
+    if form == "step":
+        return SpikingForm(form, StepModule(stepped).eval(), (step_example, *state), ["x", *names],
+                           outputs_names + [f"{n}_next" for n in names], stepped, timesteps, sequence, outputs)
+    return SpikingForm(form, UnrolledModule(stepped, timesteps, sequence, outputs).eval(), (example,), ["x"],
+                       outputs_names, stepped, timesteps, sequence, outputs)
+
+
+class LibraryRunner(Runner):
+    """The original snnTorch / SpikingJelly network run the library's own way for T steps:
+    each model output stacked over time, (T, B, ...), like the unrolled form's."""
+
+    def __init__(self, model: nn.Module, form: SpikingForm):
+        self.model, self.form, self.name = model, form, "library"
+        self.input_names = ["x"]
+        self.output_names = [f"conversion/output_{i}" for i in range(form.outputs)]
+
+    def load(self) -> "LibraryRunner":
+        return self
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = torch.from_numpy(next(iter(feeds.values())))
+        steps = [x[t] if self.form.sequence else x for t in range(self.form.timesteps)]
+        per_step = library_reference(self.model, steps)
+        return {name: np.stack([step[i].numpy() for step in per_step]) for i, name in enumerate(self.output_names)}

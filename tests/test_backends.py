@@ -1,0 +1,123 @@
+"""The backend registry: backends found by name, options that become SDK keywords and CLI flags,
+and every backend's verification blocking a wrong artifact before anything is committed."""
+import ast
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import leftovers
+
+import edgeport as ep
+from edgeport.cli import main
+from edgeport.core import Runner
+from edgeport.export import registry
+from edgeport.export.tensorrt import TensorRTBackend
+
+ROOT = Path(ep.__file__).parent
+
+
+def test_every_backend_is_found_by_name_and_declares_its_parts():
+    assert registry.names() == ["onnx", "coreml", "tensorrt"]
+    for backend in registry.backends():
+        assert registry.get(backend.name) is backend
+        assert dataclasses.is_dataclass(backend.Options) and backend.summary and backend.quantized
+    with pytest.raises(ep.UserError, match="did you mean coreml"):
+        registry.get("corml")
+
+
+def test_every_option_is_an_sdk_keyword_and_a_cli_flag(capsys):
+    assert main(["export", "--help"]) == 0
+    help_text = capsys.readouterr().out
+    fields = registry.option_fields()
+    assert {"opset", "exporter", "coreml_precision", "coreml_weights", "tensorrt_precision"} <= set(fields)
+    assert fields["opset"].backends == ["onnx", "tensorrt"]
+    for entry in fields.values():
+        assert entry.flag in help_text
+
+
+def test_options_are_checked_against_their_declared_range(out):
+    with pytest.raises(ep.UserError, match="--opset 999 is outside the supported range 13..23"):
+        ep.export("cnn-digits", out=out, opset=999)
+    with pytest.raises(ep.UserError, match="unknown export option 'coreml_weight'; did you mean coreml_weights"):
+        ep.export("cnn-digits", out=out, coreml_weight="int8")
+    assert leftovers(out) == []
+
+
+def _string_comparisons(path: Path) -> set[str]:
+    """Every string constant that `path` compares something against (==, !=, in, not in)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Compare):
+            for operand in [node.left, *node.comparators]:
+                elements = operand.elts if isinstance(operand, (ast.Tuple, ast.List, ast.Set)) else [operand]
+                found |= {e.value for e in elements if isinstance(e, ast.Constant) and isinstance(e.value, str)}
+    return found
+
+
+def test_sdk_and_cli_never_branch_on_a_backend_name():
+    names = {*registry.names(), *(f for b in registry.backends() for f in b.formats), "onnxruntime", "torch"}
+    for module in ("sdk.py", "cli.py"):
+        assert not _string_comparisons(ROOT / module) & names, module
+
+
+class SignFlip(torch.nn.Module):
+    """A branch on the data: tracing bakes the example's branch in, so the ONNX file computes
+    the other sign's inputs wrongly — a real wrong artifact, not a fake."""
+
+    def forward(self, x):
+        return x * 2 if x.sum() > 0 else x * -3
+
+
+def test_a_wrong_onnx_artifact_raises_and_commits_nothing(out):
+    example = torch.ones(1, 4)
+    batches = [torch.ones(1, 4), -torch.ones(1, 4)]
+    with pytest.raises(ep.CheckFailed, match="onnx artifact signflip.onnx fails verification"):
+        ep.export(SignFlip(), example, out=out, verify_inputs=batches, exporter="legacy-torchscript")
+    assert leftovers(out) == []
+
+
+def test_a_wrong_tensorrt_engine_raises_and_commits_nothing(out, monkeypatch):
+    """Where the tensorrt library is absent, the engine build is patched to write a file and
+    the engine's runner to compute a wrong result: the only fake engine in the suite."""
+    import numpy as np
+
+    import edgeport.export.tensorrt as tensorrt
+
+    class WrongEngine(Runner):
+        name = "tensorrt"
+
+        def __init__(self, artifact):
+            self.input_names, self.output_names = ["x"], ["output_0"]
+
+        def load(self):
+            return self
+
+        def infer(self, feeds):
+            return {"output_0": np.zeros((feeds["x"].shape[0], 10), np.float32)}
+
+    monkeypatch.setattr(tensorrt, "build_engine", lambda onnx_path, engine_path, *a, **k: engine_path.write_bytes(b"x"))
+    monkeypatch.setattr(TensorRTBackend, "runner", lambda self, artifact, threads=None, profiling=False:
+                        WrongEngine(artifact))
+    with pytest.raises(ep.CheckFailed, match="tensorrt artifact cnn-digits-tensorrt.engine fails verification"):
+        ep.export("cnn-digits", targets=["tensorrt"], out=out)
+    assert leftovers(out) == []
+
+
+@pytest.mark.needs_macos
+@pytest.mark.skipif(__import__("platform").system() != "Darwin", reason="needs macOS: Core ML predicts only there")
+def test_a_wrong_coreml_package_raises_and_commits_nothing(out):
+    with pytest.raises(ep.CheckFailed, match="coreml artifact"):
+        ep.export(SignFlip(), torch.ones(1, 4), targets=["coreml"], out=out,
+                  verify_inputs=[torch.ones(1, 4), -torch.ones(1, 4)])
+    assert leftovers(out) == []
+
+
+def test_a_target_that_fails_leaves_earlier_targets_committed_and_its_own_files_out(out, monkeypatch):
+    """Each target commits on its own: the verified ONNX stays, the failed engine's files do not."""
+    import edgeport.export.tensorrt as tensorrt
+
+    monkeypatch.setattr(tensorrt, "build_engine", lambda *a, **k: (_ for _ in ()).throw(ep.UserError("boom")))
+    with pytest.raises(ep.UserError, match="boom"):
+        ep.export("cnn-digits", targets=["onnx", "tensorrt"], out=out)
+    assert leftovers(out) == ["cnn-digits.onnx", "cnn-digits.onnx.edgeport.json"]
