@@ -1,14 +1,16 @@
 """Energy meters behind one interface: a measurement window you begin and end (as Zeus does).
 
     meter = detect_meter()            # NVML, RAPL, Jetson INA3221 rails, or none
-    meter.begin(); ...work...; joules = meter.end()
+    meter.begin(); ...work...; joules = meter.end(); seconds = meter.window_s
 
 Counters (NVML mJ, RAPL µJ) are differenced across the window; RAPL wraps at
 `max_energy_range_uj`, so a sampling thread reads it often enough to see every wrap.
 Rails (hwmon) give power, which the sampling thread integrates over time (trapezoid).
 sysfs trees are read through a configurable root, so the parsing is testable anywhere.
 Every reading says which meter produced it; a meter that cannot be read raises
-`MeterUnavailable`, and the profiler then reports energy as unavailable, with the reason.
+`MeterUnavailable`, one that reads something physically impossible (negative power or
+energy, more than `HOST_PEAK_WATTS`, a wrap range too small to correct) raises `MeterError`,
+and the profiler then reports energy as unavailable, with the reason.
 """
 from __future__ import annotations
 
@@ -17,10 +19,19 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from edgeport.errors import EdgeportError
 
 SAMPLE_INTERVAL_S = 0.05
+
+# The most power a meter here may report, in watts. Meters run on the host, which has no
+# catalog entry, so this is a generous constant rather than a device figure: twice the 1000 W
+# worst case Zeus's RAPL wraparound tracker plans for (spiking_and_energy.md §7.2), and almost
+# three times the largest board in catalog.toml (H100/H200 SXM, 700 W TDP). Above it, a reading
+# is garbage, not a measurement.
+HOST_PEAK_WATTS = 2000.0
+PEAK_SOURCE = "edgeport.runtime.energy.HOST_PEAK_WATTS: twice Zeus's 1000 W RAPL worst case"
 
 
 class MeterUnavailable(EdgeportError):
@@ -28,7 +39,7 @@ class MeterUnavailable(EdgeportError):
 
 
 class MeterError(EdgeportError):
-    """A meter produced an impossible reading (a counter that went backwards without a wrap)."""
+    """A meter produced an impossible reading (negative, above peak power, backwards without a wrap)."""
 
 
 def counter_delta(previous: int, current: int, wrap_at: int) -> int:
@@ -47,10 +58,18 @@ def counter_delta(previous: int, current: int, wrap_at: int) -> int:
 
 
 class Meter(ABC):
-    """A source of energy readings over a window; `name` is the provenance, e.g. 'measured:rapl'."""
+    """A source of energy readings over a window; `name` is the provenance, e.g. 'measured:rapl'.
+
+    `window_s` is the length of the last closed window in seconds, timed at the readings that
+    bound it, so energy / window_s is a power over exactly the interval the energy covers.
+    """
 
     name = "none"
     update_period_s = 0.0  # the window should be much longer than this
+    window_s = 0.0
+
+    def __init__(self, peak_watts: float = HOST_PEAK_WATTS):
+        self.peak_watts = peak_watts
 
     @abstractmethod
     def begin(self) -> None:
@@ -58,29 +77,58 @@ class Meter(ABC):
 
     @abstractmethod
     def end(self) -> float:
-        """Close the window; returns the energy in joules spent during it."""
+        """Close the window; returns the energy in joules spent during it, and sets `window_s`."""
+
+    def _refuse_implausible(self, joules: float, seconds: float, source: str) -> None:
+        """Raise MeterError unless `joules` over `seconds` lies between 0 and the peak power.
+
+        One update period of slack, because a counter read just after it ticked may include
+        energy spent just before the interval began.
+        """
+        if joules < 0:
+            raise MeterError(f"{source}: {joules:.6g} J over {seconds:.3f} s is negative energy")
+        if joules > self.peak_watts * (seconds + self.update_period_s):
+            raise MeterError(f"{source}: {joules:.6g} J over {seconds:.3f} s is above the {self.peak_watts:g} W "
+                             f"a meter here can report ({PEAK_SOURCE})")
 
 
 class _Sampler(Meter):
-    """A meter whose `sample()` is polled in a thread while the window is open."""
+    """A meter whose `sample()` is polled in a thread while the window is open.
 
-    def __init__(self, interval_s: float = SAMPLE_INTERVAL_S):
+    `clock` gives seconds (monotonic); tests pass a fake one to drive the window by hand.
+    """
+
+    def __init__(self, interval_s: float = SAMPLE_INTERVAL_S, peak_watts: float = HOST_PEAK_WATTS,
+                 clock: Callable[[], float] = time.perf_counter):
+        super().__init__(peak_watts)
         self.interval_s = interval_s
+        self.clock = clock
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
     @abstractmethod
-    def start(self) -> None:
-        """Take the first reading."""
+    def _first_reading(self) -> None:
+        """Read the meter at the start of a window."""
 
     @abstractmethod
-    def sample(self) -> None:
-        """Take one more reading and accumulate."""
+    def _accumulate(self, step_s: float) -> None:
+        """Read the meter again, `step_s` seconds after the previous reading, and accumulate."""
 
     @abstractmethod
     def total_joules(self) -> float:
         """Energy accumulated since `start`."""
+
+    def start(self) -> None:
+        """Take the first reading."""
+        self._first_reading()
+        self.started_at = self.sampled_at = self.clock()
+
+    def sample(self) -> None:
+        """Take one more reading and accumulate."""
+        now = self.clock()
+        self._accumulate(now - self.sampled_at)
+        self.sampled_at = now
 
     def _loop(self) -> None:
         try:
@@ -102,44 +150,98 @@ class _Sampler(Meter):
         if self._error:
             raise self._error
         self.sample()
+        self.window_s = self.sampled_at - self.started_at
         return self.total_joules()
 
 
-def _read_int(path: Path) -> int:
+def _read_text(path: Path) -> str:
+    """A sysfs attribute's text, stripped; one that cannot be read or decoded makes the meter unavailable."""
     try:
-        return int(path.read_text().strip())
+        return path.read_text(encoding="utf-8").strip()
     except PermissionError as error:
-        raise MeterUnavailable(f"permission denied reading {path} (energy counters are root-only since "
-                               f"CVE-2020-8694; run as root or make the tree readable)") from error
-    except (OSError, ValueError) as error:
-        raise MeterUnavailable(f"cannot read {path}: {error}") from error
+        hint = (" (RAPL energy counters are root-only since CVE-2020-8694; run as root or make the tree readable)"
+                if path.name == "energy_uj" else "")
+        raise MeterUnavailable(f"permission denied reading {path}{hint}") from error
+    except UnicodeDecodeError as error:
+        raise MeterUnavailable(f"cannot read {path}: not UTF-8 text ({error.reason} at byte {error.start})") from error
+    except OSError as error:
+        raise MeterUnavailable(f"cannot read {path}: {error.strerror or error}") from error
+
+
+def _read_int(path: Path) -> int:
+    text = _read_text(path)
+    try:
+        return int(text)
+    except ValueError as error:
+        raise MeterUnavailable(f"cannot read {path}: {text[:40]!r} is not an integer") from error
 
 
 class RaplMeter(_Sampler):
-    """Intel/AMD RAPL package energy through powercap sysfs (`energy_uj`, µJ, wrapping)."""
+    """Intel/AMD RAPL package energy through powercap sysfs (`energy_uj`, µJ, wrapping).
+
+    Only top-level domains named `package-N` count: `psys` (platform) already includes the
+    packages, and subdomains (core, uncore, dram) are parts of them.
+    """
 
     name = "measured:rapl"
     update_period_s = 0.001
 
-    def __init__(self, root: str | Path = "/sys/class/powercap", interval_s: float = SAMPLE_INTERVAL_S):
-        super().__init__(interval_s)
+    def __init__(self, root: str | Path = "/sys/class/powercap", interval_s: float = SAMPLE_INTERVAL_S,
+                 peak_watts: float = HOST_PEAK_WATTS, clock: Callable[[], float] = time.perf_counter):
+        super().__init__(interval_s, peak_watts, clock)
         root = Path(root)
-        self.domains = sorted(p for p in root.glob("intel-rapl:*") if ":" in p.name and p.name.count(":") == 1)
+        top_level = sorted(p for p in root.glob("intel-rapl:*") if p.name.count(":") == 1)
+        self.domains = [d for d in top_level if _read_text(d / "name").startswith("package")]
         if not self.domains:
             raise MeterUnavailable(f"no RAPL package domains under {root}")
-        self.wrap = {d: _read_int(d / "max_energy_range_uj") for d in self.domains}
+        self.wrap = {d: self._read_range(d) for d in self.domains}
         for d in self.domains:
-            _read_int(d / "energy_uj")  # fail now, not mid-window, if unreadable
+            self._read_counter(d)  # fail now, not mid-window, if unreadable or out of range
 
-    def start(self) -> None:
-        self.last = {d: _read_int(d / "energy_uj") for d in self.domains}
+    def _read_range(self, domain: Path) -> int:
+        """`max_energy_range_uj`, refused unless a sampling step at peak power fits in half of it:
+        counter_delta reads a drop as a wrap only within half the range, so a smaller range
+        would make a wrap indistinguishable from garbage."""
+        path = domain / "max_energy_range_uj"
+        wrap_at = _read_int(path)
+        if wrap_at <= 0:
+            raise MeterError(f"{path} reads {wrap_at}: a counter's range must be positive")
+        needed = 2 * self._step_ceiling_uj(self.interval_s)
+        if wrap_at < needed:
+            raise MeterError(f"{path} reads {wrap_at} µJ, too small to correct wraparound: a {self.interval_s:g} s "
+                             f"sampling step at {self.peak_watts:g} W needs at least {needed:.0f} µJ")
+        return wrap_at
+
+    def _read_counter(self, domain: Path) -> int:
+        path = domain / "energy_uj"
+        microjoules = _read_int(path)
+        if microjoules < 0:
+            raise MeterError(f"{path} reads {microjoules}: a negative energy counter")
+        if microjoules > self.wrap[domain]:
+            raise MeterError(f"{path} reads {microjoules} µJ, above its own wrap point "
+                             f"max_energy_range_uj = {self.wrap[domain]}")
+        return microjoules
+
+    def _step_ceiling_uj(self, step_s: float) -> float:
+        return self.peak_watts * (step_s + self.update_period_s) * 1e6
+
+    def _first_reading(self) -> None:
+        self.last = {d: self._read_counter(d) for d in self.domains}
         self.microjoules = 0
 
-    def sample(self) -> None:
+    def _accumulate(self, step_s: float) -> None:
+        readings = {d: self._read_counter(d) for d in self.domains}
+        step_uj = sum(counter_delta(self.last[d], readings[d], self.wrap[d]) for d in self.domains)
+        # counter_delta's reading of a drop as one wrap is only sound while a step at peak power
+        # spans under half the range; a sample delayed past that could hide a wrap.
         for d in self.domains:
-            current = _read_int(d / "energy_uj")
-            self.microjoules += counter_delta(self.last[d], current, self.wrap[d])
-            self.last[d] = current
+            if 2 * self._step_ceiling_uj(step_s) > self.wrap[d]:
+                raise MeterError(f"{d / 'energy_uj'} was sampled {step_s:.3f} s after the previous reading: at "
+                                 f"{self.peak_watts:g} W it could have wrapped unseen (max_energy_range_uj = "
+                                 f"{self.wrap[d]})")
+        self._refuse_implausible(step_uj / 1e6, step_s, " + ".join(str(d / "energy_uj") for d in self.domains))
+        self.last = readings
+        self.microjoules += step_uj
 
     def total_joules(self) -> float:
         return self.microjoules / 1e6
@@ -159,26 +261,30 @@ class Rail:
         return product * self.watts_per_unit
 
 
+def _rail_label(label_file: Path, fallback: str) -> str:
+    return _read_text(label_file) if label_file.exists() else fallback
+
+
 def find_rails(root: str | Path = "/sys/class/hwmon") -> list[Rail]:
     """INA3221 rails under a hwmon root (Jetson): older `ina3221x` trees give `in_power<N>_input`
-    in mW; mainline `ina3221` trees give `in<N>_input` (mV) and `curr<N>_input` (mA)."""
+    in mW; mainline `ina3221` trees give `in<N>_input` (mV) and `curr<N>_input` (mA).
+
+    A `name` or label file that cannot be read as UTF-8 text raises MeterUnavailable: without
+    it the board-total rail cannot be told from the others.
+    """
     rails = []
     for device in sorted(Path(root).glob("hwmon*")):
-        driver = (device / "name").read_text().strip() if (device / "name").exists() else ""
+        driver = _read_text(device / "name") if (device / "name").exists() else ""
         if not driver.startswith("ina3221"):
             continue
         for power in sorted(device.glob("in_power*_input")):
             n = power.name.removeprefix("in_power").removesuffix("_input")
-            label_file = device / f"rail_name_{n}"
-            label = label_file.read_text().strip() if label_file.exists() else f"{device.name}/rail{n}"
-            rails.append(Rail(label, (power,), 1e-3))
+            rails.append(Rail(_rail_label(device / f"rail_name_{n}", f"{device.name}/rail{n}"), (power,), 1e-3))
         for volts in sorted(device.glob("in[0-9]*_input")):
             n = volts.name.removeprefix("in").removesuffix("_input")
             current = device / f"curr{n}_input"
             if current.exists():
-                label_file = device / f"in{n}_label"
-                label = label_file.read_text().strip() if label_file.exists() else f"{device.name}/in{n}"
-                rails.append(Rail(label, (volts, current), 1e-6))
+                rails.append(Rail(_rail_label(device / f"in{n}_label", f"{device.name}/in{n}"), (volts, current), 1e-6))
     return rails
 
 
@@ -194,23 +300,36 @@ class HwmonMeter(_Sampler):
     name = "measured:hwmon"
     update_period_s = 0.1
 
-    def __init__(self, root: str | Path = "/sys/class/hwmon", interval_s: float = SAMPLE_INTERVAL_S):
-        super().__init__(interval_s)
+    def __init__(self, root: str | Path = "/sys/class/hwmon", interval_s: float = SAMPLE_INTERVAL_S,
+                 peak_watts: float = HOST_PEAK_WATTS, clock: Callable[[], float] = time.perf_counter):
+        super().__init__(interval_s, peak_watts, clock)
         self.rails = total_rails(find_rails(root))
         if not self.rails:
             raise MeterUnavailable(f"no INA3221 rails under {root}")
         self._power()
 
     def _power(self) -> float:
-        return sum(r.watts() for r in self.rails)
+        """Watts of the board now: the rails' sum, refused if a rail is negative or the sum above peak."""
+        total = 0.0
+        for rail in self.rails:
+            watts = rail.watts()
+            if watts < 0:
+                raise MeterError(f"rail {rail.label} ({', '.join(map(str, rail.files))}) reads {watts:.6g} W: "
+                                 f"negative power")
+            total += watts
+        if total > self.peak_watts:
+            files = ", ".join(str(f) for rail in self.rails for f in rail.files)
+            raise MeterError(f"rails {files} read {total:.6g} W, above the {self.peak_watts:g} W a meter here can "
+                             f"report ({PEAK_SOURCE})")
+        return total
 
-    def start(self) -> None:
-        self.joules, self.last_time, self.last_watts = 0.0, time.perf_counter(), self._power()
+    def _first_reading(self) -> None:
+        self.joules, self.last_watts = 0.0, self._power()
 
-    def sample(self) -> None:
-        now, watts = time.perf_counter(), self._power()
-        self.joules += (watts + self.last_watts) / 2 * (now - self.last_time)
-        self.last_time, self.last_watts = now, watts
+    def _accumulate(self, step_s: float) -> None:
+        watts = self._power()
+        self.joules += (watts + self.last_watts) / 2 * step_s
+        self.last_watts = watts
 
     def total_joules(self) -> float:
         return self.joules
@@ -222,7 +341,8 @@ class NvmlMeter(Meter):
     name = "measured:nvml"
     update_period_s = 0.1
 
-    def __init__(self, index: int = 0):
+    def __init__(self, index: int = 0, peak_watts: float = HOST_PEAK_WATTS):
+        super().__init__(peak_watts)
         try:
             import pynvml
         except ImportError as error:
@@ -239,30 +359,35 @@ class NvmlMeter(Meter):
             mig_enabled = 0
         if mig_enabled:
             raise MeterUnavailable("MIG is enabled: NVML reports no energy for MIG slices")
+        self.index = index
         self.nvml = pynvml
 
     def _millijoules(self) -> int:
         return self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle)
 
     def begin(self) -> None:
-        self.start_mj = self._millijoules()
+        self.start_mj, self.started_at = self._millijoules(), time.perf_counter()
 
     def end(self) -> float:
-        return (self._millijoules() - self.start_mj) / 1e3
+        joules = (self._millijoules() - self.start_mj) / 1e3
+        self.window_s = time.perf_counter() - self.started_at
+        self._refuse_implausible(joules, self.window_s, f"NVML total-energy counter of GPU {self.index}")
+        return joules
 
 
 def detect_meter(rapl_root: str | Path = "/sys/class/powercap", hwmon_root: str | Path = "/sys/class/hwmon",
                  gpu: bool = False) -> tuple[Meter | None, list[str]]:
     """The first meter that works here (NVML when `gpu`, else RAPL, then INA3221 rails).
 
-    Returns (meter or None, why each candidate was not usable).
+    Returns (meter or None, why each candidate was not usable). A candidate whose first
+    readings are impossible (MeterError) is as unusable as one that cannot be read.
     """
     reasons = []
     candidates = ([lambda: NvmlMeter()] if gpu else []) + [lambda: RaplMeter(rapl_root), lambda: HwmonMeter(hwmon_root)]
     for make in candidates:
         try:
             return make(), reasons
-        except MeterUnavailable as error:
+        except (MeterUnavailable, MeterError) as error:
             reasons.append(str(error))
     return None, reasons
 
@@ -288,18 +413,23 @@ class EnergyMeasurement:
 
 
 def measure_idle_watts(meter: Meter, seconds: float) -> float:
-    """Average power over `seconds` of doing nothing (model loaded, nothing running)."""
+    """Average power in watts over about `seconds` of doing nothing (model loaded, nothing running).
+
+    Divides by the meter's own window, so time spent starting its sampler is on both sides.
+    """
     meter.begin()
-    start = time.perf_counter()
     time.sleep(seconds)
     joules = meter.end()
-    return joules / (time.perf_counter() - start)
+    return joules / meter.window_s
 
 
-def measure_energy(meter: Meter, work, min_window_s: float = 1.0, idle_s: float = 1.0) -> EnergyMeasurement:
-    """Idle power first, then `work()` repeated until the window lasts `min_window_s`.
+def measure_energy(meter: Meter, work: Callable[[], object], min_window_s: float = 1.0,
+                   idle_s: float = 1.0) -> EnergyMeasurement:
+    """Idle power first (over `idle_s` seconds), then `work()` repeated until the window lasts `min_window_s` s.
 
-    `work()` runs one inference. The window is at least 10 meter update periods long.
+    `work()` runs one inference. The window is at least 10 meter update periods long; its
+    length, and the idle energy subtracted over it, are the meter's own window, so gross and
+    net joules cover exactly the interval the meter read.
     """
     idle = measure_idle_watts(meter, idle_s) if idle_s > 0 else 0.0
     window = max(min_window_s, 10 * meter.update_period_s)
@@ -310,5 +440,4 @@ def measure_energy(meter: Meter, work, min_window_s: float = 1.0, idle_s: float 
         work()
         count += 1
     joules = meter.end()
-    elapsed = time.perf_counter() - start
-    return EnergyMeasurement(meter.name, count, elapsed, joules, idle, joules - idle * elapsed)
+    return EnergyMeasurement(meter.name, count, meter.window_s, joules, idle, joules - idle * meter.window_s)
