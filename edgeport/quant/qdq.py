@@ -11,13 +11,13 @@ scale and bias it folds into the integer kernel.
 """
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import onnx
 import torch
 from onnx import helper, numpy_helper
 from onnxscript import opset18 as op
+
+from edgeport.export.onnxgraph import Constants, attribute_value, consumers, drop_unused, producers, redirect_inputs
 
 
 def _qdq(x, scale, zero_point, quant_min: int, quant_max: int, axis: int | None = None):
@@ -59,23 +59,6 @@ for _op in ("aten::_fake_quantize_per_tensor_affine_cachemask_tensor_qparams",
         pass
 
 
-def _constants(graph: onnx.GraphProto):
-    """(names of the graph's constants: initializers and Constant outputs, a function that
-    decodes one, once)."""
-    protos = {i.name: i for i in graph.initializer}
-    protos |= {n.output[0]: n.attribute[0].t for n in graph.node
-               if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
-    return protos.keys(), functools.cache(lambda name: numpy_helper.to_array(protos[name]))
-
-
-def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    return consumers
-
-
 def fold_weight_quantization(model: onnx.ModelProto) -> int:
     """Store quantized weights as integer initializers: QuantizeLinear (and its Clip) applied
     to a constant float weight is computed once here, so the runtime sees DQ(int8 weight), the
@@ -84,35 +67,32 @@ def fold_weight_quantization(model: onnx.ModelProto) -> int:
     to even, saturate, clip)."""
     if not any(node.op_type == "QuantizeLinear" for node in model.graph.node):
         return 0  # a float model: nothing to fold, and no initializer worth decoding
-    constants, value = _constants(model.graph)
-    consumers = _consumers(model.graph)
+    constants = Constants(model.graph)
+    readers = consumers(model.graph)
     removed, folded = set(), 0
     for q in list(model.graph.node):
         if q.op_type != "QuantizeLinear" or q.input[0] not in constants or len(q.input) < 3:
             continue
         if q.input[1] not in constants or q.input[2] not in constants:
             continue
-        weight, scale, zero = (value(name) for name in q.input[:3])
-        axis = next((a.i for a in q.attribute if a.name == "axis"), 1) % weight.ndim
+        weight, scale, zero = (constants[name] for name in q.input[:3])
+        axis = attribute_value(q, "axis", 1) % weight.ndim
         shape = [1] * weight.ndim
         if scale.ndim:
             shape[axis] = -1
         info = np.iinfo(zero.dtype)
         codes = np.clip(np.rint(weight / scale.reshape(shape)) + zero.astype(np.int64).reshape(shape), info.min, info.max)
         out = q.output[0]
-        users = consumers.get(out, [])
+        users = readers.get(out, [])
         if len(users) == 1 and users[0].op_type == "Clip":  # a narrower bit width
             clip = users[0]
-            low, high = (value(name) for name in clip.input[1:3])
+            low, high = (constants[name] for name in clip.input[1:3])
             codes = np.clip(codes, low, high)
             out = clip.output[0]
             removed.add(id(clip))
         name = f"{q.input[0]}_quantized"
         model.graph.initializer.append(numpy_helper.from_array(codes.astype(zero.dtype), name))
-        for node in consumers.get(out, []):
-            for i, input_name in enumerate(node.input):
-                if input_name == out:
-                    node.input[i] = name
+        redirect_inputs(readers.get(out, []), out, name)
         removed.add(id(q))
         folded += 1
     for dq in model.graph.node:  # DQ(W) -> Transpose: store W transposed instead (a Linear's weight)
@@ -122,7 +102,7 @@ def fold_weight_quantization(model: onnx.ModelProto) -> int:
         if len(users) != 1 or users[0].op_type != "Transpose":
             continue
         transpose = users[0]
-        perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), None)
+        perm = attribute_value(transpose, "perm")
         codes = next(numpy_helper.to_array(i) for i in model.graph.initializer if i.name == dq.input[0])
         if codes.ndim != 2 or perm not in (None, [1, 0]):
             continue
@@ -132,19 +112,16 @@ def fold_weight_quantization(model: onnx.ModelProto) -> int:
         for attribute in dq.attribute:
             if attribute.name == "axis":
                 attribute.i = 1 - (attribute.i % 2)
-        if not any(a.name == "axis" for a in dq.attribute) and value(dq.input[1]).ndim:
+        if not any(a.name == "axis" for a in dq.attribute) and constants[dq.input[1]].ndim:
             dq.attribute.append(helper.make_attribute("axis", 0))
-        for node in model.graph.node:
-            for i, input_name in enumerate(node.input):
-                if input_name == transpose.output[0]:
-                    node.input[i] = dq.output[0]
+        redirect_inputs(model.graph.node, transpose.output[0], dq.output[0])
         removed.add(id(transpose))
     if not removed:
         return 0
     kept = [n for n in model.graph.node if id(n) not in removed]
     del model.graph.node[:]
     model.graph.node.extend(kept)
-    _drop_unused(model.graph)
+    drop_unused(model.graph)
     return folded
 
 
@@ -163,28 +140,28 @@ def integer_matmuls(model: onnx.ModelProto) -> int:
     the runtime from copying that DequantizeLinear for every consumer). Returns how many
     matmuls were rewritten; TensorRT, which has no MatMulInteger, takes the QDQ form."""
     graph = model.graph
-    constants, value = _constants(graph)
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers = _consumers(graph)
+    constants = Constants(graph)
+    producer = producers(graph)
+    readers = consumers(graph)
     graph_outputs = {o.name for o in graph.output}
 
     def dequantize(name: str):
         node = producer.get(name)
         if node is None or node.op_type != "DequantizeLinear" or len(node.input) != 3 or node.input[1] not in constants:
             return None
-        return node if value(node.input[1]).dtype == np.float32 else None
+        return node if constants[node.input[1]].dtype == np.float32 else None
 
     def per_output_column(dq) -> bool:
         """A scale that factors out of the sum: one for the tensor, or one per column of a 2-D
         constant B (a Linear's weight, channel axis last)."""
-        if value(dq.input[1]).size == 1:
+        if constants[dq.input[1]].size == 1:
             return True
-        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
-        return dq.input[0] in constants and value(dq.input[0]).ndim == 2 and axis in (1, -1)
+        axis = attribute_value(dq, "axis", 1)
+        return dq.input[0] in constants and len(constants.shape(dq.input[0])) == 2 and axis in (1, -1)
 
     def follower(name: str, op_type: str):
         """The only consumer of `name` if it is `op_type` with a constant other operand."""
-        users = consumers.get(name, [])
+        users = readers.get(name, [])
         if len(users) != 1 or users[0].op_type != op_type or name in graph_outputs:
             return None, None
         other = next((i for i in users[0].input if i != name), None)
@@ -194,11 +171,11 @@ def integer_matmuls(model: onnx.ModelProto) -> int:
     rewritten, removed, nodes = 0, set(), []
     for node in graph.node:
         a, b = (dequantize(name) for name in node.input[:2]) if node.op_type == "MatMul" else (None, None)
-        if a is None or b is None or value(a.input[1]).size != 1 or not per_output_column(b):
+        if a is None or b is None or constants[a.input[1]].size != 1 or not per_output_column(b):
             nodes.append(node)
             continue
         mul, factor = follower(node.output[0], "Mul")
-        if mul is not None and value(factor).size != 1:
+        if mul is not None and constants[factor].size != 1:
             mul = None
         add, bias = follower((mul or node).output[0], "Add")
         if mul is None and add is None:
@@ -206,9 +183,9 @@ def integer_matmuls(model: onnx.ModelProto) -> int:
             continue
         rewritten += 1
         out = (add or mul).output[0]
-        scale = value(a.input[1]).astype(np.float32).reshape(()) * value(b.input[1]).astype(np.float32)
+        scale = constants[a.input[1]].astype(np.float32).reshape(()) * constants[b.input[1]].astype(np.float32)
         if mul is not None:
-            scale = scale * value(factor).astype(np.float32).reshape(())
+            scale = scale * constants[factor].astype(np.float32).reshape(())
         graph.initializer.append(numpy_helper.from_array(scale, f"{out}_int_scale"))
         nodes += [helper.make_node("MatMulInteger", [a.input[0], b.input[0], a.input[2], b.input[2]], [f"{out}_int"]),
                   helper.make_node("Cast", [f"{out}_int"], [f"{out}_acc"], to=onnx.TensorProto.FLOAT),
@@ -225,21 +202,5 @@ def integer_matmuls(model: onnx.ModelProto) -> int:
                  helper.make_node("Abs", [f"{unit}_dq"], [unit])]
     del graph.node[:]
     graph.node.extend(n for n in nodes if id(n) not in removed)
-    _drop_unused(graph)
+    drop_unused(graph)
     return rewritten
-
-
-def _drop_unused(graph: onnx.GraphProto) -> None:
-    """Remove nodes whose outputs nothing reads, then initializers nothing reads, and the
-    recorded shapes (stale after a rewrite; shape inference redoes them)."""
-    while True:
-        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-        dead = [n for n in graph.node if not any(o in used for o in n.output)]
-        if not dead:
-            break
-        for node in dead:
-            graph.node.remove(node)
-    used = {i for n in graph.node for i in n.input}
-    for initializer in [i for i in graph.initializer if i.name not in used]:
-        graph.initializer.remove(initializer)
-    del graph.value_info[:]

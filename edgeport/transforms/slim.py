@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import copy
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +36,8 @@ ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hard
                nn.Dropout, nn.ELU, nn.Mish)
 ACTIVATION_FUNCTIONS = {F.relu, torch.relu, F.gelu, F.silu, torch.sigmoid, torch.tanh, F.relu6, F.hardswish,
                         F.dropout}
+ACTIVATION_METHODS = ("relu", "sigmoid", "tanh")
+ADDITIONS = (operator.add, torch.add)
 POOLS = (nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
 
@@ -169,8 +173,24 @@ class _Info:
     axis: int
 
 
+_Rule = Callable[["_Analysis", fx.Node, "_Info | None"], "_Info | None"]
+_Entry = TypeVar("_Entry")
+
+
 def _module(gm: fx.GraphModule, node: fx.Node):
     return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def _shape(node: fx.Node) -> tuple[int, ...]:
+    """The shape traced for `node`'s output; empty where none was recorded (not a tensor)."""
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else ()
+
+
+def _by_type(table: dict[type, _Entry], module: nn.Module | None) -> _Entry | None:
+    """The entry of `table` for the module's class or, failing that, its nearest base class in
+    the table: a subclass follows its base's rule, as an isinstance test would have it."""
+    return next((table[kind] for kind in type(module).__mro__ if kind in table), None)
 
 
 def _row_constants(m: nn.Module) -> dict[int, float]:
@@ -185,95 +205,163 @@ def _apply(fn, const: dict[int, float]) -> dict[int, float]:
     return {j: float(v) for j, v in zip(const, values)}
 
 
+# The rules below say how one op carries constant channels from its input to its output:
+# given the analysis, the node and what is known of its first input (None when that is not a
+# traced tensor), they link the channels that must be removed together and return the
+# output's constant channels, or None where the op's rule does not apply to this call (then
+# no output channel is known to be constant).
+
+
+def _conv(analysis: _Analysis, node: fx.Node, inp: _Info | None) -> _Info | None:
+    m = analysis.module(node)
+    if not is_depthwise(m):  # an all-zero weight row makes its output channel the bias
+        return _Info(_row_constants(m) if m.groups == 1 else {}, 1)
+    if inp is None:
+        return _Info({}, 1)
+    analysis.link(node, node.args[0])  # channel j in, channel j out: a per-channel op
+    bias = m.bias.detach() if m.bias is not None else torch.zeros(m.out_channels)
+    return _Info({j: float(bias[j]) for j, c in inp.const.items() if c == 0.0}, 1)  # zeros pad like zeros
+
+
+def _linear(analysis: _Analysis, node: fx.Node, inp: _Info | None) -> _Info | None:
+    return _Info(_row_constants(analysis.module(node)), -1)
+
+
+def _batch_norm(analysis: _Analysis, node: fx.Node, inp: _Info | None) -> _Info | None:
+    if inp is None:
+        return None
+    m = analysis.module(node)
+    analysis.link(node, node.args[0])
+    with torch.no_grad():
+        const = torch.tensor(list(inp.const.values()), dtype=torch.float32)
+        index = torch.tensor(list(inp.const.keys()), dtype=torch.long)
+        out = (const - m.running_mean[index]) / torch.sqrt(m.running_var[index] + m.eps) * m.weight[index] \
+            + m.bias[index] if inp.const else const
+    return _Info(dict(zip(inp.const, map(float, out))), inp.axis)
+
+
+def _elementwise(analysis: _Analysis, node: fx.Node, inp: _Info | None, fn) -> _Info | None:
+    if inp is None:
+        return None
+    analysis.link(node, node.args[0])
+    return _Info(_apply(fn, inp.const), inp.axis)
+
+
+def _activation_module(analysis: _Analysis, node: fx.Node, inp: _Info | None) -> _Info | None:
+    return _elementwise(analysis, node, inp, analysis.module(node).eval())
+
+
+def _activation_function(analysis: _Analysis, node: fx.Node, inp: _Info | None) -> _Info | None:
+    return _elementwise(analysis, node, inp, node.target)
+
+
+def _activation_method(analysis: _Analysis, node: fx.Node, inp: _Info | None) -> _Info | None:
+    return _elementwise(analysis, node, inp, lambda t: getattr(t, node.target)())
+
+
+def _pool(analysis: _Analysis, node: fx.Node, inp: _Info | None) -> _Info | None:
+    if inp is None:
+        return None
+    analysis.link(node, node.args[0])
+    return _Info(dict(inp.const), inp.axis)
+
+
+def _avg_pool(analysis: _Analysis, node: fx.Node, inp: _Info | None) -> _Info | None:
+    m = analysis.module(node)
+    # counted zero padding averages a constant with zeros: the border is no longer that constant
+    return _pool(analysis, node, inp) if m.padding == 0 or not m.count_include_pad else None
+
+
+def _add(analysis: _Analysis, node: fx.Node, inp: _Info | None) -> _Info | None:
+    if len(node.args) != 2 or not all(isinstance(a, fx.Node) for a in node.args):
+        return None
+    a, b = analysis.info[node.args[0]], analysis.info[node.args[1]]
+    for arg in node.args:
+        analysis.link(node, arg)
+    return _Info({j: a.const[j] + b.const[j] for j in a.const.keys() & b.const.keys()}, a.axis)
+
+
+def _cat(analysis: _Analysis, node: fx.Node, inp: _Info | None) -> _Info | None:
+    tensors = node.args[0] if node.args else None
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if not isinstance(tensors, (list, tuple)) or dim not in (1, -3) or len(_shape(node)) != 4:
+        return None
+    const, offset = {}, 0
+    for t in tensors:
+        analysis.link(node, t, lambda j, o=offset: j + o)
+        const |= {j + offset: c for j, c in analysis.info[t].const.items()}
+        offset += _shape(t)[1]
+    return _Info(const, 1)
+
+
+def _flatten(analysis: _Analysis, node: fx.Node, inp: _Info | None) -> _Info | None:
+    """(N, C, H, W) -> (N, C*H*W), channel-major: channel j becomes features j*H*W onwards."""
+    if inp is None:
+        return None
+    before, after = _shape(node.args[0]), _shape(node)
+    if len(before) != 4 or len(after) != 2 or after[1] != before[1] * before[2] * before[3]:
+        return None
+    spatial = before[2] * before[3]
+    analysis.link(node, node.args[0], lambda j: [j * spatial + p for p in range(spatial)])
+    return _Info({j * spatial + p: c for j, c in inp.const.items() for p in range(spatial)}, -1)
+
+
+# Rules by module type (found along the module's class hierarchy), by function and by method.
+MODULE_RULES: dict[type[nn.Module], _Rule] = {
+    nn.Conv2d: _conv,
+    nn.Linear: _linear,
+    nn.BatchNorm2d: _batch_norm,
+    nn.BatchNorm1d: _batch_norm,
+    nn.AvgPool2d: _avg_pool,
+    nn.Flatten: _flatten,
+    **dict.fromkeys(ACTIVATIONS, _activation_module),
+    **dict.fromkeys(POOLS, _pool),
+}
+FUNCTION_RULES: dict[Callable, _Rule] = {
+    torch.cat: _cat,
+    torch.flatten: _flatten,
+    **dict.fromkeys(ADDITIONS, _add),
+    **dict.fromkeys(ACTIVATION_FUNCTIONS, _activation_function),
+}
+METHOD_RULES: dict[str, _Rule] = {
+    "flatten": _flatten,
+    "view": _flatten,
+    "reshape": _flatten,
+    **dict.fromkeys(ACTIVATION_METHODS, _activation_method),
+}
+
+
 class _Analysis:
     """Walks the traced graph, tracking constant channels and channel-preserving edges."""
 
     def __init__(self, gm: fx.GraphModule):
-        self.gm, self.info, self.edges, self.blockers = gm, {}, [], {}
+        self.gm, self.info, self.edges = gm, {}, []
         for node in gm.graph.nodes:
             self.info[node] = self._visit(node)
 
-    def _input(self, node: fx.Node, index: int = 0) -> _Info | None:
-        arg = node.args[index] if len(node.args) > index else None
-        return self.info.get(arg) if isinstance(arg, fx.Node) else None
+    def module(self, node: fx.Node) -> nn.Module | None:
+        return _module(self.gm, node)
 
-    def _link(self, node: fx.Node, source: fx.Node, mapping=lambda j: j) -> None:
+    def link(self, node: fx.Node, source: fx.Node, mapping=lambda j: j) -> None:
         """Channel j of `source` is channel mapping(j) of `node` (one removal group)."""
         self.edges.append((source, node, mapping))
 
+    def _rule(self, node: fx.Node) -> _Rule | None:
+        if node.op == "call_module":
+            return _by_type(MODULE_RULES, self.module(node))
+        if node.op == "call_function":
+            return FUNCTION_RULES.get(node.target)
+        if node.op == "call_method":
+            return METHOD_RULES.get(node.target)
+        return None
+
     def _visit(self, node: fx.Node) -> _Info:
-        shape = node.meta.get("tensor_meta")
-        shape = tuple(shape.shape) if shape is not None and hasattr(shape, "shape") else ()
-        axis = 1 if len(shape) == 4 else -1
-        m = _module(self.gm, node)
-        src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-        inp = self._input(node)
-        if isinstance(m, nn.Conv2d) and is_depthwise(m):
-            if inp is None:
-                return _Info({}, 1)
-            self._link(node, src)  # channel j in, channel j out: a per-channel op
-            bias = m.bias.detach() if m.bias is not None else torch.zeros(m.out_channels)
-            return _Info({j: float(bias[j]) for j, c in inp.const.items() if c == 0.0}, 1)  # zeros pad like zeros
-        if isinstance(m, nn.Conv2d):
-            return _Info(_row_constants(m) if m.groups == 1 else {}, 1)
-        if isinstance(m, nn.Linear):
-            return _Info(_row_constants(m), -1)
-        if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)) and inp:
-            self._link(node, src)
-            with torch.no_grad():
-                const = torch.tensor(list(inp.const.values()), dtype=torch.float32)
-                index = torch.tensor(list(inp.const.keys()), dtype=torch.long)
-                out = (const - m.running_mean[index]) / torch.sqrt(m.running_var[index] + m.eps) * m.weight[index] \
-                    + m.bias[index] if inp.const else const
-            return _Info(dict(zip(inp.const, map(float, out))), inp.axis)
-        elementwise = isinstance(m, ACTIVATIONS) or (node.op == "call_function" and node.target in ACTIVATION_FUNCTIONS) \
-            or (node.op == "call_method" and node.target in ("relu", "sigmoid", "tanh"))
-        if elementwise and inp:
-            self._link(node, src)
-            fn = (m.eval() if m is not None else lambda t: node.target(t) if node.op == "call_function"
-                  else getattr(t, node.target)())
-            return _Info(_apply(fn, inp.const), inp.axis)
-        pool_ok = isinstance(m, POOLS) or (isinstance(m, nn.AvgPool2d) and (m.padding == 0 or not m.count_include_pad))
-        if pool_ok and inp:
-            self._link(node, src)
-            return _Info(dict(inp.const), inp.axis)
-        if node.op == "call_function" and node.target in (operator.add, torch.add) and len(node.args) == 2 and \
-                all(isinstance(a, fx.Node) for a in node.args):
-            a, b = self.info[node.args[0]], self.info[node.args[1]]
-            for arg in node.args:
-                self._link(node, arg)
-            return _Info({j: a.const[j] + b.const[j] for j in a.const.keys() & b.const.keys()}, a.axis)
-        if node.op == "call_function" and node.target is torch.cat and inp is None:
-            tensors = node.args[0]
-            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-            if dim in (1, -3) and len(shape) == 4:
-                const, offset = {}, 0
-                for t in tensors:
-                    channels = t.meta["tensor_meta"].shape[1]
-                    self._link(node, t, lambda j, o=offset: j + o)
-                    const |= {j + offset: c for j, c in self.info[t].const.items()}
-                    offset += channels
-                return _Info(const, 1)
-        if self._is_flatten(node, shape) and inp:
-            spatial = int(src.meta["tensor_meta"].shape[2] * src.meta["tensor_meta"].shape[3])
-            self._link(node, src, lambda j, s=spatial: [j * s + p for p in range(s)])
-            return _Info({j * spatial + p: c for j, c in inp.const.items() for p in range(spatial)}, -1)
-        return _Info({}, axis)
-
-    @staticmethod
-    def _is_flatten(node: fx.Node, shape: tuple) -> bool:
-        src = node.args[0] if node.args else None
-        if not isinstance(src, fx.Node) or "tensor_meta" not in src.meta or len(shape) != 2:
-            return False
-        before = tuple(src.meta["tensor_meta"].shape)
-        flat = node.target in (torch.flatten, "flatten", "view", "reshape") or isinstance(
-            _module_or_none(node), nn.Flatten)
-        return flat and len(before) == 4 and shape[1] == before[1] * before[2] * before[3]
-
-
-def _module_or_none(node: fx.Node):
-    root = node.graph.owning_module
-    return root.get_submodule(node.target) if node.op == "call_module" and root is not None else None
+        rule = self._rule(node)
+        first = node.args[0] if node.args else None
+        inp = self.info.get(first) if isinstance(first, fx.Node) else None
+        info = rule(self, node, inp) if rule else None
+        # no rule, or one that does not apply to this call: no channel is known to be constant
+        return info if info is not None else _Info({}, 1 if len(_shape(node)) == 4 else -1)
 
 
 def slim(model: nn.Module, example: torch.Tensor | tuple) -> tuple[nn.Module, SlimReport]:
@@ -394,19 +482,76 @@ def _groups(analysis: _Analysis) -> list[set[tuple[fx.Node, int]]]:
     return list(groups.values())
 
 
-PER_CHANNEL = (nn.BatchNorm2d, nn.BatchNorm1d)
+def _norm_subset(m: nn.Module, keep: torch.Tensor) -> nn.Module:
+    new = type(m)(len(keep), m.eps, m.momentum, m.affine, m.track_running_stats)
+    new.load_state_dict({k: v[keep] if v.ndim else v for k, v in m.state_dict().items()})
+    return new
+
+
+def _fold_into_linear(m: nn.Linear, constants: dict[int, float], source: fx.Node) -> nn.Module:
+    """The Linear with its constant input channels' contribution added to its bias."""
+    cols = sorted(constants)
+    values = torch.tensor([constants[j] for j in cols], dtype=torch.float64)
+    contribution = (m.weight.detach().double()[:, cols] @ values).float()
+    return _linear_subset(m, bias_add=contribution)
+
+
+def _fold_into_conv(m: nn.Conv2d, constants: dict[int, float], source: fx.Node) -> nn.Module:
+    """The conv with its constant input channels' contribution added: to its bias where that
+    is the same at every position, else as a map (zero padding makes the borders differ)."""
+    shape = source.meta["tensor_meta"].shape
+    image = torch.zeros(1, m.in_channels, shape[2], shape[3], dtype=torch.float64)
+    for j, c in constants.items():
+        image[0, j] = c
+    bias_map = F.conv2d(image, m.weight.detach().double(), None, m.stride, m.padding, m.dilation, m.groups)[0]
+    flat = bias_map.reshape(bias_map.shape[0], -1)
+    if bool((flat == flat[:, :1]).all()):
+        return _conv_subset(m, bias_add=flat[:, 0].float())
+    return BiasMap(m, bias_map.float().unsqueeze(0))
+
+
+@dataclass(frozen=True)
+class _Cut:
+    """How a module type loses channels on one side: its width on that side, a copy that
+    keeps only the given channels, and whether the removal is counted in the report (a
+    norm's channels go with its producer's, counted there)."""
+
+    width: Callable[[nn.Module], int]
+    keep: Callable[[nn.Module, torch.Tensor], nn.Module]
+    counted: bool = True
+
+
+# By module type (found along the module's class hierarchy, like the analysis rules): how a
+# consumer absorbs constant input channels, how a layer loses output channels, and how a
+# consumer loses the input channels that were folded into it. A module type with no output
+# cut (activations, pools) takes its width from its input.
+CONSTANT_FOLDS: dict[type[nn.Module], Callable[[nn.Module, dict[int, float], fx.Node], nn.Module]] = {
+    nn.Linear: _fold_into_linear,
+    nn.Conv2d: _fold_into_conv,
+}
+OUTPUT_CUTS: dict[type[nn.Module], _Cut] = {
+    nn.Conv2d: _Cut(lambda m: m.out_channels, lambda m, keep: _conv_subset(m, rows=keep)),
+    nn.Linear: _Cut(lambda m: m.out_features, lambda m, keep: _linear_subset(m, rows=keep)),
+    nn.BatchNorm2d: _Cut(lambda m: m.num_features, _norm_subset, counted=False),
+    nn.BatchNorm1d: _Cut(lambda m: m.num_features, _norm_subset, counted=False),
+}
+INPUT_CUTS: dict[type[nn.Module], _Cut] = {
+    nn.Conv2d: _Cut(lambda m: m.in_channels, lambda m, keep: _conv_subset(m, cols=keep)),
+    nn.Linear: _Cut(lambda m: m.in_features, lambda m, keep: _linear_subset(m, cols=keep)),
+}
 
 
 def _foldable(m: nn.Module | None) -> bool:
-    """Consumers that absorb a constant input channel exactly: Linear, and convs over all channels."""
-    return isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)
+    """Consumers that absorb a constant input channel exactly: the types with a fold, convs
+    only over all channels (in a grouped conv a channel reaches one group's outputs only)."""
+    return _by_type(CONSTANT_FOLDS, m) is not None and getattr(m, "groups", 1) == 1
 
 
 def _blocker(gm: fx.GraphModule, analysis: _Analysis, group, linked) -> str | None:
     """Why this group of constant channels cannot be removed, or None when it can."""
     for node, j in group:
         if j not in analysis.info[node].const:
-            if node.target in (operator.add, torch.add):
+            if node.target in ADDITIONS:
                 return f"they reach {node.name} (residual addition) where the other input is not constant"
             kind = type(_module(gm, node)).__name__
             return f"they pass through {node.name} ({kind}), whose zero padding turns a nonzero constant into a map"
@@ -450,54 +595,34 @@ def _apply_removals(gm: fx.GraphModule, removals: dict, folds: dict, report: Sli
     """Fold constants into consumers (with the original weights), then cut rows and columns."""
     for (consumer, source), constants in folds.items():
         m = _module(gm, consumer)
-        cols = sorted(constants)
-        values = torch.tensor([constants[j] for j in cols], dtype=torch.float64)
-        if isinstance(m, nn.Linear):
-            contribution = (m.weight.detach().double()[:, cols] @ values).float()
-            setattr_module(gm, consumer.target, _linear_subset(m, bias_add=contribution))
-            continue
-        shape = source.meta["tensor_meta"].shape
-        image = torch.zeros(1, m.in_channels, shape[2], shape[3], dtype=torch.float64)
-        for j, c in constants.items():
-            image[0, j] = c
-        bias_map = F.conv2d(image, m.weight.detach().double(), None, m.stride, m.padding, m.dilation, m.groups)[0]
-        flat = bias_map.reshape(bias_map.shape[0], -1)
-        if bool((flat == flat[:, :1]).all()):  # spatially uniform: an ordinary bias
-            setattr_module(gm, consumer.target, _conv_subset(m, bias_add=flat[:, 0].float()))
-        else:
-            wrapped = BiasMap(m, bias_map.float().unsqueeze(0))
-            setattr_module(gm, consumer.target, wrapped)
+        setattr_module(gm, consumer.target, _by_type(CONSTANT_FOLDS, m)(m, constants, source))
     for node, channels in removals.items():
         m = _module(gm, node)
-        if not isinstance(m, (nn.Conv2d, nn.Linear, BiasMap, *PER_CHANNEL)):
+        layer = m.conv if isinstance(m, BiasMap) else m
+        cut = _by_type(OUTPUT_CUTS, layer)
+        if cut is None:
             continue  # activations, pools, additions: their width follows their inputs
-        conv = m.conv if isinstance(m, BiasMap) else m
-        size = conv.out_channels if isinstance(conv, nn.Conv2d) else (
-            conv.out_features if isinstance(conv, nn.Linear) else conv.num_features)
-        keep = torch.tensor([j for j in range(size) if j not in channels])
-        if isinstance(conv, nn.Conv2d):
-            new = _conv_subset(conv, rows=keep)
-        elif isinstance(conv, nn.Linear):
-            new = _linear_subset(conv, rows=keep)
-        else:
-            new = type(conv)(len(keep), conv.eps, conv.momentum, conv.affine, conv.track_running_stats)
-            new.load_state_dict({k: v[keep] if v.ndim else v for k, v in conv.state_dict().items()})
+        keep = torch.tensor([j for j in range(cut.width(layer)) if j not in channels])
         if isinstance(m, BiasMap):
-            m.conv, m.bias_map = new, m.bias_map[:, keep]
-        else:
-            setattr_module(gm, node.target, new.eval())
-        if isinstance(conv, (nn.Conv2d, nn.Linear)):
+            m.bias_map = m.bias_map[:, keep]
+        _replace_layer(gm, node, cut.keep(layer, keep).eval())
+        if cut.counted:
             report.removed[node.target] = len(channels)
-    for (consumer, source), constants in folds.items():
+    for (consumer, _), constants in folds.items():
         m = _module(gm, consumer)
-        conv = m.conv if isinstance(m, BiasMap) else m
-        width = conv.in_features if isinstance(conv, nn.Linear) else conv.in_channels
-        keep = torch.tensor([j for j in range(width) if j not in constants])
-        new = _linear_subset(conv, cols=keep) if isinstance(conv, nn.Linear) else _conv_subset(conv, cols=keep)
-        if isinstance(m, BiasMap):
-            m.conv = new
-        else:
-            setattr_module(gm, consumer.target, new)
+        layer = m.conv if isinstance(m, BiasMap) else m
+        cut = _by_type(INPUT_CUTS, layer)
+        _replace_layer(gm, consumer, cut.keep(layer, torch.tensor([j for j in range(cut.width(layer))
+                                                                   if j not in constants])))
+
+
+def _replace_layer(gm: fx.GraphModule, node: fx.Node, layer: nn.Module) -> None:
+    """Put `layer` where the module `node` calls is, inside its BiasMap where it has one."""
+    m = _module(gm, node)
+    if isinstance(m, BiasMap):
+        m.conv = layer
+    else:
+        setattr_module(gm, node.target, layer)
 
 
 def setattr_module(gm: nn.Module, target: str, module: nn.Module) -> None:
