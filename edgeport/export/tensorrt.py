@@ -12,16 +12,18 @@ here pretends to build an engine without it.
 from __future__ import annotations
 
 import shlex
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+import torch
 
 from edgeport.core import Artifact, Backend, ExportRequest, Runner, option
 from edgeport.errors import BackendUnavailable, UserError
 from edgeport.export.onnx import OnnxOptions, export_onnx
+from edgeport.export.onnxgraph import Constants, attribute_value, consumers, producers
 
 # From onnx-tensorrt's docs/operators.md (the parser's support matrix); operators listed there
 # as unsupported that later releases still do not implement.
@@ -67,45 +69,119 @@ class Readiness:
         return {**asdict(self), "ready": self.ready}
 
 
-def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    values = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.attribute:
-            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    return values
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+
+# Where a weight keeps its output channels, by the op that consumes it: the only axis along
+# which TensorRT takes per-channel weight scales. Other consumers do not read a weight.
+WEIGHT_OUTPUT_AXIS: dict[str, Callable[[onnx.NodeProto, int], int]] = {
+    "Conv": lambda consumer, rank: 0,
+    "ConvTranspose": lambda consumer, rank: 1,
+    "MatMul": lambda consumer, rank: rank - 1,
+    "Gemm": lambda consumer, rank: 0 if attribute_value(consumer, "transB", 0) else 1,
+}
 
 
-def _weight_axis(consumer: onnx.NodeProto, weight_rank: int) -> int | None:
-    """The output-channel axis of a weight consumed by `consumer` (None: not a weight input)."""
-    if consumer.op_type == "Conv":
-        return 0
-    if consumer.op_type == "ConvTranspose":
-        return 1
-    if consumer.op_type == "MatMul":
-        return weight_rank - 1
-    if consumer.op_type == "Gemm":
-        trans_b = next((a.i for a in consumer.attribute if a.name == "transB"), 0)
-        return 0 if trans_b else 1
-    return None
+@dataclass
+class _GraphIndex:
+    """What the per-node checks look up in the model: its constants and who reads and
+    writes each tensor."""
+
+    constants: Constants
+    consumers: dict[str, list[onnx.NodeProto]]
+    producers: dict[str, onnx.NodeProto]
+
+    def is_weight(self, name: str) -> bool:
+        """A constant, or what a QuantizeLinear makes of one (TensorRT folds Q(weight))."""
+        producer = self.producers.get(name)
+        return name in self.constants or (
+            producer is not None and producer.op_type == "QuantizeLinear" and producer.input[0] in self.constants)
+
+    def weight_rank(self, name: str) -> int:
+        """The rank of the constant behind a weight tensor (DQ(Q(weight)): of the weight itself)."""
+        while name not in self.constants:
+            name = self.producers[name].input[0]
+        return len(self.constants.shape(name))
+
+
+def _operator_violations(node: onnx.NodeProto, where: str) -> list[Violation]:
+    if node.domain not in ("", "ai.onnx"):
+        return [Violation("operator", where, f"custom domain {node.domain!r}: the TensorRT parser needs a plugin "
+                                             f"for it")]
+    if node.op_type in UNSUPPORTED_OPS:
+        return [Violation("operator", where, f"not implemented by TensorRT's ONNX parser ({OPS_SOURCE})")]
+    return []
+
+
+def _zero_point_violations(zero_name: str, where: str, constants: Constants) -> list[Violation]:
+    if zero_name not in constants:
+        return [Violation("symmetric", where, "the zero point must be a constant 0")]
+    zero = constants[zero_name]
+    violations = []
+    if zero.dtype == np.int32:
+        violations.append(Violation("int8", where, "an INT32 quantized bias: TensorRT dequantizes INT8 only; keep "
+                                                   "biases in float"))
+    elif zero.dtype != np.int8 and zero.dtype.name not in ("int4", "float8_e4m3fn"):
+        violations.append(Violation("int8", where, f"zero point of type {zero.dtype}: TensorRT quantizes to INT8 "
+                                                   f"(not UINT8)"))
+    if np.any(zero.astype(np.int64) != 0):
+        violations.append(Violation("symmetric", where, f"zero point {zero.ravel()[:4].tolist()}: TensorRT supports "
+                                                        f"symmetric quantization only (zero point 0)"))
+    return violations
+
+
+def _per_channel_violations(node: onnx.NodeProto, where: str, scales: int, graph: _GraphIndex) -> list[Violation]:
+    if not graph.is_weight(node.input[0]):
+        return [Violation("per-tensor-activations", where, f"{scales} scales on an activation: TensorRT quantizes "
+                                                           f"activations per tensor")]
+    rank = graph.weight_rank(node.input[0])
+    axis = attribute_value(node, "axis", 1) % rank
+    violations = []
+    for consumer in graph.consumers.get(node.output[0], []):
+        output_axis = WEIGHT_OUTPUT_AXIS.get(consumer.op_type)
+        expected = output_axis(consumer, rank) if output_axis else axis
+        if axis != expected:
+            violations.append(Violation("weight-axis", where, f"per-channel scales on axis {axis}, but "
+                                                              f"{consumer.op_type} {consumer.name} has its output "
+                                                              f"channels on axis {expected}"))
+    return violations
+
+
+def _quantization_violations(node: onnx.NodeProto, where: str, graph: _GraphIndex) -> list[Violation]:
+    """TensorRT's explicit-quantization rules for one QuantizeLinear or DequantizeLinear."""
+    if node.input[1] not in graph.constants:
+        return [Violation("constant-scale", where, "the scale must be a constant initializer")]
+    scale = graph.constants[node.input[1]]
+    violations = []
+    if not (scale > 0).all():
+        violations.append(Violation("positive-scale", where, "every scale must be positive"))
+    if len(node.input) > 2 and node.input[2]:
+        violations += _zero_point_violations(node.input[2], where, graph.constants)
+    if scale.size > 1:
+        violations += _per_channel_violations(node, where, scale.size, graph)
+    return violations
+
+
+# The rules a node must meet beyond having a supported operator, by its op type.
+NODE_CHECKS: dict[str, Callable[[onnx.NodeProto, str, _GraphIndex], list[Violation]]] = {
+    "QuantizeLinear": _quantization_violations,
+    "DequantizeLinear": _quantization_violations,
+}
 
 
 def check_readiness(path: str | Path) -> Readiness:
-    """Check an ONNX file against TensorRT's parser and explicit-quantization constraints."""
+    """Check an ONNX file against TensorRT's parser and explicit-quantization constraints.
+
+    Every node is checked for an operator the parser implements, then against the rules its
+    op type has in `NODE_CHECKS`; inputs with symbolic dimensions are listed for the
+    optimization profile. Raises `UserError` when the file is not ONNX."""
     path = Path(path)
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as error:
         raise UserError(f"cannot read {path} as ONNX: {str(error).splitlines()[0][:160]}") from error
     result = Readiness(path.name)
-    constants = _constants(model)
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    graph = _GraphIndex(Constants(model.graph), consumers(model.graph), producers(model.graph))
     initializers = {i.name for i in model.graph.initializer}
-    # weights: constants, and what a QuantizeLinear makes of a constant (TensorRT folds Q(weight))
-    weights = set(constants) | {n.output[0] for n in model.graph.node
-                                if n.op_type == "QuantizeLinear" and n.input[0] in constants}
     for value in model.graph.input:
         if value.name in initializers:
             continue
@@ -114,57 +190,10 @@ def check_readiness(path: str | Path) -> Readiness:
             result.dynamic_inputs[value.name] = dims
     for node in model.graph.node:
         where = f"{node.op_type} {node.name or node.output[0]}"
-        if node.domain not in ("", "ai.onnx"):
-            result.violations.append(Violation("operator", where, f"custom domain {node.domain!r}: the TensorRT "
-                                                                  f"parser needs a plugin for it"))
-        elif node.op_type in UNSUPPORTED_OPS:
-            result.violations.append(Violation("operator", where, f"not implemented by TensorRT's ONNX parser "
-                                                                  f"({OPS_SOURCE})"))
-        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
-            continue
-        result.quantized = True
-        scale_name = node.input[1]
-        zero_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
-        if scale_name not in constants:
-            result.violations.append(Violation("constant-scale", where, "the scale must be a constant initializer"))
-            continue
-        scale = constants[scale_name]
-        if not (scale > 0).all():
-            result.violations.append(Violation("positive-scale", where, "every scale must be positive"))
-        if zero_name is not None:
-            if zero_name not in constants:
-                result.violations.append(Violation("symmetric", where, "the zero point must be a constant 0"))
-            else:
-                zero = constants[zero_name]
-                if zero.dtype == np.int32:
-                    result.violations.append(Violation("int8", where, "an INT32 quantized bias: TensorRT dequantizes "
-                                                                      "INT8 only; keep biases in float"))
-                elif zero.dtype != np.int8 and zero.dtype.name not in ("int4", "float8_e4m3fn"):
-                    result.violations.append(Violation("int8", where, f"zero point of type {zero.dtype}: TensorRT "
-                                                                      f"quantizes to INT8 (not UINT8)"))
-                if np.any(zero.astype(np.int64) != 0):
-                    result.violations.append(Violation("symmetric", where, f"zero point {zero.ravel()[:4].tolist()}: "
-                                                                           f"TensorRT supports symmetric quantization "
-                                                                           f"only (zero point 0)"))
-        per_channel = scale.size > 1
-        is_weight = node.input[0] in weights
-        if per_channel and not is_weight:
-            result.violations.append(Violation("per-tensor-activations", where,
-                                               f"{scale.size} scales on an activation: TensorRT quantizes "
-                                               f"activations per tensor"))
-        if per_channel and is_weight:
-            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-            source = node.input[0]
-            while source not in constants:  # DQ(Q(weight)): the rank of the weight itself
-                source = next(n.input[0] for n in model.graph.node if source in n.output)
-            rank = constants[source].ndim
-            axis = axis % rank
-            for consumer in consumers.get(node.output[0], []):
-                expected = _weight_axis(consumer, rank)
-                if expected is not None and axis != expected:
-                    result.violations.append(Violation(
-                        "weight-axis", where, f"per-channel scales on axis {axis}, but {consumer.op_type} "
-                                              f"{consumer.name} has its output channels on axis {expected}"))
+        result.violations += _operator_violations(node, where)
+        if node.op_type in NODE_CHECKS:
+            result.violations += NODE_CHECKS[node.op_type](node, where, graph)
+    result.quantized = any(node.op_type in QDQ_OPS for node in model.graph.node)
     return result
 
 
@@ -206,7 +235,6 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str = "fp16",
     from the graph's Q/DQ nodes), with optimization profiles for symbolic inputs and a timing
     cache reused across builds. Raises `BackendUnavailable` without tensorrt or a GPU."""
     trt = tensorrt_module()
-    import torch
 
     if not torch.cuda.is_available():
         raise BackendUnavailable("tensorrt", "no CUDA device is visible", "build on a machine with an NVIDIA GPU")
