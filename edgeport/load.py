@@ -2,32 +2,356 @@
 
 Models (`.pt2` programs, `package.module:factory`, zoo names), weights (safetensors or
 weights-only torch files) and input arrays (`.npz` without pickles). Nothing here runs code
-from a file: pickles that need code execution are refused, never loaded.
+from a file: pickles that need code execution are refused, never loaded, and a `.pt2` is
+checked entry by entry before torch reads it. The one code that does run is the module the
+user names in `module:factory`, which is their own.
 """
 from __future__ import annotations
 
+import builtins
+import contextlib
 import difflib
 import importlib
+import inspect
+import io
+import json
+import logging
+import math
+import os
 import pickle
 import re
+import sys
+import tokenize
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import sympy
 import torch
+import torch.utils._sympy.functions
+from torch.export.pt2_archive import PT2ArchiveReader
+from torch.export.pt2_archive.constants import (AOTINDUCTOR_DIR, CONSTANTS_CONFIG_FILENAME_FORMAT, CONSTANTS_DIR,
+                                                MODELS_DIR, MODELS_FILENAME_FORMAT, SAMPLE_INPUTS_FILENAME_FORMAT,
+                                                TENSOR_CONSTANT_FILENAME_PREFIX, WEIGHTS_CONFIG_FILENAME_FORMAT,
+                                                WEIGHTS_DIR)
 
 from edgeport import zoo
-from edgeport.core import in_eval_mode
+from edgeport.core import check_input_size, in_eval_mode
 from edgeport.errors import UserError
+
+# The most a model file may unpack to: the sizes its zip entries declare, and the tensors torch
+# builds from declared shapes alone. `EDGEPORT_MAX_MODEL_BYTES` raises it for a bigger model.
+MAX_MODEL_BYTES = int(os.environ.get("EDGEPORT_MAX_MODEL_BYTES", 4 << 30))
+
+
+def _first_line(error: BaseException) -> str:
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().splitlines()  # torch bolds some messages
+    return lines[0][:200] if lines else type(error).__name__
 
 
 def _refuse_pickle(path: Path, error: Exception) -> UserError:
     return UserError(f"refusing to load {path}: it is a pickle that needs code execution to load "
-                     f"({str(error).splitlines()[0][:160]}); save the model with torch.export (.pt2) or "
+                     f"({_first_line(error)[:160]}); save the model with torch.export (.pt2) or "
                      f"give package.module:factory with safetensors or weights-only state_dict")
 
 
+def _check_model_size(what: str, size: int) -> None:
+    if size > MAX_MODEL_BYTES:
+        raise UserError(f"{what} would take {size / 2**30:.3g} GiB, over the {MAX_MODEL_BYTES / 2**30:.3g} GiB "
+                        f"limit (raise it with the environment variable EDGEPORT_MAX_MODEL_BYTES)")
+
+
+def _checked_zip_sizes(archive: zipfile.ZipFile, what: str) -> dict[str, int]:
+    """Each entry's declared unpacked size, once the total is within the limit and no name repeats.
+
+    Declared sizes are all that needs checking, before anything is read: an entry cannot unpack
+    past its declared size. Python's zipfile stops reading there and raises on the CRC; torch's
+    reader (miniz) inflates into a buffer of exactly that size and stops (it skips the CRC, so a
+    lying entry reads truncated, never larger). A compression ratio limit would add nothing.
+    A repeated name is refused because readers disagree on which copy they return.
+    """
+    entries = archive.infolist()
+    sizes = {entry.filename: entry.file_size for entry in entries}
+    if len(sizes) != len(entries):
+        raise UserError(f"refusing {what}: it holds two zip entries of the same name, the mark of a crafted file")
+    _check_model_size(f"{what} unpacked", sum(sizes.values()))
+    return sizes
+
+
+# What torch 2.13's torch.export.load does with each entry of a .pt2, a zip whose entries sit under
+# one root folder (<m> is a model name; every models/<m>.json is loaded, not only "model"):
+#   models/<m>.json                  parsed into the program. Its sympy expressions ("expr_str") go
+#                                    through sympify, which is eval, and its names into the Python
+#                                    source FX generates and execs: checked by _check_program_strings.
+#   data/weights/<m>_weights_config.json, data/constants/<m>_constants_config.json
+#                                    how each tensor is stored. Entries marked "use_pickle" go to
+#                                    torch.load(weights_only=False), constants named custom_obj_*
+#                                    to the TorchScript unpickler and opaque_obj_* to pickle.loads:
+#                                    all refused. Tensors whose record is empty are allocated at their
+#                                    declared shape: counted against MAX_MODEL_BYTES.
+#   data/weights/*, data/constants/tensor_*   raw bytes viewed as tensors, bounds-checked: inert.
+#   data/sample_inputs/<m>.pt, and the legacy data/weights/<m>.pt and data/constants/<m>.pt
+#                                    torch.load, retried with weights_only=False when the safe load
+#                                    fails: TORCH_FORCE_WEIGHTS_ONLY_LOAD keeps the retry weights-only
+#                                    (so does any torch.load a later torch adds); each is a zip of its
+#                                    own, size-checked like the archive.
+#   data/aotinductor/**              native libraries torch would load and run: refused.
+#   extra/**, archive_format, .data/*   read as text, never run: inert.
+#   guards_code (in the program)     Python source that .module() execs: we build the module with
+#                                    check_guards=False, which never compiles it.
+#   node targets (in the program)    looked up as attributes of torch, operator or math; torch's
+#                                    verifier then refuses any that is not an operator (torch.os.system).
+# torch's fallback for archives of torch <= 2.7 would torch.load too, but it needs a top-level
+# "version" entry, and torch's reader (which _check_pt2_archive requires to list the archive)
+# refuses any entry outside the one root folder.
+
+# Program strings torch only stores, looks up or prints (repr'd or in a comment), never compiles.
+_INERT_TEXT_FIELDS = frozenset({"stack_trace", "nn_module_stack", "source_fn_stack", "torch_fn", "custom",
+                                "from_node", "as_string", "as_strings", "torch_version", "range_constraints",
+                                "guards_code"})
+# Program strings that hold JSON of their own (pytree specs), whose names reach generated code.
+_NESTED_JSON_FIELDS = frozenset({"in_spec", "out_spec", "context"})
+_PLAIN_NAME = re.compile(r"[\w.]*")
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # \r would end a generated comment line
+_TORCH_SYMBOL = re.compile(r"[a-z]+\d+")  # s0, u1, zuf2: names sympify turns into Symbols
+_SYMPY_STRING = re.compile(r"'(?:[A-Za-z_]\w*|[-+]?[\d.]+(?:[eE][-+]?\d+)?)'")  # Symbol('s0'), Float('1.5')
+_SYMPY_OPERATORS = frozenset({"(", ")", ",", "=", "-", "+", "*", "/", "**", "//", "%",
+                              "<", ">", "<=", ">=", "==", "!="})
+
+
+def _is_sympy_value(name: str) -> bool:
+    for namespace in (sympy, torch.utils._sympy.functions):
+        value = vars(namespace).get(name)
+        if isinstance(value, sympy.Basic) or (isinstance(value, type) and issubclass(value, sympy.Basic)):
+            return True
+    return False
+
+
+def _unsafe_in_sympy_expression(expression: str) -> str | None:
+    """What in `expression` could make sympify's eval do more than build sympy objects, if anything.
+
+    Only sympy classes and constants, Symbol-like names, keyword arguments, numbers, simple quoted
+    names and arithmetic pass: no attribute access, subscripts, builtins or string tricks.
+    """
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(expression).readline))
+    except (tokenize.TokenError, SyntaxError) as error:
+        return _first_line(error)
+    for token, following in zip(tokens, tokens[1:] + tokens[-1:]):
+        text = token.string
+        if token.type in (tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER, tokenize.NUMBER):
+            continue
+        if token.type == tokenize.NAME and (
+                text in ("True", "False", "None") or _is_sympy_value(text) or following.string == "="
+                or (_TORCH_SYMBOL.fullmatch(text) and not hasattr(builtins, text))):
+            continue
+        if token.type == tokenize.STRING and _SYMPY_STRING.fullmatch(text):
+            continue
+        if token.type == tokenize.OP and text in _SYMPY_OPERATORS:
+            continue
+        return repr(text)
+    return None
+
+
+def _check_program_strings(value: Any, field: str | None, where: str) -> None:
+    """Refuse any string of a program's JSON that torch would compile or eval as more than data.
+
+    Names (values, nodes, parameters, targets, pytree keys) reach the Python source FX generates,
+    so they must be plain dotted names; sympy expressions must pass `_unsafe_in_sympy_expression`;
+    free text is allowed only in the fields torch merely stores, looks up or prints, and without
+    control characters. Unknown fields get the name rule, so text in a field a later torch adds
+    is refused rather than trusted.
+    """
+    inert = field in _INERT_TEXT_FIELDS
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_program_strings(key, field if inert else None, where)
+            _check_program_strings(item, field if inert else key, where)
+    elif isinstance(value, list):
+        for item in value:
+            _check_program_strings(item, field, where)
+    elif isinstance(value, str):
+        if inert:
+            problem = "a control character" if _CONTROL_CHARACTER.search(value) else None
+        elif field == "expr_str":
+            problem = _unsafe_in_sympy_expression(value)
+        elif field in _NESTED_JSON_FIELDS:
+            _check_program_strings(json.loads(value), None, where)
+            problem = None
+        else:
+            problem = None if _PLAIN_NAME.fullmatch(value) else "characters beyond a plain name"
+        if problem:
+            raise UserError(f"refusing {where}: its {field} {value[:80]!r} holds {problem}; torch would put it "
+                            f"in Python code it runs, and torch.export.save never writes such text")
+
+
+def _read_program_json(path: Path, entry: str, data: bytes) -> Any:
+    where = f"{path} entry {entry}"
+    try:
+        parsed = json.loads(data)
+        _check_program_strings(parsed, None, where)
+    except (ValueError, RecursionError) as error:
+        raise UserError(f"cannot read {where}: {_first_line(error)}") from error
+    return parsed
+
+
+def _bytes_built_from_shapes(path: Path, config_entry: str, config: Any, record_sizes: dict[str, int]) -> int:
+    """Refuse pickled payloads in a weights or constants config; return the bytes torch will allocate
+    from declared shapes alone (tensors whose record is empty)."""
+    from torch._export.serde.serialize import deserialize_scalar_type
+
+    directory = CONSTANTS_DIR if config_entry.startswith(CONSTANTS_DIR) else WEIGHTS_DIR
+    allocated: dict[str, int] = {}
+    try:
+        for name, payload in config["config"].items():
+            stored = payload["path_name"]
+            if payload["use_pickle"] or (directory == CONSTANTS_DIR
+                                         and not stored.startswith(TENSOR_CONSTANT_FILENAME_PREFIX)):
+                raise UserError(f"refusing {path}: entry {config_entry} stores {name!r} as a pickle "
+                                f"({directory}{stored}), which torch would unpickle with code execution")
+            if record_sizes.get(directory + stored) == 0 and stored not in allocated:
+                shape = [size["as_int"] for size in payload["tensor_meta"]["sizes"]]
+                if any(not isinstance(extent, int) or extent < 0 for extent in shape):
+                    raise ValueError(f"{name!r} has shape {shape}")
+                itemsize = deserialize_scalar_type(payload["tensor_meta"]["dtype"]).itemsize
+                allocated[stored] = math.prod(shape) * itemsize
+    except (KeyError, TypeError, AttributeError, ValueError) as error:
+        raise UserError(f"cannot read {path} entry {config_entry}: malformed ({_first_line(error)})") from error
+    return sum(allocated.values())
+
+
+def _check_pt2_archive(path: Path) -> None:
+    """Refuse a `.pt2` that torch.export.load would let run code or exhaust memory, before it reads
+    anything of it; the table above says why each kind of entry is checked, refused or inert."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            declared_sizes = _checked_zip_sizes(archive, str(path))
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        raise UserError(f"cannot read {path} as a torch.export program (a .pt2 is a zip): "
+                        f"{_first_line(error)}") from error
+    # Everything below reads through torch's own zip reader, so what is checked is what torch will
+    # see; the sizes were checked through Python's, so both must list the same entries.
+    try:
+        reader = PT2ArchiveReader(str(path))
+        record_sizes = {name: reader.archive_file.get_record_size(name) for name in reader.get_file_names()}
+    except Exception as error:  # torch's reader raises RuntimeError, AssertionError or ValueError
+        raise UserError(f"cannot read {path} as a torch.export program: {_first_line(error)}") from error
+    if record_sizes != {name.partition("/")[2]: size for name, size in declared_sizes.items()}:
+        raise UserError(f"refusing {path}: torch's zip reader lists other entries than Python's, "
+                        f"the mark of a crafted archive")
+
+    native_code = next((name for name in record_sizes if name.startswith(AOTINDUCTOR_DIR)), None)
+    if native_code:
+        raise UserError(f"refusing {path}: entry {native_code} is compiled native code (AOTInductor) that "
+                        f"torch would load and run; save the program with plain torch.export.save")
+    prefix, suffix = MODELS_FILENAME_FORMAT.split("{}")
+    models = {name[len(prefix):-len(suffix)]: name for name in record_sizes if name.startswith(MODELS_DIR)}
+    if not models:
+        raise UserError(f"{path} holds no exported program (no {MODELS_DIR} entry)")
+    allocated = 0
+    for model, program_entry in models.items():
+        _read_program_json(path, program_entry, reader.read_bytes(program_entry))
+        for config_format in (WEIGHTS_CONFIG_FILENAME_FORMAT, CONSTANTS_CONFIG_FILENAME_FORMAT):
+            config_entry = config_format.format(model)
+            if config_entry in record_sizes:  # absent only in the older layout of pickled weights
+                config = _read_program_json(path, config_entry, reader.read_bytes(config_entry))
+                allocated += _bytes_built_from_shapes(path, config_entry, config, record_sizes)
+        for pickle_entry in (SAMPLE_INPUTS_FILENAME_FORMAT.format(model), f"{WEIGHTS_DIR}{model}.pt",
+                             f"{CONSTANTS_DIR}{model}.pt"):
+            if pickle_entry in record_sizes:
+                try:
+                    with zipfile.ZipFile(io.BytesIO(reader.read_bytes(pickle_entry))) as nested:
+                        _checked_zip_sizes(nested, f"{path} entry {pickle_entry}")
+                except zipfile.BadZipFile as error:
+                    raise UserError(f"refusing {path}: entry {pickle_entry} is not a torch.save zip "
+                                    f"({_first_line(error)})") from error
+    _check_model_size(f"the tensors {path} declares", allocated)
+
+
+@contextlib.contextmanager
+def _torch_reading_checked_archive() -> Iterator[None]:
+    """While torch reads an archive we have checked, every torch.load it makes is weights-only, so a
+    pickle we did not foresee still cannot run code, and its export logger, which prints a traceback
+    before raising on a broken archive, stays quiet: the error reaches the user as one line. The
+    environment is process-wide, so a torch.load in another thread is weights-only meanwhile too."""
+    switches = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+    saved_switches = {name: os.environ.pop(name, None) for name in switches}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    export_logger = logging.getLogger("torch.export")
+    saved_level = export_logger.level
+    export_logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        export_logger.setLevel(saved_level)
+        for name, value in saved_switches.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
+
+
+def _load_program(path: Path) -> torch.nn.Module:
+    """The inference module of a checked `.pt2`; every torch error becomes one UserError line."""
+    if not path.is_file():
+        raise UserError(f"model file {path} does not exist")
+    _check_pt2_archive(path)
+    with _torch_reading_checked_archive():
+        try:
+            # check_guards=False: the guards would be compiled from the file's Python source
+            return torch.export.load(str(path)).module(check_guards=False)
+        except Exception as error:
+            raise UserError(f"cannot read {path} as a torch.export program: {_first_line(error)}") from error
+
+
+@contextlib.contextmanager
+def _working_directory_importable() -> Iterator[None]:
+    working_directory = os.getcwd()
+    sys.path.insert(0, working_directory)
+    try:
+        yield
+    finally:
+        sys.path.remove(working_directory)
+
+
+def _load_factory_model(spec: str) -> torch.nn.Module:
+    """The model `package.module:factory` builds; see `load_model` for what may be called."""
+    module_name, factory_name = spec.split(":")
+    if module_name.partition(".")[0] in sys.stdlib_module_names:
+        raise UserError(f"refusing {spec}: {module_name} is Python's standard library, not a model factory; "
+                        f"give package.module:factory from your own code")
+    with _working_directory_importable():
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as error:
+            raise UserError(f"cannot import {module_name} for {spec}: {_first_line(error)}") from error
+        factory = getattr(module, factory_name, None)
+        if factory is None:
+            raise UserError(f"cannot resolve {spec}: module {module_name} has no {factory_name}")
+        is_model_class = inspect.isclass(factory) and issubclass(factory, torch.nn.Module)
+        if not (is_model_class or inspect.isfunction(factory)):
+            raise UserError(f"refusing {spec}: {factory_name} is a {type(factory).__name__}, "
+                            f"not a model class or a Python function")
+        if factory.__module__ != module_name:
+            raise UserError(f"refusing {spec}: {factory_name} is defined in {factory.__module__}, not in "
+                            f"{module_name}; name the module that defines it")
+        try:
+            model = factory()
+        except Exception as error:
+            raise UserError(f"{spec} raised {type(error).__name__}: {_first_line(error)}") from error
+    if not isinstance(model, torch.nn.Module):
+        raise UserError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state_dict from safetensors or a weights-only torch file; never executes pickled code."""
+    """A state_dict from safetensors or a weights-only torch file; never executes pickled code.
+
+    A torch file is a zip whose declared unpacked size must stay within `MAX_MODEL_BYTES`; a
+    `{"state_dict": ...}` checkpoint gives its inner state_dict. Anything else, or a pickle
+    that needs code to load, is a UserError.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"weights file {path} does not exist")
@@ -35,11 +359,16 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
             return load_file(path)
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                _checked_zip_sizes(archive, str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise _refuse_pickle(path, error) from error
+    except UserError:
+        raise
     except Exception as error:
-        raise UserError(f"cannot read weights {path}: {str(error).splitlines()[0][:200]}") from error
+        raise UserError(f"cannot read weights {path}: {_first_line(error)}") from error
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -48,7 +377,17 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_model(spec: str | torch.nn.Module, weights: str | Path | None = None) -> torch.nn.Module:
-    """Resolve a model given as a module, zoo name, `.pt2` file or `package.module:factory`."""
+    """Resolve a model given as a module, zoo name, `.pt2` file or `package.module:factory`.
+
+    A `.pt2` is checked before torch reads it (no pickles, native code or text torch would run as
+    Python; sizes within `MAX_MODEL_BYTES`). For `package.module:factory` the current working
+    directory comes first on `sys.path` while the module is imported and the factory runs, so
+    `mymod:build` finds ./mymod.py as `python -m` would; importing runs that module (it is the
+    user's own code), but only a model class or a plain function defined in that very module is
+    called, never a builtin, a re-export or the standard library, and it must return a module.
+    `weights` (safetensors or a weights-only torch file) are loaded into it; the model comes back
+    in eval mode.
+    """
     if isinstance(spec, torch.nn.Module):
         return in_eval_mode(spec)
     if isinstance(spec, torch.export.ExportedProgram):
@@ -58,25 +397,11 @@ def load_model(spec: str | torch.nn.Module, weights: str | Path | None = None) -
     if text in zoo.names():
         model = zoo.load(text)
     elif path.suffix == ".pt2":
-        if not path.is_file():
-            raise UserError(f"model file {path} does not exist")
-        try:
-            program = torch.export.load(str(path))
-        except Exception as error:
-            raise UserError(f"cannot read {path} as a torch.export program: "
-                            f"{str(error).splitlines()[0][:200]}") from error
         if weights is not None:
             raise UserError("a .pt2 file carries its own weights; drop --weights")
-        return program.module()
+        return _load_program(path)  # already in inference form; it refuses .eval()
     elif re.fullmatch(r"[\w.]+:\w+", text):
-        module_name, factory_name = text.split(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), factory_name)
-        except (ImportError, AttributeError) as error:
-            raise UserError(f"cannot import {text}: {error}") from error
-        model = factory()
-        if not isinstance(model, torch.nn.Module):
-            raise UserError(f"{text} returned a {type(model).__name__}, not a torch.nn.Module")
+        model = _load_factory_model(text)
     elif path.suffix in (".pt", ".pth", ".bin", ".pkl", ".ckpt"):
         if not path.is_file():
             raise UserError(f"model file {path} does not exist")
@@ -92,17 +417,41 @@ def load_model(spec: str | torch.nn.Module, weights: str | Path | None = None) -
         try:
             model.load_state_dict(load_weights(weights))
         except RuntimeError as error:
-            raise UserError(f"weights {weights} do not fit {text}: {str(error).splitlines()[0][:200]}") from error
+            raise UserError(f"weights {weights} do not fit {text}: {_first_line(error)}") from error
     return in_eval_mode(model)
 
 
 def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
-    """The arrays of an `.npz` file by name, in file order; object (pickled) arrays are refused."""
+    """The arrays of an `.npz` file by name, in file order.
+
+    Every member's header is read first: object (pickled) arrays are refused, and so is any array
+    whose declared shape would take more than `edgeport.core.MAX_INPUT_BYTES`, before numpy
+    allocates it. Members that are not `.npy` arrays are refused too, as numpy would read them whole.
+    """
     try:
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.infolist():
+                name = member.filename.removesuffix(".npy")
+                if name == member.filename:
+                    raise UserError(f"{path} holds {member.filename}, which is not an .npy array")
+                with archive.open(member) as stream:
+                    version = np.lib.format.read_magic(stream)
+                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read_header(stream)
+                if dtype.hasobject:
+                    raise UserError(f"refusing {path}: array {name!r} is an object array, a pickle that needs "
+                                    f"code execution to load; save plain numeric arrays")
+                try:
+                    check_input_size(name, shape, dtype)
+                except UserError as error:
+                    raise UserError(f"refusing {path}: {error}") from error
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError, EOFError) as error:
-        raise UserError(f"cannot read inputs {path}: {str(error).splitlines()[0][:200]}") from error
+    except UserError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise UserError(f"cannot read inputs {path}: {_first_line(error)}") from error
     if not arrays:
         raise UserError(f"{path} holds no arrays")
     return arrays
