@@ -120,9 +120,12 @@ def write_atomically(path: Path, text: str) -> Path:
     A missing or unwritable folder is a UserError naming it."""
     if not path.parent.is_dir():
         raise UserError(f"cannot write {path}: the folder {path.parent} does not exist")
+    # JSON may carry lone surrogates ("\ud800"), which UTF-8 cannot hold: a "?" in their place
+    # beats a crash halfway through the file
+    payload = text.encode("utf-8", errors="replace")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: concurrent writers do not collide
     try:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_bytes(payload)
         os.replace(tmp, path)
     except OSError as error:
         tmp.unlink(missing_ok=True)
@@ -236,7 +239,8 @@ def render_html(profiles: list[dict], estimates: list[dict], accuracy: list[dict
             lat, energy = p["latency"], p["energy"]
             energy_text = (f"{energy['net_mj_per_inference']:.4g} mJ net ({energy['provenance']})"
                            if energy["available"] else "not measured: " + "; ".join(energy["reasons"]))
-            parts.append(f"<tr><td>{html.escape(p['label'] or Path(p['artifact']).name)}</td><td>{html.escape(p['backend'])}</td>"
+            parts.append(f"<tr><td>{html.escape(p['label'] or Path(p['artifact']).name)}</td>"
+                         f"<td>{html.escape(p['backend'])}</td>"
                          f"<td>{lat['p50']:.4f}</td><td>{lat['median_ci95'][0]:.4f}–{lat['median_ci95'][1]:.4f}</td>"
                          f"<td>{lat['p99']:.4f}</td><td>{lat['cv']:.2f}</td>"
                          f"<td>{'yes' if lat['valid'] else html.escape('; '.join(lat['problems']))}</td>"
@@ -289,22 +293,30 @@ _SCALARS = {TEXT: lambda v: isinstance(v, str), FLAG: lambda v: isinstance(v, bo
 
 @dataclass(frozen=True)
 class ListOf:
+    """A list of `item`s, at least `min_length` of them."""
+
     item: Any
     min_length: int = 0
 
 
 @dataclass(frozen=True)
 class MapOf:
-    value: Any  # every value of an object with any keys
+    """An object with any keys whose every value is `value`."""
+
+    value: Any
 
 
 @dataclass(frozen=True)
 class Nullable:
+    """`shape` or null; as an object's key, it may also be left out."""
+
     shape: Any
 
 
 @dataclass(frozen=True)
 class Exactly:
+    """This one string (a schema or provenance tag)."""
+
     value: str
 
 
@@ -320,12 +332,13 @@ ESTIMATE_SHAPE = {"provenance": Exactly("estimated:roofline"), "artifact": TEXT,
 
 
 def _describe(value: Any) -> str:
-    """A JSON value's kind, never its text: messages reach a terminal that reads markup."""
+    """A JSON value's kind, never its text: an error message must not replay what a hostile
+    file says (markup, terminal escape sequences) to the terminal."""
     if value is None or isinstance(value, bool):
         return json.dumps(value)
     if isinstance(value, float) and not math.isfinite(value):
         return str(value).replace("nan", "NaN").replace("inf", "Infinity")
-    kinds = {str: "a string", int: "a number", float: "a number", list: f"a list", dict: "an object"}
+    kinds = {str: "a string", int: "a number", float: "a number", list: "a list", dict: "an object"}
     return kinds.get(type(value), type(value).__name__)
 
 
@@ -362,7 +375,7 @@ def shape_problem(value: Any, shape: Any, where: str = "") -> str | None:
     if not fixed and len(value) < shape.min_length:
         return f"{here} should hold at least {shape.min_length} item(s), not {len(value)}"
     for index, item in enumerate(value):
-        problem = shape_problem(item, items[index] if fixed else shape.item, f"{here}[{index}]")
+        problem = shape_problem(item, items[index] if fixed else shape.item, f"{where}[{index}]")
         if problem:
             return problem
     return None
