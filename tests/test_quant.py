@@ -283,3 +283,127 @@ def test_weights_are_stored_as_integers(tmp_path):
     assert codes.min() >= -8 and codes.max() <= 7  # 4-bit weights, clipped once, at export
     assert not any(n.op_type == "QuantizeLinear" and n.input[0] in {i.name for i in model.graph.initializer}
                    for n in model.graph.node)
+
+
+def test_presets_are_named_quant_configs_and_overrides_copy_them():
+    from edgeport.quant.config import PRESETS, QuantConfig, preset
+
+    assert list(PRESETS) == ["minmax", "percentile", "repq"]
+    assert all(isinstance(c, QuantConfig) and c.name == name and c.description for name, c in PRESETS.items())
+    config = preset("repq", w_bits=4, a_bits=6, target="tensorrt", act_observer="entropy", keep_8bit=None)
+    assert (config.w_bits, config.a_bits, config.matmul_operand_bits, config.symmetric, config.target) == (
+        4, 6, 6, True, "tensorrt")
+    assert config.act_observer == "entropy" and config.norm_reparam and config.name == "repq"
+    assert PRESETS["repq"].w_bits == 8 and not PRESETS["repq"].symmetric  # the registry entry is untouched
+    assert config.weight_calibration == "mse" and PRESETS["repq"].weight_calibration == "minmax"
+
+
+def test_unknown_presets_targets_and_switches_are_refused_by_name():
+    from edgeport.quant.config import QuantConfig, preset
+
+    with pytest.raises(ep.UserError, match="unknown quantization method 'awq'; choose one of minmax, percentile, repq"):
+        preset("awq")
+    with pytest.raises(ep.UserError, match="unknown quantization target 'tflite'; choose one of onnxruntime, tensorrt"):
+        preset("repq", target="tflite")
+    with pytest.raises(ep.UserError, match="unknown calibration method 'kl'; choose one of minmax, percentile, mse"):
+        QuantConfig(act_observer="kl")
+    with pytest.raises(ep.UserError, match="needs norm_reparam"):
+        QuantConfig(fold_norm_affine=True)
+    with pytest.raises(ep.UserError, match="per_channel, per_tensor"):
+        QuantConfig(weight_granularity="per_block")
+    with pytest.raises(ep.UserError, match="from 2 to 8"):
+        QuantConfig(matmul_bits=1)
+
+
+def test_a_custom_config_equal_to_a_preset_quantizes_identically():
+    from edgeport.quant.config import QuantConfig, preset
+
+    custom = QuantConfig(w_bits=4, a_bits=4, act_observer="mse", weight_observer="auto", norm_reparam=True,
+                         fold_norm_affine=True, choose_softmax_quantizer=True)
+    assert custom == preset("repq", w_bits=4, a_bits=4) and custom.name == "custom"
+    by_config = ep.quantize("vit-digits", config=custom)
+    by_method = ep.quantize("vit-digits", method="repq", w_bits=4, a_bits=4)
+    images = ep.zoo.testset("vit-digits")[0][:64]
+    with torch.no_grad():
+        assert torch.equal(by_config(images), by_method(images))
+    assert by_config.quant_report.method == "custom" and by_method.quant_report.method == "repq"
+    assert by_config.quant_report.reparameterized == by_method.quant_report.reparameterized
+    with pytest.raises(ep.UserError, match="pass either the config or those arguments"):
+        ep.quantize("vit-digits", w_bits=4, config=custom)
+
+
+def _fake_quantize(x, params):
+    """x through the quantizer that `params` describe, computed from the parameters alone."""
+    qmin, qmax = (-(2 ** (params.bits - 1)), 2 ** (params.bits - 1) - 1) if params.signed else (0, 2 ** params.bits - 1)
+    return torch.fake_quantize_per_tensor_affine(x, params.scale, params.zero_point, qmin, qmax)
+
+
+def test_qparams_describe_each_quantized_module_completely():
+    """What an exporter reads from `qparams()` alone reproduces each module: the float layer
+    on grid weights after the input quantizer (and the input affine a reparameterization
+    left), the matmul with its operands' quantizers."""
+    from edgeport.quant.config import QuantConfig
+    from edgeport.quant.ptq import LayerQParams, QuantConv2d, QuantLinear, QuantMatMul
+    from edgeport.quant.quantizers import LogSqrt2QParams, LogSqrt2Quantizer, UniformQParams
+    from edgeport.sdk import precision_of
+
+    qmodel = ep.quantize("vit-digits", w_bits=4, a_bits=4)
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda m, args: inputs.setdefault(m, args)) for m in qmodel.modules()
+             if isinstance(m, (QuantLinear, QuantConv2d, QuantMatMul))]
+    with torch.no_grad():
+        qmodel(ep.zoo.testset("vit-digits")[0][:8])
+    for h in hooks:
+        h.remove()
+    kinds = set()
+    for module, args in inputs.items():
+        params = module.qparams()
+        kinds.add(type(module))
+        with torch.no_grad():
+            if isinstance(params, LayerQParams):
+                assert isinstance(params.layer, type(module.inner)) and params.input_affine is None
+                assert (params.input.bits, params.input.signed, params.input.axis) == (4, False, None)
+                assert (params.weight.bits, params.weight.signed, params.weight.axis) == (4, True, 0)
+                codes = params.layer.weight / params.weight.scale.reshape([-1] + [1] * (params.layer.weight.ndim - 1))
+                assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.abs().max() <= 8
+                expected = params.layer(_fake_quantize(args[0], params.input))
+            else:
+                assert isinstance(params.right, UniformQParams) and params.right.bits == 4
+                left = (LogSqrt2Quantizer.from_qparams(params.left)(args[0]) if isinstance(params.left, LogSqrt2QParams)
+                        else _fake_quantize(args[0], params.left))
+                expected = left @ _fake_quantize(args[1], params.right)
+            assert torch.allclose(module(*args), expected, rtol=1e-5, atol=1e-5)
+    assert kinds == {QuantLinear, QuantConv2d, QuantMatMul}
+
+    class PostNorm(nn.Module):  # the norm also feeds the residual: the affine stays in front of the quantizer
+        def __init__(self):
+            super().__init__()
+            self.norm, self.fc = nn.LayerNorm(8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            h = self.norm(x)
+            return h + self.fc(h)
+
+    x = torch.randn(16, 5, 8) * torch.linspace(0.1, 10, 8)
+    post = ep.quantize(PostNorm(), x, target="tensorrt")
+    params = post.get_submodule("fc").qparams()
+    h = post.get_submodule("norm")(x)
+    scale, shift = params.input_affine
+    assert params.input.signed and int(params.input.zero_point) == 0
+    with torch.no_grad():
+        assert torch.allclose(post.get_submodule("fc")(h), params.layer(_fake_quantize(h * scale + shift, params.input)),
+                              rtol=1e-5, atol=1e-5)
+
+    narrow = ep.quantize("vit-digits", config=QuantConfig(matmul_bits=4, weight_granularity="per_tensor"))
+    assert precision_of(narrow) == "w8a4"  # the narrowest activations are the matmul operands
+    assert narrow.get_submodule("head").qparams().weight.scale.ndim == 0
+
+
+def test_cli_quantize_help_lists_the_presets_and_observers(capsys):
+    from edgeport.cli import main
+    from edgeport.quant.config import PRESETS
+
+    assert main(["quantize", "--help"]) == 0
+    text = "".join(capsys.readouterr().out.split())  # click wraps the help text, at hyphens too
+    assert "[minmax|percentile|repq]" in text and "[minmax|percentile|mse|entropy]" in text
+    assert all("".join(f"{name}: {config.description}".split()) in text for name, config in PRESETS.items())

@@ -9,6 +9,8 @@ least information (KL divergence) against the data's.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from edgeport.errors import UserError
@@ -27,11 +29,13 @@ def _rows(x: torch.Tensor, axis: int | None) -> torch.Tensor:
 
 
 def minmax(x: torch.Tensor, quantizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per channel, the smallest and largest value: nothing clipped."""
     rows = _rows(x, quantizer.axis)
     return _shape(rows.min(1).values, quantizer), _shape(rows.max(1).values, quantizer)
 
 
 def percentile(x: torch.Tensor, quantizer, p: float = 0.9999) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per channel, the (1 - p) and p quantiles: the rarest outliers clipped."""
     rows = _rows(x, quantizer.axis)
     return (_shape(torch.quantile(rows, 1 - p, dim=1), quantizer),
             _shape(torch.quantile(rows, p, dim=1), quantizer))
@@ -95,10 +99,12 @@ def entropy(x: torch.Tensor, quantizer) -> tuple[torch.Tensor, torch.Tensor]:
     return _shape(torch.maximum(low, -threshold), quantizer), _shape(torch.minimum(high, threshold), quantizer)
 
 
+# name -> observer: the registry configs, the SDK and the CLI take calibration names from
 OBSERVERS = {"minmax": minmax, "percentile": percentile, "mse": mse, "entropy": entropy}
 
 
-def observer(name: str):
+def observer(name: str) -> Callable[[torch.Tensor, object], tuple[torch.Tensor, torch.Tensor]]:
+    """The observer registered as `name`; a UserError naming the registered ones otherwise."""
     if name not in OBSERVERS:
         raise UserError(f"unknown calibration method {name!r}; choose one of {', '.join(OBSERVERS)}")
     return OBSERVERS[name]

@@ -1,25 +1,23 @@
 """The PTQ pipeline: prepare -> calibrate -> reparameterize -> finalize.
 
-`quantize(model, calib, method, w_bits, a_bits)` returns a copy of the model whose Linear and
-Conv2d layers fake-quantize their input (per tensor) and their weights (per output channel,
-symmetric). Presets:
-
-- `minmax`: activation ranges from min and max (the per-tensor baseline);
-- `percentile`: activation ranges from the 0.01 / 99.99 percentiles;
-- `repq`: activation ranges chosen by MSE among min-max and percentiles (weights: min-max
-  at 8 bits, MSE below); inputs that come straight
-  from a LayerNorm are calibrated per channel and reparameterized to per tensor (RepQ-ViT),
-  the scale and shift folded into the consumer and, where the norm feeds nothing else, into
-  the norm's affine (otherwise, as in post-norm BERT, an elementwise affine stays in front of
-  the quantizer: exactly the per-channel codes).
+`quantize(model, calib, config)` returns a copy of the model whose Linear and Conv2d layers
+fake-quantize their input (per tensor) and their weights (symmetric), and whose activation x
+activation matmuls fake-quantize both operands, as the `QuantConfig` says (presets
+`minmax`, `percentile`, `repq` in `edgeport.quant.config`). With `norm_reparam` (RepQ-ViT),
+inputs that come straight from a LayerNorm are calibrated per channel and reparameterized to
+per tensor, the scale and shift folded into the consumer and, with `fold_norm_affine` where
+the norm feeds nothing else, into the norm's affine (otherwise, as in post-norm BERT, an
+elementwise affine stays in front of the quantizer: exactly the per-channel codes).
 
 Calibration is sequential: each quantizer is fitted on the first batch it sees, with every
-layer upstream already quantized. Conv-BatchNorm pairs are folded first.
+layer upstream already quantized. Conv-BatchNorm pairs are folded first. Exporters read a
+quantized module through its `qparams()`, not its attributes.
 """
 from __future__ import annotations
 
 import copy
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -28,27 +26,63 @@ from torch import nn
 
 from edgeport.errors import UserError
 from edgeport.quant.calibrate import observer
-from edgeport.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer, check_bits
+from edgeport.quant.config import QuantConfig
+from edgeport.quant.quantizers import LogSqrt2QParams, LogSqrt2Quantizer, UniformQParams, UniformQuantizer
 from edgeport.quant.reparam import fold_batchnorm, fold_into_linear, fold_targets
 
-# method -> (activation observer, weight observer); "auto" weights: min-max at 8 bits, where a
-# 256-level grid loses more to clipping than to rounding, MSE below. Measured on MiniLM
-# W8A8: MSE for the weights gave cosine 0.990 (0.989 for the refitted folded layers alone),
-# min-max 0.9945.
-PRESETS = {"minmax": ("minmax", "minmax"), "percentile": ("percentile", "minmax"), "repq": ("mse", "auto")}
-METHODS = tuple(PRESETS)
-TARGETS = ("onnxruntime", "tensorrt")
+
+@dataclass(frozen=True)
+class LayerQParams:
+    """A quantized Linear or Conv2d as exporters see it: `layer`, a float copy of the layer
+    whose weight is on its quantization grid (the values the fake-quant model multiplies by);
+    `input`, the per-tensor quantizer of its input, applied after `input_affine` (x * scale
+    + shift) where a LayerNorm reparameterization stayed in front of it; `weight`, the weight
+    quantizer."""
+
+    layer: nn.Module
+    input: UniformQParams
+    weight: UniformQParams
+    input_affine: tuple[torch.Tensor, torch.Tensor] | None
 
 
-class QuantLinear(nn.Module):
-    """A Linear whose input and weight are fake-quantized; `pre_scale`/`pre_shift` hold a
-    folded reparameterization (x' = x * pre_scale + pre_shift before the input quantizer)."""
+@dataclass(frozen=True)
+class MatMulQParams:
+    """A quantized activation x activation matmul as exporters see it: its operands'
+    quantizers (the left one log-sqrt2 where calibration chose it for a softmax output)."""
 
-    def __init__(self, linear: nn.Linear, act: UniformQuantizer, weight: UniformQuantizer):
+    left: UniformQParams | LogSqrt2QParams
+    right: UniformQParams
+
+
+class _QuantizedLayer(nn.Module):
+    """A weight layer (`inner`) whose input is fake-quantized by `act`, its weight by `wq`."""
+
+    def __init__(self, layer: nn.Module, act: nn.Module, weight: nn.Module):
         super().__init__()
-        self.inner, self.act, self.wq = linear, act, weight
-        self.register_buffer("pre_scale", None)
-        self.register_buffer("pre_shift", None)
+        self.inner, self.act, self.wq = layer, act, weight
+
+    def qparams(self) -> LayerQParams:
+        """The layer's parameters for an exporter (see LayerQParams)."""
+        layer = copy.deepcopy(self.inner)
+        with torch.no_grad():
+            layer.weight.copy_(self.wq(self.inner.weight))
+        return LayerQParams(layer, self.act.qparams(), self.wq.qparams(), self._input_affine())
+
+    def _input_affine(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None
+
+
+class QuantLinear(_QuantizedLayer):
+    """A Linear whose input and weight are fake-quantized; `pre_scale`/`pre_shift` hold a
+    folded reparameterization (x' = x * pre_scale + pre_shift before the input quantizer),
+    given as `input_affine` or set by the pipeline."""
+
+    def __init__(self, linear: nn.Linear, act: nn.Module, weight: nn.Module,
+                 input_affine: tuple[torch.Tensor, torch.Tensor] | None = None):
+        super().__init__(linear, act, weight)
+        pre_scale, pre_shift = input_affine or (None, None)
+        self.register_buffer("pre_scale", pre_scale)
+        self.register_buffer("pre_shift", pre_shift)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre_scale is not None:
@@ -61,17 +95,20 @@ class QuantLinear(nn.Module):
         # float. With an Add it cannot fuse, DQ -> MatMul becomes an integer kernel.
         return y + self.inner.bias.reshape([1] * (y.ndim - 1) + [-1])
 
+    def _input_affine(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None if self.pre_scale is None else (self.pre_scale.clone(), self.pre_shift.clone())
 
-class QuantConv2d(nn.Module):
-    """A Conv2d whose input (per tensor) and weight (per output channel) are fake-quantized."""
 
-    def __init__(self, conv: nn.Conv2d, act: UniformQuantizer, weight: UniformQuantizer):
-        super().__init__()
-        self.inner, self.act, self.wq = conv, act, weight
+class QuantConv2d(_QuantizedLayer):
+    """A Conv2d whose input (per tensor) and weight are fake-quantized."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.inner
         return F.conv2d(self.act(x), self.wq(c.weight), c.bias, c.stride, c.padding, c.dilation, c.groups)
+
+
+# float layer type -> its fake-quantized wrapper (subclasses of the float type included)
+QUANTIZED_LAYERS: dict[type[nn.Module], type[_QuantizedLayer]] = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d}
 
 
 class QuantMatMul(nn.Module):
@@ -79,10 +116,11 @@ class QuantMatMul(nn.Module):
     both operands fake-quantized per tensor.
 
     A left operand that is a softmax output brings candidate probability quantizers
-    (`left_choices`: uniform, log-sqrt2), each fitted on the first calibration batch; the
-    pipeline then keeps the one that gives the smaller error at the model's output."""
+    (`left_choices`: uniform, and log-sqrt2 where the config lets calibration choose), each
+    fitted on the first calibration batch; the pipeline then keeps the one that gives the
+    smaller error at the model's output."""
 
-    def __init__(self, left: nn.Module, right: UniformQuantizer, left_choices: tuple[nn.Module, ...] = ()):
+    def __init__(self, left: nn.Module, right: nn.Module, left_choices: tuple[nn.Module, ...] = ()):
         super().__init__()
         self.left, self.right = left, right
         self.left_choices = left_choices
@@ -92,6 +130,13 @@ class QuantMatMul(nn.Module):
             if not candidate.fitted:
                 candidate.fit(a)
         return torch.matmul(self.left(a), self.right(b))
+
+    def qparams(self) -> MatMulQParams:
+        """The operands' quantizer parameters for an exporter (see MatMulQParams)."""
+        return MatMulQParams(self.left.qparams(), self.right.qparams())
+
+
+QUANTIZED_MODULES = (*QUANTIZED_LAYERS.values(), QuantMatMul)
 
 
 def _choose_probability_quantizers(qmodel: nn.Module, model: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
@@ -254,64 +299,64 @@ def _calibration_args(model: nn.Module, calib) -> tuple[torch.Tensor, ...]:
     return args
 
 
-def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], method: str = "repq", w_bits: int = 8,
-             a_bits: int = 8, target: str = "onnxruntime", keep_8bit: tuple[str, ...] = (),
-             act_observer: str | None = None, weight_observer: str | None = None) -> tuple[nn.Module, QuantReport]:
-    """A fake-quantized copy of `model` calibrated on `calib` (a batch of real samples), and
-    its report. `target="tensorrt"` makes every quantizer symmetric (zero point 0); layers
-    named in `keep_8bit` (e.g. the first and last) stay at 8 bits. `act_observer` and
-    `weight_observer` ("minmax", "percentile", "mse") override the preset's choice."""
-    if method not in METHODS:
-        raise UserError(f"unknown quantization method {method!r}; choose one of {', '.join(METHODS)}")
-    if target not in TARGETS:
-        raise UserError(f"unknown quantization target {target!r}; choose one of {', '.join(TARGETS)}")
-    check_bits(w_bits), check_bits(a_bits)
+def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], config: QuantConfig
+             ) -> tuple[nn.Module, QuantReport]:
+    """A fake-quantized copy of `model` calibrated on `calib` (a batch of real samples, or a
+    tuple of them for a model of several inputs), quantized as `config` says, and the report
+    of what was done. The model itself is left as it was; UserError for calibration data the
+    model does not accept and for a model with no layer to quantize."""
     args = _calibration_args(model, calib)
     qmodel = copy.deepcopy(model).eval()
-    report = QuantReport(method, w_bits, a_bits, target, calibration_samples=int(args[0].shape[0]),
-                         activation_calibration=act_observer or PRESETS[method][0])
+    report = QuantReport(config.name, config.w_bits, config.a_bits, config.target,
+                         calibration_samples=int(args[0].shape[0]), activation_calibration=config.act_observer)
     _fold_batchnorms(qmodel, report)
-    fed, exclusive = _norm_fed(qmodel, tuple(a[:1] for a in args)) if method == "repq" else ({}, set())
-    act_observer = observer(report.activation_calibration)
-    weight_choice = weight_observer or PRESETS[method][1]
-    weight_fit = observer(("minmax" if w_bits >= 8 else "mse") if weight_choice == "auto" else weight_choice)
-    symmetric = target == "tensorrt"
+    fed, exclusive = _norm_fed(qmodel, tuple(a[:1] for a in args)) if config.norm_reparam else ({}, set())
+    act_observer, weight_observer = observer(config.act_observer), observer(config.weight_calibration)
+    operand_bits = config.matmul_operand_bits
 
-    def act_quantizer(bits: int = a_bits, per_channel: bool = False) -> UniformQuantizer:
-        quantizer = UniformQuantizer(bits, symmetric=symmetric and not per_channel, axis=-1 if per_channel else None)
+    def act_quantizer(bits: int, per_channel: bool = False) -> UniformQuantizer:
+        quantizer = UniformQuantizer(bits, symmetric=config.symmetric and not per_channel,
+                                     axis=-1 if per_channel else None)
         quantizer.observer = act_observer
         return quantizer
 
-    def probability_choices() -> tuple[nn.Module, ...]:
-        # Log-sqrt2 runs as float ops in every runtime; it is a candidate only where the
-        # method calibrates by error (repq) — the baselines keep the plain uniform grid.
-        return (act_quantizer(),) + ((LogSqrt2Quantizer(a_bits),) if method == "repq" else ())
+    def weight_quantizer(weight: torch.Tensor, bits: int) -> UniformQuantizer:
+        quantizer = UniformQuantizer(bits, symmetric=True, axis=config.weight_axis)
+        quantizer.set_range(*weight_observer(weight.detach(), quantizer))
+        return quantizer
 
-    qmodel = _quantize_matmuls(qmodel, act_quantizer, probability_choices, report)
+    def probability_choices() -> tuple[nn.Module, ...]:
+        # Log-sqrt2 runs as float ops in every runtime: a candidate only where the config lets
+        # the calibration error choose; otherwise the plain uniform grid.
+        log_sqrt2 = (LogSqrt2Quantizer(operand_bits),) if config.choose_softmax_quantizer else ()
+        return (act_quantizer(operand_bits),) + log_sqrt2
+
+    qmodel = _quantize_matmuls(qmodel, lambda: act_quantizer(operand_bits), probability_choices, report)
     for name, module in list(qmodel.named_modules()):
-        if not isinstance(module, (nn.Linear, nn.Conv2d)) or any(name.startswith(f"{n}.") for n in report.layers):
+        wrapper = next((w for kind, w in QUANTIZED_LAYERS.items() if isinstance(module, kind)), None)
+        if wrapper is None or any(name.startswith(f"{n}.") for n in report.layers):
             continue
-        bits_a, bits_w = (8, 8) if name in keep_8bit else (a_bits, w_bits)
-        act = act_quantizer(bits_a, per_channel=name in fed)
-        weight = UniformQuantizer(bits_w, symmetric=True, axis=0)
-        weight.set_range(*weight_fit(module.weight.detach(), weight))
-        wrapped = (QuantLinear if isinstance(module, nn.Linear) else QuantConv2d)(module, act, weight)
+        input_bits, weight_bits = config.layer_bits(name)
+        wrapped = wrapper(module, act_quantizer(input_bits, per_channel=name in fed),
+                          weight_quantizer(module.weight, weight_bits))
         parent, _, leaf = name.rpartition(".")
         setattr(qmodel.get_submodule(parent) if parent else qmodel, leaf, wrapped)
         report.layers.append(name)
     if not report.layers:
-        raise UserError("the model has no Linear or Conv2d layer to quantize")
+        raise UserError(f"the model has no {' or '.join(kind.__name__ for kind in QUANTIZED_LAYERS)} layer to quantize")
     with torch.no_grad():
         qmodel(*args)  # pass 1: sequential, lazy fitting in forward order
         _choose_probability_quantizers(qmodel, model, args)
     for name, module in qmodel.named_modules():
         if isinstance(module, QuantLinear) and module.act.axis is not None:
-            _reparameterize(name, module, symmetric, report, weight_fit)
+            _reparameterize(name, module, config.symmetric, report, weight_quantizer)
         elif isinstance(module, QuantMatMul) and isinstance(module.left, LogSqrt2Quantizer):
             report.float_ops.append(f"{name}: log-sqrt2 softmax quantizer (float ops; no runtime has it as an "
                                     f"integer kernel)")
-    for norm in exclusive:
-        _fold_into_norm(qmodel.get_submodule(norm), [qmodel.get_submodule(name) for name, n in fed.items() if n == norm])
+    if config.fold_norm_affine:
+        for norm in exclusive:
+            _fold_into_norm(qmodel.get_submodule(norm),
+                            [qmodel.get_submodule(name) for name, n in fed.items() if n == norm])
     return qmodel, report
 
 
@@ -328,8 +373,10 @@ def _fold_into_norm(norm: nn.LayerNorm, layers: list[QuantLinear]) -> None:
         layer.pre_scale = layer.pre_shift = None
 
 
-def _reparameterize(name: str, layer: QuantLinear, symmetric: bool, report: QuantReport, weight_fit) -> None:
-    """Per-channel input quantizer -> per-tensor, folded into the layer (exact codes)."""
+def _reparameterize(name: str, layer: QuantLinear, symmetric: bool, report: QuantReport,
+                    weight_quantizer: Callable[[torch.Tensor, int], UniformQuantizer]) -> None:
+    """Per-channel input quantizer -> per-tensor, folded into the layer (exact codes); the
+    weight quantizer is refitted (`weight_quantizer(weight, bits)`) on the folded weight."""
     act = layer.act
     bits = act.bits
     r, b, target_scale, target_zero = fold_targets(act.scale, act.zero_point,
@@ -346,14 +393,15 @@ def _reparameterize(name: str, layer: QuantLinear, symmetric: bool, report: Quan
     tensor.scale = tensor.scale.float()
     tensor.fitted = True
     layer.act = tensor
-    weight = UniformQuantizer(layer.wq.bits, symmetric=True, axis=0)
-    weight.set_range(*weight_fit(layer.inner.weight.detach(), weight))  # refitted on W' = W diag(r)
-    layer.wq = weight
+    layer.wq = weight_quantizer(layer.inner.weight, layer.wq.bits)  # refitted on W' = W diag(r)
     report.reparameterized.append(name)
 
 
 def precision_label(model: nn.Module) -> str:
-    """"fp32", or "w<bits>a<bits>" for a model from `quantize` (its narrowest layer)."""
-    weights = [m.wq.bits for m in model.modules() if isinstance(getattr(m, "wq", None), UniformQuantizer)]
-    acts = [m.act.bits for m in model.modules() if isinstance(getattr(m, "act", None), UniformQuantizer)]
+    """"fp32", or "w<bits>a<bits>" for a model from `quantize`: its narrowest weights, and its
+    narrowest activations (layer inputs and matmul operands)."""
+    params = [m.qparams() for m in model.modules() if isinstance(m, QUANTIZED_MODULES)]
+    weights = [p.weight.bits for p in params if isinstance(p, LayerQParams)]
+    acts = [bits for p in params for bits in ((p.input.bits,) if isinstance(p, LayerQParams)
+                                              else (p.left.bits, p.right.bits))]
     return f"w{min(weights)}a{min(acts)}" if weights and acts else "fp32"

@@ -9,6 +9,7 @@ uint8 ranges (unsigned) narrowed to the bit width.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -17,9 +18,34 @@ from edgeport.errors import UserError
 
 
 def check_bits(bits: int) -> int:
+    """`bits`, if it is a width the quantizers support (2 to 8); a UserError otherwise."""
     if not isinstance(bits, int) or not 2 <= bits <= 8:
         raise UserError(f"bit widths must be integers from 2 to 8, not {bits!r}")
     return bits
+
+
+@dataclass(frozen=True)
+class UniformQParams:
+    """A uniform quantizer's parameters, as exporters read them: a code c stands for
+    (c - zero_point) * scale, codes in the int8 range (`signed`) or the uint8 one, narrowed
+    to `bits`; one scale and zero point for the tensor (`axis` None) or one per channel
+    along `axis`."""
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    bits: int
+    signed: bool
+    axis: int | None
+
+
+@dataclass(frozen=True)
+class LogSqrt2QParams:
+    """A log-sqrt2 quantizer's parameters: a code q stands for scale * 2^(-q/2); in the
+    `strict` encoding the top code stands for exact zero."""
+
+    scale: float
+    bits: int
+    strict: bool
 
 
 class UniformQuantizer(nn.Module):
@@ -79,6 +105,10 @@ class UniformQuantizer(nn.Module):
         return torch.fake_quantize_per_channel_affine(x, self.scale, self.zero_point, self.axis % x.ndim, self.qmin,
                                                       self.qmax)
 
+    def qparams(self) -> UniformQParams:
+        """The fitted scale, zero point and code range, for exporters."""
+        return UniformQParams(self.scale.clone(), self.zero_point.clone(), self.bits, self.qmin < 0, self.axis)
+
     def extra_repr(self) -> str:
         kind = "symmetric" if self.symmetric else "asymmetric"
         return f"bits={self.bits}, {kind}, axis={self.axis}, fitted={self.fitted}"
@@ -97,10 +127,21 @@ class LogSqrt2Quantizer(nn.Module):
         self.register_buffer("scale", torch.ones(()))
         self.fitted, self.enabled = False, True
 
+    @classmethod
+    def from_qparams(cls, params: LogSqrt2QParams) -> LogSqrt2Quantizer:
+        """A fitted quantizer with these parameters."""
+        quantizer = cls(params.bits, params.strict)
+        quantizer.scale, quantizer.fitted = torch.tensor(params.scale, dtype=torch.float32), True
+        return quantizer
+
     def fit(self, a: torch.Tensor) -> None:
         """Scale = the largest probability seen, so code 0 holds it unclipped."""
         self.scale = a.detach().max().float().clamp(min=1e-8)
         self.fitted = True
+
+    def qparams(self) -> LogSqrt2QParams:
+        """The fitted scale and encoding, for exporters."""
+        return LogSqrt2QParams(float(self.scale), self.bits, self.strict)
 
     @property
     def top_code(self) -> int:

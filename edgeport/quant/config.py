@@ -1,0 +1,129 @@
+"""QuantConfig: what post-training quantization does, as data; the presets are named instances.
+
+A config says how many bits each kind of tensor gets (the weights and the inputs of Linear
+and Conv2d layers, the operands of activation x activation matmuls), the weights'
+granularity, which observer calibrates each range, which RepQ-ViT reparameterizations run,
+whether every quantizer is symmetric (what TensorRT takes) and which layers stay at 8 bits.
+Activations are quantized per tensor, the form integer kernels take: per-channel activation
+ranges exist only during calibration, where the LayerNorm reparameterization turns them into
+per-tensor ones with the same codes.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from edgeport.errors import UserError
+from edgeport.quant.calibrate import OBSERVERS, observer
+from edgeport.quant.quantizers import check_bits
+
+# "auto" weights: min-max at 8 bits, where a 256-level grid loses more to clipping than to
+# rounding, MSE below. Measured on MiniLM W8A8: MSE for the weights gave cosine 0.990 (0.989
+# for the refitted folded layers alone), min-max 0.9945.
+AUTO_WEIGHT_OBSERVER = "auto"
+# granularity -> the weight quantizer's axis (a weight's output channels are its axis 0)
+WEIGHT_GRANULARITIES = {"per_channel": 0, "per_tensor": None}
+# deployment target -> whether it needs symmetric quantizers (TensorRT's int8 has no zero point)
+TARGETS = {"onnxruntime": False, "tensorrt": True}
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How `edgeport.quant.ptq.quantize` quantizes a model.
+
+    `w_bits` and `a_bits` are the widths of Linear and Conv2d weights and inputs (layers named
+    in `keep_8bit` get 8 for both), `matmul_bits` that of both operands of activation x
+    activation matmuls (None: `a_bits`). Weights are symmetric, per output channel or per
+    tensor (`weight_granularity`), fitted by `weight_observer` (a name in
+    `edgeport.quant.calibrate.OBSERVERS`, or "auto"); activation ranges come from
+    `act_observer`. `norm_reparam` calibrates a Linear input that is a LayerNorm's output per
+    channel and reparameterizes it to per tensor, folded into the Linear (RepQ-ViT);
+    `fold_norm_affine` then moves that reparameterization into the norm's own affine where
+    the norm feeds nothing else. `choose_softmax_quantizer` makes log-sqrt2 a candidate beside
+    the uniform grid for a softmax output, the smaller error at the model's output choosing.
+    `symmetric` gives every quantizer zero point 0. `name` and `description` label the config
+    and take no part in comparisons.
+    """
+
+    w_bits: int = 8
+    a_bits: int = 8
+    matmul_bits: int | None = None
+    weight_granularity: str = "per_channel"
+    weight_observer: str = "minmax"
+    act_observer: str = "minmax"
+    norm_reparam: bool = False
+    fold_norm_affine: bool = False
+    choose_softmax_quantizer: bool = False
+    symmetric: bool = False
+    keep_8bit: tuple[str, ...] = ()
+    name: str = field(default="custom", compare=False)
+    description: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        for bits in (self.w_bits, self.a_bits, self.matmul_operand_bits):
+            check_bits(bits)
+        if self.weight_granularity not in WEIGHT_GRANULARITIES:
+            raise UserError(f"unknown weight granularity {self.weight_granularity!r}; choose one of "
+                            f"{', '.join(WEIGHT_GRANULARITIES)}")
+        if self.weight_observer not in (*OBSERVERS, AUTO_WEIGHT_OBSERVER):
+            raise UserError(f"unknown weight calibration {self.weight_observer!r}; choose one of "
+                            f"{', '.join((*OBSERVERS, AUTO_WEIGHT_OBSERVER))}")
+        observer(self.act_observer)
+        if self.fold_norm_affine and not self.norm_reparam:
+            raise UserError("fold_norm_affine moves the LayerNorm reparameterization into the norm: it needs "
+                            "norm_reparam")
+        # a list would make the frozen config unhashable and unequal to the same names as a tuple
+        object.__setattr__(self, "keep_8bit", tuple(self.keep_8bit))
+
+    @property
+    def matmul_operand_bits(self) -> int:
+        """The width of activation x activation matmul operands."""
+        return self.a_bits if self.matmul_bits is None else self.matmul_bits
+
+    @property
+    def weight_axis(self) -> int | None:
+        """The weight quantizers' channel axis (None: per tensor)."""
+        return WEIGHT_GRANULARITIES[self.weight_granularity]
+
+    @property
+    def weight_calibration(self) -> str:
+        """The weight observer in effect ("auto" resolved by `w_bits`)."""
+        if self.weight_observer != AUTO_WEIGHT_OBSERVER:
+            return self.weight_observer
+        return "minmax" if self.w_bits >= 8 else "mse"
+
+    @property
+    def target(self) -> str:
+        """The deployment target whose quantizer form this is ("onnxruntime", "tensorrt")."""
+        return next(target for target, symmetric in TARGETS.items() if symmetric == self.symmetric)
+
+    def layer_bits(self, name: str) -> tuple[int, int]:
+        """(input bits, weight bits) of the Linear or Conv2d layer at module path `name`."""
+        return (8, 8) if name in self.keep_8bit else (self.a_bits, self.w_bits)
+
+
+PRESETS: dict[str, QuantConfig] = {
+    "minmax": QuantConfig(name="minmax", description="activation ranges from min and max: the per-tensor baseline"),
+    "percentile": QuantConfig(act_observer="percentile", name="percentile",
+                              description="activation ranges from the 0.01 and 99.99th percentiles"),
+    "repq": QuantConfig(act_observer="mse", weight_observer=AUTO_WEIGHT_OBSERVER, norm_reparam=True,
+                        fold_norm_affine=True, choose_softmax_quantizer=True, name="repq",
+                        description="RepQ-ViT: LayerNorm outputs calibrated per channel and reparameterized to per "
+                                    "tensor; ranges and the softmax quantizer chosen by error"),
+}
+
+
+def preset(name: str, **overrides: object) -> QuantConfig:
+    """The preset `name` with `overrides` applied: any QuantConfig field by name (w_bits,
+    a_bits, act_observer, keep_8bit, ...), and `target` ("onnxruntime" or "tensorrt"), which
+    sets `symmetric`. An override of None keeps the preset's value, so callers can pass their
+    optional arguments through. Raises UserError naming the presets for an unknown `name`
+    and the targets for an unknown `target`."""
+    if name not in PRESETS:
+        raise UserError(f"unknown quantization method {name!r}; choose one of {', '.join(PRESETS)}")
+    target = overrides.pop("target", None)
+    if target is not None:
+        if target not in TARGETS:
+            raise UserError(f"unknown quantization target {target!r}; choose one of {', '.join(TARGETS)}")
+        overrides["symmetric"] = TARGETS[target]
+    return dataclasses.replace(PRESETS[name], **{key: value for key, value in overrides.items() if value is not None})
