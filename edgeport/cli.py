@@ -9,6 +9,7 @@ import contextlib
 import json
 import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -19,6 +20,8 @@ from rich.table import Table
 from rich.text import Text
 
 from edgeport.errors import BackendUnavailable, CheckFailed, UserError
+from edgeport.quant.calibrate import OBSERVERS
+from edgeport.quant.config import PRESETS
 
 # Results (tables, JSON) go to stdout and progress and diagnostics to stderr, as Unix tools
 # do. Logs and CI are not terminals and would get 80 columns, too narrow for the tables.
@@ -27,19 +30,35 @@ console = Console(width=None if sys.stdout.isatty() else 140, markup=False, high
 diagnostics = Console(stderr=True, width=None if sys.stderr.isatty() else 140, markup=False, highlight=False)
 
 
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+LOG_AFTER_S = 2.0  # in logs, steps shorter than this print nothing (a bad input fails in one line)
+
+
 @contextlib.contextmanager
 def progress(message: str):
-    """A long step: a spinner on a terminal; in logs (not a terminal), one line when it starts
-    and one when it ends, with its duration. Yields a function that reports a sub-step."""
+    """A long step: a spinner on a terminal; in logs (not a terminal), a line when it has run
+    for `LOG_AFTER_S`, a line per sub-step after that, and one when it ends with its duration.
+    Yields a function that reports a sub-step."""
     if diagnostics.is_terminal:
         with diagnostics.status(message) as status:
             yield lambda step: status.update(f"{message}: {step}")
         return
     start = time.perf_counter()
-    diagnostics.print(f"... {message}")
-    yield lambda step: diagnostics.print(f"... {message}: {step}")
-    diagnostics.print(f"... {message}: done in {time.perf_counter() - start:.1f} s")
-EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+    started = threading.Event()
+
+    def announce() -> None:
+        started.set()
+        diagnostics.print(f"... {message}")
+
+    timer = threading.Timer(LOG_AFTER_S, announce)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield lambda step: started.is_set() and diagnostics.print(f"... {message}: {step}")
+    finally:
+        timer.cancel()
+    if started.is_set():
+        diagnostics.print(f"... {message}: done in {time.perf_counter() - start:.1f} s")
 
 
 def _emit_json(data) -> None:
@@ -47,20 +66,14 @@ def _emit_json(data) -> None:
 
 
 def _load_inputs(path: str | None):
-    """Verification inputs from an .npz file: one array per model input, in file order."""
+    """Inputs from an .npz file (one array per model input, in file order) as one batch."""
     if path is None:
         return None
-    import numpy as np
     import torch
 
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = [data[k] for k in data.files]
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot read inputs {path}: {error}") from error
-    if not arrays:
-        raise UserError(f"{path} holds no arrays")
-    return [tuple(torch.from_numpy(a) for a in arrays)]
+    from edgeport.load import load_arrays
+
+    return [tuple(torch.from_numpy(a) for a in load_arrays(path).values())]
 
 
 def _parity_table(artifact) -> Table:
@@ -153,13 +166,14 @@ def export_command(model, targets, inputs, weights, out, name, dynamic_batch, dy
 
 @cli.command("quantize")
 @click.argument("model")
-@click.option("--method", type=click.Choice(["minmax", "percentile", "repq"]), default="repq", show_default=True)
+@click.option("--method", type=click.Choice(list(PRESETS)), default="repq", show_default=True,
+              help="; ".join(f"{name}: {config.description}" for name, config in PRESETS.items()) + ".")
 @click.option("--w-bits", type=int, default=8, show_default=True)
 @click.option("--a-bits", type=int, default=8, show_default=True)
 @click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
               help="tensorrt: symmetric quantizers (zero point 0).")
 @click.option("--calib", type=click.Path(), help=".npz whose first array is the calibration batch (zoo: its own).")
-@click.option("--calibration", type=click.Choice(["minmax", "percentile", "mse", "entropy"]),
+@click.option("--calibration", type=click.Choice(list(OBSERVERS)),
               help="Activation range calibration (default: the method's own; entropy is KL as in TensorRT).")
 @click.option("--weights", type=click.Path(), help="Weights for package.module:factory.")
 @click.option("--input", "inputs", multiple=True, help="Example input shape (zoo models bring their own).")
@@ -247,7 +261,13 @@ def profile_command(artifact, backend, device, runs, warmup, min_duration, threa
     """Measure latency (and energy where a meter exists) of ARTIFACT on this machine."""
     from edgeport.sdk import profile
 
-    sizes = [int(b) for b in batch_sizes.split(",") if b.strip()] if batch_sizes else []
+    try:
+        sizes = [int(b) for b in batch_sizes.split(",") if b.strip()] if batch_sizes else []
+    except ValueError:
+        raise UserError(f"--batch-sizes takes comma-separated integers like 1,8,32, not {batch_sizes!r}") from None
+    if output and (Path(output).is_dir() or not Path(output).parent.is_dir()):
+        raise UserError(f"cannot write the profile to {output}: " + ("it is a folder" if Path(output).is_dir()
+                                                                    else "its folder does not exist"))
     with progress(f"profiling {artifact}"):
         prof = profile(artifact, backend, device, runs=runs, warmup=warmup, min_duration_s=min_duration,
                        threads=threads, inputs=_load_inputs(inputs), ops=not no_ops, energy=not no_energy,
@@ -320,6 +340,8 @@ def report_command(folder, html_path):
     """Collect the profile and estimate JSON files in FOLDER into one HTML report with plots."""
     from edgeport.runtime.report import load_reports, write_html
 
+    if html_path and not Path(html_path).parent.is_dir():
+        raise UserError(f"cannot write {html_path}: the folder {Path(html_path).parent} does not exist")
     profiles, estimates = load_reports(folder)
     path = write_html(html_path or Path(folder) / "report.html", profiles, estimates)
     console.print(f"wrote {path} ({len(profiles)} profiles, {len(estimates)} estimates)")
@@ -437,8 +459,10 @@ def main(argv: list[str] | None = None) -> int:
         cli.main(args=args, prog_name="edgeport", standalone_mode=False)
     except click.exceptions.Exit as done:
         return done.exit_code
-    except click.ClickException as error:
-        error.show()
+    except click.ClickException as error:  # usage errors: one line too, with where to find help
+        command = error.ctx.command_path if getattr(error, "ctx", None) else "edgeport"
+        diagnostics.print(Text("error: ", style="red") + Text(f"{_one_line(error.format_message())} "
+                                                             f"(see {command} --help)"), soft_wrap=True)
         return EXIT_USAGE
     except click.exceptions.Abort:
         diagnostics.print("aborted")

@@ -249,6 +249,8 @@ class Staging:
 
     def __init__(self, out: str | Path):
         self.out = Path(out)
+        # the topmost folder this export creates: removed again if nothing is committed
+        self.created = next((p for p in [*reversed(self.out.parents), self.out] if not p.exists()), None)
         try:
             self.out.mkdir(parents=True, exist_ok=True)
             sweep_stale_staging(self.out)
@@ -261,6 +263,11 @@ class Staging:
 
     def __exit__(self, *exc_info) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+        if self.created is not None and not any(self.out.iterdir()):
+            for folder in [self.out, *self.out.parents]:  # only the empty folders this export made
+                folder.rmdir()
+                if folder == self.created:
+                    break
 
     def _replaceable(self, artifact: Artifact) -> set[str]:
         """Names in `out` that a previous export of this artifact wrote (listed in its sidecar)."""
@@ -485,6 +492,23 @@ def feeds_from(names: Sequence[str], batches: Sequence[Example], static_batch: i
     return feeds
 
 
+def check_feeds(feeds: Sequence[dict[str, np.ndarray]], specs: Sequence[TensorSpec]) -> None:
+    """Refuse feeds that do not fit the inputs `specs` declare (dtype, rank, static dims),
+    naming the input, before a runtime fails on them in its own words."""
+    for feed in feeds:
+        for spec in specs:
+            array = feed.get(spec.name)
+            if array is None:
+                continue
+            shape, wanted = list(array.shape), "x".join(map(str, spec.shape)) or "a scalar"
+            fits = len(shape) == len(spec.shape) and all(not isinstance(d, int) or d <= 0 or d == n
+                                                         for d, n in zip(spec.shape, shape))
+            if array.dtype.name != spec.dtype or not fits:
+                raise UserError(f"input {spec.name!r} is {array.dtype.name} of shape "
+                                f"{'x'.join(map(str, shape)) or 'a scalar'}; the artifact takes {spec.dtype} "
+                                f"of shape {wanted}")
+
+
 @dataclass
 class Source:
     """What a run starts from: the torch model, its example arguments, the batches it is
@@ -597,12 +621,12 @@ class Backend(ABC):
             if values.get(keyword) is None:
                 continue
             value, meta = values[keyword], spec.metadata
-            flag = option_flag(self, spec)
+            named = f"{keyword} ({option_flag(self, spec)})"
             if meta.get("choices") and value not in meta["choices"]:
-                raise UserError(f"{flag} {value!r} is not one of {', '.join(map(str, meta['choices']))}")
+                raise UserError(f"{named} {value!r} is not one of {', '.join(map(str, meta['choices']))}")
             if (meta.get("minimum") is not None and value < meta["minimum"]) or \
                     (meta.get("maximum") is not None and value > meta["maximum"]):
-                raise UserError(f"{flag} {value} is outside the supported range "
+                raise UserError(f"{named} {value} is outside the supported range "
                                 f"{meta['minimum']}..{meta['maximum']}")
             chosen[spec.name] = value
         return self.Options(**chosen)

@@ -11,6 +11,8 @@ backend is found through the registry in `edgeport.export`; nothing here knows o
 from __future__ import annotations
 
 import gc
+import inspect
+import os
 import re
 from pathlib import Path
 from typing import Sequence
@@ -21,9 +23,10 @@ import torch
 from edgeport.export import registry as backends
 from edgeport import zoo
 from edgeport.core import (Artifact, Example, ExportRequest, ParityReport, Source, Staging, TensorSpec, Tolerance,
-                           TorchRunner, as_args, check_artifact_name, check_input_size, draw_input, feeds_from, input_names, random_feeds, vocabulary_size)
+                           TorchRunner, as_args, check_artifact_name, check_feeds, check_input_size, draw_input, feeds_from, input_names, random_feeds, vocabulary_size)
 from edgeport.errors import BackendUnavailable, CheckFailed, UserError
 from edgeport.load import load_model, load_weights  # noqa: F401  (part of the SDK)
+from edgeport.quant.config import QuantConfig
 from edgeport.runtime.report import Profile
 from edgeport.transforms.spiking import LibraryRunner, SpikingForm, UnrolledModule, build_form
 from edgeport.verify import StreamingRunner, UnrolledSteps, compare
@@ -141,6 +144,7 @@ def verify_artifact(artifact: Artifact, model: torch.nn.Module, batches: Sequenc
     static = artifact.inputs[0].shape[0] if artifact.inputs and artifact.inputs[0].shape and \
         isinstance(artifact.inputs[0].shape[0], int) and form is None else None
     feeds = feeds_from(names, batches, static)
+    check_feeds(feeds, [TensorSpec(n, s.shape, s.dtype) for n, s in zip(names, artifact.inputs)])
     for feed in feeds:  # the artifact may name its inputs differently: match them by position
         for artifact_name, torch_name in zip(candidate.input_names, names):
             feed.setdefault(artifact_name, feed[torch_name])
@@ -178,6 +182,7 @@ def verify(artifact: Artifact | str | Path, model: str | torch.nn.Module, inputs
         check_input_size(spec.name, shape, np.dtype(spec.dtype))
     example = tuple(torch.zeros(s, dtype=getattr(torch, spec.dtype)) for s, spec in zip(shapes, first))
     source = resolve(model, example, weights, inputs)
+    _run_reference(source.model, example if not snn else (example[0],))
     if inputs is not None:
         source.verification_label = inputs_source
     form = build_form(source.model, example[0], snn["form"], snn["timesteps"], snn["sequence"]) if snn else None
@@ -281,6 +286,7 @@ def profile_feeds(specs: list[TensorSpec], source: str | None, inputs: Sequence[
     return random_feeds(specs, count, batch=batch, vocabulary=vocabulary), "seeded random inputs"
 
 
+MAX_THREADS = max(64, 4 * (os.cpu_count() or 1))  # more runtime threads than this is a typo, not a setting
 TORCH_DEVICES = {"torch": "cpu", "torch-cuda": "cuda"}  # a model profiled eagerly, not an artifact
 PROFILE_BACKENDS = ("onnxruntime", *TORCH_DEVICES)
 
@@ -312,6 +318,11 @@ def profile(target: str | Path | Artifact | torch.nn.Module, backend: str = "onn
         raise UserError(f"unknown profiling backend {backend!r}; available: {', '.join(PROFILE_BACKENDS)}")
     if runs <= 0 or warmup < 0:
         raise UserError(f"runs must be positive and warm-up non-negative (got runs={runs}, warmup={warmup})")
+    if threads is not None and not 0 < threads <= MAX_THREADS:
+        raise UserError(f"threads must be from 1 to {MAX_THREADS} (this machine has {os.cpu_count()} cores), "
+                        f"not {threads}")
+    if any(not isinstance(b, int) or b <= 0 for b in batch_sizes):
+        raise UserError(f"batch sizes must be positive integers, not {list(batch_sizes)}")
     gc.collect()  # sessions the caller dropped still spin until collected
     common = dict(runs=runs, warmup=warmup, warmup_s=warmup_s, min_duration_s=min_duration_s, sessions=sessions,
                   energy=energy, energy_window_s=energy_window_s, idle_s=idle_s, rapl_root=rapl_root,
@@ -335,6 +346,7 @@ def profile(target: str | Path | Artifact | torch.nn.Module, backend: str = "onn
     artifact = target if isinstance(target, Artifact) else backends.open_artifact(target)
     source_model, vocabulary = artifact.settings.get("source"), artifact.settings.get("vocabulary")
     feeds, source = profile_feeds(artifact.inputs, source_model, inputs, vocabulary=vocabulary)
+    check_feeds(feeds, artifact.inputs)
     symbolic_batch = all(not isinstance(s.shape[0], int) for s in artifact.inputs if s.shape)
     batch_feeds = {size: profile_feeds(artifact.inputs, source_model, None, count=4, batch=size,
                                        vocabulary=vocabulary)[0]
@@ -399,23 +411,38 @@ def slim(model: str | torch.nn.Module, example: Example | None = None, *, weight
 
 def quantize(model: str | torch.nn.Module, calib: torch.Tensor | None = None, method: str = "repq", w_bits: int = 8,
              a_bits: int = 8, *, target: str = "onnxruntime", weights: str | Path | None = None,
-             keep_8bit: Sequence[str] = (), act_observer: str | None = None) -> torch.nn.Module:
-    """A fake-quantized copy of `model` (post-training, `method` "minmax", "percentile" or
-    "repq"), calibrated on `calib` (a batch of real samples; a zoo model brings 32 training
-    images). `ep.export` turns it into quantized ONNX (QuantizeLinear and integer matmuls for
-    ONNX Runtime, pure QDQ for the `tensorrt` target); `target="tensorrt"` makes it symmetric.
-    Layers named in `keep_8bit` stay at 8 bits; `act_observer` ("minmax", "percentile",
-    "mse", "entropy") overrides the method's activation calibration. The pipeline's report is
-    the returned module's `quant_report` attribute.
+             keep_8bit: Sequence[str] = (), act_observer: str | None = None,
+             config: QuantConfig | None = None) -> torch.nn.Module:
+    """A fake-quantized copy of `model` (post-training, `method` a preset of
+    `edgeport.quant.config.PRESETS`: "minmax", "percentile" or "repq"), calibrated on `calib`
+    (a batch of real samples; a zoo model brings 32 training images). `ep.export` turns it
+    into quantized ONNX (QuantizeLinear and integer matmuls for ONNX Runtime, pure QDQ for the
+    `tensorrt` target); `target="tensorrt"` makes it symmetric. Layers named in `keep_8bit`
+    stay at 8 bits; `act_observer` ("minmax", "percentile", "mse", "entropy") overrides the
+    method's activation calibration. `config`, a `QuantConfig`, says all of that at once (and
+    more) in place of those arguments, which must then keep their defaults. The pipeline's
+    report is the returned module's `quant_report` attribute.
     """
+    from edgeport.quant.config import preset
     from edgeport.quant.ptq import quantize as run_ptq
 
+    arguments = {"method": method, "w_bits": w_bits, "a_bits": a_bits, "target": target,
+                 "keep_8bit": tuple(keep_8bit), "act_observer": act_observer}
+    if config is None:
+        config = preset(method, **{k: v for k, v in arguments.items() if k != "method"})
+    elif arguments != _PRESET_ARGUMENT_DEFAULTS:
+        raise UserError("config= replaces method, w_bits, a_bits, target, keep_8bit and act_observer: "
+                        "pass either the config or those arguments")
     torch_model = load_model(model, weights)
     if calib is None:
         if not (isinstance(model, str) and model in zoo.names()):
             raise UserError("quantization needs calibration data (about 32 real samples); only zoo models bring their own")
         calib = zoo.calibration(model, 32)
-    qmodel, report = run_ptq(torch_model, calib, method, w_bits, a_bits, target=target, keep_8bit=tuple(keep_8bit),
-                             act_observer=act_observer)
+    qmodel, report = run_ptq(torch_model, calib, config)
     qmodel.quant_report = report
     return qmodel
+
+
+_PRESET_ARGUMENT_DEFAULTS = {name: (tuple(p.default) if name == "keep_8bit" else p.default)
+                             for name, p in inspect.signature(quantize).parameters.items()
+                             if name in ("method", "w_bits", "a_bits", "target", "keep_8bit", "act_observer")}

@@ -37,7 +37,7 @@ def test_every_option_is_an_sdk_keyword_and_a_cli_flag(capsys):
 
 
 def test_options_are_checked_against_their_declared_range(out):
-    with pytest.raises(ep.UserError, match="--opset 999 is outside the supported range 13..23"):
+    with pytest.raises(ep.UserError, match=r"opset \(--opset\) 999 is outside the supported range 13..23"):
         ep.export("cnn-digits", out=out, opset=999)
     with pytest.raises(ep.UserError, match="unknown export option 'coreml_weight'; did you mean coreml_weights"):
         ep.export("cnn-digits", out=out, coreml_weight="int8")
@@ -82,7 +82,7 @@ def test_a_wrong_tensorrt_engine_raises_and_commits_nothing(out, monkeypatch):
     the engine's runner to compute a wrong result: the only fake engine in the suite."""
     import numpy as np
 
-    import edgeport.export.tensorrt as tensorrt
+    from edgeport.export import tensorrt
 
     class WrongEngine(Runner):
         name = "tensorrt"
@@ -115,7 +115,7 @@ def test_a_wrong_coreml_package_raises_and_commits_nothing(out):
 
 def test_a_target_that_fails_leaves_earlier_targets_committed_and_its_own_files_out(out, monkeypatch):
     """Each target commits on its own: the verified ONNX stays, the failed engine's files do not."""
-    import edgeport.export.tensorrt as tensorrt
+    from edgeport.export import tensorrt
 
     monkeypatch.setattr(tensorrt, "build_engine", lambda *a, **k: (_ for _ in ()).throw(ep.UserError("boom")))
     with pytest.raises(ep.UserError, match="boom"):

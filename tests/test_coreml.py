@@ -55,9 +55,9 @@ def test_weight_compression_modes(mode, op, target, tmp_path):
 def test_fp16_compute_and_bad_options(tmp_path):
     artifact = ep.export("cnn-digits", targets=["coreml"], out=tmp_path, coreml_precision="fp16")["coreml"]
     assert artifact.settings["compute_precision"] == "fp16"
-    with pytest.raises(ep.UserError, match="unknown Core ML weight compression"):
+    with pytest.raises(ep.UserError, match="coreml_weights .* 'int3' is not one of int8, int4"):
         ep.export("cnn-digits", targets=["coreml"], out=tmp_path, coreml_weights="int3")
-    with pytest.raises(ep.UserError, match="fp32 or fp16"):
+    with pytest.raises(ep.UserError, match="coreml_precision .* 'bf16' is not one of fp32, fp16"):
         ep.export("cnn-digits", targets=["coreml"], out=tmp_path, coreml_precision="bf16")
 
 

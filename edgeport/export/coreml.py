@@ -18,6 +18,8 @@ from edgeport.errors import BackendUnavailable, ExportError, UserError
 from edgeport.core import (Artifact, Backend, ExportRequest, Runner, TensorSpec, flatten_outputs, input_names, option,
                            source_sha256)
 from edgeport.export.onnx import quiet, summarize_error
+from edgeport.quant.ptq import QUANTIZED_MODULES, QuantConv2d, QuantLinear, QuantMatMul
+from edgeport.quant.quantizers import LogSqrt2QParams, LogSqrt2Quantizer, UniformQParams
 
 ROUTES = ("torch.export", "torchscript-trace")
 # mlprogram needs iOS 15; these features raise it (coremltools' documented requirements)
@@ -71,39 +73,42 @@ class _QuantizeDequantize(torch.nn.Module):
 
 
 def coreml_quantized_form(model: torch.nn.Module) -> tuple[torch.nn.Module, str | None, list[str]]:
-    """A copy of an `edgeport.quantize`d model in the form Core ML takes: weights baked onto
-    their grid (then stored by Core ML's int8 or int4 weight compression) and activation
-    quantizers as quantize/dequantize pairs. Returns (module, weight mode or None, what
-    could not be expressed exactly)."""
+    """A copy of an `edgeport.quantize`d model in the form Core ML takes, built from each
+    quantized module's `qparams()`: weights baked onto their grid (then stored by Core ML's
+    int8 or int4 weight compression) and activation quantizers as quantize/dequantize pairs.
+    Returns (module, weight mode or None, what could not be expressed exactly)."""
     import copy
 
-    from edgeport.quant.ptq import QuantConv2d, QuantLinear, QuantMatMul
-    from edgeport.quant.quantizers import UniformQuantizer
-
-    layers = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantConv2d))]
-    if not layers:
+    if not any(isinstance(m, (QuantLinear, QuantConv2d)) for m in model.modules()):
         return model, None, []
-    form, notes = copy.deepcopy(model), []
-    w_bits = min(m.wq.bits for m in layers)
-    for layer in (m for m in form.modules() if isinstance(m, (QuantLinear, QuantConv2d))):
-        with torch.no_grad():
-            layer.inner.weight.copy_(layer.wq(layer.inner.weight))
-        layer.wq = torch.nn.Identity()
-        layer.act = _core_ml_activation(layer.act, notes)
-    for matmul in (m for m in form.modules() if isinstance(m, QuantMatMul)):
-        matmul.left, matmul.right = (_core_ml_activation(q, notes) if isinstance(q, UniformQuantizer) else q
-                                     for q in (matmul.left, matmul.right))
+    form, notes, weight_bits = copy.deepcopy(model), [], []
+    for name, module in [(n, m) for n, m in form.named_modules() if isinstance(m, QUANTIZED_MODULES)]:
+        params = module.qparams()
+        if isinstance(module, QuantMatMul):
+            replacement = QuantMatMul(_core_ml_activation(params.left, notes), _core_ml_activation(params.right, notes))
+        else:  # params.layer holds the weight on its grid: no weight quantizer left to run
+            weight_bits.append(params.weight.bits)
+            act = _core_ml_activation(params.input, notes)
+            replacement = (QuantLinear(params.layer, act, torch.nn.Identity(), params.input_affine)
+                           if isinstance(module, QuantLinear) else QuantConv2d(params.layer, act, torch.nn.Identity()))
+        parent, _, leaf = name.rpartition(".")
+        setattr(form.get_submodule(parent) if parent else form, leaf, replacement)
+    w_bits = min(weight_bits)
     if w_bits not in (4, 8):
         notes.append(f"{w_bits}-bit weights are stored with Core ML's int8 compression (its scale, not ours)")
     return form, "int4-per-channel" if w_bits <= 4 else "int8", sorted(set(notes))
 
 
-def _core_ml_activation(act, notes: list[str]) -> torch.nn.Module:
-    """A per-tensor activation quantizer as the quantize/dequantize pair Core ML has."""
-    if act.bits < 8:
-        notes.append(f"{act.bits}-bit activations run as 8-bit quantize/dequantize (Core ML quantizes to 8 "
-                     f"bits): values beyond the {act.bits}-bit range are not clipped")
-    return _QuantizeDequantize(float(act.scale), int(act.zero_point), act.qmin < 0)
+def _core_ml_activation(params: UniformQParams | LogSqrt2QParams, notes: list[str]) -> torch.nn.Module:
+    """An activation quantizer as Core ML runs it: a per-tensor uniform one as the
+    quantize/dequantize pair Core ML has (8-bit; a narrower width is noted), log-sqrt2, which
+    it has no op for, as the float ops that compute it."""
+    if isinstance(params, LogSqrt2QParams):
+        return LogSqrt2Quantizer.from_qparams(params)
+    if params.bits < 8:
+        notes.append(f"{params.bits}-bit activations run as 8-bit quantize/dequantize (Core ML quantizes to 8 "
+                     f"bits): values beyond the {params.bits}-bit range are not clipped")
+    return _QuantizeDequantize(float(params.scale), int(params.zero_point), params.signed)
 
 
 def op_kind(target) -> str:

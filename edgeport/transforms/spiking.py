@@ -14,6 +14,7 @@ run (`LibraryRunner`).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,9 @@ from edgeport.errors import UserError
 from edgeport.snn.convert import SteppedNetwork, as_stepped, library_reference, state_names
 
 FORMS = ("unrolled", "step")
+# An unrolled graph grows with T and verification runs T steps per sample: past this a
+# request is a typo more often than a model (raise it with EDGEPORT_MAX_TIMESTEPS).
+MAX_TIMESTEPS = int(os.environ.get("EDGEPORT_MAX_TIMESTEPS", 1000))
 
 
 class StepModule(nn.Module):
@@ -100,8 +104,9 @@ def build_form(model: nn.Module, example: torch.Tensor, form: str, timesteps: in
     """The exportable module for `form`; `example` is one step's input, or (T, B, ...) with `sequence`."""
     if form not in FORMS:
         raise UserError(f"unknown spiking form {form!r}; choose one of {', '.join(FORMS)}")
-    if not isinstance(timesteps, int) or timesteps <= 0:
-        raise UserError(f"timesteps must be a positive integer, not {timesteps!r}")
+    if not isinstance(timesteps, int) or not 0 < timesteps <= MAX_TIMESTEPS:
+        raise UserError(f"timesteps must be an integer from 1 to {MAX_TIMESTEPS} (EDGEPORT_MAX_TIMESTEPS raises the "
+                        f"limit), not {timesteps!r}")
     if sequence and example.shape[0] != timesteps:
         raise UserError(f"a sequence input has T first: shape {list(example.shape)} does not start with {timesteps}")
     step_example = example[0] if sequence else example
