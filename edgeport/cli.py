@@ -148,14 +148,26 @@ def export_command(model, targets, inputs, weights, out, name, dynamic_batch, dy
     from edgeport.sdk import export, parse_dynamic, parse_input
 
     example = tuple(parse_input(s) for s in inputs) or None
-    with progress(f"exporting {model} to {targets}"):
-        artifacts = export(model, example, targets=[t.strip() for t in targets.split(",") if t.strip()], out=out,
-                           name=name, weights=weights, verify_inputs=_load_inputs(verify_inputs),
-                           check=not no_verify, dynamic_batch=dynamic_batch, dynamic_axes=parse_dynamic(dynamic),
-                           snn_form=snn_form, timesteps=timesteps, sequence=sequence, slim=slim_model,
-                           **{k: v for k, v in options.items() if v is not None})
+    try:
+        with progress(f"exporting {model} to {targets}"):
+            artifacts = export(model, example, targets=[t.strip() for t in targets.split(",") if t.strip()],
+                               out=out, name=name, weights=weights, verify_inputs=_load_inputs(verify_inputs),
+                               check=not no_verify, dynamic_batch=dynamic_batch,
+                               dynamic_axes=parse_dynamic(dynamic), snn_form=snn_form, timesteps=timesteps,
+                               sequence=sequence, slim=slim_model, **{k: v for k, v in options.items() if v is not None})
+    except CheckFailed as failed:  # some targets failed: show what was committed, then the failure
+        if failed.results:
+            _print_artifacts(failed.results, as_json)
+        raise
+    _print_artifacts(artifacts, as_json)
+
+
+def _print_artifacts(artifacts, as_json: bool) -> None:
+    """Each committed artifact's parity table and notes (or their records as JSON, with the
+    targets that failed under "failed")."""
     if as_json:
-        _emit_json({t: a.to_dict() for t, a in artifacts.items()})
+        failures = getattr(artifacts, "failures", {})
+        _emit_json({t: a.to_dict() for t, a in artifacts.items()} | ({"failed": failures} if failures else {}))
         return
     for artifact in artifacts.values():
         console.print(_parity_table(artifact))

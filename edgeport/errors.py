@@ -28,8 +28,9 @@ class BackendUnavailable(EdgeportError):
 
 
 class CheckFailed(EdgeportError):
-    """A check ran and failed (parity, validity). Exit code 1."""
+    """A check ran and failed (parity, validity). Exit code 1. `report` is the failed check's
+    report; `results`, for an export of several targets, what was committed nonetheless."""
 
-    def __init__(self, message: str, report=None):
+    def __init__(self, message: str, report=None, results=None):
         super().__init__(message)
-        self.report = report
+        self.report, self.results = report, results

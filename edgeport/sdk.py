@@ -24,7 +24,7 @@ from edgeport.export import registry as backends
 from edgeport import zoo
 from edgeport.core import (Artifact, Example, ExportRequest, ParityReport, Source, Staging, TensorSpec, Tolerance,
                            TorchRunner, as_args, check_artifact_name, check_feeds, check_input_size, draw_input, feeds_from, input_names, random_feeds, vocabulary_size)
-from edgeport.errors import BackendUnavailable, CheckFailed, UserError
+from edgeport.errors import BackendUnavailable, CheckFailed, EdgeportError, UserError
 from edgeport.load import load_model, load_weights  # noqa: F401  (part of the SDK)
 from edgeport.quant.config import QuantConfig
 from edgeport.runtime.report import Profile
@@ -203,7 +203,10 @@ def export(model: str | torch.nn.Module, example: Example | None = None, targets
     `example` is one input batch (a zoo model brings its own). Every artifact is verified
     against the torch model on `verify_inputs` (a sequence of batches; default: a zoo
     model's test images, else the example plus seeded random draws) unless `check=False`.
-    A failed verification raises `CheckFailed` and leaves nothing of that target in `out`.
+    A failed verification raises `CheckFailed` and leaves nothing of that target in `out`;
+    with several targets, each that passed is still committed, and the `CheckFailed` raised at
+    the end carries them as `error.results` (an `ExportResults`: the committed artifacts and
+    `failures`, why each other target failed).
     Spiking models export as `snn_form="unrolled"` (T steps in one graph) or `"step"` (one
     step, membranes as graph inputs and outputs) with `timesteps` T; `sequence=True` takes
     the input as (T, B, ...) instead of one frame repeated. `slim=True` first turns pruning
@@ -217,7 +220,7 @@ def export(model: str | torch.nn.Module, example: Example | None = None, targets
     `settings["verification"]` says which. `targets=["tensorrt"]` writes the verified ONNX as
     `<name>-tensorrt.onnx` (a quantized model's in pure QDQ form) with a readiness report, the
     trtexec command, and the engine where tensorrt and a GPU exist (then verified as well).
-    Returns {target: Artifact}.
+    Returns an `ExportResults`, {target: Artifact}.
     """
     if not targets:
         raise UserError("no export target given; available: " + ", ".join(backends.names()))
@@ -250,25 +253,46 @@ def export(model: str | torch.nn.Module, example: Example | None = None, targets
         form = build_form(torch_model, args[0], snn_form, steps, sequence)
         settings["snn"] = form.describe()
         name = f"{name}-{snn_form}"
-    artifacts = {}
+    results, errors = ExportResults(), {}
     for backend in chosen:
-        with Staging(out) as staging:
-            request = ExportRequest(form.module if form else export_model, form.args if form else args, staging.dir,
-                                    name, form.input_names if form else input_names(export_model, len(args)),
-                                    form.output_names if form else None, precision_of(export_model), dynamic_axes)
-            produced = backend.export(request, backend_options[backend.name])
-            for artifact in produced:
-                artifact.settings.update(settings)
-                artifact.notes += notes
-                if check:
-                    artifact.parity = verify_artifact(artifact, torch_model, source.verification,
-                                                         source.verification_label, form=form, tolerance=tolerance)
-                    if artifact.parity is not None and not artifact.parity.passed:
-                        worst = artifact.parity.failures()[0]
-                        raise CheckFailed(f"{backend.name} artifact {artifact.path.name} fails verification: "
-                                          f"{worst.describe()}", artifact.parity)
-            artifacts[backend.name] = staging.commit(*produced)[-1]
-    return artifacts
+        try:
+            with Staging(out) as staging:
+                request = ExportRequest(form.module if form else export_model, form.args if form else args,
+                                        staging.dir, name,
+                                        form.input_names if form else input_names(export_model, len(args)),
+                                        form.output_names if form else None, precision_of(export_model), dynamic_axes)
+                produced = backend.export(request, backend_options[backend.name])
+                for artifact in produced:
+                    artifact.settings.update(settings)
+                    artifact.notes += notes
+                    if check:
+                        artifact.parity = verify_artifact(artifact, torch_model, source.verification,
+                                                          source.verification_label, form=form, tolerance=tolerance)
+                        if artifact.parity is not None and not artifact.parity.passed:
+                            worst = artifact.parity.failures()[0]
+                            raise CheckFailed(f"{backend.name} artifact {artifact.path.name} fails verification: "
+                                              f"{worst.describe()}", artifact.parity)
+                results[backend.name] = staging.commit(*produced)[-1]
+        except EdgeportError as error:  # the other targets still run; their verified artifacts stay
+            errors[backend.name] = error
+            results.failures[backend.name] = str(error)
+    if len(errors) == len(chosen) == 1:
+        raise next(iter(errors.values()))
+    if errors:
+        raise CheckFailed(f"{len(errors)} of {len(chosen)} targets failed ({'; '.join(results.failures)}), "
+                          f"{', '.join(results) or 'none'} committed: " +
+                          "; ".join(f"{target}: {message}" for target, message in results.failures.items()),
+                          results=results)
+    return results
+
+
+class ExportResults(dict):
+    """{target: Artifact} for every target that was exported, verified and committed, and
+    `failures`: {target: why} for those that were not (nothing of them is in the folder)."""
+
+    def __init__(self):
+        super().__init__()
+        self.failures: dict[str, str] = {}
 
 
 def profile_feeds(specs: list[TensorSpec], source: str | None, inputs: Sequence[Example] | None,

@@ -2,6 +2,7 @@
 and every backend's verification blocking a wrong artifact before anything is committed."""
 import ast
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ ROOT = Path(ep.__file__).parent
 
 
 def test_every_backend_is_found_by_name_and_declares_its_parts():
-    assert registry.names() == ["onnx", "coreml", "tensorrt"]
+    assert registry.names() == ["onnx", "coreml", "tensorrt", "nir"]
     for backend in registry.backends():
         assert registry.get(backend.name) is backend
         assert dataclasses.is_dataclass(backend.Options) and backend.summary and backend.quantized
@@ -113,11 +114,18 @@ def test_a_wrong_coreml_package_raises_and_commits_nothing(out):
     assert leftovers(out) == []
 
 
-def test_a_target_that_fails_leaves_earlier_targets_committed_and_its_own_files_out(out, monkeypatch):
-    """Each target commits on its own: the verified ONNX stays, the failed engine's files do not."""
+def test_a_target_that_fails_leaves_the_others_committed_and_its_own_files_out(out, monkeypatch, capsys):
+    """Each target commits on its own: the verified ONNX and Core ML stay, the failed engine's
+    files do not, and the failure names the target (exit 1 from the CLI)."""
     from edgeport.export import tensorrt
 
     monkeypatch.setattr(tensorrt, "build_engine", lambda *a, **k: (_ for _ in ()).throw(ep.UserError("boom")))
-    with pytest.raises(ep.UserError, match="boom"):
-        ep.export("cnn-digits", targets=["onnx", "tensorrt"], out=out)
-    assert leftovers(out) == ["cnn-digits.onnx", "cnn-digits.onnx.edgeport.json"]
+    with pytest.raises(ep.CheckFailed, match="1 of 3 targets failed .tensorrt.") as failed:
+        ep.export("cnn-digits", targets=["onnx", "tensorrt", "coreml"], out=out)
+    assert sorted(failed.value.results) == ["coreml", "onnx"] and "boom" in failed.value.results.failures["tensorrt"]
+    assert leftovers(out) == ["cnn-digits.mlpackage", "cnn-digits.mlpackage.edgeport.json", "cnn-digits.onnx",
+                              "cnn-digits.onnx.edgeport.json"]
+    capsys.readouterr()
+    assert main(["export", "cnn-digits", "--to", "tensorrt,onnx", "-o", str(out / "cli"), "--json"]) == 1
+    captured = capsys.readouterr()
+    assert list(json.loads(captured.out)) == ["onnx", "failed"] and "tensorrt: boom" in captured.err

@@ -279,6 +279,20 @@ def _norm_fed(model: nn.Module, sample: tuple[torch.Tensor, ...]) -> tuple[dict[
     return fed, exclusive
 
 
+DEGENERATE_SCALE = 1e-8  # UniformQuantizer's floor: a range that collapsed to a point
+
+
+def _refuse_degenerate_ranges(qmodel: nn.Module) -> None:
+    """Refuse a calibration under which a layer's input never varied (zero range): its
+    quantizer would map every value to one code and the model would output biases only."""
+    collapsed = [name for name, module in qmodel.named_modules() if isinstance(module, tuple(QUANTIZED_LAYERS.values()))
+                 and module.act.fitted and float(module.act.scale.max()) <= DEGENERATE_SCALE]
+    if collapsed:
+        raise UserError(f"degenerate calibration: the input of {', '.join(collapsed[:3])}"
+                        f"{f' and {len(collapsed) - 3} more' if len(collapsed) > 3 else ''} has zero range over the "
+                        f"calibration data; calibrate on real samples")
+
+
 def _calibration_args(model: nn.Module, calib) -> tuple[torch.Tensor, ...]:
     """The calibration batch as model arguments (a tensor, or a tuple such as token ids and
     attention mask), checked: not empty, finite, accepted by the model."""
@@ -289,6 +303,11 @@ def _calibration_args(model: nn.Module, calib) -> tuple[torch.Tensor, ...]:
         raise UserError("the calibration set is empty")
     if any(a.is_floating_point() and not torch.isfinite(a).all() for a in args):
         raise UserError("the calibration set contains NaN or Inf values")
+    constant = next((a for a in args if a.is_floating_point() and bool((a == a.flatten()[0]).all())), None)
+    if constant is not None:
+        raise UserError(f"degenerate calibration: every value of the calibration data is "
+                        f"{float(constant.flatten()[0]):g}; quantization ranges fitted on it mean nothing, "
+                        f"calibrate on real samples")
     try:
         with torch.no_grad():
             model(*(a[:1] for a in args))
@@ -347,6 +366,7 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], c
     with torch.no_grad():
         qmodel(*args)  # pass 1: sequential, lazy fitting in forward order
         _choose_probability_quantizers(qmodel, model, args)
+    _refuse_degenerate_ranges(qmodel)
     for name, module in qmodel.named_modules():
         if isinstance(module, QuantLinear) and module.act.axis is not None:
             _reparameterize(name, module, config.symmetric, report, weight_quantizer)
