@@ -95,7 +95,7 @@ def backend_options(command):
     for entry in reversed(registry.option_fields().values()):
         meta, default = entry.spec.metadata, entry.spec.default
         kind = click.Choice([str(c) for c in meta["choices"]]) if meta.get("choices") else \
-            (int if "int" in str(entry.spec.type) else str)
+            next((t for t in (int, float) if t.__name__ in str(entry.spec.type)), str)
         shown = "" if default is None else f" [default: {default}]"
         command = click.option(entry.flag, entry.keyword, type=kind, default=None,
                                help=f"{meta['help']} ({', '.join(entry.backends)}).{shown}")(command)

@@ -13,7 +13,8 @@ from pathlib import Path
 from edgeport.core import SIDECAR_SUFFIX, Artifact, Backend, Runner, option_flag, option_keyword
 from edgeport.errors import UserError
 
-_MODULES = {"onnx": "edgeport.export.onnx", "coreml": "edgeport.export.coreml", "tensorrt": "edgeport.export.tensorrt"}
+_MODULES = {"onnx": "edgeport.export.onnx", "coreml": "edgeport.export.coreml", "tensorrt": "edgeport.export.tensorrt",
+            "nir": "edgeport.export.nir"}
 
 
 def names() -> list[str]:
