@@ -173,7 +173,7 @@ def test_multilevel_neuron_rounds_half_up_in_onnx(tmp_path):
 
 
 def test_spiking_bad_input(tmp_path):
-    with pytest.raises(ep.UserError, match="timesteps must be a positive integer"):
+    with pytest.raises(ep.UserError, match="timesteps must be an integer from 1 to 1000"):
         ep.export(leaky_net(), DIGITS[:1], out=tmp_path, snn_form="unrolled", timesteps=0)
     with pytest.raises(ep.UserError, match="inhibition=True"):
         ep.export(leaky_net(inhibition=True), DIGITS[:1], out=tmp_path, snn_form="step", timesteps=T)

@@ -303,11 +303,6 @@ def _calibration_args(model: nn.Module, calib) -> tuple[torch.Tensor, ...]:
         raise UserError("the calibration set is empty")
     if any(a.is_floating_point() and not torch.isfinite(a).all() for a in args):
         raise UserError("the calibration set contains NaN or Inf values")
-    constant = next((a for a in args if a.is_floating_point() and bool((a == a.flatten()[0]).all())), None)
-    if constant is not None:
-        raise UserError(f"degenerate calibration: every value of the calibration data is "
-                        f"{float(constant.flatten()[0]):g}; quantization ranges fitted on it mean nothing, "
-                        f"calibrate on real samples")
     try:
         with torch.no_grad():
             model(*(a[:1] for a in args))
@@ -315,6 +310,11 @@ def _calibration_args(model: nn.Module, calib) -> tuple[torch.Tensor, ...]:
         shapes = ", ".join(f"{list(a.shape)} {str(a.dtype).removeprefix('torch.')}" for a in args)
         raise UserError(f"the model does not accept calibration data of shape {shapes}: "
                         f"{str(error).splitlines()[0][:160]}") from error
+    constant = next((a for a in args if a.is_floating_point() and bool((a == a.flatten()[0]).all())), None)
+    if constant is not None:
+        raise UserError(f"degenerate calibration: every value of the calibration data is "
+                        f"{float(constant.flatten()[0]):g}; quantization ranges fitted on it mean nothing, "
+                        f"calibrate on real samples")
     return args
 
 
