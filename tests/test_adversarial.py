@@ -71,6 +71,8 @@ def _mymod(tmp: Path) -> None:
             raise RuntimeError("the factory failed on purpose")
 
         from os import getcwd  # a re-exported stdlib callable
+        from pathlib import Path
+        touch_marker = Path("code-was-executed").touch  # would create the marker if called
     """))
 
 
@@ -187,6 +189,8 @@ CASES = [
     Case("builtins:print", ["export", "builtins:print", "--input", "1x16", "-o", "{out}"], "builtins:print"),
     Case("os.path:join", ["export", "os.path:join", "--input", "1x16", "-o", "{out}"], "os.path:join"),
     Case("re-exported stdlib callable", ["export", "mymod:getcwd", "--input", "1x16", "-o", "{out}"], "mymod:getcwd"),
+    Case("callable that would run code", ["export", "mymod:touch_marker", "--input", "1x16", "-o", "{out}"],
+         "mymod:touch_marker"),
     Case("factory returns no module", ["export", "mymod:not_a_model", "--input", "1x16", "-o", "{out}"],
          "not a torch.nn.Module"),
     Case("factory raises", ["export", "mymod:raises", "--input", "1x16", "-o", "{out}"], "failed on purpose"),
