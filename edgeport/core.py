@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import inspect
@@ -61,6 +62,15 @@ TOLERANCES = {
                       why="sub-8-bit: judged by cosine >= 0.9 and SQNR >= 5 dB, not atol"),
     "exact": Tolerance("exact", why="bool/integer output: must be identical"),
 }
+
+
+# An fp32 output that fails TOLERANCES["fp32"] still passes if its error is within this many
+# times torch fp32's own error against the same model run in float64 (see
+# `edgeport.sdk._judge_by_noise_floor`): two correct fp32 computations of a model differ by
+# about that model's rounding noise, whatever its size.
+NOISE_FLOOR_MULTIPLE = 10
+# ... but never beyond this (fp16's bound): past it, fp32 noise swamps what a check could find.
+NOISE_FLOOR_CAP = 1e-2
 
 
 def tolerance_for(precision: str, dtype: np.dtype) -> Tolerance:
@@ -376,10 +386,13 @@ class TorchRunner(Runner):
 
 
 def input_names(model: torch.nn.Module, count: int) -> list[str]:
-    """Names for the first `count` positional inputs: the forward's parameter names."""
+    """Names for the first `count` positional inputs: the forward's parameter names (a
+    TorchScript module's from its compiled schema)."""
+    schema = getattr(getattr(model, "forward", None), "schema", None)
     try:
-        params = [p.name for p in inspect.signature(model.forward).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        params = [a.name for a in schema.arguments[1:]] if schema is not None else [
+            p.name for p in inspect.signature(model.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     except (TypeError, ValueError):
         params = []
     return [params[i] if i < len(params) else f"input_{i}" for i in range(count)]
@@ -423,13 +436,125 @@ def vocabulary_size(model: torch.nn.Module | None) -> int | None:
     return embedding.num_embeddings if embedding is not None else None
 
 
+@dataclass(frozen=True)
+class ImageRange:
+    """How a model takes images: `(pixel - mean) / std` per channel for pixels in [0, 1];
+    `why` says what chose it."""
+
+    name: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    why: str = ""
+
+    def present(self, pixels: np.ndarray) -> np.ndarray:
+        """Pixels in [0, 1], shaped (N, C, H, W), as this range presents them to the model."""
+        channels = pixels.shape[1]
+        mean, std = ((np.array(v) if len(v) == channels else np.full(channels, np.mean(v))).reshape(1, -1, 1, 1)
+                     for v in (self.mean, self.std))
+        return (pixels - mean) / std
+
+
+IMAGE_RANGES = (ImageRange("pixels in [0, 1]", (0.0,), (1.0,)),
+                ImageRange("pixels in [-1, 1]", (0.5,), (0.5,)),
+                ImageRange("ImageNet mean/std normalization", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+                ImageRange("pixels in [0, 255]", (0.0,), (1 / 255,)))
+
+
+def is_image(shape: Sequence[int], dtype: np.dtype | torch.dtype) -> bool:
+    """A float input shaped (N, C, H, W) with 1, 3 or 4 channels and at least 8x8 pixels."""
+    floating = dtype.is_floating_point if isinstance(dtype, torch.dtype) else np.issubdtype(dtype, np.floating)
+    return floating and len(shape) == 4 and shape[1] in (1, 3, 4) and min(shape[2:]) >= 8
+
+
+def natural_images(shape: Sequence[int], rng: np.random.Generator) -> np.ndarray:
+    """Seeded images with the statistics of photographs rather than of white noise: a 1/f
+    amplitude spectrum (smooth regions, edges at every scale), channels mostly shared (colour
+    channels of photographs correlate), each image spanning pixels 0 to 1. Shape (N, C, H, W)."""
+    n, channels, height, width = shape
+    frequency = np.hypot(*np.meshgrid(np.fft.fftfreq(height), np.fft.rfftfreq(width), indexing="ij"))
+    amplitude = np.divide(1.0, frequency, out=np.zeros_like(frequency), where=frequency > 0)
+    spectrum = amplitude * (rng.standard_normal((n, channels + 1, *frequency.shape))
+                            + 1j * rng.standard_normal((n, channels + 1, *frequency.shape)))
+    planes = np.fft.irfft2(spectrum, s=(height, width))
+    images = 0.8 * planes[:, :1] + 0.2 * planes[:, 1:]  # a shared luminance plus each channel's own
+    low, high = images.min(axis=(1, 2, 3), keepdims=True), images.max(axis=(1, 2, 3), keepdims=True)
+    return (images - low) / np.maximum(high - low, 1e-12)
+
+
+class _FirstNorm(Exception):
+    """Stops a forward pass at the first BatchNorm, carrying its input."""
+
+
+def _first_norm_input(model: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple | None:
+    """(input, module) of the first BatchNorm with running statistics that `args` reach, or None."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+             and m.running_var is not None]
+    if not norms:
+        return None
+
+    def stop(module, inputs):
+        raise _FirstNorm(inputs[0], module)
+    handles = [m.register_forward_pre_hook(stop) for m in norms]
+    try:
+        with torch.no_grad():
+            model(*args)
+    except _FirstNorm as reached:
+        return reached.args
+    except Exception:  # the model refuses these inputs: the caller falls back to the example's range
+        return None
+    finally:
+        for handle in handles:
+            handle.remove()
+    return None
+
+
+def image_range(model: torch.nn.Module | None, args: Sequence[torch.Tensor], index: int,
+                example: np.ndarray | None = None) -> ImageRange:
+    """The pixel range the model's first layers expect for image input `index` of `args`.
+
+    A trained network's first BatchNorm records what its input looked like in training: each
+    of `IMAGE_RANGES` is tried on natural-image-like pixels and the one whose statistics at that
+    BatchNorm match its running mean and variance best is taken (by the squared log ratio of the
+    variances plus the squared mean offset in running standard deviations, over channels).
+    Without an informative BatchNorm (none, or untrained: mean 0 and variance 1 everywhere) the
+    example's own values decide; without an example, ImageNet normalization, the common case."""
+    reached = _first_norm_input(model, tuple(args)) if model is not None else None
+    norm = reached[1] if reached else None
+    if norm is not None and not (bool((norm.running_mean == 0).all()) and bool((norm.running_var == 1).all())):
+        pixels = natural_images(args[index].shape, np.random.default_rng(0))
+        scores = {}
+        for candidate in IMAGE_RANGES:
+            probe = list(args)
+            probe[index] = torch.from_numpy(candidate.present(pixels)).to(args[index].dtype)
+            values = _first_norm_input(model, tuple(probe))
+            if values is None or values[1] is not norm:
+                continue
+            x = values[0].double().transpose(0, 1).reshape(norm.num_features, -1)
+            variance, mean = norm.running_var.double(), norm.running_mean.double()
+            scores[candidate] = float((torch.log(x.var(1) / variance) ** 2 + (x.mean(1) - mean) ** 2 / variance).mean())
+        if scores:
+            best = min(scores, key=scores.get)
+            return dataclasses.replace(best, why="matches the first BatchNorm's running statistics best")
+    if example is None or not example.size:
+        return dataclasses.replace(IMAGE_RANGES[2], why="no example values and no trained BatchNorm to read; "
+                                                       "the most common convention")
+    low, high = float(example.min()), float(example.max())
+    chosen = IMAGE_RANGES[0] if low >= 0 and high <= 1 else IMAGE_RANGES[1] if low >= -1 and high <= 1 else \
+        IMAGE_RANGES[3] if low >= 0 and high <= 255 else IMAGE_RANGES[2]
+    return dataclasses.replace(chosen, why=f"the example's values lie in [{low:.3g}, {high:.3g}]")
+
+
 def draw_input(name: str, shape: Sequence[int], dtype: np.dtype, rng: np.random.Generator,
-               like: np.ndarray | None = None, vocabulary: int | None = None) -> np.ndarray:
-    """One seeded input: floats normal with the mean and spread of `like` (standard normal
+               like: np.ndarray | None = None, vocabulary: int | None = None,
+               image: ImageRange | None = None) -> np.ndarray:
+    """One seeded input: images (with `image` given, see `is_image`) natural-image-like pixels
+    in that range; other floats normal with the mean and spread of `like` (standard normal
     without it); a mask (its name says so) or a bool 0/1; other integers token ids in
     [0, vocabulary) — or within the range `like` shows."""
     check_input_size(name, shape, dtype)
     dtype = np.dtype(dtype)
+    if image is not None and is_image(shape, dtype):
+        return image.present(natural_images(shape, rng)).astype(dtype)
     if np.issubdtype(dtype, np.floating):
         mean, std = (float(like.mean()), float(np.nan_to_num(like.astype(np.float64).std(), nan=1.0))) \
             if like is not None and like.size else (0.0, 1.0)
@@ -446,15 +571,16 @@ def draw_input(name: str, shape: Sequence[int], dtype: np.dtype, rng: np.random.
 def random_feeds(specs: Sequence[TensorSpec], count: int, *, seed: int = 0, batch: int | None = None,
                  dims: dict[str, int] | None = None, vocabulary: int | None = None) -> list[dict[str, np.ndarray]]:
     """`count` seeded feeds for inputs described by `specs` (an artifact's): a symbolic
-    dimension takes its value from `dims`, else 1 (the first one `batch`, when given)."""
+    dimension takes its value from `dims`, else 1; with `batch` given, the batch symbol (the
+    first input's first dimension) takes that value on whichever axis an input carries it."""
     rng = np.random.default_rng(seed)
+    batch_symbol = next((s.shape[0] for s in specs if s.shape and not isinstance(s.shape[0], int)), None)
     feeds = []
     for _ in range(count):
         feed = {}
         for spec in specs:
-            shape = [d if isinstance(d, int) and d > 0 else (dims or {}).get(d, 1) for d in spec.shape]
-            if shape and batch and not isinstance(spec.shape[0], int):
-                shape[0] = batch
+            shape = [batch if batch and d == batch_symbol else d if isinstance(d, int) and d > 0
+                     else (dims or {}).get(d, 1) for d in spec.shape]
             feed[spec.name] = draw_input(spec.name, shape, np.dtype(spec.dtype), rng, vocabulary=vocabulary)
         feeds.append(feed)
     return feeds
@@ -471,24 +597,41 @@ def as_args(example: Example) -> tuple[torch.Tensor, ...]:
     return args
 
 
-def feeds_from(names: Sequence[str], batches: Sequence[Example], static_batch: int | None = None
+def _split_axis(array: np.ndarray, spec: TensorSpec) -> int | None:
+    """The axis along which `array` holds several of what `spec`'s static shape takes: the one
+    fixed dimension it exceeds by a whole multiple (axis 1 for an LSTM state [2, B, 128]
+    against [2, 1, 128]); None where it fits as it is or does not split that way."""
+    if array.ndim != len(spec.shape):
+        return None
+    larger = [axis for axis, (d, n) in enumerate(zip(spec.shape, array.shape))
+              if isinstance(d, int) and d > 0 and n != d]
+    if len(larger) != 1 or array.shape[larger[0]] < spec.shape[larger[0]]:
+        return None
+    return larger[0]
+
+
+def feeds_from(names: Sequence[str], batches: Sequence[Example], specs: Sequence[TensorSpec] | None = None
                ) -> list[dict[str, np.ndarray]]:
-    """Feed dicts keyed by input name; batches are split to an artifact's static batch size
-    (a remainder smaller than that size is left out). Inputs must agree on their batch size."""
+    """Feed dicts keyed by input name. Given an artifact's input `specs`, a batch larger than
+    their static shapes is split along each input's own batch axis (`_split_axis`; not always
+    axis 0) into as many feeds as it holds; a remainder too small to fill one is left out, and
+    an input with no such axis goes into every feed whole. Inputs must agree on that count."""
     feeds = []
     for batch in batches:
         arrays = [a.detach().cpu().numpy() for a in as_args(batch)]
         if len(arrays) != len(names):
             raise UserError(f"inputs have {len(arrays)} tensors, the model takes {len(names)} ({', '.join(names)})")
-        size = arrays[0].shape[0] if arrays[0].ndim else 1
-        if static_batch and static_batch < size:
-            if any(a.ndim == 0 or a.shape[0] != size for a in arrays):
-                raise UserError(f"inputs of batch {size} do not split into the artifact's batch of {static_batch}: "
-                                f"not every input has the batch on axis 0")
-            feeds += [{n: a[start:start + static_batch] for n, a in zip(names, arrays)}
-                      for start in range(0, size - size % static_batch, static_batch)]
-        else:
-            feeds.append(dict(zip(names, arrays)))
+        axes = [_split_axis(a, s) for a, s in zip(arrays, specs)] if specs else [None] * len(arrays)
+        splits = {a.shape[axis] // s.shape[axis] for a, s, axis in zip(arrays, specs or [], axes) if axis is not None}
+        if len(splits) > 1:
+            shapes = ", ".join(f"{n} {list(a.shape)}" for n, a in zip(names, arrays))
+            raise UserError(f"inputs {shapes} do not split into the artifact's inputs "
+                            f"({', '.join(str(s.shape) for s in specs)}) the same number of times")
+        count = splits.pop() if splits else 1
+        for index in range(count):
+            feeds.append({n: a if axis is None else a.take(range(index * s.shape[axis], (index + 1) * s.shape[axis]),
+                                                            axis=axis)
+                          for n, a, s, axis in zip(names, arrays, specs or [None] * len(arrays), axes)})
     return feeds
 
 
@@ -531,20 +674,33 @@ class Source:
     def vocabulary(self) -> int | None:
         return vocabulary_size(self.model)
 
-    def seeded_batches(self, count: int, seed: int = 1) -> list[tuple[torch.Tensor, ...]]:
-        """The example plus `count - 1` seeded draws shaped and ranged like it."""
+    def image_ranges(self) -> dict[int, ImageRange]:
+        """For each image input (by position), the pixel range the model expects (`image_range`)."""
+        return {i: image_range(self.model, self.example, i, a.numpy()) for i, a in enumerate(self.example)
+                if is_image(a.shape, a.dtype)}
+
+    def seeded_batches(self, count: int, seed: int = 1, images: dict[int, ImageRange] | None = None
+                       ) -> list[tuple[torch.Tensor, ...]]:
+        """The example plus `count - 1` seeded draws shaped and ranged like it, image inputs as
+        natural-image-like pixels in the range the model expects (`images`, found if not given)."""
         rng = np.random.default_rng(seed)
+        images = self.image_ranges() if images is None else images
         names, vocabulary = self.input_names, self.vocabulary
         draws = [tuple(torch.from_numpy(draw_input(n, a.shape, a.numpy().dtype, rng, like=a.numpy(),
-                                                   vocabulary=vocabulary)) for n, a in zip(names, self.example))
+                                                   vocabulary=vocabulary, image=images.get(i)))
+                       for i, (n, a) in enumerate(zip(names, self.example)))
                  for _ in range(count - 1)]
         return [self.example, *draws]
 
     def with_default_verification(self, count: int = 4) -> "Source":
-        """Verification batches where none were given: the example plus seeded draws like it."""
+        """Verification batches where none were given: the example plus seeded draws like it,
+        labelled with what they are (for images: the pixel range and what chose it)."""
         if not self.verification:
-            self.verification = self.seeded_batches(count)
-            self.verification_label = f"the example + {count - 1} seeded random inputs"
+            images = self.image_ranges()
+            self.verification = self.seeded_batches(count, images=images)
+            described = [f"{self.input_names[i]} as 1/f-spectrum images, {r.name} ({r.why})" for i, r in images.items()]
+            self.verification_label = f"the example + {count - 1} seeded random inputs" + \
+                (f": {'; '.join(described)}" if described else "")
         return self
 
 

@@ -1,10 +1,14 @@
 """The trust boundary: everything edgeport reads from a user's files comes in here.
 
-Models (`.pt2` programs, `package.module:factory`, zoo names), weights (safetensors or
-weights-only torch files) and input arrays (`.npz` without pickles). Nothing here runs code
-from a file: pickles that need code execution are refused, never loaded, and a `.pt2` is
-checked entry by entry before torch reads it. The one code that does run is the module the
-user names in `module:factory`, which is their own.
+Models (`.pt2` programs, TorchScript archives, `package.module:factory`, zoo names), weights
+(safetensors or weights-only torch files) and input arrays (`.npz` without pickles). Nothing
+here runs Python code from a file: pickles that need code execution are refused, never loaded,
+and a `.pt2` is checked entry by entry before torch reads it. The one Python code that does run
+is the module the user names in `module:factory`, which is their own.
+
+TorchScript archives (`.jit`, or a `.pt`/`.pth` that torch.jit.save wrote) are programs, and
+accepted as such after a check; see `_check_torchscript_archive` for what torch.jit.load does
+with each part and why that check suffices.
 """
 from __future__ import annotations
 
@@ -345,6 +349,123 @@ def _load_factory_model(spec: str) -> torch.nn.Module:
     return model
 
 
+# What torch 2.13's torch.jit.load does with a TorchScript archive (a zip under one root folder),
+# read in torch/csrc/jit/serialization/import.cpp and unpickler.cpp: it never calls into Python.
+#   data.pkl, constants.pkl     read by TorchScript's own C++ unpickler, which builds tensors,
+#                               containers and objects of the classes compiled from code/ only;
+#                               a GLOBAL it does not know fails the load (no Python callables).
+#   data/*, constants/*         raw tensor storage: inert (sizes checked through the zip).
+#   code/**.py, *.debug_pkl     TorchScript source, compiled by the TorchScript compiler (not
+#                               Python's), and source ranges for error messages.
+# The compiled code runs when the model is called (and a class's __setstate__ while loading), and
+# it may call any registered operator: aten::save writes a file, aten::from_file reads one,
+# operators of other namespaces do whatever their library does. Those calls are refused before
+# torch reads the archive; the rest is tensor arithmetic in the TorchScript interpreter.
+TORCHSCRIPT_NAMESPACES = frozenset({"aten", "prim", "quantized"})  # operators TorchScript code may call
+TORCHSCRIPT_FILE_OPS = frozenset({"save", "from_file"})  # aten operators that touch the file system
+TORCHSCRIPT_SUFFIXES = (".jit", ".pt", ".pth", ".torchscript")
+
+
+def _is_torchscript_archive(path: Path) -> bool:
+    """Whether `path` is a zip written by torch.jit.save (TorchScript code beside the data)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return any(n.partition("/")[2] == "constants.pkl" for n in names) and \
+        any(n.partition("/")[2].startswith("code/") for n in names)
+
+
+def _operator_calls(source: str) -> Iterator[tuple[str, str]]:
+    """(namespace, operator) of every `torch.op`, `ops.ns.op` and `torch.ops.ns.op` name in
+    TorchScript source (the only ways serialized code calls an operator)."""
+    names, current = [], []
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.NAME or (token.type == tokenize.OP and token.string == "." and current):
+            current.append(token.string)
+        else:
+            if current:
+                names.append("".join(current))
+            current = []
+    for name in names + ["".join(current)]:
+        parts = name.split(".")
+        if parts[:2] == ["torch", "ops"]:
+            parts = parts[1:]
+        if parts[0] == "ops" and len(parts) >= 3:
+            yield parts[1], parts[2]
+        elif parts[0] == "torch" and len(parts) == 2:
+            yield "aten", parts[1]
+
+
+def _check_torchscript_archive(path: Path) -> None:
+    """Refuse a TorchScript archive over the size limit, or whose code calls an operator that
+    touches files or lies outside aten/prim/quantized, before torch reads any of it."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            _checked_zip_sizes(archive, str(path))
+            for entry in archive.namelist():
+                if entry.partition("/")[2].startswith("code/") and entry.endswith(".py"):
+                    source = archive.read(entry).decode("utf-8")
+                    for namespace, operator in _operator_calls(source):
+                        if namespace not in TORCHSCRIPT_NAMESPACES:
+                            problem = "an operator outside aten, prim and quantized"
+                        elif namespace == "aten" and operator in TORCHSCRIPT_FILE_OPS:
+                            problem = "an operator that touches files"
+                        else:
+                            continue
+                        raise UserError(f"refusing {path}: its TorchScript code ({entry}) calls {namespace}::"
+                                        f"{operator}, {problem}; export the model with torch.export (.pt2) instead")
+    except (zipfile.BadZipFile, OSError, UnicodeDecodeError, tokenize.TokenError, SyntaxError) as error:
+        raise UserError(f"cannot read {path} as a TorchScript archive: {_first_line(error)}") from error
+
+
+def _load_torchscript(path: Path, submodule: str | None) -> torch.nn.Module:
+    """A checked TorchScript archive's module (or its `submodule`), whose forward must take
+    tensors only: edgeport feeds it tensors, and a stateful wrapper taking settings (Silero's
+    `forward(x, sr: int)`) is refused with the submodules that do take tensors."""
+    if not path.is_file():
+        raise UserError(f"model file {path} does not exist")
+    _check_torchscript_archive(path)
+    try:
+        module = torch.jit.load(str(path), map_location="cpu")
+    except Exception as error:  # torch raises RuntimeError or ValueError for archives it cannot compile
+        raise UserError(f"cannot read {path} as a TorchScript archive: {_first_line(error)}") from error
+    for part in submodule.split(".") if submodule else []:  # ScriptModules have no get_submodule
+        children = dict(module.named_children())
+        if part not in children:
+            raise UserError(f"{path} has no submodule {submodule!r}; the children there are "
+                            f"{', '.join(children) or 'none'}")
+        module = children[part]
+    not_tensors = _non_tensor_arguments(module)
+    if not_tensors:
+        children = [name for name, child in module.named_children() if not _non_tensor_arguments(child)]
+        hint = f"; name a submodule that does, e.g. {path}:{children[0]}" if children else ""
+        raise UserError(f"{path}{':' + submodule if submodule else ''}: forward takes {', '.join(not_tensors)}, "
+                        f"not only tensors, so it cannot be exported or verified on tensor inputs{hint}")
+    return module
+
+
+def _non_tensor_arguments(module: torch.jit.ScriptModule) -> list[str]:
+    """The forward's arguments without a default that are not tensors, as `name: type`."""
+    forward = getattr(module, "forward", None)
+    if forward is None or not hasattr(forward, "schema"):
+        return ["(no TorchScript forward)"]
+    tensor = torch._C.TensorType.get()
+    return [f"{a.name}: {a.type}" for a in forward.schema.arguments[1:]
+            if not a.type.isSubtypeOf(tensor) and not a.has_default_value()]
+
+
+def _torchscript_spec(text: str) -> tuple[Path, str | None] | None:
+    """(archive, submodule) where `text` names a TorchScript archive, as `model.jit` or
+    `model.jit:child.path`; None for anything else (a `.pt` of weights, module:factory)."""
+    file, _, submodule = text.rpartition(":") if re.fullmatch(r".+\.\w+:[\w.]+", text) else (text, "", "")
+    path = Path(file)
+    if path.suffix not in TORCHSCRIPT_SUFFIXES or (path.suffix != ".jit" and not _is_torchscript_archive(path)):
+        return None
+    return path, submodule or None
+
+
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """A state_dict from safetensors or a weights-only torch file; never executes pickled code.
 
@@ -377,10 +498,16 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_model(spec: str | torch.nn.Module, weights: str | Path | None = None) -> torch.nn.Module:
-    """Resolve a model given as a module, zoo name, `.pt2` file or `package.module:factory`.
+    """Resolve a model given as a module, zoo name, `.pt2` file, `.nir` graph or `package.module:factory`.
+
+    A `.nir` file (NIR, the neuromorphic exchange format of snnTorch, Norse, Sinabs, Rockpool
+    and others) is read by `nir.read`, HDF5 arrays and strings only, into a stepped torch
+    model (`edgeport.export.nir.NirGraphModel`) that exports in the spiking forms.
 
     A `.pt2` is checked before torch reads it (no pickles, native code or text torch would run as
-    Python; sizes within `MAX_MODEL_BYTES`). For `package.module:factory` the current working
+    Python; sizes within `MAX_MODEL_BYTES`). A TorchScript archive (`model.jit`, or a `.pt`/`.pth`
+    that torch.jit.save wrote; `model.jit:child` for one of its submodules) is checked too (no
+    operator that touches files) and comes back as a ScriptModule whose forward takes tensors. For `package.module:factory` the current working
     directory comes first on `sys.path` while the module is imported and the factory runs, so
     `mymod:build` finds ./mymod.py as `python -m` would; importing runs that module (it is the
     user's own code), but only a model class or a plain function defined in that very module is
@@ -400,6 +527,21 @@ def load_model(spec: str | torch.nn.Module, weights: str | Path | None = None) -
         if weights is not None:
             raise UserError("a .pt2 file carries its own weights; drop --weights")
         return _load_program(path)  # already in inference form; it refuses .eval()
+    elif path.suffix == ".nir":  # HDF5 of arrays and strings: nir.read unpickles and runs nothing
+        if weights is not None:
+            raise UserError("a .nir file carries its own weights; drop --weights")
+        if not path.is_file():
+            raise UserError(f"model file {path} does not exist")
+        if path.stat().st_size > MAX_MODEL_BYTES:
+            raise UserError(f"{path} is {path.stat().st_size / 2**30:.3g} GiB, over the {MAX_MODEL_BYTES / 2**30:.3g} "
+                            f"GiB limit (raise it with the environment variable EDGEPORT_MAX_MODEL_BYTES)")
+        from edgeport.export.nir import read_graph_model
+
+        return read_graph_model(path)
+    elif _torchscript_spec(text) is not None:
+        if weights is not None:
+            raise UserError("a TorchScript archive carries its own weights; drop --weights")
+        return in_eval_mode(_load_torchscript(*_torchscript_spec(text)))
     elif re.fullmatch(r"[\w.]+:\w+", text):
         model = _load_factory_model(text)
     elif path.suffix in (".pt", ".pth", ".bin", ".pkl", ".ckpt"):

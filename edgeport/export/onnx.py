@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from torch.utils._pytree import GetAttrKey, MappingKey
 
 from edgeport.errors import BackendUnavailable, ExportError, UserError
-from edgeport.core import (Artifact, Backend, ExportRequest, Runner, TensorSpec, flatten_outputs, input_names, option,
+from edgeport.core import (Artifact, Backend, ExportRequest, Runner, TensorSpec, input_names, option,
                            source_sha256)
 
 SINGLE_FILE_LIMIT = 1_800_000_000  # bytes; protobuf's hard limit is 2 GiB, keep headroom
@@ -73,6 +74,20 @@ def _legacy_export(model, args, path: Path, names, outputs, opset, dynamic_axes,
 
 
 PATHS = {"torch.export": _dynamo_export, "legacy-torchscript": _legacy_export}
+
+
+def output_names_for(outputs) -> list[str]:
+    """Names for a model's outputs in pytree order (the order both exporters flatten them in):
+    the keys and fields of dicts, `transformers` ModelOutputs and named tuples
+    (`last_hidden_state`, `hidden_states.0`), else `output_<i>` for a tensor or plain tuple."""
+    leaves = [path for path, leaf in torch.utils._pytree.tree_flatten_with_path(outputs)[0]
+              if isinstance(leaf, torch.Tensor)]
+    positional = [f"output_{i}" for i in range(len(leaves))]
+    if not any(isinstance(key, (MappingKey, GetAttrKey)) for path in leaves for key in path):
+        return positional
+    names = [".".join(str(key.key) if isinstance(key, MappingKey) else key.name if isinstance(key, GetAttrKey)
+                      else str(key.idx) for key in path) for path in leaves]
+    return names if len(set(names)) == len(names) else positional
 
 
 def _tensor_specs(values) -> list[TensorSpec]:
@@ -139,8 +154,8 @@ def export_onnx(model: torch.nn.Module, args: tuple[torch.Tensor, ...], folder: 
     """Export `model` called on `args` to `folder/name.onnx`; returns the (unverified) Artifact.
 
     `dynamic_axes` maps input names to {axis: symbol}, e.g. {"x": {0: "batch"}}. Inputs are
-    named after the forward's parameters and outputs `output_<i>`, unless `names` and
-    `output_names` say otherwise. A quantized model's matmuls that a constant scale or bias
+    named after the forward's parameters and outputs after the model's own output structure
+    (see `output_names_for`), unless `names` and `output_names` say otherwise. A quantized model's matmuls that a constant scale or bias
     follows are written as MatMulInteger (see `edgeport.quant.qdq.integer_matmuls`) unless
     `integer_matmuls=False` keeps every one in QDQ form (TensorRT's).
     `exporter="auto"` tries torch.export then the legacy exporter; each path must produce a
@@ -156,11 +171,17 @@ def export_onnx(model: torch.nn.Module, args: tuple[torch.Tensor, ...], folder: 
         # torch.export specializes a size-1 dimension; trace with a batch of 2 to keep it symbolic
         args = tuple(a.expand(2, *a.shape[1:]).clone() if a.shape[0] == 1 else a for a in args)
     with torch.no_grad():
-        outputs = output_names or [f"output_{i}" for i in range(len(flatten_outputs(model(*args))))]
+        outputs = output_names or output_names_for(model(*args))
     path = folder / f"{name}.onnx"
     large = sum(p.numel() * p.element_size() for p in model.parameters()) > SINGLE_FILE_LIMIT
     order = ["torch.export", "legacy-torchscript"] if exporter == "auto" else [exporter]
     notes: list[str] = []
+    if isinstance(model, torch.jit.ScriptModule) and "torch.export" in order:
+        notes.append("a TorchScript module: torch.export cannot take it, the legacy exporter can")
+        order.remove("torch.export")
+        if not order:
+            raise UserError("torch.export cannot export a TorchScript module; use exporter 'auto' or "
+                            "'legacy-torchscript'")
     if opset is not None and opset < DYNAMO_MIN_OPSET and "torch.export" in order:
         notes.append(f"opset {opset} < {DYNAMO_MIN_OPSET}: only the legacy exporter can write it")
         order.remove("torch.export")

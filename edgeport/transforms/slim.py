@@ -14,13 +14,18 @@
 3. Attention modules with fused `qkv`, `proj` and a head count lose whole heads whose value
    rows are zero (their output is exactly zero whatever the attention weights).
 
-The result is traced with torch.fx; the report lists what was removed and the MAC and
-parameter counts before and after.
+The graph comes from torch.export, which captures models torch.fx symbolic tracing cannot
+(data-dependent checks, `transformers` models): its ATen graph is read back at module level
+(`_module_graph`) and the channels are cut from the model's own modules, so the slimmed model
+keeps its class, forward and output structure. The report lists what was removed and the MAC
+and parameter counts before and after.
 """
 from __future__ import annotations
 
 import copy
 import operator
+import types
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -28,16 +33,23 @@ from typing import TypeVar
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
+from edgeport.core import flatten_outputs
 from edgeport.errors import CheckFailed
+
+aten = torch.ops.aten
 
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.LeakyReLU, nn.Identity,
                nn.Dropout, nn.ELU, nn.Mish)
+# Elementwise functions, as torch.fx records them and as torch.export's ATen graph does.
 ACTIVATION_FUNCTIONS = {F.relu, torch.relu, F.gelu, F.silu, torch.sigmoid, torch.tanh, F.relu6, F.hardswish,
-                        F.dropout}
+                        F.dropout, aten.relu.default, aten.relu_.default, aten.gelu.default, aten.silu.default,
+                        aten.silu_.default, aten.sigmoid.default, aten.tanh.default, aten.hardtanh.default,
+                        aten.hardtanh_.default, aten.hardswish.default, aten.hardswish_.default,
+                        aten.leaky_relu.default, aten.elu.default, aten.mish.default, aten.dropout.default,
+                        aten.clone.default}
 ACTIVATION_METHODS = ("relu", "sigmoid", "tanh")
-ADDITIONS = (operator.add, torch.add)
+ADDITIONS = (operator.add, torch.add, aten.add.Tensor, aten.add_.Tensor)
 POOLS = (nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
 
@@ -104,13 +116,6 @@ class BiasMap(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x) + self.bias_map
-
-
-class _Tracer(fx.Tracer):
-    """Keeps attention blocks (qkv, proj, heads) whole so the head rule can see them."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return is_attention(m) or super().is_leaf_module(m, qualname)
 
 
 def is_depthwise(m: nn.Module) -> bool:
@@ -252,7 +257,9 @@ def _activation_module(analysis: _Analysis, node: fx.Node, inp: _Info | None) ->
 
 
 def _activation_function(analysis: _Analysis, node: fx.Node, inp: _Info | None) -> _Info | None:
-    return _elementwise(analysis, node, inp, node.target)
+    if any(isinstance(a, fx.Node) for a in [*node.args[1:], *node.kwargs.values()]):
+        return None  # a second tensor operand: not a function of this channel alone
+    return _elementwise(analysis, node, inp, lambda t: node.target(t, *node.args[1:], **node.kwargs))
 
 
 def _activation_method(analysis: _Analysis, node: fx.Node, inp: _Info | None) -> _Info | None:
@@ -368,39 +375,112 @@ def slim(model: nn.Module, example: torch.Tensor | tuple) -> tuple[nn.Module, Sl
     """A smaller dense model computing the same function as the pruned `model` on inputs
     shaped like `example`, and the report of what was removed (and what was kept, why).
 
-    Masks from `torch.nn.utils.prune` are baked first. A model with nothing to remove comes
-    back unchanged (masks baked) with a report that says so.
+    Masks from `torch.nn.utils.prune` are baked first; the result is that baked copy with
+    narrower layers in place of the pruned ones (its own class and forward). A model with
+    nothing to remove comes back unchanged (masks baked) with a report that says so.
     """
     args = example if isinstance(example, tuple) else (example,)
     baked = bake_masks(model).eval()
     report = SlimReport(macs_before=count_macs(baked, args), params_before=sum(p.numel() for p in baked.parameters()))
     report.sparsity = sparsity_report(baked)
-    try:
-        graph = _Tracer().trace(baked)
-    except Exception as error:  # data-dependent control flow and the like: fx cannot see the channels
-        report.kept.append(f"torch.fx cannot trace the model ({str(error).splitlines()[0][:120]}); masks were baked, "
-                           f"no channel was removed")
-        report.macs_after, report.params_after = report.macs_before, report.params_before
-        return baked, report
-    gm = fx.GraphModule(baked, graph)
-    ShapeProp(gm).propagate(*args)
-    _remove_heads(gm, report)
-    _remove_channels(gm, report)
-    gm.recompile()
     with torch.no_grad():
-        before, after = baked(*args), gm(*args)
-    report.max_rel_error = float((before - after).abs().max() / before.abs().max().clamp(min=1e-12))
+        before = flatten_outputs(baked(*args))
+    _remove_heads(baked, report)
+    try:
+        gm = _module_graph(baked, args)
+    except Exception as error:  # torch.export raises many types; the model is then only baked
+        report.kept.append(f"torch.export cannot capture the model ({str(error).strip().splitlines()[0][:160]}); "
+                           f"no channel was removed")
+    else:
+        _remove_channels(gm, report)
+        for name, module in gm.named_modules():  # the cut layers go back into the model itself
+            if name in gm.model_paths:
+                setattr_module(baked, name, module)
+    with torch.no_grad():
+        after = flatten_outputs(baked(*args))
+    scale = max(float(b.abs().max()) for b in before) if before else 0.0
+    report.max_rel_error = max((float((b - a).abs().max()) for b, a in zip(before, after)), default=0.0) / \
+        max(scale, 1e-12)
     if report.max_rel_error > 1e-4:
         raise CheckFailed(f"slimming changed the function: max error {report.max_rel_error:.2e} of the output "
                           f"scale on the example (a bug: please report it with the model)")
-    report.macs_after = count_macs(gm, args)
-    report.params_after = sum(p.numel() for p in gm.parameters())
-    return (gm if report.changed else baked), report
+    report.macs_after = count_macs(baked, args)
+    report.params_after = sum(p.numel() for p in baked.parameters())
+    return baked, report
 
 
-def _remove_heads(gm: fx.GraphModule, report: SlimReport) -> None:
+# ATen ops of torch.export's graph that are a module's whole forward (weights from that module).
+MODULE_OPS = {aten.conv2d.default, aten.convolution.default, aten.linear.default, aten.batch_norm.default}
+# ATen ops read back as the torch function or tensor method the rule tables know.
+AS_FUNCTION = {aten.cat.default: torch.cat, aten.flatten.using_ints: torch.flatten}
+AS_METHOD = {aten.view.default: "view", aten.reshape.default: "reshape", aten._unsafe_view.default: "view"}
+# ATen pooling ops read back as the module that computes them: op -> module from the op's arguments.
+AS_POOL = {
+    aten.max_pool2d.default: lambda kernel, stride=(), padding=0, dilation=1, ceil_mode=False: nn.MaxPool2d(
+        kernel, stride or kernel, padding, dilation, ceil_mode=ceil_mode),
+    aten.avg_pool2d.default: lambda kernel, stride=(), padding=0, ceil_mode=False, count_include_pad=True,
+    divisor_override=None: nn.AvgPool2d(kernel, stride or kernel, padding, ceil_mode, count_include_pad,
+                                        divisor_override),
+    aten.adaptive_avg_pool2d.default: nn.AdaptiveAvgPool2d,
+}
+
+
+def _plain_layer(m: nn.Module) -> bool:
+    """A layer a rule knows whose forward is its base class's own: what the rule assumes it
+    computes, and what a narrower copy of the base class computes too."""
+    base = next((kind for kind in type(m).__mro__ if kind in MODULE_RULES), None)
+    return base is not None and type(m).forward is base.forward
+
+
+def _module_graph(model: nn.Module, args: tuple) -> fx.GraphModule:
+    """The model's torch.export graph read back at module level, for the rule tables: each op
+    that is a whole plain layer's forward (conv, linear, batch norm, with that layer's own
+    weights, called once) becomes a call of that module, pooling ops become the pooling module
+    they compute, flatten/view/cat the functions and methods torch.fx would record; every
+    other op stays as it is, with no rule (so no channel is known constant through it).
+
+    The graph only describes the model; it is not run. `model_paths` lists the model's
+    modules it calls, whose narrower copies go back into the model."""
+    program = torch.export.export(model, args)
+    signature = program.graph_signature
+    owners = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}  # placeholder -> qualified name
+    layer_of: dict[fx.Node, str] = {}
+    for node in program.graph.nodes:
+        if node.op == "call_function" and node.target in MODULE_OPS:
+            weights = [a for a in node.args[1:] if isinstance(a, fx.Node) and a.name in owners]
+            paths = {owners[a.name].rpartition(".")[0] for a in weights}
+            # a layer whose weights reach any other op (tied or reused weights) keeps its width
+            if len(paths) == 1 and all(set(w.users) == {node} for w in weights):
+                layer_of[node] = paths.pop()
+    calls = Counter(layer_of.values())
+    graph, env, modules = fx.Graph(), {}, {}
+    for node in program.graph.nodes:
+        path = layer_of.get(node)
+        if path is not None and calls[path] == 1 and _plain_layer(model.get_submodule(path)):
+            modules[path] = model.get_submodule(path)
+            new = graph.call_module(path, (env[node.args[0]],))
+        elif node.target in AS_POOL:
+            name = f"_pool_{len(modules)}"
+            modules[name] = AS_POOL[node.target](*node.args[1:], **node.kwargs)
+            new = graph.call_module(name, (env[node.args[0]],))
+        elif node.target in AS_FUNCTION:
+            new = graph.call_function(AS_FUNCTION[node.target], fx.map_arg(node.args, env.get), node.kwargs)
+        elif node.target in AS_METHOD:
+            new = graph.call_method(AS_METHOD[node.target], fx.map_arg(node.args, env.get), node.kwargs)
+        else:
+            new = graph.node_copy(node, env.get)
+        value = node.meta.get("val")
+        if isinstance(value, torch.Tensor):
+            new.meta["tensor_meta"] = types.SimpleNamespace(shape=tuple(value.shape))
+        env[node] = new
+    gm = fx.GraphModule(modules, graph)
+    gm.model_paths = {path for path in modules if not path.startswith("_pool_")}
+    return gm
+
+
+def _remove_heads(model: nn.Module, report: SlimReport) -> None:
     """Drop attention heads whose value rows and biases are all zero (their output is 0)."""
-    for name, m in list(gm.named_modules()):
+    for name, m in list(model.named_modules()):
         if not is_attention(m):
             continue
         heads_attr = "heads" if hasattr(m, "heads") else "num_heads"
@@ -499,7 +579,7 @@ def _fold_into_linear(m: nn.Linear, constants: dict[int, float], source: fx.Node
 def _fold_into_conv(m: nn.Conv2d, constants: dict[int, float], source: fx.Node) -> nn.Module:
     """The conv with its constant input channels' contribution added: to its bias where that
     is the same at every position, else as a map (zero padding makes the borders differ)."""
-    shape = source.meta["tensor_meta"].shape
+    shape = _shape(source)
     image = torch.zeros(1, m.in_channels, shape[2], shape[3], dtype=torch.float64)
     for j, c in constants.items():
         image[0, j] = c
