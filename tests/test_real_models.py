@@ -81,6 +81,8 @@ def test_state_with_its_batch_on_axis_1_splits_there(tmp_path):
         feeds_from(["x", "state"], [(audio4, state4[:, :2])], artifact.inputs)
     report = ep.verify(artifact, model, [(audio4, state4)])
     assert report.passed and report.samples == 4
+    with pytest.raises(ep.UserError, match="dynamic batch on axis 0.*name that axis"):
+        ep.export(model, (audio, state), out=tmp_path / "dynamic", dynamic_batch=True)
 
 
 def test_silero_module_is_the_shipped_network():

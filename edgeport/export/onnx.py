@@ -167,11 +167,19 @@ def export_onnx(model: torch.nn.Module, args: tuple[torch.Tensor, ...], folder: 
     unknown = set(dynamic_axes or {}) - set(names)
     if unknown:
         raise UserError(f"dynamic axes name unknown inputs {sorted(unknown)}; the inputs are {names}")
-    if dynamic_axes and any(0 in axes for axes in dynamic_axes.values()):
+    batch_axis = bool(dynamic_axes) and any(0 in axes for axes in dynamic_axes.values())
+    if batch_axis:
         # torch.export specializes a size-1 dimension; trace with a batch of 2 to keep it symbolic
         args = tuple(a.expand(2, *a.shape[1:]).clone() if a.shape[0] == 1 else a for a in args)
-    with torch.no_grad():
-        outputs = output_names or output_names_for(model(*args))
+    try:
+        with torch.no_grad():
+            outputs = output_names or output_names_for(model(*args))
+    except Exception as error:  # the model's own error, whatever its type
+        if not batch_axis:
+            raise
+        raise UserError(f"a dynamic batch on axis 0: the model refuses its inputs at batch 2 ({summarize_error(error)}); "
+                        f"an input whose batch is on another axis (an LSTM state [layers, batch, hidden]) needs "
+                        f"dynamic axes that name that axis instead") from error
     path = folder / f"{name}.onnx"
     large = sum(p.numel() * p.element_size() for p in model.parameters()) > SINGLE_FILE_LIMIT
     order = ["torch.export", "legacy-torchscript"] if exporter == "auto" else [exporter]
