@@ -14,7 +14,13 @@
    Runtime's quantize_static, interleaved, in seven rounds (this shared machine changes speed
    in phases; the median ratio is the figure); beside it the host roofline's int8 / fp32
    ratio (what the machine could give at best).
-Writes bench/results/quant.json. Run: `python bench/quant_bench.py` (about 4 minutes).
+4. Hybrid and conv-heavy vision models (timm: EfficientFormer v1/v2, MobileViT, FastViT,
+   EfficientViT, LeViT, DeiT, Swin; random weights, small inputs, the builds of
+   tests/test_quant_models.py): our W8A8 against fp32 (the deployment form: reparameterizable
+   branches merged) and ONNX Runtime's quantize_dynamic per-channel, cosine of the logits on 8
+   images, and speed at batch 1 interleaved in five rounds.
+Writes bench/results/quant.json (sections 1-3) and bench/results/quant_timm.json (section 4).
+Run: `python bench/quant_bench.py [minilm zoo_vit speed timm]` (all sections by default).
 """
 from __future__ import annotations
 
@@ -245,16 +251,85 @@ def speed(rounds: int = 7) -> dict:
                               "provenance": "estimated:roofline on the calibrated host entry"}}
 
 
-def main() -> None:
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def timm_models(rounds: int = 5) -> dict:
+    """Each hybrid architecture at W8A8 beside its fp32 deployment form and ONNX Runtime's
+    dynamic per-channel quantization: cosine of the logits to fp32 torch on 8 images, the
+    export's own verification, quantization time, and batch-1 latency interleaved."""
+    import copy
+    import sys
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    sys.path.insert(0, str(ROOT.parent / "tests"))
+    from test_quant_models import ARCHITECTURES, build
+
+    rows = []
+    for name in ARCHITECTURES:
+        model, images = build(name)
+        deployed = copy.deepcopy(model)
+        for module in list(deployed.modules()):  # timm's inference form of MobileOne-style blocks
+            if callable(getattr(module, "reparameterize", None)):
+                module.reparameterize()
+        with torch.no_grad():
+            reference = model(images).numpy()
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            fp32 = ep.export(deployed, images[:1], out=folder, name="fp32")["onnx"].path
+            start = time.perf_counter()
+            qmodel = ep.quantize(model, images, "repq", 8, 8)
+            seconds = time.perf_counter() - start
+            ours = ep.export(qmodel, images[:1], out=folder, name="w8a8")["onnx"]
+            with quiet():
+                quantize_dynamic(str(fp32), str(folder / "dyn.onnx"), weight_type=QuantType.QInt8, per_channel=True)
+            runners = {variant: OnnxRuntimeRunner(path, threads=THREADS, spinning=False).load() for variant, path in
+                       (("fp32", fp32), ("edgeport W8A8", ours.path), ("quantize_dynamic per-channel", folder / "dyn.onnx"))}
+            outputs = {variant: np.concatenate([list(runner.infer({"x": images[i:i + 1].numpy()}).values())[0]
+                                                for i in range(len(images))]) for variant, runner in runners.items()}
+            per_round = [interleaved_medians(runners, {"x": images[:1].numpy()}, blocks=4, runs=20)
+                         for _ in range(rounds)]
+            for runner in runners.values():
+                runner.close()
+        report = qmodel.quant_report
+        row = {"model": name, "input": list(images.shape[1:]), "quantize_seconds": round(seconds, 1),
+               "export_verified": all(o.passed for o in ours.parity.outputs),
+               "export_cosine_to_fake_quant": min(o.cosine for o in ours.parity.outputs),
+               "cosine_to_fp32": {variant: cosine(out, reference) for variant, out in outputs.items()},
+               "p50_ms": {variant: float(np.median([r[variant] for r in per_round])) for variant in runners},
+               "speedup_vs_fp32": {variant: float(np.median([r["fp32"] / r[variant] for r in per_round]))
+                                   for variant in runners if variant != "fp32"},
+               "batchnorm_folds": len(report.batchnorm_folds), "merged_branches": len(report.merged_branches),
+               "quantized_layers": len(report.layers), "quantized_matmuls": len(report.matmuls),
+               "matmuls_not_quantized": report.matmuls_not_quantized}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return {"rows": rows, "rounds": rounds, "batch": 1}
+
+
+SECTIONS = {"minilm": minilm, "zoo_vit": zoo_vit, "speed": speed, "timm": timm_models}
+
+
+def main(sections: list[str]) -> None:
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise SystemExit(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
     torch.set_num_threads(THREADS)
-    result = {"benchmark": "quant", "environment": environment(THREADS)}
-    result["minilm"] = minilm()
-    result["zoo_vit"] = zoo_vit()
-    result["speed"] = speed()
-    print(json.dumps(result["speed"]))
     (ROOT / "results").mkdir(exist_ok=True)
-    (ROOT / "results" / "quant.json").write_text(json.dumps(result, indent=2) + "\n")
+    result = {"benchmark": "quant", "environment": environment(THREADS)}
+    for section in sections or SECTIONS:
+        result[section] = SECTIONS[section]()
+    if "timm" in result:
+        timm_result = {"benchmark": "quant_timm", "environment": result["environment"], **result.pop("timm")}
+        (ROOT / "results" / "quant_timm.json").write_text(json.dumps(timm_result, indent=2) + "\n")
+    if {"minilm", "zoo_vit", "speed"} <= set(result):  # the committed figures come from one run
+        (ROOT / "results" / "quant.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(sys.argv[1:])

@@ -367,6 +367,7 @@ def test_qparams_describe_each_quantized_module_completely():
                 codes = params.layer.weight / params.weight.scale.reshape([-1] + [1] * (params.layer.weight.ndim - 1))
                 assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.abs().max() <= 8
                 expected = params.layer(_fake_quantize(args[0], params.input))
+                assert params.output is None  # an output quantizer only where an 8-bit conv becomes QLinearConv
             else:
                 assert isinstance(params.right, UniformQParams) and params.right.bits == 4
                 left = (LogSqrt2Quantizer.from_qparams(params.left)(args[0]) if isinstance(params.left, LogSqrt2QParams)
@@ -394,6 +395,11 @@ def test_qparams_describe_each_quantized_module_completely():
         assert torch.allclose(post.get_submodule("fc")(h), params.layer(_fake_quantize(h * scale + shift, params.input)),
                               rtol=1e-5, atol=1e-5)
 
+    conv = ep.quantize("vit-digits").get_submodule("patch_embed")
+    params, x = conv.qparams(), torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(conv(x), _fake_quantize(params.layer(_fake_quantize(x, params.input)), params.output))
+
     narrow = ep.quantize("vit-digits", config=QuantConfig(matmul_bits=4, weight_granularity="per_tensor"))
     assert precision_of(narrow) == "w8a4"  # the narrowest activations are the matmul operands
     assert narrow.get_submodule("head").qparams().weight.scale.ndim == 0
@@ -407,3 +413,27 @@ def test_cli_quantize_help_lists_the_presets_and_observers(capsys):
     text = "".join(capsys.readouterr().out.split())  # click wraps the help text, at hyphens too
     assert "[minmax|percentile|repq]" in text and "[minmax|percentile|mse|entropy]" in text
     assert all("".join(f"{name}: {config.description}".split()) in text for name, config in PRESETS.items())
+
+
+def test_layer_sensitivity_ranks_each_layer_quantized_alone():
+    from edgeport.quant.sensitivity import layer_sensitivity
+
+    model, images = ep.zoo.load("vit-digits"), ep.zoo.testset("vit-digits")[0][:32]
+    qmodel = ep.quantize(model, images, w_bits=4, a_bits=4)
+    ranking = layer_sensitivity(model, qmodel, (images,), metric=lambda r, o: float((r - o).abs().max()))
+    assert len(ranking) == len(qmodel.quant_report.layers) + len(qmodel.quant_report.matmuls)
+    assert [r.sqnr_db for r in ranking] == sorted(r.sqnr_db for r in ranking) and ranking[0].metric > 0
+    with torch.no_grad():  # the model's quantizers are switched back on
+        assert not torch.equal(qmodel(images), model(images))
+
+
+def test_mixed_precision_meets_the_budget_with_fewer_bits():
+    from edgeport.quant.config import preset
+    from edgeport.quant.sensitivity import choose_widths, cosine_drop
+
+    model, images = ep.zoo.load("vit-digits"), ep.zoo.testset("vit-digits")[0][:32]
+    qmodel, choice = choose_widths(model, images, preset("repq"), max_drop=0.002)
+    assert choice.drop <= 0.002 and choice.mean_bits < 8 and set(choice.widths.values()) <= {4, 6, 8}
+    with torch.no_grad():
+        assert cosine_drop(model(images).double().flatten(), qmodel(images).double().flatten()) == pytest.approx(
+            choice.drop, abs=1e-9)

@@ -41,7 +41,9 @@ class QuantConfig:
     `fold_norm_affine` then moves that reparameterization into the norm's own affine where
     the norm feeds nothing else. `choose_softmax_quantizer` makes log-sqrt2 a candidate beside
     the uniform grid for a softmax output, the smaller error at the model's output choosing.
-    `symmetric` gives every quantizer zero point 0. `name` and `description` label the config
+    `symmetric` gives every quantizer zero point 0. `layer_widths` gives single layers or
+    matmuls (by module path, or the matmul names of the report) their own width, inputs and
+    weights alike (a mixed-precision map; a dict is accepted). `name` and `description` label the config
     and take no part in comparisons.
     """
 
@@ -56,6 +58,7 @@ class QuantConfig:
     choose_softmax_quantizer: bool = False
     symmetric: bool = False
     keep_8bit: tuple[str, ...] = ()
+    layer_widths: tuple[tuple[str, int], ...] = ()
     name: str = field(default="custom", compare=False)
     description: str = field(default="", compare=False)
 
@@ -74,6 +77,10 @@ class QuantConfig:
                             "norm_reparam")
         # a list would make the frozen config unhashable and unequal to the same names as a tuple
         object.__setattr__(self, "keep_8bit", tuple(self.keep_8bit))
+        widths = dict(self.layer_widths)
+        for bits in widths.values():
+            check_bits(bits)
+        object.__setattr__(self, "layer_widths", tuple(sorted(widths.items())))
 
     @property
     def matmul_operand_bits(self) -> int:
@@ -99,7 +106,14 @@ class QuantConfig:
 
     def layer_bits(self, name: str) -> tuple[int, int]:
         """(input bits, weight bits) of the Linear or Conv2d layer at module path `name`."""
-        return (8, 8) if name in self.keep_8bit else (self.a_bits, self.w_bits)
+        if name in self.keep_8bit:
+            return 8, 8
+        bits = dict(self.layer_widths).get(name)
+        return (self.a_bits, self.w_bits) if bits is None else (bits, bits)
+
+    def matmul_bits_of(self, name: str) -> int:
+        """The operand width of the activation x activation matmul called `name`."""
+        return dict(self.layer_widths).get(name, self.matmul_operand_bits)
 
 
 PRESETS: dict[str, QuantConfig] = {

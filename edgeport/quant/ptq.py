@@ -37,12 +37,15 @@ class LayerQParams:
     whose weight is on its quantization grid (the values the fake-quant model multiplies by);
     `input`, the per-tensor quantizer of its input, applied after `input_affine` (x * scale
     + shift) where a LayerNorm reparameterization stayed in front of it; `weight`, the weight
-    quantizer."""
+    quantizer; `output`, the per-tensor quantizer of its result where one follows it (a
+    Conv2d's: with it ONNX Runtime runs the conv as one integer kernel, QLinearConv), else
+    None."""
 
     layer: nn.Module
     input: UniformQParams
     weight: UniformQParams
     input_affine: tuple[torch.Tensor, torch.Tensor] | None
+    output: UniformQParams | None = None
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,9 @@ class _QuantizedLayer(nn.Module):
         layer = copy.deepcopy(self.inner)
         with torch.no_grad():
             layer.weight.copy_(self.wq(self.inner.weight))
-        return LayerQParams(layer, self.act.qparams(), self.wq.qparams(), self._input_affine())
+        output = getattr(self, "out", None)
+        return LayerQParams(layer, self.act.qparams(), self.wq.qparams(), self._input_affine(),
+                            output.qparams() if output is not None else None)
 
     def _input_affine(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
@@ -100,11 +105,17 @@ class QuantLinear(_QuantizedLayer):
 
 
 class QuantConv2d(_QuantizedLayer):
-    """A Conv2d whose input (per tensor) and weight are fake-quantized."""
+    """A Conv2d whose input (per tensor) and weight are fake-quantized, and its result too
+    where the pipeline gives it an output quantizer (`out`)."""
+
+    def __init__(self, layer: nn.Conv2d, act: nn.Module, weight: nn.Module):
+        super().__init__(layer, act, weight)
+        self.out: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.inner
-        return F.conv2d(self.act(x), self.wq(c.weight), c.bias, c.stride, c.padding, c.dilation, c.groups)
+        y = F.conv2d(self.act(x), self.wq(c.weight), c.bias, c.stride, c.padding, c.dilation, c.groups)
+        return y if self.out is None else self.out(y)
 
 
 # float layer type -> its fake-quantized wrapper (subclasses of the float type included)
@@ -163,7 +174,8 @@ def _choose_probability_quantizers(qmodel: nn.Module, model: nn.Module, args: tu
 
 @dataclass
 class QuantReport:
-    """What the pipeline did: layers quantized, Conv-BN folds, layers reparameterized,
+    """What the pipeline did: layers quantized, branches merged, Conv-BN folds (and why none
+    were looked for), layers reparameterized,
     activation matmuls quantized (and which run as float ops), why matmuls stayed float, and
     the activation calibration used."""
 
@@ -173,6 +185,8 @@ class QuantReport:
     target: str
     layers: list[str] = field(default_factory=list)
     batchnorm_folds: list[str] = field(default_factory=list)
+    batchnorm_folds_skipped: str = ""
+    merged_branches: list[str] = field(default_factory=list)
     reparameterized: list[str] = field(default_factory=list)
     matmuls: list[str] = field(default_factory=list)
     float_ops: list[str] = field(default_factory=list)
@@ -181,16 +195,83 @@ class QuantReport:
     activation_calibration: str = ""
 
 
-def _fold_batchnorms(model: nn.Module, report: QuantReport) -> None:
-    for name, seq in model.named_modules():
-        if not isinstance(seq, nn.Sequential):
+def _module_path(node: torch.fx.Node) -> str | None:
+    """The path of the module whose forward made `node` in a torch.export graph."""
+    stack = node.meta.get("nn_module_stack")
+    return next(reversed(stack.values()))[0] if stack else None
+
+
+def _conv_batchnorm_pairs(model: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[list[tuple[str, str]], str]:
+    """(conv path, norm path) for every BatchNorm2d applied to a Conv2d's output that nothing
+    else reads, found in the graph torch.export captures (timm's ConvNormAct, torchvision's
+    resnet keep conv and norm as attributes, not neighbours in an nn.Sequential), and why
+    none could be looked for when the model cannot be captured. A module called more than
+    once (shared weights) is never folded: one call's fold would change the others."""
+    try:
+        graph = torch.export.export(model, args, strict=False).graph
+    except Exception as error:  # capture runs arbitrary model code; any failure means "not capturable"
+        return [], f"not capturable by torch.export ({type(error).__name__}: {str(error).splitlines()[0][:120]})"
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        path = _module_path(node) if node.op == "call_function" else None
+        if path is not None and node.target in (torch.ops.aten.conv2d.default, *_BATCH_NORMS):
+            calls[path] = calls.get(path, 0) + 1
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in _BATCH_NORMS:
             continue
-        children = list(seq._modules.items())
-        for (k1, conv), (k2, bn) in zip(children, children[1:]):
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                seq._modules[k1] = fold_batchnorm(conv, bn)
-                seq._modules[k2] = nn.Identity()
-                report.batchnorm_folds.append(f"{name}.{k1}" if name else k1)
+        conv = node.args[0]
+        if not (isinstance(conv, torch.fx.Node) and conv.target == torch.ops.aten.conv2d.default and len(conv.users) == 1):
+            continue
+        conv_path, norm_path = _module_path(conv), _module_path(node)
+        if calls.get(conv_path) != 1 or calls.get(norm_path) != 1:
+            continue
+        if isinstance(model.get_submodule(conv_path), nn.Conv2d) and _folded_norm(model.get_submodule(norm_path)):
+            pairs.append((conv_path, norm_path))
+    return pairs, ""
+
+
+_BATCH_NORMS = (torch.ops.aten.batch_norm.default, torch.ops.aten._native_batch_norm_legit_no_training.default)
+
+
+def _folded_norm(norm: nn.Module) -> nn.Module | None:
+    """What stays of a BatchNorm2d once folded into its conv: nothing (Identity), or for
+    timm's BatchNormAct2d its dropout and activation, which run after the normalization;
+    None for another subclass, whose forward may do more than the fold knows, and for a norm
+    without running statistics (it normalizes by each batch's own)."""
+    if not isinstance(norm, nn.BatchNorm2d) or norm.running_mean is None:
+        return None
+    if type(norm) is nn.BatchNorm2d:
+        return nn.Identity()
+    if set(norm._modules) == {"drop", "act"}:
+        return nn.Sequential(norm.drop, norm.act)
+    return None
+
+
+def _merge_branches(model: nn.Module, report: QuantReport) -> None:
+    """Merge the training-time parallel branches of structurally reparameterizable blocks
+    (MobileOne, RepVGG, FastViT's RepMixer: modules with a `reparameterize()` method, the
+    timm convention) into the single conv each was built to become for inference, as
+    deployment does: the same function, one integer kernel instead of several float ones
+    (FastViT-T8 kept 24 BatchNormalization nodes and their adds without it)."""
+    for name, module in list(model.named_modules()):
+        if callable(getattr(module, "reparameterize", None)):
+            module.reparameterize()
+            report.merged_branches.append(name)
+
+
+def _fold_batchnorms(model: nn.Module, args: tuple[torch.Tensor, ...], report: QuantReport) -> None:
+    """Fold every Conv2d -> BatchNorm2d pair of the captured graph into the conv, in place."""
+    if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        return  # nothing to fold: spare the capture
+    pairs, report.batchnorm_folds_skipped = _conv_batchnorm_pairs(model, args)
+    for conv_path, norm_path in pairs:
+        norm = model.get_submodule(norm_path)
+        for path, module in ((conv_path, fold_batchnorm(model.get_submodule(conv_path), norm)),
+                             (norm_path, _folded_norm(norm))):
+            parent, _, leaf = path.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, module)
+        report.batchnorm_folds.append(conv_path)
 
 
 _MATMULS = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm"}
@@ -200,8 +281,8 @@ _SOFTMAXES = {torch.softmax, F.softmax, torch.Tensor.softmax, "softmax"}
 def _quantize_matmuls(model: nn.Module, act_quantizer, probability_choices, report: QuantReport) -> nn.Module:
     """The model as a torch.fx graph whose activation x activation matmuls are `QuantMatMul`s
     (found in the graph, not by module names); the model unchanged when it has none or cannot
-    be traced, the reason in the report. `act_quantizer()` makes an operand quantizer and
-    `probability_choices()` the candidates for a softmax output."""
+    be traced, the reason in the report. `act_quantizer(name)` makes an operand quantizer for
+    the matmul `name` and `probability_choices(name)` the candidates for its softmax output."""
     try:
         graph_module = torch.fx.symbolic_trace(model)
     except Exception as error:  # tracing runs arbitrary model code; any failure means "not traceable"
@@ -219,9 +300,9 @@ def _quantize_matmuls(model: nn.Module, act_quantizer, probability_choices, repo
         name = f"{scope}.matmul{counts[scope]}" if scope else f"matmul{counts[scope]}"
         left = node.args[0]
         softmax = left.op in ("call_function", "call_method") and left.target in _SOFTMAXES
-        choices = probability_choices() if softmax else ()
-        graph_module.add_submodule(name, QuantMatMul(choices[0] if choices else act_quantizer(), act_quantizer(),
-                                                     choices))
+        choices = probability_choices(name) if softmax else ()
+        graph_module.add_submodule(name, QuantMatMul(choices[0] if choices else act_quantizer(name),
+                                                     act_quantizer(name), choices))
         with graph_module.graph.inserting_after(node):
             replacement = graph_module.graph.call_module(name, node.args)
         node.replace_all_uses_with(replacement)
@@ -303,9 +384,9 @@ def _calibration_args(model: nn.Module, calib) -> tuple[torch.Tensor, ...]:
         raise UserError("the calibration set is empty")
     if any(a.is_floating_point() and not torch.isfinite(a).all() for a in args):
         raise UserError("the calibration set contains NaN or Inf values")
-    try:
+    try:  # the whole batch: slicing one sample off axis 0 breaks inputs whose batch is elsewhere (LSTM state)
         with torch.no_grad():
-            model(*(a[:1] for a in args))
+            model(*args)
     except Exception as error:
         shapes = ", ".join(f"{list(a.shape)} {str(a.dtype).removeprefix('torch.')}" for a in args)
         raise UserError(f"the model does not accept calibration data of shape {shapes}: "
@@ -328,10 +409,10 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], c
     qmodel = copy.deepcopy(model).eval()
     report = QuantReport(config.name, config.w_bits, config.a_bits, config.target,
                          calibration_samples=int(args[0].shape[0]), activation_calibration=config.act_observer)
-    _fold_batchnorms(qmodel, report)
+    _merge_branches(qmodel, report)
+    _fold_batchnorms(qmodel, tuple(a[:1] for a in args), report)
     fed, exclusive = _norm_fed(qmodel, tuple(a[:1] for a in args)) if config.norm_reparam else ({}, set())
     act_observer, weight_observer = observer(config.act_observer), observer(config.weight_calibration)
-    operand_bits = config.matmul_operand_bits
 
     def act_quantizer(bits: int, per_channel: bool = False) -> UniformQuantizer:
         quantizer = UniformQuantizer(bits, symmetric=config.symmetric and not per_channel,
@@ -344,13 +425,15 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], c
         quantizer.set_range(*weight_observer(weight.detach(), quantizer))
         return quantizer
 
-    def probability_choices() -> tuple[nn.Module, ...]:
+    def probability_choices(name: str) -> tuple[nn.Module, ...]:
         # Log-sqrt2 runs as float ops in every runtime: a candidate only where the config lets
         # the calibration error choose; otherwise the plain uniform grid.
-        log_sqrt2 = (LogSqrt2Quantizer(operand_bits),) if config.choose_softmax_quantizer else ()
-        return (act_quantizer(operand_bits),) + log_sqrt2
+        bits = config.matmul_bits_of(name)
+        log_sqrt2 = (LogSqrt2Quantizer(bits),) if config.choose_softmax_quantizer else ()
+        return (act_quantizer(bits),) + log_sqrt2
 
-    qmodel = _quantize_matmuls(qmodel, lambda: act_quantizer(operand_bits), probability_choices, report)
+    qmodel = _quantize_matmuls(qmodel, lambda name: act_quantizer(config.matmul_bits_of(name)), probability_choices,
+                               report)
     for name, module in list(qmodel.named_modules()):
         wrapper = next((w for kind, w in QUANTIZED_LAYERS.items() if isinstance(module, kind)), None)
         if wrapper is None or any(name.startswith(f"{n}.") for n in report.layers):
@@ -361,6 +444,12 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], c
         parent, _, leaf = name.rpartition(".")
         setattr(qmodel.get_submodule(parent) if parent else qmodel, leaf, wrapped)
         report.layers.append(name)
+    for module in qmodel.modules():
+        # DQ -> Conv -> Q is the pattern ONNX Runtime runs as QLinearConv; without the Q after
+        # it, the conv stays float and dequantizes its weights on every call (slower than fp32
+        # on every conv-heavy timm model). Only at 8 bits: narrower convs run in float anyway.
+        if isinstance(module, QuantConv2d) and module.act.bits == module.wq.bits == 8:
+            module.out = act_quantizer(8)
     if not report.layers:
         raise UserError(f"the model has no {' or '.join(kind.__name__ for kind in QUANTIZED_LAYERS)} layer to quantize")
     with torch.no_grad():

@@ -10,6 +10,8 @@ so W' x' + bias' = W x + bias. The arithmetic runs in float64.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -38,11 +40,14 @@ def fold_into_linear(linear: nn.Linear, r: torch.Tensor, b: torch.Tensor) -> Non
 
 
 def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    """A conv computing conv followed by bn (eval statistics)."""
-    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
-    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                      conv.groups, True, conv.padding_mode)
-    fused.weight.data.copy_((conv.weight.double() * scale.reshape(-1, 1, 1, 1)).float())
-    bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
-    fused.bias.data.copy_(((bias - bn.running_mean.double()) * scale + bn.bias.double()).float())
+    """A copy of `conv` (its class kept: a subclass may pad or dispatch its own way) that
+    computes conv followed by bn (eval statistics)."""
+    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps) if bn.affine else \
+        1 / torch.sqrt(bn.running_var.double() + bn.eps)
+    shift = bn.bias.double() if bn.affine else torch.zeros_like(scale)
+    fused = copy.deepcopy(conv)
+    with torch.no_grad():
+        fused.weight.copy_((conv.weight.double() * scale.reshape(-1, 1, 1, 1)).to(conv.weight.dtype))
+        bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
+        fused.bias = nn.Parameter(((bias - bn.running_mean.double()) * scale + shift).to(conv.weight.dtype))
     return fused

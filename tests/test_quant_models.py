@@ -1,0 +1,92 @@
+"""Quantization of real conv-heavy and hybrid architectures (timm, random weights, small
+inputs): BatchNorms found in the captured graph and folded, convs that ONNX Runtime runs as
+integer kernels, and W8A8 exports that verify on the eight hybrid and ViT families."""
+from __future__ import annotations
+
+import collections
+
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+import edgeport as ep
+from real_models import timm
+
+# timm name -> (keyword arguments, input size). EfficientFormer-L1's attention bias is built for
+# a 7x7 last stage, so it takes 224x224; the others run at 64x64 (Swin with 2x2 windows).
+ARCHITECTURES = {
+    "efficientformer_l1": ({}, 224),
+    "efficientformerv2_s0": ({"img_size": 64}, 64),
+    "mobilevit_xs": ({}, 64),
+    "fastvit_t8": ({}, 64),
+    "efficientvit_b0": ({}, 64),
+    "levit_128s": ({"img_size": 64}, 64),
+    "deit_tiny_patch16_224": ({"img_size": 64}, 64),
+    "swin_tiny_patch4_window7_224": ({"img_size": 64, "window_size": 2}, 64),
+}
+
+
+def build(name: str, kwargs: dict | None = None, size: int | None = None) -> tuple[nn.Module, torch.Tensor]:
+    """A timm model with seeded random weights and BatchNorm statistics like a trained
+    network's (identity statistics would make every fold trivial), and 8 calibration images."""
+    default_kwargs, default_size = ARCHITECTURES.get(name, ({}, 64))
+    torch.manual_seed(0)
+    model = timm().create_model(name, pretrained=False, num_classes=10, **(kwargs or default_kwargs))
+    with torch.no_grad():
+        for norm in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+            norm.running_mean.uniform_(-0.1, 0.1)
+            norm.running_var.uniform_(0.5, 1.5)
+            norm.weight.uniform_(0.5, 1.5)
+    size = size or default_size
+    return model.eval(), torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def runtime_ops(path) -> collections.Counter:
+    """Op types of the graph ONNX Runtime actually runs (its optimized model)."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(path) + ".optimized.onnx"
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return collections.Counter(node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node)
+
+
+def test_every_batchnorm_after_a_conv_is_folded_wherever_it_sits():
+    """resnet18 keeps conv and norm as attributes of its blocks (3 of 20 were folded when
+    pairs were looked for as nn.Sequential neighbours); timm's ConvNormAct uses its own
+    BatchNormAct2d, whose activation must survive the fold."""
+    model, images = build("resnet18")
+    qmodel = ep.quantize(model, images, "minmax")
+    assert len(qmodel.quant_report.batchnorm_folds) == 20
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in qmodel.modules())
+    model, images = build("efficientnet_b0")
+    with torch.no_grad():
+        reference = model(images)
+    qmodel = ep.quantize(model, images, "minmax")
+    assert len(qmodel.quant_report.batchnorm_folds) == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    with torch.no_grad():
+        assert torch.cosine_similarity(qmodel(images).flatten(), reference.flatten(), 0) > 0.99
+
+
+def test_convs_run_as_integer_kernels_with_no_float_islands(tmp_path):
+    model, images = build("resnet18")
+    artifact = ep.export(ep.quantize(model, images, "repq"), images[:1], out=tmp_path, name="resnet18")["onnx"]
+    ops = runtime_ops(artifact.path)
+    assert ops["QLinearConv"] == 20
+    assert not {"Conv", "FusedConv", "BatchNormalization"} & set(ops)
+
+
+def test_reparameterizable_branches_are_merged_before_quantization():
+    model, images = build("fastvit_t8")
+    qmodel = ep.quantize(model, images, "minmax")
+    assert qmodel.quant_report.merged_branches
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in qmodel.modules())
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_w8a8_exports_and_verifies(name, tmp_path):
+    model, images = build(name)
+    artifact = ep.export(ep.quantize(model, images, "repq"), images[:1], out=tmp_path, name=name)["onnx"]
+    assert artifact.precision == "w8a8"
+    assert all(output.passed for output in artifact.parity.outputs)
