@@ -233,6 +233,145 @@ def test_snntorch_reads_the_nir_graph_as_an_independent_consumer(out, capsys):
     capsys.readouterr()  # the importer prints its weight-scaling warnings
 
 
+class LeakyIntegrator(nn.Module):
+    """NIR's LI primitive, tau dv/dt = (v_leak - v) + r I, as one forward-Euler step of dt, in
+    nirtorch's module convention (forward(x, state) -> (output, state)). No installed NIR reader
+    maps LI, Threshold or Scale, so these three are written here from the primitives' definitions."""
+
+    def __init__(self, node, dt: float):
+        super().__init__()
+        for name, value in (("steps_per_tau", np.asarray(node.tau) / dt), ("r", node.r), ("v_leak", node.v_leak)):
+            self.register_buffer(name, torch.as_tensor(value, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None):
+        v = torch.zeros_like(x) if state is None else state
+        v = v + (self.r * x - (v - self.v_leak)) / self.steps_per_tau
+        return v, v
+
+
+class Threshold(nn.Module):
+    """NIR's Threshold: 1 where the input is above the threshold."""
+
+    def __init__(self, node):
+        super().__init__()
+        self.register_buffer("threshold", torch.as_tensor(node.threshold, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x > self.threshold).to(x.dtype)
+
+
+class Scale(nn.Module):
+    """NIR's Scale: the input times a per-element factor."""
+
+    def __init__(self, node):
+        super().__init__()
+        self.register_buffer("scale", torch.as_tensor(node.scale, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+def test_nirtorch_runs_the_zoo_snn_graph_spike_for_spike(zoo_artifact):
+    """An independent consumer runs the zoo SNN's NIR file: nirtorch's interpreter wires the
+    graph, threads its state and carries the reset loops to the next step; SpikingJelly's NIR
+    importer maps its Conv2d, Affine and Flatten nodes; nirtorch maps SumPool2d. Every spike of
+    lif1, lif2 and lif3 and the readout equal the torch model's at all 4 steps of all 360 test
+    images (measured: 0 spikes differ, the readout bit for bit). nirtorch's own Affine map is
+    not used: in nirtorch 2.6 it leaves the bias at its random initial value."""
+    nirtorch = pytest.importorskip("nirtorch", reason="nirtorch is in the dev extra")
+    pytest.importorskip("spikingjelly.activation_based.nir_exchange", reason="spikingjelly is installed by the Makefile")
+    from spikingjelly.activation_based.nir_exchange.from_nir import _NodeMapper
+
+    dt = zoo_artifact.settings["nir"]["dt"]
+    graph = nir.read(zoo_artifact.path)
+    primitives = {nir.LI: lambda n: LeakyIntegrator(n, dt), nir.Threshold: Threshold, nir.Scale: Scale}
+    assert not torch.equal(nirtorch.nir_to_torch(graph, primitives).fc1.bias,
+                           torch.from_numpy(graph.nodes["fc1"].bias))  # the nirtorch bug named above
+    consumer = nirtorch.nir_to_torch(graph, {**_NodeMapper(dt).map_dict, **primitives})
+    model = ep.zoo.load("snn-digits")
+    spikes = {}
+    for name in ("lif1", "lif2", "lif3"):
+        getattr(model, name).register_forward_hook(lambda m, a, out, name=name: spikes.__setitem__(name, out[0]))
+    images = ep.zoo.testset("snn-digits")[0]
+    differing, counted = 0, 0
+    with torch.no_grad():
+        state, reference_state = None, model.initial_state(images)
+        for _ in range(model.timesteps):
+            readout, state = consumer(images, state)
+            expected, *reference_state = model.step(images, *reference_state)
+            assert torch.equal(readout, expected)
+            for name in spikes:
+                differing += int((state[f"{name}_fire_prev_output"] != spikes[name]).sum())
+                counted += spikes[name].numel()
+    assert differing == 0 and counted == 360 * 4 * (16 * 64 + 32 * 16 + 128)
+
+
+def test_spikingjelly_reads_the_nir_graph_of_a_spikingjelly_net(out):
+    """SpikingJelly's own `import_from_nir` (a second independent reader) runs edgeport's graph of
+    a hard-reset SpikingJelly LIF network with the library's output spikes at every step
+    (measured: 0 of 300 differ, 6 inputs x 5 steps). It fires on `>=` where NIR fires on `>`, so
+    it reads the written threshold (the float32 below 1.0) as `>= that`: the same test but for
+    a membrane exactly at that float, which never occurs here."""
+    pytest.importorskip("spikingjelly.activation_based.nir_exchange", reason="spikingjelly is installed by the Makefile")
+    from spikingjelly.activation_based.nir_exchange import import_from_nir
+
+    model = jelly(v_reset=0.0, second="LIF")
+    reference = torch.stack([outputs[0] for outputs in library_reference(model, [CURRENTS] * T)])
+    artifact = ep.export(model, CURRENTS[:1], targets=["nir"], snn_form="step", timesteps=T, out=out)["nir"]
+    network = import_from_nir(artifact.path, dt=artifact.settings["nir"]["dt"])
+    imported, state = [], None
+    with torch.no_grad():
+        for _ in range(T):
+            spikes, state = network(CURRENTS, state)
+            imported.append(spikes)
+    assert reference.sum() > 0 and torch.equal(torch.stack(imported), reference)
+
+
+def snntorch_written_graph(path) -> tuple[nn.Module, object]:
+    """A zero-reset snnTorch network and the NIR file snnTorch's own `export_to_nir` writes of it
+    (per-neuron beta and threshold: with scalar ones snnTorch 1.0 writes nodes without shapes that
+    fail nir's type check, its issues #367 and #410)."""
+    snn = pytest.importorskip("snntorch", reason="snntorch is in the dev extra")
+    from snntorch.export_nir import export_to_nir
+
+    torch.manual_seed(0)
+    net = driven(nn.Sequential(
+        nn.Linear(64, 32), snn.Leaky(beta=torch.full((32,), 0.9), threshold=torch.ones(32), init_hidden=True,
+                                     reset_mechanism="zero"),
+        nn.Linear(32, 10), snn.Leaky(beta=torch.full((10,), 0.8), threshold=torch.ones(10), init_hidden=True,
+                                     reset_mechanism="zero", output=True)))
+    nir.write(path, export_to_nir(net, CURRENTS[:1], ignore_dims=[0]))
+    return net, path
+
+
+def test_a_graph_written_by_snntorch_loads_and_exports_to_onnx_verified(out, capsys):
+    """`ep.load_model("net.nir")` reads the graph snnTorch wrote into a stepped model (dt 1e-4,
+    snnTorch's) whose spikes equal the original network's at every step (measured: 0 of 300
+    differ, 6 inputs x 5 steps), and it exports to ONNX in both forms, verified spike for spike."""
+    out.mkdir(parents=True, exist_ok=True)
+    net, path = snntorch_written_graph(out / "net.nir")
+    model = ep.load_model(str(path))
+    assert model.state_names == ["v_1", "v_3"] and model.dt == 1e-4
+    reference = torch.stack([outputs[0] for outputs in library_reference(net, [CURRENTS] * T)])
+    with torch.no_grad():
+        imported = model(torch.stack([CURRENTS] * T))
+    assert reference.sum() > 0 and torch.equal(imported, reference)
+    for form in ("step", "unrolled"):
+        artifact = ep.export(str(path), CURRENTS[:1], out=out, snn_form=form, timesteps=T,
+                             verify_inputs=[CURRENTS[i:i + 1] for i in range(6)])["onnx"]
+        assert artifact.parity.passed and artifact.parity.outputs[0].mismatched == 0
+        assert artifact.parity.outputs[0].tolerance.kind == "exact"
+    assert main(["export", str(path), "--to", "onnx", "--snn-form", "step", "--timesteps", "5", "--input", "1x64",
+                 "-o", str(out / "cli")]) == 0
+    assert (out / "cli" / "nirgraphmodel-step.onnx").exists()  # the SDK names a loaded model by its class
+    (out / "bad.nir").write_bytes(b"not hdf5")
+    capsys.readouterr()
+    assert main(["export", str(out / "bad.nir"), "--snn-form", "step", "--timesteps", "5", "--input", "1x64",
+                 "-o", str(out / "bad")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "cannot read" in error and "as NIR" in error
+
+
 class ReluBetween(nn.Module):
     """A spiking step with a ReLU between layer and neuron: NIR has no such activation."""
 

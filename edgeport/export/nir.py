@@ -23,9 +23,15 @@ is refused, naming the layer:
 - snnTorch `Leaky` (fires on `>`, reset derived from the previous membrane): reset "zero" ->
   `LIF(tau=dt/(1-beta), r=tau/dt, v_leak=0, v_reset=0)`, "subtract" -> the `LI` loop with
   `Scale(-threshold)`, "none" -> `LI` + `Threshold`;
+- SpikingJelly PLIF maps as a LIF with tau = 1/sigmoid(w) steps (the interpreter divides by
+  tau where PLIF multiplies by its decay: float rounding may differ, the parity report says);
 - refused: the unrolled form, models without spiking neurons, quantized models (NIR has no
-  integer types), snnTorch `Synaptic`, immediate resets and graded spikes, multi-level
-  (integer-count) neurons, and any other layer or tensor operation.
+  integer types), snnTorch `Synaptic`, `RLeaky`, `RSynaptic`, `Alpha`, `Lapicque`, immediate
+  resets and graded spikes, multi-level (integer-count) neurons, and any other layer or tensor
+  operation.
+
+The other way, `NirGraphModel` (`edgeport.load_model("net.nir")`) reads any writer's graph with
+the same interpreter into a stepped torch model that exports to ONNX and Core ML.
 
 The step form's state stays what torch exchanges: per neuron the artifact's settings name the
 NIR node holding its membrane and whether that membrane is taken after the reset (edgeport
@@ -37,6 +43,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -48,8 +55,9 @@ from torch import fx, nn
 from edgeport.core import Artifact, Backend, ExportRequest, Runner, TensorSpec, option, source_sha256
 from edgeport.errors import BackendUnavailable, ExportError, UserError
 from edgeport.snn.convert import StatefulNeuron, SteppedNetwork
-from edgeport.snn.neurons import LIF, NEURONS, Leaky, MultiLevel, Synaptic
-from edgeport.transforms.spiking import StepModule, UnrolledModule
+from edgeport.snn.neurons import (LIF, NEURONS, Alpha, Lapicque, Leaky, MultiLevel, RecurrentLeaky, RecurrentSynaptic,
+                                  Synaptic)
+from edgeport.transforms.spiking import ModelOutput, StepModule, UnrolledModule
 
 AFTER_RESET, BEFORE_RESET = "after reset", "before reset"
 MAPPED_LAYERS = (nn.Conv2d, nn.BatchNorm2d, nn.Linear, nn.AvgPool2d, nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
@@ -441,8 +449,9 @@ class _GraphBuilder:
         node whose output is its membrane (or None) and the membrane convention of its state."""
         if isinstance(neuron, LIF):
             return self.lif_nodes(neuron, path, shape, nir)
-        if isinstance(neuron, Synaptic):
-            raise ExportError(f"{named} is not mapped to NIR by this backend (no CubaLIF mapping is implemented)")
+        if isinstance(neuron, (Synaptic, RecurrentLeaky, RecurrentSynaptic, Alpha, Lapicque)):
+            raise ExportError(f"{named} is not mapped to NIR by this backend (mapped: SpikingJelly IF/LIF/PLIF, "
+                              f"snnTorch Leaky, edgeport LIF)")
         if isinstance(neuron, Leaky):
             return self.leaky_nodes(neuron, named, path, shape, nir)
         if isinstance(neuron, MultiLevel):
@@ -736,6 +745,65 @@ def _ints(value) -> tuple[int, ...]:
     return tuple(int(v) for v in np.atleast_1d(value))
 
 
+DEFAULT_READ_DT = 1e-4  # the time step snnTorch's and SpikingJelly's NIR readers and writers assume
+
+
+class NirGraphModel(nn.Module):
+    """A NIR graph from any writer (snnTorch, Norse, Sinabs, Rockpool, edgeport) as a torch model
+    with edgeport's step protocol, so that it exports to ONNX and Core ML like any stepped model.
+
+    Each step is `dt` seconds of NIR time (the graph's `dt` metadata where it has one, else
+    `DEFAULT_READ_DT`), every stateful node integrated by one forward-Euler step, LIF/IF nodes
+    firing on `>` and resetting to v_reset in the same step, each starting at 0 and its membrane
+    (after the reset) a state named `v_<node>`. `step(x, *states)` is one step; `forward(x)`
+    runs a (T, B, ...) sequence and stacks each output over time. Primitives outside what the
+    interpreter reads (see `STATEFUL`, `STATELESS`), and cycles other than a reset loop, are
+    refused by name when the file is read.
+    """
+
+    def __init__(self, graph, path: Path):
+        super().__init__()
+        metadata = getattr(graph, "metadata", None) or {}
+        self.dt = float(np.asarray(metadata["dt"])) if "dt" in metadata else DEFAULT_READ_DT
+        kinds = {name: type(node).__name__ for name, node in graph.nodes.items()}
+        neurons = [NeuronState(f"v_{name}", name, AFTER_RESET) for name, kind in kinds.items() if kind in STATEFUL]
+        self.state_names = [re.sub(r"\W", "_", n.state) for n in neurons]
+        self.state_shapes = [np.shape(graph.nodes[n.node].r) for n in neurons]
+        self.program = _Program(graph, path, self.dt, neurons, [n for n, kind in kinds.items() if kind == "Output"])
+
+    def initial_state(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(x.new_zeros((x.shape[0], *shape)) for shape in self.state_shapes)
+
+    def step(self, x: torch.Tensor, *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.program.step(x, list(states)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        states, per_step = self.initial_state(x[0]), []
+        for x_t in x:
+            *outputs, = self.step(x_t, *states)
+            count = len(outputs) - len(states)
+            per_step.append(outputs[:count])
+            states = tuple(outputs[count:])
+        stacked = tuple(torch.stack(step) for step in zip(*per_step))
+        return stacked[0] if len(stacked) == 1 else stacked
+
+
+def _read(path: str | Path):
+    """The graph in the NIR file at `path`: HDF5 read by `nir.read`, arrays and strings only,
+    nothing unpickled or run; a file that is not NIR raises a `UserError` naming it."""
+    nir = _nir()
+    try:
+        return nir.read(path)
+    except Exception as error:  # h5py and nir raise their own errors for a file that is not NIR
+        raise UserError(f"cannot read {path} as NIR: {str(error).splitlines()[0][:200]}") from error
+
+
+def read_graph_model(path: str | Path) -> NirGraphModel:
+    """The NIR file at `path` as a `NirGraphModel`; a file that is not NIR, or holds what the
+    interpreter cannot run, raises a `UserError` naming it."""
+    return NirGraphModel(_read(path), Path(path)).eval()
+
+
 class NirRunner(Runner):
     """A NIR file written by this backend, read back with `nir.read` and interpreted one step
     per `infer`: inputs x and the neurons' states, outputs the graph's outputs and next states."""
@@ -746,11 +814,7 @@ class NirRunner(Runner):
         self.program: _Program | None = None
 
     def load(self) -> "NirRunner":
-        nir = _nir()
-        try:
-            graph = nir.read(self.path)
-        except Exception as error:  # h5py and nir raise their own errors for a file that is not NIR
-            raise UserError(f"cannot read {self.path} as NIR: {str(error).splitlines()[0][:200]}") from error
+        graph = _read(self.path)
         neurons = [NeuronState(**record) for record in self.settings["states"]]
         self.program = _Program(graph, self.path, float(self.settings["dt"]), neurons, self.settings["outputs"])
         return self
@@ -783,7 +847,7 @@ class NirBackend(Backend):
         if request.precision != "fp32":
             raise UserError(f"NIR has no integer or quantized types: this {request.precision} model cannot be written "
                             f"as NIR; export the float model")
-        if isinstance(module, UnrolledModule):
+        if isinstance(module, (UnrolledModule, ModelOutput)):
             raise UserError("NIR takes the step form (a NIR graph is stateful per step), not the unrolled one: "
                             "export with --snn-form step (snn_form='step')")
         if not isinstance(module, StepModule):

@@ -1,13 +1,19 @@
 """Turn spiking networks into the step protocol: `step(x_t, *states) -> (*outputs, *states)`
 and `initial_state(x_t) -> states`, with every neuron's state explicit.
 
-A model that already has `step` and `initial_state` (the zoo's spiking CNN) is used as it
-is. A single-step network built with snnTorch (`Leaky`, `Synaptic`) or SpikingJelly
-(`IFNode`, `LIFNode`, single- or multi-step mode) is converted: each library neuron is
-replaced by its edgeport equivalent with the library's exact arithmetic and call
-convention, and its hidden state moves into a `StateBank` that the step function fills
-from its arguments and empties into its results. A neuron type or option we do not support
-is named in a `UserError`.
+A model that already has `step` and `initial_state` (the zoo's spiking models) is used as it
+is. A network built with snnTorch (`Leaky`, `Synaptic`, `RLeaky`, `RSynaptic`, `Alpha`,
+`Lapicque`) or SpikingJelly (`IFNode`, `LIFNode`, `ParametricLIFNode`, single- or multi-step
+mode, `SeqToANNContainer` and the other time containers) is converted: each library neuron is
+replaced by its edgeport equivalent with the library's exact arithmetic and call convention,
+and its hidden state moves into a `StateBank` that the step function fills from its arguments
+and empties into its results. A multi-step network runs one step at a time: its time
+containers become the plain layers they wrap. A neuron type or option we do not support is
+named in a `UserError`.
+
+Networks are converted on a copy, as users hand them over: after training or evaluation,
+their neurons holding state tensors from the last forward pass, which `copy.deepcopy` refuses
+when they are part of an autograd graph. `library_copy` copies around them and clears them.
 """
 from __future__ import annotations
 
@@ -19,7 +25,8 @@ import torch
 from torch import nn
 
 from edgeport.errors import UserError
-from edgeport.snn.neurons import LIF, Leaky, Synaptic
+from edgeport.snn.neurons import (LIF, Alpha, Lapicque, Leaky, ParametricLIF, RecurrentLeaky, RecurrentSynaptic,
+                                  Synaptic)
 
 
 @dataclass
@@ -56,53 +63,102 @@ class StateBank:
 
 class StatefulNeuron(nn.Module):
     """A library neuron replaced by an edgeport neuron; keeps the library's call convention
-    (`returns_state`: snnTorch returns (spk, *state) unless init_hidden) while its state
+    (`returns_state`: snnTorch returns (spk, *state) unless init_hidden, `returned`: which of
+    the states it returns, as a recurrent neuron's spike state is its output) while its state
     lives in the bank. Called with explicit state, it simply computes."""
 
     def __init__(self, neuron: nn.Module, bank: StateBank, path: str, state_names: tuple[str, ...],
                  returns_state: bool):
         super().__init__()
         self.neuron, self.path, self.state_names, self.returns_state = neuron, path, state_names, returns_state
+        self.returned = tuple(i for i, name in enumerate(state_names) if name != "spk")
         self.bank, self.slot = bank, -1  # a plain attribute: the bank is no submodule
 
     def forward(self, x: torch.Tensor, *explicit: torch.Tensor):
         if explicit and all(e is not None for e in explicit):
-            return self.neuron(x, *explicit)
+            out, *state = self.neuron(x, *explicit)
+            return (out, *(state[i] for i in self.returned))
         out, *state = self.neuron(x, *self.bank.read(self, x))
         self.bank.write(self, tuple(state))
-        return (out, *state) if self.returns_state else out
+        return (out, *(state[i] for i in self.returned)) if self.returns_state else out
 
 
 def _is_from(module: nn.Module, package: str) -> bool:
     return any(c.__module__.startswith(package) for c in type(module).__mro__)
 
 
+def _jelly_neuron(module: nn.Module, named: str) -> nn.Module:
+    """The edgeport neuron of a SpikingJelly neuron, with its exact arithmetic."""
+    from spikingjelly.activation_based import neuron as sj
+
+    if type(module) is sj.IFNode:
+        return LIF(tau=None, threshold=module.v_threshold, v_reset=module.v_reset)
+    if type(module) is sj.LIFNode:
+        return LIF(tau=module.tau, threshold=module.v_threshold, v_reset=module.v_reset,
+                   decay_input=module.decay_input)
+    if type(module) is sj.ParametricLIFNode:
+        with torch.no_grad():  # the decay the library recomputes at every step, in the same float32 op
+            reciprocal_tau = module.w.detach().float().sigmoid()
+        return ParametricLIF(reciprocal_tau, threshold=module.v_threshold, v_reset=module.v_reset,
+                             decay_input=module.decay_input)
+    raise UserError(f"SpikingJelly neuron {named} is not supported (supported: IFNode, LIFNode, ParametricLIFNode)")
+
+
+def _buffer(module: nn.Module, name: str) -> torch.Tensor:
+    return getattr(module, name).detach().clone()
+
+
+def _recurrent(module: nn.Module) -> nn.Module:
+    """The recurrent connection of an RLeaky/RSynaptic: its Linear/Conv2d, or x * V one-to-one."""
+    if module.all_to_all:
+        return copy.deepcopy(module.recurrent)
+    return OneToOne(_buffer(module.recurrent, "V"))
+
+
+class OneToOne(nn.Module):
+    """snnTorch's `RecurrentOneToOne`: each neuron's spike fed back to itself times its weight V."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight.to(torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+
+# snnTorch neuron class -> (edgeport neuron from the library module and the common options, state names)
+SNNTORCH_NEURONS = {
+    "Leaky": (lambda m, common: Leaky(_buffer(m, "beta"), **common), ("mem",)),
+    "Synaptic": (lambda m, common: Synaptic(_buffer(m, "alpha"), _buffer(m, "beta"), **common), ("syn", "mem")),
+    "RLeaky": (lambda m, common: RecurrentLeaky(_buffer(m, "beta"), _recurrent(m), **common), ("spk", "mem")),
+    "RSynaptic": (lambda m, common: RecurrentSynaptic(_buffer(m, "alpha"), _buffer(m, "beta"), _recurrent(m),
+                                                      **common | {"reset_delay": True}), ("spk", "syn", "mem")),
+    "Alpha": (lambda m, common: Alpha(_buffer(m, "alpha"), _buffer(m, "beta"), **common | {"reset_delay": True}),
+              ("syn_exc", "syn_inh", "mem")),
+    "Lapicque": (lambda m, common: Lapicque(_buffer(m, "R"), _buffer(m, "C"), _buffer(m, "time_step"),
+                                            **common | {"reset_delay": True}), ("mem",)),
+}
+
+
 def replacement(module: nn.Module, path: str) -> tuple[nn.Module, tuple[str, ...], bool] | None:
     """(edgeport neuron, state names, returns state) for a library neuron; None for other modules."""
     kind = type(module).__name__
+    named = f"{kind} at {path or '<root>'}"
     if _is_from(module, "spikingjelly") and hasattr(module, "v_threshold"):
-        from spikingjelly.activation_based import neuron as sj
-
-        if type(module) is sj.IFNode:
-            return LIF(tau=None, threshold=module.v_threshold, v_reset=module.v_reset), ("v",), False
-        if type(module) is sj.LIFNode:
-            return (LIF(tau=module.tau, threshold=module.v_threshold, v_reset=module.v_reset,
-                        decay_input=module.decay_input), ("v",), False)
-        raise UserError(f"SpikingJelly neuron {kind} at {path or '<root>'} is not supported "
-                        f"(supported: IFNode, LIFNode)")
+        return _jelly_neuron(module, named), ("v",), False
     if _is_from(module, "snntorch") and hasattr(module, "threshold") and hasattr(module, "reset_mechanism"):
         for option in ("inhibition", "state_quant"):
             if getattr(module, option, False):
-                raise UserError(f"snnTorch {kind} at {path or '<root>'} uses {option}=True, which is not supported")
+                raise UserError(f"snnTorch {named} uses {option}=True, which is not supported")
+        if kind not in SNNTORCH_NEURONS:
+            raise UserError(f"snnTorch neuron {named} is not supported (supported: {', '.join(SNNTORCH_NEURONS)})")
         returns_state = bool(getattr(module, "output", False)) or not module.init_hidden
-        common = dict(threshold=module.threshold.detach().clone(), reset=module.reset_mechanism,
-                      reset_delay=module.reset_delay, graded_spikes_factor=module.graded_spikes_factor.detach().clone())
-        if kind == "Leaky":
-            return Leaky(module.beta.detach().clone(), **common), ("mem",), returns_state
-        if kind == "Synaptic":
-            return (Synaptic(module.alpha.detach().clone(), module.beta.detach().clone(), **common), ("syn", "mem"),
-                    returns_state)
-        raise UserError(f"snnTorch neuron {kind} at {path or '<root>'} is not supported (supported: Leaky, Synaptic)")
+        # the options the library does not pass on to its base class keep their defaults there
+        common = dict(threshold=_buffer(module, "threshold"), reset=module.reset_mechanism,
+                      reset_delay=getattr(module, "reset_delay", True),
+                      graded_spikes_factor=_buffer(module, "graded_spikes_factor"))
+        build, names = SNNTORCH_NEURONS[kind]
+        return build(module, common), names, returns_state
     return None
 
 
@@ -137,13 +193,50 @@ def multi_step(model: nn.Module) -> bool:
     return any(getattr(m, "step_mode", "s") == "m" for m in model.modules() if _is_from(m, "spikingjelly"))
 
 
+def _state_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """Tensors a module holds besides its parameters: buffers, plain attributes and
+    SpikingJelly's `_memories` (its neurons' `v`)."""
+    held = [*module._buffers.values(), *module.__dict__.values(), *getattr(module, "_memories", {}).values()]
+    return [t for t in held if isinstance(t, torch.Tensor)]
+
+
+def library_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` in eval mode with the library neurons' hidden state cleared.
+
+    State left by a forward pass outside `torch.no_grad()` belongs to an autograd graph, which
+    `copy.deepcopy` refuses; such tensors are carried over detached (and then cleared) instead
+    of copied, so the user's model is never touched.
+    """
+    memo = {id(t): t.detach() for m in model.modules() for t in _state_tensors(m) if t.grad_fn is not None}
+    copied = copy.deepcopy(model, memo).eval()
+    reset_library_state(copied)
+    return copied
+
+
+def _unwrap_time_containers(net: nn.Module) -> None:
+    """Replace SpikingJelly's time containers (`SeqToANNContainer`, `MultiStepContainer` and
+    their T-last forms), which fold or loop over a time axis, by the layers they wrap: one step
+    has no time axis."""
+    from spikingjelly.activation_based.layer import (MultiStepContainer, SeqToANNContainer, TLastMultiStepContainer,
+                                                     TLastSeqToANNContainer)
+
+    containers = (SeqToANNContainer, MultiStepContainer, TLastSeqToANNContainer, TLastMultiStepContainer)
+    for path, module in list(net.named_modules()):
+        if isinstance(module, containers):
+            if not path:
+                raise UserError(f"the model is a single {type(module).__name__}; wrap it in a network")
+            parent = net.get_submodule(path.rpartition(".")[0]) if "." in path else net
+            setattr(parent, path.rpartition(".")[2], nn.Sequential(*module))
+
+
 def convert(model: nn.Module, example_step: torch.Tensor) -> SteppedNetwork:
     """Convert a library spiking network into a `SteppedNetwork`; `example_step` is one
     timestep's input (B, ...), used once to record each neuron's state shape."""
-    net = copy.deepcopy(model).eval()
-    if multi_step(net):
+    net = library_copy(model)
+    if any(_is_from(m, "spikingjelly") for m in net.modules()):
         from spikingjelly.activation_based import functional
 
+        _unwrap_time_containers(net)
         functional.set_step_mode(net, "s")
     bank = StateBank()
     replaced = 0
@@ -177,10 +270,12 @@ def as_stepped(model: nn.Module, example_step: torch.Tensor) -> nn.Module:
 
 
 def state_names(stepped: nn.Module, count: int) -> list[str]:
-    """The names of the `count` state tensors, in the order `step` takes and returns them:
-    `<v|mem|syn>_<module path>` for converted networks, `step`'s parameter names otherwise."""
-    if isinstance(stepped, SteppedNetwork):
-        return stepped.state_names
+    """The names of the `count` state tensors, in the order `step` takes and returns them: the
+    model's `state_names` where it has them (`<v|mem|syn>_<module path>` for converted networks),
+    `step`'s parameter names otherwise."""
+    named = getattr(stepped, "state_names", None)
+    if named is not None:  # a converted network, an imported NIR graph
+        return list(named)
     import inspect
 
     params = [p.name for p in inspect.signature(stepped.step).parameters.values()
@@ -188,29 +283,31 @@ def state_names(stepped: nn.Module, count: int) -> list[str]:
     return params if len(params) == count else [f"state_{i}" for i in range(count)]
 
 
+SNNTORCH_STATES = ("mem", "syn", "spk", "syn_exc", "syn_inh")
+
+
 def reset_library_state(model: nn.Module) -> None:
-    """Clear the hidden state that snnTorch and SpikingJelly neurons keep between calls."""
+    """Clear the hidden state that snnTorch and SpikingJelly neurons keep between calls (each
+    module by itself: snnTorch's own `utils.reset` resets every instance of every network)."""
     for module in model.modules():
         if _is_from(module, "spikingjelly") and hasattr(module, "reset"):
             module.reset()
         elif _is_from(module, "snntorch"):
-            for name in ("mem", "syn"):
+            for name in SNNTORCH_STATES:
                 if isinstance(getattr(module, name, None), torch.Tensor):
                     setattr(module, name, torch.zeros(0))
 
 
 def library_reference(model: nn.Module, steps: list[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
-    """The original model's outputs at each timestep, run the library's own way."""
+    """The original model's outputs at each timestep, run the library's own way on a copy."""
+    model = library_copy(model)
     with torch.no_grad():
-        reset_library_state(model)
         if multi_step(model):
             outputs = model(torch.stack(steps))
             outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
-            result = [tuple(o[t] for o in outputs) for t in range(len(steps))]
-        else:
-            result = []
-            for x in steps:
-                out = model(x)
-                result.append(tuple(out) if isinstance(out, (tuple, list)) else (out,))
-        reset_library_state(model)
+            return [tuple(o[t] for o in outputs) for t in range(len(steps))]
+        result = []
+        for x in steps:
+            out = model(x)
+            result.append(tuple(out) if isinstance(out, (tuple, list)) else (out,))
     return result

@@ -1,7 +1,12 @@
 """Spiking export forms, built on the step protocol (`edgeport.snn.convert`):
 
 - *unrolled*: T timesteps in one static graph; input x (the same frame every step, direct
-  coding) or a sequence (T, B, ...); every output stacked over time, (T, B, ...);
+  coding) or a sequence (T, B, ...). By default it returns what the model itself returns:
+  `model(x)` for a model with its own step protocol and T-step forward (the zoo SNN's readout
+  averaged over T), each output stacked over time (T, B, ...) for a converted snnTorch or
+  SpikingJelly network (what a multi-step network returns, and what a single-step one gives
+  run T times). `outputs="per_step"` returns every step's outputs stacked instead, named
+  `<output>_per_step`;
 - *step*: one timestep, `(x_t, *state) -> (*y_t, *state')`, every membrane a named graph
   input and output (`v_lif1` in, `v_lif1_next` out), so a device runs one step at a time and
   feeds the state back.
@@ -26,6 +31,7 @@ from edgeport.errors import UserError
 from edgeport.snn.convert import SteppedNetwork, as_stepped, library_reference, state_names
 
 FORMS = ("unrolled", "step")
+OUTPUTS = ("model", "per_step")  # what the unrolled form returns
 # An unrolled graph grows with T and verification runs T steps per sample: past this a
 # request is a typo more often than a model (raise it with EDGEPORT_MAX_TIMESTEPS).
 MAX_TIMESTEPS = int(os.environ.get("EDGEPORT_MAX_TIMESTEPS", 1000))
@@ -40,6 +46,18 @@ class StepModule(nn.Module):
 
     def forward(self, x: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(self.stepped.step(x, *state))
+
+
+class ModelOutput(nn.Module):
+    """`forward(x)` is the model's own forward, which runs its T steps itself (the unrolled
+    form of a step-protocol model that returns a readout over time)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
 
 
 class UnrolledModule(nn.Module):
@@ -75,11 +93,13 @@ class SpikingForm:
     timesteps: int
     sequence: bool
     outputs: int  # model outputs per step (the rest of a step's results are states)
+    returns: str = "model"  # the unrolled form's outputs: the model's own, or every step's ("per_step")
 
     def describe(self) -> dict:
         """What a device needs to run the artifact: the form, T, and each state's start value."""
         states = self.args[1:] if self.form == "step" else ()
         return {"form": self.form, "timesteps": self.timesteps, "sequence": self.sequence,
+                "returns": self.returns if self.form == "unrolled" else "step",
                 "outputs": self.output_names[:self.outputs],
                 "state_inputs": self.input_names[1:] if self.form == "step" else [],
                 "state_outputs": self.output_names[self.outputs:],
@@ -99,11 +119,21 @@ class SpikingForm:
         return isinstance(self.stepped, SteppedNetwork)
 
 
-def build_form(model: nn.Module, example: torch.Tensor, form: str, timesteps: int, sequence: bool = False
-               ) -> SpikingForm:
-    """The exportable module for `form`; `example` is one step's input, or (T, B, ...) with `sequence`."""
+def _runs_own_timesteps(model: nn.Module, stepped: nn.Module, timesteps: int, sequence: bool) -> bool:
+    """Whether `model(x)` is the model's own T-step run on the unrolled form's input: a model
+    with its own step protocol, a frame input, and the same T."""
+    return stepped is model and not sequence and getattr(model, "timesteps", None) == timesteps
+
+
+def build_form(model: nn.Module, example: torch.Tensor, form: str, timesteps: int, sequence: bool = False,
+               outputs: str = "model") -> SpikingForm:
+    """The exportable module for `form`; `example` is one step's input, or (T, B, ...) with
+    `sequence`. `outputs` picks what the unrolled form returns: "model" (what the model
+    returns, see the module docstring) or "per_step" (every step's outputs over time)."""
     if form not in FORMS:
         raise UserError(f"unknown spiking form {form!r}; choose one of {', '.join(FORMS)}")
+    if outputs not in OUTPUTS:
+        raise UserError(f"unknown spiking outputs {outputs!r}; choose one of {', '.join(OUTPUTS)}")
     if not isinstance(timesteps, int) or not 0 < timesteps <= MAX_TIMESTEPS:
         raise UserError(f"timesteps must be an integer from 1 to {MAX_TIMESTEPS} (EDGEPORT_MAX_TIMESTEPS raises the "
                         f"limit), not {timesteps!r}")
@@ -113,14 +143,25 @@ def build_form(model: nn.Module, example: torch.Tensor, form: str, timesteps: in
     stepped = as_stepped(model, step_example)
     with torch.no_grad():
         state = stepped.initial_state(step_example)
-        outputs = len(stepped.step(step_example, *state)) - len(state)
+        count = len(stepped.step(step_example, *state)) - len(state)
     names = state_names(stepped, len(state))
-    outputs_names = [f"output_{i}" for i in range(outputs)]
+    output_names = [f"output_{i}" for i in range(count)]
     if form == "step":
         return SpikingForm(form, StepModule(stepped).eval(), (step_example, *state), ["x", *names],
-                           outputs_names + [f"{n}_next" for n in names], stepped, timesteps, sequence, outputs)
-    return SpikingForm(form, UnrolledModule(stepped, timesteps, sequence, outputs).eval(), (example,), ["x"],
-                       outputs_names, stepped, timesteps, sequence, outputs)
+                           output_names + [f"{n}_next" for n in names], stepped, timesteps, sequence, count)
+    if outputs == "model" and _runs_own_timesteps(model, stepped, timesteps, sequence):
+        with torch.no_grad():
+            returned = model(example)
+        returned = len(returned) if isinstance(returned, (tuple, list)) else 1
+        return SpikingForm(form, ModelOutput(model).eval(), (example,), ["x"], [f"output_{i}" for i in range(returned)],
+                           stepped, timesteps, sequence, count, outputs)
+    if outputs == "model" and stepped is model and getattr(model, "timesteps", timesteps) != timesteps:
+        raise UserError(f"{type(model).__name__} runs its own {model.timesteps} timesteps; an unrolled form of "
+                        f"{timesteps} returns every step's outputs: ask for outputs='per_step'")
+    if outputs == "per_step":
+        output_names = [f"{name}_per_step" for name in output_names]
+    return SpikingForm(form, UnrolledModule(stepped, timesteps, sequence, count).eval(), (example,), ["x"],
+                       output_names, stepped, timesteps, sequence, count, outputs)
 
 
 class LibraryRunner(Runner):

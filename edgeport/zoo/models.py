@@ -2,11 +2,13 @@
 
 The ViT has patch embedding, LayerNorm, multi-head attention with an explicit softmax
 and a GELU MLP; the CNN has Conv/BatchNorm/ReLU; the spiking CNN has LIF neurons unrolled
-over T timesteps with direct (repeated-input) encoding. All take (B, 1, 8, 8) digits.
+over T timesteps with direct (repeated-input) encoding; the LMU reads a digit row by row
+through a linear Legendre memory, one row per step. All take (B, 1, 8, 8) digits.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from edgeport.snn import LIF
@@ -128,7 +130,68 @@ class SpikingCNN(nn.Module):
         return out / self.timesteps
 
 
-ARCHITECTURES = {"vit-digits": ViT, "cnn-digits": CNN, "snn-digits": SpikingCNN, "cnn-digits-pruned": CNN}
+def legendre_memory(order: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Legendre Memory Unit's state-space matrices (Voelker et al., NeurIPS 2019) for a
+    window of `theta` steps, discretized by zero-order hold over one step: (A (order, order),
+    B (order,)) such that m_t = A m_{t-1} + B u_t. Computed in float64, returned in float32."""
+    i = torch.arange(order, dtype=torch.float64)[:, None]
+    j = torch.arange(order, dtype=torch.float64)[None, :]
+    a = (2 * i + 1) / theta * torch.where(i < j, -1.0, (-1.0) ** (i - j + 1))
+    b = (2 * i[:, 0] + 1) * (-1.0) ** i[:, 0] / theta
+    block = torch.zeros(order + 1, order + 1, dtype=torch.float64)
+    block[:order, :order], block[:order, order] = a, b
+    discrete = torch.linalg.matrix_exp(block)
+    return discrete[:order, :order].float(), discrete[:order, order].float()
+
+
+class LMU(nn.Module):
+    """An LMU-style streaming classifier (as LMUFormer's recurrent form): a digit read row by
+    row, one 8-pixel row per step, through a linear Legendre memory of the last `rows` steps.
+
+    Per step: u = encoder(row); memory = A memory + B u per memory channel (A, B fixed, from
+    `legendre_memory`); h = relu(hidden([memory, row])); logits = readout(h). `step(row, memory)`
+    is the streaming form, with the memory (B, channels, order) as explicit state;
+    `forward(image)` reads the rows of (B, 1, 8, 8) images in order and returns the last step's
+    logits. `rows(images)` gives the (T, B, 8) sequence the step form is fed.
+    """
+
+    def __init__(self, rows: int = 8, features: int = 8, channels: int = 8, order: int = 8, hidden: int = 64,
+                 classes: int = 10):
+        super().__init__()
+        self.timesteps, self.channels, self.order = rows, channels, order
+        self.encoder = nn.Linear(features, channels)
+        # fixed buffers, not layers: the memory is not trained, and quantization leaves it exact
+        a, b = legendre_memory(order, float(rows))
+        self.register_buffer("memory_a", a)
+        self.register_buffer("memory_b", b[:, None])
+        self.hidden = nn.Linear(channels * order + features, hidden)
+        self.readout = nn.Linear(hidden, classes)
+
+    @staticmethod
+    def rows(images: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) images as the (H, B, W) row sequence the step form takes."""
+        return images[:, 0].transpose(0, 1)
+
+    def initial_state(self, row: torch.Tensor) -> tuple[torch.Tensor]:
+        """An empty memory for a batch like `row` (B, 8)."""
+        return (row.new_zeros(row.shape[0], self.channels, self.order),)
+
+    def step(self, row: torch.Tensor, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One row: (logits, memory')."""
+        memory = F.linear(memory, self.memory_a) + F.linear(self.encoder(row).unsqueeze(-1), self.memory_b)
+        features = torch.relu(self.hidden(torch.cat([memory.flatten(1), row], dim=1)))
+        return self.readout(features), memory
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        rows = self.rows(images)
+        (memory,) = self.initial_state(rows[0])
+        for row in rows:
+            logits, memory = self.step(row, memory)
+        return logits
+
+
+ARCHITECTURES = {"vit-digits": ViT, "cnn-digits": CNN, "snn-digits": SpikingCNN, "cnn-digits-pruned": CNN,
+                 "lmu-digits": LMU}
 
 
 def vit_small_stack(seed: int = 0) -> ViT:

@@ -23,6 +23,7 @@ RECIPES = {  # epochs and peak learning rate; AdamW + OneCycle, batch 64
     "vit-digits": {"config": {}, "epochs": 40, "lr": 3e-3, "weight_decay": 0.05},
     "cnn-digits": {"config": {}, "epochs": 20, "lr": 1e-2, "weight_decay": 1e-4},
     "snn-digits": {"config": {}, "epochs": 20, "lr": 5e-3, "weight_decay": 1e-4},
+    "lmu-digits": {"config": {}, "epochs": 40, "lr": 1e-2, "weight_decay": 1e-4},
     # half of every conv's output channels zeroed by L2 magnitude, then fine-tuned with the masks on
     "cnn-digits-pruned": {"config": {}, "epochs": 5, "lr": 2e-3, "weight_decay": 1e-4, "prune_from": "cnn-digits",
                           "prune_amount": 0.5},
