@@ -10,7 +10,10 @@ import edgeport as ep
 from edgeport.cli import main
 from edgeport.devices import catalog
 from edgeport.devices.estimate import estimate, module_path
-from edgeport.runtime.report import load_reports, render_html
+from edgeport.runtime.latency import summarize
+from edgeport.runtime.opprofile import UNMAPPED, profile_onnxruntime
+from edgeport.runtime.page import render_html
+from edgeport.runtime.report import load_reports
 from test_energy import rapl_tree
 
 
@@ -32,8 +35,15 @@ def test_profile_measures_and_labels_everything(artifacts):
     assert abs(sum(shares.values()) - 1) < 1e-6 and {"attention", "matmul/gemm", "normalization"} <= set(shares)
     assert any(op.module.startswith("blocks.0.attn") for op in prof.ops.ops)
     data = prof.to_dict()
-    assert data["schema"] == "edgeport.profile/1" and data["units"]["latency"] == "ms"
+    assert data["schema"] == "edgeport.profile/2" and data["units"]["latency"] == "ms"
     assert data["environment"]["onnxruntime"] and data["environment"]["cpu"]
+    assert prof.ops.module_coverage() >= 0.9
+    assert sum(op.ms_at_p50 for op in prof.ops.ops) == pytest.approx(prof.ops.in_ops_fraction * lat.p50)
+    assert prof.memory.method.startswith("rss-delta") and prof.memory.loaded_mb >= 0
+    assert prof.memory.peak_mb is None or prof.memory.peak_mb >= 0
+    assert (prof.variant.model, prof.variant.variant, prof.variant.format) == ("vit-digits", "fp32", "onnx")
+    assert prof.variant.size_mb == pytest.approx(artifacts["vit-digits"].path.stat().st_size / 1e6)
+    assert prof.estimate.dims == {} and "throughput" in prof.summary() and "session memory" in prof.summary()
 
 
 def test_profile_with_a_meter_reports_measured_energy(artifacts, tmp_path):
@@ -109,12 +119,18 @@ def test_unknown_device_suggests_closest():
         catalog.get("raspberry-pi5")
 
 
-def test_every_catalog_number_has_a_source():
+def test_every_catalog_number_has_a_source_and_a_confidence(tmp_path):
     for name in catalog.names():
         device = catalog.get(name)
-        for key in ("peak", "memory_bandwidth_gbs", "active_w"):
+        for key in ("peak", "memory_bandwidth_gbs", "active_w", "idle_w"):
             assert device.sources.get(key), f"{name}: {key} has no source"
+            assert device.confidence.get(key) in catalog.CONFIDENCE_LEVELS, f"{name}: {key} has no confidence"
+            if device.confidence[key] == "assumed":
+                assert "assumed" in device.sources[key] or name == "host", f"{name}: {key} is an unlabelled guess"
         assert device.peak and device.memory_bandwidth_gbs > 0
+    orin = estimate(symbolic_graph(tmp_path / "encoder.onnx"), "jetson-orin-nano", dims={"seq": 4})
+    assert orin.confidence["peak"] == "derived" and orin.confidence["memory_bandwidth_gbs"] == "vendor"
+    assert any("peak derived" in line and "memory_bandwidth_gbs vendor" in line for line in orin.assumptions)
 
 
 def test_estimates_count_macs_and_scale_across_devices(artifacts):
@@ -154,8 +170,8 @@ def test_cli_profile_estimate_devices_report(artifacts, tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 0
     page = (tmp_path / "report.html").read_text()
     assert page.count("<svg") >= 3 and "estimated" in page
-    profiles, loaded = load_reports(tmp_path)
-    assert len(profiles) == 1 and len(loaded) == len(catalog.names())
+    profiles, loaded, records = load_reports(tmp_path)
+    assert len(profiles) == 1 and len(loaded) == len(catalog.names()) and records == []
     assert main(["devices", "--json"]) == 0
     assert main(["estimate", path, "--device", "jetson-nano"]) == 2
     assert "did you mean" in capsys.readouterr().err
@@ -163,10 +179,13 @@ def test_cli_profile_estimate_devices_report(artifacts, tmp_path, capsys):
     assert main(["report", str(tmp_path / "empty")]) == 2
 
 
-def test_accuracy_plot_renders():
-    page = render_html([], [], accuracy=[{"model": "vit", "variant": "w8a8", "bits": 8, "accuracy_percent": 97.0},
-                                         {"model": "vit", "variant": "w4a4", "bits": 4, "accuracy_percent": 90.0}])
-    assert "accuracy vs bit width" in page and "<polyline" in page
+def test_page_compares_variants_with_accuracy(artifacts):
+    prof = ep.profile(artifacts["cnn-digits"].path, runs=20, warmup=2, sessions=2, energy=False)
+    prof.variant.accuracy_percent = 99.5
+    data = json.loads(json.dumps(prof.to_dict(), default=str))
+    page = render_html([data], [])
+    assert "Variants compared" in page and "99.50" in page and 'id="plot-tradeoff"' in page
+    assert "test accuracy (%)" in page and page.count("<table") >= 2
 
 
 def test_torch_backend_profile_with_op_breakdown(capsys):
@@ -187,3 +206,127 @@ def test_cuda_backend_is_unavailable_without_a_gpu():
         pytest.skip("a GPU is present: bench/gpu_check.py covers the CUDA runner")
     with pytest.raises(ep.BackendUnavailable, match="no CUDA device"):
         ep.profile("cnn-digits", backend="torch-cuda", runs=5)
+
+
+def symbolic_graph(path: Path) -> Path:
+    """x[batch, seq, 64] @ W[64, 32] -> Relu: an encoder-like graph with a dynamic sequence axis."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((64, 32), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])],
+                              "encoder", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 32])], [weight])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+def test_symbolic_dims_are_refused_set_or_named(tmp_path, capsys):
+    import numpy as np
+
+    path = symbolic_graph(tmp_path / "encoder.onnx")
+    with pytest.raises(ep.UserError, match=r"symbolic dimension 'seq' \(x axis 1\) has no value.*--dim seq=N"):
+        ep.estimate(path, "host")
+    exact = ep.estimate(path, "host", dims={"seq": 32})
+    assert exact.macs == 32 * 64 * 32  # batch 1 x seq 32 x K 64 x N 32, counted analytically
+    assert exact.dims == {"batch": 1, "seq": 32} and exact.dims_source == {"seq": "given", "batch": "assumed"}
+    assert any(line.startswith("ASSUMED: symbolic batch dimension 'batch' = 1") for line in exact.assumptions)
+    from_inputs = ep.estimate(path, "host", inputs={"x": np.zeros((4, 16, 64), np.float32)})
+    assert from_inputs.macs == 4 * 16 * 64 * 32 and from_inputs.dims_source == {"batch": "from inputs",
+                                                                               "seq": "from inputs"}
+    with pytest.raises(ep.UserError, match="no symbolic dimension 'sequence'"):
+        ep.estimate(path, "host", dims={"sequence": 32})
+    with pytest.raises(ep.UserError, match="positive integer"):
+        ep.estimate(path, "host", dims={"seq": 0})
+
+    assert main(["estimate", str(path)]) == 2
+    assert "--dim seq=N" in capsys.readouterr().err
+    out_file = tmp_path / "encoder.estimate.json"
+    assert main(["estimate", str(path), "--dim", "seq=32", "--dim", "batch=2", "--device", "raspberry-pi-5",
+                 "-o", str(out_file)]) == 0
+    shown = capsys.readouterr()
+    assert "seq=32 (given)" in shown.out and "derived" in shown.out
+    written = json.loads(out_file.read_text())
+    assert written[0]["macs"] == 2 * 32 * 64 * 32 and written[0]["dims"] == {"batch": 2, "seq": 32}
+    assert written[0]["confidence"]["peak"] == "derived"
+    assert main(["estimate", str(path), "--dim", "seq=32"]) == 0
+    assert "batch has no value and counts as 1" in capsys.readouterr().err
+    assert main(["estimate", str(path), "--dim", "seq=many"]) == 2
+    assert main(["report", str(tmp_path)]) == 0  # what `estimate -o` writes, `report` reads
+    assert "encoder.onnx" in (tmp_path / "report.html").read_text()
+
+
+def test_host_calibration_is_cached_per_machine_and_redone_on_request(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEPORT_CACHE_DIR", str(tmp_path))
+    first = catalog.host()
+    record = json.loads((tmp_path / "host-calibration.json").read_text())
+    assert record["fingerprint"] == catalog.fingerprint() and record["calibrated_at"][:4].isdigit()
+    assert record["repeats"] == catalog.CALIBRATION_REPEATS and record["calibrated_at"] in first.sources["peak"]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("calibrated again although the cache is valid")
+
+    monkeypatch.setattr(catalog, "calibrate", refuse)
+    assert catalog.host() == first  # from the cache
+    record["fingerprint"]["cpu"] = "another machine"
+    (tmp_path / "host-calibration.json").write_text(json.dumps(record))
+    with pytest.raises(AssertionError, match="calibrated again"):
+        catalog.host()  # a cache of another machine is not used
+    with pytest.raises(AssertionError, match="calibrated again"):
+        catalog.host(recalibrate=True)
+
+
+def test_five_recalibrated_host_estimates_agree_within_1_3x(artifacts, tmp_path, monkeypatch):
+    """Each estimate on a freshly measured host: the calibration, not the cache, must be stable."""
+    monkeypatch.setenv("EDGEPORT_CACHE_DIR", str(tmp_path))
+    latencies = {name: [] for name in artifacts}
+    for _ in range(5):
+        host = catalog.host(recalibrate=True)
+        for name, artifact in artifacts.items():
+            latencies[name].append(estimate(artifact.path, host).latency_ms)
+    for name, values in latencies.items():
+        assert max(values) / min(values) <= 1.3, f"{name}: host estimates {values}"
+
+
+def test_op_shares_are_medians_stable_and_mapped_to_modules(artifacts):
+    feeds = [{"x": ep.zoo.testset("cnn-digits")[0][i:i + 1].numpy()} for i in range(16)]
+    shares = [profile_onnxruntime(artifacts["cnn-digits"].path, feeds, runs=50).by_category() for _ in range(5)]
+    for category_name in set().union(*shares):
+        values = [s.get(category_name, 0.0) for s in shares]
+        assert max(values) - min(values) <= 0.10, f"{category_name}: {values}"
+    prof = profile_onnxruntime(artifacts["vit-digits"].path, [{"x": f["x"]} for f in feeds], runs=20)
+    assert prof.module_coverage() >= 0.9 and not any(op.module == UNMAPPED for op in prof.ops)
+    assert all(op.calls_per_run == 1 for op in prof.ops) and prof.run_median_us > 0
+
+
+def test_fused_and_runtime_made_nodes_map_to_the_module_that_did_the_work(artifacts):
+    feeds = [{"x": ep.zoo.testset("cnn-digits")[0][:1].numpy()}]
+    ops = profile_onnxruntime(artifacts["cnn-digits"].path, feeds, runs=5).ops
+    fused_convs = [op for op in ops if op.op_type == "Conv" and op.name.endswith("_nchwc")]
+    assert fused_convs and all(op.module.startswith("features.") for op in fused_convs)
+    reorders = [op for op in ops if op.op_type.startswith("Reorder")]
+    assert all(op.module.startswith("features") for op in reorders)
+
+
+def test_a_long_tail_makes_a_run_invalid_with_the_reason():
+    steady = [1.0 + 0.01 * (i % 5) for i in range(200)]
+    assert summarize(steady).valid
+    tail = steady[:190] + [50.0] * 10
+    stats = summarize(tail)
+    assert not stats.valid and any("long tail: p99 is" in p and "10 of 200 runs" in p for p in stats.problems)
+    assert stats.tail_ratio > 3
+
+
+def test_throughput_per_batch_size_or_why_not(tmp_path, capsys):
+    static = ep.export("cnn-digits", out=tmp_path / "static")["onnx"]
+    dynamic = ep.export("cnn-digits", out=tmp_path / "dynamic", dynamic_batch=True)["onnx"]
+    fixed = ep.profile(static.path, runs=20, warmup=2, sessions=2, ops=False, energy=False, batch_sizes=(1, 8))
+    assert set(fixed.throughput_per_s) == {1} and "fixed at 1" in fixed.throughput_skipped[8]
+    both = ep.profile(dynamic.path, runs=20, warmup=2, sessions=2, ops=False, energy=False, batch_sizes=(1, 8))
+    assert set(both.throughput_per_s) == {1, 8} and not both.throughput_skipped
+    assert main(["profile", str(static.path), "--runs", "20", "--no-ops", "--no-energy", "--batch-sizes", "1,8"]) == 0
+    out = capsys.readouterr().out
+    assert "throughput: batch 1" in out and "batch 8 not measured: the artifact's batch axis is fixed at 1" in out
+    page = render_html([json.loads(json.dumps(both.to_dict(), default=str))], [])
+    assert 'id="plot-throughput"' in page and "batch 8:" in page

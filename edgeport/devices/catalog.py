@@ -1,20 +1,29 @@
-"""Device objects from `catalog.toml`, and the host, detected and calibrated at run time.
+"""Device objects from `catalog.toml`, and the host, detected and calibrated here.
 
-The host's peak figures come from micro-benchmarks run here (an fp32 GEMM, a large array
-copy, a chain of tiny ONNX Runtime nodes), not from a data sheet; its power is an
-assumption, said as such, because no meter exists on most hosts.
+The host's peak figures come from micro-benchmarks (an fp32 GEMM and a chain of tiny nodes in
+ONNX Runtime, a large array copy), not from a data sheet; its power is an assumption, said as
+such, because no meter exists on most hosts. On a shared machine one short benchmark moves by
+several times between runs: a call that loses its core to another process takes many times
+longer, and under sustained load most calls do. The fastest call of a repeat is what the
+hardware can do (nothing makes a call faster than that), so each figure is the median over
+repeats of each repeat's fastest call, and the result is cached per machine (a fingerprint of CPU, core count, ISA flags and runtime
+versions) with the date it was taken: later estimates reuse it until asked to recalibrate.
 """
 from __future__ import annotations
 
 import difflib
 import gc
+import hashlib
+import json
 import os
 import platform
 import time
 import tomllib
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -22,6 +31,9 @@ from edgeport.errors import UserError
 
 CATALOG = Path(__file__).with_name("catalog.toml")
 HOST_WATTS_PER_CORE = 5.0  # assumption for the host's active power when no meter exists
+CALIBRATION_SCHEMA = "edgeport.host-calibration/1"
+CALIBRATION_REPEATS = 7
+CONFIDENCE_LEVELS = ("measured", "vendor", "derived", "third-party", "assumed")
 
 
 @dataclass
@@ -39,6 +51,7 @@ class Device:
     node_overhead_us: float
     efficiency: dict[str, float]
     sources: dict[str, str] = field(default_factory=dict)
+    confidence: dict[str, str] = field(default_factory=dict)  # figure -> one of CONFIDENCE_LEVELS
 
     def peak_ops(self, precision: str) -> float:
         """Peak operations per second at `precision`, falling back to the nearest wider one."""
@@ -95,72 +108,181 @@ def _ort_session(nodes, inputs, outputs, initializers, threads: int | None = Non
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def _timed_runs(session, feed: dict, seconds: float) -> float:
-    """Seconds per run of `session` on `feed`, averaged over about `seconds`."""
+def _fastest_run_s(run: Callable[[], object], seconds: float) -> float:
+    """Seconds of the fastest call of `run`, timed call by call for about `seconds` (at least 5
+    calls) after 3 untimed ones: preempted calls, however many, do not move it."""
     for _ in range(3):
-        session.run(None, feed)
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        session.run(None, feed)
-        count += 1
-    return (time.perf_counter() - start) / count
+        run()
+    times, start = [], time.perf_counter()
+    while len(times) < 5 or time.perf_counter() - start < seconds:
+        begin = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - begin)
+    return min(times)
 
 
-def _gemm_flops(size: int = 512, seconds: float = 0.3) -> float:
-    """fp32 FLOP/s of ONNX Runtime's own MatMul kernel on all cores: the runtime we estimate."""
-    from onnx import TensorProto, helper, numpy_helper
+class _Benchmarks:
+    """The host's three micro-benchmarks, each set up once and run in short repeats.
 
-    weight = numpy_helper.from_array(np.random.default_rng(0).random((size, size), dtype=np.float32), "b")
-    session = _ort_session([helper.make_node("MatMul", ["a", "b"], ["c"])],
-                           [helper.make_tensor_value_info("a", TensorProto.FLOAT, [size, size])],
-                           [helper.make_tensor_value_info("c", TensorProto.FLOAT, [size, size])], [weight])
-    seconds_per_run = _timed_runs(session, {"a": np.ones((size, size), np.float32)}, seconds)
-    del session
-    gc.collect()  # its worker threads must not outlive the calibration
-    return 2 * size ** 3 / seconds_per_run
+    gemm: fp32 MatMul of 256x256 in ONNX Runtime on one thread (the runtime we estimate),
+    times the logical CPUs: a call of a fraction of a millisecond that needs one free core runs
+    unpreempted often enough on a busy machine, where an all-core call almost never does;
+    copy: a 64 MB numpy copy, larger than the caches, timed 1 MB at a time (read + write
+    bytes; a chunk takes tens of microseconds, so most chunks run unpreempted and their median
+    is the streaming rate even on a busy machine, where a whole 64 MB copy is preempted every
+    time); node: a chain of 100 tiny Add nodes, unoptimized, one thread (the fixed cost of
+    dispatching one node).
+    """
+
+    GEMM, COPY_MB, NODES, CHUNK_BYTES = 256, 64, 100, 2 ** 20
+
+    def __init__(self):
+        from onnx import TensorProto, helper, numpy_helper
+
+        size, nodes = self.GEMM, self.NODES
+        weight = numpy_helper.from_array(np.random.default_rng(0).random((size, size), dtype=np.float32), "b")
+        self.gemm = _ort_session([helper.make_node("MatMul", ["a", "b"], ["c"])],
+                                 [helper.make_tensor_value_info("a", TensorProto.FLOAT, [size, size])],
+                                 [helper.make_tensor_value_info("c", TensorProto.FLOAT, [size, size])], [weight],
+                                 threads=1)
+        self.gemm_feed = {"a": np.ones((size, size), np.float32)}
+        self.chain = _ort_session([helper.make_node("Add", [f"t{i}", "one"], [f"t{i + 1}"]) for i in range(nodes)],
+                                  [helper.make_tensor_value_info("t0", TensorProto.FLOAT, [1, 16])],
+                                  [helper.make_tensor_value_info(f"t{nodes}", TensorProto.FLOAT, [1, 16])],
+                                  [helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])], threads=1,
+                                  optimize=False)
+        self.chain_feed = {"t0": np.zeros((1, 16), np.float32)}
+        self.src = np.ones(self.COPY_MB * 2 ** 20 // 4, dtype=np.float32)
+        self.dst = np.empty_like(self.src)
+
+    def once(self) -> dict[str, float]:
+        """One repeat of each: fp32 FLOP/s, copy bytes/s, µs per node."""
+        gemm_s = _fastest_run_s(lambda: self.gemm.run(None, self.gemm_feed), 0.1)
+        copy_s = self._chunk_copy_s()
+        node_s = _fastest_run_s(lambda: self.chain.run(None, self.chain_feed), 0.05)
+        return {"fp32_flops": 2 * self.GEMM ** 3 / gemm_s * (os.cpu_count() or 1), "copy_bytes_per_s": 2 * self.CHUNK_BYTES / copy_s,
+                "node_overhead_us": node_s / self.NODES * 1e6}
+
+    def _chunk_copy_s(self, passes: int = 2) -> float:
+        """Median seconds to copy one 1 MB chunk while streaming through the whole buffer."""
+        step = self.CHUNK_BYTES // self.src.itemsize
+        np.copyto(self.dst, self.src)
+        times = []
+        for _ in range(passes):
+            for start in range(0, self.src.size, step):
+                begin = time.perf_counter()
+                np.copyto(self.dst[start:start + step], self.src[start:start + step])
+                times.append(time.perf_counter() - begin)
+        return float(np.median(times))
+
+    def close(self) -> None:
+        del self.gemm, self.chain
+        gc.collect()  # their worker threads must not outlive the calibration
 
 
-def _copy_bandwidth(megabytes: int = 64, seconds: float = 0.3) -> float:
-    src = np.ones(megabytes * 2 ** 20 // 4, dtype=np.float32)
-    dst = np.empty_like(src)
-    np.copyto(dst, src)
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        np.copyto(dst, src)
-        count += 1
-    return 2 * src.nbytes * count / (time.perf_counter() - start)  # read + write
+def calibrate(repeats: int = CALIBRATION_REPEATS) -> dict[str, dict[str, float]]:
+    """Measure the host: each micro-benchmark `repeats` times, interleaved so that a slow phase
+    of a shared machine touches all three alike. Returns {"figures": medians over repeats,
+    "spread": (max - min) / median of each}; about 0.3 s per repeat."""
+    benchmarks = _Benchmarks()
+    try:
+        runs = [benchmarks.once() for _ in range(repeats)]
+    finally:
+        benchmarks.close()
+    figures = {key: float(np.median([r[key] for r in runs])) for key in runs[0]}
+    spread = {key: float((max(r[key] for r in runs) - min(r[key] for r in runs)) / figures[key]) for key in figures}
+    return {"figures": figures, "spread": spread}
 
 
-def _node_overhead_s(nodes: int = 100) -> float:
-    """Seconds per node of a chain of tiny Add nodes in ONNX Runtime, one thread, unoptimized."""
-    from onnx import TensorProto, helper
+def _cpu_flags() -> str:
+    try:
+        return next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+    except OSError:
+        return ""
 
-    session = _ort_session([helper.make_node("Add", [f"t{i}", "one"], [f"t{i + 1}"]) for i in range(nodes)],
-                           [helper.make_tensor_value_info("t0", TensorProto.FLOAT, [1, 16])],
-                           [helper.make_tensor_value_info(f"t{nodes}", TensorProto.FLOAT, [1, 16])],
-                           [helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])], threads=1, optimize=False)
-    return _timed_runs(session, {"t0": np.zeros((1, 16), np.float32)}, 0.1) / nodes
+
+def fingerprint() -> dict[str, str | int]:
+    """What the calibration depends on: CPU model, logical CPUs, ISA flags (hashed) and the
+    versions of ONNX Runtime and numpy, whose kernels the benchmarks time."""
+    import onnxruntime
+
+    return {"cpu": cpu_model(), "logical_cpus": os.cpu_count() or 1, "machine": platform.machine(),
+            "cpu_flags_sha256": hashlib.sha256(_cpu_flags().encode()).hexdigest()[:16],
+            "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
+
+
+def calibration_path() -> Path:
+    """Where the host calibration is cached: $EDGEPORT_CACHE_DIR, else $XDG_CACHE_HOME/edgeport,
+    else ~/.cache/edgeport; the file is host-calibration.json."""
+    folder = os.environ.get("EDGEPORT_CACHE_DIR") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgeport"
+    return Path(folder) / "host-calibration.json"
+
+
+def _cached_calibration(path: Path, machine: dict) -> dict | None:
+    """The cached record if it is readable, of this schema and for this machine's fingerprint."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("schema") != CALIBRATION_SCHEMA or \
+            record.get("fingerprint") != machine or not isinstance(record.get("figures"), dict):
+        return None
+    figures = record["figures"]
+    if set(figures) != {"fp32_flops", "copy_bytes_per_s", "node_overhead_us"} or not all(
+            isinstance(v, (int, float)) and np.isfinite(v) and v > 0 for v in figures.values()):
+        return None
+    return record
+
+
+def host_calibration(recalibrate: bool = False) -> dict:
+    """The host's calibration record: the cached one for this machine, or a new one (measured
+    now and cached) when there is none, it is for another fingerprint, or `recalibrate`.
+    The record says when it was taken and where it is cached, or why it could not be."""
+    path, machine = calibration_path(), fingerprint()
+    record = None if recalibrate else _cached_calibration(path, machine)
+    if record is not None:
+        return {**record, "cache": str(path)}
+    record = {"schema": CALIBRATION_SCHEMA, "fingerprint": machine,
+              "calibrated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "repeats": CALIBRATION_REPEATS, **calibrate()}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, path)
+        where = str(path)
+    except OSError as error:
+        where = f"not cached ({path}: {error.strerror or error})"
+    return {**record, "cache": where}
 
 
 @lru_cache(maxsize=1)
-def host() -> Device:
-    """This machine, calibrated by micro-benchmarks (about one second, once per process)."""
-    flags = ""
-    try:
-        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
-    except OSError:
-        pass
-    vnni = "avx512_vnni" in flags or "avx_vnni" in flags
-    fp32 = _gemm_flops()
-    cores = os.cpu_count() or 1
+def _host(record_json: str) -> Device:
+    record = json.loads(record_json)
+    figures, spread = record["figures"], record["spread"]
+    vnni = "avx512_vnni" in _cpu_flags() or "avx_vnni" in _cpu_flags()
+    fp32, cores = figures["fp32_flops"], os.cpu_count() or 1
+    taken = (f"measured here {record['calibrated_at']}, median of {record['repeats']} repeats; cache "
+             f"{record['cache']}; `edgeport devices --recalibrate` measures again")
     return Device(
         name="host", description=f"this machine: {cpu_model()}, {cores} logical CPUs", kind="cpu",
         backends=["onnxruntime", "torch"], peak={"fp32": fp32 / 1e12, "int8": (4 if vnni else 2) * fp32 / 1e12},
-        memory_bandwidth_gbs=_copy_bandwidth() / 1e9, active_w=HOST_WATTS_PER_CORE * cores,
-        idle_w=0.0, node_overhead_us=_node_overhead_s() * 1e6, efficiency={"compute": 0.8, "memory": 0.7},
-        sources={"peak": "measured here: ONNX Runtime fp32 MatMul 512x512, all cores; int8 derived as "
-                         f"{'4x (VNNI)' if vnni else '2x'} fp32",
-                 "memory_bandwidth_gbs": "measured here: 64 MB numpy copy",
-                 "node_overhead_us": "measured here: ONNX Runtime chain of 100 Add nodes, 1 thread",
+        memory_bandwidth_gbs=figures["copy_bytes_per_s"] / 1e9, active_w=HOST_WATTS_PER_CORE * cores,
+        idle_w=0.0, node_overhead_us=figures["node_overhead_us"], efficiency={"compute": 0.8, "memory": 0.7},
+        sources={"peak": f"ONNX Runtime fp32 MatMul 256x256 on one thread x {cores} logical CPUs (repeats spread "
+                         f"{spread['fp32_flops']:.0%}); int8 derived as {'4x (VNNI)' if vnni else '2x'} fp32; {taken}",
+                 "memory_bandwidth_gbs": f"64 MB numpy copy, median 1 MB chunk (spread "
+                                         f"{spread['copy_bytes_per_s']:.0%}); {taken}",
+                 "node_overhead_us": f"ONNX Runtime chain of 100 Add nodes, 1 thread (spread "
+                                     f"{spread['node_overhead_us']:.0%}); {taken}",
                  "active_w": f"assumed: {HOST_WATTS_PER_CORE} W per logical CPU (no meter)",
-                 "idle_w": "not subtracted (assumed 0)"})
+                 "idle_w": "not subtracted (assumed 0)"},
+        confidence={"peak": "measured", "memory_bandwidth_gbs": "measured", "node_overhead_us": "measured",
+                    "active_w": "assumed", "idle_w": "assumed", "efficiency": "assumed"})
+
+
+def host(recalibrate: bool = False) -> Device:
+    """This machine as a Device, from its cached calibration (measured once per machine, about
+    2 s; `recalibrate=True` measures again and replaces the cache)."""
+    return _host(json.dumps(host_calibration(recalibrate), sort_keys=True))

@@ -7,12 +7,19 @@ bandwidth)) + the device's per-node overhead. Energy = the device's active power
 latency, labelled `estimated:roofline`; beside it, the 45 nm theoretical compute energy
 (Horowitz: MAC 4.6 / 1.5 / 0.23 pJ at fp32 / fp16 / int8, accumulate 0.9 / 0.4 / 0.03 pJ),
 where inputs with a given firing rate count as accumulates (synaptic operations).
+
+Symbolic dimensions (a dynamic batch or sequence axis) are set before shape inference, so
+every intermediate shape is concrete: from `dims`, else from the shapes of given inputs. A
+batch axis (axis 0) left open counts as 1, and the estimate says so; any other axis left
+open is refused, because a sequence length of 1 prices a different model. The dims used,
+and where each came from, are recorded in the estimate.
 """
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import onnx
@@ -78,6 +85,9 @@ class Estimate:
     nodes: list[NodeEstimate] = field(repr=False)
     assumptions: list[str] = field(default_factory=list)
     provenance: str = "estimated:roofline"
+    dims: dict[str, int] = field(default_factory=dict)  # symbolic dimension -> value used
+    dims_source: dict[str, str] = field(default_factory=dict)  # -> "given", "from inputs" or "assumed"
+    confidence: dict[str, str] = field(default_factory=dict)  # device figure -> vendor/derived/...
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,17 +114,79 @@ def module_path(node: onnx.NodeProto) -> str:
     return path
 
 
-def tensor_table(model: onnx.ModelProto, dims: dict[str, int]) -> dict[str, tuple[list[int], int]]:
-    """Every tensor's (shape, elem_type), symbolic dims replaced from `dims` (default 1)."""
+def tensor_table(model: onnx.ModelProto) -> dict[str, tuple[list[int], int]]:
+    """Every tensor's (shape, elem_type); a dimension still symbolic after inference counts as 1
+    (see `open_dims`, which the estimate names in its assumptions)."""
     table = {}
     values = [*model.graph.input, *model.graph.output, *model.graph.value_info]
     for value in values:
         t = value.type.tensor_type
-        table[value.name] = ([d.dim_value if d.HasField("dim_value") else dims.get(d.dim_param, 1)
-                              for d in t.shape.dim], t.elem_type)
+        table[value.name] = ([d.dim_value if d.HasField("dim_value") else 1 for d in t.shape.dim], t.elem_type)
     for init in model.graph.initializer:
         table[init.name] = (list(init.dims), init.data_type)
     return table
+
+
+def open_dims(model: onnx.ModelProto) -> list[str]:
+    """Names of dimensions that stay symbolic in some intermediate tensor after inference."""
+    return sorted({d.dim_param or "?" for v in model.graph.value_info for d in v.type.tensor_type.shape.dim
+                   if not d.HasField("dim_value")})
+
+
+def symbolic_inputs(model: onnx.ModelProto) -> dict[str, list[tuple[str, int]]]:
+    """{symbol: [(graph input, axis), ...]} for every symbolic dimension of the graph's inputs;
+    an unnamed one is called `<input>[<axis>]`."""
+    weights = {i.name for i in model.graph.initializer}
+    found: dict[str, list[tuple[str, int]]] = {}
+    for value in model.graph.input:
+        if value.name in weights:
+            continue
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            if not dim.HasField("dim_value"):
+                found.setdefault(dim.dim_param or f"{value.name}[{axis}]", []).append((value.name, axis))
+    return found
+
+
+def resolve_dims(model: onnx.ModelProto, dims: dict[str, int] | None,
+                 input_shapes: dict[str, Sequence[int]] | None) -> tuple[dict[str, int], dict[str, str]]:
+    """({symbol: value}, {symbol: "given" | "from inputs" | "assumed"}) for every symbolic input
+    dimension: `dims` first, then the shapes of given inputs, then 1 for a batch axis (axis 0).
+    A UserError names a symbol `dims` sets that the model lacks, a value that is not a positive
+    integer, inputs that disagree, and a non-batch symbol left without a value."""
+    symbols, dims = symbolic_inputs(model), dict(dims or {})
+    unknown = sorted(set(dims) - set(symbols))
+    if unknown:
+        have = ", ".join(sorted(symbols)) or "none"
+        raise UserError(f"the model has no symbolic dimension {', '.join(map(repr, unknown))} "
+                        f"(its symbolic dimensions: {have})")
+    for name, value in dims.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise UserError(f"dimension {name!r} must be a positive integer, not {value!r}")
+    values, sources = dict(dims), {name: "given" for name in dims}
+    for symbol, places in symbols.items():
+        if symbol in values:
+            continue
+        seen = {tuple(input_shapes[i])[axis] for i, axis in places
+                if input_shapes and i in input_shapes and axis < len(input_shapes[i])}
+        if len(seen) > 1:
+            raise UserError(f"the given inputs disagree on dimension {symbol!r}: {sorted(seen)}")
+        if seen:
+            values[symbol], sources[symbol] = int(seen.pop()), "from inputs"
+        elif all(axis == 0 for _, axis in places):
+            values[symbol], sources[symbol] = 1, "assumed"
+        else:
+            where = ", ".join(f"{i} axis {axis}" for i, axis in places)
+            raise UserError(f"symbolic dimension {symbol!r} ({where}) has no value: a roofline estimate needs it "
+                            f"(pass dims={{{symbol!r}: N}}, or --dim {symbol}=N on the command line, or inputs)")
+    return values, sources
+
+
+def _fix_input_dims(model: onnx.ModelProto, values: dict[str, int]) -> None:
+    """Write `values` into the graph inputs' symbolic dimensions, in place."""
+    for symbol, places in symbolic_inputs(model).items():
+        for name, axis in places:
+            value = next(v for v in model.graph.input if v.name == name)
+            value.type.tensor_type.shape.dim[axis].dim_value = values[symbol]
 
 
 def _size(entry) -> int:
@@ -164,12 +236,24 @@ def _integer_epilogue(node: onnx.NodeProto, accumulators: set[str], constants: s
     return node.op_type == "Add" and any(i in constants for i in node.input)
 
 
-def load_graph(path: Path) -> onnx.ModelProto:
-    """The ONNX model at `path` (external weights left on disk) with its shapes inferred.
+def load_graph(path: Path, dims: dict[str, int] | None = None) -> onnx.ModelProto:
+    """The ONNX model at `path` (external weights left on disk), its graph inputs' symbolic
+    dimensions set from `dims`, and its shapes inferred.
 
     A file that is empty, is not an ONNX protobuf, holds no graph or defeats shape inference
     raises a UserError naming it, so that a broken artifact is never estimated as zero work.
     """
+    model = read_graph(path)
+    if dims:
+        _fix_input_dims(model, dims)
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as error:
+        raise UserError(f"cannot infer the shapes of {path}: {str(error).splitlines()[0][:160]}") from error
+
+
+def read_graph(path: Path) -> onnx.ModelProto:
+    """The ONNX model at `path`, unmodified; a UserError naming the file if it holds none."""
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as error:
@@ -177,10 +261,7 @@ def load_graph(path: Path) -> onnx.ModelProto:
     if not model.HasField("graph"):  # protobuf parses an empty file, and some garbage, as an empty model
         what = "is empty (0 bytes)" if path.stat().st_size == 0 else "holds no ONNX graph"
         raise UserError(f"cannot read {path} as ONNX: it {what}")
-    try:
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception as error:
-        raise UserError(f"cannot infer the shapes of {path}: {str(error).splitlines()[0][:160]}") from error
+    return model
 
 
 def op_label(node: onnx.NodeProto) -> str:
@@ -209,18 +290,42 @@ def pricing_gaps(graph: onnx.GraphProto, table: dict[str, tuple[list[int], int]]
     return gaps
 
 
+def _dims_assumptions(values: dict[str, int], sources: dict[str, str], still_open: list[str]) -> list[str]:
+    lines = []
+    assumed = [name for name, source in sources.items() if source == "assumed"]
+    if assumed:
+        lines.append(f"ASSUMED: symbolic batch dimension {', '.join(map(repr, assumed))} = 1 (no value given; set it "
+                     f"with dims={{...}} or --dim {assumed[0]}=N)")
+    if values:
+        lines.append("dims used: " + ", ".join(f"{k}={v} ({sources[k]})" for k, v in values.items()))
+    if still_open:
+        lines.append(f"symbolic dimensions {', '.join(still_open)} remain in intermediate tensors after shape "
+                     "inference: counted as 1")
+    return lines
+
+
+def _device_confidence(dev: Device) -> list[str]:
+    figures = ("peak", "memory_bandwidth_gbs", "active_w", "node_overhead_us", "efficiency")
+    return [f"device '{dev.name}' figures: " + ", ".join(
+        f"{figure} {dev.confidence.get(figure, 'assumed')}" for figure in figures)]
+
+
 def estimate(artifact: str | Path, device: str | Device = "host", dims: dict[str, int] | None = None,
-             firing_rates: dict[str, float] | None = None) -> Estimate:
+             firing_rates: dict[str, float] | None = None,
+             input_shapes: dict[str, Sequence[int]] | None = None) -> Estimate:
     """Roofline latency (ms) and energy (mJ) of one inference of an ONNX artifact on `device`.
 
-    `dims` sets symbolic dimensions (default 1, e.g. batch); `firing_rates` maps an input
-    tensor name to the fraction of its elements that are spikes, which turns the consuming
-    node's MACs into that many accumulates (synaptic operations) for the 45 nm figure.
+    `dims` sets symbolic dimensions by name (e.g. {"batch": 8, "seq": 32}); `input_shapes`
+    ({graph input: shape}) gives the rest from real inputs; a batch axis left open counts as
+    1 (named in the assumptions) and any other axis left open is a UserError. `firing_rates`
+    maps an input tensor name to the fraction of its elements that are spikes, which turns the
+    consuming node's MACs into that many accumulates (synaptic operations) for the 45 nm figure.
     """
     dev = device if isinstance(device, Device) else get(device)
     path = Path(artifact)
-    model = load_graph(path)
-    table = tensor_table(model, dims or {})
+    values, sources = resolve_dims(read_graph(path), dims, input_shapes)
+    model = load_graph(path, values)
+    table = tensor_table(model)
     producers = {o: n for n in model.graph.node for o in n.output}
     eff_c, eff_m = dev.efficiency["compute"], dev.efficiency["memory"]
     rates = firing_rates or {}
@@ -257,8 +362,12 @@ def estimate(artifact: str | Path, device: str | Device = "host", dims: dict[str
         energy_provenance=f"estimated:roofline (device '{dev.name}': {dev.active_w:.1f} W active x roofline latency)",
         compute_energy_45nm_mj=energy_45nm * 1e-9, macs=sum(n.macs for n in nodes), synaptic_ops=sops,
         bytes=sum(n.bytes for n in nodes), nodes=nodes,
-        assumptions=[f"efficiency compute {eff_c}, memory {eff_m}; per-node overhead {dev.node_overhead_us:.2f} us",
-                     f"active power: {dev.sources.get('active_w', 'catalog')}",
+        assumptions=[*_dims_assumptions(values, sources, open_dims(model)),
+                     f"efficiency compute {eff_c}, memory {eff_m}; per-node overhead {dev.node_overhead_us:.2f} us",
+                     f"active power: {dev.sources.get('active_w', 'catalog')}", *_device_confidence(dev),
                      "45 nm theoretical compute energy (Horowitz, ISSCC 2014) ignores memory traffic",
                      "Q/DQ nodes and integer matmul epilogues (Cast, scale, bias) assumed fused into "
-                     "integer kernels", *pricing_gaps(model.graph, table)])
+                     "integer kernels", *pricing_gaps(model.graph, table)],
+        dims=values, dims_source=sources,
+        confidence={figure: dev.confidence.get(figure, "assumed")
+                    for figure in ("peak", "memory_bandwidth_gbs", "active_w", "node_overhead_us", "efficiency")})

@@ -5,8 +5,10 @@ Times are milliseconds: wall clock (`time.perf_counter_ns`) around `runner.infer
 events around the model call for runners on a GPU (device-side time).
 
 The validity verdict follows the spirit of MLPerf's rules: enough samples for the
-percentiles reported, a coefficient of variation under a threshold, and no drift between
-the first and the last tenth of the run (thermal throttling, frequency changes).
+percentiles reported, a coefficient of variation under a threshold, no drift between the
+first and the last tenth of the run (thermal throttling, frequency changes), and a tail
+bound: a p99 many times the p50 means some runs (preemption, page faults, another tenant)
+took so long that the median no longer describes what a caller sees.
 """
 from __future__ import annotations
 
@@ -41,11 +43,16 @@ class LatencyStats:
     problems: list[str] = field(default_factory=list)  # empty: valid
 
     @property
+    def tail_ratio(self) -> float:
+        """p99 / p50: how much slower the slowest 1% of runs are than the typical one."""
+        return self.p99 / self.p50 if self.p50 > 0 else 0.0
+
+    @property
     def valid(self) -> bool:
         return not self.problems
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "tail_ratio": self.tail_ratio}
 
 
 T_975 = {2: 12.71, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
@@ -74,11 +81,19 @@ def median_ci(sorted_samples: np.ndarray, block_medians: list[float] | None = No
 
 MAX_CV = 0.25  # a run whose robust CV is above this is flagged
 MAX_DRIFT = 0.05  # 5% between the first and last tenth
+# p99 / p50 above this is a tail the median hides: a run preempted for a scheduler slice
+# (milliseconds) costs a sub-millisecond model tens of medians, and one run in a hundred
+# like that is what a caller of the model then sees once in a hundred calls.
+MAX_TAIL_RATIO = 3.0
 
 
-def validity(samples_ms: np.ndarray, robust_cv: float, max_cv: float = MAX_CV, max_drift: float = MAX_DRIFT
-             ) -> tuple[float, list[str]]:
-    """(drift, problems) of a run in time order; no problems means the run is valid."""
+def validity(samples_ms: np.ndarray, robust_cv: float, max_cv: float = MAX_CV, max_drift: float = MAX_DRIFT,
+             max_tail_ratio: float = MAX_TAIL_RATIO) -> tuple[float, list[str]]:
+    """(drift, problems) of a run whose latencies (ms) are in time order; no problems means valid.
+
+    Problems: too few samples for p99/p95/p90, a robust CV above `max_cv`, a drift above
+    `max_drift` between the first and last tenth, a p99 above `max_tail_ratio` times the p50.
+    """
     n, problems = len(samples_ms), []
     for q, needed in ((99, 100), (95, 20), (90, 10)):
         if n < needed:
@@ -93,6 +108,11 @@ def validity(samples_ms: np.ndarray, robust_cv: float, max_cv: float = MAX_CV, m
         drift = float((last - first) / np.median(samples_ms))
         if abs(drift) > max_drift:
             problems.append(f"latency drifted {drift:+.1%} between the first and last tenth of the run")
+    p50, p99 = np.percentile(samples_ms, [50, 99])
+    if n >= 100 and p50 > 0 and p99 / p50 > max_tail_ratio:
+        slow = int(np.sum(samples_ms > max_tail_ratio * p50))
+        problems.append(f"long tail: p99 is {p99 / p50:.1f}x the p50 (bound {max_tail_ratio:g}x); {slow} of {n} "
+                        f"runs took over {max_tail_ratio:g}x the median (preemption or another load)")
     return drift, problems
 
 

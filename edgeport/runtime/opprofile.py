@@ -1,17 +1,31 @@
-"""Per-op breakdown: ONNX Runtime's profiler (or torch.profiler), aggregated per node, op type,
-module and category, each ONNX node mapped back to the `nn.Module` path that produced it.
+"""Per-op breakdown: ONNX Runtime's profiler (or torch.profiler), aggregated per node with the
+median over runs, each node mapped back to the `nn.Module` path that produced it.
+
+Why medians per node: one preempted kernel call can take longer than a hundred ordinary
+runs of the whole model, so summed times let a single outlier claim most of the profile.
+Each node's time per run is taken in every profiled run (warm-up runs dropped) and its
+median kept; shares are fractions of the summed medians, and `scale_to` turns them into
+milliseconds of the latency measured without the profiler (its p50).
+
+Why the optimized graph: ONNX Runtime runs a rewritten graph (Conv+Relu fused, NCHWc layout
+with reorder nodes, MatMul+Add as Gemm), whose node names the exported file does not know.
+The profiling session saves that graph, and a node it created is traced through its input and
+output tensors to the nearest node of the exported graph, whose metadata names the module.
 
 Categories follow the systems-characterization papers: conv, matmul/gemm, attention
 (softmax and activation-by-activation matmuls), normalization, elementwise, quantization,
-data movement (reshape, transpose, gather, concat, ...).
+data movement (reshape, transpose, gather, concat, pooling, layout reorders, ...).
 """
 from __future__ import annotations
 
+import bisect
 import gc
 import json
 import tempfile
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 import onnx
@@ -27,14 +41,19 @@ CATEGORIES = {
                       "GroupNormalization", "SimplifiedLayerNormalization", "RMSNormalization"},
     "quantization": {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"},
     "data movement": {"Reshape", "Transpose", "Gather", "Concat", "Slice", "Split", "Squeeze", "Unsqueeze", "Flatten",
-                      "Expand", "Shape", "Identity", "Tile", "Pad", "MaxPool", "AveragePool", "GlobalAveragePool"},
+                      "Expand", "Shape", "Identity", "Tile", "Pad", "MaxPool", "AveragePool", "GlobalAveragePool",
+                      "ReorderInput", "ReorderOutput", "ReduceMean", "GlobalMaxPool"},
 }
-CREATED = "(created by onnxruntime)"  # nodes the runtime made, e.g. layout reorders
+ROOT = "<root>"  # the model's own forward, outside any submodule
+UNMAPPED = "(not traced to a module)"  # a runtime node with no path to the exported graph
 TORCH_CATEGORIES = {
     "conv": ("conv", "convolution", "mkldnn_convolution"), "matmul/gemm": ("addmm", "mm", "linear", "bmm", "matmul"),
     "attention": ("softmax", "scaled_dot_product"), "normalization": ("layer_norm", "batch_norm", "group_norm"),
     "data movement": ("view", "reshape", "permute", "transpose", "cat", "select", "slice", "expand", "clone",
                       "contiguous", "copy_", "flatten", "max_pool", "avg_pool", "adaptive_avg_pool", "mean")}
+WARMUP_RUNS = 5  # profiled runs dropped before aggregating: first runs allocate and fill caches
+TORCH_WARMUP_RUNS = 10  # torch.profiler itself runs its first few traced calls far slower (0.3 s each here)
+MODULE_SCOPE = "edgeport.module::"  # torch.profiler ranges that name the module an op ran in
 
 
 def category(op_type: str, inputs_are_weights: bool = True) -> str:
@@ -46,98 +65,303 @@ def category(op_type: str, inputs_are_weights: bool = True) -> str:
 
 @dataclass
 class OpTime:
+    """One node (or aten op): its median time per run in microseconds, under the profiler."""
+
     name: str
     op_type: str
-    module: str
+    module: str  # nn.Module path; ROOT for the model's own forward, UNMAPPED if not traced
     category: str
-    total_us: float  # summed over every profiled run
-    calls: int
+    median_us: float  # median over profiled runs of this node's time in one run
+    calls_per_run: float
+    ms_at_p50: float | None = None  # its part of the measured p50 (see OpProfile.scale_to)
 
 
 @dataclass
 class OpProfile:
-    """Where the time goes; shares are fractions of the summed op time."""
+    """Where the time goes: per-node medians under the profiler, shares of their sum, and
+    (after `scale_to`) milliseconds of the latency measured without the profiler."""
 
     backend: str
-    runs: int
+    runs: int  # profiled runs aggregated (warm-up runs excluded)
     ops: list[OpTime] = field(default_factory=list)
+    run_median_us: float | None = None  # median of whole runs under the profiler
+    measured_p50_ms: float | None = None
 
-    def _share(self, key) -> dict[str, float]:
+    @property
+    def op_median_sum_us(self) -> float:
+        return sum(op.median_us for op in self.ops)
+
+    @property
+    def in_ops_fraction(self) -> float:
+        """Share of a profiled run spent inside nodes; the rest is the runtime's own work
+        between them (input binding, scheduling, output copies)."""
+        if not self.run_median_us:
+            return 1.0
+        return min(1.0, self.op_median_sum_us / self.run_median_us)
+
+    def scale_to(self, measured_p50_ms: float) -> "OpProfile":
+        """Give each op its part of `measured_p50_ms` (the latency measured without the
+        profiler): its share of a profiled run times that p50. Returns self."""
+        self.measured_p50_ms = measured_p50_ms
+        per_run = max(self.run_median_us or 0.0, self.op_median_sum_us) or 1.0
+        for op in self.ops:
+            op.ms_at_p50 = measured_p50_ms * op.median_us / per_run
+        return self
+
+    def _share(self, key: Callable[[OpTime], str]) -> dict[str, float]:
         totals: dict[str, float] = {}
         for op in self.ops:
-            totals[key(op)] = totals.get(key(op), 0.0) + op.total_us
+            totals[key(op)] = totals.get(key(op), 0.0) + op.median_us
         whole = sum(totals.values()) or 1.0
         return {k: v / whole for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
 
     def by_category(self) -> dict[str, float]:
+        """Fraction of op time per category (sums to 1)."""
         return self._share(lambda op: op.category)
 
     def by_op_type(self) -> dict[str, float]:
+        """Fraction of op time per op type (sums to 1)."""
         return self._share(lambda op: op.op_type)
 
     def by_module(self) -> dict[str, float]:
-        return self._share(lambda op: op.module or "<root>")
+        """Fraction of op time per `nn.Module` path (sums to 1)."""
+        return self._share(lambda op: op.module)
+
+    def module_coverage(self) -> float:
+        """Fraction of op time traced to an `nn.Module` path (the root module included)."""
+        return 1.0 - self.by_module().get(UNMAPPED, 0.0)
+
+    def _ms(self, shares: dict[str, float]) -> dict[str, float] | None:
+        if self.measured_p50_ms is None:
+            return None
+        return {k: v * self.in_ops_fraction * self.measured_p50_ms for k, v in shares.items()}
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "by_category": self.by_category(), "by_op_type": self.by_op_type(),
-                "by_module": self.by_module()}
+        categories, modules = self.by_category(), self.by_module()
+        return {**asdict(self), "by_category": categories, "by_op_type": self.by_op_type(), "by_module": modules,
+                "by_category_ms": self._ms(categories), "by_module_ms": self._ms(modules),
+                "in_ops_fraction": self.in_ops_fraction, "module_coverage": self.module_coverage()}
+
+
+def aggregate(records: Iterable[tuple[str, int, float]], runs: int) -> dict[str, tuple[float, float]]:
+    """{node: (median µs per run, calls per run)} from (node, run index, µs) records over
+    `runs` runs; a run in which a node did not appear counts as 0 µs for it."""
+    per_run: dict[str, np.ndarray] = {}
+    calls: dict[str, int] = {}
+    for node, run, micros in records:
+        if node not in per_run:
+            per_run[node], calls[node] = np.zeros(runs), 0
+        per_run[node][run] += micros
+        calls[node] += 1
+    return {node: (float(np.median(times)), calls[node] / runs) for node, times in per_run.items()}
+
+
+class GraphTracer:
+    """Maps the nodes of ONNX Runtime's optimized graph to the exported graph's module paths.
+
+    A node of the exported graph has its own path. One the runtime made or renamed is traced
+    by name first (fusions are named `<original>/<Fusion>`, NCHWc nodes `<output>_nchwc`),
+    then through its tensors: an output or input the exported graph also has names the node
+    that produced or consumed it there; failing that, the nearest traced neighbour in the
+    optimized graph (a layout reorder belongs to the conv it feeds) lends its path.
+    """
+
+    def __init__(self, exported: onnx.GraphProto, optimized: onnx.GraphProto | None):
+        self.exported = {n.name: n for n in exported.node}
+        self.modules = {n.name: module_path(n) or ROOT for n in exported.node}
+        self.producer = {o: n.name for n in exported.node for o in n.output}
+        self.consumers: dict[str, list[str]] = {}
+        for node in exported.node:
+            for tensor in node.input:
+                self.consumers.setdefault(tensor, []).append(node.name)
+        self.optimized = {n.name: n for n in (optimized.node if optimized is not None else [])}
+        self.optimized_producer = {o: n.name for n in self.optimized.values() for o in n.output}
+        self.optimized_consumers: dict[str, list[str]] = {}
+        for node in self.optimized.values():
+            for tensor in node.input:
+                self.optimized_consumers.setdefault(tensor, []).append(node.name)
+        self._cache: dict[str, str] = {}
+
+    def _direct(self, name: str) -> str | None:
+        """The module of an optimized node from its name or its own tensors, without walking."""
+        node = self.optimized.get(name)
+        op_type = node.op_type if node is not None else ""
+        for candidate in (name, name.split("/")[0], name.removesuffix("_nchwc")):
+            if candidate in self.exported:
+                return self._module_of(candidate, op_type)
+            if candidate in self.producer:
+                return self._module_of(self.producer[candidate], op_type)
+        if node is None:
+            return None
+        for tensor in node.output:
+            if tensor in self.producer:
+                return self._module_of(self.producer[tensor], op_type)
+        for tensor in node.input:
+            if len(self.consumers.get(tensor, [])) == 1:
+                return self._module_of(self.consumers[tensor][0], op_type)
+        return None
+
+    def _module_of(self, exported_name: str, op_type: str, depth: int = 4) -> str:
+        """The module of the exported node `exported_name`, or, when a fusion ended there
+        (a Conv fused with the BatchNormalization and Relu after it keeps the Relu's output),
+        of the node up its input chain with the fused node's `op_type`: the conv does the work."""
+        node = self.exported[exported_name]
+        while op_type and node.op_type != op_type and depth > 0:
+            upstream = [self.producer[t] for t in node.input if t in self.producer]
+            if len(upstream) != 1:
+                break
+            node, depth = self.exported[upstream[0]], depth - 1
+        if node.op_type != op_type:
+            node = self.exported[exported_name]
+        return self.modules[node.name]
+
+    def module(self, name: str) -> str:
+        """The module path of the optimized node `name` (UNMAPPED if nothing leads back)."""
+        if name not in self._cache:
+            self._cache[name] = self._direct(name) or self._walk(name) or UNMAPPED
+        return self._cache[name]
+
+    def _walk(self, start: str) -> str | None:
+        """Breadth-first through the optimized graph's tensors to the nearest traced node."""
+        seen, queue = {start}, deque([start])
+        while queue:
+            node = self.optimized.get(queue.popleft())
+            if node is None:
+                continue
+            neighbours = [self.optimized_producer[t] for t in node.input if t in self.optimized_producer]
+            neighbours += [c for t in node.output for c in self.optimized_consumers.get(t, [])]
+            for neighbour in neighbours:
+                if neighbour in seen:
+                    continue
+                found = self._direct(neighbour)
+                if found:
+                    return found
+                seen.add(neighbour)
+                queue.append(neighbour)
+        return None
+
+
+def _run_index(starts: list[float], timestamp: float) -> int:
+    return bisect.bisect_right(starts, timestamp) - 1
 
 
 def profile_onnxruntime(path: str | Path, feeds: list[dict[str, np.ndarray]], runs: int = 50,
                         threads: int | None = None) -> OpProfile:
-    """Run an ONNX model `runs` times under ONNX Runtime's profiler and aggregate per node."""
+    """Run an ONNX model `runs` times (after WARMUP_RUNS) under ONNX Runtime's profiler and
+    aggregate per node: median µs per run, category and `nn.Module` path."""
     import onnxruntime as ort
 
-    graph = onnx.load(str(path), load_external_data=False).graph
-    weights = {i.name for i in graph.initializer}
-    originals = {n.name: n for n in graph.node}
+    exported = onnx.load(str(path), load_external_data=False).graph
+    weights = {i.name for i in exported.initializer}
     with tempfile.TemporaryDirectory() as tmp:
         options = ort.SessionOptions()
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "ort")
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         names = [i.name for i in session.get_inputs()]
-        for i in range(runs):
+        for i in range(WARMUP_RUNS + runs):
             session.run(None, {n: feeds[i % len(feeds)][n] for n in names})
         events = json.loads(Path(session.end_profiling()).read_text())
         del session
         gc.collect()  # release its worker threads now; they would spin beside the next timing
-    totals: dict[str, OpTime] = {}
+        optimized_file = Path(tmp) / "optimized.onnx"
+        optimized = onnx.load(str(optimized_file), load_external_data=False).graph if optimized_file.exists() \
+            else None
+    run_events = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])[WARMUP_RUNS:]
+    starts = [float(e["ts"]) for e in run_events]
+    tracer, op_types, records = GraphTracer(exported, optimized), {}, []
     for event in events:
         if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
             continue
+        run = _run_index(starts, float(event["ts"]))
+        if run < 0:
+            continue  # a warm-up run
         node_name = event["name"].removesuffix("_kernel_time")
-        op_type = event.get("args", {}).get("op_name", "")
-        original = originals.get(node_name) or originals.get(node_name.split("/")[0])  # fused: "orig/Fusion"
-        if node_name not in totals:
-            is_weighted = original is None or any(i in weights for i in original.input)
-            totals[node_name] = OpTime(node_name, op_type, module_path(original) if original else CREATED,
-                                       category(op_type, is_weighted), 0.0, 0)
-        totals[node_name].total_us += float(event["dur"])
-        totals[node_name].calls += 1
-    return OpProfile("onnxruntime", runs, sorted(totals.values(), key=lambda o: -o.total_us))
+        op_types[node_name] = event.get("args", {}).get("op_name", "")
+        records.append((node_name, run, float(event["dur"])))
+    originals = {n.name: n for n in exported.node}
+    ops = []
+    for node_name, (median_us, calls) in aggregate(records, len(starts)).items():
+        original = originals.get(node_name) or originals.get(node_name.split("/")[0])
+        is_weighted = original is None or any(i in weights for i in original.input)
+        ops.append(OpTime(node_name, op_types[node_name], tracer.module(node_name),
+                          category(op_types[node_name], is_weighted), median_us, calls))
+    return OpProfile("onnxruntime", len(starts), sorted(ops, key=lambda o: -o.median_us),
+                     float(np.median([e["dur"] for e in run_events])) if run_events else None)
+
+
+def _module_scopes(model) -> list:
+    """Forward hooks that open a torch.profiler range named after each submodule's path
+    while it runs, so that every aten op can be traced to its innermost module."""
+    import torch
+
+    handles = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+
+        def enter(mod, args, scope=f"{MODULE_SCOPE}{name}"):
+            mod._edgeport_range = torch.autograd.profiler.record_function(scope)
+            mod._edgeport_range.__enter__()
+
+        def leave(mod, args, output):
+            mod._edgeport_range.__exit__(None, None, None)
+
+        handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    return handles
+
+
+def _torch_module(event) -> str:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith(MODULE_SCOPE):
+            return parent.name.removeprefix(MODULE_SCOPE)
+        parent = parent.cpu_parent
+    return ROOT
 
 
 def profile_torch(model, input_names: list[str], feeds: list[dict[str, np.ndarray]], runs: int = 50) -> OpProfile:
-    """Run a torch model `runs` times under torch.profiler and aggregate self CPU time per aten op."""
+    """Run a torch model `runs` times (after TORCH_WARMUP_RUNS) under torch.profiler and aggregate
+    self CPU time per aten op and module: median µs per run."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     args = [[torch.from_numpy(f[n]) for n in input_names] for f in feeds]
-    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
-        for i in range(runs):
-            model(*args[i % len(args)])
-    ops = []
-    for event in prof.key_averages():
-        if not event.key.startswith("aten::") or event.self_cpu_time_total <= 0:
+    handles = _module_scopes(model)
+    try:
+        with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            for i in range(TORCH_WARMUP_RUNS + runs):
+                with record_function("edgeport.run"):
+                    model(*args[i % len(args)])
+    finally:
+        for handle in handles:
+            handle.remove()
+    events = prof.events()
+    run_events = sorted((e for e in events if e.name == "edgeport.run"), key=lambda e: e.time_range.start)
+    starts = [float(e.time_range.start) for e in run_events[TORCH_WARMUP_RUNS:]]
+    kinds, records = {}, []
+    for event in events:
+        if not event.name.startswith("aten::") or event.self_cpu_time_total <= 0:
             continue
-        op = event.key.removeprefix("aten::")
-        cat = next((c for c, keys in TORCH_CATEGORIES.items() if op.lstrip("_") in keys), "elementwise")
-        ops.append(OpTime(event.key, op, "", cat, float(event.self_cpu_time_total), int(event.count)))
-    return OpProfile("torch", runs, sorted(ops, key=lambda o: -o.total_us))
+        run = _run_index(starts, float(event.time_range.start))
+        if run < 0:
+            continue
+        key = f"{event.name} in {_torch_module(event)}"
+        kinds[key] = (event.name, _torch_module(event))
+        records.append((key, run, float(event.self_cpu_time_total)))
+    ops = []
+    for key, (median_us, calls) in aggregate(records, len(starts)).items():
+        op, module = kinds[key]
+        bare = op.removeprefix("aten::")
+        cat = next((c for c, names in TORCH_CATEGORIES.items() if bare.lstrip("_") in names), "elementwise")
+        ops.append(OpTime(key, bare, module, cat, median_us, calls))
+    run_medians = [float(e.cpu_time_total) for e in run_events[TORCH_WARMUP_RUNS:]]
+    return OpProfile("torch", len(starts), sorted(ops, key=lambda o: -o.median_us),
+                     float(np.median(run_medians)) if run_medians else None)
 
 
 def op_profiler_for(artifact_format: str):

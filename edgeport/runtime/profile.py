@@ -1,22 +1,28 @@
-"""One profile of one runner: latency over several sessions, throughput, energy, per-op time.
+"""One profile of one runner: latency over several sessions, throughput, memory, energy, per-op time.
 
 The order is chosen so that nothing perturbs what is measured: latency first (sessions
-loaded and closed one after another), then throughput at other batch sizes, then the energy
-window (its own session), and the op profiler last, because profiling slows every node.
+loaded and closed one after another), then one more session for throughput at other batch
+sizes, the session's own memory and the energy window, and the op profiler last, because
+profiling slows every node (its shares are then scaled to the p50 measured without it).
 """
 from __future__ import annotations
 
 import resource
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from edgeport.core import Runner
 from edgeport.devices.estimate import Estimate
 from edgeport.runtime.energy import MeterError, MeterUnavailable, detect_meter, measure_energy
 from edgeport.runtime.latency import measure, measure_sessions
 from edgeport.runtime.opprofile import OpProfile
-from edgeport.runtime.report import Energy, Profile, environment
-from edgeport.core import Runner
+from edgeport.runtime.report import Energy, Profile, SessionMemory, Variant, environment
+
+PROC_STATUS = Path("/proc/self/status")
+CLEAR_REFS = Path("/proc/self/clear_refs")
+MEMORY_RUNS = 10  # inferences in the measured session, so that its peak includes activations
 
 
 def measure_energy_of(runner: Runner, feeds: list[dict[str, np.ndarray]], gpu: bool, window_s: float, idle_s: float,
@@ -35,13 +41,81 @@ def measure_energy_of(runner: Runner, feeds: list[dict[str, np.ndarray]], gpu: b
                   m.window_s, m.inferences)
 
 
+def _status_mb(field_name: str) -> float | None:
+    """A memory figure of this process from /proc/self/status (VmRSS, VmHWM), in MB."""
+    try:
+        for line in PROC_STATUS.read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _reset_peak() -> bool:
+    """Reset this process's peak resident memory (VmHWM) to its current RSS (Linux 4.0+)."""
+    try:
+        CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+class SessionMemoryProbe:
+    """The resident memory one session adds: read before it loads, after, and at its peak.
+
+    ONNX Runtime's Python API offers no allocator statistics, so the session's memory is the
+    process's resident-set delta around it; the process's peak is reset first (Linux
+    clear_refs), so the peak is the session's, not torch's from before.
+    """
+
+    def __init__(self):
+        self.peak_reset = _reset_peak()
+        self.before = _status_mb("VmRSS")
+        self.loaded: float | None = None
+
+    def loaded_now(self) -> None:
+        self.loaded = _status_mb("VmRSS")
+
+    def result(self) -> SessionMemory:
+        process_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if self.before is None or self.loaded is None:
+            return SessionMemory("unavailable: /proc/self/status cannot be read here", 0.0, None, process_peak)
+        peak = _status_mb("VmHWM") if self.peak_reset else None
+        method = ("rss-delta: resident memory around the session (peak: VmHWM after a clear_refs reset); "
+                  "ONNX Runtime exposes no allocator statistics to Python; memory the process freed earlier "
+                  "and reuses here is not counted")
+        if not self.peak_reset:
+            method += "; peak unavailable (clear_refs not writable)"
+        return SessionMemory(method, max(0.0, self.loaded - self.before),
+                             max(0.0, peak - self.before) if peak is not None else None, process_peak)
+
+
+def session_memory(make_runner: Callable[[], Runner], feeds: list[dict[str, np.ndarray]]) -> SessionMemory:
+    """The memory of one session of `make_runner` running MEMORY_RUNS inferences, measured
+    before any other session of the profile, so that its allocations are not reused ones."""
+    probe = SessionMemoryProbe()
+    runner = make_runner()
+    probe.loaded_now()
+    try:
+        for i in range(MEMORY_RUNS):
+            runner.infer(feeds[i % len(feeds)])
+        return probe.result()
+    finally:
+        runner.close()
+
+
 def profile_runner(make_runner: Callable[[], Runner], feeds: list[dict[str, np.ndarray]], target: str,
                    inputs_source: str, *, backend: str, device: str, runs: int, warmup: int, warmup_s: float,
                    min_duration_s: float, sessions: int, energy: bool, gpu: bool, energy_window_s: float,
                    idle_s: float, rapl_root, hwmon_root, threads: int | None, label: str,
                    op_profiler: Callable[[], OpProfile] | None = None, estimate: Estimate | None = None,
-                   batch_feeds: dict[int, list[dict[str, np.ndarray]]] | None = None) -> Profile:
-    """Profile the runners `make_runner` loads, on `feeds`; see `edgeport.profile` for the options."""
+                   batch_feeds: dict[int, list[dict[str, np.ndarray]]] | None = None,
+                   throughput_skipped: dict[int, str] | None = None, variant: Variant | None = None) -> Profile:
+    """Profile the runners `make_runner` loads, on `feeds`; see `edgeport.profile` for the options.
+    `batch_feeds` are feeds at other batch sizes for throughput; `throughput_skipped` says why
+    requested batch sizes were not measured."""
+    memory = session_memory(make_runner, feeds)
     latency = measure_sessions(make_runner, feeds, runs=runs, sessions=sessions, warmup=warmup, warmup_s=warmup_s,
                                min_duration_s=min_duration_s)
     runner = make_runner()
@@ -53,7 +127,6 @@ def profile_runner(make_runner: Callable[[], Runner], feeds: list[dict[str, np.n
                          if energy else Energy(False, "unavailable", reasons=["not requested"]))
     finally:
         runner.close()  # no idle worker threads beside the op profiler's session
-    op_profile = op_profiler() if op_profiler else None
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return Profile(target, backend, device, latency, energy_record, inputs_source, peak_mb, environment(threads),
-                   op_profile, estimate, throughput, label)
+    op_profile = op_profiler().scale_to(latency.p50) if op_profiler else None
+    return Profile(target, backend, device, latency, energy_record, inputs_source, memory, environment(threads),
+                   op_profile, estimate, throughput, dict(throughput_skipped or {}), label, variant)
