@@ -9,6 +9,7 @@ from edgeport.errors import BackendUnavailable, CheckFailed, EdgeportError, Expo
 from edgeport.core import Artifact, ParityReport, Tolerance  # noqa: E402
 from edgeport.sdk import (estimate, export, load_model, profile, quantize, slim, spike_statistics,  # noqa: E402
                           verify)
+from edgeport.fleet import sweep  # noqa: E402
 
 __all__ = ["Artifact", "BackendUnavailable", "CheckFailed", "EdgeportError", "ExportError", "ParityReport",
-           "Tolerance", "UserError", "estimate", "export", "load_model", "profile", "quantize", "slim", "spike_statistics", "verify", "zoo", "__version__"]
+           "Tolerance", "UserError", "estimate", "export", "load_model", "profile", "quantize", "slim", "spike_statistics", "sweep", "verify", "zoo", "__version__"]

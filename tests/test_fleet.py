@@ -1,0 +1,242 @@
+"""Fleet runs: one sweep in this process, the same on a real local Ray cluster, a node killed mid-sweep.
+
+The cluster is real (`edgeport.fleet.localcluster`): a head and two worker nodes, each started
+by `edgeport fleet join --block` as a process group of its own, each worker advertising a
+different device, one CPU and a 100 MiB object store each. The finalizer kills exactly those
+processes, never every Ray process of the machine.
+"""
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+import edgeport as ep
+from edgeport.cli import main
+from edgeport.errors import CheckFailed, UserError
+from edgeport.fleet.cluster import cluster_nodes
+from edgeport.fleet.jobs import ArtifactBundle, materialize
+from edgeport.fleet.localcluster import LocalCluster, free_port
+from edgeport.fleet.plan import EXPORT, MEASURE, Job, parse_variant
+from edgeport.fleet.results import Results
+
+MODELS = ["cnn-digits", "cnn-digits-pruned"]  # the two cheapest zoo models to export
+VARIANTS = ["fp32", "repq-w8a8"]
+DEVICES = ["jetson-orin-nano", "raspberry-pi-5"]
+QUICK_PROFILE = {"runs": 20, "warmup": 2, "sessions": 2, "ops": False}
+
+
+def edgeport_command(*args: str, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "edgeport", *args], **popen)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head and two worker nodes, one per device; this process is the driver."""
+    from edgeport.fleet.cluster import connect, require_ray
+
+    local = LocalCluster(num_cpus=1, object_store_bytes=100 * 2 ** 20)
+    try:
+        local.start_head()
+        for name, device in zip(("jetson", "pi"), DEVICES):
+            local.join(name, device)
+        connect(local.address)
+        local.wait_for(set(DEVICES))
+        yield local
+    finally:
+        require_ray().shutdown()
+        local.stop()
+
+
+class ReportStructure(HTMLParser):
+    """A report's skeleton: its headings, every table's header row, and the (model, variant)
+    that label each row about a model. Rows about nodes and failures are left out: which exist
+    depends on where the sweep ran."""
+
+    def __init__(self, page: str):
+        super().__init__()
+        self.skeleton: list[tuple] = []
+        self._tag, self._cells, self._header = "", [], False
+        self.feed(page)
+
+    def handle_starttag(self, tag, attrs):
+        self._tag = tag
+        if tag == "tr":
+            self._cells, self._header = [], False
+        self._header |= tag == "th"
+
+    def handle_endtag(self, tag):
+        if tag == "tr" and self._header:
+            self.skeleton.append(("header", tuple(self._cells)))
+        elif tag == "tr" and self._cells[:1] and self._cells[0] in MODELS:
+            self.skeleton.append(("row", tuple(self._cells[:2])))
+
+    def handle_data(self, data):
+        if self._tag in ("h1", "h2"):
+            self.skeleton.append((self._tag, data))
+        elif self._tag in ("th", "td"):
+            self._cells.append(data)
+        self._tag = ""
+
+
+def index_lines(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def in_process(tmp_path_factory) -> Path:
+    """`edgeport sweep` without --cluster, interrupted with Ctrl-C after its first jobs, then run
+    again to the end: the results folder."""
+    out = tmp_path_factory.mktemp("in-process") / "sweep"
+    args = ["sweep", *MODELS, "--variants", ",".join(VARIANTS), "--devices", ",".join(DEVICES), "-o", str(out),
+            "--runs", "20", "--sessions", "2", "--no-ops"]
+    first = edgeport_command(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (out / "index.jsonl").is_file() or len(index_lines(out)) < 3:
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+        time.sleep(0.2)
+    first.send_signal(signal.SIGINT)
+    _, stderr = first.communicate(timeout=120)
+    assert first.returncode == 2 and "aborted" in stderr, stderr
+    interrupted = index_lines(out)
+    for entry in interrupted:  # every line whole, every file it names there and whole
+        assert json.loads((out / entry["file"]).read_text())["key"] == entry["key"]
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp") or ".edgeport-staging-" in p.name]
+    again = subprocess.run([sys.executable, "-m", "edgeport", *args], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert f"{12 - len(interrupted)} jobs run" in again.stdout
+    assert "done export cnn-digits" in again.stderr or "done export cnn-digits-pruned" in again.stderr
+    return out
+
+
+def test_bad_sweeps_fail_in_one_line_before_any_job(tmp_path, capsys):
+    cases = [(["sweep", "cnn-digits", "--variants", "repq-w9a8"], "bit"),
+             (["sweep", "cnn-digits", "--variants", "int3"], "unknown variant 'int3'"),
+             (["sweep", "cnn-digits", "--devices", "jetson-orin-nan"], "did you mean jetson-orin-nano"),
+             (["sweep", "cnn-digits", "--devices", "Bad Name"], "is not plain"),
+             (["sweep", "cnn-digits", "--to", "onx"], "did you mean onnx"),
+             (["sweep", "cnn-digits", "--cluster", "not an address"], "is not HOST:PORT"),
+             (["sweep", "cnn-digits", "--cluster", f"127.0.0.1:{free_port()}"], "cannot reach a Ray cluster"),
+             (["fleet", "join", "--device", "jetson-orin-nano"], "--address HEAD:PORT"),
+             (["fleet", "join", "--head", "--device", "host"], "'host' names the machine"),
+             (["fleet", "join", "--head", "--units", "2"], "needs --device")]
+    for args, message in cases:
+        assert main([*args, "-o", str(tmp_path / "out")] if args[0] == "sweep" else args) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (args, err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_ray_names_the_extra(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` does where Ray is not installed
+    assert main(["fleet", "status", "--cluster", "auto"]) == 2
+    assert "pip install 'edgeport[fleet]'" in capsys.readouterr().err
+    with pytest.raises(UserError, match=r"edgeport\[fleet\]"):
+        ep.sweep(["cnn-digits"], cluster="auto")
+
+
+def test_artifacts_are_checked_on_arrival(tmp_path):
+    bundle = ArtifactBundle("m.onnx", {"m.onnx": b"graph", "m.onnx.edgeport.json": b"{}"})
+    recorded = bundle.digests()
+    damaged = ArtifactBundle("m.onnx", {"m.onnx": b"grapH", "m.onnx.edgeport.json": b"{}"})
+    with pytest.raises(CheckFailed, match="m.onnx arrived damaged: m.onnx is sha256"):
+        materialize(damaged, tmp_path, recorded)
+    escaping = ArtifactBundle("m.onnx", {"../m.onnx": b"graph"})
+    with pytest.raises(UserError):
+        materialize(escaping, tmp_path, escaping.digests())
+    assert not list(tmp_path.iterdir()) and not (tmp_path.parent / "m.onnx").exists()
+
+
+def test_the_index_survives_a_cut_line_and_a_lost_append(tmp_path):
+    job = Job("estimate", "cnn-digits", "ab" * 32, "fp32", "onnx", "raspberry-pi-5")
+    results = Results(tmp_path)
+    results.record(job, "done", seconds=0.01,
+                   estimate={"latency_ms": 0.1, "energy_mj": 0.2, "energy_provenance": "estimated:roofline"})
+    with open(tmp_path / "index.jsonl", "a") as index:
+        index.write('{"key": "half a li')  # the process died mid-append
+    assert Results(tmp_path).finished(job)["file"] == f"jobs/{job.file_name}"
+    assert (tmp_path / "index.jsonl").read_text().endswith("}\n")
+    (tmp_path / "index.jsonl").unlink()  # died between the job file and its line
+    assert Results(tmp_path).finished(job) is not None and len(index_lines(tmp_path)) == 1
+    assert Results(tmp_path).finished(Job(MEASURE, *list(vars(job).values())[1:])) is None  # a node joined since
+    assert parse_variant("repq-w4a4").w_bits == 4
+
+
+def test_in_process_sweep_resumes_after_ctrl_c(in_process):
+    records = [json.loads((in_process / e["file"]).read_text()) for e in index_lines(in_process)]
+    latest = {r["key"]: r for r in records}
+    assert len(latest) == 12 and all(r["status"] == "done" for r in latest.values())
+    estimates = [r for r in latest.values() if r["kind"] == "estimate"]
+    assert len(estimates) == 8 and {r["device"] for r in estimates} == set(DEVICES)
+    assert all(r["estimate"]["provenance"] == "estimated:roofline" for r in estimates)
+    page = (in_process / "report.html").read_text()
+    assert page.count("estimated (roofline)") == 8 and "measured on node" not in page
+
+
+def test_cluster_sweep_measures_each_device_on_the_node_advertising_it(cluster, in_process, tmp_path):
+    nodes = cluster.wait_for(set(DEVICES))
+    result = ep.sweep(MODELS, VARIANTS, DEVICES, tmp_path / "cluster", cluster=cluster.address, **QUICK_PROFILE)
+    assert not result.failed and result.jobs_run == 12
+    records = [json.loads((result.out / j["file"]).read_text()) for j in result.jobs]
+    measured = [r for r in records if r["kind"] == MEASURE]
+    assert len(measured) == 8
+    for r in measured:  # each device's profiles ran on the node advertising it, as that node reported
+        assert r["node"]["node_id"] == nodes[r["device"]] and r["node"]["device"] == r["device"]
+        assert r["profile"]["environment"]["onnxruntime"] and r["profile"]["latency"]["p50"] > 0
+    exports = [r for r in records if r["kind"] == EXPORT]
+    live_nodes = {n.node_id for n in cluster_nodes()}
+    assert len(exports) == 4 and all(r["node"]["node_id"] in live_nodes for r in exports)
+    for r in exports:  # the committed artifact is what the export hashed
+        artifact = ep.Artifact.load(next(result.out.glob(f"artifacts/*/{r['artifact']['file']}")))
+        assert artifact.parity.passed
+    page = (result.out / "report.html").read_text()
+    assert all(f"<th>{d}</th>" in page for d in DEVICES) and page.count("measured on node") == 8
+    for device in DEVICES:
+        assert page.count(f"node {nodes[device][:12]}") >= 4
+    in_process_page = (in_process / "report.html").read_text()
+    assert ReportStructure(page).skeleton == ReportStructure(in_process_page).skeleton
+    assert sorted(p.name for p in (result.out / "jobs").iterdir()) == \
+        sorted(p.name for p in (in_process / "jobs").iterdir())
+    status = subprocess.run([sys.executable, "-m", "edgeport", "fleet", "status", "--cluster", cluster.address,
+                             "--json"], capture_output=True, text=True, timeout=120)
+    listed = {d: n["node_id"] for n in json.loads(status.stdout) if n["alive"] for d in n["devices"]}
+    assert listed == nodes
+
+
+def test_a_worker_killed_mid_sweep_loses_nothing_and_a_rerun_completes(cluster, tmp_path):
+    out = tmp_path / "fault"
+    second_jetson_job_started = threading.Event()
+
+    def watch(event):
+        jetson = event.counts[DEVICES[0]]
+        if event.job.device == DEVICES[0] and event.state == "running" and jetson["done"] == 1:
+            second_jetson_job_started.set()
+
+    sweep = {"models": ["cnn-digits"], "variants": VARIANTS, "devices": DEVICES, "out": out,
+             "cluster": cluster.address, "min_duration_s": 2.0, **QUICK_PROFILE}
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=ep.sweep(**sweep, on_progress=watch)))
+    thread.start()
+    assert second_jetson_job_started.wait(timeout=300)
+    time.sleep(1.0)  # its task reaches the node
+    cluster.kill("jetson")
+    thread.join(timeout=300)
+    result = outcome["result"]
+    assert {j["status"] for j in result.jobs} <= {"done", "failed"} and len(result.jobs) == 6
+    failed = result.failed
+    assert len(failed) == 1 and failed[0]["device"] == DEVICES[0] and failed[0]["reason"]
+    assert "jetson-orin-nano" in failed[0]["reason"] or "died" in failed[0]["reason"]
+    finished = {j["file"]: (out / j["file"]).read_bytes() for j in result.jobs if j["status"] == "done"}
+    assert len(finished) == 5
+    cluster.join("jetson-2", DEVICES[0])
+    nodes = cluster.wait_for(set(DEVICES))
+    rerun = ep.sweep(**sweep)
+    assert not rerun.failed and rerun.jobs_run == 1
+    assert {f: (out / f).read_bytes() for f in finished} == finished  # nothing finished was redone or lost
+    redone = json.loads((out / failed[0]["file"]).read_text())
+    assert redone["status"] == "done" and redone["node"]["node_id"] == nodes[DEVICES[0]]
