@@ -55,6 +55,9 @@ def check_address(address: str) -> str:
     return address
 
 
+LOOPBACK = "127.0.0.1"
+
+
 def connect(address: str) -> bool:
     """Connect this process to the Ray cluster at `address` as its driver. Returns whether this
     call made the connection (False: the process was connected already, and stays so)."""
@@ -67,8 +70,11 @@ def connect(address: str) -> bool:
             socket.create_connection((match["host"], int(match["port"])), timeout=CONNECT_TIMEOUT_S).close()
         except OSError as error:
             raise UserError(f"cannot reach a Ray cluster at {address}: {error.strerror or error}") from None
+    # a cluster reached on loopback (one machine, the tests) keeps all its traffic there: the
+    # driver then says so, or Ray would announce the machine's external address
+    local = {"_node_ip_address": LOOPBACK} if match and match["host"] in (LOOPBACK, "localhost") else {}
     try:
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, **local)
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise UserError(f"cannot connect to the Ray cluster at {address}: {one_line(error)}") from None
     return True

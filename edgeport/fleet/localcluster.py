@@ -18,6 +18,9 @@ import time
 from pathlib import Path
 
 # Ray's defaults notice a dead node after about half a minute; a local fleet wants seconds.
+# Every node on loopback: the test cluster's traffic never leaves 127.0.0.1 (Ray would otherwise
+# announce the machine's external address and talk through it).
+ON_LOOPBACK = ("--node-ip-address", "127.0.0.1")
 FAST_HEALTH_CHECKS = {"RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "4",
                       "RAY_health_check_initial_delay_ms": "0"}
 
@@ -61,7 +64,7 @@ class LocalCluster:
     def start_head(self, timeout_s: float = 120) -> None:
         """Start the head (no device: it exports) and wait until it accepts connections."""
         self._start("head", "--head", "--port", str(self.port), "--", "--ray-client-server-port", str(self.client_port),
-                    env=FAST_HEALTH_CHECKS)
+                    *ON_LOOPBACK, env=FAST_HEALTH_CHECKS)
         deadline = time.monotonic() + timeout_s
         while True:
             try:
@@ -74,7 +77,7 @@ class LocalCluster:
 
     def join(self, name: str, device: str) -> None:
         """Start a node called `name` advertising `device`."""
-        self._start(name, "--address", self.address, "--device", device)
+        self._start(name, "--address", self.address, "--device", device, "--", *ON_LOOPBACK)
 
     def wait_for(self, devices: set[str], nodes_each: int = 1, timeout_s: float = 180) -> dict[str, str]:
         """{device: a node id} once `nodes_each` live nodes advertise each of `devices` (this
