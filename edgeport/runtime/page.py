@@ -210,7 +210,7 @@ def tradeoff_plot(rows: list[dict], plot_id: str) -> str:
     """Accuracy against measured latency, one marker per variant: the trade-off in one view."""
     models = list(dict.fromkeys(r["model"] for r in rows))
     with _plot_style():
-        fig = _figure(6.0, 3.4)
+        fig = _figure(7.5, 3.4)
         ax = fig.add_subplot()
         for index, model in enumerate(models):
             mine = [r for r in rows if r["model"] == model]
@@ -224,7 +224,7 @@ def tradeoff_plot(rows: list[dict], plot_id: str) -> str:
         _log_axis(ax.xaxis)
         ax.set_xlabel("measured p50 latency (ms, log scale)")
         ax.set_ylabel("test accuracy (%)")
-        ax.legend(fontsize=8, loc="lower right")
+        fig.legend(loc="outside right upper", fontsize=8)
     return _svg(fig, plot_id, "Accuracy against measured latency per variant (accuracy as recorded in each profile).")
 
 
