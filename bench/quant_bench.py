@@ -22,7 +22,8 @@
 5. Mixed precision on MiniLM: `ep.quantize(..., max_drop=0.005)`, its widths, and the test
    sentences' agreement with fp32.
 Writes bench/results/quant.json (sections 1-3), quant_timm.json (4) and quant_mixed.json (5).
-Run: `python bench/quant_bench.py [minilm zoo_vit speed timm mixed]` (all sections by default).
+Run: `python bench/quant_bench.py [minilm zoo_vit speed timm mixed]` (all sections by default;
+`timm:fastvit_t8,levit_128s` runs those models only).
 """
 from __future__ import annotations
 
@@ -264,7 +265,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def timm_models(rounds: int = 5) -> dict:
+def timm_models(rounds: int = 5, names: list[str] | None = None) -> dict:
     """Each hybrid architecture at W8A8 beside its fp32 deployment form and ONNX Runtime's
     dynamic per-channel quantization: cosine of the logits to fp32 torch on 8 images, the
     export's own verification, quantization time, and batch-1 latency interleaved."""
@@ -277,7 +278,7 @@ def timm_models(rounds: int = 5) -> dict:
     from test_quant_models import ARCHITECTURES, build
 
     rows = []
-    for name in ARCHITECTURES:
+    for name in names or ARCHITECTURES:
         model, images = build(name)
         deployed = copy.deepcopy(model)
         for module in list(deployed.modules()):  # timm's inference form of MobileOne-style blocks
@@ -343,14 +344,16 @@ SEPARATE = ("timm", "mixed")
 
 
 def main(sections: list[str]) -> None:
-    unknown = set(sections) - set(SECTIONS)
+    # a section may name its models: timm:fastvit_t8,levit_128s
+    chosen = dict((spec.partition(":")[0], spec.partition(":")[2]) for spec in sections) or dict.fromkeys(SECTIONS, "")
+    unknown = set(chosen) - set(SECTIONS)
     if unknown:
         raise SystemExit(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
     torch.set_num_threads(THREADS)
     (ROOT / "results").mkdir(exist_ok=True)
     result = {"benchmark": "quant", "environment": environment(THREADS)}
-    for section in sections or SECTIONS:
-        result[section] = SECTIONS[section]()
+    for section, models in chosen.items():
+        result[section] = SECTIONS[section](names=models.split(",")) if models else SECTIONS[section]()
     for section in (s for s in SEPARATE if s in result):
         separate = {"benchmark": f"quant_{section}", "environment": result["environment"], **result.pop(section)}
         (ROOT / "results" / f"quant_{section}.json").write_text(json.dumps(separate, indent=2) + "\n")
