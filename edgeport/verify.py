@@ -13,12 +13,13 @@ dtype and the artifact's precision (`edgeport.core.tolerance_for`):
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from edgeport.core import (TOLERANCES, Artifact, OutputParity, ParityReport, Runner, TensorSpec, Tolerance,
-                           tolerance_for)
+                           feeds_from, input_names, tolerance_for)
 from edgeport.errors import UserError
 
 
@@ -185,3 +186,213 @@ class UnrolledSteps(Runner):
 
     def close(self) -> None:
         self.streaming.close()
+
+
+# --- localization: the first layer whose output departs ------------------------------------------
+#
+# Where an artifact departs from torch, which layer did it first? The artifact's intermediate
+# tensors are compared with the torch model's: an ONNX file's every node output (exposed as
+# graph outputs), a Core ML package's every op output (from the MIL interpreter), each named as
+# the torch.export graph names its nodes; torch's side is that graph run node by node, each
+# node carrying the `nn.Module` path that called it. A quantized torch model is localized on its
+# own as well: each module's output with fake quantization against the same module with every
+# quantizer bypassed, so the table shows which layer int8 (or int4) broke.
+
+
+@dataclass
+class LayerError:
+    """One intermediate tensor compared: the torch module that computed it and its op, the
+    tensor's name in the candidate and the candidate's op, and the error figures and verdict."""
+
+    module: str
+    op: str
+    name: str
+    candidate_op: str
+    parity: OutputParity
+
+
+@dataclass
+class Localization:
+    """Intermediate tensors compared, in the order the candidate computes them; `first` is the
+    first beyond its tolerance (None where none departs) and `unmatched` counts the candidate's
+    tensors torch has no counterpart for (internal to a fused or decomposed op)."""
+
+    subject: str
+    rows: list[LayerError]
+    unmatched: int = 0
+
+    @property
+    def first(self) -> LayerError | None:
+        return next((row for row in self.rows if not row.parity.passed), None)
+
+    def around_first(self, before: int = 3, after: int = 3) -> list[LayerError]:
+        """The rows that lead up to the first departure and follow it (the last ones without one)."""
+        if self.first is None:
+            return self.rows[-before:]
+        index = self.rows.index(self.first)
+        return self.rows[max(0, index - before):index + after + 1]
+
+    def summary(self) -> str:
+        first = self.first
+        if first is None:
+            return f"{self.subject}: no intermediate departs beyond tolerance ({len(self.rows)} compared)"
+        return (f"{self.subject}: first departure at {first.module} ({first.op}; {first.candidate_op} "
+                f"{first.name!r}): rel {first.parity.max_rel_error:.3g}, SQNR {first.parity.sqnr_db:.1f} dB "
+                f"[{first.parity.tolerance.short()}]")
+
+    def to_dict(self) -> dict:
+        return {"subject": self.subject, "unmatched": self.unmatched, "first": self.first and asdict(self.first),
+                "rows": [asdict(row) for row in self.rows]}
+
+
+def graph_node_outputs(model, args: tuple) -> dict[str, tuple[np.ndarray, str, str]]:
+    """{node name: (output, module path, op)} of every op node of `model`'s torch.export graph
+    (lowered to ATen) run on `args`; a node with several outputs gives its first."""
+    import torch
+
+    program = torch.export.export(model, tuple(args)).run_decompositions({})
+    found: dict[str, tuple[np.ndarray, str, str]] = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, node):
+            value = super().run_node(node)
+            tensor = value[0] if isinstance(value, (tuple, list)) and value else value
+            if node.op == "call_function" and isinstance(tensor, torch.Tensor):
+                stack = node.meta.get("nn_module_stack") or {}
+                path = (next(reversed(stack.values()))[0] if stack else "") or "<root>"
+                found[node.name] = (tensor.detach().cpu().numpy(), path, str(node.target))
+            return value
+
+    with torch.no_grad():
+        Recorder(program.module()).run(*args)
+    return found
+
+
+def onnx_intermediates(path: Path, feeds: dict[str, np.ndarray]) -> list[tuple[str, str, np.ndarray]]:
+    """(value name, op type, value) of every node output of an ONNX file, in graph order: the
+    file is run once with each of them exposed as a graph output."""
+    import onnx
+    import onnxruntime as ort
+
+    proto = onnx.load(str(path))
+    produced = [(value, node.op_type) for node in proto.graph.node for value in node.output if value]
+    listed = {o.name for o in proto.graph.output}
+    proto.graph.output.extend(onnx.ValueInfoProto(name=value) for value, _ in produced if value not in listed)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every node
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    values = dict(zip(names, session.run(names, {i.name: feeds[i.name] for i in session.get_inputs()})))
+    return [(value, op_type, values[value]) for value, op_type in produced]
+
+
+def artifact_intermediates(artifact: Artifact, feeds: dict[str, np.ndarray]) -> list[tuple[str, str, np.ndarray]]:
+    """(name, op type, value) of every intermediate tensor of the artifact on `feeds`: from its
+    runner where the runner exposes them (`intermediates`, as the MIL interpreter does), else
+    from the format's own means (an ONNX file's node outputs)."""
+    from edgeport.export.registry import runner_for
+
+    runner = runner_for(artifact)
+    if hasattr(runner, "intermediates"):
+        runner.load()
+        try:
+            return [(o.name, o.op_type, o.value) for o in runner.intermediates(feeds)]
+        finally:
+            runner.close()
+    if artifact.format == "onnx":
+        return onnx_intermediates(artifact.path, feeds)
+    raise UserError(f"{artifact.format} artifacts expose no intermediate tensors to localize with")
+
+
+def _judge_intermediate(name: str, reference: np.ndarray, candidate: np.ndarray, precision: str) -> OutputParity:
+    """`judge` on one intermediate, the reference first stored as the candidate stores it (a
+    float32 mask of -3.4e38 is -inf in an fp16 program); elements that agree exactly (infinities
+    included) count as equal."""
+    reference = reference.astype(candidate.dtype) if candidate.dtype.kind == reference.dtype.kind == "f" else reference
+    same = reference == candidate
+    if same.any() and reference.dtype.kind == "f":
+        reference, candidate = np.where(same, 0, reference), np.where(same, 0, candidate)
+    tolerance = TOLERANCES["exact"] if reference.dtype.kind in "biu" else tolerance_for(precision, reference.dtype)
+    return judge(name, reference, candidate.astype(reference.dtype, copy=False), tolerance)
+
+
+def localize_artifact(artifact: Artifact, model, feeds: dict[str, np.ndarray], names: list[str]) -> Localization:
+    """Compare every intermediate tensor of `artifact` on one feed with the torch model's node
+    of the same name, in the artifact's order, each judged by the artifact precision's
+    tolerance (integer and bool tensors exactly)."""
+    import torch
+
+    args = tuple(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in names)
+    reference = graph_node_outputs(model, args)
+    rows, unmatched = [], 0
+    for name, op_type, value in artifact_intermediates(artifact, feeds):
+        found = reference.get(name)
+        value = np.asarray(value)
+        if found is None or found[0].shape != value.shape or found[0].dtype.kind not in "biuf":
+            unmatched += 1
+            continue
+        tensor, module, op = found
+        rows.append(LayerError(module, op, name, op_type, _judge_intermediate(name, tensor, value,
+                                                                             artifact.precision)))
+    return Localization(f"{artifact.path.name} vs torch", rows, unmatched)
+
+
+def localize_quantization(model, args: tuple) -> Localization:
+    """Each module's output of a model from `edgeport.quantize` with fake quantization against
+    the same module with every quantizer bypassed (the float computation), on `args`, in the
+    order the modules finish; judged by the model precision's tolerance (int8: cosine and SQNR)."""
+    import torch
+
+    from edgeport.quant.ptq import precision_label
+    from edgeport.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
+
+    quantizers = (UniformQuantizer, LogSqrt2Quantizer)
+
+    def module_outputs(bypass: bool) -> dict[str, tuple[np.ndarray, str]]:
+        outputs: dict[str, tuple[np.ndarray, str]] = {}
+
+        def record(path):
+            def hook(module, inputs, output):
+                if isinstance(output, torch.Tensor):
+                    outputs.setdefault(path, (output.detach().cpu().numpy(), type(module).__name__))
+            return hook
+
+        handles = [m.register_forward_hook(lambda module, inputs, output: inputs[0]) for m in model.modules()
+                   if bypass and isinstance(m, quantizers)]
+        handles += [m.register_forward_hook(record(path)) for path, m in model.named_modules()
+                    if path and not isinstance(m, quantizers)]
+        try:
+            with torch.no_grad():
+                model(*args)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return outputs
+
+    quantized, floating = module_outputs(bypass=False), module_outputs(bypass=True)
+    precision = precision_label(model)
+    rows = [LayerError(path, kind, path, kind,
+                       judge(path, floating[path][0], value, tolerance_for(precision, value.dtype)))
+            for path, (value, kind) in quantized.items() if path in floating and value.dtype.kind == "f"]
+    return Localization(f"{type(model).__name__} fake-quant ({precision}) vs float", rows)
+
+
+def localize(artifact: Artifact, model, batch) -> list[Localization]:
+    """Where `artifact` departs from the torch `model`, on one verification `batch` (a tensor or
+    tuple): its intermediate tensors against torch's (`localize_artifact`), and for a model from
+    `edgeport.quantize` also its fake-quantized modules against their float computation
+    (`localize_quantization`)."""
+    import torch
+
+    from edgeport.quant.ptq import QUANTIZED_MODULES
+
+    if artifact.settings.get("snn"):
+        raise UserError("localization compares one forward pass; spiking forms are verified step by step only")
+    names = input_names(model, len(artifact.inputs))
+    specs = [TensorSpec(n, s.shape, s.dtype) for n, s in zip(names, artifact.inputs)]
+    feeds = feeds_from(names, [batch], specs)[0]
+    found = [localize_artifact(artifact, model, feeds, names)]
+    if any(isinstance(m, QUANTIZED_MODULES) for m in model.modules()):
+        found.append(localize_quantization(model, tuple(torch.from_numpy(feeds[n]) for n in names)))
+    return found

@@ -1,23 +1,32 @@
 """torch -> Core ML (mlprogram `.mlpackage`) through torch.export, tracing as the fallback.
 
-coremltools converts on any OS but predicts only on macOS. So every package is checked
-structurally here — it reloads, its spec has the expected inputs, outputs and shapes, its
-op histogram is recorded — and numerical parity is checked only where Core ML can run; the
-artifact says plainly which of the two happened. The minimum deployment target is the
-lowest the model needs, and the reason is recorded.
+Every package is checked numerically against torch on the same inputs: by Core ML itself on
+macOS, by edgeport's MIL interpreter (`edgeport.export.mil`) everywhere else; the parity
+report names the runner (`mil-interpreter (fp16)`). Before that it is checked structurally:
+it reloads, its inputs and outputs are the model's (a name coremltools must change — `state`
+is reserved in MIL — is mapped, and the mapping recorded), and its op histogram is recorded.
+Dynamic axes become Core ML flexible shapes (ranges from torch.export's constraints) and the
+package is also run at a second size; where they cannot be kept, the export is refused. Ops
+coremltools lacks, or converts only in some cases (PReLU with per-channel alpha below rank
+4), are decomposed first. The minimum deployment target is the lowest the model needs, and
+the reason is recorded.
 """
 from __future__ import annotations
 
 import collections
+import math
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from edgeport.errors import BackendUnavailable, ExportError, UserError
-from edgeport.core import (Artifact, Backend, ExportRequest, Runner, TensorSpec, flatten_outputs, input_names, option,
-                           source_sha256)
-from edgeport.export.onnx import quiet, summarize_error
+from edgeport.core import (Artifact, Backend, ExportRequest, Runner, TensorSpec, TorchRunner, draw_input,
+                           input_names, option, source_sha256, vocabulary_size)
+from edgeport.errors import BackendUnavailable, CheckFailed, ExportError, UserError
+from edgeport.export.mil import MILInterpreterRunner
+from edgeport.export.onnx import output_names_for, quiet, summarize_error
 from edgeport.quant.ptq import QUANTIZED_MODULES, QuantConv2d, QuantLinear, QuantMatMul
 from edgeport.quant.quantizers import LogSqrt2QParams, LogSqrt2Quantizer, UniformQParams
 
@@ -61,15 +70,24 @@ def compress_weights(mlmodel, mode: str, min_elements: int = 256):
 
 
 class _QuantizeDequantize(torch.nn.Module):
-    """A per-tensor activation quantizer as the quantize/dequantize pair Core ML converts."""
+    """A per-tensor activation quantizer as the quantize/dequantize pair Core ML converts: the
+    `quantized_decomposed` ops for torch.export (coremltools' frontend for it converts those),
+    quantized tensors when traced (its TorchScript frontend converts those)."""
 
     def __init__(self, scale: float, zero_point: int, signed: bool):
         super().__init__()
+        import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers the quantized_decomposed ops)
+
         self.scale, self.zero_point = scale, zero_point
-        self.dtype = torch.qint8 if signed else torch.quint8
+        self.traced_dtype = torch.qint8 if signed else torch.quint8
+        self.dtype, (self.low, self.high) = (torch.int8, (-128, 127)) if signed else (torch.uint8, (0, 255))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.dequantize(torch.quantize_per_tensor(x, self.scale, self.zero_point, self.dtype))
+        if torch.jit.is_tracing():
+            return torch.dequantize(torch.quantize_per_tensor(x, self.scale, self.zero_point, self.traced_dtype))
+        ops = torch.ops.quantized_decomposed
+        codes = ops.quantize_per_tensor(x, self.scale, self.zero_point, self.low, self.high, self.dtype)
+        return ops.dequantize_per_tensor(codes, self.scale, self.zero_point, self.low, self.high, self.dtype)
 
 
 def coreml_quantized_form(model: torch.nn.Module) -> tuple[torch.nn.Module, str | None, list[str]]:
@@ -122,24 +140,45 @@ def op_kind(target) -> str:
     return sanitize_op_kind(kind)
 
 
+def module_path(node: torch.fx.Node) -> str:
+    """The `nn.Module` path that called a node of a torch.export graph ("<root>" for the model's own code)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return (next(reversed(stack.values()))[0] if stack else "") or "<root>"
+
+
+def _prelu_refused(node: torch.fx.Node) -> bool:
+    """coremltools' prelu takes a per-channel alpha only on rank-4 inputs ("rank 3 or rank 5
+    input is only supported when all the values of alpha are same"; rank 2 goes through rank 3)."""
+    x, alpha = node.args[0].meta.get("val"), node.args[1].meta.get("val")
+    return x is not None and alpha is not None and x.dim() != 4 and alpha.numel() > 1
+
+
+# ops coremltools has a converter for that refuses some cases: op -> (refused?, why), decomposed when refused
+CONVERTER_LIMITS = {torch.ops.aten.prelu.default: (_prelu_refused, "per-channel alpha below rank 4")}
+
+
 def unsupported_ops(program: torch.export.ExportedProgram) -> dict:
-    """{op: [nn.Module paths]} for every op in the program that coremltools cannot convert."""
+    """{op: [nn.Module paths]} for every op in the program that coremltools cannot convert,
+    or converts only in cases other than this one (`CONVERTER_LIMITS`)."""
     from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_OPS_REGISTRY
 
     known = _TORCH_OPS_REGISTRY.name_to_func_mapping
     found: dict = {}
     for node in program.graph.nodes:
-        if node.op == "call_function" and op_kind(node.target) not in known:
-            stack = node.meta.get("nn_module_stack") or {}
-            path = next(reversed(stack.values()))[0] if stack else "<root>"
-            found.setdefault(node.target, []).append(path or "<root>")
+        if node.op != "call_function":
+            continue
+        refused, _ = CONVERTER_LIMITS.get(node.target, (lambda n: False, ""))
+        if op_kind(node.target) not in known or refused(node):
+            found.setdefault(node.target, []).append(module_path(node))
     return found
 
 
 def decompose_for_coreml(program: torch.export.ExportedProgram, rounds: int = 4):
-    """Decompose every op coremltools lacks into ops it has, where PyTorch's core ATen
-    decompositions know how (e.g. `new_ones`, `diff`, `__and__` in `transformers` attention
-    masks). Returns (program, decomposed op names, {op: module paths} still unsupported)."""
+    """Decompose every op coremltools lacks (or would refuse here) into ops it has, where
+    PyTorch's core ATen decompositions know how (e.g. `new_ones`, `diff`, `__and__` in
+    `transformers` attention masks; PReLU with a per-channel alpha on a rank-2 input, as
+    `where(x > 0, x, alpha * x)`). Returns (program, decomposed op names, {op: module paths}
+    still unsupported)."""
     from torch._decomp import core_aten_decompositions
 
     table, applied = core_aten_decompositions(), []
@@ -148,29 +187,126 @@ def decompose_for_coreml(program: torch.export.ExportedProgram, rounds: int = 4)
         decomposable = {op: table[op] for op in missing if op in table}
         if not decomposable:
             return program, applied, missing
-        applied += [op_kind(op) for op in decomposable]
+        applied += [op_kind(op) + (f" ({CONVERTER_LIMITS[op][1]})" if op in CONVERTER_LIMITS else "")
+                    for op in decomposable]
         program = program.run_decompositions(decomposable)
     return program, applied, unsupported_ops(program)
 
 
+def _traceable(args: tuple[torch.Tensor, ...], names: list[str], dynamic_axes: dict[str, dict[int, str]] | None):
+    """Example arguments and torch.export dynamic shapes for `dynamic_axes` ({input: {axis:
+    symbol}}): `Dim.AUTO`, so that torch.export finds each axis's range itself (MiniLM's
+    sequence stops at its 512 positions). torch.export specializes a dimension of size 1, so
+    such an example is widened to 2 along a dynamic axis."""
+    if not dynamic_axes:
+        return args, None
+    widened = []
+    for name, arg in zip(names, args):
+        for axis in dynamic_axes.get(name, {}):
+            if arg.shape[axis] == 1:
+                arg = arg.expand(*arg.shape[:axis], 2, *arg.shape[axis + 1:]).clone()
+        widened.append(arg)
+    shapes = tuple({axis: torch.export.Dim.AUTO for axis in dynamic_axes.get(n, {})} or None for n in names)
+    return tuple(widened), shapes
+
+
+UNBOUNDED_AXIS_LIMIT = 1024  # an ML Program's flexible axis needs an upper bound; torch.export may prove none
+
+
+def flexible_inputs(program: torch.export.ExportedProgram, names: list[str], args: tuple[torch.Tensor, ...],
+                    dynamic_axes: dict[str, dict[int, str]]) -> list:
+    """coremltools input types whose dynamic axes are `RangeDim`s over the range torch.export
+    proved (its lower bound 2, an artifact of specializing 0 and 1, taken as 1; where it proves
+    no upper bound, `UNBOUNDED_AXIS_LIMIT`), the example's size the default. An axis the model
+    fixed is refused."""
+    import coremltools as ct
+
+    placeholders = {node.name: node.meta["val"] for node in program.graph.nodes if node.op == "placeholder"}
+    types = []
+    for name, arg in zip(names, args):
+        dims = []
+        for axis, size in enumerate(placeholders[name].shape):
+            if axis not in dynamic_axes.get(name, {}):
+                dims.append(int(arg.shape[axis]))
+                continue
+            if not isinstance(size, torch.SymInt):
+                raise ExportError(f"the model fixes input {name!r} axis {axis} ({dynamic_axes[name][axis]}) at "
+                                  f"{size}: it cannot be a flexible Core ML shape")
+            bounds = program.range_constraints[size.node.expr]
+            # int_oo, torch's unbounded, claims is_finite: compare its value
+            upper = UNBOUNDED_AXIS_LIMIT if math.isinf(float(bounds.upper)) else int(bounds.upper)
+            dims.append(ct.RangeDim(lower_bound=1 if bounds.lower <= 2 else int(bounds.lower), upper_bound=upper,
+                                    default=int(arg.shape[axis])))
+        types.append(ct.TensorType(name=name, shape=ct.Shape(dims)))
+    return types
+
+
+FP16_MAX = 65504.0
+
+
+def clamp_to_fp16_range(program: torch.export.ExportedProgram) -> int:
+    """Clamp the float constants among the graph's op arguments that fp16 cannot hold to
+    +-65504; returns how many. `transformers` fills attention masks with float32's lowest value,
+    which is -inf in fp16, and a fully masked softmax row of -inf is NaN where torch's is
+    uniform; at -65504 it is uniform again."""
+    clamped = 0
+
+    def clamp(value):
+        nonlocal clamped
+        if isinstance(value, float) and math.isfinite(value) and abs(value) > FP16_MAX:
+            clamped += 1
+            return math.copysign(FP16_MAX, value)
+        return value
+
+    for node in program.graph.nodes:
+        if node.op == "call_function":
+            node.args = torch.fx.node.map_aggregate(node.args, clamp)
+            node.kwargs = torch.fx.node.map_aggregate(node.kwargs, clamp)
+    program.graph_module.recompile()
+    return clamped
+
+
+def exported_for_coreml(model: torch.nn.Module, args: tuple[torch.Tensor, ...], names: list[str],
+                        dynamic_axes: dict[str, dict[int, str]] | None = None, precision: str = "fp32"
+                        ) -> tuple[torch.export.ExportedProgram, list[str]]:
+    """The torch.export graph Core ML converts: exported (flexible along `dynamic_axes`),
+    lowered to ATen, decomposed where coremltools lacks an op, and for fp16 its out-of-range
+    constants clamped (`clamp_to_fp16_range`). Returns it with notes on what was changed; an op
+    left without conversion raises ExportError naming its modules."""
+    traced_args, shapes = _traceable(args, names, dynamic_axes)
+    try:
+        program = torch.export.export(model, traced_args, dynamic_shapes=shapes).run_decompositions({})
+    except Exception as error:  # torch.export raises many types
+        if shapes is None:
+            raise
+        raise ExportError(f"torch.export cannot keep the dynamic axes {dynamic_axes} ({summarize_error(error)})") \
+            from error
+    program, applied, missing = decompose_for_coreml(program)
+    if missing:
+        where = "; ".join(f"{op_kind(op)} in {', '.join(sorted(set(paths))[:3])}" for op, paths in missing.items())
+        raise ExportError(f"Core ML's converter has no conversion for: {where}")
+    notes = [f"decomposed for Core ML: {', '.join(sorted(set(applied)))}"] if applied else []
+    clamped = clamp_to_fp16_range(program) if precision == "fp16" else 0
+    if clamped:
+        notes.append(f"fp16: {clamped} constants beyond fp16's range (attention-mask fills) clamped to +-{FP16_MAX:g}")
+    return program, notes
+
+
 def _convert(route: str, model: torch.nn.Module, args: tuple, names: list[str], outputs: list[str], target: str,
-             precision: str, notes: list[str]):
+             precision: str, dynamic_axes: dict | None, notes: list[str]):
     import coremltools as ct
 
     if route == "torch.export":
-        source, applied, missing = decompose_for_coreml(torch.export.export(model, args).run_decompositions({}))
-        if applied:
-            notes.append(f"decomposed for Core ML: {', '.join(sorted(set(applied)))}")
-        if missing:
-            where = "; ".join(f"{op_kind(op)} in {', '.join(sorted(set(paths))[:3])}" for op, paths in missing.items())
-            raise ExportError(f"Core ML's converter has no conversion for: {where}")
+        source, changes = exported_for_coreml(model, args, names, dynamic_axes, precision)
+        notes += changes
+        inputs = flexible_inputs(source, names, args, dynamic_axes) if dynamic_axes else None
     else:
         with torch.no_grad():
             source = torch.jit.trace(model, args)
+        inputs = [ct.TensorType(name=n, shape=tuple(a.shape)) for n, a in zip(names, args)]
     return ct.convert(source, convert_to="mlprogram", minimum_deployment_target=getattr(ct.target, target),
                       compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32,
-                      inputs=[ct.TensorType(name=n, shape=tuple(a.shape)) for n, a in zip(names, args)],
-                      outputs=[ct.TensorType(name=n) for n in outputs])
+                      inputs=inputs, outputs=[ct.TensorType(name=n) for n in outputs])
 
 
 def op_histogram(mlmodel) -> dict[str, int]:
@@ -183,40 +319,100 @@ def op_histogram(mlmodel) -> dict[str, int]:
     return dict(counts.most_common())
 
 
-def _specs(features) -> list[TensorSpec]:
-    specs = []
-    for feature in features:
-        array = feature.type.multiArrayType
-        dtype = {65568: "float32", 65552: "float16", 131104: "int32"}.get(array.dataType, str(array.dataType))
-        specs.append(TensorSpec(feature.name, list(array.shape), dtype))
-    return specs
+CORE_ML_DTYPES = {65568: "float32", 65552: "float16", 131104: "int32"}
 
 
-def check_structure(path: Path, names: list[str], outputs: list[str], args: tuple) -> dict:
-    """Reload the package without Core ML's runtime and compare its interface with the model's."""
+def _feature_shape(feature, symbols: dict[int, str]) -> list:
+    """A feature's shape, a flexible dimension as its symbol (or a range `lo..hi` without one)."""
+    array = feature.type.multiArrayType
+    ranges = list(array.shapeRange.sizeRanges)
+    shape = []
+    for axis, size in enumerate(array.shape):
+        if ranges and ranges[axis].lowerBound != ranges[axis].upperBound:
+            low, high = ranges[axis].lowerBound, ranges[axis].upperBound
+            shape.append(symbols.get(axis) or f"{low}..{high if high >= 0 else ''}")
+        else:
+            shape.append(int(size))
+    return shape
+
+
+def check_structure(path: Path, names: list[str], outputs: list[str], args: tuple,
+                    dynamic_axes: dict[str, dict[int, str]] | None = None) -> dict:
+    """Reload the package without Core ML's runtime and compare its interface with the model's:
+    inputs and outputs by position, their names up to coremltools' renaming (returned as
+    {model name: package name}), static dims exactly, dynamic axes as flexible ranges
+    (returned as {symbol: [lower, upper]})."""
     import coremltools as ct
 
     with quiet():
         reloaded = ct.models.MLModel(str(path), skip_model_load=True)
     spec = reloaded.get_spec()
-    got_inputs = {f.name: list(f.type.multiArrayType.shape) for f in spec.description.input}
-    got_outputs = [f.name for f in spec.description.output]
-    expected_inputs = {n: list(a.shape) for n, a in zip(names, args)}
-    if got_inputs != expected_inputs:
-        raise ExportError(f"Core ML package inputs {got_inputs} differ from the model's {expected_inputs}")
-    if got_outputs != outputs:
-        raise ExportError(f"Core ML package outputs {got_outputs} differ from the model's {outputs}")
-    return {"reloaded": True, "spec_version": spec.specificationVersion, "inputs": got_inputs,
-            "outputs": got_outputs, "op_histogram": op_histogram(reloaded)}
+    features, dynamic = list(spec.description.input), dynamic_axes or {}
+    if len(features) != len(names) or len(spec.description.output) != len(outputs):
+        raise ExportError(f"Core ML package has inputs {[f.name for f in features]} and outputs "
+                          f"{[f.name for f in spec.description.output]}; the model's are {names} and {outputs}")
+    got = {n: _feature_shape(f, dynamic.get(n, {})) for n, f in zip(names, features)}
+    for name, arg in zip(names, args):
+        expected = [dynamic.get(name, {}).get(axis, size) for axis, size in enumerate(arg.shape)]
+        if got[name] != expected:
+            raise ExportError(f"Core ML package input {name!r} has shape {got[name]}, the model's is {expected}")
+    renamed = {n: f.name for n, f in zip([*names, *outputs], [*features, *spec.description.output]) if n != f.name}
+    ranges = {symbol: [int(bounds.lowerBound), int(bounds.upperBound)] for n, f in zip(names, features)
+              for axis, symbol in dynamic.get(n, {}).items()
+              for bounds in [f.type.multiArrayType.shapeRange.sizeRanges[axis]]}
+    return {"reloaded": True, "spec_version": spec.specificationVersion, "inputs": got, "flexible_ranges": ranges,
+            "outputs": [f.name for f in spec.description.output], "renamed": renamed,
+            "package_inputs": {f.name: CORE_ML_DTYPES.get(f.type.multiArrayType.dataType, "?") for f in features},
+            "op_histogram": op_histogram(reloaded)}
+
+
+def _second_size_feeds(model: torch.nn.Module, args: tuple, names: list[str], dynamic_axes: dict,
+                       ranges: dict[str, tuple[int, int]]) -> tuple[list[dict[str, np.ndarray]], dict[str, int]]:
+    """Feeds at another size of every dynamic axis than the example's (three more, or fewer
+    where the range ends), drawn like the example (token ids, masks 0/1)."""
+    sizes = {}
+    for name, arg in zip(names, args):
+        for axis, symbol in dynamic_axes.get(name, {}).items():
+            low, high = ranges[symbol]
+            sizes[symbol] = arg.shape[axis] + 3 if arg.shape[axis] + 3 <= high else max(low, arg.shape[axis] - 3)
+    rng, vocabulary, feeds = np.random.default_rng(2), vocabulary_size(model), {}
+    for name, arg in zip(names, args):
+        shape = [sizes[dynamic_axes[name][axis]] if axis in dynamic_axes.get(name, {}) else size
+                 for axis, size in enumerate(arg.shape)]
+        feeds[name] = draw_input(name, shape, arg.numpy().dtype, rng, like=arg.numpy(), vocabulary=vocabulary)
+    return [feeds], sizes
+
+
+def check_flexible_shapes(artifact: Artifact, model: torch.nn.Module, args: tuple, names: list[str],
+                          dynamic_axes: dict[str, dict[int, str]]) -> dict:
+    """Run the package at a second size of its flexible axes against torch (the export's own
+    verification covers the example's size); a failure raises CheckFailed."""
+    from edgeport.verify import compare
+
+    feeds, sizes = _second_size_feeds(model, args, names, dynamic_axes, artifact.settings["flexible_ranges"])
+    runner = BACKEND.runner(artifact)
+    try:
+        runner.load()
+    except BackendUnavailable as unavailable:
+        return {"sizes": sizes, "checked": f"not checked here: {unavailable.reason}"}
+    report = compare(TorchRunner(model, names, [o.name for o in artifact.outputs]).load(), runner, feeds,
+                     precision=artifact.precision,
+                     inputs_source=f"seeded inputs at {', '.join(f'{k}={v}' for k, v in sizes.items())}")
+    if not report.passed:
+        raise CheckFailed(f"Core ML package {artifact.path.name} fails at {sizes}: "
+                          f"{report.failures()[0].describe()}", report)
+    return {"sizes": sizes, "checked": report.summary().splitlines()[0]}
 
 
 def export_coreml(model: torch.nn.Module, args: tuple[torch.Tensor, ...], folder: Path, name: str, *,
                   precision: str = "fp32", names: list[str] | None = None, output_names: list[str] | None = None,
-                  weights: str | None = None) -> Artifact:
+                  weights: str | None = None, dynamic_axes: dict[str, dict[int, str]] | None = None) -> Artifact:
     """Convert `model` called on `args` to `folder/name.mlpackage`; returns the Artifact with
-    its structural check in `settings["verification"]` (numerical parity comes separately).
+    its structural check in `settings["verification"]` (numerical parity comes separately,
+    through `CoreMLBackend.runner`).
 
     `weights` compresses the stored weights: "int8", "int4", "palettize4" or "palettize6".
+    `dynamic_axes` ({input: {axis: symbol}}) become flexible shapes, checked at a second size.
     """
     if precision not in ("fp32", "fp16"):
         raise UserError(f"Core ML compute precision must be fp32 or fp16, not {precision!r}")
@@ -228,51 +424,69 @@ def export_coreml(model: torch.nn.Module, args: tuple[torch.Tensor, ...], folder
                                                                    else [])
     names = names or input_names(model, len(args))
     with torch.no_grad(), quiet():
-        outputs = output_names or [f"output_{i}" for i in range(len(flatten_outputs(model(*args))))]
+        outputs = output_names or output_names_for(model(*args))
+    unknown = set(dynamic_axes or {}) - set(names)
+    if unknown:
+        raise UserError(f"dynamic axes name unknown inputs {sorted(unknown)}; the inputs are {names}")
     target, reason = deployment_target(features)
     path = folder / f"{name}.mlpackage"
     failures, notes = {}, [f"not expressed exactly: {n}" for n in not_expressed]
-    # coremltools converts quantize/dequantize pairs from traced graphs only
-    for route in ROUTES[1:] if quantized_weights else ROUTES:
+    for route in ROUTES[:1] if dynamic_axes else ROUTES:  # tracing bakes every shape: no dynamic axes there
         try:
             with quiet():
-                mlmodel = _convert(route, model, args, names, outputs, target, precision, notes)
+                mlmodel = _convert(route, model, args, names, outputs, target, precision, dynamic_axes, notes)
                 if weights:
                     mlmodel = compress_weights(mlmodel, weights)
                 mlmodel.save(str(path))
-            structure = check_structure(path, names, outputs, args)
+            structure = check_structure(path, names, outputs, args, dynamic_axes)
         except Exception as error:  # coremltools raises many types: the next route may work
             failures[route] = error
             notes.append(f"{route} failed: {summarize_error(error)}")
             continue
-        spec_inputs = _specs(mlmodel.get_spec().description.input)
-        spec_outputs = _specs(mlmodel.get_spec().description.output)
         if weights and not set(WEIGHT_MODES[weights][1]) & set(structure["op_histogram"]):
             raise ExportError(f"{weights} weight compression left no {' or '.join(WEIGHT_MODES[weights][1])} op: "
                               f"no weight was large enough to compress")
         label = WEIGHT_MODES[weights][2] if weights else precision
         if quantized_weights:
             label += "a8"  # Core ML's quantize/dequantize pairs are 8-bit
-        return Artifact(path=path, format="coreml", precision=label,
-                        inputs=spec_inputs, outputs=spec_outputs,
-                        source_sha256=source_sha256(model), exporter=route, notes=notes, files=[path.name],
-                        settings={"minimum_deployment_target": target, "target_reason": reason,
-                                  "compute_precision": precision, "weight_compression": weights,
-                                  "verification": {"structure": structure}})
+        spec = mlmodel.get_spec().description
+        artifact = Artifact(
+            path=path, format="coreml", precision=label,
+            # the runners take what the torch model takes (int64 token ids are cast to the
+            # package's int32, range-checked); the package's own types are in the structure
+            inputs=[TensorSpec(f.name, structure["inputs"][n], str(a.numpy().dtype))
+                    for n, f, a in zip(names, spec.input, args)],
+            outputs=[TensorSpec(f.name, _feature_shape(f, {}), CORE_ML_DTYPES.get(f.type.multiArrayType.dataType, "?"))
+                     for f in spec.output],
+            source_sha256=source_sha256(model), exporter=route, notes=notes, files=[path.name],
+            settings={"minimum_deployment_target": target, "target_reason": reason, "compute_precision": precision,
+                      "weight_compression": weights,
+                      "input_names": {n: structure["renamed"][n] for n in names if n in structure["renamed"]},
+                      "verification": {"structure": structure}})
+        if structure["renamed"]:
+            artifact.notes.append("coremltools renamed " + ", ".join(f"{a!r} to {b!r}" for a, b in
+                                                                      structure["renamed"].items()) +
+                                  " (reserved or invalid in MIL); edgeport's runners take either name")
+        if dynamic_axes:
+            artifact.settings["flexible_ranges"] = structure["flexible_ranges"]
+            artifact.settings["verification"]["flexible_shapes"] = check_flexible_shapes(
+                artifact, model, args, names, dynamic_axes)
+        return artifact
     detail = "; ".join(f"{route}: {summarize_error(e)}" for route, e in failures.items())
+    if dynamic_axes:
+        raise ExportError(f"cannot convert to Core ML with the dynamic axes {dynamic_axes} kept (tracing, the "
+                          f"fallback, bakes every shape; export without them for fixed shapes): {detail}")
     raise ExportError(f"cannot convert to Core ML: {detail}")
 
 
 class CoreMLRunner(Runner):
     """A Core ML package run by Core ML itself; only macOS has that runtime."""
 
-    def __init__(self, path: str | Path, compute_units: str = "ALL"):
-        self.path, self.compute_units = Path(path), compute_units
+    def __init__(self, path: str | Path, compute_units: str = "ALL", input_map: dict[str, str] | None = None):
+        self.path, self.compute_units, self.input_map = Path(path), compute_units, dict(input_map or {})
         self.name, self.model = "coreml", None
 
     def load(self) -> "CoreMLRunner":
-        import platform
-
         if platform.system() != "Darwin":
             raise BackendUnavailable("coreml", f"Core ML predicts only on macOS; this is {platform.system()}",
                                      "verify and profile the package on a Mac")
@@ -286,7 +500,9 @@ class CoreMLRunner(Runner):
         return self
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        result = self.model.predict({n: feeds[n] for n in self.input_names})
+        renamed = {self.input_map.get(name, name): array for name, array in feeds.items()}
+        result = self.model.predict({n: np.asarray(renamed[n]).astype(np.int32) if renamed[n].dtype == np.int64
+                                     else renamed[n] for n in self.input_names})
         return {n: np.asarray(result[n]) for n in self.output_names}
 
 
@@ -300,10 +516,11 @@ class CoreMLOptions:
 
 
 class CoreMLBackend(Backend):
-    """Core ML ML Programs (`.mlpackage`): converted on any OS, run by Core ML on macOS."""
+    """Core ML ML Programs (`.mlpackage`): converted on any OS, run by Core ML on macOS and by
+    the MIL interpreter elsewhere."""
 
     name = "coreml"
-    summary = "Core ML ML Program, checked structurally everywhere and numerically on macOS"
+    summary = "Core ML ML Program, verified by Core ML on macOS and by edgeport's MIL interpreter elsewhere"
     Options = CoreMLOptions
     formats = ("coreml",)
     quantized = ("weights on their grid in Core ML's int8/int4 compression, activations as 8-bit "
@@ -312,10 +529,14 @@ class CoreMLBackend(Backend):
     def export(self, request: ExportRequest, options: CoreMLOptions) -> list[Artifact]:
         return [export_coreml(request.module, request.args, request.folder, request.name,
                               precision=options.precision, weights=options.weights, names=request.input_names,
-                              output_names=request.output_names)]
+                              output_names=request.output_names, dynamic_axes=request.dynamic_axes)]
 
     def runner(self, artifact: Artifact, threads: int | None = None, profiling: bool = False) -> Runner:
-        return CoreMLRunner(artifact.path)
+        """Core ML itself on macOS; the MIL interpreter everywhere else."""
+        input_map = artifact.settings.get("input_names")
+        if platform.system() == "Darwin":
+            return CoreMLRunner(artifact.path, input_map=input_map)
+        return MILInterpreterRunner(artifact.path, input_map)
 
 
 BACKEND = CoreMLBackend()
