@@ -137,13 +137,15 @@ def cli(ctx: click.Context, debug: bool, max_input_bytes: int | None) -> None:
               help="Spiking models: T steps in one graph, or one step with membranes as inputs/outputs.")
 @click.option("--timesteps", type=int, help="Spiking models: T (default: the model's own).")
 @click.option("--sequence", is_flag=True, help="Spiking models: the input is (T, B, ...), not one frame repeated.")
+@click.option("--snn-outputs", type=click.Choice(["model", "per_step"]), default="model", show_default=True,
+              help="Spiking unrolled form: what the model returns, or every step's outputs stacked over time.")
 @click.option("--slim", "slim_model", is_flag=True, help="Remove pruned channels and heads first (same function).")
 @click.option("--verify-inputs", type=click.Path(), help=".npz with real inputs for verification.")
 @click.option("--no-verify", is_flag=True, help="Skip verification (the sidecar then has no parity report).")
 @click.option("--json", "as_json", is_flag=True, help="Print the artifacts' records as JSON.")
 @backend_options
 def export_command(model, targets, inputs, weights, out, name, dynamic_batch, dynamic, snn_form, timesteps, sequence,
-                   slim_model, verify_inputs, no_verify, as_json, **options):
+                   snn_outputs, slim_model, verify_inputs, no_verify, as_json, **options):
     """Export MODEL (zoo name, .pt2, or package.module:factory) and verify each artifact."""
     from edgeport.sdk import export, parse_dynamic, parse_input
 
@@ -154,7 +156,8 @@ def export_command(model, targets, inputs, weights, out, name, dynamic_batch, dy
                                out=out, name=name, weights=weights, verify_inputs=_load_inputs(verify_inputs),
                                check=not no_verify, dynamic_batch=dynamic_batch,
                                dynamic_axes=parse_dynamic(dynamic), snn_form=snn_form, timesteps=timesteps,
-                               sequence=sequence, slim=slim_model, **{k: v for k, v in options.items() if v is not None})
+                               sequence=sequence, snn_outputs=snn_outputs, slim=slim_model,
+                               **{k: v for k, v in options.items() if v is not None})
     except CheckFailed as failed:  # some targets failed: show what was committed, then the failure
         if failed.results:
             _print_artifacts(failed.results, as_json)
@@ -191,8 +194,14 @@ def _print_artifacts(artifacts, as_json: bool) -> None:
 @click.option("--input", "inputs", multiple=True, help="Example input shape (zoo models bring their own).")
 @click.option("--to", "targets", default="onnx", show_default=True, help="Comma-separated export targets.")
 @click.option("-o", "--out", default="build", show_default=True, type=click.Path())
+@click.option("--sensitivity", is_flag=True,
+              help="Rank the layers by the output error each brings when quantized alone (SQNR, least first).")
+@click.option("--max-drop", type=float,
+              help="Mixed precision: 4, 6 or 8 bits per layer, the fewest whose 1 - cosine to the float output stays "
+                   "within this (e.g. 0.005).")
 @click.option("--json", "as_json", is_flag=True)
-def quantize_command(model, method, w_bits, a_bits, target, calib, calibration, weights, inputs, targets, out, as_json):
+def quantize_command(model, method, w_bits, a_bits, target, calib, calibration, weights, inputs, targets, out,
+                     sensitivity, max_drop, as_json):
     """Post-training quantization of MODEL, exported as quantized ONNX and verified against the fake-quant model."""
     from dataclasses import asdict
 
@@ -201,14 +210,26 @@ def quantize_command(model, method, w_bits, a_bits, target, calib, calibration, 
     batch = _load_inputs(calib)
     with progress(f"quantizing {model} ({method}, W{w_bits}A{a_bits})"):
         qmodel = quantize(model, batch[0][0] if batch else None, method, w_bits, a_bits, target=target,
-                          weights=weights, act_observer=calibration)
+                          weights=weights, act_observer=calibration, report="sensitivity" if sensitivity else None,
+                          max_drop=max_drop)
         example = tuple(parse_input(s) for s in inputs) or None
-        name = f"{model if not any(c in model for c in '/:') else 'model'}-{method}-w{w_bits}a{a_bits}"
+        width = "mixed" if max_drop is not None else f"w{w_bits}a{a_bits}"
+        name = f"{model if not any(c in model for c in '/:') else 'model'}-{method}-{width}"
         artifacts = _export_quantized(model, qmodel, example, targets, out, name)
     report = asdict(qmodel.quant_report)
+    ranking = [asdict(r) for r in getattr(qmodel, "sensitivity", [])]
+    mixed = asdict(qmodel.mixed_precision) if hasattr(qmodel, "mixed_precision") else None
     if as_json:
-        _emit_json({"report": report, "artifacts": {t: a.to_dict() for t, a in artifacts.items()}})
+        _emit_json({"report": report, "artifacts": {t: a.to_dict() for t, a in artifacts.items()}}
+                   | ({"sensitivity": ranking} if sensitivity else {}) | ({"mixed_precision": mixed} if mixed else {}))
         return
+    for row in ranking:
+        console.print(f"  {row['sqnr_db']:7.2f} dB  {row['layer']}")
+    if mixed:
+        console.print(f"mixed precision: 1 - cosine {mixed['drop']:.5f}; mean {mixed['mean_bits']:.2f} bits per layer, "
+                      f"{mixed['mean_weight_bits']:.2f} per weight ({mixed['weight_bytes']} weight bytes)")
+        for layer, bits in mixed["widths"].items():
+            console.print(f"  {bits} bits  {layer}")
     console.print(f"quantized {len(report['layers'])} layers and {len(report['matmuls'])} activation matmuls"
                   f"{' (' + report['matmuls_not_quantized'] + ')' if report['matmuls_not_quantized'] else ''}; "
                   f"reparameterized {len(report['reparameterized'])}; conv-BN folded {len(report['batchnorm_folds'])}")
@@ -232,24 +253,41 @@ def _export_quantized(model, qmodel, example, targets, out, name):
                   verify_inputs=inputs)
 
 
+def _localization_table(localization) -> Table:
+    """The intermediate tensors around the first departure (the last few where none departs)."""
+    table = Table(title=localization.summary())
+    for column in ("module", "op", "tensor", "rel to scale", "cosine", "SQNR dB", "verdict"):
+        table.add_column(column)
+    for row in localization.around_first():
+        table.add_row(row.module, f"{row.op} -> {row.candidate_op}", row.name, f"{row.parity.max_rel_error:.2e}",
+                      f"{row.parity.cosine:.6f}", f"{row.parity.sqnr_db:.1f}",
+                      Text("ok", style="green") if row.parity.passed else Text("DEPARTS", style="red"))
+    return table
+
+
 @cli.command("verify")
 @click.argument("artifact", type=click.Path())
 @click.option("--against", "model", required=True, help="The torch model: zoo name, .pt2 or package.module:factory.")
 @click.option("--weights", type=click.Path(), help="Weights for package.module:factory.")
 @click.option("--inputs", type=click.Path(), help=".npz with real inputs (one array per model input).")
+@click.option("--localize", is_flag=True, help="Also find the first layer whose output departs from torch "
+                                               "(module path, op, error, SQNR).")
 @click.option("--json", "as_json", is_flag=True, help="Print the parity report as JSON.")
-def verify_command(artifact, model, weights, inputs, as_json):
+def verify_command(artifact, model, weights, inputs, localize, as_json):
     """Check an artifact against its torch model on the same inputs; exit 1 if parity fails."""
     from edgeport.core import Artifact
     from edgeport.sdk import verify
 
     art = Artifact.load(artifact)
-    with progress(f"verifying {artifact}"):
-        art.parity = verify(art, model, _load_inputs(inputs), weights=weights)
+    with progress(f"verifying {artifact}" + (" and localizing" if localize else "")):
+        art.parity = verify(art, model, _load_inputs(inputs), weights=weights, localize=localize)
+    found = getattr(art.parity, "localization", [])
     if as_json:
-        _emit_json(art.parity.to_dict())
+        _emit_json({**art.parity.to_dict(), **({"localization": [f.to_dict() for f in found]} if localize else {})})
     else:
         console.print(_parity_table(art))
+        for localization in found:
+            console.print(_localization_table(localization))
     if not art.parity.passed:
         raise CheckFailed(f"{artifact} fails verification: {art.parity.failures()[0].describe()}")
 
@@ -291,58 +329,103 @@ def profile_command(artifact, backend, device, runs, warmup, min_duration, threa
         return
     console.print(prof.summary(), highlight=False)
     if prof.ops:
-        table = Table(title="time per op category (onnxruntime profiler)")
-        table.add_column("category")
-        table.add_column("share", justify="right")
-        for name, share in prof.ops.by_category().items():
-            table.add_row(name, f"{share:.1%}")
+        ops = prof.ops
+        table = Table(title=f"time per op category ({ops.backend} profiler, median per node over {ops.runs} runs, "
+                            f"scaled to the measured p50; {ops.module_coverage():.0%} traced to an nn.Module)")
+        for column in ("category", "share of op time", "ms at p50"):
+            table.add_column(column, justify="left" if column == "category" else "right")
+        for name, share in ops.by_category().items():
+            table.add_row(name, f"{share:.1%}", f"{share * ops.in_ops_fraction * prof.latency.p50:.4f}")
+        table.add_row("(between nodes)", "", f"{(1 - ops.in_ops_fraction) * prof.latency.p50:.4f}")
         console.print(table)
+
+
+def _parse_dims(specs: tuple[str, ...]) -> dict[str, int]:
+    """{name: value} from NAME=N strings (`--dim seq=32`)."""
+    dims = {}
+    for spec in specs:
+        name, _, value = spec.partition("=")
+        if not name.strip() or not value.strip().isdigit() or int(value) <= 0:
+            raise UserError(f"--dim takes NAME=N with a positive integer N, like seq=32, not {spec!r}")
+        dims[name.strip()] = int(value)
+    return dims
 
 
 @cli.command("estimate")
 @click.argument("artifact", type=click.Path())
 @click.option("--device", "devices", multiple=True, default=["host"], show_default=True,
               help="Catalog device (repeatable), or 'all'.")
+@click.option("--dim", "dims", multiple=True, metavar="NAME=N",
+              help="Value of a symbolic dimension, e.g. --dim seq=32 (repeatable).")
+@click.option("--inputs", type=click.Path(), help=".npz whose arrays' shapes set the symbolic dimensions.")
+@click.option("-o", "--output", type=click.Path(), help="Write the estimates as JSON here (for `edgeport report`).")
 @click.option("--json", "as_json", is_flag=True)
-def estimate_command(artifact, devices, as_json):
+def estimate_command(artifact, devices, dims, inputs, output, as_json):
     """Roofline latency and energy of ARTIFACT on catalog devices (estimates, labelled so)."""
     from edgeport.devices import catalog
+    from edgeport.runtime.report import write_atomically
     from edgeport.sdk import estimate
 
+    if output and (Path(output).is_dir() or not Path(output).parent.is_dir()):
+        raise UserError(f"cannot write the estimates to {output}: " + ("it is a folder" if Path(output).is_dir()
+                                                                      else "its folder does not exist"))
     names = catalog.names() if "all" in devices else list(devices)
-    estimates = [estimate(artifact, d) for d in names]
+    batch = _load_inputs(inputs)
+    estimates = [estimate(artifact, d, dims=_parse_dims(dims), inputs=batch[0] if batch else None) for d in names]
+    records = [{k: v for k, v in e.to_dict().items() if k != "nodes"} for e in estimates]
+    if output:
+        write_atomically(Path(output), json.dumps(records, indent=2) + "\n")
+        diagnostics.print(f"wrote {output}")
+    assumed = [name for name, source in estimates[0].dims_source.items() if source == "assumed"]
+    if assumed:
+        diagnostics.print(f"note: symbolic dimension {', '.join(assumed)} has no value and counts as 1; "
+                          f"set it with --dim {assumed[0]}=N")
     if as_json:
-        _emit_json([{k: v for k, v in e.to_dict().items() if k != "nodes"} for e in estimates])
+        _emit_json(records)
         return
-    table = Table(title=f"estimated for {artifact} (roofline; not measured)")
-    for column in ("device", "latency ms", "energy mJ", "45 nm compute mJ", "MACs"):
+    dims_text = ", ".join(f"{k}={v} ({estimates[0].dims_source[k]})" for k, v in estimates[0].dims.items())
+    table = Table(title=f"estimated for {artifact} (roofline; not measured)" + (f"; dims {dims_text}" if dims_text
+                                                                                else ""))
+    for column in ("device", "latency ms", "energy mJ", "45 nm compute mJ", "MACs", "peak", "bandwidth", "power"):
         table.add_column(column)
     for e in estimates:
         table.add_row(e.device, f"{e.latency_ms:.4g}", f"{e.energy_mj:.4g}", f"{e.compute_energy_45nm_mj:.3g}",
-                      f"{e.macs:.3g}")
+                      f"{e.macs:.3g}", e.confidence["peak"], e.confidence["memory_bandwidth_gbs"],
+                      e.confidence["active_w"])
     console.print(table)
-    console.print("energy = the device's active power x roofline latency; sources: `edgeport devices --json`")
+    console.print("energy = the device's active power x roofline latency; peak / bandwidth / power: the confidence of "
+                  "the catalog figures used (measured, vendor, derived, third-party, assumed); sources: "
+                  "`edgeport devices --json`")
 
 
 @cli.command("devices")
+@click.option("--recalibrate", is_flag=True, help="Measure the host again (micro-benchmarks, a few seconds) and "
+              "replace its cached calibration.")
 @click.option("--json", "as_json", is_flag=True)
-def devices_command(as_json):
-    """The device catalog (the host is measured by micro-benchmarks here)."""
+def devices_command(recalibrate, as_json):
+    """The device catalog, each figure with its confidence (the host is measured here and cached)."""
     from dataclasses import asdict
 
     from edgeport.devices import catalog
 
+    if recalibrate:
+        with progress("calibrating the host (ONNX Runtime GEMM, node chain, memory copy)"):
+            catalog.host(recalibrate=True)
     devices = [catalog.get(n) for n in catalog.names()]
     if as_json:
         _emit_json([asdict(d) for d in devices])
         return
-    table = Table(title="devices (peak figures; sources with --json)")
-    for column in ("name", "kind", "int8 TOPS", "fp16 TFLOPS", "fp32 TFLOPS", "GB/s", "active W", "backends"):
+    table = Table(title="devices (peak figures; confidence of peak / bandwidth / power; sources with --json)")
+    for column in ("name", "kind", "int8 TOPS", "fp16 TFLOPS", "fp32 TFLOPS", "GB/s", "active W", "confidence",
+                   "backends"):
         table.add_column(column)
     for d in devices:
         table.add_row(d.name, d.kind, *(f"{d.peak[p]:.3g}" if p in d.peak else "-" for p in ("int8", "fp16", "fp32")),
-                      f"{d.memory_bandwidth_gbs:.4g}", f"{d.active_w:.3g}", ", ".join(d.backends))
+                      f"{d.memory_bandwidth_gbs:.4g}", f"{d.active_w:.3g}",
+                      " / ".join(d.confidence.get(k, "assumed") for k in ("peak", "memory_bandwidth_gbs", "active_w")),
+                      ", ".join(d.backends))
     console.print(table)
+    console.print(f"host: {catalog.get('host').sources['node_overhead_us'].split('; ', 1)[1]}")
 
 
 @cli.command("report")
@@ -354,9 +437,10 @@ def report_command(folder, html_path):
 
     if html_path and not Path(html_path).parent.is_dir():
         raise UserError(f"cannot write {html_path}: the folder {Path(html_path).parent} does not exist")
-    profiles, estimates = load_reports(folder)
-    path = write_html(html_path or Path(folder) / "report.html", profiles, estimates)
-    console.print(f"wrote {path} ({len(profiles)} profiles, {len(estimates)} estimates)")
+    reports = load_reports(folder)
+    path = write_html(html_path or Path(folder) / "report.html", *reports)
+    console.print(f"wrote {path} ({len(reports.profiles)} profiles, {len(reports.estimates)} estimates, "
+                  f"{len(reports.artifacts)} artifact records)")
 
 
 @cli.command("spikes")
@@ -366,7 +450,8 @@ def report_command(folder, html_path):
 @click.option("--timesteps", type=int, help="T (default: the model's own).")
 @click.option("--json", "as_json", is_flag=True)
 def spikes_command(model, weights, inputs, timesteps, as_json):
-    """Firing rates, synaptic operations and 45 nm energy of a spiking MODEL beside its ANN."""
+    """Firing rates, synaptic operations and energy of a spiking MODEL beside its ANN: the 45 nm
+    compute-only estimate and the memory-aware one with its break-even firing rate."""
     from edgeport.sdk import spike_statistics
 
     batch = _load_inputs(inputs)
@@ -382,10 +467,20 @@ def spikes_command(model, weights, inputs, timesteps, as_json):
                       f"{layer.input_rate:.3f}", f"{layer.macs_per_call:.3g}", f"{layer.synaptic_ops:.3g}")
     console.print(table)
     console.print("firing rates: " + ", ".join(f"{k} {v:.3f}" for k, v in stats.neuron_rates.items()))
+    energy = Table(title="energy per sample, SNN beside the ANN of the same architecture and precision (estimates)")
+    for column in ("estimate", "precision", "SNN uJ", "ANN uJ", "break-even input rate", "measured input rate"):
+        energy.add_column(column)
     for precision in ("fp32", "fp16", "int8"):
         e = stats.energy(precision)
-        console.print(f"{precision}: SNN {e['snn_mj'] * 1e3:.4g} uJ vs ANN {e['ann_mj'] * 1e3:.4g} uJ per sample")
-    console.print(f"({stats.energy()['provenance']})")
+        energy.add_row("compute only", precision, f"{e['snn_mj'] * 1e3:.4g}", f"{e['ann_mj'] * 1e3:.4g}", "", "")
+    for precision in ("fp32", "fp16", "int8"):
+        m = stats.memory_energy(precision)
+        even = "never" if m["break_even_rate"] is None else f"{m['break_even_rate']:.1%}"
+        energy.add_row("memory-aware", precision, f"{m['snn_mj'] * 1e3:.4g}", f"{m['ann_mj'] * 1e3:.4g}", even,
+                       f"{m['mean_input_rate']:.1%}")
+    console.print(energy)
+    console.print(f"compute only: {stats.energy()['provenance']}")
+    console.print(f"memory-aware: {stats.memory_energy()['provenance']}")
 
 
 @cli.command("zoo")
@@ -420,6 +515,8 @@ def demo_command(out, runs, as_json):
     if as_json:
         _emit_json(summary)
         return
+    if summary.get("report"):
+        console.print(f"report: {summary['report']}")
     table = Table(title=f"edgeport demo — artifacts and summary.json in {out}/")
     for column in ("model", "exporter", "parity", "acc torch %", "acc ORT %", "agree %",
                    "torch p50 ms", "ORT p50 ms"):
@@ -459,6 +556,163 @@ def demo_command(out, runs, as_json):
     for precision, values in snn["energy_per_sample_uj"].items():
         console.print(f"energy {precision}: " + ", ".join(f"{k} {v:.4g} uJ" for k, v in values.items()))
     console.print(f"({snn['energy_provenance']}); Core ML numerics: {snn['forms']['step']['coreml_numerical_check']}")
+    for precision, values in snn["memory_aware_energy_per_sample_uj"].items():
+        console.print(f"memory-aware energy {precision}: SNN {values['snn-digits']:.4g} uJ, as ANN "
+                      f"{values['snn-digits as ANN']:.4g} uJ; break-even input rate {values['break_even_input_rate']:.1%} "
+                      f"(measured {values['measured_input_rate']:.1%})")
+    console.print(f"({snn['memory_aware_provenance']})")
+    lmu = summary["lmu"]
+    console.print(f"lmu-digits streamed row by row ({lmu['step']}): {lmu['accuracy_percent_streamed_onnxruntime']:.2f}%, "
+                  f"unrolled ({lmu['unrolled']}): {lmu['accuracy_percent_unrolled_onnxruntime']:.2f}%, torch "
+                  f"{lmu['accuracy_percent_torch']:.2f}%; streamed = unrolled bit for bit: "
+                  f"{'yes' if lmu['streamed_equals_unrolled_bitwise'] else 'NO'}")
+
+
+def _fleet_counts_table(counts: dict[str, dict[str, int]], title: str) -> Table:
+    """Jobs per row (the exports, then each device) in each state."""
+    from edgeport.fleet.sweep import STATES
+
+    table = Table(title=title)
+    table.add_column("jobs")
+    for state in STATES:
+        table.add_column(state, justify="right")
+    for row, by_state in counts.items():
+        table.add_row(row, *(str(by_state[state]) for state in STATES))
+    return table
+
+
+@contextlib.contextmanager
+def _sweep_progress():
+    """Job states per device while a sweep runs: a live table on a terminal; in logs, a line per
+    job that starts, finishes or fails. Yields the sweep's `on_progress` callback."""
+    if diagnostics.is_terminal:
+        from rich.live import Live
+
+        with Live(console=diagnostics, refresh_per_second=4, transient=True) as live:
+            yield lambda event: live.update(_fleet_counts_table(event.counts, "sweep in progress"))
+        return
+
+    def log_line(event) -> None:
+        if event.state in ("running", "done", "failed"):
+            finished = sum(c["done"] + c["failed"] + c["skipped"] for c in event.counts.values())
+            total = sum(sum(c.values()) for c in event.counts.values())
+            diagnostics.print(f"[{finished}/{total}] {event.state} {event.job.describe()}"
+                              + (f": {event.detail}" if event.detail else ""), soft_wrap=True)
+
+    yield log_line
+
+
+def _comma_list(text: str | None) -> list[str]:
+    return [item.strip() for item in (text or "").split(",") if item.strip()]
+
+
+@cli.command("sweep")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--variants", default="fp32", show_default=True,
+              help="Comma-separated: fp32, slim, snn-unrolled, snn-step, or a quantization preset with bit widths "
+                   "such as repq-w8a8.")
+@click.option("--to", "targets", default="onnx", show_default=True, help="Comma-separated export targets.")
+@click.option("--devices", help="Comma-separated devices (default: host here; with --cluster, every device a node "
+                                "advertises). Catalog devices without a node are estimated.")
+@click.option("--cluster", metavar="ADDRESS", help="Run on the Ray cluster at HOST:PORT, ray://HOST:PORT or auto "
+                                                    "(default: in this process).")
+@click.option("-o", "--out", default="fleet", show_default=True, type=click.Path(), help="Results folder.")
+@click.option("--input", "inputs", multiple=True, help="Example input shape for non-zoo models, e.g. 1x3x224x224.")
+@click.option("--weights", type=click.Path(), help="Weights for package.module:factory models.")
+@click.option("--runs", default=200, show_default=True, type=click.IntRange(min=1), help="Timed runs per profile.")
+@click.option("--warmup", default=20, show_default=True, type=click.IntRange(min=0))
+@click.option("--sessions", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Fresh runtime sessions the runs are spread over.")
+@click.option("--min-duration", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="Time each profile at least this many seconds.")
+@click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads (default: the runtime's).")
+@click.option("--no-ops", is_flag=True, help="Skip the per-op breakdown.")
+@click.option("--json", "as_json", is_flag=True, help="Print the sweep's jobs and counts as JSON.")
+def sweep_command(models, variants, targets, devices, cluster, out, inputs, weights, runs, warmup, sessions,
+                  min_duration, threads, no_ops, as_json):
+    """Export MODELS in every variant once, and profile each artifact on every device."""
+    from edgeport.fleet import sweep
+
+    try:
+        with _sweep_progress() as on_progress:
+            result = sweep(list(models), _comma_list(variants), _comma_list(devices) or None, out,
+                           targets=_comma_list(targets), cluster=cluster, example=list(inputs) or None,
+                           weights=weights, runs=runs, warmup=warmup, sessions=sessions, min_duration_s=min_duration,
+                           threads=threads, ops=not no_ops, on_progress=on_progress)
+    except KeyboardInterrupt:
+        diagnostics.print(f"interrupted: the jobs that finished are in {out} (index.jsonl); the same command "
+                          "resumes with the rest", soft_wrap=True)
+        raise
+    if as_json:
+        _emit_json(result.to_dict())
+    else:
+        console.print(_fleet_counts_table(result.counts, f"sweep {'on ' + cluster if cluster else 'in this process'}: "
+                                                         f"{result.jobs_run} jobs run in {result.run_s:.1f} s"))
+        for job in result.failed:
+            console.print(f"failed: {job['file']}: {job['reason']}", soft_wrap=True)
+        console.print(f"wrote {result.report} and {result.out / 'index.jsonl'}")
+    if result.failed:
+        raise CheckFailed(f"{len(result.failed)} of {len(result.jobs)} jobs failed; the same command again retries "
+                          "them and skips the finished ones")
+
+
+@cli.group("fleet")
+def fleet_group() -> None:
+    """Devices on a Ray cluster: make this machine one (join), list them (status)."""
+
+
+@fleet_group.command("join", context_settings={"ignore_unknown_options": True})
+@click.option("--device", help="The device this machine is, e.g. jetson-orin-nano (a catalog name, or your own).")
+@click.option("--address", metavar="HOST:PORT", help="The head of the fleet to join.")
+@click.option("--head", is_flag=True, help="Start a new fleet with this machine as its head.")
+@click.option("--port", default=6379, show_default=True, type=click.IntRange(1, 65535), help="The head's port.")
+@click.option("--units", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Measurements the device runs at once (1: timing has the device to itself).")
+@click.option("--num-cpus", type=click.IntRange(min=0),
+              help="CPUs Ray may schedule here (default for a device: one per unit).")
+@click.option("--object-store-memory", type=click.IntRange(min=1), metavar="BYTES", help="Ray object store size.")
+@click.option("--temp-dir", type=click.Path(), help="Ray's folder for this node's sockets and logs.")
+@click.option("--block", is_flag=True, help="Stay in the foreground until stopped (for a service manager).")
+@click.argument("ray_args", nargs=-1, type=click.UNPROCESSED)
+def fleet_join_command(device, address, head, port, units, num_cpus, object_store_memory, temp_dir, block, ray_args):
+    """Run `ray start` so that this machine joins the fleet advertising its device; arguments
+    after `--` go to `ray start` as they are."""
+    import os
+    import shlex
+
+    from edgeport.fleet.cluster import join_argv
+
+    argv = join_argv(device, address=address, head=head, port=port, units=units, num_cpus=num_cpus,
+                     object_store_memory=object_store_memory, temp_dir=temp_dir, block=block, ray_args=ray_args)
+    diagnostics.print(f"edgeport: {shlex.join(argv)}", soft_wrap=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(argv[0], argv)  # the node is Ray's from here: its signals, output and exit code
+
+
+@fleet_group.command("status")
+@click.option("--cluster", metavar="ADDRESS", default="auto", show_default=True,
+              help="The Ray cluster: HOST:PORT, ray://HOST:PORT or auto.")
+@click.option("--json", "as_json", is_flag=True)
+def fleet_status_command(cluster, as_json):
+    """List the nodes of the fleet and the devices they advertise."""
+    from dataclasses import asdict
+
+    from edgeport.fleet.cluster import status
+
+    nodes = status(cluster)
+    if as_json:
+        _emit_json([asdict(n) for n in nodes])
+        return
+    table = Table(title=f"fleet at {cluster}: {sum(n.alive for n in nodes)} live nodes")
+    for column in ("node", "address", "host", "state", "devices (units)", "CPUs", "object store MB"):
+        table.add_column(column)
+    for n in nodes:
+        state = ("alive" if n.alive else "dead") + (", head" if n.head else "")
+        table.add_row(n.node_id[:12], n.address, n.hostname, state,
+                      ", ".join(f"{d} ({u:g})" for d, u in n.devices.items()) or "-", f"{n.cpus:g}",
+                      f"{n.object_store_mb:.0f}")
+    console.print(table)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ import torch
 from edgeport import __version__, zoo
 from edgeport.devices import catalog
 from edgeport.runtime.latency import measure
-from edgeport.runtime.report import write_html
+from edgeport.runtime.report import load_reports, write_html
 from edgeport.core import Runner, TorchRunner
 from edgeport.export.onnx import OnnxRuntimeRunner
 from edgeport.verify import StreamingRunner
@@ -32,9 +32,20 @@ def predictions(runner: Runner, images: np.ndarray) -> np.ndarray:
                      for i in range(len(images))])
 
 
+def profile_variant(artifact_path: Path, out: Path, runs: int, accuracy_percent: float, **options):
+    """Profile an artifact here, record its accuracy, and save the profile beside it as
+    `<stem>.profile.json` for the report. Returns the Profile."""
+    prof = profile(artifact_path, runs=runs, warmup=max(10, runs // 10), **options)
+    prof.variant.accuracy_percent = accuracy_percent
+    prof.variant.model = max((name for name in zoo.names() if artifact_path.stem.startswith(name)), key=len,
+                             default=prof.variant.model)  # a quantized module's own name is its class's
+    prof.save(out / f"{artifact_path.stem}.profile.json")
+    return prof
+
+
 def quant_section(out: Path, runs: int) -> list[dict]:
     """RepQ W8A8 and W4A4 versions of the zoo ViT and CNN as quantized ONNX: accuracy through
-    ONNX Runtime and measured latency, beside fp32."""
+    ONNX Runtime and measured latency, beside fp32 (whose profile is the main loop's)."""
     rows = []
     for name in ("vit-digits", "cnn-digits"):
         images, labels = (t.numpy() for t in zoo.testset(name))
@@ -46,15 +57,24 @@ def quant_section(out: Path, runs: int) -> list[dict]:
             runner = OnnxRuntimeRunner(artifact.path).load()
             accuracy = float((predictions(runner, images) == labels).mean() * 100)
             runner.close()
-            latency = profile(artifact.path, runs=runs, ops=False, energy=False).latency
+            latency = (profile(artifact.path, runs=runs, ops=False, energy=False) if bits == 32 else
+                       profile_variant(artifact.path, out, runs, accuracy, energy=False)).latency
             rows.append({"model": name, "variant": label, "bits": bits, "artifact": artifact.path.name,
                          "accuracy_percent": accuracy, "p50_ms": latency.p50, "parity_passed": artifact.parity.passed})
     return rows
 
 
+def coreml_check(artifact) -> str:
+    """What checked a Core ML package's numbers: Core ML itself on macOS, the MIL interpreter
+    elsewhere (or why nothing could)."""
+    if artifact.parity is not None:
+        return f"verified: {artifact.parity.candidate} against torch"
+    return artifact.settings["verification"].get("numerical", "not checked")
+
+
 def coreml_section(out: Path) -> list[dict]:
-    """Every zoo model as a Core ML package, fp32 and RepQ W8A8: what converted, and what was
-    checked (structure here; numerics only on macOS)."""
+    """Every zoo model as a Core ML package, fp32 and RepQ W8A8: what converted, and what
+    checked its numbers (Core ML on macOS, the MIL interpreter elsewhere)."""
     rows = []
     for name in zoo.names():
         for variant, model in (("fp32", name), ("W8A8", quantize(name, method="repq"))):
@@ -64,7 +84,7 @@ def coreml_section(out: Path) -> list[dict]:
             rows.append({"model": name, "variant": variant, "package": artifact.path.name,
                          "target": artifact.settings["minimum_deployment_target"],
                          "ops": sum(structure["op_histogram"].values()),
-                         "numerics": artifact.settings["verification"].get("numerical", "checked against torch")})
+                         "numerics": coreml_check(artifact)})
     return rows
 
 
@@ -78,7 +98,8 @@ def slim_section(out: Path, runs: int) -> dict:
         runner = OnnxRuntimeRunner(artifact.path).load()
         accuracy = float((predictions(runner, images) == labels).mean() * 100)
         runner.close()
-        prof = profile(artifact.path, runs=runs, ops=False, energy=False)
+        prof = profile_variant(artifact.path, out, runs, accuracy, energy=False) if slim else \
+            profile(artifact.path, runs=runs, ops=False, energy=False)
         report = artifact.settings.get("slim")
         rows[label] = {"artifact": artifact.path.name, "accuracy_percent": accuracy, "p50_ms": prof.latency.p50,
                        "median_ci95_ms": prof.latency.median_ci95,
@@ -89,17 +110,17 @@ def slim_section(out: Path, runs: int) -> dict:
 
 def spiking_section(out: Path) -> dict:
     """The zoo SNN in both spiking forms (ONNX and Core ML), its accuracy through ONNX Runtime
-    against torch, and its firing rates and estimated energy beside the ANN CNN."""
+    against torch, and its firing rates and the energy they imply beside the ANN CNN: the 45 nm
+    compute-only estimate and the memory-aware one with its break-even firing rate (uJ)."""
     images, labels = (t.numpy() for t in zoo.testset("snn-digits"))
     with torch.no_grad():
         torch_pred = zoo.load("snn-digits")(torch.from_numpy(images)).argmax(1).numpy()
     forms = {}
     for form in ("unrolled", "step"):
         arts = export("snn-digits", out=out, targets=["onnx", "coreml"], snn_form=form)
-        if form == "unrolled":
+        if form == "unrolled":  # returns the model's own output, the readout averaged over T
             runner = OnnxRuntimeRunner(arts["onnx"].path).load()
-            pred = np.array([runner.infer({"x": images[i:i + 1]})["output_0"].mean(0).argmax()
-                             for i in range(len(images))])
+            pred = predictions(runner, images)
         else:
             runner = StreamingRunner.open(arts["onnx"].path).load()
             pred = []
@@ -109,19 +130,61 @@ def spiking_section(out: Path) -> dict:
                                         axis=0).argmax()))
             pred = np.array(pred)
         runner.close()
+        if form == "unrolled":  # the form a device runs as one graph: profiled for the report (50 runs)
+            profile_variant(arts["onnx"].path, out, 50, float((pred == labels).mean() * 100), energy=False)
         forms[form] = {"onnx": arts["onnx"].path.name, "coreml": arts["coreml"].path.name,
                        "parity_passed": arts["onnx"].parity.passed,
-                       "coreml_numerical_check": arts["coreml"].settings["verification"].get("numerical", "checked"),
+                       "coreml_numerical_check": coreml_check(arts["coreml"]),
                        "accuracy_percent_onnxruntime": float((pred == labels).mean() * 100),
                        "identical_predictions_to_torch": bool((pred == torch_pred).all())}
     snn_stats, ann_stats = spike_statistics("snn-digits"), spike_statistics("cnn-digits")
+    memory_aware = {p: snn_stats.memory_energy(p) for p in ("fp32", "int8")}
     return {"forms": forms, "accuracy_percent_torch": float((torch_pred == labels).mean() * 100),
             "firing_rates": snn_stats.neuron_rates,
             "energy_per_sample_uj": {p: {"snn-digits": snn_stats.energy(p)["snn_mj"] * 1e3,
                                          "snn-digits as ANN": snn_stats.energy(p)["ann_mj"] * 1e3,
                                          "cnn-digits (ANN)": ann_stats.energy(p)["ann_mj"] * 1e3}
                                      for p in ("fp32", "int8")},
-            "energy_provenance": snn_stats.energy()["provenance"]}
+            "energy_provenance": snn_stats.energy()["provenance"],
+            "memory_aware_energy_per_sample_uj": {
+                p: {"snn-digits": e["snn_mj"] * 1e3, "snn-digits as ANN": e["ann_mj"] * 1e3,
+                    "break_even_input_rate": e["break_even_rate"], "measured_input_rate": e["mean_input_rate"]}
+                for p, e in memory_aware.items()},
+            "memory_aware_provenance": memory_aware["fp32"]["provenance"]}
+
+
+def lmu_section(out: Path) -> dict:
+    """The zoo LMU (digits read row by row) in its streaming step form, run one row at a time
+    through ONNX Runtime with its memory fed back, beside its unrolled form: accuracy of each
+    on the 360 test digits, and whether the streamed logits equal the unrolled ones bit for bit
+    at every step."""
+    from edgeport.zoo.models import LMU
+
+    model = zoo.load("lmu-digits")
+    images, labels = zoo.testset("lmu-digits")
+    rows = LMU.rows(images)  # (8 rows, 360, 8 pixels)
+    with torch.no_grad():
+        torch_pred = model(images).argmax(1).numpy()
+    common = dict(out=out, name="lmu-digits", timesteps=model.timesteps, sequence=True,
+                  verify_inputs=[rows[:, i:i + 1] for i in range(0, len(images), 12)])
+    step = export(model, rows[:, :1], snn_form="step", **common)["onnx"]
+    unrolled = export(model, rows[:, :1], snn_form="unrolled", snn_outputs="per_step", **common)["onnx"]
+    stream, whole = StreamingRunner.open(step.path).load(), OnnxRuntimeRunner(unrolled.path).load()
+    streamed, unrolled_logits = [], []
+    for i in range(len(images)):
+        stream.reset()
+        streamed.append(np.stack([stream.infer({"x": row[i:i + 1].numpy()})["output_0"] for row in rows]))
+        unrolled_logits.append(whole.infer({"x": rows[:, i:i + 1].numpy()})["output_0_per_step"])
+    stream.close()
+    whole.close()
+    streamed, unrolled_logits = np.concatenate(streamed, axis=1), np.concatenate(unrolled_logits, axis=1)
+    labels = labels.numpy()
+    return {"step": step.path.name, "unrolled": unrolled.path.name,
+            "parity_passed": step.parity.passed and unrolled.parity.passed,
+            "accuracy_percent_torch": float((torch_pred == labels).mean() * 100),
+            "accuracy_percent_streamed_onnxruntime": float((streamed[-1].argmax(1) == labels).mean() * 100),
+            "accuracy_percent_unrolled_onnxruntime": float((unrolled_logits[-1].argmax(1) == labels).mean() * 100),
+            "streamed_equals_unrolled_bitwise": bool(np.array_equal(streamed, unrolled_logits))}
 
 
 def environment() -> dict:
@@ -137,10 +200,11 @@ def run_demo(out: str | Path = "edgeport-demo", runs: int = 200, progress: Calla
              ) -> dict:
     """Export every zoo model to ONNX, verify it, compare test accuracy and latency of torch
     and ONNX Runtime, profile each artifact (latency, per-op breakdown, energy where a meter
-    exists), estimate it on every catalog device, and write artifacts, `summary.json`,
-    `*.profile.json`, `estimates.json` and `report.html` to `out`. Latencies in ms."""
+    exists), estimate every ONNX variant on every catalog device, and write artifacts,
+    `summary.json` (naming the report), `*.profile.json`, `estimates.json` and `report.html`
+    to `out`. Latencies in ms."""
     out = Path(out)
-    models, profiles, estimates = [], [], []
+    models = []
     for name in zoo.names():
         progress(f"{name}: export to ONNX and verify")
         artifact = export(name, out=out)["onnx"]
@@ -153,10 +217,9 @@ def run_demo(out: str | Path = "edgeport-demo", runs: int = 200, progress: Calla
         feeds = [{artifact.inputs[0].name: images[i:i + 1]} for i in range(16)]
         latency = {r.name: measure(r, feeds, runs=runs, warmup=max(10, runs // 10)) for r in (torch_runner, ort_runner)}
         ort_runner.close()  # its worker threads must not spin beside the next measurement
-        progress(f"{name}: profile and per-device estimates")
-        prof = profile(artifact.path, runs=runs, warmup=max(10, runs // 10), label=name, idle_s=0.5)
-        profiles.append(prof.save(out / f"{name}.profile.json"))
-        estimates += [estimate(artifact.path, device) for device in catalog.names()]
+        progress(f"{name}: profile")
+        profile_variant(artifact.path, out, runs, float((ort_pred == labels).mean() * 100), label=name, idle_s=0.5,
+                        batch_sizes=(1, 8))
         models.append({
             "model": name, "artifact": artifact.path.name, "exporter": artifact.exporter, "opset": artifact.opset,
             "parity_passed": artifact.parity.passed,
@@ -174,15 +237,18 @@ def run_demo(out: str | Path = "edgeport-demo", runs: int = 200, progress: Calla
     slimmed = slim_section(out, runs)
     progress("snn-digits: spiking forms (unrolled, step) for ONNX and Core ML, firing rates, energy")
     spiking = spiking_section(out)
-    summary = {"edgeport_demo": __version__, "test_images": 360, "spiking": spiking, "slim": slimmed,
+    progress("lmu-digits: streamed row by row through ONNX Runtime beside its unrolled form")
+    lmu = lmu_section(out)
+    summary = {"edgeport_demo": __version__, "test_images": 360, "spiking": spiking, "lmu": lmu, "slim": slimmed,
                "quantized": quantized, "coreml": coreml,
                "latency_method": "measured: wall clock (perf_counter_ns) around each inference, batch 1, "
                                  "inputs rotated over 16 test images, after warm-up",
                "environment": environment(), "models": models}
+    progress("estimates of every ONNX variant on every catalog device, and the report")
+    estimates = [{k: v for k, v in estimate(path, device).to_dict().items() if k != "nodes"}
+                 for path in sorted(out.glob("*.onnx")) for device in catalog.names()]
+    (out / "estimates.json").write_text(json.dumps(estimates, indent=2) + "\n")
+    summary["report"] = str(write_html(out / "report.html", *load_reports(out), title="edgeport demo report"))
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    estimate_dicts = [{k: v for k, v in e.to_dict().items() if k != "nodes"} for e in estimates]
-    (out / "estimates.json").write_text(json.dumps(estimate_dicts, indent=2) + "\n")
-    write_html(out / "report.html", [json.loads(p.read_text()) for p in profiles], estimate_dicts,
-               title="edgeport demo report")
-    summary["report"] = str(out / "report.html")
+    progress(f"report written to {summary['report']}")
     return summary
