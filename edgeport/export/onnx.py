@@ -372,6 +372,8 @@ class OnnxBackend(Backend):
             proto = onnx.load(str(path), load_external_data=False)
         except Exception as error:  # protobuf raises its own DecodeError for a file that is not ONNX
             raise UserError(f"cannot read {path} as ONNX: {str(error).splitlines()[0][:160]}") from error
+        if not proto.graph.node or not _graph_inputs(proto):  # an empty file parses as an empty model
+            raise UserError(f"cannot read {path} as ONNX: it holds no graph with inputs")
         opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
         return Artifact(path=path, format="onnx", precision="unknown", inputs=_tensor_specs(_graph_inputs(proto)),
                         outputs=_tensor_specs(proto.graph.output), source_sha256="", exporter="unknown (no sidecar)",
