@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from edgeport.errors import EdgeportError
-from edgeport.runtime.energy import (HOST_PEAK_WATTS, HwmonMeter, MeterError, MeterUnavailable, NvmlMeter, RaplMeter,
+from edgeport.runtime.energy import (HOST_PEAK_WATTS, HwmonMeter, MeterError, NvmlMeter, RaplMeter,
                                      counter_delta, detect_meter, find_rails, measure_energy)
 
 RAPL_RANGE_UJ = 262_143_328_850  # a real package domain's max_energy_range_uj

@@ -8,7 +8,6 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from edgeport.export import onnxgraph
 from edgeport.export.onnxgraph import Constants, attribute_value, consumers, drop_unused, producers, redirect_inputs
 from edgeport.export.tensorrt import NODE_CHECKS, WEIGHT_OUTPUT_AXIS, check_readiness
 from edgeport.quant.qdq import integer_matmuls
