@@ -148,53 +148,63 @@ def _real_inputs_hint(given: Sequence[Example] | None) -> str:
             "--against MODEL --inputs data.npz`)")
 
 
-class Float64Reference(TorchRunner):
-    """The torch model computed in float64 (a copy; float inputs widened, tensors the model
-    creates itself too): what every fp32 computation of it approximates."""
+class TorchAtDtype(TorchRunner):
+    """The torch model computed in another float dtype (a copy; float32 inputs converted, tensors
+    the model creates itself too, outputs returned as float32 or float64): float64 is what every
+    fp32 computation approximates, float16 what an fp16 one does."""
 
-    def __init__(self, model: torch.nn.Module, input_names: list[str], output_names: list[str]):
-        super().__init__(copy.deepcopy(model).double(), input_names, output_names)
-        self.name = "torch-float64"
+    def __init__(self, model: torch.nn.Module, input_names: list[str], output_names: list[str], dtype: torch.dtype):
+        super().__init__(copy.deepcopy(model).to(dtype), input_names, output_names)
+        self.dtype, self.name = dtype, f"torch-{str(dtype).removeprefix('torch.')}"
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        wide = {n: a.astype(np.float64) if a.dtype == np.float32 else a for n, a in feeds.items()}
+        numpy_dtype = torch.empty((), dtype=self.dtype).numpy().dtype
+        converted = {n: a.astype(numpy_dtype) if a.dtype == np.float32 else a for n, a in feeds.items()}
         default = torch.get_default_dtype()
-        torch.set_default_dtype(torch.float64)
+        torch.set_default_dtype(torch.float64 if self.dtype == torch.float64 else torch.float32)
         try:
-            return super().infer(wide)
+            outputs = super().infer(converted)
         finally:
             torch.set_default_dtype(default)
+        return {n: a.astype(np.float32) if a.dtype == np.float16 else a for n, a in outputs.items()}
+
+
+# The dtype torch computes in for each precision whose failures the noise floor re-judges.
+OWN_DTYPE = {"fp32": torch.float32, "fp16": torch.float16}
 
 
 def _judge_by_noise_floor(report: ParityReport, model: torch.nn.Module, names: list[str],
-                          feeds: list[dict[str, np.ndarray]]) -> None:
-    """Re-judge the fp32 outputs that failed the fixed bound against the model's own noise
-    floor: torch fp32's error against the same model in float64, on the same feeds. An output
-    within `NOISE_FLOOR_MULTIPLE` times that error, and within `NOISE_FLOOR_CAP`, passes
-    (reordered fp32 arithmetic in a model that amplifies rounding, as deep networks on inputs
-    far from their training data do); the rule and both figures go into its tolerance. Where the model cannot run in
-    float64 the failure stands, saying so."""
+                          feeds: list[dict[str, np.ndarray]], precision: str) -> None:
+    """Re-judge the outputs of an fp32 or fp16 artifact that failed the fixed bound against the
+    model's own noise floor at that precision: torch's error computing the model in float32 (or
+    float16) against the same model in float64, on the same feeds. An output within
+    `NOISE_FLOOR_MULTIPLE` times that error, and within `NOISE_FLOOR_CAP[precision]`, passes
+    (reordered arithmetic in a model that amplifies rounding, as deep networks on inputs far
+    from their training data do); the rule and both figures go into its tolerance. Where the
+    model cannot run in float64 (or float16) the failure stands, saying so."""
     failed = [o for o in report.outputs if not o.passed and o.tolerance.kind == "relative-to-scale"]
     if not failed:
         return
-    outputs = [o.name for o in report.outputs]
+    outputs, cap = [o.name for o in report.outputs], NOISE_FLOOR_CAP[precision]
     try:
-        own = compare(Float64Reference(model, names, outputs).load(), TorchRunner(model, names, outputs).load(),
+        own = compare(TorchAtDtype(model, names, outputs, torch.float64).load(),
+                      TorchAtDtype(model, names, outputs, OWN_DTYPE[precision]).load(),
                       feeds, inputs_source=report.inputs_source)
-    except Exception as error:  # a model that hard-codes float32 somewhere cannot run in float64
+    except Exception as error:  # a model that hard-codes a dtype somewhere cannot run in another
         for output in failed:
             output.tolerance = dataclasses.replace(output.tolerance, why=output.tolerance.why + (
-                f"; the noise-floor check could not run the model in float64 ({str(error).splitlines()[0][:120]})"))
+                f"; the noise-floor check could not run the model in float64 and {precision} "
+                f"({str(error).splitlines()[0][:120]})"))
         return
     noise = {o.name: o.max_rel_error for o in own.outputs}
     for output in failed:
         floor = noise[output.name]
-        bound = min(NOISE_FLOOR_MULTIPLE * floor, NOISE_FLOOR_CAP)
+        bound = min(NOISE_FLOOR_MULTIPLE * floor, cap)
         output.tolerance = Tolerance("relative-to-scale", max_error=max(bound, output.tolerance.max_error), why=(
-            f"fp32 within the model's own noise floor: torch fp32 differs from float64 by {floor:.3g} of the "
-            f"output scale here; up to {NOISE_FLOOR_MULTIPLE}x that, at most {NOISE_FLOOR_CAP:g}, is allowed (the "
-            f"fixed {output.tolerance.max_error:g} failed)" + (
-                "; at this noise fp32 cannot be verified on these inputs" if floor >= NOISE_FLOOR_CAP else "")))
+            f"{precision} within the model's own noise floor: torch {precision} differs from float64 by {floor:.3g} "
+            f"of the output scale here; up to {NOISE_FLOOR_MULTIPLE}x that, at most {cap:g}, is allowed (the fixed "
+            f"{output.tolerance.max_error:g} failed)" + (
+                f"; at this noise {precision} cannot be verified on these inputs" if floor >= cap else "")))
         output.passed = output.max_rel_error <= output.tolerance.max_error
 
 
@@ -223,8 +233,8 @@ def verify_artifact(artifact: Artifact, model: torch.nn.Module, batches: Sequenc
         report = compare(reference.load(), candidate, feeds, precision=artifact.precision,
                          inputs_source=inputs_source + (f", {form.timesteps} timesteps" if form else ""),
                          tolerance=tolerance)
-        if form is None and tolerance is None and artifact.precision == "fp32" and not report.passed:
-            _judge_by_noise_floor(report, model, names, feeds)
+        if form is None and tolerance is None and artifact.precision in OWN_DTYPE and not report.passed:
+            _judge_by_noise_floor(report, model, names, feeds, artifact.precision)
     finally:
         candidate.close()
     if form is not None and form.converted:  # the converted network against the library's own run

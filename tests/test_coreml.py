@@ -16,40 +16,40 @@ ON_MAC = platform.system() == "Darwin"
 # attention masks with new_ones and __and__ (BERT family), diff (GPT-2): no coremltools converter
 NEED_DECOMPOSITIONS = {"bert", "roberta", "distilbert", "albert", "electra", "mpnet", "xlm-roberta", "mobilebert",
                        "gpt2"}
-FP16_NOISE_MULTIPLE = 10  # the fp16 noise-floor rule the README proposes: within 10x torch's own fp16 error
-
-
-def torch_fp16_error(model, example) -> float:
-    """Torch's own error, running `model` in fp16, against fp32 on `example` (relative to scale)."""
-    import copy
-
-    half = copy.deepcopy(model).half()
-    with torch.no_grad():
-        reference = model(*example)[0]
-        computed = half(*[a.half() if a.is_floating_point() else a for a in example])[0].float()
-    return float((computed - reference).abs().max() / reference.abs().max())
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_transformers_architectures_verify_at_fp32_and_fp16(name, tmp_path):
-    """fp32 within the ONNX tolerance (1e-4 of scale); fp16 within 1e-2 of scale, or (MobileViT,
-    whose random weights at init range 0.5 amplify rounding) within 10x the error torch itself
-    makes in fp16."""
+    """fp32 within the ONNX tolerance (1e-4 of scale); fp16 within 1e-2 of scale or, for MobileViT
+    (whose random weights at init amplify rounding), within 10x the error torch itself makes
+    computing the model in fp16, the tolerance saying so."""
     model, example = ARCHITECTURES[name]()
     fp32 = ep.export(model, example, targets=["coreml"], out=tmp_path, name="fp32")["coreml"]
     assert fp32.parity.passed and fp32.parity.candidate == "mil-interpreter (fp32)", fp32.parity.summary()
     assert all(o.max_rel_error <= 1e-4 for o in fp32.parity.outputs)
     if name in NEED_DECOMPOSITIONS:
         assert any(note.startswith("decomposed for Core ML") for note in fp32.notes)
-    if name != "mobilevit":
-        fp16 = ep.export(model, example, targets=["coreml"], out=tmp_path, name="fp16", coreml_precision="fp16")
-        assert fp16["coreml"].parity.passed and fp16["coreml"].parity.candidate == "mil-interpreter (fp16)"
-        return
-    with pytest.raises(ep.CheckFailed) as failure:
-        ep.export(model, example, targets=["coreml"], out=tmp_path, name="fp16", coreml_precision="fp16")
-    worst = failure.value.report.failures()[0]
-    assert worst.max_rel_error <= FP16_NOISE_MULTIPLE * torch_fp16_error(model, example)
-    assert worst.cosine > 0.999
+    fp16 = ep.export(model, example, targets=["coreml"], out=tmp_path, name="fp16", coreml_precision="fp16")["coreml"]
+    assert fp16.parity.passed and fp16.parity.candidate == "mil-interpreter (fp16)", fp16.parity.summary()
+    by_noise_floor = [o for o in fp16.parity.outputs if "noise floor" in o.tolerance.why]
+    assert all(o.max_rel_error <= 1e-2 for o in fp16.parity.outputs if o not in by_noise_floor)
+    assert (name == "mobilevit") == bool(by_noise_floor), [o.tolerance.why for o in fp16.parity.outputs]
+    assert all(o.cosine > 0.999 for o in by_noise_floor)
+
+
+def test_the_fp16_noise_floor_does_not_admit_a_planted_fault(tmp_path):
+    """MobileViT's fp16 package passes only by the noise-floor rule; the same package against the
+    model with two output channels of one middle conv swapped must still fail."""
+    import copy
+
+    model, example = ARCHITECTURES["mobilevit"]()
+    package = ep.export(model, example, targets=["coreml"], out=tmp_path, coreml_precision="fp16")["coreml"].path
+    planted = copy.deepcopy(model)
+    convs = [m for m in planted.modules() if isinstance(m, nn.Conv2d) and m.out_channels > 1 and m.groups == 1]
+    weight = convs[len(convs) // 2].weight.data
+    weight[[0, 1]] = weight[[1, 0]]
+    report = ep.verify(package, planted, [example])
+    assert not report.passed, report.summary()
 
 
 class Ranked(nn.Module):
