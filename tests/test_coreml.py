@@ -165,6 +165,17 @@ def test_predictions_match_torch_on_macos(tmp_path):
     assert artifact.parity is not None and artifact.parity.passed and artifact.parity.candidate == "coreml"
 
 
+def test_a_quantized_cnn_keeps_its_conv_output_quantizers(tmp_path):
+    """An 8-bit conv's result is quantized too (the pattern ONNX Runtime runs as QLinearConv);
+    the Core ML form keeps those quantizers, so the package equals the fake-quant model, not
+    merely comes close to it."""
+    qmodel = ep.quantize("cnn-digits")
+    artifact = ep.export(qmodel, ep.zoo.example("cnn-digits"), targets=["coreml"], out=tmp_path)["coreml"]
+    histogram = artifact.settings["verification"]["structure"]["op_histogram"]
+    assert histogram["quantize"] == histogram["dequantize"] == 4 + 4 + 1  # conv inputs, conv outputs, the linear's input
+    assert artifact.parity.passed and max(o.max_rel_error for o in artifact.parity.outputs) < 1e-5
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_models_convert_with_activation_qdq_and_compressed_weights(bits, tmp_path):
     qmodel = ep.quantize("vit-digits", w_bits=bits, a_bits=bits)

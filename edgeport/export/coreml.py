@@ -107,8 +107,12 @@ def coreml_quantized_form(model: torch.nn.Module) -> tuple[torch.nn.Module, str 
         else:  # params.layer holds the weight on its grid: no weight quantizer left to run
             weight_bits.append(params.weight.bits)
             act = _core_ml_activation(params.input, notes)
-            replacement = (QuantLinear(params.layer, act, torch.nn.Identity(), params.input_affine)
-                           if isinstance(module, QuantLinear) else QuantConv2d(params.layer, act, torch.nn.Identity()))
+            if isinstance(module, QuantLinear):
+                replacement = QuantLinear(params.layer, act, torch.nn.Identity(), params.input_affine)
+            else:
+                replacement = QuantConv2d(params.layer, act, torch.nn.Identity())
+                if params.output is not None:  # the conv's result quantized where the pipeline put a quantizer
+                    replacement.out = _core_ml_activation(params.output, notes)
         parent, _, leaf = name.rpartition(".")
         setattr(form.get_submodule(parent) if parent else form, leaf, replacement)
     w_bits = min(weight_bits)
