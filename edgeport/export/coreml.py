@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import math
+import re
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -313,6 +314,26 @@ def _convert(route: str, model: torch.nn.Module, args: tuple, names: list[str], 
                       inputs=inputs, outputs=[ct.TensorType(name=n) for n in outputs])
 
 
+# coremltools' refusal of an op the deployment target's opset lacks, naming the target that has it
+_OP_NEEDS_TARGET = re.compile(r"No available version for (\w+) in the coremltools\.target\.\w+ opset\. "
+                              r"Please update the minimum_deployment_target to at least coremltools\.target\.(iOS\d+)")
+
+
+def _convert_at_lowest_target(route: str, model: torch.nn.Module, args: tuple, names: list[str], outputs: list[str],
+                              target: str, reason: str, precision: str, dynamic_axes: dict | None,
+                              notes: list[str]):
+    """`_convert` at `target`, raised to the lowest target whose opset has every op of the model
+    (pixel_unshuffle needs iOS16, for one). Returns (mlmodel, target, the reason for it)."""
+    while True:
+        try:
+            return _convert(route, model, args, names, outputs, target, precision, dynamic_axes, notes), target, reason
+        except Exception as error:  # coremltools raises many types; only an opset refusal is retried
+            needed = _OP_NEEDS_TARGET.search(str(error))
+            if not needed or needed.group(2) not in _ORDER or _ORDER.index(needed.group(2)) <= _ORDER.index(target):
+                raise
+            target, reason = needed.group(2), f"the {needed.group(1)} op"
+
+
 def op_histogram(mlmodel) -> dict[str, int]:
     """Count of each MIL op type in the program's main function (works on reloaded packages)."""
     counts: collections.Counter = collections.Counter()
@@ -438,7 +459,8 @@ def export_coreml(model: torch.nn.Module, args: tuple[torch.Tensor, ...], folder
     for route in ROUTES[:1] if dynamic_axes else ROUTES:  # tracing bakes every shape: no dynamic axes there
         try:
             with quiet():
-                mlmodel = _convert(route, model, args, names, outputs, target, precision, dynamic_axes, notes)
+                mlmodel, target, reason = _convert_at_lowest_target(route, model, args, names, outputs, target, reason,
+                                                                    precision, dynamic_axes, notes)
                 if weights:
                     mlmodel = compress_weights(mlmodel, weights)
                 mlmodel.save(str(path))

@@ -541,6 +541,10 @@ def pixel_shuffle(x, upscale_factor):
     return F.pixel_shuffle(torch.from_numpy(np.ascontiguousarray(x)), int(upscale_factor)).numpy()
 
 
+def pixel_unshuffle(x, downscale_factor):
+    return F.pixel_unshuffle(torch.from_numpy(np.ascontiguousarray(x)), int(downscale_factor)).numpy()
+
+
 def upsample_nearest_neighbor(x, scale_factor_height=1, scale_factor_width=1):
     return F.interpolate(torch.from_numpy(np.ascontiguousarray(x)), mode="nearest",
                          scale_factor=(float(scale_factor_height), float(scale_factor_width))).numpy()
@@ -661,7 +665,8 @@ OPS = {
     "split": split, "tile": tile, "pad": pad, "select": select, "shape": shape, "fill": fill,
     "fill_like": fill_like, "range_1d": range_1d, "cumsum": cumsum, "band_part": band_part, "topk": topk,
     "argsort": argsort, "one_hot": one_hot, "flatten2d": flatten2d, "reverse": reverse,
-    "crop": crop, "pixel_shuffle": pixel_shuffle, "upsample_nearest_neighbor": upsample_nearest_neighbor,
+    "crop": crop, "pixel_shuffle": pixel_shuffle, "pixel_unshuffle": pixel_unshuffle,
+    "upsample_nearest_neighbor": upsample_nearest_neighbor,
     "upsample_bilinear": upsample_bilinear, "scaled_dot_product_attention": scaled_dot_product_attention,
     "gather": _gather(negative_allowed=True), "gather_along_axis": _gather_along_axis(negative_allowed=True),
     "gather_nd": _gather_nd(negative_allowed=True),
