@@ -77,7 +77,11 @@ def _load_inputs(path: str | None):
 
 
 def _parity_table(artifact) -> Table:
-    table = Table(title=f"{artifact.path}  ({artifact.exporter}, opset {artifact.opset})")
+    made = f"{artifact.exporter}, opset {artifact.opset}" if artifact.opset is not None else artifact.exporter
+    parity = artifact.parity
+    checked = (f"verified: {parity.candidate} against {parity.reference} on {parity.samples} samples "
+               f"({parity.inputs_source})" if parity else "numerical parity not checked")
+    table = Table(title=f"{artifact.path}  ({made})", caption=checked)
     for column in ("output", "verdict", "max abs", "rel to scale", "cosine", "SQNR dB", "tolerance"):
         table.add_column(column)
     for o in artifact.parity.outputs if artifact.parity else []:
