@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import signal
 import sys
 import threading
@@ -191,7 +192,8 @@ def _print_artifacts(artifacts, as_json: bool) -> None:
 @click.option("--a-bits", type=int, default=8, show_default=True)
 @click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
               help="tensorrt: symmetric quantizers (zero point 0).")
-@click.option("--calib", type=click.Path(), help=".npz whose first array is the calibration batch (zoo: its own).")
+@click.option("--calib", type=click.Path(), help=".npz with the calibration batch: one array per model input, matched "
+              "by name (np.savez's arr_0, arr_1, ... in order); zoo models bring their own.")
 @click.option("--calibration", type=click.Choice(list(OBSERVERS)),
               help="Activation range calibration (default: the method's own; entropy is KL as in TensorRT).")
 @click.option("--weights", type=click.Path(), help="Weights for package.module:factory.")
@@ -209,17 +211,30 @@ def quantize_command(model, method, w_bits, a_bits, target, calib, calibration, 
     """Post-training quantization of MODEL, exported as quantized ONNX and verified against the fake-quant model."""
     from dataclasses import asdict
 
-    from edgeport.sdk import parse_input, quantize
+    import warnings
 
-    batch = _load_inputs(calib)
-    with progress(f"quantizing {model} ({method}, W{w_bits}A{a_bits})"):
-        qmodel = quantize(model, batch[0][0] if batch else None, method, w_bits, a_bits, target=target,
-                          weights=weights, act_observer=calibration, report="sensitivity" if sensitivity else None,
+    from edgeport.errors import EdgeportWarning
+    from edgeport.sdk import calibration_batch, load_model, parse_input, quantize
+
+    targets = [t.strip() for t in targets.split(",")]
+    if target == "tensorrt" and "tensorrt" not in targets:
+        targets.append("tensorrt")
+        diagnostics.print("note: --target tensorrt also writes the tensorrt target (<name>-tensorrt.onnx and its "
+                          "trtexec script)")
+    batch = calibration_batch(load_model(model, weights), _calibration_arrays(calib)) if calib else None
+    with progress(f"quantizing {model} ({method}, W{w_bits}A{a_bits})"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", EdgeportWarning)
+        qmodel = quantize(model, batch, method, w_bits, a_bits, target=target, weights=weights,
+                          act_observer=calibration, report="sensitivity" if sensitivity else None,
                           max_drop=max_drop)
+    for warning in caught:
+        if issubclass(warning.category, EdgeportWarning):
+            diagnostics.print(f"warning: {warning.message}")
+    with progress(f"exporting {model} quantized to {', '.join(targets)}"):
         example = tuple(parse_input(s) for s in inputs) or None
         width = "mixed" if max_drop is not None else f"w{w_bits}a{a_bits}"
         name = f"{model if not any(c in model for c in '/:') else 'model'}-{method}-{width}"
-        artifacts = _export_quantized(model, qmodel, example, targets, out, name)
+        artifacts = _export_quantized(model, qmodel, example, batch, targets, out, name)
     report = asdict(qmodel.quant_report)
     ranking = [asdict(r) for r in getattr(qmodel, "sensitivity", [])]
     mixed = asdict(qmodel.mixed_precision) if hasattr(qmodel, "mixed_precision") else None
@@ -241,20 +256,38 @@ def quantize_command(model, method, w_bits, a_bits, target, calib, calibration, 
         console.print(f"  runs as float ops: {line}")
     for artifact in artifacts.values():
         console.print(_parity_table(artifact))
+        for note in artifact.notes:
+            console.print(f"note: {note}")
         console.print(f"wrote {artifact.path}")
 
 
-def _export_quantized(model, qmodel, example, targets, out, name):
-    """Export the quantized model; a zoo model is verified on 64 of its test images."""
+def _calibration_arrays(path: str):
+    """The arrays of a calibration .npz: by input name, or in file order where np.savez named
+    them arr_0, arr_1, ... (given positionally)."""
+    import torch
+
+    from edgeport.load import load_arrays
+
+    arrays = load_arrays(path)
+    if all(re.fullmatch(r"arr_\d+", name) for name in arrays):
+        return tuple(torch.from_numpy(a) for a in arrays.values())
+    return arrays
+
+
+def _export_quantized(model, qmodel, example, calibration, targets, out, name):
+    """Export the quantized model. A zoo model is verified on 64 of its test images; a model
+    without `--input` takes its example from the calibration batch's first sample and is
+    verified on the batch (real samples)."""
     from edgeport import zoo
     from edgeport.sdk import export
 
+    inputs = None
     if example is None and model in zoo.names():
         example, inputs = zoo.example(model), [zoo.testset(model)[0][i:i + 1] for i in range(64)]
-    else:
-        inputs = None
-    return export(qmodel, example, targets=[t.strip() for t in targets.split(",")], out=out, name=name,
-                  verify_inputs=inputs)
+    elif example is None and calibration is not None:
+        batch = calibration if isinstance(calibration, tuple) else (calibration,)
+        example, inputs = tuple(a[:1] for a in batch), [batch]
+    return export(qmodel, example, targets=targets, out=out, name=name, verify_inputs=inputs)
 
 
 def _localization_table(localization) -> Table:

@@ -34,3 +34,8 @@ class CheckFailed(EdgeportError):
     def __init__(self, message: str, report=None, results=None):
         super().__init__(message)
         self.report, self.results = report, results
+
+
+class EdgeportWarning(UserWarning):
+    """Something the user asked for that will not do what they may expect (W4A4 for TensorRT);
+    the CLI prints it as one `warning:` line on stderr."""

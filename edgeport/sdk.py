@@ -16,6 +16,7 @@ import gc
 import inspect
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -28,7 +29,7 @@ from edgeport.core import (NOISE_FLOOR_CAP, NOISE_FLOOR_MULTIPLE, Artifact, Exam
                            TensorSpec, Tolerance, TorchRunner, as_args, check_artifact_name, check_feeds,
                            check_input_size, draw_input, feeds_from, image_range, input_names, is_image, random_feeds,
                            vocabulary_size)
-from edgeport.errors import BackendUnavailable, CheckFailed, EdgeportError, UserError
+from edgeport.errors import BackendUnavailable, CheckFailed, EdgeportError, EdgeportWarning, UserError
 from edgeport.load import load_model, load_weights  # noqa: F401  (part of the SDK)
 from edgeport.quant.config import QuantConfig
 from edgeport.runtime.report import Profile
@@ -566,14 +567,49 @@ def slim(model: str | torch.nn.Module, example: Example | None = None, *, weight
     return make_slim(torch_model, args)
 
 
-def quantize(model: str | torch.nn.Module, calib: torch.Tensor | None = None, method: str = "repq", w_bits: int = 8,
+Calibration = torch.Tensor | tuple[torch.Tensor, ...] | dict[str, torch.Tensor | np.ndarray]
+
+
+def calibration_batch(model: torch.nn.Module, calib: Calibration) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """A calibration batch as the model's positional arguments: a tensor or tuple as given; a
+    dict (numpy arrays or tensors) matched to the forward's parameters by name, which must be
+    its first inputs (`input_ids`, `attention_mask` of a BERT)."""
+    if not isinstance(calib, dict):
+        return calib
+    if not calib:
+        raise UserError("the calibration set is empty")
+    names = [n for n in input_names(model, 64) if not re.fullmatch(r"input_\d+", n)]  # the forward's own names
+    unknown = [n for n in calib if n not in names]
+    if unknown:
+        raise UserError(f"calibration arrays {unknown} name no input of the model; its inputs are {names}")
+    first = names[:len(calib)]
+    if set(first) != set(calib):
+        raise UserError(f"calibration arrays {sorted(calib)} must be the model's first {len(calib)} inputs "
+                        f"({', '.join(first)})")
+    return tuple(torch.as_tensor(calib[n]) for n in first)
+
+
+def tensorrt_caveat(config: QuantConfig) -> str | None:
+    """What TensorRT will not run of a quantization meant for it (None where it runs all of
+    it): TensorRT's quantized kernels take INT8 activations with INT8 or INT4 weights (and FP8)."""
+    if config.target != "tensorrt":
+        return None
+    if config.a_bits == config.matmul_operand_bits == 8 and config.w_bits in (4, 8):
+        return None
+    return (f"W{config.w_bits}A{config.a_bits} for TensorRT: TensorRT runs INT8 activations with INT8 or INT4 "
+            f"weights (and FP8) only; the -tensorrt.onnx keeps the narrower grid in INT8 Q/DQ, so the engine's "
+            f"accuracy is this model's but it runs at INT8 speed at best")
+
+
+def quantize(model: str | torch.nn.Module, calib: Calibration | None = None, method: str = "repq", w_bits: int = 8,
              a_bits: int = 8, *, target: str = "onnxruntime", weights: str | Path | None = None,
              keep_8bit: Sequence[str] = (), act_observer: str | None = None,
              config: QuantConfig | None = None, report: str | None = None,
              max_drop: float | None = None) -> torch.nn.Module:
     """A fake-quantized copy of `model` (post-training, `method` a preset of
     `edgeport.quant.config.PRESETS`: "minmax", "percentile" or "repq"), calibrated on `calib`
-    (a batch of real samples; a zoo model brings 32 training images). `ep.export` turns it
+    (a batch of real samples: a tensor, a tuple of the model's inputs, or a dict of them by input
+    name; a zoo model brings 32 training images). `ep.export` turns it
     into quantized ONNX (QuantizeLinear and integer matmuls for ONNX Runtime, pure QDQ for the
     `tensorrt` target); `target="tensorrt"` makes it symmetric. Layers named in `keep_8bit`
     stay at 8 bits; `act_observer` ("minmax", "percentile", "mse", "entropy") overrides the
@@ -600,6 +636,10 @@ def quantize(model: str | torch.nn.Module, calib: torch.Tensor | None = None, me
         if not (isinstance(model, str) and model in zoo.names()):
             raise UserError("quantization needs calibration data (about 32 real samples); only zoo models bring their own")
         calib = zoo.calibration(model, 32)
+    calib = calibration_batch(torch_model, calib)
+    caveat = tensorrt_caveat(config)
+    if caveat:
+        warnings.warn(caveat, EdgeportWarning, stacklevel=2)
     if report not in (None, "sensitivity"):
         raise UserError(f"unknown quantization report {report!r}; the one there is: sensitivity")
     if max_drop is not None and not 0 < max_drop < 1:

@@ -89,13 +89,37 @@ def compare(reference: Runner, candidate: Runner, batches: list[dict[str, np.nda
         samples += next(iter(feeds.values())).shape[0] if feeds else 1
     report = ParityReport(reference.name, candidate.name, samples, inputs_source)
     for index, name in enumerate(candidate.output_names):
-        ref = np.concatenate([r[index].reshape(1, -1) if r[index].ndim == 0 else r[index] for r in ref_outputs])
-        cand = np.concatenate([c[index].reshape(1, -1) if c[index].ndim == 0 else c[index] for c in cand_outputs])
+        ref, cand, shape = _joined(name, [r[index] for r in ref_outputs], [c[index] for c in cand_outputs])
         chosen = tolerance if tolerance and np.issubdtype(ref.dtype, np.floating) else None
         if chosen is None and is_binary(ref):
             chosen = TOLERANCES["exact"]  # spikes: one flipped spike is a failure, not an error size
-        report.outputs.append(judge(name, ref, cand, chosen or tolerance_for(precision, ref.dtype)))
+        parity = judge(name, ref, cand, chosen or tolerance_for(precision, ref.dtype))
+        parity.shape = shape
+        report.outputs.append(parity)
     return report
+
+
+def _joined(name: str, references: list[np.ndarray], candidates: list[np.ndarray]
+            ) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """One output of every batch joined for judging: along the batch axis where the batches'
+    other axes agree, else element by element (batches of different sequence lengths), each
+    batch's shapes checked first. Returns (reference, candidate, shape), a varying axis -1."""
+    references = [r.reshape(1, -1) if r.ndim == 0 else r for r in references]
+    candidates = [c.reshape(1, -1) if c.ndim == 0 else c for c in candidates]
+    for reference, candidate in zip(references, candidates):
+        if reference.shape != candidate.shape:
+            raise UserError(f"output {name!r}: shape {list(candidate.shape)} differs from reference "
+                            f"{list(reference.shape)}")
+    if len({r.shape[1:] for r in references}) == 1:
+        reference, candidate = np.concatenate(references), np.concatenate(candidates)
+        return reference, candidate, list(reference.shape)
+    ranks = {r.ndim for r in references}
+    shape = [-1] * max(ranks)
+    if len(ranks) == 1:
+        shape = [sum(r.shape[0] for r in references)] + [
+            sizes.pop() if len(sizes := {r.shape[axis] for r in references}) == 1 else -1
+            for axis in range(1, ranks.pop())]
+    return (np.concatenate([r.ravel() for r in references]), np.concatenate([c.ravel() for c in candidates]), shape)
 
 
 class StreamingRunner(Runner):

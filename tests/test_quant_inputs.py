@@ -1,0 +1,106 @@
+"""Real inputs for real models: multi-input calibration (a dict by input name, an .npz through
+the CLI), verification on batches of different sequence lengths, and TensorRT intent."""
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import edgeport as ep
+from edgeport.cli import main
+from edgeport.errors import EdgeportWarning
+from hf_models import ARCHITECTURES
+
+FACTORY = '''import sys
+sys.path.insert(0, {tests!r})
+from hf_models import ARCHITECTURES
+
+
+def bert():
+    return ARCHITECTURES["bert"]()[0]
+'''
+
+
+def token_batch(rows: int, length: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(5, 100, (rows, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[0, length // 2:] = 0  # one padded row, as a tokenizer pads a short sentence
+    return ids, mask
+
+
+@pytest.fixture
+def bert_factory(tmp_path, monkeypatch):
+    """`bertmod:bert` importable from the current folder, as a user's own module is."""
+    from pathlib import Path
+
+    (tmp_path / "bertmod.py").write_text(FACTORY.format(tests=str(Path(__file__).parent)))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "bertmod:bert"
+
+
+def test_a_dict_calibration_batch_is_matched_to_the_inputs_by_name():
+    model, _ = ARCHITECTURES["bert"]()
+    ids, mask = token_batch(8, 16)
+    by_name = ep.quantize(model, {"attention_mask": mask.numpy(), "input_ids": ids})
+    by_position = ep.quantize(model, (ids, mask))
+    with torch.no_grad():
+        a, b = by_name(ids, mask).last_hidden_state, by_position(ids, mask).last_hidden_state
+    assert torch.equal(a, b)
+    with pytest.raises(ep.UserError, match=r"\['ids'\] name no input of the model; its inputs are \['input_ids'"):
+        ep.quantize(model, {"ids": ids})
+    with pytest.raises(ep.UserError, match="must be the model's first 2 inputs"):
+        ep.quantize(model, {"input_ids": ids, "token_type_ids": mask})
+
+
+def test_batches_of_different_sequence_lengths_verify():
+    """Outputs [2, 16, 32] and [2, 19, 32] cannot be stacked; they are judged element by element."""
+    model, example = ARCHITECTURES["bert"]()
+    qmodel = ep.quantize(model, token_batch(8, 16))
+    axes = {"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}}
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        artifact = ep.export(qmodel, example, out=folder, dynamic_batch=True, dynamic_axes=axes,
+                             verify_inputs=[token_batch(2, 16, 1), token_batch(2, 19, 2)])["onnx"]
+    assert artifact.parity.passed and artifact.parity.samples == 4
+    hidden = next(o for o in artifact.parity.outputs if o.name == "last_hidden_state")
+    assert hidden.shape == [4, -1, 32]  # the sequence axis varies between the batches
+
+
+def test_cli_calibration_npz_by_input_name(bert_factory, tmp_path, capsys):
+    ids, mask = token_batch(8, 16)
+    np.savez(tmp_path / "calib.npz", attention_mask=mask.numpy(), input_ids=ids.numpy())  # not in forward order
+    assert main(["quantize", bert_factory, "--calib", str(tmp_path / "calib.npz"), "-o", str(tmp_path / "out"),
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    artifact = result["artifacts"]["onnx"]
+    assert artifact["parity"]["samples"] == 8  # verified on the calibration batch, the example its first row
+    assert [s["shape"] for s in artifact["inputs"]] == [[1, 16], [1, 16]]
+    np.savez(tmp_path / "wrong.npz", ids=ids.numpy())
+    assert main(["quantize", bert_factory, "--calib", str(tmp_path / "wrong.npz"), "-o", str(tmp_path / "out2")]) == 2
+    assert "name no input of the model" in capsys.readouterr().err
+    assert not (tmp_path / "out2").exists()
+
+
+def test_cli_target_tensorrt_writes_the_tensorrt_artifact_and_warns_at_w4a4(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["quantize", "vit-digits", "--target", "tensorrt", "--w-bits", "4", "--a-bits", "4", "-o",
+                 str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "--target tensorrt also writes the tensorrt target" in captured.err
+    assert "warning: W4A4 for TensorRT" in captured.err and "warning" not in captured.out
+    assert (out / "vit-digits-repq-w4a4-tensorrt.onnx").exists()
+    assert (out / "vit-digits-repq-w4a4-tensorrt.trtexec.sh").exists()
+
+
+def test_sdk_warns_only_where_tensorrt_cannot_run_the_widths():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ep.quantize("cnn-digits", target="tensorrt")
+        ep.quantize("cnn-digits", w_bits=4, a_bits=8, target="tensorrt")
+        ep.quantize("cnn-digits", w_bits=6, a_bits=6)  # for ONNX Runtime: nothing to warn about
+    assert not [w for w in caught if issubclass(w.category, EdgeportWarning)]
+    with pytest.warns(EdgeportWarning, match="W6A6 for TensorRT"):
+        ep.quantize("cnn-digits", w_bits=6, a_bits=6, target="tensorrt")
