@@ -6,6 +6,8 @@ dtype and the artifact's precision (`edgeport.core.tolerance_for`):
 
 - float32: max abs error <= 1e-4 x the output's scale (max |reference|);
 - float16: max abs error <= 1e-2 x scale;
+  (an export's fp32 or fp16 output beyond these is judged again against the model's own
+  noise floor at that precision: `edgeport.sdk._judge_by_noise_floor`)
 - integer-quantized (int8 and narrower): cosine similarity and SQNR, not atol;
 - bool and integer outputs (class ids), and outputs whose reference is all 0 and 1 (spikes):
   exactly equal.
