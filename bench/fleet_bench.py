@@ -6,22 +6,25 @@ with one worker node, one with two, every worker advertising the same device, "b
 cluster's exports run there). Rounds alternate between the clusters, so both see the same
 phases of this shared machine. The plan is `edgeport.sweep` of 3 zoo models x 3 variants on
 "bench-node": 9 exports and 9 measurements (200 runs in 2 sessions, 1 runtime thread, no op
-profile). Three sweeps per round and cluster:
+profile). Each device node measures in its agent, a process that outlives sweeps; an
+unrecorded sweep after a cluster starts brings them up. The sweeps of a round:
 
-- "cold": a new driver's first sweep of the plan into an empty folder, as an `edgeport sweep`
-  command runs it: Ray starts new worker processes, which import torch and edgeport (seconds
-  each). The sweep warms the device nodes' workers while the head exports. One-worker
-  cluster only (its exports are the costly part of a round).
-- "resume": a new driver's first sweep of the 9 measurements only, into a copy of a seed folder
-  exported once before the rounds, as a rerun with nothing left to export: nothing runs while
-  the device nodes' workers start.
+- "cold": with the agents stopped first (as right after the nodes joined, or after edgeport
+  changed), a new driver's sweep of the whole plan into an empty folder, as an `edgeport
+  sweep` command runs it: Ray starts a new worker on the head and a new agent on the device
+  node, each importing torch and edgeport (seconds); the agent starts while the head exports.
+  One-worker cluster only (its exports are the costly part of a round).
+- "resume": a new driver's sweep of the 9 measurements only, into a copy of a seed folder
+  exported once before the rounds, as a rerun with nothing left to export, agents running.
+- "cold-resume": the same with the agents stopped first: the first measurement waits for the
+  agent to start, with nothing to run meanwhile. One-worker cluster only.
 - "warm": the second sweep of a driver (after "cold" on the one-worker cluster, after
-  "resume" on the two-worker one), whose workers are running: the 9 measurements only.
+  "resume" on the two-worker one): the 9 measurements only.
 
 Measured:
 - Scheduling overhead per job, two ways. (1) The issue's: (sweep run time - the sum of the
-  job times) / jobs, where jobs run one after another: the warm and resume sweeps on the
-  one-worker cluster. The run time is the sweep's wall clock from the plan to the written
+  job times) / jobs, where jobs run one after another: the warm, resume and cold-resume
+  sweeps on the one-worker cluster. The run time is the sweep's wall clock from the plan to the written
   report (sharing the artifacts, Ray's scheduling and transfers, workers starting, writing
   each job's file and index line, the report); the time to connect to the cluster is
   reported beside it. A job's time is measured inside the job, on its worker (an export:
@@ -34,7 +37,7 @@ Measured:
   the driver's own loop between jobs. Target: under 0.5 s per job, cold and warm.
 - Jobs per minute = jobs / run time, one worker against two, warm and resume.
 - Where a cold worker's time goes, in fresh processes of this Python (3 repeats, medians):
-  importing Ray, then what a fleet job's function unpickles (`edgeport.fleet.cluster`, which
+  importing Ray, then what a fleet job's or agent's code unpickles (`edgeport.fleet.cluster`, which
   imports edgeport and torch), then the rest of `prepare_worker`, and a full `gc.collect()`
   (what `edgeport.profile` runs before timing) before and after the worker froze its objects.
 - Sizes that decide how the results folder, the index and the report grow, and how many
@@ -58,7 +61,7 @@ from pathlib import Path
 
 import edgeport as ep
 from edgeport.devices.catalog import cpu_model
-from edgeport.fleet.cluster import connect, require_ray
+from edgeport.fleet.cluster import connect, require_ray, stop_agents
 from edgeport.fleet.localcluster import LocalCluster
 from edgeport.fleet.plan import MEASURE, Job
 from edgeport.fleet.results import DONE, Results
@@ -172,15 +175,19 @@ def main() -> None:
             for workers in (1, 2):
                 print(f"starting a cluster with {workers} worker node(s)", flush=True)
                 clusters[workers] = start_cluster(workers)
+                timed_sweep(clusters[workers], Path(work) / f"agents-{workers}", seed)  # starts the agents
             rounds = []
             for round_index in range(ROUNDS):
                 for workers, cluster in clusters.items():
-                    # a driver per tuple: "warm" is the second sweep of the driver that started the workers
-                    for phases in ((("cold", "warm"), ("resume",)) if workers == 1 else (("resume", "warm"),)):
+                    # a driver per tuple: "warm" is the second sweep of a driver
+                    for phases in ((("cold", "warm"), ("resume",), ("cold-resume",)) if workers == 1
+                                   else (("resume", "warm"),)):
                         start = time.perf_counter()
                         connect(cluster.address)
                         connect_s = time.perf_counter() - start
                         try:
+                            if phases[0].startswith("cold"):
+                                stop_agents()
                             for phase in phases:
                                 out = Path(work) / f"r{round_index}-{workers}-{phase}"
                                 row = {"round": round_index, "workers": workers, "phase": phase,
@@ -212,10 +219,13 @@ def main() -> None:
                          "handling_per_job_s": spread(1, "warm", "handling_per_job_s")},
                 "resume": {"wall_minus_jobs_per_job_s": spread(1, "resume", "overhead_per_job_s"),
                            "handling_per_job_s": spread(1, "resume", "handling_per_job_s")},
+                "cold-resume": {"wall_minus_jobs_per_job_s": spread(1, "cold-resume", "overhead_per_job_s"),
+                                "handling_per_job_s": spread(1, "cold-resume", "handling_per_job_s")},
                 "target_s": OVERHEAD_TARGET_S}
     overhead["met_cold"] = overhead["cold"]["handling_per_job_s"]["max"] < OVERHEAD_TARGET_S
     overhead["met_warm"] = overhead["warm"]["wall_minus_jobs_per_job_s"]["max"] < OVERHEAD_TARGET_S
     overhead["met_resume"] = overhead["resume"]["wall_minus_jobs_per_job_s"]["max"] < OVERHEAD_TARGET_S
+    overhead["met_cold_resume"] = overhead["cold-resume"]["wall_minus_jobs_per_job_s"]["max"] < OVERHEAD_TARGET_S
     summary = {"overhead_per_job_s": overhead,
                "jobs_per_min": {phase: {"one_worker": median_of(1, phase, "jobs_per_min"),
                                         "two_workers": median_of(2, phase, "jobs_per_min")}

@@ -258,7 +258,7 @@ def test_a_job_whose_node_dies_is_retried_on_another_node_with_its_device(cluste
     thread = threading.Thread(target=lambda: outcome.update(result=ep.sweep(**sweep)))
     thread.start()
     deadline = time.monotonic() + 240
-    while not (measuring := [name for name in twins if "ray::_run_on_node" in cluster.workers(name).values()]):
+    while not (measuring := [name for name in twins if "ray::DeviceAgent.run" in cluster.workers(name).values()]):
         assert thread.is_alive() and time.monotonic() < deadline, outcome
         time.sleep(0.1)
     time.sleep(1.0)  # into the profile, which takes 4 s or more

@@ -2,25 +2,27 @@
 
 A device is a Ray custom resource, `device:<name>`, advertised by the node that is that
 device (`edgeport fleet join --device NAME` runs `ray start --resources '{"device:NAME": 1}'`).
-A measurement asks for one unit of its device, so Ray places it on such a node and, with the
-default of one unit per device, runs one measurement there at a time. A device node joins
-with one CPU per unit, and every job asks for one, so an export never runs beside a
-measurement and disturbs its timing. A node that joins without a device advertises
-`edgeport:export`, one unit per CPU; while the cluster has such nodes, exports run there
-only, leaving the devices free to measure. Artifacts reach the nodes through Ray's object
-store. A task whose node dies is retried by Ray on another node with the same resources;
+Each unit of a device gets a measuring agent: a Ray actor pinned to its node, holding the
+unit and a CPU, that runs one measurement at a time. A device node joins with one CPU per
+unit, so nothing else runs beside a measurement and disturbs its timing. A node that joins
+without a device advertises `edgeport:export`, one unit per CPU; while the cluster has such
+nodes, exports (Ray tasks) run there only. Artifacts reach the nodes through Ray's object
+store. An export whose node dies is retried by Ray on another node; a measurement whose agent
+dies (with its node) is handed back to the sweep to run on another agent of the same device;
 when a device's last node is gone, its jobs are failed with that reason instead of waiting
 for a node that may never come.
 
-A new driver (every `edgeport sweep`) gets new Ray workers, and a worker's first job would
-pay for importing torch and edgeport, seconds per node. So a sweep starts by warming every
-node of its measured devices: a task pinned to the node, holding one unit of its device,
-prepares a worker there (`prepare_worker`) while the exports run, and the measurements then
-reuse that process.
+Agents are detached: they outlive the sweep that started them, because Ray gives every new
+driver (every `edgeport sweep`) new workers, and a new worker pays seconds importing torch
+and edgeport before its first job. The first sweep after a node joins starts its agents at
+once, so that they prepare (`prepare_worker`) while the exports run; later sweeps find them
+ready. An agent's name carries a fingerprint of edgeport's source: a sweep of other code
+stops the agents it cannot use and starts its own.
 """
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import logging
 import os
@@ -38,9 +40,10 @@ from edgeport.fleet.jobs import ArtifactBundle, Finished, failure_reason, one_li
 from edgeport.fleet.plan import EXPORT_ROW, HOST, MEASURE, Job, check_device_name
 
 RESOURCE_PREFIX = "device:"
+AGENT_NAMESPACE = "edgeport-fleet"
 EXPORT_RESOURCE = "edgeport:export"  # advertised by nodes that are no device: where exports go
 FLEET_EXTRA = "pip install 'edgeport[fleet]'"
-RETRIES_ON_NODE_DEATH = 2  # Ray reruns a task whose node died, on another node with the same resources
+RETRIES_ON_NODE_DEATH = 2  # a job whose node died runs again, on another node with the same device
 NODE_REFRESH_S = 0.5  # how stale the executor's view of live nodes may be
 CONNECT_TIMEOUT_S = 5.0
 ADDRESS = re.compile(r"(?:ray://)?(?P<host>[\w.-]+):(?P<port>\d{1,5})")
@@ -191,16 +194,71 @@ def prepare_worker() -> None:
 
 
 def _run_on_node(function: Callable[..., dict], *args) -> dict:
-    """A job as a Ray task: `function` (from `edgeport.fleet.jobs`), told which node it runs on,
-    in a prepared worker (preparing is start-up, outside the job's own time, when no warm-up did it)."""
+    """An export as a Ray task: `function` (from `edgeport.fleet.jobs`), told which node it runs on."""
     import ray
 
     prepare_worker()
     return function(*args, node=ray.get_runtime_context().get_node_id())
 
 
+class DeviceAgent:
+    """The process that measures on one unit of a device node, across sweeps (a detached Ray actor)."""
+
+    def __init__(self) -> None:
+        prepare_worker()
+
+    def run(self, function: Callable[..., dict], *args) -> dict:
+        """Run a job function (`edgeport.fleet.jobs.measure_job`), told which node it runs on."""
+        import ray
+
+        return function(*args, node=ray.get_runtime_context().get_node_id())
+
+
+def code_fingerprint() -> str:
+    """16 hex digits of the sha256 of edgeport's own source files: agents run the code of the
+    sweep that started them, so a sweep uses only agents that carry its own fingerprint."""
+    import edgeport
+
+    root, digest = Path(edgeport.__file__).parent, hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def agent_name(device: str, node_id: str, unit: int, fingerprint: str) -> str:
+    return f"{device}@{node_id}#{unit}~{fingerprint}"
+
+
+def stop_agents(keep: str | None = None, timeout_s: float = 30.0) -> int:
+    """Kill the measuring agents on the connected cluster, but those whose name carries the
+    fingerprint `keep`, and wait (up to `timeout_s`) until Ray has let their names go, so that
+    agents started next are new ones. Returns how many were killed."""
+    ray = require_ray()
+
+    def stale() -> set[str]:
+        return {entry["name"] for entry in ray.util.list_named_actors(all_namespaces=True)
+                if entry["namespace"] == AGENT_NAMESPACE and (keep is None or not entry["name"].endswith("~" + keep))}
+
+    killed, deadline = stale(), time.monotonic() + timeout_s
+    for name in killed:
+        try:
+            ray.kill(ray.get_actor(name, namespace=AGENT_NAMESPACE))
+        except ValueError:  # died meanwhile
+            pass
+    while stale() & killed and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return len(killed)
+
+
+@dataclass(eq=False)
+class _Agent:
+    device: str
+    node_id: str
+    actor: object
+
+
 class RayExecutor:
-    """Runs export and measurement jobs as Ray tasks on the cluster at `address`."""
+    """Runs exports as Ray tasks and measurements on the devices' agents, on the cluster at `address`."""
 
     def __init__(self, address: str):
         self.ray = require_ray()
@@ -213,7 +271,10 @@ class RayExecutor:
         self.measured_devices = {d for n in live for d in n.devices}
         # exports go to the nodes that are no device, if the cluster has any now
         self._exports_apart = any(n.export_units for n in live)
-        self._warming: list = []
+        self._agents: list[_Agent] = []
+        self._measuring: dict[object, tuple[_Agent, str]] = {}  # job's ref -> its agent and the job's key
+        self._attempts: dict[str, int] = {}  # job key -> times started
+        self._agent_deaths: dict[str, str] = {}  # device -> why its last agent to die did
 
     def _refresh(self, force: bool = False) -> list[Node]:
         """The live nodes, asked of Ray at most every `NODE_REFRESH_S`."""
@@ -224,37 +285,49 @@ class RayExecutor:
                     self._devices_seen[node.node_id] = set(node.devices)
         return [n for n in self._nodes if n.alive]
 
-    def capacity(self, row: str) -> int:
-        """How many jobs of `row` may run at once: export units (else CPUs) for exports, units for a device."""
-        live = self._refresh()
-        if row == EXPORT_ROW:
-            return int(sum(n.export_units if self._exports_apart else n.cpus for n in live))
-        return int(sum(n.devices.get(row, 0.0) for n in live))
+    def _live_agents(self, device: str) -> list[_Agent]:
+        live = {n.node_id for n in self._refresh()}
+        return [a for a in self._agents if a.device == device and a.node_id in live]
 
-    def warm_up(self, devices: set[str]) -> None:
-        """Prepare a worker for each unit of `devices` on every live node now, so that the
-        measurements, which reuse the driver's idle workers, need not start one. Each warm-up
-        holds what a measurement would (a unit of the device and a CPU), so none runs beside a
-        measurement; a warm-up that fails (its node died) costs nothing but itself."""
+    def capacity(self, row: str) -> int:
+        """How many jobs of `row` may run at once: export units (else CPUs) for exports, live agents for a device."""
+        if row == EXPORT_ROW:
+            return int(sum(n.export_units if self._exports_apart else n.cpus for n in self._refresh()))
+        return len(self._live_agents(row))
+
+    def prepare_devices(self, devices: set[str]) -> None:
+        """Find, or start, an agent for each unit of `devices` on every live node. Starting
+        returns at once: an agent prepares while the exports run, and its first measurement
+        waits for that only if none are left to run."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        prepare = self.ray.remote(prepare_worker)
+        fingerprint = code_fingerprint()
+        stop_agents(keep=fingerprint)
+        agent_class = self.ray.remote(DeviceAgent)
         for node in self._refresh():
             for device in sorted(devices & set(node.devices)):
-                pinned = prepare.options(num_cpus=1, resources={resource_name(device): 1}, max_retries=0,
-                                         scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False))
-                self._warming += [pinned.remote() for _ in range(int(node.devices[device]))]
+                for unit in range(int(node.devices[device])):
+                    actor = agent_class.options(
+                        name=agent_name(device, node.node_id, unit, fingerprint), namespace=AGENT_NAMESPACE,
+                        get_if_exists=True, lifetime="detached", max_restarts=0, num_cpus=1,
+                        resources={resource_name(device): 1},
+                        scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False)).remote()
+                    self._agents.append(_Agent(device, node.node_id, actor))
 
     def share(self, bundle: ArtifactBundle):
         return self.ray.put(bundle)
 
     def start(self, job: Job, function: Callable[..., dict], *args):
-        if job.kind == MEASURE:
-            resources = {resource_name(job.device): 1}
-        else:
-            resources = {EXPORT_RESOURCE: 1} if self._exports_apart else {}
-        return self._task.options(num_cpus=1, resources=resources, max_retries=RETRIES_ON_NODE_DEATH,
-                                  retry_exceptions=False).remote(function, *args)
+        """Start an export as a task, a measurement on an idle agent of its device (`capacity` says one is)."""
+        if job.kind != MEASURE:
+            return self._task.options(num_cpus=1, resources={EXPORT_RESOURCE: 1} if self._exports_apart else {},
+                                      max_retries=RETRIES_ON_NODE_DEATH, retry_exceptions=False).remote(function, *args)
+        busy = {agent for agent, _ in self._measuring.values()}
+        agent = next(a for a in self._live_agents(job.device) if a not in busy)
+        self._attempts[job.key] = self._attempts.get(job.key, 0) + 1
+        ref = agent.actor.run.remote(function, *args)
+        self._measuring[ref] = (agent, job.key)
+        return ref
 
     def wait(self, handles: list, timeout_s: float) -> list[Finished]:
         """The jobs among `handles` that have finished, waiting up to `timeout_s` for the first."""
@@ -264,10 +337,17 @@ class RayExecutor:
         return [self._outcome(ref) for ref in ready]
 
     def _outcome(self, ref) -> Finished:
+        agent, key = self._measuring.pop(ref, (None, ""))
         try:
             return Finished(ref, self.ray.get(ref))
         except self.ray.exceptions.RayTaskError as error:  # the job raised: its own exception says why
             return Finished(ref, None, failure_reason(error.cause if error.cause is not None else error))
+        except self.ray.exceptions.RayActorError as error:  # the agent died, most likely with its node
+            reason = f"{type(error).__name__}: {one_line(error)}"
+            if not isinstance(error, self.ray.exceptions.ActorUnavailableError):  # that one may come back
+                self._agents.remove(agent)
+                self._agent_deaths[agent.device] = reason
+            return Finished(ref, None, reason, retry=self._attempts[key] <= RETRIES_ON_NODE_DEATH)
         except self.ray.exceptions.RayError as error:  # its node or worker died past the retries
             return Finished(ref, None, f"{type(error).__name__}: {one_line(error)}")
 
@@ -281,17 +361,22 @@ class RayExecutor:
                 reasons[row] = "no live node of the cluster that is no device is left to export on" \
                     if self._exports_apart else "no live node of the cluster has a CPU to export on"
                 continue
-            live = {n.node_id for n in self._refresh()}
+            live = {n.node_id for n in self._refresh() if row in n.devices}
+            if live:  # the nodes are there, their agents are not
+                reasons[row] = f"every agent of device {row!r} died, the last: {self._agent_deaths.get(row, '?')}"
+                continue
             dead = [node[:12] for node, devices in self._devices_seen.items() if row in devices and node not in live]
             reasons[row] = f"no live node advertises device {row!r} any more" + \
                 (f" (node {', '.join(dead)} died during the sweep)" if dead else "")
         return reasons
 
     def cancel(self, handles: list) -> None:
+        """Stop the jobs of `handles`: an export's worker is killed; an agent is asked to stop
+        (Ray kills no actor for one call), and stays for the next sweep."""
         for ref in handles:
-            self.ray.cancel(ref, force=True)
+            self.ray.cancel(ref, force=ref not in self._measuring)
 
     def close(self) -> None:
-        self.cancel(self._warming)
+        """Disconnect, if this executor connected; the agents stay."""
         if self._connected:
             self.ray.shutdown()

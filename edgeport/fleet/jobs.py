@@ -92,11 +92,13 @@ def node_description(node: str, device: str = "") -> dict:
 @dataclass
 class Finished:
     """A job an executor has finished: its result (the job function's return value), or None
-    and the reason it failed."""
+    and the reason it failed; `retry` when what died was where it ran, not the job, and it may
+    run again elsewhere."""
 
     handle: object
     result: dict | None
     reason: str = ""
+    retry: bool = False
 
 
 def one_line(error: BaseException) -> str:

@@ -25,8 +25,8 @@ class InProcessExecutor:
         """One job at a time in the whole process: none while a finished one waits to be collected."""
         return 0 if self._finished else 1
 
-    def warm_up(self, devices: set[str]) -> None:
-        """This process is the one worker, and already running."""
+    def prepare_devices(self, devices: set[str]) -> None:
+        """This process measures, and is running already."""
 
     def share(self, bundle: ArtifactBundle) -> ArtifactBundle:
         return bundle

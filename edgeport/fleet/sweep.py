@@ -90,6 +90,7 @@ class _Run:
         self.queues: dict[str, deque] = {row: deque() for row in plan.rows()}
         self.running: dict[object, Job] = {}
         self.handed_over: dict[str, float] = {}  # job key -> when the executor got it (perf_counter s)
+        self.calls: dict[str, tuple] = {}  # job key -> its function and arguments, to run it again
         self.handling_s = 0.0
         self.executed: list[dict] = []
         for job in plan.jobs:
@@ -103,8 +104,8 @@ class _Run:
         self.notify(ProgressEvent(job, state, detail, self.counts))
 
     def execute(self) -> None:
-        # the devices' workers start while the exports run, not when the first measurement comes
-        self.executor.warm_up({job.device for job in self.plan.jobs
+        # the devices' agents start (the first time) while the exports run, not when the first measurement comes
+        self.executor.prepare_devices({job.device for job in self.plan.jobs
                                if job.kind == MEASURE and self.results.finished(job) is None})
         for export in self.plan.exports():
             stored = self.results.stored_export(export)
@@ -129,11 +130,16 @@ class _Run:
             queue = self.queues[row]
             while queue and self.counts[row][RUNNING] < self.executor.capacity(row):
                 job, function, args = queue.popleft()
+                self.calls[job.key] = (function, args)
                 self._set(job, RUNNING)
                 self.handed_over[job.key] = time.perf_counter()
                 self.running[self.executor.start(job, function, *args)] = job
 
     def _conclude(self, job: Job, finished: jobs.Finished) -> None:
+        if finished.retry:  # its node died: first in its row's queue, for another node of the device
+            self._set(job, QUEUED, finished.reason)
+            self.queues[job.row].appendleft((job, *self.calls[job.key]))
+            return
         if finished.result is None:
             self._fail(job, finished.reason)
             return
