@@ -177,8 +177,8 @@ def prepare_worker() -> None:
     """Make this Ray worker ready to measure, once per process: import what a measurement
     imports, then collect and freeze what is alive into the collector's permanent generation.
     `edgeport.profile` runs a full collection before it times (so that sessions dropped before
-    stop spinning); with torch's ~300,000 objects in the process that scans them all, 0.3 s per
-    job on a quiet 2-core machine, and none of them can be garbage. Frozen, each collection
+    stop spinning); with torch's ~320,000 objects in the process that scans them all, 0.26 s
+    per job on this project's 2-core VM (bench/fleet_bench.py), and none of them can be garbage. Frozen, each collection
     scans only what jobs made since, so it still frees every dropped session. Only for a
     process the fleet owns: frozen objects are never freed."""
     global _worker_prepared
@@ -226,6 +226,7 @@ def code_fingerprint() -> str:
 
 
 def agent_name(device: str, node_id: str, unit: int, fingerprint: str) -> str:
+    """The agent of `unit` of `device` on node `node_id`, running the code of `fingerprint`."""
     return f"{device}@{node_id}#{unit}~{fingerprint}"
 
 
@@ -252,6 +253,8 @@ def stop_agents(keep: str | None = None, timeout_s: float = 30.0) -> int:
 
 @dataclass(eq=False)
 class _Agent:
+    """An agent this executor measures on: its device, its node, and the actor's handle."""
+
     device: str
     node_id: str
     actor: object

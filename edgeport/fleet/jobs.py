@@ -1,10 +1,10 @@
 """The work of one job, runnable on any node: export a variant, measure an artifact, estimate one.
 
 Nothing here knows about Ray: the in-process executor calls these functions directly and the
-Ray executor runs them as tasks, passing `node`, the id of the node they run on. Artifacts
-travel between jobs as `ArtifactBundle`s, the files' bytes, because the nodes of a real fleet
-share no filesystem; a bundle is checked against the sha256 of each file, as the export
-recorded them, before anything reads it.
+Ray executor runs exports as tasks and measurements on device agents, passing `node`, the id
+of the node they run on. Artifacts travel between jobs as `ArtifactBundle`s, the files'
+bytes, because the nodes of a real fleet share no filesystem; a bundle is checked against the
+sha256 of each file, as the export recorded them, before anything reads it.
 """
 from __future__ import annotations
 
