@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(PY) bench/runtime_bench.py
 	$(PY) bench/slim_bench.py
 	$(PY) bench/backend_bench.py
+	$(PY) bench/fleet_bench.py
 	$(PY) bench/quant_bench.py
 
 clean:

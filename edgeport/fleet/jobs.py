@@ -1,10 +1,10 @@
 """The work of one job, runnable on any node: export a variant, measure an artifact, estimate one.
 
 Nothing here knows about Ray: the in-process executor calls these functions directly and the
-Ray executor runs them as tasks, passing `node`, the id of the node they run on. Artifacts
-travel between jobs as `ArtifactBundle`s, the files' bytes, because the nodes of a real fleet
-share no filesystem; a bundle is checked against the sha256 of each file, as the export
-recorded them, before anything reads it.
+Ray executor runs exports as tasks and measurements on device agents, passing `node`, the id
+of the node they run on. Artifacts travel between jobs as `ArtifactBundle`s, the files'
+bytes, because the nodes of a real fleet share no filesystem; a bundle is checked against the
+sha256 of each file, as the export recorded them, before anything reads it.
 """
 from __future__ import annotations
 
@@ -92,11 +92,13 @@ def node_description(node: str, device: str = "") -> dict:
 @dataclass
 class Finished:
     """A job an executor has finished: its result (the job function's return value), or None
-    and the reason it failed."""
+    and the reason it failed; `retry` when what died was where it ran, not the job, and it may
+    run again elsewhere."""
 
     handle: object
     result: dict | None
     reason: str = ""
+    retry: bool = False
 
 
 def one_line(error: BaseException) -> str:

@@ -25,6 +25,9 @@ class InProcessExecutor:
         """One job at a time in the whole process: none while a finished one waits to be collected."""
         return 0 if self._finished else 1
 
+    def prepare_devices(self, devices: set[str]) -> None:
+        """This process measures, and is running already."""
+
     def share(self, bundle: ArtifactBundle) -> ArtifactBundle:
         return bundle
 

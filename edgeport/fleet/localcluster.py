@@ -51,20 +51,21 @@ class LocalCluster:
     def __exit__(self, *exc_info) -> None:
         self.stop()
 
-    def _start(self, name: str, *args: str, env: dict | None = None) -> None:
+    def _start(self, name: str, *args: str, ray_args: tuple[str, ...] = (), env: dict | None = None) -> None:
         # Ray's socket paths must stay under 108 bytes: a short folder per node, under /tmp
         folder = Path(tempfile.mkdtemp(prefix=f"epf-{name[:6]}-", dir="/tmp"))
         with open(folder / "node.log", "wb") as log:
             process = subprocess.Popen(
                 [sys.executable, "-m", "edgeport", "fleet", "join", *args, "--num-cpus", str(self.num_cpus),
-                 "--object-store-memory", str(self.object_store_bytes), "--temp-dir", str(folder), "--block"],
+                 "--object-store-memory", str(self.object_store_bytes), "--temp-dir", str(folder), "--block",
+                 "--", *ON_LOOPBACK, *ray_args],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})})
         self.nodes[name] = (process, folder)
 
     def start_head(self, timeout_s: float = 120) -> None:
         """Start the head (no device: it exports) and wait until it accepts connections."""
-        self._start("head", "--head", "--port", str(self.port), "--", "--ray-client-server-port", str(self.client_port),
-                    *ON_LOOPBACK, env=FAST_HEALTH_CHECKS)
+        self._start("head", "--head", "--port", str(self.port),
+                    ray_args=("--ray-client-server-port", str(self.client_port)), env=FAST_HEALTH_CHECKS)
         deadline = time.monotonic() + timeout_s
         while True:
             try:
@@ -77,7 +78,7 @@ class LocalCluster:
 
     def join(self, name: str, device: str) -> None:
         """Start a node called `name` advertising `device`."""
-        self._start(name, "--address", self.address, "--device", device, "--", *ON_LOOPBACK)
+        self._start(name, "--address", self.address, "--device", device)
 
     def wait_for(self, devices: set[str], nodes_each: int = 1, timeout_s: float = 180) -> dict[str, str]:
         """{device: a node id} once `nodes_each` live nodes advertise each of `devices` (this
@@ -101,22 +102,34 @@ class LocalCluster:
         """The end of a node's `ray start` output."""
         return f"--- {name}:\n" + (self.nodes[name][1] / "node.log").read_text(errors="replace")[-3000:]
 
+    def workers(self, name: str) -> dict[int, str]:
+        """The node's live Ray workers: pid -> the process title Ray gives it, `ray::IDLE`, or
+        `ray::<function>` while it runs a task. They run in sessions of their own and are named
+        by pid in the node's own log folder."""
+        titles = {}
+        for log in self.nodes[name][1].glob("session_*/logs/worker-*.out"):
+            pid = int(log.stem.rsplit("-", 1)[-1])
+            try:  # the pid may have been reused since: only a Ray worker is ours
+                title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            except FileNotFoundError:
+                continue
+            if title.startswith("ray::"):
+                titles[pid] = title
+        return titles
+
     def kill(self, name: str) -> None:
         """End one node's processes at once: its `ray start` group (raylet, object store, agents)
-        and its Ray workers, which run in sessions of their own and are named by pid in that
-        node's own log folder."""
-        process, folder = self.nodes[name]
+        and its Ray workers."""
+        process = self.nodes[name][0]
         try:
             os.killpg(process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         process.wait(timeout=30)
-        for log in folder.glob("session_*/logs/worker-*.out"):
-            pid = int(log.stem.rsplit("-", 1)[-1])
-            try:  # the pid may have been reused since: only a Ray worker is ours
-                if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::"):
-                    os.kill(pid, signal.SIGKILL)
-            except (FileNotFoundError, ProcessLookupError):
+        for pid in self.workers(name):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
                 pass
 
     def stop(self) -> None:

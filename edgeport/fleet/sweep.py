@@ -18,8 +18,8 @@ import torch
 
 from edgeport.errors import EdgeportError, UserError
 from edgeport.fleet import jobs
-from edgeport.fleet.plan import ESTIMATE, EXPORT, EXPORT_ROW, HOST, Job, Plan, make_plan, parse_variant, \
-    resolve_models
+from edgeport.fleet.plan import ESTIMATE, EXPORT, EXPORT_ROW, HOST, MEASURE, Job, Plan, make_plan, \
+    parse_variant, resolve_models
 from edgeport.fleet.results import DONE, FAILED, Results
 
 POLL_S = 0.5  # how long the driver waits for a job before it looks at the nodes again
@@ -41,7 +41,10 @@ class ProgressEvent:
 class SweepResult:
     """What a sweep did: the jobs of its plan as the index has them, counts per row and state,
     and its times in seconds (`connect_s` to reach the executor, `run_s` from the first job to
-    the report, `job_s` the sum of the times the jobs run now took where they ran)."""
+    the report, `job_s` the sum of the times the jobs run now took where they ran, and
+    `handling_s`, the sum over the jobs handed to the executor of the time from handing each
+    over to recording its result, less its own time: scheduling, transfers, worker start-up
+    and recording, the overhead per job even where jobs run side by side)."""
 
     out: Path
     report: Path
@@ -51,6 +54,7 @@ class SweepResult:
     run_s: float
     job_s: float
     jobs_run: int
+    handling_s: float
     cluster: str | None = None
 
     @property
@@ -60,7 +64,7 @@ class SweepResult:
     def to_dict(self) -> dict:
         return {"out": str(self.out), "report": str(self.report), "cluster": self.cluster, "counts": self.counts,
                 "connect_s": self.connect_s, "run_s": self.run_s, "job_s": self.job_s, "jobs_run": self.jobs_run,
-                "jobs": self.jobs}
+                "handling_s": self.handling_s, "jobs": self.jobs}
 
 
 def profile_settings(runs: int, warmup: int, sessions: int, min_duration_s: float, threads: int | None, ops: bool,
@@ -85,6 +89,9 @@ class _Run:
         self.state: dict[str, str] = {}
         self.queues: dict[str, deque] = {row: deque() for row in plan.rows()}
         self.running: dict[object, Job] = {}
+        self.handed_over: dict[str, float] = {}  # job key -> when the executor got it (perf_counter s)
+        self.calls: dict[str, tuple] = {}  # job key -> its function and arguments, to run it again
+        self.handling_s = 0.0
         self.executed: list[dict] = []
         for job in plan.jobs:
             self._set(job, QUEUED)
@@ -97,6 +104,9 @@ class _Run:
         self.notify(ProgressEvent(job, state, detail, self.counts))
 
     def execute(self) -> None:
+        # the devices' agents start (the first time) while the exports run, not when the first measurement comes
+        self.executor.prepare_devices({job.device for job in self.plan.jobs
+                               if job.kind == MEASURE and self.results.finished(job) is None})
         for export in self.plan.exports():
             stored = self.results.stored_export(export)
             if stored is not None:
@@ -120,10 +130,16 @@ class _Run:
             queue = self.queues[row]
             while queue and self.counts[row][RUNNING] < self.executor.capacity(row):
                 job, function, args = queue.popleft()
+                self.calls[job.key] = (function, args)
                 self._set(job, RUNNING)
+                self.handed_over[job.key] = time.perf_counter()
                 self.running[self.executor.start(job, function, *args)] = job
 
     def _conclude(self, job: Job, finished: jobs.Finished) -> None:
+        if finished.retry:  # its node died: first in its row's queue, for another node of the device
+            self._set(job, QUEUED, finished.reason)
+            self.queues[job.row].appendleft((job, *self.calls[job.key]))
+            return
         if finished.result is None:
             self._fail(job, finished.reason)
             return
@@ -143,6 +159,8 @@ class _Run:
     def _done(self, job: Job, result: dict) -> None:
         seconds, node = result.pop("seconds"), result.pop("node", None)
         self.executed.append(self.results.record(job, DONE, seconds=seconds, node=node, **result))
+        if job.key in self.handed_over:
+            self.handling_s += time.perf_counter() - self.handed_over.pop(job.key) - seconds
         if "profile" in result:
             detail = f"p50 {result['profile']['latency']['p50']:.4g} ms, node {node['node_id'][:12]}"
         elif "estimate" in result:
@@ -152,6 +170,7 @@ class _Run:
         self._set(job, DONE, detail)
 
     def _fail(self, job: Job, reason: str) -> None:
+        self.handed_over.pop(job.key, None)
         self.executed.append(self.results.record(job, FAILED, reason=reason))
         self._set(job, FAILED, reason)
         if job.kind == EXPORT:
@@ -243,4 +262,4 @@ def sweep(models: Sequence[str | torch.nn.Module], variants: Sequence[str] = ("f
     return SweepResult(results.out, report, run.counts, [results.entries[j.key] for j in plan.jobs
                                                          if j.key in results.entries],
                        connected - start, time.perf_counter() - connected,
-                       sum(r["seconds"] or 0.0 for r in run.executed), len(run.executed), cluster)
+                       sum(r["seconds"] or 0.0 for r in run.executed), len(run.executed), run.handling_s, cluster)
