@@ -53,3 +53,22 @@ def test_error_feedback_rounding_is_exported_exactly_and_improves_on_repq_at_w4a
     assert _logit_sqnr_db(gptq, model, images) > _logit_sqnr_db(repq, model, images) + 0.5
     artifact = ep.export(gptq, images[:1], out=tmp_path, verify_inputs=[images[i:i + 1] for i in range(16)])["onnx"]
     assert artifact.parity.passed
+
+
+def test_w4_tie_rounding_error_of_the_export_stays_within_its_stated_bound(tmp_path):
+    """At W4A4 the attention-weighted values (a product of two quantized operands) land on
+    the next quantizer's rounding ties, which ONNX Runtime's summation order breaks the other
+    way than torch's: single codes flip. The README states the bound this checks: exported
+    logits within 0.2 of the output scale of the fake-quant model's (measured 0.096 repq,
+    0.12 repq-gptq over the 360 test images) and at most 2 % of predictions changed (3 and 2 of 360)."""
+    import onnxruntime as ort
+
+    images = ep.zoo.testset("vit-digits")[0][:120]
+    qmodel = ep.quantize("vit-digits", method="repq", w_bits=4, a_bits=4)
+    artifact = ep.export(qmodel, images[:1], out=tmp_path, dynamic_batch=True, verify_inputs=[images[:8]])["onnx"]
+    session = ort.InferenceSession(str(artifact.path), providers=["CPUExecutionProvider"])
+    exported = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: images.numpy()})[0])
+    with torch.no_grad():
+        reference = qmodel(images)
+    assert (exported - reference).abs().max() <= 0.2 * reference.abs().max()
+    assert (exported.argmax(1) != reference.argmax(1)).float().mean() <= 0.02
