@@ -21,7 +21,10 @@
    images, and speed at batch 1 interleaved in five rounds.
 5. Mixed precision on MiniLM: `ep.quantize(..., max_drop=0.005)`, its widths, and the test
    sentences' agreement with fp32.
-Writes bench/results/quant.json (sections 1-3), quant_timm.json (4) and quant_mixed.json (5).
+6. Low bits: W6A6 and W4A4 with repq, repq-gptq (error-feedback weight rounding) and, on the
+   zoo ViT, erq (ridge-regressed weights first), the best method of each width named.
+Writes bench/results/quant.json (sections 1-3), quant_timm.json (4), quant_mixed.json (5) and
+quant_lowbit.json (6).
 Run: `python bench/quant_bench.py [minilm zoo_vit speed timm mixed]` (all sections by default;
 `timm:fastvit_t8,levit_128s` runs those models only).
 """
@@ -338,9 +341,52 @@ def mixed_precision(max_drop: float = 0.005) -> dict:
             "test": agreement(embeddings, reference)}
 
 
-SECTIONS = {"minilm": minilm, "zoo_vit": zoo_vit, "speed": speed, "timm": timm_models, "mixed": mixed_precision}
+def low_bits(methods: tuple[str, ...] = ("repq", "repq-gptq")) -> dict:
+    """W6A6 and W4A4 with the low-bit methods beside repq: MiniLM on the test sentences
+    (cosine, top-1 against fp32; fake-quant torch model) and the zoo ViT on its 360 test images
+    (agreement with fp32, accuracy; erq too: cheap there), with quantization time, and the best
+    method of each width named."""
+    encoder, _, _, test, calib = minilm_data()
+    with torch.no_grad():
+        reference = encoder(*test).numpy()
+    rows = []
+    for bits in (6, 4):
+        for method in methods:
+            start = time.perf_counter()
+            qmodel = ep.quantize(encoder, calib, method, bits, bits)
+            seconds = time.perf_counter() - start
+            with torch.no_grad():
+                rows.append({"model": "all-MiniLM-L6-v2", "method": method, "bits": bits,
+                             **agreement(qmodel(*test).numpy(), reference), "quantize_seconds": round(seconds, 1)})
+            print(json.dumps(rows[-1]), flush=True)
+    model = ep.zoo.load("vit-digits")
+    x, y = ep.zoo.testset("vit-digits")
+    with torch.no_grad():
+        predicted = model(x).argmax(1)
+    for bits in (6, 4):
+        for method in (*methods, "erq"):
+            start = time.perf_counter()
+            qmodel = ep.quantize("vit-digits", method=method, w_bits=bits, a_bits=bits)
+            seconds = time.perf_counter() - start
+            with torch.no_grad():
+                prediction = qmodel(x).argmax(1)
+            rows.append({"model": "vit-digits", "method": method, "bits": bits,
+                         "agreement_percent": float((prediction == predicted).float().mean() * 100),
+                         "accuracy_percent": float((prediction == y).float().mean() * 100),
+                         "quantize_seconds": round(seconds, 1)})
+            print(json.dumps(rows[-1]), flush=True)
+    best = {f"{model} W{bits}A{bits}": max((r for r in rows if r["model"] == model and r["bits"] == bits),
+                                           key=lambda r: r.get("cosine", r.get("agreement_percent")))["method"]
+            for model in ("all-MiniLM-L6-v2", "vit-digits") for bits in (6, 4)}
+    print(json.dumps({"best_method": best}), flush=True)
+    return {"sentences": SENTENCES, "calibration_sentences": CALIBRATION, "test_images": len(y), "rows": rows,
+            "best_method": best}
+
+
+SECTIONS = {"minilm": minilm, "zoo_vit": zoo_vit, "speed": speed, "timm": timm_models, "mixed": mixed_precision,
+            "lowbit": low_bits}
 # sections whose results go to a file of their own, bench/results/quant_<section>.json
-SEPARATE = ("timm", "mixed")
+SEPARATE = ("timm", "mixed", "lowbit")
 
 
 def main(sections: list[str]) -> None:

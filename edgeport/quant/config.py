@@ -41,6 +41,9 @@ class QuantConfig:
     `fold_norm_affine` then moves that reparameterization into the norm's own affine where
     the norm feeds nothing else. `choose_softmax_quantizer` makes log-sqrt2 a candidate beside
     the uniform grid for a softmax output, the smaller error at the model's output choosing.
+    `compensate_weights` rounds each Linear's weight with error feedback from the quantized
+    input it really gets (GPTQ-style), after regressing weight and bias onto the float
+    output where `weight_ridge` gives the ridge factor (ERQ-style; `edgeport.quant.erq`).
     `symmetric` gives every quantizer zero point 0. `layer_widths` gives single layers or
     matmuls (by module path, or the matmul names of the report) their own width, inputs and
     weights alike (a mixed-precision map; a dict is accepted). `name` and `description` label the config
@@ -56,6 +59,8 @@ class QuantConfig:
     norm_reparam: bool = False
     fold_norm_affine: bool = False
     choose_softmax_quantizer: bool = False
+    compensate_weights: bool = False
+    weight_ridge: float | None = None
     symmetric: bool = False
     keep_8bit: tuple[str, ...] = ()
     layer_widths: tuple[tuple[str, int], ...] = ()
@@ -72,6 +77,8 @@ class QuantConfig:
             raise UserError(f"unknown weight calibration {self.weight_observer!r}; choose one of "
                             f"{', '.join((*OBSERVERS, AUTO_WEIGHT_OBSERVER))}")
         observer(self.act_observer)
+        if self.weight_ridge is not None and not (self.compensate_weights and self.weight_ridge > 0):
+            raise UserError("weight_ridge is the ridge factor of compensate_weights: a positive number with it")
         if self.fold_norm_affine and not self.norm_reparam:
             raise UserError("fold_norm_affine moves the LayerNorm reparameterization into the norm: it needs "
                             "norm_reparam")
@@ -125,6 +132,13 @@ PRESETS: dict[str, QuantConfig] = {
                         description="RepQ-ViT: LayerNorm outputs calibrated per channel and reparameterized to per "
                                     "tensor; ranges and the softmax quantizer chosen by error"),
 }
+PRESETS["repq-gptq"] = dataclasses.replace(
+    PRESETS["repq"], compensate_weights=True, name="repq-gptq",
+    description="repq, then each Linear's weight rounded with error feedback from its quantized input (GPTQ)")
+PRESETS["erq"] = dataclasses.replace(
+    PRESETS["repq-gptq"], weight_ridge=1.0, name="erq",
+    description="repq-gptq after a closed-form ridge regression of each Linear's weight and bias onto the float "
+                "output from its quantized input (ERQ)")
 
 
 def preset(name: str, **overrides: object) -> QuantConfig:

@@ -27,6 +27,7 @@ from torch import nn
 from edgeport.errors import UserError
 from edgeport.quant.calibrate import observer
 from edgeport.quant.config import QuantConfig
+from edgeport.quant.erq import compensate
 from edgeport.quant.quantizers import LogSqrt2QParams, LogSqrt2Quantizer, UniformQParams, UniformQuantizer
 from edgeport.quant.reparam import fold_batchnorm, fold_into_linear, fold_targets
 
@@ -188,6 +189,7 @@ class QuantReport:
     batchnorm_folds_skipped: str = ""
     merged_branches: list[str] = field(default_factory=list)
     reparameterized: list[str] = field(default_factory=list)
+    compensated: list[str] = field(default_factory=list)
     matmuls: list[str] = field(default_factory=list)
     float_ops: list[str] = field(default_factory=list)
     matmuls_not_quantized: str = ""
@@ -466,6 +468,8 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], c
         for norm in exclusive:
             _fold_into_norm(qmodel.get_submodule(norm),
                             [qmodel.get_submodule(name) for name, n in fed.items() if n == norm])
+    if config.compensate_weights:
+        report.compensated = compensate(qmodel, model, args, QuantLinear, weight_quantizer, config.weight_ridge)
     return qmodel, report
 
 
