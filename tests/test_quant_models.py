@@ -90,3 +90,38 @@ def test_w8a8_exports_and_verifies(name, tmp_path):
     artifact = ep.export(ep.quantize(model, images, "repq"), images[:1], out=tmp_path, name=name)["onnx"]
     assert artifact.precision == "w8a8"
     assert all(output.passed for output in artifact.parity.outputs)
+
+
+def test_grouped_convs_stay_float_for_onnxruntime_and_are_named(tmp_path):
+    """ONNX Runtime's integer grouped and depthwise convs are slower than its float ones, so at
+    W8A8 for ONNX Runtime they stay float (named in the report) while the dense convs become
+    QLinearConv; the TensorRT form quantizes them all."""
+    model, images = build("fastvit_t8")
+    grouped = sum(isinstance(m, nn.Conv2d) and m.groups > 1 for m in model.modules())
+    qmodel = ep.quantize(model, images, "repq")
+    kept_float = [line for line in qmodel.quant_report.float_ops if "grouped conv" in line]
+    assert kept_float and len(kept_float) <= grouped
+    artifact = ep.export(qmodel, images[:1], out=tmp_path, name="fastvit")["onnx"]
+    ops = runtime_ops(artifact.path)
+    assert ops["QLinearConv"] == len(qmodel.quant_report.layers) - 1  # the head's Linear is a QGemm
+    assert not any("grouped conv" in line for line in
+                   ep.quantize(model, images, "repq", target="tensorrt").quant_report.float_ops)
+
+
+def test_a_norm_output_changed_in_place_is_not_folded_into():
+    """EfficientViT's head runs LayerNorm -> inplace Hardswish -> Linear: the Linear reads the
+    norm's output tensor object, but after the activation; folding the reparameterization into
+    the norm's affine would move it in front of the activation (cosine 0.979 to the float
+    model with every quantizer switched off, before)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.Hardswish(inplace=True), nn.Linear(32, 4)).eval()
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 2.0)
+        model[1].bias.uniform_(-1.0, 1.0)
+    x = torch.randn(64, 16)
+    qmodel = ep.quantize(model, x, "repq")
+    assert "3" not in qmodel.quant_report.reparameterized
+    for quantizer in (m for m in qmodel.modules() if hasattr(m, "enabled")):
+        quantizer.enabled = False
+    with torch.no_grad():
+        torch.testing.assert_close(qmodel(x), model(x), rtol=1e-5, atol=1e-5)

@@ -248,6 +248,15 @@ def _folded_norm(norm: nn.Module) -> nn.Module | None:
     return None
 
 
+def _grouped_conv(layer: nn.Module) -> bool:
+    """A grouped or depthwise Conv2d: one that ONNX Runtime's CPU kernels run slower in int8
+    than in float. Measured per node on FastViT-T8 (64x64, 2 threads): depthwise 3x3 and 7x7
+    1.2-1.8x slower as QLinearConv than as its float NCHWc conv, grouped 7x7 with two outputs
+    per group 4-7x slower, while dense convs were 1.5-2.6x faster. Left float at 8 bits, their
+    inputs and weights keep full precision and the integer dense convs around them stay."""
+    return isinstance(layer, nn.Conv2d) and layer.groups > 1
+
+
 def _merge_branches(model: nn.Module, report: QuantReport) -> None:
     """Merge the training-time parallel branches of structurally reparameterizable blocks
     (MobileOne, RepVGG, FastViT's RepMixer: modules with a `reparameterize()` method, the
@@ -327,16 +336,21 @@ def _norm_fed(model: nn.Module, sample: tuple[torch.Tensor, ...]) -> tuple[dict[
     that reuse their memory (it did, on MiniLM)."""
     norm_outputs: dict[nn.LayerNorm, torch.Tensor] = {}
     probes: dict[nn.LayerNorm, torch.Tensor] = {}
+    versions: dict[nn.LayerNorm, int] = {}
     fed: dict[str, str] = {}
     names = {m: n for n, m in model.named_modules()}
 
     def probe(norm, args, out):
         probes[norm] = torch.zeros((), dtype=out.dtype, requires_grad=True)
         norm_outputs[norm] = out + probes[norm]
+        versions[norm] = norm_outputs[norm]._version
         return norm_outputs[norm]
 
     def read(linear, args):
-        norm = next((n for n, out in norm_outputs.items() if args[0] is out), None)
+        # The same tensor changed in place since the norm made it (an inplace activation, as in
+        # EfficientViT's head) is no longer the norm's output: folding into that norm would
+        # move the affine in front of the activation.
+        norm = next((n for n, out in norm_outputs.items() if args[0] is out and out._version == versions[n]), None)
         if norm is not None:
             fed[names[linear]] = names[norm]
             return (args[0].detach(),) + args[1:]
@@ -439,6 +453,10 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], c
         if wrapper is None or any(name.startswith(f"{n}.") for n in report.layers):
             continue
         input_bits, weight_bits = config.layer_bits(name)
+        if config.target == "onnxruntime" and input_bits == weight_bits == 8 and _grouped_conv(module):
+            report.float_ops.append(f"{name}: grouped conv ({module.groups} groups) kept float: ONNX Runtime's "
+                                    f"integer grouped and depthwise kernels are slower than its float ones")
+            continue
         wrapped = wrapper(module, act_quantizer(input_bits, per_channel=name in fed),
                           weight_quantizer(module.weight, weight_bits))
         parent, _, leaf = name.rpartition(".")
