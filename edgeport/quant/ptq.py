@@ -248,15 +248,6 @@ def _folded_norm(norm: nn.Module) -> nn.Module | None:
     return None
 
 
-def _grouped_conv(layer: nn.Module) -> bool:
-    """A grouped or depthwise Conv2d: one that ONNX Runtime's CPU kernels run slower in int8
-    than in float. Measured per node on FastViT-T8 (64x64, 2 threads): depthwise 3x3 and 7x7
-    1.2-1.8x slower as QLinearConv than as its float NCHWc conv, grouped 7x7 with two outputs
-    per group 4-7x slower, while dense convs were 1.5-2.6x faster. Left float at 8 bits, their
-    inputs and weights keep full precision and the integer dense convs around them stay."""
-    return isinstance(layer, nn.Conv2d) and layer.groups > 1
-
-
 def _merge_branches(model: nn.Module, report: QuantReport) -> None:
     """Merge the training-time parallel branches of structurally reparameterizable blocks
     (MobileOne, RepVGG, FastViT's RepMixer: modules with a `reparameterize()` method, the
@@ -374,6 +365,44 @@ def _norm_fed(model: nn.Module, sample: tuple[torch.Tensor, ...]) -> tuple[dict[
     return fed, exclusive
 
 
+def _conv_fed(model: nn.Module, sample: tuple[torch.Tensor, ...]) -> tuple[dict[str, str], dict[str, int]]:
+    """Linear and Conv2d layers whose input is exactly a Conv2d's output tensor, unchanged
+    since (name -> conv name), read by tensor identity and version in one forward pass of one
+    sample; and each Conv2d's multiply-adds for that sample (name -> count)."""
+    outputs: dict[str, tuple[torch.Tensor, int]] = {}
+    fed: dict[str, str] = {}
+    macs: dict[str, int] = {}
+    names = {m: n for n, m in model.named_modules()}
+
+    def record(conv, args, out):
+        outputs[names[conv]] = (out, out._version)
+        macs[names[conv]] = macs.get(names[conv], 0) + conv.weight[0].numel() * out[0].numel()
+
+    def read(layer, args):
+        conv = next((n for n, (out, version) in outputs.items() if args[0] is out and out._version == version), None)
+        if conv is not None:
+            fed[names[layer]] = conv
+
+    hooks = [h for m in model.modules() if isinstance(m, tuple(QUANTIZED_LAYERS))
+             for h in ((m.register_forward_hook(record),) if isinstance(m, nn.Conv2d) else ())
+             + (m.register_forward_pre_hook(read),)]
+    try:
+        with torch.no_grad():
+            model(*sample)
+    finally:
+        for h in hooks:
+            h.remove()
+    return fed, macs
+
+
+# Below this many multiply-adds per sample, a conv stays float at W8A8 for ONNX Runtime.
+# Measured per node (FastViT-T8 and EfficientViT-B0 at 64x64, 2 threads): an integer 1x1 conv
+# of 0.3-0.6 M multiply-adds ran 0-3 us faster than the float one, while the quantize,
+# dequantize and NCHW/NHWC transposes ORT adds around an integer island cost 10-20 us; from
+# about 2 M multiply-adds the integer kernel saved 9-40 us.
+INTEGER_CONV_MIN_MACS = 1_000_000
+
+
 DEGENERATE_SCALE = 1e-8  # UniformQuantizer's floor: a range that collapsed to a point
 
 
@@ -426,6 +455,7 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], c
     _merge_branches(qmodel, report)
     _fold_batchnorms(qmodel, tuple(a[:1] for a in args), report)
     fed, exclusive = _norm_fed(qmodel, tuple(a[:1] for a in args)) if config.norm_reparam else ({}, set())
+    conv_fed, conv_macs = _conv_fed(qmodel, tuple(a[:1] for a in args))
     act_observer, weight_observer = observer(config.act_observer), observer(config.weight_calibration)
 
     def act_quantizer(bits: int, per_channel: bool = False) -> UniformQuantizer:
@@ -453,10 +483,19 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], c
         if wrapper is None or any(name.startswith(f"{n}.") for n in report.layers):
             continue
         input_bits, weight_bits = config.layer_bits(name)
-        if config.target == "onnxruntime" and input_bits == weight_bits == 8 and _grouped_conv(module):
-            report.float_ops.append(f"{name}: grouped conv ({module.groups} groups) kept float: ONNX Runtime's "
-                                    f"integer grouped and depthwise kernels are slower than its float ones")
-            continue
+        if config.target == "onnxruntime" and input_bits == weight_bits == 8 and isinstance(module, nn.Conv2d):
+            # Measured per node on FastViT-T8 (64x64, 2 threads): ORT's integer depthwise 3x3 and
+            # 7x7 convs 1.2-1.8x slower than its float NCHWc ones, grouped 7x7 with two outputs per
+            # group 4-7x slower, while dense convs of 2 M multiply-adds and more were 1.5-2.6x faster.
+            if module.groups > 1:
+                report.float_ops.append(f"{name}: grouped conv ({module.groups} groups) kept float: ONNX Runtime's "
+                                        f"integer grouped and depthwise kernels are slower than its float ones")
+                continue
+            if conv_macs.get(name, INTEGER_CONV_MIN_MACS) < INTEGER_CONV_MIN_MACS:
+                report.float_ops.append(f"{name}: small conv ({conv_macs[name] / 1e6:.2f} M multiply-adds per sample) "
+                                        f"kept float: its integer kernel would save less than the quantize, "
+                                        f"dequantize and layout changes around it cost in ONNX Runtime")
+                continue
         wrapped = wrapper(module, act_quantizer(input_bits, per_channel=name in fed),
                           weight_quantizer(module.weight, weight_bits))
         parent, _, leaf = name.rpartition(".")
@@ -468,6 +507,14 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], c
         # on every conv-heavy timm model). Only at 8 bits: narrower convs run in float anyway.
         if isinstance(module, QuantConv2d) and module.act.bits == module.wq.bits == 8:
             module.out = act_quantizer(8)
+    for name, conv in conv_fed.items():
+        # The conv's output quantizer is then the reader's input quantizer too: one grid, not
+        # two roundings in a row, and ONNX Runtime drops the repeated DQ -> Q pair so that the
+        # integer kernels chain with nothing float between them.
+        reader, conv_module = qmodel.get_submodule(name), qmodel.get_submodule(conv)
+        if isinstance(reader, _QuantizedLayer) and isinstance(conv_module, QuantConv2d) and conv_module.out is not None \
+                and reader.act.axis is None and reader.act.bits == conv_module.out.bits:
+            reader.act = conv_module.out
     if not report.layers:
         raise UserError(f"the model has no {' or '.join(kind.__name__ for kind in QUANTIZED_LAYERS)} layer to quantize")
     with torch.no_grad():
