@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import edgeport as ep
+from edgeport.quant.config import preset
 from real_models import timm
 
 # timm name -> (keyword arguments, input size). EfficientFormer-L1's attention bias is built for
@@ -71,9 +72,11 @@ def test_every_batchnorm_after_a_conv_is_folded_wherever_it_sits():
 
 def test_convs_run_as_integer_kernels_except_those_named_float(tmp_path):
     """Every quantized conv of resnet18 runs as QLinearConv with no BatchNormalization left;
-    the only float convs are the small ones the report names (its 1x1 downsamples at 64x64)."""
+    asked to leave convs under 1 M multiply-adds float, the only float convs are those the
+    report names (its 1x1 downsamples at 64x64); by default every conv is quantized."""
     model, images = build("resnet18")
-    qmodel = ep.quantize(model, images, "repq")
+    assert not ep.quantize(model, images, "repq").quant_report.float_ops
+    qmodel = ep.quantize(model, images, config=preset("repq", float_convs_below_macs=1_000_000))
     report = qmodel.quant_report
     quantized_convs = [name for name in report.layers if isinstance(model.get_submodule(name), nn.Conv2d)]
     float_convs = [line for line in report.float_ops if "conv" in line]

@@ -43,8 +43,12 @@ class QuantConfig:
     the uniform grid for a softmax output, the smaller error at the model's output choosing.
     `symmetric` gives every quantizer zero point 0. `layer_widths` gives single layers or
     matmuls (by module path, or the matmul names of the report) their own width, inputs and
-    weights alike (a mixed-precision map; a dict is accepted). `name` and `description` label the config
-    and take no part in comparisons.
+    weights alike (a mixed-precision map; a dict is accepted). `float_convs_below_macs`: at W8A8
+    for ONNX Runtime, a dense conv doing fewer multiply-adds per sample stays float, where the
+    quantize, dequantize and layout changes around an integer island cost more than its kernel
+    saves (about 1_000_000 measured on FastViT-T8 and EfficientViT-B0 at 64x64; 0, the default,
+    quantizes every dense conv). `name` and `description` label the config and take no part in
+    comparisons.
     """
 
     w_bits: int = 8
@@ -59,6 +63,7 @@ class QuantConfig:
     symmetric: bool = False
     keep_8bit: tuple[str, ...] = ()
     layer_widths: tuple[tuple[str, int], ...] = ()
+    float_convs_below_macs: int = 0
     name: str = field(default="custom", compare=False)
     description: str = field(default="", compare=False)
 

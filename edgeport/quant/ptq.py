@@ -395,14 +395,6 @@ def _conv_fed(model: nn.Module, sample: tuple[torch.Tensor, ...]) -> tuple[dict[
     return fed, macs
 
 
-# Below this many multiply-adds per sample, a conv stays float at W8A8 for ONNX Runtime.
-# Measured per node (FastViT-T8 and EfficientViT-B0 at 64x64, 2 threads): an integer 1x1 conv
-# of 0.3-0.6 M multiply-adds ran 0-3 us faster than the float one, while the quantize,
-# dequantize and NCHW/NHWC transposes ORT adds around an integer island cost 10-20 us; from
-# about 2 M multiply-adds the integer kernel saved 9-40 us.
-INTEGER_CONV_MIN_MACS = 1_000_000
-
-
 DEGENERATE_SCALE = 1e-8  # UniformQuantizer's floor: a range that collapsed to a point
 
 
@@ -486,12 +478,14 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], c
         if config.target == "onnxruntime" and input_bits == weight_bits == 8 and isinstance(module, nn.Conv2d):
             # Measured per node on FastViT-T8 (64x64, 2 threads): ORT's integer depthwise 3x3 and
             # 7x7 convs 1.2-1.8x slower than its float NCHWc ones, grouped 7x7 with two outputs per
-            # group 4-7x slower, while dense convs of 2 M multiply-adds and more were 1.5-2.6x faster.
+            # group 4-7x slower, while dense convs of 2 M multiply-adds and more were 1.5-2.6x
+            # faster; dense 1x1 convs of 0.3-0.6 M gained 0-3 us, less than the 10-20 us of Q, DQ
+            # and NCHW/NHWC transposes ORT puts around an integer island (float_convs_below_macs).
             if module.groups > 1:
                 report.float_ops.append(f"{name}: grouped conv ({module.groups} groups) kept float: ONNX Runtime's "
                                         f"integer grouped and depthwise kernels are slower than its float ones")
                 continue
-            if conv_macs.get(name, INTEGER_CONV_MIN_MACS) < INTEGER_CONV_MIN_MACS:
+            if conv_macs.get(name, config.float_convs_below_macs) < config.float_convs_below_macs:
                 report.float_ops.append(f"{name}: small conv ({conv_macs[name] / 1e6:.2f} M multiply-adds per sample) "
                                         f"kept float: its integer kernel would save less than the quantize, "
                                         f"dequantize and layout changes around it cost in ONNX Runtime")
@@ -515,6 +509,9 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], c
         if isinstance(reader, _QuantizedLayer) and isinstance(conv_module, QuantConv2d) and conv_module.out is not None \
                 and reader.act.axis is None and reader.act.bits == conv_module.out.bits:
             reader.act = conv_module.out
+    if not report.layers and report.float_ops:
+        raise UserError(f"every layer of the model was left float ({report.float_ops[0]}); nothing is left to "
+                        f"quantize: lower float_convs_below_macs or quantize for the tensorrt target")
     if not report.layers:
         raise UserError(f"the model has no {' or '.join(kind.__name__ for kind in QUANTIZED_LAYERS)} layer to quantize")
     with torch.no_grad():
