@@ -152,7 +152,8 @@ def nncf_row(fp32: Path, folder: Path, calib: dict[str, np.ndarray], test: tuple
     except ImportError as error:
         print(f"NNCF row skipped: nncf is not importable ({error}); install the `peers` extra", flush=True)
         return []
-    samples = [{name: values[i:i + 1] for name, values in calib.items()} for i in range(len(next(iter(calib.values()))))]
+    count = len(next(iter(calib.values())))
+    samples = [{name: values[i:i + 1] for name, values in calib.items()} for i in range(count)]
     with quiet():
         quantized = nncf.quantize(onnx.load(str(fp32)), nncf.Dataset(samples), model_type=nncf.ModelType.TRANSFORMER,
                                   subset_size=len(samples))
@@ -323,12 +324,14 @@ def timm_models(rounds: int = 5, names: list[str] | None = None) -> dict:
             quantized, seconds, artifacts = {}, {}, {}
             for variant, config in ((SMALL_FLOAT, preset("repq", float_convs_below_macs=SMALL_CONV_MACS)),
                                     (ALL_INT8, preset("repq"))):
-                if variant == ALL_INT8 and not any("small conv" in line for line in quantized[SMALL_FLOAT].quant_report.float_ops):
+                if variant == ALL_INT8 and not any("small conv" in line
+                                                   for line in quantized[SMALL_FLOAT].quant_report.float_ops):
                     break  # no conv was under the threshold: the same model, measured once
                 start = time.perf_counter()
                 quantized[variant] = ep.quantize(model, images, config=config)
                 seconds[variant] = round(time.perf_counter() - start, 1)
-                artifacts[variant] = ep.export(quantized[variant], images[:1], out=folder, name=f"w8a8-{len(artifacts)}")["onnx"]
+                artifacts[variant] = ep.export(quantized[variant], images[:1], out=folder,
+                                               name=f"w8a8-{len(artifacts)}")["onnx"]
             with quiet():
                 quantize_dynamic(str(fp32), str(folder / "dyn.onnx"), weight_type=QuantType.QInt8, per_channel=True)
             runners = {variant: OnnxRuntimeRunner(path, threads=THREADS, spinning=False).load() for variant, path in
@@ -344,7 +347,8 @@ def timm_models(rounds: int = 5, names: list[str] | None = None) -> dict:
         report = reports[SMALL_FLOAT]
         row = {"model": name, "input": list(images.shape[1:]), "quantize_seconds": seconds,
                "export_verified": {v: all(o.passed for o in a.parity.outputs) for v, a in artifacts.items()},
-               "export_cosine_to_fake_quant": {v: min(o.cosine for o in a.parity.outputs) for v, a in artifacts.items()},
+               "export_cosine_to_fake_quant": {v: min(o.cosine for o in a.parity.outputs)
+                                               for v, a in artifacts.items()},
                "cosine_to_fp32": {variant: cosine(out, reference) for variant, out in outputs.items()},
                "p50_ms": {variant: float(np.median([r[variant] for r in per_round])) for variant in runners},
                "speedup_vs_fp32": {variant: float(np.median([r["fp32"] / r[variant] for r in per_round]))

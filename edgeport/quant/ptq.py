@@ -506,8 +506,9 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], c
         # two roundings in a row, and ONNX Runtime drops the repeated DQ -> Q pair so that the
         # integer kernels chain with nothing float between them.
         reader, conv_module = qmodel.get_submodule(name), qmodel.get_submodule(conv)
-        if isinstance(reader, _QuantizedLayer) and isinstance(conv_module, QuantConv2d) and conv_module.out is not None \
-                and reader.act.axis is None and reader.act.bits == conv_module.out.bits:
+        shareable = isinstance(conv_module, QuantConv2d) and conv_module.out is not None
+        if shareable and isinstance(reader, _QuantizedLayer) and reader.act.axis is None \
+                and reader.act.bits == conv_module.out.bits:
             reader.act = conv_module.out
     if not report.layers and report.float_ops:
         raise UserError(f"every layer of the model was left float ({report.float_ops[0]}); nothing is left to "
