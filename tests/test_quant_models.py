@@ -117,19 +117,20 @@ def test_w8a8_exports_and_verifies(name, tmp_path):
 
 
 def test_grouped_convs_stay_float_for_onnxruntime_and_are_named(tmp_path):
-    """ONNX Runtime's integer grouped and depthwise convs are slower than its float ones, so at
-    W8A8 for ONNX Runtime they stay float (named in the report) while the dense convs become
-    QLinearConv; the TensorRT form quantizes them all."""
+    """ONNX Runtime's integer grouped and depthwise convs are slower than its float ones: asked
+    to, W8A8 for ONNX Runtime leaves them float (named in the report) while the dense convs
+    become QLinearConv; the TensorRT form quantizes them all."""
     model, images = build("fastvit_t8")
     grouped = sum(isinstance(m, nn.Conv2d) and m.groups > 1 for m in model.modules())
-    qmodel = ep.quantize(model, images, "repq")
+    assert not ep.quantize(model, images, "repq").quant_report.float_ops
+    qmodel = ep.quantize(model, images, config=preset("repq", float_grouped_convs=True))
     kept_float = [line for line in qmodel.quant_report.float_ops if "grouped conv" in line]
     assert kept_float and len(kept_float) <= grouped
     artifact = ep.export(qmodel, images[:1], out=tmp_path, name="fastvit")["onnx"]
     ops = runtime_ops(artifact.path)
     assert ops["QLinearConv"] == len(qmodel.quant_report.layers) - 1  # the head's Linear is a QGemm
-    assert not any("grouped conv" in line for line in
-                   ep.quantize(model, images, "repq", target="tensorrt").quant_report.float_ops)
+    tensorrt = preset("repq", float_grouped_convs=True, target="tensorrt")
+    assert not ep.quantize(model, images, config=tensorrt).quant_report.float_ops
 
 
 def test_a_norm_output_changed_in_place_is_not_folded_into():

@@ -481,7 +481,7 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], c
             # group 4-7x slower, while dense convs of 2 M multiply-adds and more were 1.5-2.6x
             # faster; dense 1x1 convs of 0.3-0.6 M gained 0-3 us, less than the 10-20 us of Q, DQ
             # and NCHW/NHWC transposes ORT puts around an integer island (float_convs_below_macs).
-            if module.groups > 1:
+            if module.groups > 1 and config.float_grouped_convs:
                 report.float_ops.append(f"{name}: grouped conv ({module.groups} groups) kept float: ONNX Runtime's "
                                         f"integer grouped and depthwise kernels are slower than its float ones")
                 continue
