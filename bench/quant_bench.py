@@ -20,7 +20,8 @@
    tests/test_quant_models.py): our W8A8 in two forms, every conv integer and grouped convs and
    dense ones under 1 M multiply-adds per sample left float (where ONNX Runtime's integer
    kernels are slower or save less than the Q/DQ around them cost; one form where the model has
-   no such conv), against fp32 (the deployment form: reparameterizable branches merged) and ONNX Runtime's quantize_dynamic per-channel, cosine of the logits on 8
+   no such conv), against fp32 (the deployment form: reparameterizable branches merged) and
+   ONNX Runtime's quantize_dynamic per-channel, cosine of the logits on 8
    images, and speed at batch 1 interleaved in five rounds.
 5. Mixed precision on MiniLM: `ep.quantize(..., max_drop=0.005)`, its widths, and the test
    sentences' agreement with fp32.
