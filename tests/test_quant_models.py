@@ -116,7 +116,7 @@ def test_w8a8_exports_and_verifies(name, tmp_path):
     assert all(output.passed for output in artifact.parity.outputs)
 
 
-def test_grouped_convs_stay_float_for_onnxruntime_and_are_named(tmp_path):
+def test_grouped_convs_left_float_on_request_are_named(tmp_path):
     """ONNX Runtime's integer grouped and depthwise convs are slower than its float ones: asked
     to, W8A8 for ONNX Runtime leaves them float (named in the report) while the dense convs
     become QLinearConv; the TensorRT form quantizes them all."""
