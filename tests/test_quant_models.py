@@ -88,19 +88,6 @@ def test_convs_run_as_integer_kernels_except_those_named_float(tmp_path):
     assert "BatchNormalization" not in ops
 
 
-def test_a_conv_feeding_a_conv_shares_its_output_quantizer(tmp_path):
-    """Conv -> Conv: the first conv's output quantizer is the second's input quantizer (one
-    rounding), so ONNX Runtime chains two QLinearConvs with one quantize in front and one
-    dequantize behind, nothing float between."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1)).eval()
-    x = torch.randn(4, 16, 32, 32)
-    qmodel = ep.quantize(model, x, "repq")
-    assert qmodel[1].act is qmodel[0].out
-    ops = runtime_ops(ep.export(qmodel, x[:1], out=tmp_path, name="chain")["onnx"].path)
-    assert (ops["QLinearConv"], ops["QuantizeLinear"], ops["DequantizeLinear"]) == (2, 1, 1)
-
-
 def test_reparameterizable_branches_are_merged_before_quantization():
     model, images = build("fastvit_t8")
     qmodel = ep.quantize(model, images, "minmax")

@@ -365,34 +365,22 @@ def _norm_fed(model: nn.Module, sample: tuple[torch.Tensor, ...]) -> tuple[dict[
     return fed, exclusive
 
 
-def _conv_fed(model: nn.Module, sample: tuple[torch.Tensor, ...]) -> tuple[dict[str, str], dict[str, int]]:
-    """Linear and Conv2d layers whose input is exactly a Conv2d's output tensor, unchanged
-    since (name -> conv name), read by tensor identity and version in one forward pass of one
-    sample; and each Conv2d's multiply-adds for that sample (name -> count)."""
-    outputs: dict[str, tuple[torch.Tensor, int]] = {}
-    fed: dict[str, str] = {}
+def _conv_macs(model: nn.Module, sample: tuple[torch.Tensor, ...]) -> dict[str, int]:
+    """Each Conv2d's multiply-adds for one sample (name -> count), from one forward pass."""
     macs: dict[str, int] = {}
     names = {m: n for n, m in model.named_modules()}
 
     def record(conv, args, out):
-        outputs[names[conv]] = (out, out._version)
         macs[names[conv]] = macs.get(names[conv], 0) + conv.weight[0].numel() * out[0].numel()
 
-    def read(layer, args):
-        conv = next((n for n, (out, version) in outputs.items() if args[0] is out and out._version == version), None)
-        if conv is not None:
-            fed[names[layer]] = conv
-
-    hooks = [h for m in model.modules() if isinstance(m, tuple(QUANTIZED_LAYERS))
-             for h in ((m.register_forward_hook(record),) if isinstance(m, nn.Conv2d) else ())
-             + (m.register_forward_pre_hook(read),)]
+    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, nn.Conv2d)]
     try:
         with torch.no_grad():
             model(*sample)
     finally:
         for h in hooks:
             h.remove()
-    return fed, macs
+    return macs
 
 
 DEGENERATE_SCALE = 1e-8  # UniformQuantizer's floor: a range that collapsed to a point
@@ -447,7 +435,7 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], c
     _merge_branches(qmodel, report)
     _fold_batchnorms(qmodel, tuple(a[:1] for a in args), report)
     fed, exclusive = _norm_fed(qmodel, tuple(a[:1] for a in args)) if config.norm_reparam else ({}, set())
-    conv_fed, conv_macs = _conv_fed(qmodel, tuple(a[:1] for a in args))
+    conv_macs = _conv_macs(qmodel, tuple(a[:1] for a in args))
     act_observer, weight_observer = observer(config.act_observer), observer(config.weight_calibration)
 
     def act_quantizer(bits: int, per_channel: bool = False) -> UniformQuantizer:
@@ -501,15 +489,6 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], c
         # on every conv-heavy timm model). Only at 8 bits: narrower convs run in float anyway.
         if isinstance(module, QuantConv2d) and module.act.bits == module.wq.bits == 8:
             module.out = act_quantizer(8)
-    for name, conv in conv_fed.items():
-        # The conv's output quantizer is then the reader's input quantizer too: one grid, not
-        # two roundings in a row, and ONNX Runtime drops the repeated DQ -> Q pair so that the
-        # integer kernels chain with nothing float between them.
-        reader, conv_module = qmodel.get_submodule(name), qmodel.get_submodule(conv)
-        shareable = isinstance(conv_module, QuantConv2d) and conv_module.out is not None
-        if shareable and isinstance(reader, _QuantizedLayer) and reader.act.axis is None \
-                and reader.act.bits == conv_module.out.bits:
-            reader.act = conv_module.out
     if not report.layers and report.float_ops:
         raise UserError(f"every layer of the model was left float ({report.float_ops[0]}); nothing is left to "
                         f"quantize: lower float_convs_below_macs or quantize for the tensorrt target")
