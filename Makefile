@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,test-models]' 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,test-models,peers]' 2>&1 | grep -v "is ignored: it is neither" || true
 	$(PY) bench/export_bench.py
 	$(PY) bench/runtime_bench.py
 	$(PY) bench/slim_bench.py

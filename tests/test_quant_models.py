@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import edgeport as ep
+from edgeport.quant.config import preset
 from real_models import timm
 
 # timm name -> (keyword arguments, input size). EfficientFormer-L1's attention bias is built for
@@ -69,12 +70,22 @@ def test_every_batchnorm_after_a_conv_is_folded_wherever_it_sits():
         assert torch.cosine_similarity(qmodel(images).flatten(), reference.flatten(), 0) > 0.99
 
 
-def test_convs_run_as_integer_kernels_with_no_float_islands(tmp_path):
+def test_convs_run_as_integer_kernels_except_those_named_float(tmp_path):
+    """Every quantized conv of resnet18 runs as QLinearConv with no BatchNormalization left;
+    asked to leave convs under 1 M multiply-adds float, the only float convs are those the
+    report names (its 1x1 downsamples at 64x64); by default every conv is quantized."""
     model, images = build("resnet18")
-    artifact = ep.export(ep.quantize(model, images, "repq"), images[:1], out=tmp_path, name="resnet18")["onnx"]
-    ops = runtime_ops(artifact.path)
-    assert ops["QLinearConv"] == 20
-    assert not {"Conv", "FusedConv", "BatchNormalization"} & set(ops)
+    assert not ep.quantize(model, images, "repq").quant_report.float_ops
+    qmodel = ep.quantize(model, images, config=preset("repq", float_convs_below_macs=1_000_000))
+    report = qmodel.quant_report
+    quantized_convs = [name for name in report.layers if isinstance(model.get_submodule(name), nn.Conv2d)]
+    float_convs = [line for line in report.float_ops if "conv" in line]
+    assert len(quantized_convs) + len(float_convs) == 20 and len(quantized_convs) >= 17
+    assert all("downsample" in line for line in float_convs)
+    ops = runtime_ops(ep.export(qmodel, images[:1], out=tmp_path, name="resnet18")["onnx"].path)
+    assert ops["QLinearConv"] == len(quantized_convs)
+    assert ops["Conv"] + ops["FusedConv"] == len(float_convs)
+    assert "BatchNormalization" not in ops
 
 
 def test_reparameterizable_branches_are_merged_before_quantization():
@@ -90,3 +101,39 @@ def test_w8a8_exports_and_verifies(name, tmp_path):
     artifact = ep.export(ep.quantize(model, images, "repq"), images[:1], out=tmp_path, name=name)["onnx"]
     assert artifact.precision == "w8a8"
     assert all(output.passed for output in artifact.parity.outputs)
+
+
+def test_grouped_convs_left_float_on_request_are_named(tmp_path):
+    """ONNX Runtime's integer grouped and depthwise convs are slower than its float ones: asked
+    to, W8A8 for ONNX Runtime leaves them float (named in the report) while the dense convs
+    become QLinearConv; the TensorRT form quantizes them all."""
+    model, images = build("fastvit_t8")
+    grouped = sum(isinstance(m, nn.Conv2d) and m.groups > 1 for m in model.modules())
+    assert not ep.quantize(model, images, "repq").quant_report.float_ops
+    qmodel = ep.quantize(model, images, config=preset("repq", float_grouped_convs=True))
+    kept_float = [line for line in qmodel.quant_report.float_ops if "grouped conv" in line]
+    assert kept_float and len(kept_float) <= grouped
+    artifact = ep.export(qmodel, images[:1], out=tmp_path, name="fastvit")["onnx"]
+    ops = runtime_ops(artifact.path)
+    assert ops["QLinearConv"] == len(qmodel.quant_report.layers) - 1  # the head's Linear is a QGemm
+    tensorrt = preset("repq", float_grouped_convs=True, target="tensorrt")
+    assert not ep.quantize(model, images, config=tensorrt).quant_report.float_ops
+
+
+def test_a_norm_output_changed_in_place_is_not_folded_into():
+    """EfficientViT's head runs LayerNorm -> inplace Hardswish -> Linear: the Linear reads the
+    norm's output tensor object, but after the activation; folding the reparameterization into
+    the norm's affine would move it in front of the activation (cosine 0.979 to the float
+    model with every quantizer switched off, before)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.Hardswish(inplace=True), nn.Linear(32, 4)).eval()
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 2.0)
+        model[1].bias.uniform_(-1.0, 1.0)
+    x = torch.randn(64, 16)
+    qmodel = ep.quantize(model, x, "repq")
+    assert "3" not in qmodel.quant_report.reparameterized
+    for quantizer in (m for m in qmodel.modules() if hasattr(m, "enabled")):
+        quantizer.enabled = False
+    with torch.no_grad():
+        torch.testing.assert_close(qmodel(x), model(x), rtol=1e-5, atol=1e-5)

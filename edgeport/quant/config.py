@@ -46,8 +46,15 @@ class QuantConfig:
     output where `weight_ridge` gives the ridge factor (ERQ-style; `edgeport.quant.erq`).
     `symmetric` gives every quantizer zero point 0. `layer_widths` gives single layers or
     matmuls (by module path, or the matmul names of the report) their own width, inputs and
-    weights alike (a mixed-precision map; a dict is accepted). `name` and `description` label the config
-    and take no part in comparisons.
+    weights alike (a mixed-precision map; a dict is accepted). `float_convs_below_macs`: at W8A8
+    for ONNX Runtime, a dense conv doing fewer multiply-adds per sample stays float, where the
+    quantize, dequantize and layout changes around an integer island cost more than its kernel
+    saves (about 1_000_000 measured on FastViT-T8 and EfficientViT-B0 at 64x64; 0, the default,
+    quantizes every dense conv). `float_grouped_convs` leaves grouped and depthwise convs float
+    there too (ORT's integer kernels for them measured 1.2-7x slower than its float ones on
+    FastViT-T8; but where they sit between integer convs, as in EfficientFormerV2, the float
+    island costs more). `name` and `description` label the config and take no part in
+    comparisons.
     """
 
     w_bits: int = 8
@@ -64,6 +71,8 @@ class QuantConfig:
     symmetric: bool = False
     keep_8bit: tuple[str, ...] = ()
     layer_widths: tuple[tuple[str, int], ...] = ()
+    float_convs_below_macs: int = 0
+    float_grouped_convs: bool = False
     name: str = field(default="custom", compare=False)
     description: str = field(default="", compare=False)
 

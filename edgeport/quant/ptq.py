@@ -329,16 +329,21 @@ def _norm_fed(model: nn.Module, sample: tuple[torch.Tensor, ...]) -> tuple[dict[
     that reuse their memory (it did, on MiniLM)."""
     norm_outputs: dict[nn.LayerNorm, torch.Tensor] = {}
     probes: dict[nn.LayerNorm, torch.Tensor] = {}
+    versions: dict[nn.LayerNorm, int] = {}
     fed: dict[str, str] = {}
     names = {m: n for n, m in model.named_modules()}
 
     def probe(norm, args, out):
         probes[norm] = torch.zeros((), dtype=out.dtype, requires_grad=True)
         norm_outputs[norm] = out + probes[norm]
+        versions[norm] = norm_outputs[norm]._version
         return norm_outputs[norm]
 
     def read(linear, args):
-        norm = next((n for n, out in norm_outputs.items() if args[0] is out), None)
+        # The same tensor changed in place since the norm made it (an inplace activation, as in
+        # EfficientViT's head) is no longer the norm's output: folding into that norm would
+        # move the affine in front of the activation.
+        norm = next((n for n, out in norm_outputs.items() if args[0] is out and out._version == versions[n]), None)
         if norm is not None:
             fed[names[linear]] = names[norm]
             return (args[0].detach(),) + args[1:]
@@ -360,6 +365,24 @@ def _norm_fed(model: nn.Module, sample: tuple[torch.Tensor, ...]) -> tuple[dict[
     exclusive = {names[n] for n, g in zip(norms, grads)
                  if g is None and names[n] in fed.values() and n.elementwise_affine and n.bias is not None}
     return fed, exclusive
+
+
+def _conv_macs(model: nn.Module, sample: tuple[torch.Tensor, ...]) -> dict[str, int]:
+    """Each Conv2d's multiply-adds for one sample (name -> count), from one forward pass."""
+    macs: dict[str, int] = {}
+    names = {m: n for n, m in model.named_modules()}
+
+    def record(conv, args, out):
+        macs[names[conv]] = macs.get(names[conv], 0) + conv.weight[0].numel() * out[0].numel()
+
+    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            model(*sample)
+    finally:
+        for h in hooks:
+            h.remove()
+    return macs
 
 
 DEGENERATE_SCALE = 1e-8  # UniformQuantizer's floor: a range that collapsed to a point
@@ -414,6 +437,7 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], c
     _merge_branches(qmodel, report)
     _fold_batchnorms(qmodel, tuple(a[:1] for a in args), report)
     fed, exclusive = _norm_fed(qmodel, tuple(a[:1] for a in args)) if config.norm_reparam else ({}, set())
+    conv_macs = _conv_macs(qmodel, tuple(a[:1] for a in args))
     act_observer, weight_observer = observer(config.act_observer), observer(config.weight_calibration)
 
     def act_quantizer(bits: int, per_channel: bool = False) -> UniformQuantizer:
@@ -441,6 +465,21 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], c
         if wrapper is None or any(name.startswith(f"{n}.") for n in report.layers):
             continue
         input_bits, weight_bits = config.layer_bits(name)
+        if config.target == "onnxruntime" and input_bits == weight_bits == 8 and isinstance(module, nn.Conv2d):
+            # Measured per node on FastViT-T8 (64x64, 2 threads): ORT's integer depthwise 3x3 and
+            # 7x7 convs 1.2-1.8x slower than its float NCHWc ones, grouped 7x7 with two outputs per
+            # group 4-7x slower, while dense convs of 2 M multiply-adds and more were 1.5-2.6x
+            # faster; dense 1x1 convs of 0.3-0.6 M gained 0-3 us, less than the 10-20 us of Q, DQ
+            # and NCHW/NHWC transposes ORT puts around an integer island (float_convs_below_macs).
+            if module.groups > 1 and config.float_grouped_convs:
+                report.float_ops.append(f"{name}: grouped conv ({module.groups} groups) kept float: ONNX Runtime's "
+                                        f"integer grouped and depthwise kernels are slower than its float ones")
+                continue
+            if conv_macs.get(name, config.float_convs_below_macs) < config.float_convs_below_macs:
+                report.float_ops.append(f"{name}: small conv ({conv_macs[name] / 1e6:.2f} M multiply-adds per sample) "
+                                        f"kept float: its integer kernel would save less than the quantize, "
+                                        f"dequantize and layout changes around it cost in ONNX Runtime")
+                continue
         wrapped = wrapper(module, act_quantizer(input_bits, per_channel=name in fed),
                           weight_quantizer(module.weight, weight_bits))
         parent, _, leaf = name.rpartition(".")
@@ -452,6 +491,9 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], c
         # on every conv-heavy timm model). Only at 8 bits: narrower convs run in float anyway.
         if isinstance(module, QuantConv2d) and module.act.bits == module.wq.bits == 8:
             module.out = act_quantizer(8)
+    if not report.layers and report.float_ops:
+        raise UserError(f"every layer of the model was left float ({report.float_ops[0]}); nothing is left to "
+                        f"quantize: lower float_convs_below_macs or quantize for the tensorrt target")
     if not report.layers:
         raise UserError(f"the model has no {' or '.join(kind.__name__ for kind in QUANTIZED_LAYERS)} layer to quantize")
     with torch.no_grad():
