@@ -27,6 +27,7 @@ from torch import nn
 from edgeport.errors import UserError
 from edgeport.quant.calibrate import observer
 from edgeport.quant.config import QuantConfig
+from edgeport.quant.exported_matmuls import exported_matmul_sites, route_matmuls
 from edgeport.quant.quantizers import LogSqrt2QParams, LogSqrt2Quantizer, UniformQParams, UniformQuantizer
 from edgeport.quant.reparam import fold_batchnorm, fold_into_linear, fold_targets
 
@@ -278,15 +279,29 @@ _MATMULS = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm"}
 _SOFTMAXES = {torch.softmax, F.softmax, torch.Tensor.softmax, "softmax"}
 
 
-def _quantize_matmuls(model: nn.Module, act_quantizer, probability_choices, report: QuantReport) -> nn.Module:
-    """The model as a torch.fx graph whose activation x activation matmuls are `QuantMatMul`s
-    (found in the graph, not by module names); the model unchanged when it has none or cannot
-    be traced, the reason in the report. `act_quantizer(name)` makes an operand quantizer for
-    the matmul `name` and `probability_choices(name)` the candidates for its softmax output."""
+def _quantize_matmuls(model: nn.Module, args: tuple[torch.Tensor, ...], act_quantizer, probability_choices,
+                      report: QuantReport) -> nn.Module:
+    """The model with its activation x activation matmuls as `QuantMatMul`s (found in the
+    graph, not by module names): a torch.fx graph module where torch.fx can trace the model,
+    else the model itself with the matmuls torch.export's graph shows routed to quantized
+    ones (`edgeport.quant.exported_matmuls`: `transformers`' BERT family); the model
+    unchanged when it has none or can be captured by neither, the reason in the report.
+    `act_quantizer(name)` makes an operand quantizer for the matmul `name` and
+    `probability_choices(name)` the candidates for its softmax output."""
+    def quantized(name: str, softmax_left: bool) -> QuantMatMul:
+        choices = probability_choices(name) if softmax_left else ()
+        return QuantMatMul(choices[0] if choices else act_quantizer(name), act_quantizer(name), choices)
+
     try:
         graph_module = torch.fx.symbolic_trace(model)
     except Exception as error:  # tracing runs arbitrary model code; any failure means "not traceable"
-        report.matmuls_not_quantized = f"not traceable by torch.fx ({type(error).__name__}: {str(error).splitlines()[0][:120]})"
+        untraceable = f"not traceable by torch.fx ({type(error).__name__}: {str(error).splitlines()[0][:120]})"
+        sites, why_not = exported_matmul_sites(model, args)
+        if not sites:
+            report.matmuls_not_quantized = f"{untraceable}; {why_not or 'no activation x activation matmul'}"
+            return model
+        route_matmuls(model, sites, lambda site: quantized(site.name, site.softmax_left))
+        report.matmuls = [site.name for site in sites]
         return model
     parameters = {n for n, _ in graph_module.named_parameters()} | {n for n, _ in graph_module.named_buffers()}
     counts: dict[str, int] = {}
@@ -300,9 +315,7 @@ def _quantize_matmuls(model: nn.Module, act_quantizer, probability_choices, repo
         name = f"{scope}.matmul{counts[scope]}" if scope else f"matmul{counts[scope]}"
         left = node.args[0]
         softmax = left.op in ("call_function", "call_method") and left.target in _SOFTMAXES
-        choices = probability_choices(name) if softmax else ()
-        graph_module.add_submodule(name, QuantMatMul(choices[0] if choices else act_quantizer(name),
-                                                     act_quantizer(name), choices))
+        graph_module.add_submodule(name, quantized(name, softmax))
         with graph_module.graph.inserting_after(node):
             replacement = graph_module.graph.call_module(name, node.args)
         node.replace_all_uses_with(replacement)
@@ -432,8 +445,8 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], c
         log_sqrt2 = (LogSqrt2Quantizer(bits),) if config.choose_softmax_quantizer else ()
         return (act_quantizer(bits),) + log_sqrt2
 
-    qmodel = _quantize_matmuls(qmodel, lambda name: act_quantizer(config.matmul_bits_of(name)), probability_choices,
-                               report)
+    qmodel = _quantize_matmuls(qmodel, tuple(a[:1] for a in args), lambda name: act_quantizer(config.matmul_bits_of(name)),
+                               probability_choices, report)
     for name, module in list(qmodel.named_modules()):
         wrapper = next((w for kind, w in QUANTIZED_LAYERS.items() if isinstance(module, kind)), None)
         if wrapper is None or any(name.startswith(f"{n}.") for n in report.layers):
