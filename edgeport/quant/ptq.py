@@ -80,8 +80,9 @@ class _QuantizedLayer(nn.Module):
 
 class QuantLinear(_QuantizedLayer):
     """A Linear whose input and weight are fake-quantized; `pre_scale`/`pre_shift` hold a
-    folded reparameterization (x' = x * pre_scale + pre_shift before the input quantizer),
-    given as `input_affine` or set by the pipeline."""
+    folded reparameterization (x' = x * pre_scale + pre_shift before the input quantizer;
+    no shift where only channels were scaled), given as `input_affine` or set by the
+    pipeline."""
 
     def __init__(self, linear: nn.Linear, act: nn.Module, weight: nn.Module,
                  input_affine: tuple[torch.Tensor, torch.Tensor] | None = None):
@@ -92,7 +93,9 @@ class QuantLinear(_QuantizedLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre_scale is not None:
-            x = x * self.pre_scale + self.pre_shift
+            x = x * self.pre_scale
+        if self.pre_shift is not None:
+            x = x + self.pre_shift
         y = F.linear(self.act(x), self.wq(self.inner.weight))
         if self.inner.bias is None:
             return y
@@ -102,7 +105,9 @@ class QuantLinear(_QuantizedLayer):
         return y + self.inner.bias.reshape([1] * (y.ndim - 1) + [-1])
 
     def _input_affine(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return None if self.pre_scale is None else (self.pre_scale.clone(), self.pre_shift.clone())
+        if self.pre_scale is None:
+            return None
+        return self.pre_scale.clone(), torch.zeros_like(self.pre_scale) if self.pre_shift is None else self.pre_shift.clone()
 
 
 class QuantConv2d(_QuantizedLayer):
@@ -176,7 +181,7 @@ def _choose_probability_quantizers(qmodel: nn.Module, model: nn.Module, args: tu
 @dataclass
 class QuantReport:
     """What the pipeline did: layers quantized, branches merged, Conv-BN folds (and why none
-    were looked for), layers reparameterized,
+    were looked for), layers reparameterized, outlier channels migrated into weights,
     activation matmuls quantized (and which run as float ops), why matmuls stayed float, and
     the activation calibration used."""
 
@@ -189,6 +194,7 @@ class QuantReport:
     batchnorm_folds_skipped: str = ""
     merged_branches: list[str] = field(default_factory=list)
     reparameterized: list[str] = field(default_factory=list)
+    outlier_migrations: list[str] = field(default_factory=list)
     matmuls: list[str] = field(default_factory=list)
     float_ops: list[str] = field(default_factory=list)
     matmuls_not_quantized: str = ""
@@ -465,8 +471,14 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], c
             module.out = act_quantizer(8)
     if not report.layers:
         raise UserError(f"the model has no {' or '.join(kind.__name__ for kind in QUANTIZED_LAYERS)} layer to quantize")
+    migrations = [module.register_forward_pre_hook(
+        lambda layer, inputs, name=name: _migrate_outliers(name, layer, inputs[0], weight_quantizer, report))
+        for name, module in qmodel.named_modules() if config.migrate_outliers and isinstance(module, QuantLinear)
+        and module.act.axis is None and module.pre_scale is None]
     with torch.no_grad():
         qmodel(*args)  # pass 1: sequential, lazy fitting in forward order
+    for hook in migrations:
+        hook.remove()
         _choose_probability_quantizers(qmodel, model, args)
     _refuse_degenerate_ranges(qmodel)
     for name, module in qmodel.named_modules():
@@ -480,6 +492,48 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], c
             _fold_into_norm(qmodel.get_submodule(norm),
                             [qmodel.get_submodule(name) for name, n in fed.items() if n == norm])
     return qmodel, report
+
+
+# candidate thresholds for outlier channels: the quantiles of the per-channel maxima above which
+# a channel is scaled down to the threshold (none: no migration, also a candidate)
+OUTLIER_QUANTILES = (0.99, 0.995, 0.999)
+
+
+def _migrate_outliers(name: str, layer: QuantLinear, x: torch.Tensor,
+                      weight_quantizer: Callable[[torch.Tensor, int], UniformQuantizer], report: QuantReport) -> None:
+    """Scale the few input channels whose range dwarfs the rest (MiniLM's post-GELU FFN input:
+    one channel to 24.6 where the 99th percentile of channel maxima is about 4) down to a
+    threshold, x' = x / s, the weight's columns up by s (W' = W diag(s)), so one per-tensor
+    scale no longer spends its levels on them: SmoothQuant's migration for outliers only.
+    The division stays a Mul in front of the quantizer (after a GELU nothing can absorb it).
+    Each threshold of OUTLIER_QUANTILES and no migration are tried on the calibration batch
+    `x`, and the smallest mean squared error of the layer's output against its float output
+    on `x` chooses; called on the layer's first calibration input, before its input quantizer
+    fits."""
+    if layer.act.fitted:
+        return
+    weight, bias, bits = layer.inner.weight.detach(), layer.inner.bias, layer.wq.bits
+    reference = F.linear(x, weight, bias)
+    channel_max = x.detach().abs().flatten(0, -2).amax(0).double()
+
+    def error(scale: torch.Tensor | None) -> float:
+        inputs, scaled = (x, weight) if scale is None else (x / scale.float(), (weight.double() * scale).float())
+        act = copy.deepcopy(layer.act)
+        act.fit(inputs)
+        return float(((F.linear(act(inputs), weight_quantizer(scaled, bits)(scaled), bias) - reference) ** 2).mean())
+
+    candidates = [(channel_max / channel_max.quantile(q)).clamp(min=1) for q in OUTLIER_QUANTILES]
+    errors = [error(None)] + [error(scale) for scale in candidates]
+    best = errors.index(min(errors))
+    if best == 0:
+        return
+    scale = candidates[best - 1]
+    with torch.no_grad():
+        layer.inner.weight.copy_((weight.double() * scale).float())
+    layer.wq = weight_quantizer(layer.inner.weight, bits)
+    layer.pre_scale = (1 / scale).float()
+    report.outlier_migrations.append(f"{name}: {int((scale > 1).sum())} channels above the "
+                                     f"{OUTLIER_QUANTILES[best - 1]:g} quantile of channel maxima")
 
 
 def _fold_into_norm(norm: nn.LayerNorm, layers: list[QuantLinear]) -> None:
