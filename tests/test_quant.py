@@ -391,7 +391,7 @@ def test_a_custom_config_equal_to_a_preset_quantizes_identically():
     from edgeport.quant.config import QuantConfig, preset
 
     custom = QuantConfig(w_bits=4, a_bits=4, act_observer="mse", weight_observer="auto", norm_reparam=True,
-                         fold_norm_affine=True, choose_softmax_quantizer=True)
+                         fold_norm_affine=True, migrate_outliers=True, choose_softmax_quantizer=True)
     assert custom == preset("repq", w_bits=4, a_bits=4) and custom.name == "custom"
     by_config = ep.quantize("vit-digits", config=custom)
     by_method = ep.quantize("vit-digits", method="repq", w_bits=4, a_bits=4)
