@@ -175,6 +175,78 @@ def test_attention_matmuls_are_quantized_and_the_softmax_quantizer_is_chosen():
     assert report.layers == ["fc"] and "not traceable by torch.fx" in report.matmuls_not_quantized
 
 
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_transformers_attention_is_quantized_from_the_exported_graph(attention, tmp_path):
+    """torch.fx cannot trace `transformers`' BERT; the matmuls torch.export's graph shows are
+    quantized in place, through SDPA (the default, computed in the open) and through eager
+    attention (softmax -> dropout -> matmul), the probabilities' quantizer chosen as for the
+    zoo ViT, and the export verifies against the fake-quant model."""
+    import sys
+
+    from edgeport.quant.ptq import QuantMatMul
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from hf_models import ARCHITECTURES
+
+    model, (ids, mask) = ARCHITECTURES["bert"]()
+    model.set_attn_implementation(attention)
+    qmodel = ep.quantize(model, (ids, mask), "repq", 8, 8)
+    report = qmodel.quant_report
+    assert report.matmuls == [f"encoder.layer.{i}.attention.self.matmul{k}" for i in range(2) for k in (0, 1)]
+    assert "not traceable by torch.fx" not in report.matmuls_not_quantized
+    matmuls = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantMatMul)}
+    assert all(m.left.fitted and m.right.fitted for m in matmuls.values())  # every one was called in calibration
+    quantizers = [m for m in qmodel.modules() if hasattr(m, "enabled")]
+    for quantizer in quantizers:  # with every quantizer off, the routed attention is the float one
+        quantizer.enabled = False
+    with torch.no_grad():
+        assert torch.allclose(qmodel(ids, mask).last_hidden_state, model(ids, mask).last_hidden_state, atol=1e-5)
+    for quantizer in quantizers:
+        quantizer.enabled = True
+    artifact = ep.export(qmodel, (ids, mask), out=tmp_path)["onnx"]
+    assert all(output.passed for output in artifact.parity.outputs)
+    graph = onnx.load(artifact.path).graph
+    # scores and probabilities x values: every MatMul of two activations reads dequantized codes
+    producer = {out: node for node in graph.node for out in node.output}
+    float_products = [n.name for n in graph.node if n.op_type == "MatMul"
+                      and not all(producer.get(i) is not None and producer[i].op_type == "DequantizeLinear"
+                                  for i in n.input)]
+    assert not float_products
+
+
+
+def test_outlier_channels_migrate_into_the_weight_where_the_output_error_says_so(tmp_path):
+    """A GELU output with one channel 25x the others (MiniLM's FFN input): repq scales that
+    channel down in front of the quantizer and up in the weight, the layer's output error on
+    the calibration batch drops to under half of plain repq's, and the export verifies."""
+    from edgeport.quant.config import preset
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down, self.plain = nn.Linear(16, 64), nn.Linear(64, 16), nn.Linear(16, 16)
+
+        def forward(self, x):
+            hidden = torch.nn.functional.gelu(self.up(x))
+            return self.plain(self.down(hidden * self.gain))
+
+    torch.manual_seed(0)
+    model = Block().eval()
+    model.gain = torch.ones(64)
+    model.gain[7] = 25.0
+    x = torch.randn(256, 16)
+    migrated = ep.quantize(model, x, config=preset("repq"))
+    plain = ep.quantize(model, x, config=preset("repq", migrate_outliers=False))
+    assert "down" in [line.split(":")[0] for line in migrated.quant_report.outlier_migrations]
+    assert not plain.quant_report.outlier_migrations
+    with torch.no_grad():
+        reference = model(x)
+        assert ((migrated(x) - reference) ** 2).mean() < 0.5 * ((plain(x) - reference) ** 2).mean()
+    artifact = ep.export(migrated, x[:4], out=tmp_path)["onnx"]
+    assert all(output.passed for output in artifact.parity.outputs)
+
+
 def test_norm_fold_is_exact_and_only_where_the_norm_feeds_nothing_else(monkeypatch):
     """Pre-norm (the zoo ViT): the reparameterization moves into the LayerNorm's affine, the
     quantizer sees the same values (<= 1e-5) and codes. Post-norm (the norm's output is also
@@ -319,7 +391,7 @@ def test_a_custom_config_equal_to_a_preset_quantizes_identically():
     from edgeport.quant.config import QuantConfig, preset
 
     custom = QuantConfig(w_bits=4, a_bits=4, act_observer="mse", weight_observer="auto", norm_reparam=True,
-                         fold_norm_affine=True, choose_softmax_quantizer=True)
+                         fold_norm_affine=True, migrate_outliers=True, choose_softmax_quantizer=True)
     assert custom == preset("repq", w_bits=4, a_bits=4) and custom.name == "custom"
     by_config = ep.quantize("vit-digits", config=custom)
     by_method = ep.quantize("vit-digits", method="repq", w_bits=4, a_bits=4)

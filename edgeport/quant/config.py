@@ -39,7 +39,9 @@ class QuantConfig:
     `act_observer`. `norm_reparam` calibrates a Linear input that is a LayerNorm's output per
     channel and reparameterizes it to per tensor, folded into the Linear (RepQ-ViT);
     `fold_norm_affine` then moves that reparameterization into the norm's own affine where
-    the norm feeds nothing else. `choose_softmax_quantizer` makes log-sqrt2 a candidate beside
+    the norm feeds nothing else. `migrate_outliers` scales the few input channels of a
+    per-tensor Linear input whose range dwarfs the rest down into the weight (where the
+    calibration error says it pays). `choose_softmax_quantizer` makes log-sqrt2 a candidate beside
     the uniform grid for a softmax output, the smaller error at the model's output choosing.
     `compensate_weights` rounds each Linear's weight with error feedback from the quantized
     input it really gets (GPTQ-style), after regressing weight and bias onto the float
@@ -65,6 +67,7 @@ class QuantConfig:
     act_observer: str = "minmax"
     norm_reparam: bool = False
     fold_norm_affine: bool = False
+    migrate_outliers: bool = False
     choose_softmax_quantizer: bool = False
     compensate_weights: bool = False
     weight_ridge: float | None = None
@@ -137,9 +140,10 @@ PRESETS: dict[str, QuantConfig] = {
     "percentile": QuantConfig(act_observer="percentile", name="percentile",
                               description="activation ranges from the 0.01 and 99.99th percentiles"),
     "repq": QuantConfig(act_observer="mse", weight_observer=AUTO_WEIGHT_OBSERVER, norm_reparam=True,
-                        fold_norm_affine=True, choose_softmax_quantizer=True, name="repq",
+                        fold_norm_affine=True, migrate_outliers=True, choose_softmax_quantizer=True, name="repq",
                         description="RepQ-ViT: LayerNorm outputs calibrated per channel and reparameterized to per "
-                                    "tensor; ranges and the softmax quantizer chosen by error"),
+                                    "tensor; outlier input channels migrated into weights, ranges and the softmax "
+                                    "quantizer chosen by error"),
 }
 PRESETS["repq-gptq"] = dataclasses.replace(
     PRESETS["repq"], compensate_weights=True, name="repq-gptq",

@@ -28,6 +28,7 @@ from edgeport.errors import UserError
 from edgeport.quant.calibrate import observer
 from edgeport.quant.config import QuantConfig
 from edgeport.quant.erq import compensate
+from edgeport.quant.exported_matmuls import exported_matmul_sites, route_matmuls
 from edgeport.quant.quantizers import LogSqrt2QParams, LogSqrt2Quantizer, UniformQParams, UniformQuantizer
 from edgeport.quant.reparam import fold_batchnorm, fold_into_linear, fold_targets
 
@@ -80,8 +81,9 @@ class _QuantizedLayer(nn.Module):
 
 class QuantLinear(_QuantizedLayer):
     """A Linear whose input and weight are fake-quantized; `pre_scale`/`pre_shift` hold a
-    folded reparameterization (x' = x * pre_scale + pre_shift before the input quantizer),
-    given as `input_affine` or set by the pipeline."""
+    folded reparameterization (x' = x * pre_scale + pre_shift before the input quantizer;
+    no shift where only channels were scaled), given as `input_affine` or set by the
+    pipeline."""
 
     def __init__(self, linear: nn.Linear, act: nn.Module, weight: nn.Module,
                  input_affine: tuple[torch.Tensor, torch.Tensor] | None = None):
@@ -92,7 +94,9 @@ class QuantLinear(_QuantizedLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre_scale is not None:
-            x = x * self.pre_scale + self.pre_shift
+            x = x * self.pre_scale
+        if self.pre_shift is not None:
+            x = x + self.pre_shift
         y = F.linear(self.act(x), self.wq(self.inner.weight))
         if self.inner.bias is None:
             return y
@@ -102,7 +106,9 @@ class QuantLinear(_QuantizedLayer):
         return y + self.inner.bias.reshape([1] * (y.ndim - 1) + [-1])
 
     def _input_affine(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return None if self.pre_scale is None else (self.pre_scale.clone(), self.pre_shift.clone())
+        if self.pre_scale is None:
+            return None
+        return self.pre_scale.clone(), torch.zeros_like(self.pre_scale) if self.pre_shift is None else self.pre_shift.clone()
 
 
 class QuantConv2d(_QuantizedLayer):
@@ -176,7 +182,7 @@ def _choose_probability_quantizers(qmodel: nn.Module, model: nn.Module, args: tu
 @dataclass
 class QuantReport:
     """What the pipeline did: layers quantized, branches merged, Conv-BN folds (and why none
-    were looked for), layers reparameterized,
+    were looked for), layers reparameterized, outlier channels migrated into weights,
     activation matmuls quantized (and which run as float ops), why matmuls stayed float, and
     the activation calibration used."""
 
@@ -190,6 +196,7 @@ class QuantReport:
     merged_branches: list[str] = field(default_factory=list)
     reparameterized: list[str] = field(default_factory=list)
     compensated: list[str] = field(default_factory=list)
+    outlier_migrations: list[str] = field(default_factory=list)
     matmuls: list[str] = field(default_factory=list)
     float_ops: list[str] = field(default_factory=list)
     matmuls_not_quantized: str = ""
@@ -280,15 +287,29 @@ _MATMULS = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm"}
 _SOFTMAXES = {torch.softmax, F.softmax, torch.Tensor.softmax, "softmax"}
 
 
-def _quantize_matmuls(model: nn.Module, act_quantizer, probability_choices, report: QuantReport) -> nn.Module:
-    """The model as a torch.fx graph whose activation x activation matmuls are `QuantMatMul`s
-    (found in the graph, not by module names); the model unchanged when it has none or cannot
-    be traced, the reason in the report. `act_quantizer(name)` makes an operand quantizer for
-    the matmul `name` and `probability_choices(name)` the candidates for its softmax output."""
+def _quantize_matmuls(model: nn.Module, args: tuple[torch.Tensor, ...], act_quantizer, probability_choices,
+                      report: QuantReport) -> nn.Module:
+    """The model with its activation x activation matmuls as `QuantMatMul`s (found in the
+    graph, not by module names): a torch.fx graph module where torch.fx can trace the model,
+    else the model itself with the matmuls torch.export's graph shows routed to quantized
+    ones (`edgeport.quant.exported_matmuls`: `transformers`' BERT family); the model
+    unchanged when it has none or can be captured by neither, the reason in the report.
+    `act_quantizer(name)` makes an operand quantizer for the matmul `name` and
+    `probability_choices(name)` the candidates for its softmax output."""
+    def quantized(name: str, softmax_left: bool) -> QuantMatMul:
+        choices = probability_choices(name) if softmax_left else ()
+        return QuantMatMul(choices[0] if choices else act_quantizer(name), act_quantizer(name), choices)
+
     try:
         graph_module = torch.fx.symbolic_trace(model)
     except Exception as error:  # tracing runs arbitrary model code; any failure means "not traceable"
-        report.matmuls_not_quantized = f"not traceable by torch.fx ({type(error).__name__}: {str(error).splitlines()[0][:120]})"
+        untraceable = f"not traceable by torch.fx ({type(error).__name__}: {str(error).splitlines()[0][:120]})"
+        sites, why_not = exported_matmul_sites(model, args)
+        if not sites:
+            report.matmuls_not_quantized = f"{untraceable}; {why_not or 'no activation x activation matmul'}"
+            return model
+        route_matmuls(model, sites, lambda site: quantized(site.name, site.softmax_left))
+        report.matmuls = [site.name for site in sites]
         return model
     parameters = {n for n, _ in graph_module.named_parameters()} | {n for n, _ in graph_module.named_buffers()}
     counts: dict[str, int] = {}
@@ -302,9 +323,7 @@ def _quantize_matmuls(model: nn.Module, act_quantizer, probability_choices, repo
         name = f"{scope}.matmul{counts[scope]}" if scope else f"matmul{counts[scope]}"
         left = node.args[0]
         softmax = left.op in ("call_function", "call_method") and left.target in _SOFTMAXES
-        choices = probability_choices(name) if softmax else ()
-        graph_module.add_submodule(name, QuantMatMul(choices[0] if choices else act_quantizer(name),
-                                                     act_quantizer(name), choices))
+        graph_module.add_submodule(name, quantized(name, softmax))
         with graph_module.graph.inserting_after(node):
             replacement = graph_module.graph.call_module(name, node.args)
         node.replace_all_uses_with(replacement)
@@ -458,8 +477,8 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], c
         log_sqrt2 = (LogSqrt2Quantizer(bits),) if config.choose_softmax_quantizer else ()
         return (act_quantizer(bits),) + log_sqrt2
 
-    qmodel = _quantize_matmuls(qmodel, lambda name: act_quantizer(config.matmul_bits_of(name)), probability_choices,
-                               report)
+    qmodel = _quantize_matmuls(qmodel, tuple(a[:1] for a in args), lambda name: act_quantizer(config.matmul_bits_of(name)),
+                               probability_choices, report)
     for name, module in list(qmodel.named_modules()):
         wrapper = next((w for kind, w in QUANTIZED_LAYERS.items() if isinstance(module, kind)), None)
         if wrapper is None or any(name.startswith(f"{n}.") for n in report.layers):
@@ -496,9 +515,15 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], c
                         f"quantize: lower float_convs_below_macs or quantize for the tensorrt target")
     if not report.layers:
         raise UserError(f"the model has no {' or '.join(kind.__name__ for kind in QUANTIZED_LAYERS)} layer to quantize")
+    migrations = [module.register_forward_pre_hook(
+        lambda layer, inputs, name=name: _migrate_outliers(name, layer, inputs[0], weight_quantizer, report))
+        for name, module in qmodel.named_modules() if config.migrate_outliers and isinstance(module, QuantLinear)
+        and module.act.axis is None and module.pre_scale is None]
     with torch.no_grad():
         qmodel(*args)  # pass 1: sequential, lazy fitting in forward order
-        _choose_probability_quantizers(qmodel, model, args)
+    for hook in migrations:
+        hook.remove()
+    _choose_probability_quantizers(qmodel, model, args)
     _refuse_degenerate_ranges(qmodel)
     for name, module in qmodel.named_modules():
         if isinstance(module, QuantLinear) and module.act.axis is not None:
@@ -513,6 +538,57 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], c
     if config.compensate_weights:
         report.compensated = compensate(qmodel, model, args, QuantLinear, weight_quantizer, config.weight_ridge)
     return qmodel, report
+
+
+# candidate thresholds for outlier channels: the quantiles of the per-channel maxima above which
+# a channel is scaled down to the threshold (none: no migration, also a candidate)
+OUTLIER_QUANTILES = (0.99, 0.995, 0.999)
+OUTLIER_SAMPLE_ROWS = 256
+# a migration's Mul in front of the quantizer costs run time: taken only where it at least
+# halves the layer's output error (MiniLM's post-GELU inputs: to 0.15-0.49 of it; the ViT-S
+# stack's layers 0.67-0.92, where 13 Muls cost more than they bought)
+OUTLIER_MIN_ERROR_RATIO = 0.5
+
+
+def _migrate_outliers(name: str, layer: QuantLinear, x: torch.Tensor,
+                      weight_quantizer: Callable[[torch.Tensor, int], UniformQuantizer], report: QuantReport) -> None:
+    """Scale the few input channels whose range dwarfs the rest (MiniLM's post-GELU FFN input:
+    one channel to 24.6 where the 99th percentile of channel maxima is about 4) down to a
+    threshold, x' = x / s, the weight's columns up by s (W' = W diag(s)), so one per-tensor
+    scale no longer spends its levels on them: SmoothQuant's migration for outliers only.
+    The division stays a Mul in front of the quantizer (after a GELU nothing can absorb it).
+    Each threshold of OUTLIER_QUANTILES is tried on the calibration batch `x`, and the
+    smallest mean squared error of the layer's output against its float output on `x`
+    chooses, where it is at most OUTLIER_MIN_ERROR_RATIO of the error without migration; called on the layer's first calibration input, before its input quantizer
+    fits. The candidates are compared on at most OUTLIER_SAMPLE_ROWS positions of `x` (each
+    comparison fits a quantizer: on all of MiniLM's 1024 calibration tokens this step took
+    most of the calibration time)."""
+    if layer.act.fitted:
+        return
+    rows = x.detach().flatten(0, -2)
+    x = rows[::-(-len(rows) // OUTLIER_SAMPLE_ROWS)]
+    weight, bias, bits = layer.inner.weight.detach(), layer.inner.bias, layer.wq.bits
+    reference = F.linear(x, weight, bias)
+    channel_max = rows.abs().amax(0).double()
+
+    def error(scale: torch.Tensor | None) -> float:
+        inputs, scaled = (x, weight) if scale is None else (x / scale.float(), (weight.double() * scale).float())
+        act = copy.deepcopy(layer.act)
+        act.fit(inputs)
+        return float(((F.linear(act(inputs), weight_quantizer(scaled, bits)(scaled), bias) - reference) ** 2).mean())
+
+    candidates = [(channel_max / channel_max.quantile(q)).clamp(min=1) for q in OUTLIER_QUANTILES]
+    errors = [error(None)] + [error(scale) for scale in candidates]
+    best = errors.index(min(errors))
+    if best == 0 or errors[best] > OUTLIER_MIN_ERROR_RATIO * errors[0]:
+        return
+    scale = candidates[best - 1]
+    with torch.no_grad():
+        layer.inner.weight.copy_((weight.double() * scale).float())
+    layer.wq = weight_quantizer(layer.inner.weight, bits)
+    layer.pre_scale = (1 / scale).float()
+    report.outlier_migrations.append(f"{name}: {int((scale > 1).sum())} channels above the "
+                                     f"{OUTLIER_QUANTILES[best - 1]:g} quantile of channel maxima")
 
 
 def _fold_into_norm(norm: nn.LayerNorm, layers: list[QuantLinear]) -> None:
