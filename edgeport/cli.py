@@ -22,7 +22,7 @@ from rich.text import Text
 
 from edgeport.errors import BackendUnavailable, CheckFailed, UserError
 from edgeport.quant.calibrate import OBSERVERS
-from edgeport.quant.config import PRESETS
+from edgeport.quant.config import EXPORT_TARGETS, PRESETS, TARGETS
 
 # Results (tables, JSON) go to stdout and progress and diagnostics to stderr, as Unix tools
 # do. Logs and CI are not terminals and would get 80 columns, too narrow for the tables.
@@ -190,8 +190,8 @@ def _print_artifacts(artifacts, as_json: bool) -> None:
               help="; ".join(f"{name}: {config.description}" for name, config in PRESETS.items()) + ".")
 @click.option("--w-bits", type=int, default=8, show_default=True)
 @click.option("--a-bits", type=int, default=8, show_default=True)
-@click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
-              help="tensorrt: symmetric quantizers (zero point 0).")
+@click.option("--target", type=click.Choice(list(TARGETS)), help="The runtime to quantize for (default "
+              "onnxruntime); tensorrt: symmetric quantizers (zero point 0). Its export target is written too.")
 @click.option("--calib", type=click.Path(), help=".npz with the calibration batch: one array per model input, matched "
               "by name (np.savez's arr_0, arr_1, ... in order); zoo models bring their own.")
 @click.option("--calibration", type=click.Choice(list(OBSERVERS)),
@@ -217,15 +217,14 @@ def quantize_command(model, method, w_bits, a_bits, target, calib, calibration, 
     from edgeport.sdk import calibration_batch, load_model, parse_input, quantize
 
     targets = [t.strip() for t in targets.split(",")]
-    if target == "tensorrt" and "tensorrt" not in targets:
-        targets.append("tensorrt")
-        diagnostics.print("note: --target tensorrt also writes the tensorrt target (<name>-tensorrt.onnx and its "
-                          "trtexec script)")
+    if target is not None and EXPORT_TARGETS[target] not in targets:
+        targets.append(EXPORT_TARGETS[target])
+        diagnostics.print(f"note: --target {target} also writes the {EXPORT_TARGETS[target]} target")
     batch = calibration_batch(load_model(model, weights), _calibration_arrays(calib)) if calib else None
     with progress(f"quantizing {model} ({method}, W{w_bits}A{a_bits})"), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", EdgeportWarning)
-        qmodel = quantize(model, batch, method, w_bits, a_bits, target=target, weights=weights,
-                          act_observer=calibration, report="sensitivity" if sensitivity else None,
+        qmodel = quantize(model, batch, method, w_bits, a_bits, **({"target": target} if target else {}),
+                          weights=weights, act_observer=calibration, report="sensitivity" if sensitivity else None,
                           max_drop=max_drop)
     for warning in caught:
         if issubclass(warning.category, EdgeportWarning):

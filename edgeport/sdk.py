@@ -589,18 +589,6 @@ def calibration_batch(model: torch.nn.Module, calib: Calibration) -> torch.Tenso
     return tuple(torch.as_tensor(calib[n]) for n in first)
 
 
-def tensorrt_caveat(config: QuantConfig) -> str | None:
-    """What TensorRT will not run of a quantization meant for it (None where it runs all of
-    it): TensorRT's quantized kernels take INT8 activations with INT8 or INT4 weights (and FP8)."""
-    if config.target != "tensorrt":
-        return None
-    if config.a_bits == config.matmul_operand_bits == 8 and config.w_bits in (4, 8):
-        return None
-    return (f"W{config.w_bits}A{config.a_bits} for TensorRT: TensorRT runs INT8 activations with INT8 or INT4 "
-            f"weights (and FP8) only; the -tensorrt.onnx keeps the narrower grid in INT8 Q/DQ, so the engine's "
-            f"accuracy is this model's but it runs at INT8 speed at best")
-
-
 def quantize(model: str | torch.nn.Module, calib: Calibration | None = None, method: str = "repq", w_bits: int = 8,
              a_bits: int = 8, *, target: str = "onnxruntime", weights: str | Path | None = None,
              keep_8bit: Sequence[str] = (), act_observer: str | None = None,
@@ -621,7 +609,7 @@ def quantize(model: str | torch.nn.Module, calib: Calibration | None = None, met
     bits per layer, the fewest whose 1 - cosine to the float output on the calibration batch
     stays within it (`choose_widths`), the choice in its `mixed_precision` attribute.
     """
-    from edgeport.quant.config import preset
+    from edgeport.quant.config import preset, target_caveat
     from edgeport.quant.ptq import quantize as run_ptq
 
     arguments = {"method": method, "w_bits": w_bits, "a_bits": a_bits, "target": target,
@@ -637,7 +625,7 @@ def quantize(model: str | torch.nn.Module, calib: Calibration | None = None, met
             raise UserError("quantization needs calibration data (about 32 real samples); only zoo models bring their own")
         calib = zoo.calibration(model, 32)
     calib = calibration_batch(torch_model, calib)
-    caveat = tensorrt_caveat(config)
+    caveat = target_caveat(config)
     if caveat:
         warnings.warn(caveat, EdgeportWarning, stacklevel=2)
     if report not in (None, "sensitivity"):

@@ -25,6 +25,8 @@ AUTO_WEIGHT_OBSERVER = "auto"
 WEIGHT_GRANULARITIES = {"per_channel": 0, "per_tensor": None}
 # deployment target -> whether it needs symmetric quantizers (TensorRT's int8 has no zero point)
 TARGETS = {"onnxruntime": False, "tensorrt": True}
+# deployment target -> the export target (`edgeport.export.registry`) whose artifact it runs
+EXPORT_TARGETS = {"onnxruntime": "onnx", "tensorrt": "tensorrt"}
 
 
 @dataclass(frozen=True)
@@ -168,3 +170,16 @@ def preset(name: str, **overrides: object) -> QuantConfig:
             raise UserError(f"unknown quantization target {target!r}; choose one of {', '.join(TARGETS)}")
         overrides["symmetric"] = TARGETS[target]
     return dataclasses.replace(PRESETS[name], **{key: value for key, value in overrides.items() if value is not None})
+
+
+def target_caveat(config: QuantConfig) -> str | None:
+    """What the deployment target will not run of a quantization meant for it (None where it
+    runs all of it): TensorRT's quantized kernels take INT8 activations with INT8 or INT4
+    weights (and FP8); ONNX Runtime runs every width (narrower grids held in INT8)."""
+    if config.target != "tensorrt":
+        return None
+    if config.a_bits == config.matmul_operand_bits == 8 and config.w_bits in (4, 8):
+        return None
+    return (f"W{config.w_bits}A{config.a_bits} for TensorRT: TensorRT runs INT8 activations with INT8 or INT4 "
+            f"weights (and FP8) only; the -tensorrt.onnx keeps the narrower grid in INT8 Q/DQ, so the engine's "
+            f"accuracy is this model's but it runs at INT8 speed at best")
