@@ -6,6 +6,7 @@ import torch
 import edgeport as ep
 from edgeport.quant.erq import error_feedback_round, ridge_weights
 from edgeport.quant.quantizers import UniformQuantizer
+from hf_models import ARCHITECTURES
 
 
 def _logit_sqnr_db(qmodel, model, images) -> float:
@@ -72,3 +73,14 @@ def test_w4_tie_rounding_error_of_the_export_stays_within_its_stated_bound(tmp_p
         reference = qmodel(images)
     assert (exported - reference).abs().max() <= 0.2 * reference.abs().max()
     assert (exported.argmax(1) != reference.argmax(1)).float().mean() <= 0.02
+
+
+def test_error_feedback_rounding_beside_routed_attention_matmuls():
+    """A transformers BERT's attention matmuls are routed to quantized ones while its forward
+    runs; the compensation's own algebra, run in that forward, must not be routed (it was: a
+    Cholesky of a quantized Gram matrix failed)."""
+    model, example = ARCHITECTURES["bert"]()
+    ids = torch.randint(5, 100, (8, 16), generator=torch.Generator().manual_seed(0))
+    qmodel = ep.quantize(model, (ids, torch.ones_like(ids)), "repq-gptq", 4, 4)
+    report = qmodel.quant_report
+    assert len(report.matmuls) == 4 and len(report.compensated) == len(report.layers)

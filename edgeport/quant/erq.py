@@ -125,18 +125,22 @@ def compensate(qmodel: nn.Module, model: nn.Module, args: tuple[torch.Tensor, ..
         def compensate_layer(layer, inputs):
             if name not in targets or name in done:  # no float counterpart, or a second call
                 return
-            x = inputs[0]
-            if layer.pre_scale is not None:
-                x = x * layer.pre_scale + layer.pre_shift
-            quantized_input = _rows(layer.act(x))
-            inner = layer.inner
-            bias = inner.bias.detach().double() if inner.bias is not None else \
-                torch.zeros(inner.weight.shape[0], dtype=torch.float64)
-            weight = inner.weight.detach().double()
-            if ridge is not None:
-                weight, bias = ridge_weights(quantized_input, targets[name], weight, bias, ridge)
-                layer.wq = weight_quantizer(weight.float(), layer.wq.bits)
-            weight = error_feedback_round(weight, quantized_input, layer.wq)
+            # This runs inside the forward of the module that calls the layer, where a matmul
+            # router (`exported_matmuls`) may be sending every matmul to a quantized one: the
+            # algebra below must not be routed, so torch-function handling is off for it.
+            with torch._C.DisableTorchFunction():
+                x = inputs[0]
+                if layer.pre_scale is not None:
+                    x = x * layer.pre_scale + layer.pre_shift
+                quantized_input = _rows(layer.act(x))
+                inner = layer.inner
+                bias = inner.bias.detach().double() if inner.bias is not None else \
+                    torch.zeros(inner.weight.shape[0], dtype=torch.float64)
+                weight = inner.weight.detach().double()
+                if ridge is not None:
+                    weight, bias = ridge_weights(quantized_input, targets[name], weight, bias, ridge)
+                    layer.wq = weight_quantizer(weight.float(), layer.wq.bits)
+                weight = error_feedback_round(weight, quantized_input, layer.wq)
             with torch.no_grad():
                 inner.weight.copy_(weight.to(inner.weight.dtype))
                 if inner.bias is None:
