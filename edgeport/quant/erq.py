@@ -129,10 +129,7 @@ def compensate(qmodel: nn.Module, model: nn.Module, args: tuple[torch.Tensor, ..
             # router (`exported_matmuls`) may be sending every matmul to a quantized one: the
             # algebra below must not be routed, so torch-function handling is off for it.
             with torch._C.DisableTorchFunction():
-                x = inputs[0]
-                if layer.pre_scale is not None:
-                    x = x * layer.pre_scale + layer.pre_shift
-                quantized_input = _rows(layer.act(x))
+                quantized_input = _rows(layer.act(layer.quantizer_input(inputs[0])))
                 inner = layer.inner
                 bias = inner.bias.detach().double() if inner.bias is not None else \
                     torch.zeros(inner.weight.shape[0], dtype=torch.float64)

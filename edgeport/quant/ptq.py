@@ -92,12 +92,16 @@ class QuantLinear(_QuantizedLayer):
         self.register_buffer("pre_scale", pre_scale)
         self.register_buffer("pre_shift", pre_shift)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def quantizer_input(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` as the input quantizer sees it: after the folded scale and shift, where there are."""
         if self.pre_scale is not None:
             x = x * self.pre_scale
         if self.pre_shift is not None:
             x = x + self.pre_shift
-        y = F.linear(self.act(x), self.wq(self.inner.weight))
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(self.act(self.quantizer_input(x)), self.wq(self.inner.weight))
         if self.inner.bias is None:
             return y
         # The bias is added at full rank: in the QDQ form ONNX Runtime fuses MatMul with a 1-D
