@@ -8,6 +8,9 @@ from edgeport.quant.erq import error_feedback_round, ridge_weights
 from edgeport.quant.quantizers import UniformQuantizer
 from hf_models import ARCHITECTURES
 
+RECON_TEST_ITERS = 30  # reconstruction steps per unit in the tests: seconds, not minutes
+RECON_TEST_GAIN_DB = 0.1
+
 
 def _logit_sqnr_db(qmodel, model, images) -> float:
     with torch.no_grad():
@@ -84,3 +87,36 @@ def test_error_feedback_rounding_beside_routed_attention_matmuls():
     qmodel = ep.quantize(model, (ids, torch.ones_like(ids)), "repq-gptq", 4, 4)
     report = qmodel.quant_report
     assert len(report.matmuls) == 4 and len(report.compensated) == len(report.layers)
+
+
+def test_reconstruction_lowers_the_output_error_of_repq_and_is_exported_exactly(tmp_path):
+    """Block-wise reconstruction (repq-recon) at W4A4 on the zoo ViT (a torch.fx graph module:
+    its blocks are split out of the graph), few steps per block: the logits are closer to
+    fp32's than plain repq's, and the export verifies against the fake-quant model (the
+    learned rounding is a weight on its grid, the step sizes are scales)."""
+    from edgeport.quant.config import preset
+
+    model = ep.zoo.load("vit-digits")
+    images = ep.zoo.testset("vit-digits")[0]
+    repq = ep.quantize("vit-digits", method="repq", w_bits=4, a_bits=4)
+    recon = ep.quantize("vit-digits", config=preset("repq-recon", w_bits=4, a_bits=4, recon_iters=RECON_TEST_ITERS))
+    lines = recon.quant_report.reconstructed
+    assert [line.split(":")[0] for line in lines] == ["patch_embed", *(f"blocks.{i}" for i in range(4)), "head"]
+    assert all(f"{RECON_TEST_ITERS} iterations" in line for line in lines)
+    assert _logit_sqnr_db(recon, model, images) > _logit_sqnr_db(repq, model, images) + RECON_TEST_GAIN_DB
+    artifact = ep.export(recon, images[:1], out=tmp_path, verify_inputs=[images[i:i + 1] for i in range(16)])["onnx"]
+    assert artifact.parity.passed
+
+
+def test_reconstruction_units_are_the_blocks_of_a_bert_with_routed_attention():
+    """transformers' BERT (not traceable by torch.fx; its attention matmuls routed to quantized
+    ones inside each layer): each encoder layer is one unit, called as it is."""
+    from edgeport.quant.config import preset
+
+    model, _ = ARCHITECTURES["bert"]()
+    ids = torch.randint(5, 100, (16, 16), generator=torch.Generator().manual_seed(0))
+    qmodel = ep.quantize(model, (ids, torch.ones_like(ids)), config=preset("repq-recon", w_bits=4, a_bits=4,
+                                                                            recon_iters=RECON_TEST_ITERS))
+    units = [line.split(":")[0] for line in qmodel.quant_report.reconstructed]
+    assert [u for u in units if "layer." in u] == ["encoder.layer.0", "encoder.layer.1"]
+    assert all(" -> " in line for line in qmodel.quant_report.reconstructed) and len(qmodel.quant_report.matmuls) == 4

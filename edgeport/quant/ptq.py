@@ -30,6 +30,7 @@ from edgeport.quant.config import QuantConfig
 from edgeport.quant.erq import compensate
 from edgeport.quant.exported_matmuls import exported_matmul_sites, route_matmuls
 from edgeport.quant.quantizers import LogSqrt2QParams, LogSqrt2Quantizer, UniformQParams, UniformQuantizer
+from edgeport.quant.reconstruct import reconstruct
 from edgeport.quant.reparam import fold_batchnorm, fold_into_linear, fold_targets
 
 
@@ -186,7 +187,8 @@ def _choose_probability_quantizers(qmodel: nn.Module, model: nn.Module, args: tu
 @dataclass
 class QuantReport:
     """What the pipeline did: layers quantized, branches merged, Conv-BN folds (and why none
-    were looked for), layers reparameterized, outlier channels migrated into weights,
+    were looked for), layers reparameterized, weights compensated, units reconstructed (with
+    their error before and after, iterations and seconds), outlier channels migrated into weights,
     activation matmuls quantized (and which run as float ops), why matmuls stayed float, and
     the activation calibration used."""
 
@@ -200,6 +202,7 @@ class QuantReport:
     merged_branches: list[str] = field(default_factory=list)
     reparameterized: list[str] = field(default_factory=list)
     compensated: list[str] = field(default_factory=list)
+    reconstructed: list[str] = field(default_factory=list)
     outlier_migrations: list[str] = field(default_factory=list)
     matmuls: list[str] = field(default_factory=list)
     float_ops: list[str] = field(default_factory=list)
@@ -541,6 +544,8 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], c
                             [qmodel.get_submodule(name) for name, n in fed.items() if n == norm])
     if config.compensate_weights:
         report.compensated = compensate(qmodel, model, args, QuantLinear, weight_quantizer, config.weight_ridge)
+    if config.recon_iters:
+        report.reconstructed = reconstruct(qmodel, args, tuple(QUANTIZED_LAYERS.values()), config.recon_iters)
     return qmodel, report
 
 
