@@ -44,7 +44,10 @@ class QuantConfig:
     the norm feeds nothing else. `migrate_outliers` scales the few input channels of a
     per-tensor Linear input whose range dwarfs the rest down into the weight (where the
     calibration error says it pays). `choose_softmax_quantizer` makes log-sqrt2 a candidate beside
-    the uniform grid for a softmax output, the smaller error at the model's output choosing.
+    the uniform grid for a softmax output, the smaller error at the model's output choosing;
+    `adalog` makes that candidate AdaLog (its log base searched per tensor) and gives the
+    input of each Linear after a GELU an AdaLog quantizer where it beats the uniform one on
+    the layer's output (`edgeport.quant.adalog`).
     `compensate_weights` rounds each Linear's weight with error feedback from the quantized
     input it really gets (GPTQ-style), after regressing weight and bias onto the float
     output where `weight_ridge` gives the ridge factor (ERQ-style; `edgeport.quant.erq`).
@@ -71,6 +74,7 @@ class QuantConfig:
     fold_norm_affine: bool = False
     migrate_outliers: bool = False
     choose_softmax_quantizer: bool = False
+    adalog: bool = False
     compensate_weights: bool = False
     weight_ridge: float | None = None
     symmetric: bool = False
@@ -154,6 +158,18 @@ PRESETS["erq"] = dataclasses.replace(
     PRESETS["repq-gptq"], weight_ridge=1.0, name="erq",
     description="repq-gptq after a closed-form ridge regression of each Linear's weight and bias onto the float "
                 "output from its quantized input (ERQ)")
+
+PRESETS["repq-adalog"] = dataclasses.replace(
+    PRESETS["repq-gptq"], adalog=True, name="repq-adalog",
+    description="repq-gptq with AdaLog (a log quantizer whose base is searched per tensor) for softmax outputs and "
+                "post-GELU Linear inputs, each where it beats the uniform grid")
+PRESETS["repq-dualclip"] = dataclasses.replace(
+    PRESETS["repq-gptq"], act_observer="dualclip", name="repq-dualclip",
+    description="repq-gptq with activation ranges from RepQuant's dual clipping: a lower and an upper clip per "
+                "channel searched apart")
+PRESETS["repq-adalog-dualclip"] = dataclasses.replace(
+    PRESETS["repq-adalog"], act_observer="dualclip", name="repq-adalog-dualclip",
+    description="repq-adalog with the activation ranges of repq-dualclip")
 
 
 def preset(name: str, **overrides: object) -> QuantConfig:
