@@ -23,7 +23,7 @@ from torch import nn
 from edgeport.quant.quantizers import check_bits
 
 R = 37  # log2(base) = q / R: R fractions of an octave (the paper's choice)
-Q_RANGE = (8, 74)  # log2(base) from 0.22 to 2: sqrt2 (18.5) and 2 (37) inside
+Q_RANGE = (2, 74)  # log2(base) from 0.05 to 2: sqrt2 (18.5) and 2 (37) inside
 Q_COARSE_STEP = 4  # q searched every 4, then each neighbour of the best: a third of the trials
 SCALE_FACTORS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)  # of the largest value, for inputs whose top may clip
 SAMPLE_ROWS = 256  # positions of a Linear's input its search compares on
@@ -87,7 +87,8 @@ class AdaLogQuantizer(nn.Module):
 
         low, high = Q_RANGE
         scales = [top * factor for factor in (SCALE_FACTORS if self.search_scale else (1.0,))]
-        best = min((error(scale, q), i, q) for i, scale in enumerate(scales) for q in range(low, high + 1, Q_COARSE_STEP))
+        best = min((error(scale, q), i, q) for i, scale in enumerate(scales)
+                   for q in range(low, high + 1, Q_COARSE_STEP))
         _, i, coarse = best
         nearby = range(max(low, coarse - Q_COARSE_STEP + 1), min(high, coarse + Q_COARSE_STEP - 1) + 1)
         _, _, q = min(best, *((error(scales[i], q), i, q) for q in nearby if q != coarse))
