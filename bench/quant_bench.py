@@ -30,8 +30,9 @@
 5. Mixed precision on MiniLM: `ep.quantize(..., max_drop=0.005)`, its widths, and the test
    sentences' agreement with fp32.
 6. Low bits: W6A6 and W4A4 with repq, repq-gptq (error-feedback weight rounding), repq-recon
-   (block-wise reconstruction: learned rounding and step sizes, its cost in quantize_seconds)
-   and, on the zoo ViT, erq (ridge-regressed weights first), the best method of each width named.
+   (block-wise reconstruction: learned rounding and step sizes, its cost in quantize_seconds),
+   repq-adalog (AdaLog for softmax and post-GELU inputs), repq-dualclip (dual clipping), both
+   together and, on the zoo ViT, erq (ridge-regressed weights first), the best method of each width named.
 Writes bench/results/quant.json (sections 1-3), quant_timm.json (4), quant_mixed.json (5) and
 quant_lowbit.json (6).
 Run: `python bench/quant_bench.py [minilm zoo_vit speed timm mixed]` (all sections by default;
@@ -456,7 +457,8 @@ def mixed_precision(max_drop: float = 0.005) -> dict:
             "test": agreement(embeddings, reference)}
 
 
-def low_bits(methods: tuple[str, ...] = ("repq", "repq-gptq", "repq-recon")) -> dict:
+def low_bits(methods: tuple[str, ...] = ("repq", "repq-gptq", "repq-recon", "repq-adalog", "repq-dualclip",
+                                          "repq-adalog-dualclip")) -> dict:
     """W6A6 and W4A4 with the low-bit methods beside repq: MiniLM on the test sentences
     (cosine, top-1 against fp32; fake-quant torch model) and the zoo ViT on its 360 test images
     (agreement with fp32, accuracy; erq too: cheap there), with quantization time, and the best

@@ -600,7 +600,7 @@ def quantize(model: str | torch.nn.Module, calib: Calibration | None = None, met
     name; a zoo model brings 32 training images). `ep.export` turns it
     into quantized ONNX (QuantizeLinear and integer matmuls for ONNX Runtime, pure QDQ for the
     `tensorrt` target); `target="tensorrt"` makes it symmetric. Layers named in `keep_8bit`
-    stay at 8 bits; `act_observer` ("minmax", "percentile", "mse", "entropy") overrides the
+    stay at 8 bits; `act_observer` ("minmax", "percentile", "mse", "entropy", "dualclip") overrides the
     method's activation calibration. `config`, a `QuantConfig`, says all of that at once (and
     more) in place of those arguments, which must then keep their defaults. The pipeline's
     report is the returned module's `quant_report` attribute. `report="sensitivity"` also

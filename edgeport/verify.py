@@ -370,10 +370,11 @@ def localize_quantization(model, args: tuple) -> Localization:
     order the modules finish; judged by the model precision's tolerance (int8: cosine and SQNR)."""
     import torch
 
+    from edgeport.quant.adalog import AdaLogQuantizer
     from edgeport.quant.ptq import precision_label
     from edgeport.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
 
-    quantizers = (UniformQuantizer, LogSqrt2Quantizer)
+    quantizers = (UniformQuantizer, LogSqrt2Quantizer, AdaLogQuantizer)
 
     def module_outputs(bypass: bool) -> dict[str, tuple[np.ndarray, str]]:
         outputs: dict[str, tuple[np.ndarray, str]] = {}

@@ -29,6 +29,7 @@ from edgeport.errors import BackendUnavailable, CheckFailed, ExportError, UserEr
 from edgeport.export.mil import MILInterpreterRunner
 from edgeport.export.onnx import output_names_for, quiet, summarize_error
 from edgeport.quant.ptq import QUANTIZED_MODULES, QuantConv2d, QuantLinear, QuantMatMul
+from edgeport.quant.adalog import AdaLogQParams, AdaLogQuantizer
 from edgeport.quant.quantizers import LogSqrt2QParams, LogSqrt2Quantizer, UniformQParams
 
 ROUTES = ("torch.export", "torchscript-trace")
@@ -122,12 +123,15 @@ def coreml_quantized_form(model: torch.nn.Module) -> tuple[torch.nn.Module, str 
     return form, "int4-per-channel" if w_bits <= 4 else "int8", sorted(set(notes))
 
 
-def _core_ml_activation(params: UniformQParams | LogSqrt2QParams, notes: list[str]) -> torch.nn.Module:
+def _core_ml_activation(params: UniformQParams | LogSqrt2QParams | AdaLogQParams, notes: list[str]
+                        ) -> torch.nn.Module:
     """An activation quantizer as Core ML runs it: a per-tensor uniform one as the
-    quantize/dequantize pair Core ML has (8-bit; a narrower width is noted), log-sqrt2, which
-    it has no op for, as the float ops that compute it."""
+    quantize/dequantize pair Core ML has (8-bit; a narrower width is noted), log-sqrt2 and
+    AdaLog, which it has no op for, as the float ops that compute them."""
     if isinstance(params, LogSqrt2QParams):
         return LogSqrt2Quantizer.from_qparams(params)
+    if isinstance(params, AdaLogQParams):
+        return AdaLogQuantizer.from_qparams(params)
     if params.bits < 8:
         notes.append(f"{params.bits}-bit activations run as 8-bit quantize/dequantize (Core ML quantizes to 8 "
                      f"bits): values beyond the {params.bits}-bit range are not clipped")

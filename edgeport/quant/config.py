@@ -48,7 +48,10 @@ class QuantConfig:
     the norm feeds nothing else. `migrate_outliers` scales the few input channels of a
     per-tensor Linear input whose range dwarfs the rest down into the weight (where the
     calibration error says it pays). `choose_softmax_quantizer` makes log-sqrt2 a candidate beside
-    the uniform grid for a softmax output, the smaller error at the model's output choosing.
+    the uniform grid for a softmax output, the smaller error at the model's output choosing;
+    `adalog` makes that candidate AdaLog (its log base searched per tensor) and gives the
+    input of each Linear after a GELU an AdaLog quantizer where it beats the uniform one on
+    the layer's output (`edgeport.quant.adalog`).
     `compensate_weights` rounds each Linear's weight with error feedback from the quantized
     input it really gets (GPTQ-style), after regressing weight and bias onto the float
     output where `weight_ridge` gives the ridge factor (ERQ-style; `edgeport.quant.erq`).
@@ -78,6 +81,7 @@ class QuantConfig:
     fold_norm_affine: bool = False
     migrate_outliers: bool = False
     choose_softmax_quantizer: bool = False
+    adalog: bool = False
     compensate_weights: bool = False
     weight_ridge: float | None = None
     recon_iters: int = 0
@@ -170,6 +174,18 @@ PRESETS["repq-recon"] = dataclasses.replace(
     description=f"repq, then block-wise reconstruction: each transformer block's weight rounding and activation "
                 f"step sizes learned against its float output, QDrop-style ({RECON_ITERS} steps a block: costs "
                 f"calibration time, minutes on a BERT-small)")
+
+PRESETS["repq-adalog"] = dataclasses.replace(
+    PRESETS["repq-gptq"], adalog=True, name="repq-adalog",
+    description="repq-gptq with AdaLog (a log quantizer whose base is searched per tensor) for softmax outputs and "
+                "post-GELU Linear inputs, each where it beats the uniform grid")
+PRESETS["repq-dualclip"] = dataclasses.replace(
+    PRESETS["repq-gptq"], act_observer="dualclip", name="repq-dualclip",
+    description="repq-gptq with activation ranges from RepQuant's dual clipping: a lower and an upper clip per "
+                "channel searched apart")
+PRESETS["repq-adalog-dualclip"] = dataclasses.replace(
+    PRESETS["repq-adalog"], act_observer="dualclip", name="repq-adalog-dualclip",
+    description="repq-adalog with the activation ranges of repq-dualclip")
 
 
 def preset(name: str, **overrides: object) -> QuantConfig:

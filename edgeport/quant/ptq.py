@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeport.errors import UserError
+from edgeport.quant.adalog import AdaLogQParams, AdaLogQuantizer, choose_input_quantizer, gelu_fed
 from edgeport.quant.calibrate import observer
 from edgeport.quant.config import QuantConfig
 from edgeport.quant.erq import compensate
@@ -45,7 +46,7 @@ class LayerQParams:
     None."""
 
     layer: nn.Module
-    input: UniformQParams
+    input: UniformQParams | AdaLogQParams
     weight: UniformQParams
     input_affine: tuple[torch.Tensor, torch.Tensor] | None
     output: UniformQParams | None = None
@@ -54,9 +55,9 @@ class LayerQParams:
 @dataclass(frozen=True)
 class MatMulQParams:
     """A quantized activation x activation matmul as exporters see it: its operands'
-    quantizers (the left one log-sqrt2 where calibration chose it for a softmax output)."""
+    quantizers (the left one log-sqrt2 or AdaLog where calibration chose it for a softmax output)."""
 
-    left: UniformQParams | LogSqrt2QParams
+    left: UniformQParams | LogSqrt2QParams | AdaLogQParams
     right: UniformQParams
 
 
@@ -150,7 +151,11 @@ class QuantMatMul(nn.Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         for candidate in self.left_choices:
-            if not candidate.fitted:
+            if candidate.fitted:
+                continue
+            if isinstance(candidate, AdaLogQuantizer):  # its base is searched on the product's error
+                candidate.fit(a, lambda t: torch.matmul(t, b))
+            else:
                 candidate.fit(a)
         return torch.matmul(self.left(a), self.right(b))
 
@@ -463,6 +468,7 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], c
     _merge_branches(qmodel, report)
     _fold_batchnorms(qmodel, tuple(a[:1] for a in args), report)
     fed, exclusive = _norm_fed(qmodel, tuple(a[:1] for a in args)) if config.norm_reparam else ({}, set())
+    after_gelu = gelu_fed(qmodel, tuple(a[:1] for a in args)) if config.adalog else set()
     conv_macs = _conv_macs(qmodel, tuple(a[:1] for a in args))
     act_observer, weight_observer = observer(config.act_observer), observer(config.weight_calibration)
 
@@ -481,8 +487,8 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], c
         # Log-sqrt2 runs as float ops in every runtime: a candidate only where the config lets
         # the calibration error choose; otherwise the plain uniform grid.
         bits = config.matmul_bits_of(name)
-        log_sqrt2 = (LogSqrt2Quantizer(bits),) if config.choose_softmax_quantizer else ()
-        return (act_quantizer(bits),) + log_sqrt2
+        log = AdaLogQuantizer(bits) if config.adalog else LogSqrt2Quantizer(bits)
+        return (act_quantizer(bits),) + ((log,) if config.choose_softmax_quantizer else ())
 
     qmodel = _quantize_matmuls(qmodel, tuple(a[:1] for a in args), lambda name: act_quantizer(config.matmul_bits_of(name)),
                                probability_choices, report)
@@ -522,7 +528,10 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], c
                         f"quantize: lower float_convs_below_macs or quantize for the tensorrt target")
     if not report.layers:
         raise UserError(f"the model has no {' or '.join(kind.__name__ for kind in QUANTIZED_LAYERS)} layer to quantize")
-    migrations = [module.register_forward_pre_hook(
+    # AdaLog's hooks first: a layer that keeps its uniform quantizer can still migrate outliers
+    migrations = [module.register_forward_pre_hook(lambda layer, inputs: choose_input_quantizer(layer, inputs[0]))
+                  for name, module in qmodel.named_modules() if name in after_gelu and isinstance(module, QuantLinear)]
+    migrations += [module.register_forward_pre_hook(
         lambda layer, inputs, name=name: _migrate_outliers(name, layer, inputs[0], weight_quantizer, report))
         for name, module in qmodel.named_modules() if config.migrate_outliers and isinstance(module, QuantLinear)
         and module.act.axis is None and module.pre_scale is None]
@@ -535,9 +544,13 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], c
     for name, module in qmodel.named_modules():
         if isinstance(module, QuantLinear) and module.act.axis is not None:
             _reparameterize(name, module, config.symmetric, report, weight_quantizer)
-        elif isinstance(module, QuantMatMul) and isinstance(module.left, LogSqrt2Quantizer):
-            report.float_ops.append(f"{name}: log-sqrt2 softmax quantizer (float ops; no runtime has it as an "
+        elif isinstance(module, QuantMatMul) and isinstance(module.left, (LogSqrt2Quantizer, AdaLogQuantizer)):
+            kind = "AdaLog" if isinstance(module.left, AdaLogQuantizer) else "log-sqrt2"
+            report.float_ops.append(f"{name}: {kind} softmax quantizer (float ops; no runtime has it as an "
                                     f"integer kernel)")
+        elif isinstance(module, QuantLinear) and isinstance(module.act, AdaLogQuantizer):
+            report.float_ops.append(f"{name}: AdaLog input quantizer (float ops; the layer runs as a float "
+                                    f"MatMul with dequantized weights)")
     if config.fold_norm_affine:
         for norm in exclusive:
             _fold_into_norm(qmodel.get_submodule(norm),

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from edgeport.quant.adalog import AdaLogQuantizer
 from edgeport.quant.ptq import QUANTIZED_MODULES
 from edgeport.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
 
-QUANTIZERS = (UniformQuantizer, LogSqrt2Quantizer)
+QUANTIZERS = (UniformQuantizer, LogSqrt2Quantizer, AdaLogQuantizer)
 
 
 @dataclass(frozen=True)
