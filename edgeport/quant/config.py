@@ -45,8 +45,10 @@ class QuantConfig:
     per-tensor Linear input whose range dwarfs the rest down into the weight (where the
     calibration error says it pays). `choose_softmax_quantizer` makes log-sqrt2 a candidate beside
     the uniform grid for a softmax output, the smaller error at the model's output choosing.
-    `compensate_weights` rounds each Linear's weight with error feedback from the quantized
-    input it really gets (GPTQ-style), after regressing weight and bias onto the float
+    `check_reparam_held_out` keeps that per-channel calibration only for the layers where it
+    beats a per-tensor input on calibration samples it was not fitted to (per-channel ranges
+    fitted to few tokens clip new ones). `compensate_weights` rounds each Linear's weight with
+    error feedback from the quantized input it really gets (GPTQ-style), after regressing weight and bias onto the float
     output where `weight_ridge` gives the ridge factor (ERQ-style; `edgeport.quant.erq`).
     `symmetric` gives every quantizer zero point 0. `layer_widths` gives single layers or
     matmuls (by module path, or the matmul names of the report) their own width, inputs and
@@ -69,6 +71,7 @@ class QuantConfig:
     act_observer: str = "minmax"
     norm_reparam: bool = False
     fold_norm_affine: bool = False
+    check_reparam_held_out: bool = False
     migrate_outliers: bool = False
     choose_softmax_quantizer: bool = False
     compensate_weights: bool = False
