@@ -51,9 +51,11 @@ class QuantConfig:
     the uniform grid for a softmax output, the smaller error at the model's output choosing;
     `adalog` makes that candidate AdaLog (its log base searched per tensor) and gives the
     input of each Linear after a GELU an AdaLog quantizer where it beats the uniform one on
-    the layer's output (`edgeport.quant.adalog`).
-    `compensate_weights` rounds each Linear's weight with error feedback from the quantized
-    input it really gets (GPTQ-style), after regressing weight and bias onto the float
+    the layer's output (`edgeport.quant.adalog`). `check_reparam_held_out` keeps the
+    per-channel calibration of `norm_reparam` only for the layers where it beats a per-tensor
+    input on calibration samples it was not fitted to (per-channel ranges fitted to few tokens
+    clip new ones). `compensate_weights` rounds each Linear's weight with error feedback from
+    the quantized input it really gets (GPTQ-style), after regressing weight and bias onto the float
     output where `weight_ridge` gives the ridge factor (ERQ-style; `edgeport.quant.erq`).
     `recon_iters`, where positive, reconstructs the calibrated model block by block, that many
     Adam steps per block (`edgeport.quant.reconstruct`: learned weight rounding and activation
@@ -79,6 +81,7 @@ class QuantConfig:
     act_observer: str = "minmax"
     norm_reparam: bool = False
     fold_norm_affine: bool = False
+    check_reparam_held_out: bool = False
     migrate_outliers: bool = False
     choose_softmax_quantizer: bool = False
     adalog: bool = False
