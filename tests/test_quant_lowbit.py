@@ -5,6 +5,7 @@ and better than repq on a real model."""
 import functools
 
 import torch
+from torch import nn
 
 import edgeport as ep
 from edgeport.quant import calibrate
@@ -225,3 +226,26 @@ def test_dual_clipping_is_never_worse_than_the_mse_percentiles_on_real_layernorm
         quantizer.set_range(*observe(x, quantizer))
         errors.append(((quantizer(x) - x) ** 2).reshape(-1, x.shape[-1]).mean(0))
     assert bool((errors[1] <= errors[0]).all()) and bool((errors[1] < errors[0]).any())
+
+
+def test_reconstruction_units_are_the_innermost_blocks_where_blocks_nest():
+    """Stages of blocks (LeViT's layout): every Linear belongs to exactly one unit, its
+    innermost block. With both levels as units, a torch.fx split gave an outer stage's
+    unit no layer of its own at random (set order) and its training had nothing to learn."""
+    from edgeport.quant.config import preset
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return x + torch.relu(self.fc(x))
+
+    torch.manual_seed(0)
+    stages = nn.Sequential(nn.Sequential(Block(), Block()), nn.Sequential(Block(), Block()))
+    model = nn.Sequential(stages, nn.Linear(16, 4)).eval()
+    calib = torch.randn(16, 16, generator=torch.Generator().manual_seed(1))
+    qmodel = ep.quantize(model, calib, config=preset("repq-recon", w_bits=4, a_bits=4, recon_iters=RECON_TEST_ITERS))
+    units = [line.split(":")[0] for line in qmodel.quant_report.reconstructed]
+    assert units == ["0.0.0", "0.0.1", "0.1.0", "0.1.1", "1"], units

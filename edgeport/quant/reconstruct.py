@@ -113,7 +113,7 @@ _ACTIVATION_SLOTS = ("act", "out", "left", "right")
 
 def _blocks(model: nn.Module, layer_types: tuple[type, ...]) -> set[str]:
     """Paths of the modules of an nn.ModuleList or nn.Sequential of two or more of one type
-    that hold quantized layers: a transformer's blocks. A torch.fx graph module keeps only
+    that hold quantized layers and no such module inside them: a transformer's blocks. A torch.fx graph module keeps only
     its called layers, in plain containers: its blocks are read from its trace's module
     stacks (numbered siblings of one type)."""
     layers = [name for name, m in model.named_modules() if isinstance(m, layer_types)]
@@ -131,7 +131,10 @@ def _blocks(model: nn.Module, layer_types: tuple[type, ...]) -> set[str]:
         candidates = {f"{name}.{child}" if name else child for name, m in model.named_modules()
                       if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) > 1
                       and len({type(c) for c in m}) == 1 for child in m._modules}
-    return {path for path in candidates if any(layer.startswith(f"{path}.") for layer in layers)}
+    found = {path for path in candidates if any(layer.startswith(f"{path}.") for layer in layers)}
+    # blocks inside blocks (LeViT's stages, each a list of blocks): the innermost are the units,
+    # so every layer belongs to exactly one
+    return {path for path in found if not any(other.startswith(f"{path}.") for other in found)}
 
 
 def _units(model: nn.Module, args: tuple, layer_types: tuple[type, ...], blocks: set[str]) -> list[str]:
