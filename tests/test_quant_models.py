@@ -158,3 +158,20 @@ def test_per_channel_norm_calibration_is_kept_only_where_it_generalizes(tmp_path
     assert drop[checked] < 0.5 * drop[plain]
     artifact = ep.export(checked, images[:1], out=tmp_path, name="deit")["onnx"]
     assert all(output.passed for output in artifact.parity.outputs)
+
+
+def test_a_log_softmax_quantizer_is_a_candidate_only_below_8_bits():
+    """MobileViT-XS's softmax outputs: at 4 bits the calibration error picks log-sqrt2 (a float
+    op island, named in the report); at 8 bits only the uniform grid is offered, which keeps the
+    attention's integer kernel (log-sqrt2 had been chosen there and cost 0.3 ms of 2.3)."""
+    from edgeport.quant.ptq import QuantMatMul
+    from edgeport.quant.quantizers import LogSqrt2Quantizer
+
+    model, images = build("mobilevit_xs")
+
+    def log_quantized(bits: int) -> int:
+        qmodel = ep.quantize(model, images, "repq", w_bits=bits, a_bits=bits)
+        return sum(isinstance(m.left, LogSqrt2Quantizer) for m in qmodel.modules() if isinstance(m, QuantMatMul))
+
+    assert log_quantized(8) == 0
+    assert log_quantized(4) > 0

@@ -48,7 +48,8 @@ class QuantConfig:
     the norm feeds nothing else. `migrate_outliers` scales the few input channels of a
     per-tensor Linear input whose range dwarfs the rest down into the weight (where the
     calibration error says it pays). `choose_softmax_quantizer` makes log-sqrt2 a candidate beside
-    the uniform grid for a softmax output, the smaller error at the model's output choosing;
+    the uniform grid for a softmax output below 8 bits, the smaller error at the model's output
+    choosing (at 8 bits the uniform grid keeps the integer kernel);
     `adalog` makes that candidate AdaLog (its log base searched per tensor) and gives the
     input of each Linear after a GELU an AdaLog quantizer where it beats the uniform one on
     the layer's output (`edgeport.quant.adalog`). `check_reparam_held_out` keeps the
