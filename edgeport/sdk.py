@@ -18,7 +18,7 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -593,7 +593,8 @@ def quantize(model: str | torch.nn.Module, calib: Calibration | None = None, met
              a_bits: int = 8, *, target: str = "onnxruntime", weights: str | Path | None = None,
              keep_8bit: Sequence[str] = (), act_observer: str | None = None,
              config: QuantConfig | None = None, report: str | None = None,
-             max_drop: float | None = None) -> torch.nn.Module:
+             max_drop: float | None = None,
+             metric: Callable[[torch.Tensor, torch.Tensor], float] | None = None) -> torch.nn.Module:
     """A fake-quantized copy of `model` (post-training, `method` a preset of
     `edgeport.quant.config.PRESETS`: "minmax", "percentile" or "repq"), calibrated on `calib`
     (a batch of real samples: a tensor, a tuple of the model's inputs, or a dict of them by input
@@ -608,6 +609,9 @@ def quantize(model: str | torch.nn.Module, calib: Calibration | None = None, met
     output SQNR, least first) into its `sensitivity` attribute; `max_drop` chooses 4, 6 or 8
     bits per layer, the fewest whose 1 - cosine to the float output on the calibration batch
     stays within it (`choose_widths`), the choice in its `mixed_precision` attribute.
+    `metric(reference, output)`, given the flattened float64 outputs of the float and the
+    quantized model, is the task's loss: `max_drop` then bounds it instead of 1 - cosine, and
+    the sensitivity report scores each layer with it too.
     """
     from edgeport.quant.config import preset, target_caveat
     from edgeport.quant.ptq import quantize as run_ptq
@@ -630,7 +634,7 @@ def quantize(model: str | torch.nn.Module, calib: Calibration | None = None, met
         warnings.warn(caveat, EdgeportWarning, stacklevel=2)
     if report not in (None, "sensitivity"):
         raise UserError(f"unknown quantization report {report!r}; the one there is: sensitivity")
-    if max_drop is not None and not 0 < max_drop < 1:
+    if max_drop is not None and metric is None and not 0 < max_drop < 1:
         raise UserError(f"max_drop is a loss of cosine similarity between 0 and 1, not {max_drop!r}")
     from edgeport.quant.sensitivity import choose_widths, layer_sensitivity
 
@@ -638,9 +642,11 @@ def quantize(model: str | torch.nn.Module, calib: Calibration | None = None, met
         qmodel, qmodel_report = run_ptq(torch_model, calib, config)
         qmodel.quant_report = qmodel_report
     else:
-        qmodel, qmodel.mixed_precision = choose_widths(torch_model, calib, config, max_drop)
+        qmodel, qmodel.mixed_precision = choose_widths(torch_model, calib, config, max_drop,
+                                                       *((metric,) if metric is not None else ()))
     if report == "sensitivity":
-        qmodel.sensitivity = layer_sensitivity(torch_model, qmodel, calib if isinstance(calib, tuple) else (calib,))
+        qmodel.sensitivity = layer_sensitivity(torch_model, qmodel, calib if isinstance(calib, tuple) else (calib,),
+                                               metric)
     return qmodel
 
 

@@ -511,3 +511,20 @@ def test_mixed_precision_meets_the_budget_with_fewer_bits():
     with torch.no_grad():
         assert cosine_drop(model(images).double().flatten(), qmodel(images).double().flatten()) == pytest.approx(
             choice.drop, abs=1e-9)
+
+
+def test_a_task_metric_replaces_cosine_in_the_budget_and_the_sensitivity_ranking():
+    """`ep.quantize(..., max_drop=, metric=)`: the budget bounds the caller's loss (here the
+    logits' noise-to-signal ratio), and the sensitivity report scores every layer with it."""
+    def noise_to_signal(reference: torch.Tensor, output: torch.Tensor) -> float:
+        return float(((output - reference) ** 2).sum() / (reference ** 2).sum())
+
+    images = ep.zoo.calibration("vit-digits", 32)
+    model = ep.zoo.load("vit-digits")
+    qmodel = ep.quantize(model, images, max_drop=0.01, metric=noise_to_signal, report="sensitivity")
+    choice = qmodel.mixed_precision
+    assert choice.drop <= 0.01 and choice.mean_bits < 8
+    with torch.no_grad():
+        assert noise_to_signal(model(images).double().flatten(), qmodel(images).double().flatten()) == pytest.approx(
+            choice.drop, abs=1e-9)
+    assert all(r.metric is not None for r in qmodel.sensitivity)
