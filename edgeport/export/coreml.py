@@ -28,8 +28,8 @@ from edgeport.core import (Artifact, Backend, ExportRequest, Runner, TensorSpec,
 from edgeport.errors import BackendUnavailable, CheckFailed, ExportError, UserError
 from edgeport.export.mil import MILInterpreterRunner
 from edgeport.export.onnx import output_names_for, quiet, summarize_error
-from edgeport.quant.ptq import QUANTIZED_MODULES, QuantConv2d, QuantLinear, QuantMatMul
 from edgeport.quant.adalog import AdaLogQParams, AdaLogQuantizer
+from edgeport.quant.ptq import QUANTIZED_MODULES, QuantConv2d, QuantLinear, QuantMatMul
 from edgeport.quant.quantizers import LogSqrt2QParams, LogSqrt2Quantizer, UniformQParams
 
 ROUTES = ("torch.export", "torchscript-trace")
