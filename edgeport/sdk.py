@@ -596,7 +596,8 @@ def quantize(model: str | torch.nn.Module, calib: Calibration | None = None, met
              max_drop: float | None = None,
              metric: Callable[[torch.Tensor, torch.Tensor], float] | None = None) -> torch.nn.Module:
     """A fake-quantized copy of `model` (post-training, `method` a preset of
-    `edgeport.quant.config.PRESETS`: "minmax", "percentile" or "repq"), calibrated on `calib`
+    `edgeport.quant.config.PRESETS`: "minmax", "percentile", "repq", the low-bit ones built on it such
+    as "repq-gptq", "repq-recon", "repq-adalog"), calibrated on `calib`
     (a batch of real samples: a tensor, a tuple of the model's inputs, or a dict of them by input
     name; a zoo model brings 32 training images). `ep.export` turns it
     into quantized ONNX (QuantizeLinear and integer matmuls for ONNX Runtime, pure QDQ for the
