@@ -11,8 +11,12 @@
    per channel) and quantize_static (QDQ, per channel, MatMul only, MinMax and Percentile) at
    8 bits. Speed of the same exported repq-recon W8A8 artifact (dynamic batch and sequence) at 64
    tokens, batch 1, 2 threads: against fp32 and quantize_dynamic per-channel, interleaved in
-   seven rounds, and both models' ONNX Runtime op profiles by op type. NNCF's transformer
-   preset on the fp32 ONNX where nncf is installed (the `peers` extra).
+   seven rounds, and the quantized models' ONNX Runtime op profiles by op type. The peers
+   (ONNX Runtime's quantizers; NNCF's transformer preset where nncf is installed, the `peers`
+   extra) start from the fp32 graph torch.onnx.export writes, as their documentation has them;
+   quantize_dynamic is also timed on edgeport's fp32 graph, whose residual Adds ONNX Runtime
+   does not fuse into its slower SkipLayerNormalization, so that the margin our quantization
+   alone buys is on record beside the margin a user gets.
 2. The zoo ViT on the 360 digits test images: accuracy and agreement with fp32 predictions.
 3. Speed: the ViT-S stack (dim 384, 6 blocks, 197 tokens, batch 1, 2 threads) in ONNX
    Runtime: fp32, our W8A8 (ONNX Runtime form, and the pure QDQ form TensorRT takes), ONNX
@@ -53,10 +57,9 @@ import torch
 from torch import nn
 
 import edgeport as ep
-from edgeport.export.onnx import quiet
 from edgeport.runtime.latency import interleaved_medians
 from edgeport.runtime.report import environment
-from edgeport.export.onnx import OnnxRuntimeRunner
+from edgeport.export.onnx import OnnxRuntimeRunner, export_onnx, quiet
 from edgeport.quant.config import preset
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -212,10 +215,14 @@ def op_types_ms(path: Path, feed: dict[str, np.ndarray]) -> dict[str, float]:
     return {k: round(v, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
 
 
-def minilm_speed(paths: dict[str, Path], rounds: int = 7) -> dict:
-    """fp32, our W8A8 and quantize_dynamic per-channel MiniLM (`paths`, the exported models by name,
-    with a dynamic sequence) at SPEED_TOKENS tokens, batch 1, timed interleaved in `rounds`
-    rounds; the median ratios and where each quantized model's time goes."""
+def minilm_speed(paths: dict[str, Path], ours: str, rounds: int = 7) -> dict:
+    """fp32, our W8A8 (`ours`) and ONNX Runtime's quantize_dynamic per-channel MiniLM (`paths`, the
+    exported models by name, with a dynamic sequence) at SPEED_TOKENS tokens, batch 1, timed
+    interleaved in `rounds` rounds; the median ratios and where each quantized model's time goes.
+    quantize_dynamic runs twice: on the graph torch.onnx.export writes (its documented path, the
+    ratio the target holds) and on edgeport's fp32 graph, whose residual Adds are written so that
+    ONNX Runtime does not fuse them into its slow SkipLayerNormalization: a level field, where the
+    ratio is what our quantization alone buys."""
     _, ids, mask, _, _ = minilm_data(SPEED_TOKENS)
     feed = {"input_ids": ids[:1].numpy(), "attention_mask": mask[:1].numpy()}
     runners = {name: OnnxRuntimeRunner(path, threads=THREADS, spinning=False).load() for name, path in paths.items()}
@@ -224,18 +231,20 @@ def minilm_speed(paths: dict[str, Path], rounds: int = 7) -> dict:
     for runner in runners.values():
         runner.close()
     dynamic = "onnxruntime quantize_dynamic per-channel"
-    ours = next(name for name in paths if name not in ("fp32", dynamic))
-    speedup = {name: float(np.median([r["fp32"] / r[name] for r in per_round])) for name in (ours, dynamic)}
-    over_dynamic = [r[dynamic] / r[ours] for r in per_round]
+    speedup = {name: float(np.median([r["fp32"] / r[name] for r in per_round])) for name in paths if name != "fp32"}
+    over = {name: [r[name] / r[ours] for r in per_round] for name in paths if name.startswith(dynamic)}
     return {"tokens": SPEED_TOKENS, "batch": 1, "threads": THREADS, "rounds": rounds,
             "load_average_before_after": [load_before, load_average()], "p50_ms_per_round": per_round,
-            "median_speedup_vs_fp32": speedup, "ours_speedup_vs_quantize_dynamic_per_round": over_dynamic,
-            "median_ours_speedup_vs_quantize_dynamic": float(np.median(over_dynamic)),
-            "target_speedup_vs_quantize_dynamic": 1.10, "met": float(np.median(over_dynamic)) >= 1.10,
-            "op_type_ms_under_profiler": {ours: op_types_ms(paths[ours], feed), dynamic: op_types_ms(paths[dynamic], feed)}}
+            "median_speedup_vs_fp32": speedup, "ours_speedup_vs_quantize_dynamic_per_round": over[dynamic],
+            "median_ours_speedup_vs_quantize_dynamic": float(np.median(over[dynamic])),
+            "median_ours_speedup_vs_each_quantize_dynamic": {name: float(np.median(v)) for name, v in over.items()},
+            "target_speedup_vs_quantize_dynamic": 1.10, "met": float(np.median(over[dynamic])) >= 1.10,
+            "op_type_ms_under_profiler": {name: op_types_ms(paths[name], feed) for name in (ours, *over)}}
 
 
 def minilm() -> dict:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
     encoder, ids, mask, test, calib = minilm_data()
     with torch.no_grad():
         reference = encoder(*test).numpy()
@@ -246,6 +255,9 @@ def minilm() -> dict:
         fp32 = ep.export(encoder, (ids[:2], mask[:2]), out=folder, name="minilm", dynamic_batch=True,
                          dynamic_axes=sequence, verify_inputs=[(test[0][i:i + 32], test[1][i:i + 32]) for i in range(0, 96, 32)])["onnx"]
         names = [s.name for s in fp32.inputs]
+        # the peers start from the graph torch.onnx.export writes, as their documentation has it
+        peer_fp32 = export_onnx(encoder, (ids[:2], mask[:2]), folder, "minilm-torch-export",
+                                dynamic_axes={n: {0: "batch", 1: "sequence"} for n in names}, onnxruntime_form=False).path
         rows.append({"variant": "fp32 ONNX Runtime", "bits": 32,
                      **agreement(onnx_embeddings(fp32.path, test[0].numpy(), test[1].numpy()), reference)})
         for bits in (8, 6, 4):
@@ -270,15 +282,20 @@ def minilm() -> dict:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
         calib_np = dict(zip(names, (calib[0].numpy(), calib[1].numpy())))
-        baselines = ort_baselines(fp32.path, folder, calib_np, names)
+        baselines = ort_baselines(peer_fp32, folder, calib_np, names)
         for variant, path in baselines.items():
             rows.append({"variant": variant, "bits": 8,
                          **agreement(onnx_embeddings(path, test[0].numpy(), test[1].numpy()), reference)})
             print(json.dumps(rows[-1]), flush=True)
-        rows += nncf_row(fp32.path, folder, calib_np, test, reference)
+        rows += nncf_row(peer_fp32, folder, calib_np, test, reference)
         dynamic = "onnxruntime quantize_dynamic per-channel"
+        with quiet():
+            quantize_dynamic(str(fp32.path), str(folder / "dyn_pc_level.onnx"), weight_type=QuantType.QInt8,
+                             per_channel=True)
         speed_result = minilm_speed({"fp32": fp32.path, "edgeport repq-recon W8A8": artifact.path,
-                                     dynamic: baselines[dynamic]})
+                                     dynamic: baselines[dynamic],
+                                     f"{dynamic}, of edgeport's fp32 graph": folder / "dyn_pc_level.onnx"},
+                                    ours="edgeport repq-recon W8A8")
         print(json.dumps({k: v for k, v in speed_result.items() if k != "p50_ms_per_round"}), flush=True)
     repq8 = next(r for r in rows if r["variant"].startswith("edgeport repq-recon") and r["bits"] == 8)
     best_ort = max((r for r in rows if r["variant"].startswith("onnxruntime")), key=lambda r: r["cosine"])

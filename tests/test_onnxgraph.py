@@ -8,7 +8,9 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from edgeport.export.onnxgraph import Constants, attribute_value, consumers, drop_unused, producers, redirect_inputs
+import edgeport as ep
+from edgeport.export.onnxgraph import (Constants, attribute_value, consumers, drop_unused, keep_residual_norms_apart,
+                                   producers, redirect_inputs)
 from edgeport.export.tensorrt import NODE_CHECKS, WEIGHT_OUTPUT_AXIS, check_readiness
 from edgeport.quant.qdq import integer_matmuls
 from edgeport.transforms import slim
@@ -194,3 +196,44 @@ def test_avg_pool_counting_zero_padding_ends_the_constant():
     const = analysis_of(EveryRule(nn.AvgPool2d(3, stride=1, padding=1)))
     assert const["sigmoid"] and not const["pool"] and not const["flat"]
     assert analysis_of(EveryRule(nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False)))["pool"]
+
+
+def runtime_op_types(path) -> set[str]:
+    """The op types of the graph ONNX Runtime runs for `path` after all its optimizations."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(path) + ".optimized.onnx"
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return {node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node}
+
+
+def test_bert_residual_norms_stay_out_of_skip_layer_normalization(tmp_path):
+    """BERT's post-norm residual Adds: as torch.onnx.export writes them ONNX Runtime fuses them
+    into SkipLayerNormalization (slow on CPU); edgeport's ONNX form keeps them apart, the same
+    numbers (the export verifies against torch)."""
+    from edgeport.export.onnx import export_onnx
+    from hf_models import ARCHITECTURES
+
+    model, inputs = ARCHITECTURES["bert"]()
+    plain = export_onnx(model, inputs, tmp_path, "plain", onnxruntime_form=False)
+    assert "SkipLayerNormalization" in runtime_op_types(plain.path)
+    artifact = ep.export(model, inputs, out=tmp_path, name="bert")["onnx"]
+    assert artifact.parity.passed
+    ops = runtime_op_types(artifact.path)
+    assert "SkipLayerNormalization" not in ops and "LayerNormalization" in ops
+    assert sum(n.op_type == "Sum" for n in onnx.load(str(artifact.path)).graph.node) == 2 * 2  # 2 layers, 2 each
+
+
+def test_only_a_residual_add_read_by_a_layer_norm_alone_becomes_sum():
+    scale = [numpy_helper.from_array(np.ones(4, np.float32), "g"), numpy_helper.from_array(np.ones(4, np.float32), "b")]
+    nodes = [helper.make_node("Add", ["x", "r"], ["s"]),  # residual read by the norm alone: rewritten
+             helper.make_node("LayerNormalization", ["s", "g"], ["n"]),
+             helper.make_node("Add", ["n", "b"], ["t"]),  # a constant operand (a bias): kept
+             helper.make_node("LayerNormalization", ["t", "g"], ["u"]),
+             helper.make_node("Add", ["u", "r"], ["v"]),  # read by the norm and by the output: kept
+             helper.make_node("LayerNormalization", ["v", "g"], ["y"])]
+    graph = graph_of(nodes, scale, inputs=("x", "r"), outputs=("y", "v"))
+    assert keep_residual_norms_apart(graph) == 1
+    assert [n.op_type for n in graph.node if n.op_type in ("Add", "Sum")] == ["Sum", "Add", "Add"]

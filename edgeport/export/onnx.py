@@ -23,6 +23,7 @@ import torch
 from torch.utils._pytree import GetAttrKey, MappingKey
 
 from edgeport.errors import BackendUnavailable, ExportError, UserError
+from edgeport.export.onnxgraph import keep_residual_norms_apart
 from edgeport.core import (Artifact, Backend, ExportRequest, Runner, TensorSpec, input_names, option,
                            source_sha256)
 
@@ -105,18 +106,21 @@ def _graph_inputs(proto: onnx.ModelProto) -> list:
     return [v for v in proto.graph.input if v.name not in initializers]
 
 
-def _finalize(path: Path, metadata: dict[str, str], integer_matmuls: bool) -> tuple[int, list[str]]:
-    """Fold weight quantization (and, with `integer_matmuls`, write quantized matmuls in the
-    integer form ONNX Runtime fuses best), shape-infer, stamp metadata, save (single file or
-    external data), full-check the file.
+def _finalize(path: Path, metadata: dict[str, str], onnxruntime_form: bool) -> tuple[int, list[str]]:
+    """Fold weight quantization (and, with `onnxruntime_form`, write quantized matmuls in the
+    integer form ONNX Runtime fuses best and keep its slow SkipLayerNormalization fusion off the
+    residual norms), shape-infer, stamp metadata, save (single file or external data),
+    full-check the file.
 
     Returns the default-domain opset and the names of every file the model occupies.
     """
-    from edgeport.quant.qdq import fold_weight_quantization, integer_matmuls as rewrite_matmuls
+    from edgeport.quant.qdq import fold_weight_quantization, integer_matmuls
 
     model = onnx.load(str(path))
-    if fold_weight_quantization(model) and integer_matmuls:
-        metadata = metadata | {"edgeport.quantized_matmuls": f"{rewrite_matmuls(model)} as MatMulInteger"}
+    if fold_weight_quantization(model) and onnxruntime_form:
+        metadata = metadata | {"edgeport.quantized_matmuls": f"{integer_matmuls(model)} as MatMulInteger"}
+    if onnxruntime_form and keep_residual_norms_apart(model.graph):
+        metadata = metadata | {"edgeport.residual_adds": "Sum: kept out of SkipLayerNormalization"}
     large = model.ByteSize() > SINGLE_FILE_LIMIT
     if not large:
         model = onnx.shape_inference.infer_shapes(model, data_prop=True)
@@ -150,14 +154,15 @@ def _loads_in_onnxruntime(path: Path) -> None:
 def export_onnx(model: torch.nn.Module, args: tuple[torch.Tensor, ...], folder: Path, name: str, *,
                 opset: int | None = None, dynamic_axes: dict[str, dict[int, str]] | None = None,
                 exporter: str = "auto", precision: str = "fp32", names: list[str] | None = None,
-                output_names: list[str] | None = None, integer_matmuls: bool = True) -> Artifact:
+                output_names: list[str] | None = None, onnxruntime_form: bool = True) -> Artifact:
     """Export `model` called on `args` to `folder/name.onnx`; returns the (unverified) Artifact.
 
     `dynamic_axes` maps input names to {axis: symbol}, e.g. {"x": {0: "batch"}}. Inputs are
     named after the forward's parameters and outputs after the model's own output structure
     (see `output_names_for`), unless `names` and `output_names` say otherwise. A quantized model's matmuls that a constant scale or bias
-    follows are written as MatMulInteger (see `edgeport.quant.qdq.integer_matmuls`) unless
-    `integer_matmuls=False` keeps every one in QDQ form (TensorRT's).
+    follows are written as MatMulInteger (see `edgeport.quant.qdq.integer_matmuls`) and residual
+    Adds into a LayerNormalization as Sum (see `onnxgraph.keep_residual_norms_apart`) unless
+    `onnxruntime_form=False` leaves both out: TensorRT's form, every quantized matmul in QDQ.
     `exporter="auto"` tries torch.export then the legacy exporter; each path must produce a
     file that passes the full checker and loads in ONNX Runtime, or the next one is tried.
     """
@@ -203,7 +208,7 @@ def export_onnx(model: torch.nn.Module, args: tuple[torch.Tensor, ...], folder: 
                 PATHS[route](model, args, path, names, outputs, opset, dynamic_axes, large)
                 from edgeport import __version__
                 written_opset, files = _finalize(path, metadata | {"edgeport.version": __version__,
-                                                                    "edgeport.exporter": route}, integer_matmuls)
+                                                                    "edgeport.exporter": route}, onnxruntime_form)
                 _loads_in_onnxruntime(path)
         except Exception as error:  # each exporter raises its own zoo of types
             failures[route] = error
@@ -359,7 +364,7 @@ class OnnxBackend(Backend):
     def export(self, request: ExportRequest, options: OnnxOptions) -> list[Artifact]:
         return [export_onnx(request.module, request.args, request.folder, request.name, opset=options.opset,
                             dynamic_axes=request.dynamic_axes, exporter=options.exporter, precision=request.precision,
-                            names=request.input_names, output_names=request.output_names, integer_matmuls=True)]
+                            names=request.input_names, output_names=request.output_names, onnxruntime_form=True)]
 
     suffixes = (".onnx",)
 

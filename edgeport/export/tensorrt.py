@@ -342,7 +342,7 @@ class TensorRTBackend(Backend):
                                     opset=options.opset, dynamic_axes=request.dynamic_axes,
                                     exporter=options.exporter, precision=request.precision,
                                     names=request.input_names, output_names=request.output_names,
-                                    integer_matmuls=False)
+                                    onnxruntime_form=False)
         readiness = check_readiness(onnx_artifact.path)
         shapes = profile_shapes(onnx_artifact, request.args)
         command = trtexec_command(onnx_artifact.path, readiness, options.precision, shapes)
