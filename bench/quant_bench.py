@@ -485,6 +485,7 @@ def mixed_precision(max_drop: float = 0.005) -> dict:
         embeddings = qmodel(*test).numpy()
     choice = qmodel.mixed_precision
     return {"model": "all-MiniLM-L6-v2", "max_drop": max_drop, "calibration_drop": choice.drop,
+            "held_out_calibration_drop": choice.held_out_drop,
             "mean_bits_per_layer": choice.mean_bits, "mean_bits_per_weight": choice.mean_weight_bits,
             "weight_bytes": choice.weight_bytes, "widths": choice.widths, "seconds": round(seconds, 1),
             "test": agreement(embeddings, reference)}

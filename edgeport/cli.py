@@ -204,7 +204,7 @@ def _print_artifacts(artifacts, as_json: bool) -> None:
               help="Rank the layers by the output error each brings when quantized alone (SQNR, least first).")
 @click.option("--max-drop", type=float,
               help="Mixed precision: 4, 6 or 8 bits per layer, the fewest whose 1 - cosine to the float output stays "
-                   "within this (e.g. 0.005).")
+                   "within this (e.g. 0.005) on calibration samples held out from fitting the map.")
 @click.option("--json", "as_json", is_flag=True)
 def quantize_command(model, method, w_bits, a_bits, target, calib, calibration, weights, inputs, targets, out,
                      sensitivity, max_drop, as_json):
@@ -244,8 +244,11 @@ def quantize_command(model, method, w_bits, a_bits, target, calib, calibration, 
     for row in ranking:
         console.print(f"  {row['sqnr_db']:7.2f} dB  {row['layer']}")
     if mixed:
-        console.print(f"mixed precision: 1 - cosine {mixed['drop']:.5f}; mean {mixed['mean_bits']:.2f} bits per layer, "
-                      f"{mixed['mean_weight_bits']:.2f} per weight ({mixed['weight_bytes']} weight bytes)")
+        held_out = mixed["held_out_drop"]
+        console.print(f"mixed precision: 1 - cosine {mixed['drop']:.5f} on the calibration data"
+                      f"{'' if held_out is None else f', {held_out:.5f} on its held-out half'}; mean "
+                      f"{mixed['mean_bits']:.2f} bits per layer, {mixed['mean_weight_bits']:.2f} per weight "
+                      f"({mixed['weight_bytes']} weight bytes)")
         for layer, bits in mixed["widths"].items():
             console.print(f"  {bits} bits  {layer}")
     console.print(f"quantized {len(report['layers'])} layers and {len(report['matmuls'])} activation matmuls"

@@ -501,16 +501,28 @@ def test_layer_sensitivity_ranks_each_layer_quantized_alone():
         assert not torch.equal(qmodel(images), model(images))
 
 
-def test_mixed_precision_meets_the_budget_with_fewer_bits():
+def test_mixed_precision_meets_the_budget_with_fewer_bits_on_samples_the_ranges_never_saw():
+    """The budget bounds the loss on the held-out half of the calibration batch, where the
+    map's ranges were fitted on the other half; the returned model is calibrated on it all. A
+    batch too small to halve is judged whole."""
+    import dataclasses
+
     from edgeport.quant.config import preset
-    from edgeport.quant.sensitivity import choose_widths, cosine_drop
+    from edgeport.quant.ptq import quantize
+    from edgeport.quant.sensitivity import HELD_OUT_MIN, choose_widths, cosine_drop
 
     model, images = ep.zoo.load("vit-digits"), ep.zoo.testset("vit-digits")[0][:32]
-    qmodel, choice = choose_widths(model, images, preset("repq"), max_drop=0.002)
-    assert choice.drop <= 0.002 and choice.mean_bits < 8 and set(choice.widths.values()) <= {4, 6, 8}
+    config = preset("repq")
+    qmodel, choice = choose_widths(model, images, config, max_drop=0.002)
+    assert choice.held_out_drop <= 0.002 and choice.mean_bits < 8 and set(choice.widths.values()) <= {4, 6, 8}
+    fitted, _ = quantize(model, images[:16], dataclasses.replace(config, keep_8bit=(), layer_widths=choice.widths))
     with torch.no_grad():
         assert cosine_drop(model(images).double().flatten(), qmodel(images).double().flatten()) == pytest.approx(
             choice.drop, abs=1e-9)
+        assert cosine_drop(model(images[16:]).double().flatten(),
+                           fitted(images[16:]).double().flatten()) == pytest.approx(choice.held_out_drop, abs=1e-9)
+    _, small = choose_widths(model, images[:HELD_OUT_MIN - 1], config, max_drop=0.002)
+    assert small.held_out_drop is None and small.drop <= 0.002
 
 
 def test_a_task_metric_replaces_cosine_in_the_budget_and_the_sensitivity_ranking():
@@ -523,7 +535,7 @@ def test_a_task_metric_replaces_cosine_in_the_budget_and_the_sensitivity_ranking
     model = ep.zoo.load("vit-digits")
     qmodel = ep.quantize(model, images, max_drop=0.01, metric=noise_to_signal, report="sensitivity")
     choice = qmodel.mixed_precision
-    assert choice.drop <= 0.01 and choice.mean_bits < 8
+    assert choice.held_out_drop <= 0.01 and choice.mean_bits < 8
     with torch.no_grad():
         assert noise_to_signal(model(images).double().flatten(), qmodel(images).double().flatten()) == pytest.approx(
             choice.drop, abs=1e-9)

@@ -87,42 +87,71 @@ def cosine_drop(reference: torch.Tensor, output: torch.Tensor) -> float:
     return 1.0 - float(reference @ output / (reference.norm() * output.norm()).clamp(min=1e-30))
 
 
+HELD_OUT_MIN = 8  # calibration samples from which half are held out to check a map
+
+
 @dataclass(frozen=True)
 class MixedPrecision:
     """A mixed-precision choice: each quantized layer's width, the measured loss of the
-    model quantized with it (`drop`, by the budgeted loss function), the mean width over the
-    layers and over the weights (by parameter count), and the weights' size in bytes."""
+    model quantized with it (`drop`, by the budgeted loss function, on the calibration
+    batch), the loss on the held-out half of that batch of the map calibrated on the other
+    half (`held_out_drop`, the figure the budget bounds; None where the batch had fewer than
+    HELD_OUT_MIN samples and `drop` was bounded instead), the mean width over the layers and
+    over the weights (by parameter count), and the weights' size in bytes."""
 
     widths: dict[str, int]
     drop: float
+    held_out_drop: float | None
     mean_bits: float
     mean_weight_bits: float
     weight_bytes: int
 
 
+def _halves(args: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] | None:
+    """The calibration batch split in two along the batch axis, or None where it is too small
+    or its inputs disagree on axis 0 (a batch elsewhere, as an LSTM state's)."""
+    sizes = {a.shape[0] for a in args}
+    if len(sizes) != 1 or sizes.pop() < HELD_OUT_MIN:
+        return None
+    half = args[0].shape[0] // 2
+    return tuple(a[:half] for a in args), tuple(a[half:] for a in args)
+
+
 def choose_widths(model: nn.Module, calib, config, max_drop: float,
                   loss: Callable[[torch.Tensor, torch.Tensor], float] = cosine_drop
                   ) -> tuple[nn.Module, MixedPrecision]:
-    """The model quantized with the fewest bits per layer (4, 6 or 8) whose loss on the
-    calibration batch (`loss(reference, output)` of the flattened float and quantized
-    outputs, 1 - cosine by default) stays within `max_drop`, and the choice. Each layer's
-    noise at each width is measured alone (`layer_sensitivity`); noises add, and 1 - cosine
-    is half the noise-to-signal ratio, so a greedy pass starts every layer at 4 bits and
-    widens the layer that removes most noise per added bit until the estimate fits. The
-    map is then measured as a whole and the budget tightened by the estimate's miss, up to
-    ROUNDS times; uniform 8 bits when nothing narrower meets it."""
+    """The model quantized with the fewest bits per layer (4, 6 or 8) whose loss
+    (`loss(reference, output)` of the flattened float and quantized outputs, 1 - cosine by
+    default) stays within `max_drop` on data its ranges never saw: each candidate map is
+    calibrated on one half of the calibration batch and measured on the other (the whole
+    batch serves both where it has fewer than HELD_OUT_MIN samples), since ranges fitted and
+    judged on the same samples promise less loss than new inputs get. Each layer's noise at
+    each width is measured alone (`layer_sensitivity`); noises add, and 1 - cosine is half
+    the noise-to-signal ratio, so a greedy pass starts every layer at 4 bits and widens the
+    layer that removes most noise per added bit until the estimate fits. The map is then
+    measured as a whole and the budget tightened by the estimate's miss, up to ROUNDS times;
+    uniform 8 bits when nothing narrower meets it. The returned model is calibrated on the
+    whole batch."""
     import dataclasses
 
     from edgeport.quant.ptq import _calibration_args, quantize
 
     args = _calibration_args(model, calib)
     reference = _output(model, args)
+    halves = _halves(args)
+    fit, held = halves if halves is not None else (args, args)
+    held_reference = _output(model, held)
     noise: dict[str, dict[int, float]] = {}
     for bits in WIDTHS:
         uniform, _ = quantize(model, calib, dataclasses.replace(config, w_bits=bits, a_bits=bits, matmul_bits=None,
                                                                 keep_8bit=(), layer_widths=()))
         for result in layer_sensitivity(model, uniform, args):
             noise.setdefault(result.layer, {})[bits] = 10 ** (-result.sqnr_db / 10)
+
+    def held_out_loss(chosen) -> float:
+        candidate, _ = quantize(model, fit, chosen)
+        return loss(held_reference, _output(candidate, held))
+
     budget = 2 * max_drop
     for _ in range(ROUNDS):
         widths = {layer: WIDTHS[0] for layer in noise}
@@ -136,18 +165,20 @@ def choose_widths(model: nn.Module, calib, config, max_drop: float,
                 break
             best = max(candidates, key=gain)
             widths[best] = WIDTHS[WIDTHS.index(widths[best]) + 1]
-        qmodel, report = quantize(model, calib, dataclasses.replace(config, keep_8bit=(), layer_widths=widths))
-        drop = loss(reference, _output(qmodel, args))
-        if drop <= max_drop:
+        chosen = dataclasses.replace(config, keep_8bit=(), layer_widths=widths)
+        checked = held_out_loss(chosen)
+        if checked <= max_drop:
             break
-        budget *= 0.8 * max_drop / max(drop, 1e-30)
+        budget *= 0.8 * max_drop / max(checked, 1e-30)
     else:
         widths = {layer: WIDTHS[-1] for layer in noise}
-        qmodel, report = quantize(model, calib, dataclasses.replace(config, w_bits=8, a_bits=8, matmul_bits=None,
-                                                                    keep_8bit=(), layer_widths=()))
-        drop = loss(reference, _output(qmodel, args))
+        chosen = dataclasses.replace(config, w_bits=8, a_bits=8, matmul_bits=None, keep_8bit=(), layer_widths=())
+        checked = held_out_loss(chosen)
+    qmodel, report = quantize(model, calib, chosen)
+    drop = loss(reference, _output(qmodel, args))
     sizes = {name: m.inner.weight.numel() for name, m in qmodel.named_modules() if hasattr(m, "inner")}
     weighted = sum(sizes[name] * widths[name] for name in sizes)
     qmodel.quant_report = report
-    return qmodel, MixedPrecision(widths, drop, sum(widths.values()) / len(widths), weighted / sum(sizes.values()),
+    return qmodel, MixedPrecision(widths, drop, checked if halves is not None else None,
+                                  sum(widths.values()) / len(widths), weighted / sum(sizes.values()),
                                   math.ceil(weighted / 8))
