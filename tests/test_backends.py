@@ -11,9 +11,7 @@ from conftest import leftovers
 
 import edgeport as ep
 from edgeport.cli import main
-from edgeport.core import Runner
 from edgeport.export import registry
-from edgeport.export.tensorrt import TensorRTBackend
 
 ROOT = Path(ep.__file__).parent
 
@@ -78,30 +76,14 @@ def test_a_wrong_onnx_artifact_raises_and_commits_nothing(out):
     assert leftovers(out) == []
 
 
-def test_a_wrong_tensorrt_engine_raises_and_commits_nothing(out, monkeypatch):
-    """Where the tensorrt library is absent, the engine build is patched to write a file and
-    the engine's runner to compute a wrong result: the only fake engine in the suite."""
-    import numpy as np
-
-    from edgeport.export import tensorrt
-
-    class WrongEngine(Runner):
-        name = "tensorrt"
-
-        def __init__(self, artifact):
-            self.input_names, self.output_names = ["x"], ["output_0"]
-
-        def load(self):
-            return self
-
-        def infer(self, feeds):
-            return {"output_0": np.zeros((feeds["x"].shape[0], 10), np.float32)}
-
-    monkeypatch.setattr(tensorrt, "build_engine", lambda onnx_path, engine_path, *a, **k: engine_path.write_bytes(b"x"))
-    monkeypatch.setattr(TensorRTBackend, "runner", lambda self, artifact, threads=None, profiling=False:
-                        WrongEngine(artifact))
-    with pytest.raises(ep.CheckFailed, match="tensorrt artifact cnn-digits-tensorrt.engine fails verification"):
-        ep.export("cnn-digits", targets=["tensorrt"], out=out)
+@pytest.mark.needs_tensorrt
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("tensorrt"),
+                    reason="needs the tensorrt package and an NVIDIA GPU (not installable on the dev machines)")
+def test_a_wrong_tensorrt_engine_raises_and_commits_nothing(out):
+    """A real engine of the sign-flip trace (the other sign's inputs computed wrongly)."""
+    with pytest.raises(ep.CheckFailed, match="tensorrt artifact signflip-tensorrt.engine fails verification"):
+        ep.export(SignFlip(), torch.ones(1, 4), targets=["tensorrt"], out=out, exporter="legacy-torchscript",
+                  verify_inputs=[torch.ones(1, 4), -torch.ones(1, 4)])
     assert leftovers(out) == []
 
 
