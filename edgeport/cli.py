@@ -246,7 +246,7 @@ def quantize_command(model, method, w_bits, a_bits, target, calib, calibration, 
     if mixed:
         held_out = mixed["held_out_drop"]
         console.print(f"mixed precision: 1 - cosine {mixed['drop']:.5f} on the calibration data"
-                      f"{'' if held_out is None else f', {held_out:.5f} on its held-out half'}; mean "
+                      f"{'' if held_out is None else f', {held_out:.5f} cross-validated'}; mean "
                       f"{mixed['mean_bits']:.2f} bits per layer, {mixed['mean_weight_bits']:.2f} per weight "
                       f"({mixed['weight_bytes']} weight bytes)")
         for layer, bits in mixed["widths"].items():

@@ -608,9 +608,9 @@ def quantize(model: str | torch.nn.Module, calib: Calibration | None = None, met
     report is the returned module's `quant_report` attribute. `report="sensitivity"` also
     measures each layer quantized alone (`edgeport.quant.sensitivity.layer_sensitivity`:
     output SQNR, least first) into its `sensitivity` attribute; `max_drop` chooses 4, 6 or 8
-    bits per layer, the fewest whose 1 - cosine to the float output stays within it on half of
-    the calibration batch held out from calibrating the map (`choose_widths`), the choice in
-    its `mixed_precision` attribute.
+    bits per layer, the fewest whose 1 - cosine to the float output stays within it on
+    calibration samples held out from calibrating the map (cross-validated, `choose_widths`),
+    the choice in its `mixed_precision` attribute.
     `metric(reference, output)`, given the flattened float64 outputs of the float and the
     quantized model, is the task's loss: `max_drop` then bounds it instead of 1 - cosine, and
     the sensitivity report scores each layer with it too.

@@ -502,25 +502,29 @@ def test_layer_sensitivity_ranks_each_layer_quantized_alone():
 
 
 def test_mixed_precision_meets_the_budget_with_fewer_bits_on_samples_the_ranges_never_saw():
-    """The budget bounds the loss on the held-out half of the calibration batch, where the
-    map's ranges were fitted on the other half; the returned model is calibrated on it all. A
-    batch too small to halve is judged whole."""
+    """The budget bounds the cross-validated loss: each fold of the calibration batch judged
+    with the map's ranges fitted on the other folds; the returned model is calibrated on it
+    all. A batch too small for the folds is judged whole."""
     import dataclasses
 
     from edgeport.quant.config import preset
     from edgeport.quant.ptq import quantize
-    from edgeport.quant.sensitivity import HELD_OUT_MIN, choose_widths, cosine_drop
+    from edgeport.quant.sensitivity import FOLDS, HELD_OUT_MIN, choose_widths, cosine_drop
 
-    model, images = ep.zoo.load("vit-digits"), ep.zoo.testset("vit-digits")[0][:32]
+    model, images = ep.zoo.load("vit-digits"), ep.zoo.testset("vit-digits")[0][:16]
     config = preset("repq")
     qmodel, choice = choose_widths(model, images, config, max_drop=0.002)
     assert choice.held_out_drop <= 0.002 and choice.mean_bits < 8 and set(choice.widths.values()) <= {4, 6, 8}
-    fitted, _ = quantize(model, images[:16], dataclasses.replace(config, keep_8bit=(), layer_widths=choice.widths))
+    losses = []
+    for fold in range(FOLDS):
+        held = torch.arange(len(images)) % FOLDS == fold
+        fitted, _ = quantize(model, images[~held], dataclasses.replace(config, keep_8bit=(), layer_widths=choice.widths))
+        with torch.no_grad():
+            losses.append(cosine_drop(model(images[held]).double().flatten(), fitted(images[held]).double().flatten()))
+    assert sum(losses) / FOLDS == pytest.approx(choice.held_out_drop, abs=1e-9)
     with torch.no_grad():
         assert cosine_drop(model(images).double().flatten(), qmodel(images).double().flatten()) == pytest.approx(
             choice.drop, abs=1e-9)
-        assert cosine_drop(model(images[16:]).double().flatten(),
-                           fitted(images[16:]).double().flatten()) == pytest.approx(choice.held_out_drop, abs=1e-9)
     _, small = choose_widths(model, images[:HELD_OUT_MIN - 1], config, max_drop=0.002)
     assert small.held_out_drop is None and small.drop <= 0.002
 

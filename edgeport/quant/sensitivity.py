@@ -87,17 +87,19 @@ def cosine_drop(reference: torch.Tensor, output: torch.Tensor) -> float:
     return 1.0 - float(reference @ output / (reference.norm() * output.norm()).clamp(min=1e-30))
 
 
-HELD_OUT_MIN = 8  # calibration samples from which half are held out to check a map
+FOLDS = 4  # a map is checked by cross-validation over this many interleaved folds of the batch
+HELD_OUT_MIN = 8  # calibration samples needed for the folds (two held out in each)
 
 
 @dataclass(frozen=True)
 class MixedPrecision:
     """A mixed-precision choice: each quantized layer's width, the measured loss of the
     model quantized with it (`drop`, by the budgeted loss function, on the calibration
-    batch), the loss on the held-out half of that batch of the map calibrated on the other
-    half (`held_out_drop`, the figure the budget bounds; None where the batch had fewer than
-    HELD_OUT_MIN samples and `drop` was bounded instead), the mean width over the layers and
-    over the weights (by parameter count), and the weights' size in bytes."""
+    batch), its cross-validated loss: the mean over FOLDS interleaved folds of the batch of the
+    loss on each fold of the map calibrated on the others (`held_out_drop`, the figure the
+    budget bounds; None where the batch had fewer than HELD_OUT_MIN samples and `drop` was
+    bounded instead), the mean width over the layers and over the weights (by parameter
+    count), and the weights' size in bytes."""
 
     widths: dict[str, int]
     drop: float
@@ -107,14 +109,16 @@ class MixedPrecision:
     weight_bytes: int
 
 
-def _halves(args: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] | None:
-    """The calibration batch split in two along the batch axis, or None where it is too small
-    or its inputs disagree on axis 0 (a batch elsewhere, as an LSTM state's)."""
+def _folds(args: tuple[torch.Tensor, ...]) -> list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]:
+    """(fitting, held-out) pairs of the calibration batch, sample i held out in fold i mod
+    FOLDS (interleaved: a batch in some order, such as sorted sentences, still gives each fold
+    its spread); none where the batch is too small or its inputs disagree on axis 0 (a batch
+    elsewhere, as an LSTM state's)."""
     sizes = {a.shape[0] for a in args}
-    if len(sizes) != 1 or sizes.pop() < HELD_OUT_MIN:
-        return None
-    half = args[0].shape[0] // 2
-    return tuple(a[:half] for a in args), tuple(a[half:] for a in args)
+    if len(sizes) != 1 or (size := sizes.pop()) < HELD_OUT_MIN:
+        return []
+    held = [torch.arange(size) % FOLDS == fold for fold in range(FOLDS)]
+    return [(tuple(a[~h] for a in args), tuple(a[h] for a in args)) for h in held]
 
 
 def choose_widths(model: nn.Module, calib, config, max_drop: float,
@@ -123,9 +127,9 @@ def choose_widths(model: nn.Module, calib, config, max_drop: float,
     """The model quantized with the fewest bits per layer (4, 6 or 8) whose loss
     (`loss(reference, output)` of the flattened float and quantized outputs, 1 - cosine by
     default) stays within `max_drop` on data its ranges never saw: each candidate map is
-    calibrated on one half of the calibration batch and measured on the other (the whole
-    batch serves both where it has fewer than HELD_OUT_MIN samples), since ranges fitted and
-    judged on the same samples promise less loss than new inputs get. Each layer's noise at
+    cross-validated over FOLDS folds of the calibration batch (the whole batch serves both
+    where it has fewer than HELD_OUT_MIN samples), since ranges fitted and judged on the same
+    samples promise less loss than new inputs get. Each layer's noise at
     each width is measured alone (`layer_sensitivity`); noises add, and 1 - cosine is half
     the noise-to-signal ratio, so a greedy pass starts every layer at 4 bits and widens the
     layer that removes most noise per added bit until the estimate fits. The map is then
@@ -138,9 +142,8 @@ def choose_widths(model: nn.Module, calib, config, max_drop: float,
 
     args = _calibration_args(model, calib)
     reference = _output(model, args)
-    halves = _halves(args)
-    fit, held = halves if halves is not None else (args, args)
-    held_reference = _output(model, held)
+    folds = _folds(args) or [(args, args)]
+    held_references = [_output(model, held) for _, held in folds]
     noise: dict[str, dict[int, float]] = {}
     for bits in WIDTHS:
         uniform, _ = quantize(model, calib, dataclasses.replace(config, w_bits=bits, a_bits=bits, matmul_bits=None,
@@ -149,8 +152,11 @@ def choose_widths(model: nn.Module, calib, config, max_drop: float,
             noise.setdefault(result.layer, {})[bits] = 10 ** (-result.sqnr_db / 10)
 
     def held_out_loss(chosen) -> float:
-        candidate, _ = quantize(model, fit, chosen)
-        return loss(held_reference, _output(candidate, held))
+        losses = []
+        for (fit, held), reference_held in zip(folds, held_references):
+            candidate, _ = quantize(model, fit, chosen)
+            losses.append(loss(reference_held, _output(candidate, held)))
+        return sum(losses) / len(losses)
 
     budget = 2 * max_drop
     for _ in range(ROUNDS):
@@ -179,6 +185,6 @@ def choose_widths(model: nn.Module, calib, config, max_drop: float,
     sizes = {name: m.inner.weight.numel() for name, m in qmodel.named_modules() if hasattr(m, "inner")}
     weighted = sum(sizes[name] * widths[name] for name in sizes)
     qmodel.quant_report = report
-    return qmodel, MixedPrecision(widths, drop, checked if halves is not None else None,
+    return qmodel, MixedPrecision(widths, drop, checked if len(folds) > 1 else None,
                                   sum(widths.values()) / len(widths), weighted / sum(sizes.values()),
                                   math.ceil(weighted / 8))
