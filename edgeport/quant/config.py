@@ -66,11 +66,15 @@ class QuantConfig:
     weights alike (a mixed-precision map; a dict is accepted). `float_convs_below_macs`: at W8A8
     for ONNX Runtime, a dense conv doing fewer multiply-adds per sample stays float, where the
     quantize, dequantize and layout changes around an integer island cost more than its kernel
-    saves (about 1_000_000 measured on FastViT-T8 and EfficientViT-B0 at 64x64; 0, the default,
-    quantizes every dense conv). `float_grouped_convs` leaves grouped and depthwise convs float
-    there too (ORT's integer kernels for them measured 1.2-7x slower than its float ones on
-    FastViT-T8; but where they sit between integer convs, as in EfficientFormerV2, the float
-    island costs more). `name` and `description` label the config and take no part in
+    saves (0, the default, quantizes every dense conv). No one threshold fits every model:
+    1_000_000, fitted on FastViT-T8 and EfficientViT-B0 at 64x64, leaves 76 of
+    EfficientFormerV2-S0's 85 layers float there (its dense 1x1 convs do 0.37-0.88 M each) and
+    the 7 left integer become islands (0.92x fp32, every conv integer 1.27x), while MobileViT-XS,
+    whose dense convs of 0.33-0.92 M sit beside depthwise convs and its transformer, measured
+    slower with 300_000 than with 1_000_000. `float_grouped_convs` leaves grouped and
+    depthwise convs float there too (ORT's integer kernels for them measured 1.2-7x slower than
+    its float ones on FastViT-T8; but where they sit between integer convs, as in
+    EfficientFormerV2, the float island costs more). `name` and `description` label the config and take no part in
     comparisons.
     """
 
