@@ -24,6 +24,17 @@ def check_bits(bits: int) -> int:
     return bits
 
 
+def calibration_rows(quantizer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The rows of calibration tensor `x` (channels last) that the model's output reads, as
+    (rows, channels), where `quantizer` has that mask (`live`, from `edgeport.quant.live`) for
+    a tensor of x's shape; x itself otherwise."""
+    live = getattr(quantizer, "live", None)
+    if live is None or live.shape != x.shape[:-1] or not live.any() or getattr(quantizer, "axis", None) not in (
+            None, -1, x.ndim - 1):
+        return x
+    return x[live]
+
+
 @dataclass(frozen=True)
 class UniformQParams:
     """A uniform quantizer's parameters, as exporters read them: a code c stands for
@@ -81,7 +92,7 @@ class UniformQuantizer(nn.Module):
 
     def fit(self, x: torch.Tensor) -> None:
         """Fit to a calibration tensor with the quantizer's observer."""
-        self.set_range(*self.observer(x.detach(), self))
+        self.set_range(*self.observer(calibration_rows(self, x.detach()), self))
 
     def _view(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self.axis is None or t.ndim == 0:
@@ -136,7 +147,7 @@ class LogSqrt2Quantizer(nn.Module):
 
     def fit(self, a: torch.Tensor) -> None:
         """Scale = the largest probability seen, so code 0 holds it unclipped."""
-        self.scale = a.detach().max().float().clamp(min=1e-8)
+        self.scale = calibration_rows(self, a.detach()).max().float().clamp(min=1e-8)
         self.fitted = True
 
     def qparams(self) -> LogSqrt2QParams:
