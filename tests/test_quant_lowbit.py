@@ -308,18 +308,17 @@ def test_clip_search_halves_no_channel_and_beats_mse_on_real_weights_at_4_bits()
         assert float(errors[2].sum()) < 0.9 * float(errors[1].sum())
 
 
-def test_live_calibration_with_partial_reparameterization_is_exported_exactly_at_w4a4(tmp_path):
-    """repq-adalog-live on the zoo ViT at W4A4: some LayerNorm-fed layers take a partial share
-    of RepQ's scale into their weight (its elementwise scale stays in front of the input
-    quantizer), the logits are at least as close to fp32's as repq-adalog's, and the ONNX
-    verifies against the fake-quant model."""
-    model = ep.zoo.load("vit-digits")
+def test_partial_reparameterization_is_exported_exactly_at_w4a4(tmp_path, monkeypatch):
+    """repq-adalog-live on the zoo ViT at W4A4 with every LayerNorm-fed layer made to take half
+    of RepQ's scale into its weight (on this model the output error keeps the full move; MiniLM's
+    FFN inputs take 0.75): the scale left in front of each input quantizer (no norm absorbs it)
+    is exported, and the ONNX verifies against the fake-quant model."""
+    from edgeport.quant import ptq
+
+    monkeypatch.setattr(ptq, "REPARAM_STRENGTHS", (0.5,))
     images = ep.zoo.testset("vit-digits")[0]
-    qmodels = {method: ep.quantize("vit-digits", method=method, w_bits=4, a_bits=4)
-               for method in ("repq-adalog", "repq-adalog-live")}
-    live = qmodels["repq-adalog-live"]
-    assert any("strength" in line for line in live.quant_report.reparameterized)
-    sqnr = {method: _logit_sqnr_db(qmodel, model, images) for method, qmodel in qmodels.items()}
-    assert sqnr["repq-adalog-live"] >= sqnr["repq-adalog"], sqnr
-    artifact = ep.export(live, images[:1], out=tmp_path, verify_inputs=[images[i:i + 1] for i in range(16)])["onnx"]
+    qmodel = ep.quantize("vit-digits", method="repq-adalog-live", w_bits=4, a_bits=4)
+    partial = [line for line in qmodel.quant_report.reparameterized if "(strength 0.5" in line]
+    assert len(partial) == 8  # qkv and fc1 of each of the 4 blocks
+    artifact = ep.export(qmodel, images[:1], out=tmp_path, verify_inputs=[images[i:i + 1] for i in range(16)])["onnx"]
     assert artifact.parity.passed

@@ -201,9 +201,6 @@ PRESETS["repq-adalog-live"] = dataclasses.replace(
     PRESETS["repq-adalog"], live_rows=True, weight_observer="clip", partial_reparam=True, name="repq-adalog-live",
     description="repq-adalog calibrated on the positions the output reads (padding ignored), weights clipped by "
                 "search, and the share of RepQ's per-channel scale moved into each weight chosen by its error")
-PRESETS["repq-adalog-recon"] = dataclasses.replace(
-    PRESETS["repq-adalog-live"], compensate_weights=False, recon_iters=RECON_ITERS, name="repq-adalog-recon",
-    description=f"repq-adalog-live with block-wise reconstruction in place of GPTQ ({RECON_ITERS} steps a block)")
 
 
 def preset(name: str, **overrides: object) -> QuantConfig:

@@ -6,9 +6,10 @@ calibration sentences of 7 to 20 tokens, padded to 32: 58 % of the rows). Their 
 still drove the ranges, the outlier and AdaLog searches and GPTQ's Hessians. `mark_live_rows`
 finds, for every activation quantizer, the rows (positions: every axis but the channels, the
 last) of its calibration input that reach the model's outputs, from one float pass with
-autograd: a row whose gradient from a random projection of the outputs is exactly zero is
-read by nothing. Each quantizer keeps the mask as `live`; `edgeport.quant.quantizers.
-calibration_rows` gives the live rows of a tensor wherever calibration reads one.
+autograd: an element whose gradient from a random projection of the outputs is exactly zero
+is read by nothing (a transposed key's padded columns too). Each quantizer keeps the mask as
+`live`; `edgeport.quant.quantizers.calibration_rows` gives the live rows of a tensor wherever
+calibration reads one, `calibration_values` what a range is fitted on.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ class _Probe(nn.Module):
 
 
 def mark_live_rows(qmodel: nn.Module, args: tuple[torch.Tensor, ...], seed: int = 0) -> int:
-    """Set `live` (a bool mask over every axis of its first calibration input but the last) on
+    """Set `live` (a bool mask of the elements of its first calibration input) on
     each activation quantizer of `qmodel` (not yet fitted; those of a softmax output's
     candidates too), from one float pass on `args`; returns how many quantizers got one. A
     model whose outputs carry no gradient leaves every quantizer unmasked."""
@@ -72,6 +73,6 @@ def mark_live_rows(qmodel: nn.Module, args: tuple[torch.Tensor, ...], seed: int 
         if grad is None:
             continue
         for quantizer in (probe.quantizer, *candidates):
-            quantizer.live = (grad != 0).any(-1)
+            quantizer.live = grad != 0
         marked += 1
     return marked

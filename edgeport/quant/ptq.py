@@ -158,7 +158,7 @@ class QuantMatMul(nn.Module):
             if isinstance(candidate, AdaLogQuantizer):  # its base is searched on the product's error
                 live = getattr(candidate, "live", None)
                 # rows the output does not read count as zeros, which cost no error (batched matmul: no selection)
-                fitted_on = a if live is None or live.shape != a.shape[:-1] else a * live.unsqueeze(-1)
+                fitted_on = a if live is None or live.shape != a.shape else a * live
                 candidate.fit(fitted_on, lambda t: torch.matmul(t, b))
             else:
                 candidate.fit(a)
@@ -711,11 +711,11 @@ def _choose_strength(name: str, layer: QuantLinear, x: torch.Tensor,
             _partial_fold(candidate, r ** strength, act_quantizer(layer.act.bits, False), weight_quantizer)
         with torch.no_grad():
             candidates.append(float(((candidate.forward(rows) - reference) ** 2).mean()))  # not its copied hooks
-    best = candidates.index(min(candidates))
-    if best:
-        _partial_fold(layer, r ** REPARAM_STRENGTHS[best], act_quantizer(layer.act.bits, False), weight_quantizer)
-        report.reparameterized.append(f"{name} (strength {REPARAM_STRENGTHS[best]:g}: output error "
-                                      f"{candidates[best]:.3g} against {candidates[0]:.3g} at 1)")
+    strength = REPARAM_STRENGTHS[candidates.index(min(candidates))]
+    if strength != 1.0:
+        _partial_fold(layer, r ** strength, act_quantizer(layer.act.bits, False), weight_quantizer)
+        report.reparameterized.append(f"{name} (strength {strength:g}: output error {min(candidates):.3g}, "
+                                      f"{candidates[0]:.3g} at {REPARAM_STRENGTHS[0]:g})")
 
 
 def _partial_fold(layer: QuantLinear, scale: torch.Tensor, act: UniformQuantizer,
