@@ -310,8 +310,8 @@ def test_clip_search_halves_no_channel_and_beats_mse_on_real_weights_at_4_bits()
 
 def test_partial_reparameterization_is_exported_exactly_at_w4a4(tmp_path, monkeypatch):
     """repq-adalog-live on the zoo ViT at W4A4 with every LayerNorm-fed layer made to take half
-    of RepQ's scale into its weight (on this model the output error keeps the full move; MiniLM's
-    FFN inputs take 0.75): the scale left in front of each input quantizer (no norm absorbs it)
+    of RepQ's scale into its weight (on this model the output error keeps the full move; at W6A6
+    MiniLM's first two FFN inputs take 0.75): the scale left in front of each input quantizer (no norm absorbs it)
     is exported, and the ONNX verifies against the fake-quant model."""
     from edgeport.quant import ptq
 

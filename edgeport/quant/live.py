@@ -4,10 +4,10 @@ A batch of padded sequences carries positions nothing downstream reads: the atte
 keeps them out of every key, mean pooling out of the embedding (the MiniLM bench's 32
 calibration sentences of 7 to 20 tokens, padded to 32: 58 % of the rows). Their activations
 still drove the ranges, the outlier and AdaLog searches and GPTQ's Hessians. `mark_live_rows`
-finds, for every activation quantizer, the rows (positions: every axis but the channels, the
-last) of its calibration input that reach the model's outputs, from one float pass with
-autograd: an element whose gradient from a random projection of the outputs is exactly zero
-is read by nothing (a transposed key's padded columns too). Each quantizer keeps the mask as
+finds, for every activation quantizer, the elements of its calibration input that reach the
+model's outputs, from one float pass with autograd: an element whose gradient from a random
+projection of the outputs is exactly zero is read by nothing (a padded position's row, a
+transposed key's padded column). Each quantizer keeps the mask as
 `live`; `edgeport.quant.quantizers.calibration_rows` gives the live rows of a tensor wherever
 calibration reads one, `calibration_values` what a range is fitted on.
 """
