@@ -284,8 +284,9 @@ def test_live_rows_calibration_ignores_what_padded_positions_hold():
     batches = _padded_batches()
     probe = batches[0]
     outputs = {}
-    for live in (True, False):
-        config = preset("repq-adalog", w_bits=4, a_bits=4, live_rows=live)
+    # the cheaper repq shows that without the mask the padded positions move the ranges
+    for live, method in ((True, "repq-adalog"), (False, "repq")):
+        config = preset(method, w_bits=4, a_bits=4, live_rows=live)
         with torch.no_grad():
             outputs[live] = [ep.quantize(model, batch, config=config)(*probe) for batch in batches]
     assert torch.equal(*outputs[True])
