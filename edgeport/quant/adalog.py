@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeport.quant.quantizers import check_bits
+from edgeport.quant.quantizers import calibration_rows, check_bits
 
 R = 37  # log2(base) = q / R: R fractions of an octave (the paper's choice)
 Q_RANGE = (2, 74)  # log2(base) from 0.05 to 2: sqrt2 (18.5) and 2 (37) inside
@@ -143,7 +143,7 @@ def choose_input_quantizer(layer: nn.Module, x: torch.Tensor) -> None:
     Not at 8 bits, where the uniform grid loses little and runs as an integer kernel."""
     if layer.act.fitted or layer.act.bits >= 8:
         return
-    rows = layer.quantizer_input(x.detach()).flatten(0, -2)
+    rows = calibration_rows(layer.act, layer.quantizer_input(x.detach())).flatten(0, -2)
     rows = rows[::-(-len(rows) // SAMPLE_ROWS)]
     weight = layer.wq(layer.inner.weight)
     reference = F.linear(rows, layer.inner.weight)
@@ -152,6 +152,7 @@ def choose_input_quantizer(layer: nn.Module, x: torch.Tensor) -> None:
     uniform = _fitted_copy(layer.act, rows)
     errors = [float(((F.linear(quantizer(rows), weight) - reference) ** 2).mean()) for quantizer in (uniform, adalog)]
     if errors[1] < errors[0]:
+        adalog.live = getattr(layer.act, "live", None)
         layer.act = adalog
 
 

@@ -60,7 +60,11 @@ class QuantConfig:
     output where `weight_ridge` gives the ridge factor (ERQ-style; `edgeport.quant.erq`).
     `recon_iters`, where positive, reconstructs the calibrated model block by block, that many
     Adam steps per block (`edgeport.quant.reconstruct`: learned weight rounding and activation
-    step sizes, QDrop); it costs calibration time, reported per block.
+    step sizes, QDrop); it costs calibration time, reported per block. `live_rows` calibrates
+    every range, search and compensation on the positions the model's output reads only
+    (`edgeport.quant.live`: a padded token's activations drive nothing). `partial_reparam` lets
+    each reparameterized layer's output error choose how much of the per-channel scale moves
+    into its weight (a 4-bit weight grid suffers from RepQ's full move).
     `symmetric` gives every quantizer zero point 0. `layer_widths` gives single layers or
     matmuls (by module path, or the matmul names of the report) their own width, inputs and
     weights alike (a mixed-precision map; a dict is accepted). `float_convs_below_macs`: at W8A8
@@ -93,6 +97,8 @@ class QuantConfig:
     compensate_weights: bool = False
     weight_ridge: float | None = None
     recon_iters: int = 0
+    live_rows: bool = False
+    partial_reparam: bool = False
     symmetric: bool = False
     keep_8bit: tuple[str, ...] = ()
     layer_widths: tuple[tuple[str, int], ...] = ()
@@ -194,6 +200,11 @@ PRESETS["repq-dualclip"] = dataclasses.replace(
 PRESETS["repq-adalog-dualclip"] = dataclasses.replace(
     PRESETS["repq-adalog"], act_observer="dualclip", name="repq-adalog-dualclip",
     description="repq-adalog with the activation ranges of repq-dualclip")
+
+PRESETS["repq-adalog-live"] = dataclasses.replace(
+    PRESETS["repq-adalog"], live_rows=True, weight_observer="clip", partial_reparam=True, name="repq-adalog-live",
+    description="repq-adalog calibrated on the positions the output reads (padding ignored), weights clipped by "
+                "search, and the share of RepQ's per-channel scale moved into each weight chosen by its error")
 
 
 def preset(name: str, **overrides: object) -> QuantConfig:

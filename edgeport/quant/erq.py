@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from edgeport.quant.quantizers import UniformQuantizer
+from edgeport.quant.quantizers import UniformQuantizer, calibration_rows
 
 # dampening of H, relative to its mean diagonal: GPTQ's 0.01 overfits 32 calibration sentences
 # (1024 rows, half of them padding, for 1536-wide inputs); 0.1 measured better on MiniLM W4A8
@@ -42,7 +42,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _float_outputs(model: nn.Module, names: set[str], args: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
-    """The float model's output of each Linear in `names` on `args` (rows x features); a
+    """The float model's output of each Linear in `names` on `args`; a
     Linear called more than once is left out (no single target)."""
     outputs: dict[str, torch.Tensor] = {}
     calls: dict[str, int] = {}
@@ -50,7 +50,7 @@ def _float_outputs(model: nn.Module, names: set[str], args: tuple[torch.Tensor, 
     def hook(name):
         def record(module, inputs, output):
             calls[name] = calls.get(name, 0) + 1
-            outputs[name] = _rows(output)
+            outputs[name] = output.detach()
         return record
 
     modules = dict(model.named_modules())
@@ -129,13 +129,15 @@ def compensate(qmodel: nn.Module, model: nn.Module, args: tuple[torch.Tensor, ..
             # router (`exported_matmuls`) may be sending every matmul to a quantized one: the
             # algebra below must not be routed, so torch-function handling is off for it.
             with torch._C.DisableTorchFunction():
-                quantized_input = _rows(layer.act(layer.quantizer_input(inputs[0])))
+                # only the rows the model's output reads, where calibration marked them (`edgeport.quant.live`)
+                quantized_input = _rows(calibration_rows(layer.act, layer.act(layer.quantizer_input(inputs[0]))))
                 inner = layer.inner
                 bias = inner.bias.detach().double() if inner.bias is not None else \
                     torch.zeros(inner.weight.shape[0], dtype=torch.float64)
                 weight = inner.weight.detach().double()
                 if ridge is not None:
-                    weight, bias = ridge_weights(quantized_input, targets[name], weight, bias, ridge)
+                    target = _rows(calibration_rows(layer.act, targets[name]))
+                    weight, bias = ridge_weights(quantized_input, target, weight, bias, ridge)
                     layer.wq = weight_quantizer(weight.float(), layer.wq.bits)
                 weight = error_feedback_round(weight, quantized_input, layer.wq)
             with torch.no_grad():

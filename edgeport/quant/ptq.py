@@ -30,7 +30,9 @@ from edgeport.quant.calibrate import observer
 from edgeport.quant.config import QuantConfig
 from edgeport.quant.erq import compensate
 from edgeport.quant.exported_matmuls import exported_matmul_sites, route_matmuls
-from edgeport.quant.quantizers import LogSqrt2QParams, LogSqrt2Quantizer, UniformQParams, UniformQuantizer
+from edgeport.quant.live import mark_live_rows
+from edgeport.quant.quantizers import (LogSqrt2QParams, LogSqrt2Quantizer, UniformQParams, UniformQuantizer,
+                                       calibration_rows)
 from edgeport.quant.reconstruct import reconstruct
 from edgeport.quant.reparam import fold_batchnorm, fold_into_linear, fold_targets
 
@@ -154,7 +156,10 @@ class QuantMatMul(nn.Module):
             if candidate.fitted:
                 continue
             if isinstance(candidate, AdaLogQuantizer):  # its base is searched on the product's error
-                candidate.fit(a, lambda t: torch.matmul(t, b))
+                live = getattr(candidate, "live", None)
+                # rows the output does not read count as zeros, which cost no error (batched matmul: no selection)
+                fitted_on = a if live is None or live.shape != a.shape else a * live
+                candidate.fit(fitted_on, lambda t: torch.matmul(t, b))
             else:
                 candidate.fit(a)
         return torch.matmul(self.left(a), self.right(b))
@@ -534,6 +539,8 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], c
                         f"quantize: lower float_convs_below_macs or quantize for the tensorrt target")
     if not report.layers:
         raise UserError(f"the model has no {' or '.join(kind.__name__ for kind in QUANTIZED_LAYERS)} layer to quantize")
+    if config.live_rows:  # before the first-input hooks: the probe pass must not run them
+        mark_live_rows(qmodel, args)
     # AdaLog's hooks first: a layer that keeps its uniform quantizer can still migrate outliers
     first_input_hooks = [module.register_forward_pre_hook(lambda layer, inputs: choose_input_quantizer(layer, inputs[0]))
                          for name, module in qmodel.named_modules() if name in after_gelu and isinstance(module, QuantLinear)]
@@ -545,6 +552,11 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], c
         lambda layer, inputs, name=name: _check_reparam_held_out(name, layer, inputs[0], act_quantizer,
                                                                  config.symmetric, weight_quantizer, report))
         for name, module in qmodel.named_modules() if config.check_reparam_held_out and isinstance(module, QuantLinear)
+        and module.act.axis is not None]
+    first_input_hooks += [module.register_forward_pre_hook(
+        lambda layer, inputs, name=name: _choose_reparam_strength(name, layer, inputs[0], act_quantizer,
+                                                                  config.symmetric, weight_quantizer, report))
+        for name, module in qmodel.named_modules() if config.partial_reparam and isinstance(module, QuantLinear)
         and module.act.axis is not None]
     with torch.no_grad():
         qmodel(*args)  # pass 1: sequential, lazy fitting in forward order
@@ -598,7 +610,7 @@ def _migrate_outliers(name: str, layer: QuantLinear, x: torch.Tensor,
     most of the calibration time)."""
     if layer.act.fitted:
         return
-    rows = x.detach().flatten(0, -2)
+    rows = calibration_rows(layer.act, x.detach()).flatten(0, -2)
     x = rows[::-(-len(rows) // OUTLIER_SAMPLE_ROWS)]
     weight, bias, bits = layer.inner.weight.detach(), layer.inner.bias, layer.wq.bits
     reference = F.linear(x, weight, bias)
@@ -654,6 +666,68 @@ def _check_reparam_held_out(name: str, layer: QuantLinear, x: torch.Tensor,
                                        f"{errors[0]:.3g} on held-out calibration samples")
 
 
+# the share of RepQ's per-channel scale moved into the weight (1: all of it, RepQ; the rest stays in
+# the per-tensor input's range): on MiniLM's FFN input at W4 the full move made the folded weight's
+# output error 3-5x the unfolded one's (channel ratios up to 10 landing in the weight's columns)
+REPARAM_STRENGTHS = (1.0, 0.75, 0.5)
+
+
+def _choose_reparam_strength(name: str, layer: QuantLinear, x: torch.Tensor,
+                             act_quantizer: Callable[[int, bool], UniformQuantizer], symmetric: bool,
+                             weight_quantizer: Callable[[torch.Tensor, int], UniformQuantizer],
+                             report: QuantReport) -> None:
+    """Move a share a of the per-channel input scales r (RepQ's, from the layer's per-channel
+    quantizer fitted on `x`) into the weight, x' = x / r^a, W' = W diag(r^a), with a
+    per-tensor input quantizer on x': for each strength of REPARAM_STRENGTHS the layer's
+    output error against float on `x` (its live rows), both quantizers in place, and the
+    smallest chooses. At a = 1 this is RepQ's exact reparameterization (left to the pipeline);
+    below it, the channels' ranges still differ by r^(1 - a), which costs the input grid less
+    than r costs a 4-bit weight grid. Called on the layer's first calibration input, before
+    its quantizer fits; the fold is exact (the scale stays an elementwise Mul in front of the
+    quantizer where no norm can absorb it)."""
+    if layer.act.fitted:
+        return
+    # this runs inside the forward of the module that calls the layer, where a matmul router
+    # (`exported_matmuls`) may be sending every matmul to a quantized one: not the fold's algebra
+    with torch._C.DisableTorchFunction():
+        _choose_strength(name, layer, x, act_quantizer, symmetric, weight_quantizer, report)
+
+
+def _choose_strength(name: str, layer: QuantLinear, x: torch.Tensor,
+                     act_quantizer: Callable[[int, bool], UniformQuantizer], symmetric: bool,
+                     weight_quantizer: Callable[[torch.Tensor, int], UniformQuantizer], report: QuantReport) -> None:
+    rows = calibration_rows(layer.act, x.detach()).flatten(0, -2)
+    reference = F.linear(rows, layer.inner.weight, layer.inner.bias)
+    per_channel = copy.deepcopy(layer.act)
+    per_channel.fit(rows)
+    r = fold_targets(per_channel.scale, per_channel.zero_point)[0]
+    candidates = []
+    for strength in REPARAM_STRENGTHS:
+        candidate = copy.deepcopy(layer)
+        if strength == 1.0:
+            candidate.act = per_channel
+            _reparameterize(name, candidate, symmetric, QuantReport("", 0, 0, ""), weight_quantizer)
+        else:
+            _partial_fold(candidate, r ** strength, act_quantizer(layer.act.bits, False), weight_quantizer)
+        with torch.no_grad():
+            candidates.append(float(((candidate.forward(rows) - reference) ** 2).mean()))  # not its copied hooks
+    strength = REPARAM_STRENGTHS[candidates.index(min(candidates))]
+    if strength != 1.0:
+        _partial_fold(layer, r ** strength, act_quantizer(layer.act.bits, False), weight_quantizer)
+        report.reparameterized.append(f"{name} (strength {strength:g}: output error {min(candidates):.3g}, "
+                                      f"{candidates[0]:.3g} at {REPARAM_STRENGTHS[0]:g})")
+
+
+def _partial_fold(layer: QuantLinear, scale: torch.Tensor, act: UniformQuantizer,
+                  weight_quantizer: Callable[[torch.Tensor, int], UniformQuantizer]) -> None:
+    """x' = x / scale into a per-tensor input quantizer `act` (fitted on x' when it first sees
+    it), W' = W diag(scale), the weight quantizer refitted."""
+    act.live = getattr(layer.act, "live", None)
+    fold_into_linear(layer.inner, scale, torch.zeros_like(scale))
+    layer.pre_scale, layer.act = (1 / scale).float(), act
+    layer.wq = weight_quantizer(layer.inner.weight, layer.wq.bits)
+
+
 def _fold_into_norm(norm: nn.LayerNorm, layers: list[QuantLinear]) -> None:
     """Move the layers' shared input affine into the norm's own (gamma/r, beta/r - b) when the
     norm feeds nothing else: one elementwise affine fewer at run time, same function up to
@@ -687,7 +761,7 @@ def _reparameterize(name: str, layer: QuantLinear, symmetric: bool, report: Quan
     else:
         tensor.scale, tensor.zero_point = torch.tensor(target_scale), torch.tensor(target_zero, dtype=torch.int32)
     tensor.scale = tensor.scale.float()
-    tensor.fitted = True
+    tensor.fitted, tensor.live = True, getattr(act, "live", None)
     layer.act = tensor
     layer.wq = weight_quantizer(layer.inner.weight, layer.wq.bits)  # refitted on W' = W diag(r)
     report.reparameterized.append(name)

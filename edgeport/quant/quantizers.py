@@ -24,6 +24,29 @@ def check_bits(bits: int) -> int:
     return bits
 
 
+def _live(quantizer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    live = getattr(quantizer, "live", None)
+    return live if live is not None and live.shape == x.shape and bool(live.any()) else None
+
+
+def calibration_rows(quantizer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The rows of calibration tensor `x` (channels last) that the model's output reads, as
+    (rows, channels), where `quantizer` has the mask of x's elements it reads (`live`, from
+    `edgeport.quant.live`); x itself otherwise."""
+    live = _live(quantizer, x)
+    return x if live is None else x[live.any(-1)]
+
+
+def calibration_values(quantizer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What `quantizer` fits its range on of calibration tensor `x`: the elements the model's
+    output reads where it has their mask (all of them, flat, per tensor: a transposed key's
+    padded columns too; the rows with any, per channel along the last axis); x otherwise."""
+    live = _live(quantizer, x)
+    if live is None or getattr(quantizer, "axis", None) not in (None, -1, x.ndim - 1):
+        return x
+    return x[live] if getattr(quantizer, "axis", None) is None else x[live.any(-1)]
+
+
 @dataclass(frozen=True)
 class UniformQParams:
     """A uniform quantizer's parameters, as exporters read them: a code c stands for
@@ -81,7 +104,7 @@ class UniformQuantizer(nn.Module):
 
     def fit(self, x: torch.Tensor) -> None:
         """Fit to a calibration tensor with the quantizer's observer."""
-        self.set_range(*self.observer(x.detach(), self))
+        self.set_range(*self.observer(calibration_values(self, x.detach()), self))
 
     def _view(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self.axis is None or t.ndim == 0:
@@ -136,7 +159,7 @@ class LogSqrt2Quantizer(nn.Module):
 
     def fit(self, a: torch.Tensor) -> None:
         """Scale = the largest probability seen, so code 0 holds it unclipped."""
-        self.scale = a.detach().max().float().clamp(min=1e-8)
+        self.scale = calibration_values(self, a.detach()).max().float().clamp(min=1e-8)
         self.fitted = True
 
     def qparams(self) -> LogSqrt2QParams:
