@@ -480,8 +480,8 @@ def timm_models(rounds: int = 5, names: list[str] | None = None) -> dict:
 
 def mixed_precision(max_drop: float = 0.005) -> dict:
     """MiniLM with `ep.quantize(..., max_drop=0.005)`: the widths chosen on the calibration
-    sentences (1 - cosine of the batch's embeddings within the budget), then the test
-    sentences' agreement with fp32, beside uniform W8A8 repq."""
+    sentences (1 - cosine of the embeddings within the budget, cross-validated over folds of
+    the calibration batch), both drops, then the test sentences' agreement with fp32."""
     encoder, _, _, test, calib = minilm_data()
     with torch.no_grad():
         reference = encoder(*test).numpy()
