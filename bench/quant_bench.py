@@ -47,6 +47,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import sys
 import sysconfig
 import tempfile
 import time
@@ -64,6 +65,9 @@ from edgeport.quant.config import preset
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent / "tests"))  # the tests' model builds: hf_models, test_quant_models
+from hf_models import SentenceEncoder  # noqa: E402
+
 THREADS = 2
 SENTENCES, CALIBRATION, TOKENS = 300, 32, 32
 # the timm section's second W8A8 form leaves grouped convs and dense ones under this many
@@ -97,20 +101,6 @@ def stdlib_sentences(count: int) -> list[str]:
             if len(found) == count:
                 return found
     return found
-
-
-class Encoder(nn.Module):
-    """Sentence embeddings as sentence-transformers computes them: mean pooling, L2 norm."""
-
-    def __init__(self, bert: nn.Module):
-        super().__init__()
-        self.bert = bert
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        return pooled / pooled.norm(dim=-1, keepdim=True).clamp(min=1e-12)
 
 
 def agreement(embeddings: np.ndarray, reference: np.ndarray) -> dict[str, float]:
@@ -200,7 +190,7 @@ def minilm_data(tokens: int = TOKENS) -> tuple[nn.Module, torch.Tensor, torch.Te
 
     directory = str(get_model_path())
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
-    encoder = Encoder(transformers.AutoModel.from_pretrained(directory).eval()).eval()
+    encoder = SentenceEncoder(transformers.AutoModel.from_pretrained(directory).eval()).eval()
     sentences = stdlib_sentences(SENTENCES + CALIBRATION)
     batch = tokenizer(sentences, padding="max_length", truncation=True, max_length=tokens, return_tensors="pt")
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -407,11 +397,8 @@ def timm_models(rounds: int = 5, names: list[str] | None = None) -> dict:
     can clip what it never saw, which the calibration images cannot show), the export's own verification, quantization
     time, batch-1 latency interleaved, and the fastest of our verified forms, named."""
     import copy
-    import sys
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    sys.path.insert(0, str(ROOT.parent / "tests"))
     from test_quant_models import ARCHITECTURES, build
 
     rows = []
@@ -567,6 +554,4 @@ def main(sections: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
     main(sys.argv[1:])

@@ -17,6 +17,22 @@ VISION = dict(image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_h
               num_attention_heads=2, intermediate_size=64)
 
 
+class SentenceEncoder(torch.nn.Module):
+    """Sentence embeddings as sentence-transformers computes them from a BERT: the token states
+    mean-pooled over the attention mask (nothing of a padded position reaches the output), L2
+    normalized."""
+
+    def __init__(self, bert: torch.nn.Module):
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return pooled / pooled.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+
+
 def _text_inputs(vocab: int = 128, length: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(3, vocab, (2, length), generator=generator)

@@ -12,7 +12,7 @@ from edgeport.quant import calibrate
 from edgeport.quant.adalog import AdaLogQuantizer
 from edgeport.quant.erq import error_feedback_round, ridge_weights
 from edgeport.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
-from hf_models import ARCHITECTURES
+from hf_models import ARCHITECTURES, SentenceEncoder
 
 RECON_TEST_ITERS = 30  # reconstruction steps per unit in the tests: seconds, not minutes
 RECON_TEST_GAIN_DB = 0.1
@@ -251,20 +251,6 @@ def test_reconstruction_units_are_the_innermost_blocks_where_blocks_nest():
     assert units == ["0.0.0", "0.0.1", "0.1.0", "0.1.1", "1"], units
 
 
-class _MeanPooled(nn.Module):
-    """A BERT's token states mean-pooled over the attention mask, as sentence encoders do:
-    nothing of a padded position reaches the output."""
-
-    def __init__(self, bert: nn.Module):
-        super().__init__()
-        self.bert = bert
-
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.bert(input_ids=ids, attention_mask=mask).last_hidden_state
-        weights = mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * weights).sum(1) / weights.sum(1)
-
-
 def _padded_batches() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """Two calibration batches of a mean-pooled BERT that differ only in the token ids at padded positions."""
     generator = torch.Generator().manual_seed(0)
@@ -280,7 +266,7 @@ def test_live_rows_calibration_ignores_what_padded_positions_hold():
     quantized model. Without it they do not (the padded tokens drove the ranges)."""
     from edgeport.quant.config import preset
 
-    model = _MeanPooled(ARCHITECTURES["bert"]()[0]).eval()
+    model = SentenceEncoder(ARCHITECTURES["bert"]()[0]).eval()
     batches = _padded_batches()
     probe = batches[0]
     outputs = {}

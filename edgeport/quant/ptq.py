@@ -690,32 +690,26 @@ def _choose_reparam_strength(name: str, layer: QuantLinear, x: torch.Tensor,
     # this runs inside the forward of the module that calls the layer, where a matmul router
     # (`exported_matmuls`) may be sending every matmul to a quantized one: not the fold's algebra
     with torch._C.DisableTorchFunction():
-        _choose_strength(name, layer, x, act_quantizer, symmetric, weight_quantizer, report)
-
-
-def _choose_strength(name: str, layer: QuantLinear, x: torch.Tensor,
-                     act_quantizer: Callable[[int, bool], UniformQuantizer], symmetric: bool,
-                     weight_quantizer: Callable[[torch.Tensor, int], UniformQuantizer], report: QuantReport) -> None:
-    rows = calibration_rows(layer.act, x.detach()).flatten(0, -2)
-    reference = F.linear(rows, layer.inner.weight, layer.inner.bias)
-    per_channel = copy.deepcopy(layer.act)
-    per_channel.fit(rows)
-    r = fold_targets(per_channel.scale, per_channel.zero_point)[0]
-    candidates = []
-    for strength in REPARAM_STRENGTHS:
-        candidate = copy.deepcopy(layer)
-        if strength == 1.0:
-            candidate.act = per_channel
-            _reparameterize(name, candidate, symmetric, QuantReport("", 0, 0, ""), weight_quantizer)
-        else:
-            _partial_fold(candidate, r ** strength, act_quantizer(layer.act.bits, False), weight_quantizer)
-        with torch.no_grad():
-            candidates.append(float(((candidate.forward(rows) - reference) ** 2).mean()))  # not its copied hooks
-    strength = REPARAM_STRENGTHS[candidates.index(min(candidates))]
-    if strength != 1.0:
-        _partial_fold(layer, r ** strength, act_quantizer(layer.act.bits, False), weight_quantizer)
-        report.reparameterized.append(f"{name} (strength {strength:g}: output error {min(candidates):.3g}, "
-                                      f"{candidates[0]:.3g} at {REPARAM_STRENGTHS[0]:g})")
+        rows = calibration_rows(layer.act, x.detach()).flatten(0, -2)
+        reference = F.linear(rows, layer.inner.weight, layer.inner.bias)
+        per_channel = copy.deepcopy(layer.act)
+        per_channel.fit(rows)
+        r = fold_targets(per_channel.scale, per_channel.zero_point)[0]
+        candidates = []
+        for strength in REPARAM_STRENGTHS:
+            candidate = copy.deepcopy(layer)
+            if strength == 1.0:
+                candidate.act = per_channel
+                _reparameterize(name, candidate, symmetric, QuantReport("", 0, 0, ""), weight_quantizer)
+            else:
+                _partial_fold(candidate, r ** strength, act_quantizer(layer.act.bits, False), weight_quantizer)
+            with torch.no_grad():
+                candidates.append(float(((candidate.forward(rows) - reference) ** 2).mean()))  # not its copied hooks
+        strength = REPARAM_STRENGTHS[candidates.index(min(candidates))]
+        if strength != 1.0:
+            _partial_fold(layer, r ** strength, act_quantizer(layer.act.bits, False), weight_quantizer)
+            report.reparameterized.append(f"{name} (strength {strength:g}: output error {min(candidates):.3g}, "
+                                          f"{candidates[0]:.3g} at {REPARAM_STRENGTHS[0]:g})")
 
 
 def _partial_fold(layer: QuantLinear, scale: torch.Tensor, act: UniformQuantizer,
