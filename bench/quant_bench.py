@@ -70,14 +70,11 @@ from hf_models import SentenceEncoder  # noqa: E402
 
 THREADS = 2
 SENTENCES, CALIBRATION, TOKENS = 300, 32, 32
-# the timm section's second W8A8 form leaves grouped convs and dense ones under this many
-# multiply-adds per sample float (QuantConfig.float_grouped_convs, float_convs_below_macs)
-SMALL_CONV_MACS = 1_000_000
 # the timm section calibrates on this many random-normal images (users calibrate on hundreds):
 # per-channel ranges fitted to 8 images of 17 tokens (DeiT-Ti at 64x64) clip new images
 TIMM_CALIBRATION = 32
-# the timm section's two forms of our W8A8 (one row each where some conv is under the threshold)
-SMALL_FLOAT, ALL_INT8 = "edgeport W8A8, grouped and small convs float", "edgeport W8A8"
+# the timm section's W8A8: this preset, in the conv form timed fastest here (`fastest_form`)
+TIMM_METHOD, OURS_W8A8 = "repq", "edgeport W8A8"
 SPEED_TOKENS = 64  # the sequence length MiniLM's speed is measured at
 
 
@@ -391,11 +388,13 @@ def logits(runner: OnnxRuntimeRunner, images: torch.Tensor) -> np.ndarray:
 
 
 def timm_models(rounds: int = 5, names: list[str] | None = None) -> dict:
-    """Each hybrid architecture at W8A8 beside its fp32 deployment form and ONNX Runtime's
-    dynamic per-channel quantization: cosine of the logits to fp32 torch on 8 of the
-    TIMM_CALIBRATION calibration images and on 8 held-out ones (a range fitted to few tokens
-    can clip what it never saw, which the calibration images cannot show), the export's own verification, quantization
-    time, batch-1 latency interleaved, and the fastest of our verified forms, named."""
+    """Each hybrid architecture at W8A8, quantized with `fastest_form=True` (both conv forms
+    quantized, exported and timed on this machine, the faster kept), beside its fp32 deployment
+    form and ONNX Runtime's dynamic per-channel quantization: cosine of the logits to fp32 torch
+    on 8 of the TIMM_CALIBRATION calibration images and on 8 held-out ones (a range fitted to
+    few tokens can clip what it never saw, which the calibration images cannot show), the
+    export's own verification, quantization time (the form timing included), and batch-1
+    latency interleaved over `rounds` rounds."""
     import copy
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -417,35 +416,26 @@ def timm_models(rounds: int = 5, names: list[str] | None = None) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             fp32 = ep.export(deployed, images[:1], out=folder, name="fp32")["onnx"].path
-            quantized, seconds, artifacts = {}, {}, {}
-            for variant, config in ((SMALL_FLOAT, preset("repq", float_convs_below_macs=SMALL_CONV_MACS,
-                                                          float_grouped_convs=True)),
-                                    (ALL_INT8, preset("repq"))):
-                if variant == ALL_INT8 and not quantized[SMALL_FLOAT].quant_report.float_ops:
-                    break  # no conv was under the threshold: the same model, measured once
-                start = time.perf_counter()
-                quantized[variant] = ep.quantize(model, calibration, config=config)
-                seconds[variant] = round(time.perf_counter() - start, 1)
-                artifacts[variant] = ep.export(quantized[variant], images[:1], out=folder,
-                                               name=f"w8a8-{len(artifacts)}")["onnx"]
+            start = time.perf_counter()
+            qmodel = ep.quantize(model, calibration, config=preset(TIMM_METHOD), fastest_form=True)
+            seconds = round(time.perf_counter() - start, 1)
+            artifact = ep.export(qmodel, images[:1], out=folder, name="w8a8")["onnx"]
             with quiet():
                 quantize_dynamic(str(fp32), str(folder / "dyn.onnx"), weight_type=QuantType.QInt8, per_channel=True)
             runners = {variant: OnnxRuntimeRunner(path, threads=THREADS, spinning=False).load() for variant, path in
-                       (("fp32", fp32), *((v, a.path) for v, a in artifacts.items()),
-                        ("quantize_dynamic per-channel", folder / "dyn.onnx"))}
+                       (("fp32", fp32), (OURS_W8A8, artifact.path), ("quantize_dynamic per-channel", folder / "dyn.onnx"))}
             outputs = {variant: logits(runner, images) for variant, runner in runners.items()}
             outputs_held_out = {variant: logits(runner, held_out) for variant, runner in runners.items()}
             per_round = [interleaved_medians(runners, {"x": images[:1].numpy()}, blocks=4, runs=20)
                          for _ in range(rounds)]
             for runner in runners.values():
                 runner.close()
-        reports = {variant: qmodel.quant_report for variant, qmodel in quantized.items()}
-        report = reports[SMALL_FLOAT]
+        report, form = qmodel.quant_report, qmodel.conv_form
         row = {"model": name, "input": list(images.shape[1:]), "calibration_images": len(calibration),
-               "quantize_seconds": seconds,
-               "export_verified": {v: all(o.passed for o in a.parity.outputs) for v, a in artifacts.items()},
-               "export_cosine_to_fake_quant": {v: min(o.cosine for o in a.parity.outputs)
-                                               for v, a in artifacts.items()},
+               "method": TIMM_METHOD, "quantize_seconds": seconds,
+               "conv_form": form.chosen, "conv_form_p50_ms": form.p50_ms, "conv_forms_failed": form.failed,
+               "export_verified": all(o.passed for o in artifact.parity.outputs),
+               "export_cosine_to_fake_quant": min(o.cosine for o in artifact.parity.outputs),
                "cosine_to_fp32": {variant: cosine(out, reference) for variant, out in outputs.items()},
                "cosine_to_fp32_held_out": {variant: cosine(out, reference_held_out)
                                            for variant, out in outputs_held_out.items()},
@@ -453,13 +443,9 @@ def timm_models(rounds: int = 5, names: list[str] | None = None) -> dict:
                "speedup_vs_fp32": {variant: float(np.median([r["fp32"] / r[variant] for r in per_round]))
                                    for variant in runners if variant != "fp32"},
                "batchnorm_folds": len(report.batchnorm_folds), "merged_branches": len(report.merged_branches),
-               "quantized_layers": {v: len(r.layers) for v, r in reports.items()},
-               "quantized_matmuls": len(report.matmuls),
-               "convs_kept_float": {v: sum("conv" in line and "kept float" in line for line in r.float_ops)
-                                    for v, r in reports.items()},
+               "quantized_layers": len(report.layers), "quantized_matmuls": len(report.matmuls),
+               "convs_kept_float": sum("conv" in line and "kept float" in line for line in report.float_ops),
                "matmuls_not_quantized": report.matmuls_not_quantized}
-        verified = [variant for variant, passed in row["export_verified"].items() if passed]
-        row["fastest_verified_form"] = max(verified, key=row["speedup_vs_fp32"].get, default=None)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return {"rows": rows, "rounds": rounds, "batch": 1}

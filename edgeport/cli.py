@@ -205,9 +205,12 @@ def _print_artifacts(artifacts, as_json: bool) -> None:
 @click.option("--max-drop", type=float,
               help="Mixed precision: 4, 6 or 8 bits per layer, the fewest whose 1 - cosine to the float output stays "
                    "within this (e.g. 0.005) on calibration samples held out from fitting the map.")
+@click.option("--fastest-form", is_flag=True,
+              help="Quantize in each conv form (every conv integer; grouped and small convs float), time each "
+                   "export beside fp32 in ONNX Runtime on this machine, and keep the fastest (ONNX Runtime only).")
 @click.option("--json", "as_json", is_flag=True)
 def quantize_command(model, method, w_bits, a_bits, target, calib, calibration, weights, inputs, targets, out,
-                     sensitivity, max_drop, as_json):
+                     sensitivity, max_drop, fastest_form, as_json):
     """Post-training quantization of MODEL, exported as quantized ONNX and verified against the fake-quant model."""
     from dataclasses import asdict
 
@@ -221,11 +224,12 @@ def quantize_command(model, method, w_bits, a_bits, target, calib, calibration, 
         targets.append(EXPORT_TARGETS[target])
         diagnostics.print(f"note: --target {target} also writes the {EXPORT_TARGETS[target]} target")
     batch = calibration_batch(load_model(model, weights), _calibration_arrays(calib)) if calib else None
-    with progress(f"quantizing {model} ({method}, W{w_bits}A{a_bits})"), warnings.catch_warnings(record=True) as caught:
+    timing = ", timing each conv form in ONNX Runtime" if fastest_form else ""
+    with progress(f"quantizing {model} ({method}, W{w_bits}A{a_bits}{timing})"), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", EdgeportWarning)
         qmodel = quantize(model, batch, method, w_bits, a_bits, **({"target": target} if target else {}),
                           weights=weights, act_observer=calibration, report="sensitivity" if sensitivity else None,
-                          max_drop=max_drop)
+                          max_drop=max_drop, fastest_form=fastest_form)
     for warning in caught:
         if issubclass(warning.category, EdgeportWarning):
             diagnostics.print(f"warning: {warning.message}")
@@ -237,9 +241,11 @@ def quantize_command(model, method, w_bits, a_bits, target, calib, calibration, 
     report = asdict(qmodel.quant_report)
     ranking = [asdict(r) for r in getattr(qmodel, "sensitivity", [])]
     mixed = asdict(qmodel.mixed_precision) if hasattr(qmodel, "mixed_precision") else None
+    form = asdict(qmodel.conv_form) if fastest_form else None
     if as_json:
         _emit_json({"report": report, "artifacts": {t: a.to_dict() for t, a in artifacts.items()}}
-                   | ({"sensitivity": ranking} if sensitivity else {}) | ({"mixed_precision": mixed} if mixed else {}))
+                   | ({"sensitivity": ranking} if sensitivity else {}) | ({"mixed_precision": mixed} if mixed else {})
+                   | ({"conv_form": form} if form else {}))
         return
     for row in ranking:
         console.print(f"  {row['sqnr_db']:7.2f} dB  {row['layer']}")
@@ -251,6 +257,12 @@ def quantize_command(model, method, w_bits, a_bits, target, calib, calibration, 
                       f"({mixed['weight_bytes']} weight bytes)")
         for layer, bits in mixed["widths"].items():
             console.print(f"  {bits} bits  {layer}")
+    if form:
+        timings = ", ".join(f"{name} {ms:.3f} ms" for name, ms in form["p50_ms"].items())
+        console.print(f"conv form: {form['chosen']}, {qmodel.conv_form.speedup_vs_fp32:.2f}x fp32 (median batch-1 "
+                      f"latency measured here in ONNX Runtime: {timings})")
+        for name, reason in form["failed"].items():
+            console.print(f"  {name}: left out, {reason}")
     console.print(f"quantized {len(report['layers'])} layers and {len(report['matmuls'])} activation matmuls"
                   f"{' (' + report['matmuls_not_quantized'] + ')' if report['matmuls_not_quantized'] else ''}; "
                   f"reparameterized {len(report['reparameterized'])}; conv-BN folded {len(report['batchnorm_folds'])}")

@@ -589,12 +589,74 @@ def calibration_batch(model: torch.nn.Module, calib: Calibration) -> torch.Tenso
     return tuple(torch.as_tensor(calib[n]) for n in first)
 
 
+@dataclasses.dataclass
+class FormChoice:
+    """The conv form `quantize(..., fastest_form=True)` kept (`chosen`, a key of
+    `edgeport.quant.config.CONV_FORMS`), each verified form's and the fp32 export's median
+    batch-1 latency on this machine (`p50_ms`, ms, ONNX Runtime CPU, timed interleaved), and why
+    any form was left out (`failed`: its verification failure)."""
+
+    chosen: str
+    p50_ms: dict[str, float]
+    failed: dict[str, str]
+
+    @property
+    def speedup_vs_fp32(self) -> float:
+        """fp32 latency over the chosen form's (above 1: the quantized model is faster here)."""
+        return self.p50_ms["fp32"] / self.p50_ms[self.chosen]
+
+
+# the form timing: interleaved blocks of runs at batch 1, enough to order forms 10 % apart
+FORM_TIMING_BLOCKS, FORM_TIMING_RUNS = 4, 20
+
+
+def _fastest_form(model: torch.nn.Module, calib, config: QuantConfig) -> tuple[torch.nn.Module, FormChoice]:
+    """`model` quantized in each conv form of `CONV_FORMS` that differs from the others, each
+    exported and verified on the calibration batch, and the one ONNX Runtime runs fastest here
+    at batch 1 (timed interleaved beside the fp32 export) returned with the timings."""
+    import tempfile
+
+    from edgeport.quant.config import CONV_FORMS, EXPORT_TARGETS
+    from edgeport.quant.ptq import quantize as run_ptq
+    from edgeport.runtime.latency import interleaved_medians
+
+    batch = as_args(calib)
+    example, target = tuple(a[:1] for a in batch), EXPORT_TARGETS[config.target]
+    qmodels, failed, layer_sets = {}, {}, []
+    with tempfile.TemporaryDirectory() as tmp:
+        artifacts = {"fp32": export(model, example, targets=(target,), out=tmp, name="fp32",
+                                    verify_inputs=[example])[target]}
+        for form, fields in CONV_FORMS.items():
+            qmodel, qmodel.quant_report = run_ptq(model, calib, dataclasses.replace(config, **fields))
+            if qmodel.quant_report.layers in layer_sets:
+                continue  # no conv this form treats differently: the same model
+            layer_sets.append(qmodel.quant_report.layers)
+            try:
+                artifacts[form] = export(qmodel, example, targets=(target,), out=tmp, name=f"form{len(layer_sets)}",
+                                         verify_inputs=[batch])[target]
+                qmodels[form] = qmodel
+            except CheckFailed as error:
+                failed[form] = str(error)
+        if not qmodels:
+            raise CheckFailed(f"no conv form of the quantized model verified: {'; '.join(failed.values())}")
+        runners = {name: backends.runner_for(artifact).load() for name, artifact in artifacts.items()}
+        feed = {spec.name: a.detach().numpy() for spec, a in zip(artifacts["fp32"].inputs, example)}
+        try:
+            p50_ms = interleaved_medians(runners, feed, blocks=FORM_TIMING_BLOCKS, runs=FORM_TIMING_RUNS)
+        finally:
+            for runner in runners.values():
+                runner.close()
+    chosen = min(qmodels, key=p50_ms.get)
+    return qmodels[chosen], FormChoice(chosen, p50_ms, failed)
+
+
 def quantize(model: str | torch.nn.Module, calib: Calibration | None = None, method: str = "repq", w_bits: int = 8,
              a_bits: int = 8, *, target: str = "onnxruntime", weights: str | Path | None = None,
              keep_8bit: Sequence[str] = (), act_observer: str | None = None,
              config: QuantConfig | None = None, report: str | None = None,
              max_drop: float | None = None,
-             metric: Callable[[torch.Tensor, torch.Tensor], float] | None = None) -> torch.nn.Module:
+             metric: Callable[[torch.Tensor, torch.Tensor], float] | None = None,
+             fastest_form: bool = False) -> torch.nn.Module:
     """A fake-quantized copy of `model` (post-training, `method` a preset of
     `edgeport.quant.config.PRESETS`: "minmax", "percentile", "repq", the low-bit ones built on it such
     as "repq-gptq", "repq-recon", "repq-adalog"), calibrated on `calib`
@@ -614,6 +676,12 @@ def quantize(model: str | torch.nn.Module, calib: Calibration | None = None, met
     `metric(reference, output)`, given the flattened float64 outputs of the float and the
     quantized model, is the task's loss: `max_drop` then bounds it instead of 1 - cosine, and
     the sensitivity report scores each layer with it too.
+    `fastest_form=True` (ONNX Runtime, convs) quantizes in each conv form of
+    `edgeport.quant.config.CONV_FORMS` (every conv integer; grouped and small convs float),
+    exports and verifies each, and keeps the one ONNX Runtime runs fastest on this machine at
+    batch 1, the timings beside fp32 in its `conv_form` attribute (a `FormChoice`): which
+    integer conv kernels pay depends on the model and the CPU, so time them where the model
+    will run.
     """
     from edgeport.quant.config import preset, target_caveat
     from edgeport.quant.ptq import quantize as run_ptq
@@ -640,9 +708,13 @@ def quantize(model: str | torch.nn.Module, calib: Calibration | None = None, met
         raise UserError(f"max_drop is a loss of cosine similarity between 0 and 1, not {max_drop!r}")
     from edgeport.quant.sensitivity import choose_widths, layer_sensitivity
 
-    if max_drop is None:
-        qmodel, qmodel_report = run_ptq(torch_model, calib, config)
-        qmodel.quant_report = qmodel_report
+    if fastest_form and (max_drop is not None or config.target != "onnxruntime"):
+        raise UserError("fastest_form times ONNX Runtime's CPU kernels for one uniform width: it takes neither "
+                        "max_drop nor the tensorrt target (TensorRT times its own kernels when it builds)")
+    if fastest_form:
+        qmodel, qmodel.conv_form = _fastest_form(torch_model, calib, config)
+    elif max_drop is None:
+        qmodel, qmodel.quant_report = run_ptq(torch_model, calib, config)
     else:
         qmodel, qmodel.mixed_precision = choose_widths(torch_model, calib, config, max_drop,
                                                        *((metric,) if metric is not None else ()))

@@ -343,6 +343,29 @@ def test_cli_quantize(tmp_path, capsys):
     assert result["report"]["activation_calibration"] == "entropy" and result["artifacts"]["onnx"]["parity"]["passed"]
 
 
+def test_cli_fastest_form_keeps_the_conv_form_timed_fastest(tmp_path, capsys):
+    """`--fastest-form` quantizes in both conv forms (cnn-digits' convs are all under 1 M
+    multiply-adds, so the forms differ), times each beside fp32 and keeps the faster: the
+    artifact written is the chosen form's, and a form that does not apply is refused."""
+    import json
+
+    from edgeport.cli import main
+    from edgeport.quant.config import CONV_FORMS
+
+    assert main(["quantize", "cnn-digits", "--fastest-form", "-o", str(tmp_path), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    form = result["conv_form"]
+    assert set(form["p50_ms"]) == {"fp32", *CONV_FORMS} and not form["failed"]
+    assert form["chosen"] == min(CONV_FORMS, key=form["p50_ms"].get)
+    small_convs_float = any("small conv" in line for line in result["report"]["float_ops"])
+    assert small_convs_float == (form["chosen"] == "grouped and small convs float")
+    assert result["artifacts"]["onnx"]["parity"]["passed"]
+    assert main(["quantize", "cnn-digits", "--fastest-form", "--target", "tensorrt", "-o", str(tmp_path)]) == 2
+    assert "fastest_form times ONNX Runtime" in capsys.readouterr().err
+    with pytest.raises(ep.UserError, match="neither max_drop"):
+        ep.quantize("cnn-digits", fastest_form=True, max_drop=0.01)
+
+
 def test_weights_are_stored_as_integers(tmp_path):
     """Quantized weights become int8 initializers (not re-quantized on every call), with the
     codes the graph itself computed."""

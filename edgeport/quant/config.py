@@ -31,6 +31,15 @@ TARGETS = {"onnxruntime": False, "tensorrt": True}
 RECON_ITERS = 100
 # deployment target -> the export target (`edgeport.export.registry`) whose artifact it runs
 EXPORT_TARGETS = {"onnxruntime": "onnx", "tensorrt": "tensorrt"}
+# A conv "form" for ONNX Runtime at W8A8: which convs stay float (QuantConfig fields). ORT's integer
+# kernels for depthwise, grouped and small dense convs beat its float ones on some models and lose on
+# others (64x64, 2 threads: every conv integer 1.30x fp32 on EfficientFormerV2-S0 but 0.77x on FastViT-T8,
+# where leaving grouped convs and dense ones under 1 M multiply-adds float gives 1.30x), and no
+# threshold separates them: `ep.quantize(..., fastest_form=True)` times each form on the host instead.
+SMALL_CONV_MACS = 1_000_000
+CONV_FORMS = {"every conv integer": {"float_convs_below_macs": 0, "float_grouped_convs": False},
+              "grouped and small convs float": {"float_convs_below_macs": SMALL_CONV_MACS,
+                                                "float_grouped_convs": True}}
 
 
 @dataclass(frozen=True)
