@@ -444,7 +444,7 @@ def timm_models(rounds: int = 5, names: list[str] | None = None) -> dict:
                                    for variant in runners if variant != "fp32"},
                "batchnorm_folds": len(report.batchnorm_folds), "merged_branches": len(report.merged_branches),
                "quantized_layers": len(report.layers), "quantized_matmuls": len(report.matmuls),
-               "convs_kept_float": sum("conv" in line and "kept float" in line for line in report.float_ops),
+               "convs_kept_float": len(report.convs_kept_float),
                "matmuls_not_quantized": report.matmuls_not_quantized}
         rows.append(row)
         print(json.dumps(row), flush=True)

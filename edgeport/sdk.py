@@ -611,9 +611,10 @@ FORM_TIMING_BLOCKS, FORM_TIMING_RUNS = 4, 20
 
 
 def _fastest_form(model: torch.nn.Module, calib, config: QuantConfig) -> tuple[torch.nn.Module, FormChoice]:
-    """`model` quantized in each conv form of `CONV_FORMS` that differs from the others, each
-    exported and verified on the calibration batch, and the one ONNX Runtime runs fastest here
-    at batch 1 (timed interleaved beside the fp32 export) returned with the timings."""
+    """`model` quantized in each conv form of `CONV_FORMS` (until one leaves no conv float:
+    the rest are the same model), each exported and verified on the calibration batch, and the
+    one ONNX Runtime runs fastest here at batch 1 (timed interleaved beside the fp32 export)
+    returned with the timings."""
     import tempfile
 
     from edgeport.quant.config import CONV_FORMS, EXPORT_TARGETS
@@ -622,21 +623,20 @@ def _fastest_form(model: torch.nn.Module, calib, config: QuantConfig) -> tuple[t
 
     batch = as_args(calib)
     example, target = tuple(a[:1] for a in batch), EXPORT_TARGETS[config.target]
-    qmodels, failed, layer_sets = {}, {}, []
+    qmodels, failed = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = {"fp32": export(model, example, targets=(target,), out=tmp, name="fp32",
                                     verify_inputs=[example])[target]}
-        for form, fields in CONV_FORMS.items():
+        for number, (form, fields) in enumerate(CONV_FORMS.items()):
             qmodel, qmodel.quant_report = run_ptq(model, calib, dataclasses.replace(config, **fields))
-            if qmodel.quant_report.layers in layer_sets:
-                continue  # no conv this form treats differently: the same model
-            layer_sets.append(qmodel.quant_report.layers)
             try:
-                artifacts[form] = export(qmodel, example, targets=(target,), out=tmp, name=f"form{len(layer_sets)}",
+                artifacts[form] = export(qmodel, example, targets=(target,), out=tmp, name=f"form{number}",
                                          verify_inputs=[batch])[target]
                 qmodels[form] = qmodel
             except CheckFailed as error:
                 failed[form] = str(error)
+            if not qmodel.quant_report.convs_kept_float:
+                break
         if not qmodels:
             raise CheckFailed(f"no conv form of the quantized model verified: {'; '.join(failed.values())}")
         runners = {name: backends.runner_for(artifact).load() for name, artifact in artifacts.items()}

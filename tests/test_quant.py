@@ -357,8 +357,7 @@ def test_cli_fastest_form_keeps_the_conv_form_timed_fastest(tmp_path, capsys):
     form = result["conv_form"]
     assert set(form["p50_ms"]) == {"fp32", *CONV_FORMS} and not form["failed"]
     assert form["chosen"] == min(CONV_FORMS, key=form["p50_ms"].get)
-    small_convs_float = any("small conv" in line for line in result["report"]["float_ops"])
-    assert small_convs_float == (form["chosen"] == "grouped and small convs float")
+    assert bool(result["report"]["convs_kept_float"]) == (form["chosen"] == "grouped and small convs float")
     assert result["artifacts"]["onnx"]["parity"]["passed"]
     assert main(["quantize", "cnn-digits", "--fastest-form", "--target", "tensorrt", "-o", str(tmp_path)]) == 2
     assert "fastest_form times ONNX Runtime" in capsys.readouterr().err
@@ -527,8 +526,8 @@ def test_layer_sensitivity_ranks_each_layer_quantized_alone():
 
 def test_mixed_precision_meets_the_budget_with_fewer_bits_on_samples_the_ranges_never_saw():
     """The budget bounds the cross-validated loss: each fold of the calibration batch judged
-    with the map's ranges fitted on the other folds; the returned model is calibrated on it
-    all. A batch too small for the folds is judged whole."""
+    with the map's ranges fitted on the other folds, the worst fold the figure; the returned
+    model is calibrated on it all. A batch too small for the folds is judged whole."""
     import dataclasses
 
     from edgeport.quant.config import preset
@@ -545,7 +544,7 @@ def test_mixed_precision_meets_the_budget_with_fewer_bits_on_samples_the_ranges_
         fitted, _ = quantize(model, images[~held], dataclasses.replace(config, keep_8bit=(), layer_widths=choice.widths))
         with torch.no_grad():
             losses.append(cosine_drop(model(images[held]).double().flatten(), fitted(images[held]).double().flatten()))
-    assert sum(losses) / FOLDS == pytest.approx(choice.held_out_drop, abs=1e-9)
+    assert max(losses) == pytest.approx(choice.held_out_drop, abs=1e-9)
     with torch.no_grad():
         assert cosine_drop(model(images).double().flatten(), qmodel(images).double().flatten()) == pytest.approx(
             choice.drop, abs=1e-9)

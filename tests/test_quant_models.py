@@ -112,7 +112,7 @@ def test_grouped_convs_left_float_on_request_are_named(tmp_path):
     assert not ep.quantize(model, images, "repq").quant_report.float_ops
     qmodel = ep.quantize(model, images, config=preset("repq", float_grouped_convs=True))
     kept_float = [line for line in qmodel.quant_report.float_ops if "grouped conv" in line]
-    assert kept_float and len(kept_float) <= grouped
+    assert kept_float and len(kept_float) <= grouped and len(qmodel.quant_report.convs_kept_float) == len(kept_float)
     artifact = ep.export(qmodel, images[:1], out=tmp_path, name="fastvit")["onnx"]
     ops = runtime_ops(artifact.path)
     assert ops["QLinearConv"] == len(qmodel.quant_report.layers) - 1  # the head's Linear is a QGemm

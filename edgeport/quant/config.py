@@ -36,10 +36,10 @@ EXPORT_TARGETS = {"onnxruntime": "onnx", "tensorrt": "tensorrt"}
 # others (64x64, 2 threads: every conv integer 1.30x fp32 on EfficientFormerV2-S0 but 0.77x on FastViT-T8,
 # where leaving grouped convs and dense ones under 1 M multiply-adds float gives 1.30x), and no
 # threshold separates them: `ep.quantize(..., fastest_form=True)` times each form on the host instead.
+# The forms go from the most float to none: where one leaves no conv float, the later ones are the same model.
 SMALL_CONV_MACS = 1_000_000
-CONV_FORMS = {"every conv integer": {"float_convs_below_macs": 0, "float_grouped_convs": False},
-              "grouped and small convs float": {"float_convs_below_macs": SMALL_CONV_MACS,
-                                                "float_grouped_convs": True}}
+CONV_FORMS = {"grouped and small convs float": {"float_convs_below_macs": SMALL_CONV_MACS, "float_grouped_convs": True},
+              "every conv integer": {"float_convs_below_macs": 0, "float_grouped_convs": False}}
 
 
 @dataclass(frozen=True)

@@ -201,8 +201,9 @@ class QuantReport:
     """What the pipeline did: layers quantized, branches merged, Conv-BN folds (and why none
     were looked for), layers reparameterized, weights compensated, units reconstructed (with
     their error before and after, iterations and seconds), outlier channels migrated into weights,
-    activation matmuls quantized (and which run as float ops), why matmuls stayed float, and
-    the activation calibration used. `reparam_declined`: LayerNorm-fed layers left per tensor
+    activation matmuls quantized (and which run as float ops), the convs left float for ONNX
+    Runtime's speed (each also named with the reason in `float_ops`), why matmuls stayed float,
+    and the activation calibration used. `reparam_declined`: LayerNorm-fed layers left per tensor
     because that generalized better (`QuantConfig.check_reparam_held_out`)."""
 
     method: str
@@ -220,6 +221,7 @@ class QuantReport:
     outlier_migrations: list[str] = field(default_factory=list)
     matmuls: list[str] = field(default_factory=list)
     float_ops: list[str] = field(default_factory=list)
+    convs_kept_float: list[str] = field(default_factory=list)
     matmuls_not_quantized: str = ""
     calibration_samples: int = 0
     activation_calibration: str = ""
@@ -515,10 +517,12 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], c
             # faster; dense 1x1 convs of 0.3-0.6 M gained 0-3 us, less than the 10-20 us of Q, DQ
             # and NCHW/NHWC transposes ORT puts around an integer island (float_convs_below_macs).
             if module.groups > 1 and config.float_grouped_convs:
+                report.convs_kept_float.append(name)
                 report.float_ops.append(f"{name}: grouped conv ({module.groups} groups) kept float: ONNX Runtime's "
                                         f"integer grouped and depthwise kernels are slower than its float ones")
                 continue
             if conv_macs.get(name, config.float_convs_below_macs) < config.float_convs_below_macs:
+                report.convs_kept_float.append(name)
                 report.float_ops.append(f"{name}: small conv ({conv_macs[name] / 1e6:.2f} M multiply-adds per sample) "
                                         f"kept float: its integer kernel would save less than the quantize, "
                                         f"dequantize and layout changes around it cost in ONNX Runtime")

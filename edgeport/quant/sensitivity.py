@@ -95,7 +95,7 @@ HELD_OUT_MIN = 8  # calibration samples needed for the folds (two held out in ea
 class MixedPrecision:
     """A mixed-precision choice: each quantized layer's width, the measured loss of the
     model quantized with it (`drop`, by the budgeted loss function, on the calibration
-    batch), its cross-validated loss: the mean over FOLDS interleaved folds of the batch of the
+    batch), its cross-validated loss: the worst over FOLDS interleaved folds of the batch of the
     loss on each fold of the map calibrated on the others (`held_out_drop`, the figure the
     budget bounds; None where the batch had fewer than HELD_OUT_MIN samples and `drop` was
     bounded instead), the mean width over the layers and over the weights (by parameter
@@ -127,9 +127,10 @@ def choose_widths(model: nn.Module, calib, config, max_drop: float,
     """The model quantized with the fewest bits per layer (4, 6 or 8) whose loss
     (`loss(reference, output)` of the flattened float and quantized outputs, 1 - cosine by
     default) stays within `max_drop` on data its ranges never saw: each candidate map is
-    cross-validated over FOLDS folds of the calibration batch (the whole batch serves both
-    where it has fewer than HELD_OUT_MIN samples), since ranges fitted and judged on the same
-    samples promise less loss than new inputs get. Each layer's noise at
+    cross-validated over FOLDS folds of the calibration batch, and the worst fold must meet the
+    budget (the whole batch serves both where it has fewer than HELD_OUT_MIN samples), since
+    ranges fitted and judged on the same samples promise less loss than new inputs get, and
+    the mean of the folds promised less than new sentences got on MiniLM. Each layer's noise at
     each width is measured alone (`layer_sensitivity`); noises add, and 1 - cosine is half
     the noise-to-signal ratio, so a greedy pass starts every layer at 4 bits and widens the
     layer that removes most noise per added bit until the estimate fits. The map is then
@@ -156,7 +157,7 @@ def choose_widths(model: nn.Module, calib, config, max_drop: float,
         for (fit, held), reference_held in zip(folds, held_references):
             candidate, _ = quantize(model, fit, chosen)
             losses.append(loss(reference_held, _output(candidate, held)))
-        return sum(losses) / len(losses)
+        return max(losses)
 
     budget = 2 * max_drop
     for _ in range(ROUNDS):
