@@ -167,7 +167,7 @@ def test_the_held_out_check_runs_where_attention_is_routed_from_a_captured_graph
     matmuls called than captured); it now runs outside it, decides for every LayerNorm-fed
     layer, and the model exports exactly."""
     model, images = build("mobilevit_xs")
-    qmodel = ep.quantize(model, images, "repq-gptq-heldout")
+    qmodel = ep.quantize(model, images, "erq-heldout")
     report = qmodel.quant_report
     assert report.matmuls and report.compensated and report.reparam_declined
     artifact = ep.export(qmodel, images[:1], out=tmp_path, name="mobilevit")["onnx"]

@@ -99,7 +99,7 @@ def error_feedback_round(weight: torch.Tensor, inputs: torch.Tensor, quantizer: 
     rounded = torch.empty_like(weight)
     # GPTQ's lazy batch update: the errors of a block of columns reach the columns after it in
     # one matrix product, not one rank-1 update per column (the same rounding: Swin-T's
-    # repq-gptq-heldout output unchanged, its quantization 82 s -> 19 s on one quiet core)
+    # repq-gptq output with check_reparam_held_out unchanged, quantization 82 s -> 19 s on a quiet core)
     for start in range(0, weight.shape[1], ROUNDING_BLOCK):
         end = min(start + ROUNDING_BLOCK, weight.shape[1])
         errors = torch.empty(weight.shape[0], end - start, dtype=weight.dtype)
