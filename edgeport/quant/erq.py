@@ -34,6 +34,7 @@ from edgeport.quant.quantizers import UniformQuantizer, calibration_rows
 # (1024 rows, half of them padding, for 1536-wide inputs); 0.1 measured better on MiniLM W4A8
 DAMPING = 0.1
 MAX_ROWS = 8192  # rows kept per layer (tokens x batch); beyond this, evenly subsampled
+ROUNDING_BLOCK = 128  # columns rounded between two updates of the rest of the weight
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -96,12 +97,19 @@ def error_feedback_round(weight: torch.Tensor, inputs: torch.Tensor, quantizer: 
     scale = quantizer.scale.double().reshape(-1)
     scale = scale if scale.numel() > 1 else scale.expand(weight.shape[0])
     rounded = torch.empty_like(weight)
-    for column in range(weight.shape[1]):
-        w = weight[:, column]
-        q = torch.clamp(torch.round(w / scale), quantizer.qmin, quantizer.qmax) * scale
-        rounded[:, column] = q
-        error = (w - q) / upper[column, column]
-        weight[:, column + 1:] -= error[:, None] * upper[column, column + 1:][None, :]
+    # GPTQ's lazy batch update: the errors of a block of columns reach the columns after it in
+    # one matrix product, not one rank-1 update per column (the same rounding: Swin-T's
+    # repq-gptq output with check_reparam_held_out unchanged, quantization 82 s -> 19 s on a quiet core)
+    for start in range(0, weight.shape[1], ROUNDING_BLOCK):
+        end = min(start + ROUNDING_BLOCK, weight.shape[1])
+        errors = torch.empty(weight.shape[0], end - start, dtype=weight.dtype)
+        for column in range(start, end):
+            w = weight[:, column]
+            q = torch.clamp(torch.round(w / scale), quantizer.qmin, quantizer.qmax) * scale
+            rounded[:, column] = q
+            errors[:, column - start] = error = (w - q) / upper[column, column]
+            weight[:, column + 1:end] -= error[:, None] * upper[column, column + 1:end][None, :]
+        weight[:, end:] -= errors @ upper[start:end, end:]
     restored = torch.empty_like(rounded)
     restored[:, order] = rounded
     return restored

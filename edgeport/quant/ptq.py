@@ -654,16 +654,19 @@ def _check_reparam_held_out(name: str, layer: QuantLinear, x: torch.Tensor,
     if layer.act.fitted or len(x) < 2:
         return
     fit, held = x.detach()[: len(x) // 2], x.detach()[len(x) // 2:]
-    reference = F.linear(held, layer.inner.weight, layer.inner.bias)
     errors = []
-    for per_channel in (True, False):
-        candidate = copy.deepcopy(layer)
-        candidate.act = act_quantizer(layer.act.bits, per_channel)
-        candidate.act.fit(fit)
-        if per_channel:
-            # a trial on a copy: its report is thrown away
-            _reparameterize(name, candidate, symmetric, QuantReport("", 0, 0, ""), weight_quantizer)
-        errors.append(float(((candidate(held) - reference) ** 2).mean()))
+    # as in _choose_reparam_strength: a matmul router may be active around this call
+    with torch._C.DisableTorchFunction():
+        reference = F.linear(held, layer.inner.weight, layer.inner.bias)
+        for per_channel in (True, False):
+            candidate = copy.deepcopy(layer)
+            candidate.act = act_quantizer(layer.act.bits, per_channel)
+            candidate.act.fit(fit)
+            if per_channel:
+                # a trial on a copy: its report is thrown away
+                _reparameterize(name, candidate, symmetric, QuantReport("", 0, 0, ""), weight_quantizer)
+            with torch.no_grad():
+                errors.append(float(((candidate.forward(held) - reference) ** 2).mean()))  # not its copied hooks
     if errors[1] < errors[0]:
         layer.act = act_quantizer(layer.act.bits, False)
         report.reparam_declined.append(f"{name}: per-tensor input error {errors[1]:.3g} below per-channel "
