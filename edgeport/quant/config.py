@@ -70,7 +70,8 @@ class QuantConfig:
     into its weight (a 4-bit weight grid suffers from RepQ's full move).
     `rotate_values` rotates each attention head's values and the output projection's matching
     input columns by one Hadamard matrix before anything is calibrated (`edgeport.quant.rotate`:
-    exact in float, folded into the weights). `symmetric` gives every quantizer zero point 0. `layer_widths` gives single layers or
+    exact in float, folded into the weights).
+    `symmetric` gives every quantizer zero point 0. `layer_widths` gives single layers or
     matmuls (by module path, or the matmul names of the report) their own width, inputs and
     weights alike (a mixed-precision map; a dict is accepted). `float_convs_below_macs`: at W8A8
     for ONNX Runtime, a dense conv doing fewer multiply-adds per sample stays float, where the
