@@ -9,10 +9,10 @@ range. Nothing is added to the graph: the export is that of any quantized model.
 recognised: a fused qkv Linear beside a `proj` Linear (`heads` or `num_heads`, `head_dim`: timm,
 the zoo ViT) and a `value` Linear whose parent's `output.dense` projects (`num_attention_heads`,
 `attention_head_size`: the Hugging Face BERT family). A rotation is kept only where the model's
-float output on the calibration batch stays the same. Measured on MiniLM W6A6 (driver runs):
-repq-adalog-live-recon's cosine 0.98985 without, 0.99035 with; repq-adalog-live's 0.9888
-without, 0.9891 with, 0.9879 with Q and K rotated per head as well (the scores stay exact, but
-their operands quantized worse).
+float output on the calibration batch stays the same. Measured on MiniLM W6A6 (1 thread):
+repq-adalog-live-recon's cosine 0.98985 / 0.98984 / 0.98987 without (reconstruction seeds 0, 1,
+2), 0.99002 / 0.98993 / 0.98977 with; repq-adalog-live's 0.9888 without, 0.9891 with, 0.9879
+with Q and K rotated per head as well (the scores stay exact, their operands quantize worse).
 """
 from __future__ import annotations
 
