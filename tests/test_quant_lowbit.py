@@ -2,6 +2,7 @@
 error-feedback rounding), the AdaLog quantizer and RepQuant's dual clipping, exported exactly
 and better than repq on a real model."""
 
+import copy
 import functools
 
 import torch
@@ -309,3 +310,69 @@ def test_partial_reparameterization_is_exported_exactly_at_w4a4(tmp_path, monkey
     assert len(partial) == 8  # qkv and fc1 of each of the 4 blocks
     artifact = ep.export(qmodel, images[:1], out=tmp_path, verify_inputs=[images[i:i + 1] for i in range(16)])["onnx"]
     assert artifact.parity.passed
+
+
+def test_ridge_regression_on_live_rows_regresses_onto_the_same_rows_of_the_float_output():
+    """ERQ's ridge regression with live_rows on the zoo ViT at W4A4: after the last block's
+    attention only the class token reaches the logits, so the inputs of its MLP keep 1 row of 17
+    per image; the float targets must be cut to the same rows (they have other channels, so the
+    input's mask picks them). Every Linear (all but the patch embedding) is compensated."""
+    from edgeport.quant.config import preset
+
+    qmodel = ep.quantize("vit-digits", config=preset("erq", w_bits=4, a_bits=4, live_rows=True))
+    report = qmodel.quant_report
+    assert report.compensated == [name for name in report.layers if name != "patch_embed"]
+
+
+def test_reconstruction_float_pass_switches_off_adalog_quantizers_too():
+    """Reconstruction's targets come from the quantized model with every activation quantizer
+    switched off: on repq-adalog-live (AdaLog softmax and post-GELU quantizers) at W4A4, its
+    weights left unrounded, that form is the float model (folds and reparameterizations are
+    exact in float), so no AdaLog quantizer may stay on in it."""
+    from edgeport.quant.config import preset
+    from edgeport.quant.reconstruct import _quantizers
+
+    model = ep.zoo.load("vit-digits")
+    images = ep.zoo.testset("vit-digits")[0][:64]
+    qmodel = ep.quantize("vit-digits", config=preset("repq-adalog-live", w_bits=4, a_bits=4, compensate_weights=False))
+    quantizers = _quantizers(qmodel)
+    assert any(isinstance(q, AdaLogQuantizer) for q in quantizers)
+    for q in quantizers:
+        q.enabled = False
+    with torch.no_grad():
+        assert torch.allclose(qmodel(images), model(images), atol=1e-4, rtol=1e-4)
+
+
+def test_reconstruction_from_error_feedback_rounding_with_adalog_is_exported_exactly(tmp_path):
+    """repq-adalog-live-recon on the zoo ViT at W4A4 (few steps per block): reconstruction starts
+    from GPTQ's rounding with AdaLog quantizers in the blocks, every block's error on the
+    calibration batch does not rise, and the ONNX verifies against the fake-quant model."""
+    from edgeport.quant.config import preset
+
+    images = ep.zoo.testset("vit-digits")[0]
+    config = preset("repq-adalog-live-recon", w_bits=4, a_bits=4, recon_iters=RECON_TEST_ITERS)
+    qmodel = ep.quantize("vit-digits", config=config)
+    report = qmodel.quant_report
+    assert report.compensated and len(report.reconstructed) == 6
+    assert any("->" in line and "kept nearest rounding" not in line for line in report.reconstructed)
+    artifact = ep.export(qmodel, images[:1], out=tmp_path, verify_inputs=[images[i:i + 1] for i in range(16)])["onnx"]
+    assert artifact.parity.passed
+
+
+def test_value_rotation_is_exact_in_float_on_the_zoo_vit_and_a_bert():
+    """The per-head Hadamard rotation of values and output-projection columns is taken on every
+    attention of the zoo ViT (fused qkv) and of a BERT (separate value Linear), changes their
+    weights and leaves the float output as it was."""
+    from edgeport.quant.rotate import rotate_values
+
+    bert = SentenceEncoder(ARCHITECTURES["bert"]()[0]).eval()
+    ids = torch.randint(5, 100, (4, 16), generator=torch.Generator().manual_seed(0))
+    cases = ((ep.zoo.load("vit-digits"), (ep.zoo.testset("vit-digits")[0][:64],)), (bert, (ids, torch.ones_like(ids))))
+    for model, args in cases:
+        rotated = copy.deepcopy(model)
+        lines = rotate_values(rotated, args)
+        attentions = [m for m in model.modules() if hasattr(m, "head_dim") or hasattr(m, "attention_head_size")]
+        assert len(lines) == len(attentions) > 0
+        assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), rotated.parameters()))
+        with torch.no_grad():
+            assert torch.allclose(rotated(*args), model(*args), atol=1e-5, rtol=1e-4)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from edgeport.errors import UserError
 from edgeport.quant.calibrate import OBSERVERS, observer
+from edgeport.quant.erq import DAMPING
 from edgeport.quant.quantizers import check_bits
 
 # "auto" weights: min-max at 8 bits, where a 256-level grid loses more to clipping than to
@@ -66,14 +67,19 @@ class QuantConfig:
     input on calibration samples it was not fitted to (per-channel ranges fitted to few tokens
     clip new ones). `compensate_weights` rounds each Linear's weight with error feedback from
     the quantized input it really gets (GPTQ-style), after regressing weight and bias onto the float
-    output where `weight_ridge` gives the ridge factor (ERQ-style; `edgeport.quant.erq`).
+    output where `weight_ridge` gives the ridge factor (ERQ-style; `edgeport.quant.erq`), `damping`
+    the rounding's Hessian dampening (relative to its mean diagonal).
     `recon_iters`, where positive, reconstructs the calibrated model block by block, that many
     Adam steps per block (`edgeport.quant.reconstruct`: learned weight rounding and activation
-    step sizes, QDrop); it costs calibration time, reported per block. `live_rows` calibrates
+    step sizes, QDrop), starting from the compensated rounding where `compensate_weights` is on;
+    it costs calibration time, reported per block. `live_rows` calibrates
     every range, search and compensation on the positions the model's output reads only
     (`edgeport.quant.live`: a padded token's activations drive nothing). `partial_reparam` lets
     each reparameterized layer's output error choose how much of the per-channel scale moves
     into its weight (a 4-bit weight grid suffers from RepQ's full move).
+    `rotate_values` rotates each attention head's values and the output projection's matching
+    input columns by one Hadamard matrix before anything is calibrated (`edgeport.quant.rotate`:
+    exact in float, folded into the weights).
     `symmetric` gives every quantizer zero point 0. `layer_widths` gives single layers or
     matmuls (by module path, or the matmul names of the report) their own width, inputs and
     weights alike (a mixed-precision map; a dict is accepted). `float_convs_below_macs`: at W8A8
@@ -105,9 +111,11 @@ class QuantConfig:
     adalog: bool = False
     compensate_weights: bool = False
     weight_ridge: float | None = None
+    damping: float = DAMPING
     recon_iters: int = 0
     live_rows: bool = False
     partial_reparam: bool = False
+    rotate_values: bool = False
     symmetric: bool = False
     keep_8bit: tuple[str, ...] = ()
     layer_widths: tuple[tuple[str, int], ...] = ()
@@ -128,9 +136,11 @@ class QuantConfig:
         observer(self.act_observer)
         if self.weight_ridge is not None and not (self.compensate_weights and self.weight_ridge > 0):
             raise UserError("weight_ridge is the ridge factor of compensate_weights: a positive number with it")
-        if self.recon_iters < 0 or self.recon_iters and self.compensate_weights:
-            raise UserError("recon_iters is the number of reconstruction steps per block (0: none), and "
-                            "reconstruction learns the rounding compensate_weights would set: choose one")
+        if self.recon_iters < 0:
+            raise UserError("recon_iters is the number of reconstruction steps per block (0: none)")
+        if not self.damping > 0:
+            raise UserError(f"damping is the error-feedback rounding's Hessian dampening: a positive number, "
+                            f"not {self.damping!r}")
         if self.fold_norm_affine and not self.norm_reparam:
             raise UserError("fold_norm_affine moves the LayerNorm reparameterization into the norm: it needs "
                             "norm_reparam")
@@ -210,10 +220,18 @@ PRESETS["repq-adalog-dualclip"] = dataclasses.replace(
     PRESETS["repq-adalog"], act_observer="dualclip", name="repq-adalog-dualclip",
     description="repq-adalog with the activation ranges of repq-dualclip")
 
+# the error-feedback rounding's dampening on the live rows alone (see edgeport.quant.erq.DAMPING)
+LIVE_DAMPING = 0.3
 PRESETS["repq-adalog-live"] = dataclasses.replace(
-    PRESETS["repq-adalog"], live_rows=True, weight_observer="clip", partial_reparam=True, name="repq-adalog-live",
+    PRESETS["repq-adalog"], live_rows=True, weight_observer="clip", partial_reparam=True, damping=LIVE_DAMPING,
+    name="repq-adalog-live",
     description="repq-adalog calibrated on the positions the output reads (padding ignored), weights clipped by "
                 "search, and the share of RepQ's per-channel scale moved into each weight chosen by its error")
+PRESETS["repq-adalog-live-recon"] = dataclasses.replace(
+    PRESETS["repq-adalog-live"], rotate_values=True, recon_iters=RECON_ITERS, name="repq-adalog-live-recon",
+    description=f"repq-adalog-live on attention values rotated per head (Hadamard, folded into the weights), then "
+                f"block-wise reconstruction from its error-feedback rounding ({RECON_ITERS} steps a block, as "
+                f"repq-recon: costs calibration time)")
 
 # erq with the per-channel LayerNorm calibration kept only where it generalizes: on the timm hybrids
 # of the quant bench (32 random-normal calibration images, 4-17 tokens per image at 64x64) RepQ's

@@ -34,6 +34,7 @@ from edgeport.quant.live import mark_live_rows
 from edgeport.quant.quantizers import (LogSqrt2QParams, LogSqrt2Quantizer, UniformQParams, UniformQuantizer,
                                        calibration_rows)
 from edgeport.quant.reconstruct import reconstruct
+from edgeport.quant.rotate import rotate_values
 from edgeport.quant.reparam import fold_batchnorm, fold_into_linear, fold_targets
 
 
@@ -198,7 +199,7 @@ def _choose_probability_quantizers(qmodel: nn.Module, model: nn.Module, args: tu
 
 @dataclass
 class QuantReport:
-    """What the pipeline did: layers quantized, branches merged, Conv-BN folds (and why none
+    """What the pipeline did: layers quantized, attention values rotated, branches merged, Conv-BN folds (and why none
     were looked for), layers reparameterized, weights compensated, units reconstructed (with
     their error before and after, iterations and seconds), outlier channels migrated into weights,
     activation matmuls quantized (and which run as float ops), the convs left float for ONNX
@@ -211,6 +212,7 @@ class QuantReport:
     a_bits: int
     target: str
     layers: list[str] = field(default_factory=list)
+    rotated: list[str] = field(default_factory=list)
     batchnorm_folds: list[str] = field(default_factory=list)
     batchnorm_folds_skipped: str = ""
     merged_branches: list[str] = field(default_factory=list)
@@ -476,6 +478,8 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], c
     qmodel = copy.deepcopy(model).eval()
     report = QuantReport(config.name, config.w_bits, config.a_bits, config.target,
                          calibration_samples=int(args[0].shape[0]), activation_calibration=config.act_observer)
+    if config.rotate_values:
+        report.rotated = rotate_values(qmodel, args)
     _merge_branches(qmodel, report)
     _fold_batchnorms(qmodel, tuple(a[:1] for a in args), report)
     fed, exclusive = _norm_fed(qmodel, tuple(a[:1] for a in args)) if config.norm_reparam else ({}, set())
@@ -583,7 +587,8 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], c
             _fold_into_norm(qmodel.get_submodule(norm),
                             [qmodel.get_submodule(name) for name, n in fed.items() if n == norm])
     if config.compensate_weights:
-        report.compensated = compensate(qmodel, model, args, QuantLinear, weight_quantizer, config.weight_ridge)
+        report.compensated = compensate(qmodel, model, args, QuantLinear, weight_quantizer, config.weight_ridge,
+                                        config.damping)
     if config.recon_iters:
         report.reconstructed = reconstruct(qmodel, args, tuple(QUANTIZED_LAYERS.values()), config.recon_iters)
     return qmodel, report

@@ -29,7 +29,11 @@ from torch import nn
 from torch.fx.passes.split_module import split_module
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from edgeport.quant.adalog import AdaLogQuantizer
 from edgeport.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
+
+# the activation quantizers a unit can hold (each has `enabled`: the float pass switches them off)
+ACTIVATION_QUANTIZERS = (UniformQuantizer, LogSqrt2Quantizer, AdaLogQuantizer)
 
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (AdaRound)
 DROP_PROBABILITY = 0.5  # QDrop's chance of an activation taking its float value while training
@@ -255,7 +259,7 @@ def _first_tensor(output) -> torch.Tensor:
 
 
 def _quantizers(module: nn.Module) -> list[nn.Module]:
-    return [m for m in module.modules() if isinstance(m, (UniformQuantizer, LogSqrt2Quantizer))]
+    return [m for m in module.modules() if isinstance(m, ACTIVATION_QUANTIZERS)]
 
 
 def _select(inputs: _Inputs, index: torch.Tensor, batch: int) -> _Inputs:
@@ -290,7 +294,7 @@ def _train(unit: nn.Module, layers: list[nn.Module], q_in: _Inputs, f_in: _Input
     """Learn the rounding (and step sizes) of `unit`'s quantized `layers`, then write them."""
     roundings = {layer: _SoftRounding(layer.wq, layer.inner.weight) for layer in layers}
     slots = [(m, slot) for m in unit.modules() for slot in _ACTIVATION_SLOTS
-             if isinstance(getattr(m, slot, None), (UniformQuantizer, LogSqrt2Quantizer))]
+             if isinstance(getattr(m, slot, None), ACTIVATION_QUANTIZERS)]
     original = {layer: layer.wq for layer in layers}
     for layer, rounding in roundings.items():
         layer.wq = rounding
