@@ -388,7 +388,7 @@ def logits(runner: OnnxRuntimeRunner, images: torch.Tensor) -> np.ndarray:
 
 
 def timm_models(rounds: int = 5, names: list[str] | None = None) -> dict:
-    """Each hybrid architecture at W8A8, quantized with `fastest_form=True` (both conv forms
+    """Each hybrid architecture at W8A8, quantized with `fastest_form=True` (each conv form
     quantized, exported and timed on this machine, the faster kept), beside its fp32 deployment
     form and ONNX Runtime's dynamic per-channel quantization: cosine of the logits to fp32 torch
     on 8 of the TIMM_CALIBRATION calibration images and on 8 held-out ones (a range fitted to
@@ -433,7 +433,7 @@ def timm_models(rounds: int = 5, names: list[str] | None = None) -> dict:
         report, form = qmodel.quant_report, qmodel.conv_form
         row = {"model": name, "input": list(images.shape[1:]), "calibration_images": len(calibration),
                "method": TIMM_METHOD, "quantize_seconds": seconds,
-               "conv_form": form.chosen, "conv_form_p50_ms": form.p50_ms, "conv_forms_failed": form.failed,
+               "conv_form": form.chosen, "conv_form_p50_ms": form.p50_ms, "conv_forms_left_out": form.left_out,
                "export_verified": all(o.passed for o in artifact.parity.outputs),
                "export_cosine_to_fake_quant": min(o.cosine for o in artifact.parity.outputs),
                "cosine_to_fp32": {variant: cosine(out, reference) for variant, out in outputs.items()},

@@ -206,7 +206,8 @@ def _print_artifacts(artifacts, as_json: bool) -> None:
               help="Mixed precision: 4, 6 or 8 bits per layer, the fewest whose 1 - cosine to the float output stays "
                    "within this (e.g. 0.005) on calibration samples held out from fitting the map.")
 @click.option("--fastest-form", is_flag=True,
-              help="Quantize in each conv form (every conv integer; grouped and small convs float), time each "
+              help="Quantize in each conv form (every conv float; grouped and small convs float; every conv "
+                   "integer), time each "
                    "export beside fp32 in ONNX Runtime on this machine, and keep the fastest (ONNX Runtime only).")
 @click.option("--json", "as_json", is_flag=True)
 def quantize_command(model, method, w_bits, a_bits, target, calib, calibration, weights, inputs, targets, out,
@@ -261,7 +262,7 @@ def quantize_command(model, method, w_bits, a_bits, target, calib, calibration, 
         timings = ", ".join(f"{name} {ms:.3f} ms" for name, ms in form["p50_ms"].items())
         console.print(f"conv form: {form['chosen']}, {qmodel.conv_form.speedup_vs_fp32:.2f}x fp32 (median batch-1 "
                       f"latency measured here in ONNX Runtime: {timings})")
-        for name, reason in form["failed"].items():
+        for name, reason in form["left_out"].items():
             console.print(f"  {name}: left out, {reason}")
     console.print(f"quantized {len(report['layers'])} layers and {len(report['matmuls'])} activation matmuls"
                   f"{' (' + report['matmuls_not_quantized'] + ')' if report['matmuls_not_quantized'] else ''}; "

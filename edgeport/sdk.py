@@ -594,11 +594,11 @@ class FormChoice:
     """The conv form `quantize(..., fastest_form=True)` kept (`chosen`, a key of
     `edgeport.quant.config.CONV_FORMS`), each verified form's and the fp32 export's median
     batch-1 latency on this machine (`p50_ms`, ms, ONNX Runtime CPU, timed interleaved), and why
-    any form was left out (`failed`: its verification failure)."""
+    any form was left out (`left_out`: it quantized no layer, or its export failed verification)."""
 
     chosen: str
     p50_ms: dict[str, float]
-    failed: dict[str, str]
+    left_out: dict[str, str]
 
     @property
     def speedup_vs_fp32(self) -> float:
@@ -612,9 +612,9 @@ FORM_TIMING_BLOCKS, FORM_TIMING_RUNS = 4, 20
 
 def _fastest_form(model: torch.nn.Module, calib, config: QuantConfig) -> tuple[torch.nn.Module, FormChoice]:
     """`model` quantized in each conv form of `CONV_FORMS` (until one leaves no conv float:
-    the rest are the same model), each exported and verified on the calibration batch, and the
-    one ONNX Runtime runs fastest here at batch 1 (timed interleaved beside the fp32 export)
-    returned with the timings."""
+    the rest are the same model), each that leaves other convs float than the ones before it
+    exported and verified on the calibration batch, and the one ONNX Runtime runs fastest here
+    at batch 1 (timed interleaved beside the fp32 export) returned with the timings."""
     import tempfile
 
     from edgeport.quant.config import CONV_FORMS, EXPORT_TARGETS
@@ -623,22 +623,29 @@ def _fastest_form(model: torch.nn.Module, calib, config: QuantConfig) -> tuple[t
 
     batch = as_args(calib)
     example, target = tuple(a[:1] for a in batch), EXPORT_TARGETS[config.target]
-    qmodels, failed = {}, {}
+    qmodels, left_out, float_convs = {}, {}, []
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = {"fp32": export(model, example, targets=(target,), out=tmp, name="fp32",
                                     verify_inputs=[example])[target]}
         for number, (form, fields) in enumerate(CONV_FORMS.items()):
-            qmodel, qmodel.quant_report = run_ptq(model, calib, dataclasses.replace(config, **fields))
+            try:
+                qmodel, qmodel.quant_report = run_ptq(model, calib, dataclasses.replace(config, **fields))
+            except UserError as error:  # a model of convs only, every one of them float
+                left_out[form] = str(error)
+                continue
+            if qmodel.quant_report.convs_kept_float in float_convs:
+                continue  # the convs it leaves float are the previous form's: the same model
+            float_convs.append(qmodel.quant_report.convs_kept_float)
             try:
                 artifacts[form] = export(qmodel, example, targets=(target,), out=tmp, name=f"form{number}",
                                          verify_inputs=[batch])[target]
                 qmodels[form] = qmodel
             except CheckFailed as error:
-                failed[form] = str(error)
+                left_out[form] = str(error)
             if not qmodel.quant_report.convs_kept_float:
                 break
         if not qmodels:
-            raise CheckFailed(f"no conv form of the quantized model verified: {'; '.join(failed.values())}")
+            raise CheckFailed(f"no conv form of the quantized model verified: {'; '.join(left_out.values())}")
         runners = {name: backends.runner_for(artifact).load() for name, artifact in artifacts.items()}
         feed = {spec.name: a.detach().numpy() for spec, a in zip(artifacts["fp32"].inputs, example)}
         try:
@@ -647,7 +654,7 @@ def _fastest_form(model: torch.nn.Module, calib, config: QuantConfig) -> tuple[t
             for runner in runners.values():
                 runner.close()
     chosen = min(qmodels, key=p50_ms.get)
-    return qmodels[chosen], FormChoice(chosen, p50_ms, failed)
+    return qmodels[chosen], FormChoice(chosen, p50_ms, left_out)
 
 
 def quantize(model: str | torch.nn.Module, calib: Calibration | None = None, method: str = "repq", w_bits: int = 8,
@@ -677,7 +684,8 @@ def quantize(model: str | torch.nn.Module, calib: Calibration | None = None, met
     quantized model, is the task's loss: `max_drop` then bounds it instead of 1 - cosine, and
     the sensitivity report scores each layer with it too.
     `fastest_form=True` (ONNX Runtime, convs) quantizes in each conv form of
-    `edgeport.quant.config.CONV_FORMS` (every conv integer; grouped and small convs float),
+    `edgeport.quant.config.CONV_FORMS` (every conv float; grouped and small convs float; every
+    conv integer),
     exports and verifies each, and keeps the one ONNX Runtime runs fastest on this machine at
     batch 1, the timings beside fp32 in its `conv_form` attribute (a `FormChoice`): which
     integer conv kernels pay depends on the model and the CPU, so time them where the model

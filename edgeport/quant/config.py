@@ -35,11 +35,14 @@ EXPORT_TARGETS = {"onnxruntime": "onnx", "tensorrt": "tensorrt"}
 # A conv "form" for ONNX Runtime at W8A8: which convs stay float (QuantConfig fields). ORT's integer
 # kernels for depthwise, grouped and small dense convs beat its float ones on some models and lose on
 # others (64x64, 2 threads: every conv integer 1.30x fp32 on EfficientFormerV2-S0 but 0.77x on FastViT-T8,
-# where leaving grouped convs and dense ones under 1 M multiply-adds float gives 1.30x), and no
-# threshold separates them: `ep.quantize(..., fastest_form=True)` times each form on the host instead.
-# The forms go from the most float to none: where one leaves no conv float, the later ones are the same model.
+# where leaving grouped convs and dense ones under 1 M multiply-adds float gives 1.30x; on MobileViT-XS
+# only every conv float, its transformer's Linears and matmuls integer, measured faster than fp32, 1.08x),
+# and no threshold separates them: `ep.quantize(..., fastest_form=True)` times each form on the host
+# instead. The forms go from the most float to none: where one leaves no conv float, the later ones are
+# the same model.
 SMALL_CONV_MACS = 1_000_000
-CONV_FORMS = {"grouped and small convs float": {"float_convs_below_macs": SMALL_CONV_MACS, "float_grouped_convs": True},
+CONV_FORMS = {"every conv float": {"float_convs_below_macs": 2 ** 62, "float_grouped_convs": True},
+              "grouped and small convs float": {"float_convs_below_macs": SMALL_CONV_MACS, "float_grouped_convs": True},
               "every conv integer": {"float_convs_below_macs": 0, "float_grouped_convs": False}}
 
 
@@ -141,6 +144,9 @@ class QuantConfig:
         if not self.damping > 0:
             raise UserError(f"damping is the error-feedback rounding's Hessian dampening: a positive number, "
                             f"not {self.damping!r}")
+        if self.partial_reparam and self.check_reparam_held_out:
+            raise UserError("partial_reparam chooses how much of a per-channel calibration moves into the weight, "
+                            "check_reparam_held_out whether to keep it at all: choose one")
         if self.fold_norm_affine and not self.norm_reparam:
             raise UserError("fold_norm_affine moves the LayerNorm reparameterization into the norm: it needs "
                             "norm_reparam")
