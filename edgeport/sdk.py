@@ -636,6 +636,8 @@ def _fastest_form(model: torch.nn.Module, calib, config: QuantConfig) -> tuple[t
             if qmodel.quant_report.convs_kept_float in float_convs:
                 continue  # the convs it leaves float are the previous form's: the same model
             float_convs.append(qmodel.quant_report.convs_kept_float)
+            if not qmodel.quant_report.convs_kept_float:
+                form = list(CONV_FORMS)[-1]  # no conv left float: it is the every-conv-integer model
             try:
                 artifacts[form] = export(qmodel, example, targets=(target,), out=tmp, name=f"form{number}",
                                          verify_inputs=[batch])[target]
@@ -716,7 +718,7 @@ def quantize(model: str | torch.nn.Module, calib: Calibration | None = None, met
         raise UserError(f"max_drop is a loss of cosine similarity between 0 and 1, not {max_drop!r}")
     from edgeport.quant.sensitivity import choose_widths, layer_sensitivity
 
-    if fastest_form and (max_drop is not None or config.target != "onnxruntime"):
+    if fastest_form and (max_drop is not None or not config.has_conv_forms):
         raise UserError("fastest_form times ONNX Runtime's CPU kernels for one uniform width: it takes neither "
                         "max_drop nor the tensorrt target (TensorRT times its own kernels when it builds)")
     if fastest_form:

@@ -179,6 +179,12 @@ class QuantConfig:
         """The deployment target whose quantizer form this is ("onnxruntime", "tensorrt")."""
         return next(target for target, symmetric in TARGETS.items() if symmetric == self.symmetric)
 
+    @property
+    def has_conv_forms(self) -> bool:
+        """Whether CONV_FORMS' float convs apply: for ONNX Runtime's integer kernels, not for
+        TensorRT, which times its own kernels when it builds an engine."""
+        return self.target == "onnxruntime"
+
     def layer_bits(self, name: str) -> tuple[int, int]:
         """(input bits, weight bits) of the Linear or Conv2d layer at module path `name`."""
         if name in self.keep_8bit:

@@ -514,7 +514,7 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], c
         if wrapper is None or any(name.startswith(f"{n}.") for n in report.layers):
             continue
         input_bits, weight_bits = config.layer_bits(name)
-        if config.target == "onnxruntime" and input_bits == weight_bits == 8 and isinstance(module, nn.Conv2d):
+        if config.has_conv_forms and input_bits == weight_bits == 8 and isinstance(module, nn.Conv2d):
             # Measured per node on FastViT-T8 (64x64, 2 threads): ORT's integer depthwise 3x3 and
             # 7x7 convs 1.2-1.8x slower than its float NCHWc ones, grouped 7x7 with two outputs per
             # group 4-7x slower, while dense convs of 2 M multiply-adds and more were 1.5-2.6x
