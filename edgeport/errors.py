@@ -14,6 +14,11 @@ class UserError(EdgeportError):
     """Bad input: a missing or corrupt file, a wrong shape, an unknown name. Exit code 2."""
 
 
+class EverythingLeftFloat(UserError):
+    """A quantization config that leaves every layer of the model float (its float conv
+    thresholds take them all): nothing would be quantized."""
+
+
 class ExportError(UserError):
     """A model that no exporter path could turn into an artifact; names the op and module path."""
 

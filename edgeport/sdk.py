@@ -29,7 +29,7 @@ from edgeport.core import (NOISE_FLOOR_CAP, NOISE_FLOOR_MULTIPLE, Artifact, Exam
                            TensorSpec, Tolerance, TorchRunner, as_args, check_artifact_name, check_feeds,
                            check_input_size, draw_input, feeds_from, image_range, input_names, is_image, random_feeds,
                            vocabulary_size)
-from edgeport.errors import BackendUnavailable, CheckFailed, EdgeportError, EdgeportWarning, UserError
+from edgeport.errors import BackendUnavailable, CheckFailed, EdgeportError, EdgeportWarning, EverythingLeftFloat, UserError
 from edgeport.load import load_model, load_weights  # noqa: F401  (part of the SDK)
 from edgeport.quant.config import QuantConfig
 from edgeport.runtime.report import Profile
@@ -630,13 +630,14 @@ def _fastest_form(model: torch.nn.Module, calib, config: QuantConfig) -> tuple[t
         for number, (form, fields) in enumerate(CONV_FORMS.items()):
             try:
                 qmodel, qmodel.quant_report = run_ptq(model, calib, dataclasses.replace(config, **fields))
-            except UserError as error:  # a model of convs only, every one of them float
+            except EverythingLeftFloat as error:  # a model of convs only, every one of them float
                 left_out[form] = str(error)
                 continue
-            if qmodel.quant_report.convs_kept_float in float_convs:
+            kept_float = qmodel.quant_report.convs_kept_float
+            if kept_float in float_convs:
                 continue  # the convs it leaves float are the previous form's: the same model
-            float_convs.append(qmodel.quant_report.convs_kept_float)
-            if not qmodel.quant_report.convs_kept_float:
+            float_convs.append(kept_float)
+            if not kept_float:
                 form = list(CONV_FORMS)[-1]  # no conv left float: it is the every-conv-integer model
             try:
                 artifacts[form] = export(qmodel, example, targets=(target,), out=tmp, name=f"form{number}",
@@ -644,7 +645,7 @@ def _fastest_form(model: torch.nn.Module, calib, config: QuantConfig) -> tuple[t
                 qmodels[form] = qmodel
             except CheckFailed as error:
                 left_out[form] = str(error)
-            if not qmodel.quant_report.convs_kept_float:
+            if not kept_float:
                 break
         if not qmodels:
             raise CheckFailed(f"no conv form of the quantized model verified: {'; '.join(left_out.values())}")

@@ -364,6 +364,10 @@ def test_cli_fastest_form_keeps_the_conv_form_timed_fastest(tmp_path, capsys):
     assert "fastest_form times ONNX Runtime" in capsys.readouterr().err
     with pytest.raises(ep.UserError, match="neither max_drop"):
         ep.quantize("cnn-digits", fastest_form=True, max_drop=0.01)
+    # bad calibration is the user's error, not a form left out (it used to end as "no conv form verified")
+    model = ep.zoo.load("cnn-digits")
+    with pytest.raises(ep.UserError, match="degenerate calibration"):
+        ep.quantize(model, torch.zeros(4, *ep.zoo.example("cnn-digits").shape[1:]), fastest_form=True)
 
 
 def test_weights_are_stored_as_integers(tmp_path):

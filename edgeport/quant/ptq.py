@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeport.errors import UserError
+from edgeport.errors import EverythingLeftFloat, UserError
 from edgeport.quant.adalog import AdaLogQParams, AdaLogQuantizer, choose_input_quantizer, gelu_fed
 from edgeport.quant.calibrate import observer
 from edgeport.quant.config import QuantConfig
@@ -543,7 +543,7 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], c
         if isinstance(module, QuantConv2d) and module.act.bits == module.wq.bits == 8:
             module.out = act_quantizer(8)
     if not report.layers and report.float_ops:
-        raise UserError(f"every layer of the model was left float ({report.float_ops[0]}); nothing is left to "
+        raise EverythingLeftFloat(f"every layer of the model was left float ({report.float_ops[0]}); nothing is left to "
                         f"quantize: lower float_convs_below_macs or quantize for the tensorrt target")
     if not report.layers:
         raise UserError(f"the model has no {' or '.join(kind.__name__ for kind in QUANTIZED_LAYERS)} layer to quantize")
