@@ -33,7 +33,10 @@ QUICK_PROFILE = {"runs": 20, "warmup": 2, "sessions": 2, "ops": False}
 
 
 def edgeport_command(*args: str, **popen) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "edgeport", *args], **popen)
+    # a shell starts a background job with SIGINT ignored, and Python keeps an ignored SIGINT
+    # ignored: the Ctrl-C below would then never reach a suite run as `make test &`
+    return subprocess.Popen([sys.executable, "-m", "edgeport", *args],
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **popen)
 
 
 @pytest.fixture(scope="module")
