@@ -472,7 +472,8 @@ def mixed_precision(max_drop: float = 0.005) -> dict:
 
 
 def low_bits(methods: tuple[str, ...] = ("repq", "repq-gptq", "repq-recon", "repq-adalog", "repq-dualclip",
-                                          "repq-adalog-dualclip", "repq-adalog-live", "repq-adalog-live-recon")
+                                          "repq-adalog-dualclip", "repq-adalog-live", "repq-adalog-live-recon",
+                                          "repq-adalog-live-rot", "repq-adalog-live-rot-recon")
              ) -> dict:
     """W6A6 and W4A4 with the low-bit methods beside repq: MiniLM on the test sentences
     (cosine, top-1 against fp32; fake-quant torch model) and the zoo ViT on its 360 test images

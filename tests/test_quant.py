@@ -389,7 +389,8 @@ def test_presets_are_named_quant_configs_and_overrides_copy_them():
 
     assert list(PRESETS) == ["minmax", "percentile", "repq", "repq-gptq", "erq", "repq-recon", "repq-adalog",
                              "repq-dualclip", "repq-adalog-dualclip", "repq-adalog-live",
-                             "repq-adalog-live-recon", "erq-heldout"]
+                             "repq-adalog-live-recon", "repq-adalog-live-rot", "repq-adalog-live-rot-recon",
+                             "erq-heldout"]
     assert all(isinstance(c, QuantConfig) and c.name == name and c.description for name, c in PRESETS.items())
     config = preset("repq", w_bits=4, a_bits=6, target="tensorrt", act_observer="entropy", keep_8bit=None)
     assert (config.w_bits, config.a_bits, config.matmul_operand_bits, config.symmetric, config.target) == (
@@ -515,7 +516,8 @@ def test_cli_quantize_help_lists_the_presets_and_observers(capsys):
     assert main(["quantize", "--help"]) == 0
     text = "".join(capsys.readouterr().out.split())  # click wraps the help text, at hyphens too
     assert ("[minmax|percentile|repq|repq-gptq|erq|repq-recon|repq-adalog|repq-dualclip|repq-adalog-dualclip|"
-            "repq-adalog-live|repq-adalog-live-recon|erq-heldout]" in text)
+            "repq-adalog-live|repq-adalog-live-recon|repq-adalog-live-rot|"
+            "repq-adalog-live-rot-recon|erq-heldout]" in text)
     assert "[minmax|percentile|mse|entropy|dualclip|clip]" in text
     assert all("".join(f"{name}: {config.description}".split()) in text for name, config in PRESETS.items())
 

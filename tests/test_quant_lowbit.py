@@ -5,6 +5,7 @@ and better than repq on a real model."""
 import copy
 import functools
 
+import pytest
 import torch
 from torch import nn
 
@@ -193,16 +194,18 @@ def test_adalog_float_ops_export_the_values_of_its_fake_quantizer(tmp_path):
     assert (exported != reference).float().mean() < 1e-3
 
 
-def test_adalog_and_dual_clipping_improve_on_repq_gptq_at_w4a4_and_adalog_exports_and_verifies(tmp_path):
-    """Logit SQNR on the zoo ViT's test images (measured: repq-gptq 17.7 dB, repq-adalog 18.6,
-    repq-dualclip 17.9); the AdaLog model has it on softmax outputs and on post-GELU inputs,
-    and its ONNX verifies against it."""
+def test_adalog_improves_on_repq_gptq_at_w4a4_dual_clipping_stays_level_and_adalog_exports_and_verifies(tmp_path):
+    """Logit SQNR on the zoo ViT's test images: AdaLog's gain holds on both dev machines (repq-gptq
+    17.7 / 17.9 dB, repq-adalog 18.6 / 18.6 on the AMD EPYC / the Intel Xeon); dual clipping's does
+    not (17.9 / 17.85: ahead on one, 0.05 dB behind on the other; MiniLM W4A4 alike), so it is held
+    only to stay level. The AdaLog model has it on softmax outputs and on post-GELU inputs, and its
+    ONNX verifies against it."""
     model = ep.zoo.load("vit-digits")
     images = ep.zoo.testset("vit-digits")[0]
     qmodels = {method: ep.quantize("vit-digits", method=method, w_bits=4, a_bits=4)
                for method in ("repq-gptq", "repq-adalog", "repq-dualclip")}
     sqnr = {method: _logit_sqnr_db(qmodel, model, images) for method, qmodel in qmodels.items()}
-    assert sqnr["repq-adalog"] > sqnr["repq-gptq"] + 0.3 and sqnr["repq-dualclip"] > sqnr["repq-gptq"], sqnr
+    assert sqnr["repq-adalog"] > sqnr["repq-gptq"] + 0.3 and sqnr["repq-dualclip"] > sqnr["repq-gptq"] - 0.25, sqnr
     adalog = qmodels["repq-adalog"]
     adalog_ops = [op for op in adalog.quant_report.float_ops if "AdaLog" in op]
     assert any("softmax" in op for op in adalog_ops) and any("input quantizer" in op for op in adalog_ops)
@@ -376,3 +379,41 @@ def test_value_rotation_is_exact_in_float_on_the_zoo_vit_and_a_bert():
         assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), rotated.parameters()))
         with torch.no_grad():
             assert torch.allclose(rotated(*args), model(*args), atol=1e-5, rtol=1e-4)
+
+
+def test_online_input_rotation_is_orthogonal_exact_in_float_and_exported_exactly(tmp_path):
+    """The randomized block Hadamard is orthogonal and computes x R; rotating the inputs of the
+    FFN down projections and attention output projections of the zoo ViT and of a BERT online
+    leaves their float output as it was (after the values' folded rotation too, which its signs
+    keep it from cancelling); repq-adalog-live-rot at W4A4 reports every rotation and its ONNX,
+    the rotations as float ops, verifies against the fake-quant model."""
+    from edgeport.quant.adalog import gelu_fed
+    from edgeport.quant.config import preset
+    from edgeport.quant.rotate import BlockHadamard, attention_output_projections, rotate_inputs, rotate_values
+
+    for width, block in ((384, 128), (1536, 512), (64, 64)):
+        rotation = BlockHadamard(width)
+        matrix, x = rotation.matrix(), torch.randn(3, 5, width, dtype=torch.float64)
+        assert rotation.blocks * block == width
+        assert torch.allclose(matrix @ matrix.T, torch.eye(width, dtype=torch.float64))
+        assert torch.allclose(rotation(x.float()).double(), x @ matrix, atol=1e-5)
+    with pytest.raises(ValueError, match="power-of-two block"):
+        BlockHadamard(24)
+    bert = SentenceEncoder(ARCHITECTURES["bert"]()[0]).eval()
+    ids = torch.randint(5, 100, (4, 16), generator=torch.Generator().manual_seed(0))
+    cases = ((ep.zoo.load("vit-digits"), (ep.zoo.testset("vit-digits")[0][:64],)), (bert, (ids, torch.ones_like(ids))))
+    for model, args in cases:
+        rotated = copy.deepcopy(model)
+        rotate_values(rotated, args)
+        paths = gelu_fed(rotated, args) | attention_output_projections(rotated)
+        lines = rotate_inputs(rotated, args, paths)
+        assert len(lines) == len(paths) > 0 and all("input rotated online" in line for line in lines)
+        with torch.no_grad():
+            assert torch.allclose(rotated(*args), model(*args), atol=1e-5, rtol=1e-4)
+    images = ep.zoo.testset("vit-digits")[0]
+    qmodel = ep.quantize("vit-digits", config=preset("repq-adalog-live-rot", w_bits=4, a_bits=4))
+    report = qmodel.quant_report
+    assert sum("input rotated online" in line for line in report.rotated) == 8  # 4 blocks: proj and the FFN down
+    assert sum("values rotated" in line for line in report.rotated) == 4
+    artifact = ep.export(qmodel, images[:1], out=tmp_path, verify_inputs=[images[i:i + 1] for i in range(16)])["onnx"]
+    assert artifact.parity.passed

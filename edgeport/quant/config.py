@@ -82,7 +82,9 @@ class QuantConfig:
     into its weight (a 4-bit weight grid suffers from RepQ's full move).
     `rotate_values` rotates each attention head's values and the output projection's matching
     input columns by one Hadamard matrix before anything is calibrated (`edgeport.quant.rotate`:
-    exact in float, folded into the weights).
+    exact in float, folded into the weights); `rotate_inputs` rotates the inputs of each FFN
+    down projection (GELU-fed) and attention output projection online by a block Hadamard, float
+    ops before its quantizer that no weight can absorb (`edgeport.quant.rotate.RotatedInput`).
     `symmetric` gives every quantizer zero point 0. `layer_widths` gives single layers or
     matmuls (by module path, or the matmul names of the report) their own width, inputs and
     weights alike (a mixed-precision map; a dict is accepted). `float_convs_below_macs`: at W8A8
@@ -119,6 +121,7 @@ class QuantConfig:
     live_rows: bool = False
     partial_reparam: bool = False
     rotate_values: bool = False
+    rotate_inputs: bool = False
     symmetric: bool = False
     keep_8bit: tuple[str, ...] = ()
     layer_widths: tuple[tuple[str, int], ...] = ()
@@ -244,6 +247,15 @@ PRESETS["repq-adalog-live-recon"] = dataclasses.replace(
     description=f"repq-adalog-live on attention values rotated per head (Hadamard, folded into the weights), then "
                 f"block-wise reconstruction from its error-feedback rounding ({RECON_ITERS} steps a block, as "
                 f"repq-recon: costs calibration time)")
+PRESETS["repq-adalog-live-rot"] = dataclasses.replace(
+    PRESETS["repq-adalog-live"], rotate_values=True, rotate_inputs=True, name="repq-adalog-live-rot",
+    description="repq-adalog-live on attention values rotated per head (folded into the weights) and the inputs of "
+                "each FFN down projection and attention output projection rotated online by a block Hadamard "
+                "(QuaRot-style: float ops before those quantizers): for 4 and 6 bits")
+PRESETS["repq-adalog-live-rot-recon"] = dataclasses.replace(
+    PRESETS["repq-adalog-live-rot"], recon_iters=RECON_ITERS, name="repq-adalog-live-rot-recon",
+    description=f"repq-adalog-live-rot, then block-wise reconstruction ({RECON_ITERS} steps a block, as repq-recon: "
+                f"costs calibration time)")
 
 # erq with the per-channel LayerNorm calibration kept only where it generalizes: on the timm hybrids
 # of the quant bench (32 random-normal calibration images, 4-17 tokens per image at 64x64) RepQ's

@@ -34,7 +34,7 @@ from edgeport.quant.live import mark_live_rows
 from edgeport.quant.quantizers import (LogSqrt2QParams, LogSqrt2Quantizer, UniformQParams, UniformQuantizer,
                                        calibration_rows)
 from edgeport.quant.reconstruct import reconstruct
-from edgeport.quant.rotate import rotate_values
+from edgeport.quant.rotate import attention_output_projections, rotate_inputs, rotate_values
 from edgeport.quant.reparam import fold_batchnorm, fold_into_linear, fold_targets
 
 
@@ -199,9 +199,10 @@ def _choose_probability_quantizers(qmodel: nn.Module, model: nn.Module, args: tu
 
 @dataclass
 class QuantReport:
-    """What the pipeline did: layers quantized, attention values rotated, branches merged, Conv-BN folds (and why none
-    were looked for), layers reparameterized, weights compensated, units reconstructed (with
-    their error before and after, iterations and seconds), outlier channels migrated into weights,
+    """What the pipeline did: layers quantized, attention values and Linear inputs rotated,
+    branches merged, Conv-BN folds (and why none were looked for), layers reparameterized, weights
+    compensated, units reconstructed (with their error before and after, iterations and
+    seconds), outlier channels migrated into weights,
     activation matmuls quantized (and which run as float ops), the convs left float for ONNX
     Runtime's speed (each also named with the reason in `float_ops`), why matmuls stayed float,
     and the activation calibration used. `reparam_declined`: LayerNorm-fed layers left per tensor
@@ -480,6 +481,9 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], c
                          calibration_samples=int(args[0].shape[0]), activation_calibration=config.act_observer)
     if config.rotate_values:
         report.rotated = rotate_values(qmodel, args)
+    if config.rotate_inputs:  # after the values: their rotation folds into the projections it wraps
+        online = gelu_fed(qmodel, tuple(a[:1] for a in args)) | attention_output_projections(qmodel)
+        report.rotated += rotate_inputs(qmodel, args, online)
     _merge_branches(qmodel, report)
     _fold_batchnorms(qmodel, tuple(a[:1] for a in args), report)
     fed, exclusive = _norm_fed(qmodel, tuple(a[:1] for a in args)) if config.norm_reparam else ({}, set())

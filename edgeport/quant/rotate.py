@@ -1,4 +1,5 @@
-"""Per-head Hadamard rotation of attention values, folded into the weights.
+"""Hadamard rotations before quantization: per-head rotations of attention values folded into
+the weights, and rotations of a Linear's input done online.
 
 Attention's output is the sum over heads of P_h V_h W_o,h^T: rotating each head's values by an
 orthogonal H (V_h H: the value projection's rows of head h become H^T W_v,h, its bias H^T b_v,h)
@@ -13,10 +14,23 @@ float output on the calibration batch stays the same. Measured on MiniLM W6A6 (1
 repq-adalog-live-recon's cosine 0.98985 / 0.98984 / 0.98987 without (reconstruction seeds 0, 1,
 2), 0.99002 / 0.98993 / 0.98977 with; repq-adalog-live's 0.9888 without, 0.9891 with, 0.9879
 with Q and K rotated per head as well (the scores stay exact, their operands quantize worse).
+
+Where no weight before an input can absorb a rotation (a GELU's output, the attention context
+mixing heads), `rotate_inputs` does it online, as QuaRot does: the Linear becomes `RotatedInput`,
+a block-Hadamard rotation R of its input (two small float matmuls per block, a few dozen
+multiply-adds per element) and the Linear with weight W R, so that its input quantizer sees x R.
+Measured on MiniLM (`bench/results/quant_lowbit.json`, 2 threads): repq-adalog-live-rot W4A4
+cosine 0.9168 / top-1 0.747 against repq-adalog-live's 0.9075 / 0.730, W6A6 0.9899 against 0.9891;
+with reconstruction after it 0.9204 and 0.9908. In driver runs at W4A4: the online Hadamard without
+random signs after the folded value rotation 0.906 (the two cancel); without the value rotation, a
+full-width Kronecker Hadamard (H_12 x H_128) 0.9151, a random orthogonal matrix 0.9206 / 0.72 (one
+seed; a dense matmul of 2.4 M multiply-adds per token for the FFN's 1536 channels, more than the
+layer's Linears).
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
@@ -66,26 +80,125 @@ def _rotate(value: nn.Linear, rows: slice, proj: nn.Linear, head_dim: int) -> No
         proj.weight.copy_(o.to(proj.weight.dtype))
 
 
+class _ExactnessCheck:
+    """The float output of `model` on `args` before any rotation, to tell whether one kept it."""
+
+    def __init__(self, model: nn.Module, args: tuple[torch.Tensor, ...]):
+        self.model, self.args = model, args
+        self.reference = self.output()
+
+    def output(self) -> torch.Tensor:
+        with torch.no_grad():
+            leaves = tree_leaves(self.model(*self.args))
+        return torch.cat([t.flatten().double() for t in leaves if isinstance(t, torch.Tensor)])
+
+    def unchanged(self) -> bool:
+        """Whether the output moved by less than EXACT_TOLERANCE (relative)."""
+        change = (self.output() - self.reference).norm() / self.reference.norm().clamp(min=1e-30)
+        return float(change) < EXACT_TOLERANCE
+
+
 def rotate_values(model: nn.Module, args: tuple[torch.Tensor, ...]) -> list[str]:
     """Rotate the values of every attention module of `model` (in place) whose head size is a
     power of two and whose layout is recognised, keeping each rotation only where the float
     output on `args` moves by less than EXACT_TOLERANCE (relative). Returns one line per
     attention module rotated."""
-    def output() -> torch.Tensor:
-        with torch.no_grad():
-            return torch.cat([t.flatten().double() for t in tree_leaves(model(*args)) if isinstance(t, torch.Tensor)])
-
-    reference, lines = output(), []
+    check, lines = _ExactnessCheck(model, args), []
     for path, value, rows, proj, head_dim in _value_pairs(model):
         if head_dim & (head_dim - 1):
             continue
         saved = [t.detach().clone() for t in (value.weight, value.bias, proj.weight) if t is not None]
         _rotate(value, rows, proj, head_dim)
-        change = float((output() - reference).norm() / reference.norm().clamp(min=1e-30))
-        if change < EXACT_TOLERANCE:
+        if check.unchanged():
             lines.append(f"{path}: values rotated per head (Hadamard {head_dim})")
             continue
         with torch.no_grad():
             for tensor, old in zip([t for t in (value.weight, value.bias, proj.weight) if t is not None], saved):
                 tensor.copy_(old)
     return lines
+
+
+# the smallest Hadamard block worth a rotation online: a narrower one spreads outliers over too few channels
+MIN_BLOCK = 16
+
+
+class BlockHadamard(nn.Module):
+    """x -> x R along the last axis, R = D B: D a diagonal of random signs (seeded by `seed`), B
+    block-diagonal with orthonormal Sylvester-Hadamard blocks of the largest power of two dividing
+    the width. The signs keep R from cancelling a Hadamard already folded into the weights before
+    it (two Sylvester matrices multiply to the identity; QuaRot randomizes its Hadamard alike).
+    Each block H_b = H_a (x) H_c is applied as H_a X H_c to the block reshaped to a x c: two small
+    matmuls (`F.linear`, which no matmul finder takes for an activation x activation product; the
+    blocks are symmetric)."""
+
+    def __init__(self, width: int, seed: int = 0):
+        super().__init__()
+        block = width & -width
+        if block < MIN_BLOCK:
+            raise ValueError(f"a width of {width} has no power-of-two block of at least {MIN_BLOCK}")
+        rows = 2 ** (block.bit_length() // 2)
+        self.width, self.blocks, self.shape = width, width // block, (rows, block // rows)
+        signs = torch.randint(0, 2, (width,), generator=torch.Generator().manual_seed(seed)) * 2 - 1
+        self.register_buffer("signs", signs.float())
+        self.register_buffer("rows", hadamard(rows).float())
+        self.register_buffer("columns", hadamard(block // rows).float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = (x * self.signs).reshape(*x.shape[:-1], self.blocks, *self.shape)
+        y = F.linear(y, self.columns)  # X H_c
+        y = F.linear(y.transpose(-1, -2), self.rows).transpose(-1, -2)  # H_a X H_c
+        return y.reshape(x.shape)
+
+    def matrix(self) -> torch.Tensor:
+        """R itself, float64 (width x width)."""
+        block = torch.kron(hadamard(self.shape[0]), hadamard(self.shape[1]))
+        return self.signs.double()[:, None] * torch.block_diag(*[block] * self.blocks)
+
+    def extra_repr(self) -> str:
+        return f"width={self.width}, blocks={self.blocks}, block={self.shape[0] * self.shape[1]}"
+
+
+class RotatedInput(nn.Module):
+    """`linear` with its input rotated online: linear(x R) with the weight turned into W R, the
+    same function in exact arithmetic, whose input quantizer sees the rotated x."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.rotation = BlockHadamard(linear.in_features)
+        with torch.no_grad():
+            linear.weight.copy_((linear.weight.double() @ self.rotation.matrix()).to(linear.weight.dtype))
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.rotation(x))
+
+
+def rotate_inputs(model: nn.Module, args: tuple[torch.Tensor, ...], paths: set[str]) -> list[str]:
+    """Turn each Linear of `model` at `paths` (in place) whose width has a Hadamard block of at
+    least MIN_BLOCK into a `RotatedInput`, keeping it only where the float output on `args`
+    moves by less than EXACT_TOLERANCE (relative). Returns one line per Linear rotated."""
+    check, lines = _ExactnessCheck(model, args), []
+    for path in sorted(paths):
+        linear = model.get_submodule(path)
+        if not isinstance(linear, nn.Linear) or (linear.in_features & -linear.in_features) < MIN_BLOCK:
+            continue
+        saved = linear.weight.detach().clone()
+        parent, _, leaf = path.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        rotated = RotatedInput(linear)
+        setattr(owner, leaf, rotated)
+        if check.unchanged():
+            lines.append(f"{path}: input rotated online ({rotated.rotation.extra_repr()} Hadamard; float ops "
+                         f"before its quantizer)")
+            continue
+        with torch.no_grad():
+            linear.weight.copy_(saved)
+        setattr(owner, leaf, linear)
+    return lines
+
+
+def attention_output_projections(model: nn.Module) -> set[str]:
+    """Paths of the output projections of the attention modules `rotate_values` recognises: their
+    input mixes every head's context, which no single weight before it can rotate."""
+    paths = {module: path for path, module in model.named_modules()}
+    return {paths[proj] for _, _, _, proj, _ in _value_pairs(model)}
