@@ -29,7 +29,8 @@ from edgeport.core import (NOISE_FLOOR_CAP, NOISE_FLOOR_MULTIPLE, Artifact, Exam
                            TensorSpec, Tolerance, TorchRunner, as_args, check_artifact_name, check_feeds,
                            check_input_size, draw_input, feeds_from, image_range, input_names, is_image, random_feeds,
                            vocabulary_size)
-from edgeport.errors import BackendUnavailable, CheckFailed, EdgeportError, EdgeportWarning, EverythingLeftFloat, UserError
+from edgeport.errors import (BackendUnavailable, CheckFailed, EdgeportError, EdgeportWarning, EverythingLeftFloat,
+                             UserError)
 from edgeport.load import load_model, load_weights  # noqa: F401  (part of the SDK)
 from edgeport.quant.config import QuantConfig
 from edgeport.runtime.report import Profile

@@ -547,8 +547,8 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], c
         if isinstance(module, QuantConv2d) and module.act.bits == module.wq.bits == 8:
             module.out = act_quantizer(8)
     if not report.layers and report.float_ops:
-        raise EverythingLeftFloat(f"every layer of the model was left float ({report.float_ops[0]}); nothing is left to "
-                        f"quantize: lower float_convs_below_macs or quantize for the tensorrt target")
+        raise EverythingLeftFloat(f"every layer of the model was left float ({report.float_ops[0]}); nothing is "
+                                  f"left to quantize: lower float_convs_below_macs or quantize for the tensorrt target")
     if not report.layers:
         raise UserError(f"the model has no {' or '.join(kind.__name__ for kind in QUANTIZED_LAYERS)} layer to quantize")
     if config.live_rows:  # before the first-input hooks: the probe pass must not run them

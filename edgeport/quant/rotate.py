@@ -19,9 +19,9 @@ Where no weight before an input can absorb a rotation (a GELU's output, the atte
 mixing heads), `rotate_inputs` does it online, as QuaRot does: the Linear becomes `RotatedInput`,
 a block-Hadamard rotation R of its input (two small float matmuls per block, a few dozen
 multiply-adds per element) and the Linear with weight W R, so that its input quantizer sees x R.
-Measured on MiniLM (`bench/results/quant_lowbit.json`, 2 threads): repq-adalog-live-rot W4A4
+Measured on MiniLM (`bench/results/quant_lowbit.json`, 2 threads, a 2-vCPU Intel Xeon): repq-adalog-live-rot W4A4
 cosine 0.9168 / top-1 0.747 against repq-adalog-live's 0.9075 / 0.730, W6A6 0.9899 against 0.9891;
-with reconstruction after it 0.9204 and 0.9908. In driver runs at W4A4: the online Hadamard without
+with reconstruction after it 0.9204 and 0.9908. In driver runs there at W4A4: the online Hadamard without
 random signs after the folded value rotation 0.906 (the two cancel); without the value rotation, a
 full-width Kronecker Hadamard (H_12 x H_128) 0.9151, a random orthogonal matrix 0.9206 / 0.72 (one
 seed; a dense matmul of 2.4 M multiply-adds per token for the FFN's 1536 channels, more than the
@@ -120,10 +120,11 @@ def rotate_values(model: nn.Module, args: tuple[torch.Tensor, ...]) -> list[str]
 
 # the smallest Hadamard block worth a rotation online: a narrower one spreads outliers over too few channels
 MIN_BLOCK = 16
+SIGN_SEED = 0  # the random signs of every online rotation: fixed, so a quantization is reproducible
 
 
 class BlockHadamard(nn.Module):
-    """x -> x R along the last axis, R = D B: D a diagonal of random signs (seeded by `seed`), B
+    """x -> x R along the last axis, R = D B: D a diagonal of random signs (SIGN_SEED), B
     block-diagonal with orthonormal Sylvester-Hadamard blocks of the largest power of two dividing
     the width. The signs keep R from cancelling a Hadamard already folded into the weights before
     it (two Sylvester matrices multiply to the identity; QuaRot randomizes its Hadamard alike).
@@ -131,14 +132,14 @@ class BlockHadamard(nn.Module):
     matmuls (`F.linear`, which no matmul finder takes for an activation x activation product; the
     blocks are symmetric)."""
 
-    def __init__(self, width: int, seed: int = 0):
+    def __init__(self, width: int):
         super().__init__()
         block = width & -width
         if block < MIN_BLOCK:
             raise ValueError(f"a width of {width} has no power-of-two block of at least {MIN_BLOCK}")
         rows = 2 ** (block.bit_length() // 2)
         self.width, self.blocks, self.shape = width, width // block, (rows, block // rows)
-        signs = torch.randint(0, 2, (width,), generator=torch.Generator().manual_seed(seed)) * 2 - 1
+        signs = torch.randint(0, 2, (width,), generator=torch.Generator().manual_seed(SIGN_SEED)) * 2 - 1
         self.register_buffer("signs", signs.float())
         self.register_buffer("rows", hadamard(rows).float())
         self.register_buffer("columns", hadamard(block // rows).float())
@@ -180,12 +181,15 @@ def rotate_inputs(model: nn.Module, args: tuple[torch.Tensor, ...], paths: set[s
     check, lines = _ExactnessCheck(model, args), []
     for path in sorted(paths):
         linear = model.get_submodule(path)
-        if not isinstance(linear, nn.Linear) or (linear.in_features & -linear.in_features) < MIN_BLOCK:
+        if not isinstance(linear, nn.Linear):
             continue
         saved = linear.weight.detach().clone()
+        try:
+            rotated = RotatedInput(linear)
+        except ValueError:  # no Hadamard block of MIN_BLOCK divides its width
+            continue
         parent, _, leaf = path.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
-        rotated = RotatedInput(linear)
         setattr(owner, leaf, rotated)
         if check.unchanged():
             lines.append(f"{path}: input rotated online ({rotated.rotation.extra_repr()} Hadamard; float ops "
