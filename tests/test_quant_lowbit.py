@@ -382,14 +382,13 @@ def test_value_rotation_is_exact_in_float_on_the_zoo_vit_and_a_bert():
 
 
 def test_online_input_rotation_is_orthogonal_exact_in_float_and_exported_exactly(tmp_path):
-    """The randomized block Hadamard is orthogonal and computes x R; rotating the inputs of the
-    FFN down projections and attention output projections of the zoo ViT and of a BERT online
+    """The randomized block Hadamard is orthogonal and computes x R; rotating the inputs of both
+    FFN layers and the attention output projections of the zoo ViT and of a BERT online
     leaves their float output as it was (after the values' folded rotation too, which its signs
     keep it from cancelling); repq-adalog-live-rot at W4A4 reports every rotation and its ONNX,
     the rotations as float ops, verifies against the fake-quant model."""
-    from edgeport.quant.adalog import gelu_fed
     from edgeport.quant.config import preset
-    from edgeport.quant.rotate import BlockHadamard, attention_output_projections, rotate_inputs, rotate_values
+    from edgeport.quant.rotate import BlockHadamard, online_rotation_paths, rotate_inputs, rotate_values
 
     for width, block in ((384, 128), (1536, 512), (64, 64)):
         rotation = BlockHadamard(width)
@@ -404,8 +403,9 @@ def test_online_input_rotation_is_orthogonal_exact_in_float_and_exported_exactly
     cases = ((ep.zoo.load("vit-digits"), (ep.zoo.testset("vit-digits")[0][:64],)), (bert, (ids, torch.ones_like(ids))))
     for model, args in cases:
         rotated = copy.deepcopy(model)
-        rotate_values(rotated, args)
-        paths = gelu_fed(rotated, args) | attention_output_projections(rotated)
+        lines_of_values = rotate_values(rotated, args)
+        paths = online_rotation_paths(rotated, args)
+        assert len(paths) == 3 * len(lines_of_values)
         lines = rotate_inputs(rotated, args, paths)
         assert len(lines) == len(paths) > 0 and all("input rotated online" in line for line in lines)
         with torch.no_grad():
@@ -413,7 +413,7 @@ def test_online_input_rotation_is_orthogonal_exact_in_float_and_exported_exactly
     images = ep.zoo.testset("vit-digits")[0]
     qmodel = ep.quantize("vit-digits", config=preset("repq-adalog-live-rot", w_bits=4, a_bits=4))
     report = qmodel.quant_report
-    assert sum("input rotated online" in line for line in report.rotated) == 8  # 4 blocks: proj and the FFN down
+    assert sum("input rotated online" in line for line in report.rotated) == 12  # 4 blocks: proj and both FFN layers
     assert sum("values rotated" in line for line in report.rotated) == 4
     artifact = ep.export(qmodel, images[:1], out=tmp_path, verify_inputs=[images[i:i + 1] for i in range(16)])["onnx"]
     assert artifact.parity.passed

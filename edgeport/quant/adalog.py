@@ -107,23 +107,29 @@ class AdaLogQuantizer(nn.Module):
         return f"bits={self.bits}, log2(base)={self.q}/{R}, shift={self.shift:g}, fitted={self.fitted}"
 
 
-def gelu_fed(model: nn.Module, sample: tuple[torch.Tensor, ...]) -> set[str]:
-    """Paths of the Linear layers whose input is exactly a GELU module's output (a
-    transformer's FFN second layer), from one forward pass: nn.GELU and the GELU modules of
-    `transformers` (GELUActivation and kin, matched by class name)."""
-    outputs, fed = set(), set()
+def gelu_neighbours(model: nn.Module, sample: tuple[torch.Tensor, ...]) -> tuple[set[str], set[str]]:
+    """Paths of the Linear layers whose output is exactly a GELU module's input (a transformer's
+    FFN first layer) and of those whose input is exactly a GELU module's output (its second
+    layer), from one forward pass: nn.GELU and the GELU modules of `transformers`
+    (GELUActivation and kin, matched by class name)."""
+    linear_outputs, gelu_outputs = {}, set()
+    feeding, fed = set(), set()
     names = {m: n for n, m in model.named_modules()}
+    kept: list[torch.Tensor] = []  # alive for the pass: a freed tensor's id can be reused
 
-    def record(module, args, out):
-        outputs.add(id(out))
-        kept.append(out)  # alive for the pass: a freed tensor's id can be reused
-
-    def read(linear, args):
-        if id(args[0]) in outputs:
+    def after_linear(linear, args, out):
+        linear_outputs[id(out)] = names[linear]
+        kept.append(out)
+        if id(args[0]) in gelu_outputs:
             fed.add(names[linear])
 
-    kept: list[torch.Tensor] = []
-    hooks = [m.register_forward_hook(record) if "GELU" in type(m).__name__ else m.register_forward_pre_hook(read)
+    def around_gelu(gelu, args, out):
+        if id(args[0]) in linear_outputs:
+            feeding.add(linear_outputs[id(args[0])])
+        gelu_outputs.add(id(out))
+        kept.append(out)
+
+    hooks = [m.register_forward_hook(around_gelu if "GELU" in type(m).__name__ else after_linear)
              for m in model.modules() if isinstance(m, nn.Linear) or "GELU" in type(m).__name__]
     try:
         with torch.no_grad():
@@ -131,7 +137,12 @@ def gelu_fed(model: nn.Module, sample: tuple[torch.Tensor, ...]) -> set[str]:
     finally:
         for h in hooks:
             h.remove()
-    return fed
+    return feeding, fed
+
+
+def gelu_fed(model: nn.Module, sample: tuple[torch.Tensor, ...]) -> set[str]:
+    """Paths of the Linear layers whose input is exactly a GELU module's output (`gelu_neighbours`)."""
+    return gelu_neighbours(model, sample)[1]
 
 
 def choose_input_quantizer(layer: nn.Module, x: torch.Tensor) -> None:

@@ -82,9 +82,9 @@ class QuantConfig:
     into its weight (a 4-bit weight grid suffers from RepQ's full move).
     `rotate_values` rotates each attention head's values and the output projection's matching
     input columns by one Hadamard matrix before anything is calibrated (`edgeport.quant.rotate`:
-    exact in float, folded into the weights); `rotate_inputs` rotates the inputs of each FFN
-    down projection (GELU-fed) and attention output projection online by a block Hadamard, float
-    ops before its quantizer that no weight can absorb (`edgeport.quant.rotate.RotatedInput`).
+    exact in float, folded into the weights); `rotate_inputs` rotates the inputs of both layers of
+    each GELU FFN and of each attention output projection online by a block Hadamard, float ops
+    before its quantizer that no weight can absorb (`edgeport.quant.rotate.RotatedInput`).
     `symmetric` gives every quantizer zero point 0. `layer_widths` gives single layers or
     matmuls (by module path, or the matmul names of the report) their own width, inputs and
     weights alike (a mixed-precision map; a dict is accepted). `float_convs_below_macs`: at W8A8
@@ -250,7 +250,7 @@ PRESETS["repq-adalog-live-recon"] = dataclasses.replace(
 PRESETS["repq-adalog-live-rot"] = dataclasses.replace(
     PRESETS["repq-adalog-live"], rotate_values=True, rotate_inputs=True, name="repq-adalog-live-rot",
     description="repq-adalog-live on attention values rotated per head (folded into the weights) and the inputs of "
-                "each FFN down projection and attention output projection rotated online by a block Hadamard "
+                "both FFN layers and each attention output projection rotated online by a block Hadamard "
                 "(QuaRot-style: float ops before those quantizers): for 4 and 6 bits")
 PRESETS["repq-adalog-live-rot-recon"] = dataclasses.replace(
     PRESETS["repq-adalog-live-rot"], recon_iters=RECON_ITERS, name="repq-adalog-live-rot-recon",

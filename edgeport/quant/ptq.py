@@ -34,7 +34,7 @@ from edgeport.quant.live import mark_live_rows
 from edgeport.quant.quantizers import (LogSqrt2QParams, LogSqrt2Quantizer, UniformQParams, UniformQuantizer,
                                        calibration_rows)
 from edgeport.quant.reconstruct import reconstruct
-from edgeport.quant.rotate import attention_output_projections, rotate_inputs, rotate_values
+from edgeport.quant.rotate import online_rotation_paths, rotate_inputs, rotate_values
 from edgeport.quant.reparam import fold_batchnorm, fold_into_linear, fold_targets
 
 
@@ -482,8 +482,7 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], c
     if config.rotate_values:
         report.rotated = rotate_values(qmodel, args)
     if config.rotate_inputs:  # after the values: their rotation folds into the projections it wraps
-        online = gelu_fed(qmodel, tuple(a[:1] for a in args)) | attention_output_projections(qmodel)
-        report.rotated += rotate_inputs(qmodel, args, online)
+        report.rotated += rotate_inputs(qmodel, args, online_rotation_paths(qmodel, tuple(a[:1] for a in args)))
     _merge_branches(qmodel, report)
     _fold_batchnorms(qmodel, tuple(a[:1] for a in args), report)
     fed, exclusive = _norm_fed(qmodel, tuple(a[:1] for a in args)) if config.norm_reparam else ({}, set())

@@ -16,16 +16,20 @@ repq-adalog-live-recon's cosine 0.98985 / 0.98984 / 0.98987 without (reconstruct
 with Q and K rotated per head as well (the scores stay exact, their operands quantize worse).
 
 Where no weight before an input can absorb a rotation (a GELU's output, the attention context
-mixing heads), `rotate_inputs` does it online, as QuaRot does: the Linear becomes `RotatedInput`,
-a block-Hadamard rotation R of its input (two small float matmuls per block, a few dozen
-multiply-adds per element) and the Linear with weight W R, so that its input quantizer sees x R.
-Measured on MiniLM (`bench/results/quant_lowbit.json`, 2 threads, a 2-vCPU Intel Xeon): repq-adalog-live-rot W4A4
-cosine 0.9168 / top-1 0.747 against repq-adalog-live's 0.9075 / 0.730, W6A6 0.9899 against 0.9891;
-with reconstruction after it 0.9204 and 0.9908. In driver runs there at W4A4: the online Hadamard without
-random signs after the folded value rotation 0.906 (the two cancel); without the value rotation, a
-full-width Kronecker Hadamard (H_12 x H_128) 0.9151, a random orthogonal matrix 0.9206 / 0.72 (one
-seed; a dense matmul of 2.4 M multiply-adds per token for the FFN's 1536 channels, more than the
-layer's Linears).
+mixing heads, a LayerNorm's output that also feeds the residual), `rotate_inputs` does it online,
+as QuaRot does: the Linear becomes `RotatedInput`, a block-Hadamard rotation R of its input (two
+small float matmuls per block, a few dozen multiply-adds per element) and the Linear with weight
+W R, so that its input quantizer sees x R. `online_rotation_paths` picks both layers of each GELU
+FFN and the attention output projections. In driver runs on MiniLM (2 threads, a 2-vCPU Intel
+Xeon), repq-adalog-live-rot at W4A4: 0.9075 / top-1 0.730 without online rotations (values
+rotated), 0.9168 / 0.747 with the FFN down and attention output projections rotated, 0.9365 /
+0.750 with the FFN up projection as well (its LayerNorm-fed input loses less to a rotation than
+to RepQ's per-channel fold), 0.9268 / 0.737 with query, key and value rotated too (left out);
+the online Hadamard without random signs after the folded value rotation 0.906 (the two cancel);
+without the value rotation, a full-width Kronecker Hadamard (H_12 x H_128) 0.9151, a random
+orthogonal matrix 0.9206 / 0.72 (one seed; a dense matmul of 2.4 M multiply-adds per token for
+the FFN's 1536 channels, more than the layer's Linears). The bench's figures are in
+`bench/results/quant_lowbit.json`.
 """
 from __future__ import annotations
 
@@ -33,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_leaves
+
+from edgeport.quant.adalog import gelu_neighbours
 
 # relative change of the float output above which a rotation is taken for a layout it does not fit
 EXACT_TOLERANCE = 1e-4
@@ -206,3 +212,11 @@ def attention_output_projections(model: nn.Module) -> set[str]:
     input mixes every head's context, which no single weight before it can rotate."""
     paths = {module: path for path, module in model.named_modules()}
     return {paths[proj] for _, _, _, proj, _ in _value_pairs(model)}
+
+
+def online_rotation_paths(model: nn.Module, sample: tuple[torch.Tensor, ...]) -> set[str]:
+    """Paths of the Linears whose inputs `rotate_inputs` rotates: both layers of each GELU FFN
+    (the first one's input is a LayerNorm's output, whose per-channel ranges RepQ would otherwise
+    fold; the second one's is the GELU's output) and the attention output projections."""
+    feeding, fed = gelu_neighbours(model, sample)
+    return feeding | fed | attention_output_projections(model)
