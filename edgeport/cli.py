@@ -264,11 +264,15 @@ def quantize_command(model, method, w_bits, a_bits, target, calib, calibration, 
                       f"latency measured here in ONNX Runtime: {timings})")
         for name, reason in form["left_out"].items():
             console.print(f"  {name}: left out, {reason}")
+    rotated = report["rotated"]
     console.print(f"quantized {len(report['layers'])} layers and {len(report['matmuls'])} activation matmuls"
                   f"{' (' + report['matmuls_not_quantized'] + ')' if report['matmuls_not_quantized'] else ''}; "
-                  f"reparameterized {len(report['reparameterized'])}; conv-BN folded {len(report['batchnorm_folds'])}")
+                  f"reparameterized {len(report['reparameterized'])}; conv-BN folded {len(report['batchnorm_folds'])}"
+                  f"{f'; rotated {len(rotated)}' if rotated else ''}")
     for line in report["float_ops"]:
         console.print(f"  runs as float ops: {line}")
+    for line in rotated:
+        console.print(f"  rotated: {line}")
     for artifact in artifacts.values():
         console.print(_parity_table(artifact))
         for note in artifact.notes:

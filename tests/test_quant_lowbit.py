@@ -381,13 +381,13 @@ def test_value_rotation_is_exact_in_float_on_the_zoo_vit_and_a_bert():
             assert torch.allclose(rotated(*args), model(*args), atol=1e-5, rtol=1e-4)
 
 
-def test_online_input_rotation_is_orthogonal_exact_in_float_and_exported_exactly(tmp_path):
+def test_online_input_rotation_is_orthogonal_exact_in_float_and_exported_exactly(tmp_path, capsys):
     """The randomized block Hadamard is orthogonal and computes x R; rotating the inputs of both
     FFN layers and the attention output projections of the zoo ViT and of a BERT online
     leaves their float output as it was (after the values' folded rotation too, which its signs
-    keep it from cancelling); repq-adalog-live-rot at W4A4 reports every rotation and its ONNX,
-    the rotations as float ops, verifies against the fake-quant model."""
-    from edgeport.quant.config import preset
+    keep it from cancelling); `edgeport quantize --method repq-adalog-live-rot` at W4A4 lists every
+    rotation and writes the ONNX, the rotations as float ops, verified against the fake-quant model."""
+    from edgeport.cli import main
     from edgeport.quant.rotate import BlockHadamard, online_rotation_paths, rotate_inputs, rotate_values
 
     for width, block in ((384, 128), (1536, 512), (64, 64)):
@@ -410,10 +410,9 @@ def test_online_input_rotation_is_orthogonal_exact_in_float_and_exported_exactly
         assert len(lines) == len(paths) > 0 and all("input rotated online" in line for line in lines)
         with torch.no_grad():
             assert torch.allclose(rotated(*args), model(*args), atol=1e-5, rtol=1e-4)
-    images = ep.zoo.testset("vit-digits")[0]
-    qmodel = ep.quantize("vit-digits", config=preset("repq-adalog-live-rot", w_bits=4, a_bits=4))
-    report = qmodel.quant_report
-    assert sum("input rotated online" in line for line in report.rotated) == 12  # 4 blocks: proj and both FFN layers
-    assert sum("values rotated" in line for line in report.rotated) == 4
-    artifact = ep.export(qmodel, images[:1], out=tmp_path, verify_inputs=[images[i:i + 1] for i in range(16)])["onnx"]
-    assert artifact.parity.passed
+    assert main(["quantize", "vit-digits", "--method", "repq-adalog-live-rot", "--w-bits", "4", "--a-bits", "4",
+                 "-o", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "; rotated 16" in out and "wrote " in out
+    assert out.count("input rotated online") == 12  # 4 blocks: proj and both FFN layers
+    assert out.count("values rotated per head") == 4
