@@ -362,16 +362,21 @@ def test_reconstruction_from_error_feedback_rounding_with_adalog_is_exported_exa
     assert artifact.parity.passed
 
 
+def _attention_models() -> tuple[tuple[nn.Module, tuple[torch.Tensor, ...]], ...]:
+    """The zoo ViT (fused qkv) on 64 test images and a BERT (separate value Linear) on random
+    token ids: the two attention layouts the rotations recognise, with inputs to run them."""
+    bert = SentenceEncoder(ARCHITECTURES["bert"]()[0]).eval()
+    ids = torch.randint(5, 100, (4, 16), generator=torch.Generator().manual_seed(0))
+    return (ep.zoo.load("vit-digits"), (ep.zoo.testset("vit-digits")[0][:64],)), (bert, (ids, torch.ones_like(ids)))
+
+
 def test_value_rotation_is_exact_in_float_on_the_zoo_vit_and_a_bert():
     """The per-head Hadamard rotation of values and output-projection columns is taken on every
     attention of the zoo ViT (fused qkv) and of a BERT (separate value Linear), changes their
     weights and leaves the float output as it was."""
     from edgeport.quant.rotate import rotate_values
 
-    bert = SentenceEncoder(ARCHITECTURES["bert"]()[0]).eval()
-    ids = torch.randint(5, 100, (4, 16), generator=torch.Generator().manual_seed(0))
-    cases = ((ep.zoo.load("vit-digits"), (ep.zoo.testset("vit-digits")[0][:64],)), (bert, (ids, torch.ones_like(ids))))
-    for model, args in cases:
+    for model, args in _attention_models():
         rotated = copy.deepcopy(model)
         lines = rotate_values(rotated, args)
         attentions = [m for m in model.modules() if hasattr(m, "head_dim") or hasattr(m, "attention_head_size")]
@@ -398,10 +403,7 @@ def test_online_input_rotation_is_orthogonal_exact_in_float_and_exported_exactly
         assert torch.allclose(rotation(x.float()).double(), x @ matrix, atol=1e-5)
     with pytest.raises(ValueError, match="power-of-two block"):
         BlockHadamard(24)
-    bert = SentenceEncoder(ARCHITECTURES["bert"]()[0]).eval()
-    ids = torch.randint(5, 100, (4, 16), generator=torch.Generator().manual_seed(0))
-    cases = ((ep.zoo.load("vit-digits"), (ep.zoo.testset("vit-digits")[0][:64],)), (bert, (ids, torch.ones_like(ids))))
-    for model, args in cases:
+    for model, args in _attention_models():
         rotated = copy.deepcopy(model)
         lines_of_values = rotate_values(rotated, args)
         paths = online_rotation_paths(rotated, args)
