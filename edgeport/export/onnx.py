@@ -107,18 +107,20 @@ def _graph_inputs(proto: onnx.ModelProto) -> list:
 
 
 def _finalize(path: Path, metadata: dict[str, str], onnxruntime_form: bool) -> tuple[int, list[str]]:
-    """Fold weight quantization (and, with `onnxruntime_form`, write quantized matmuls in the
-    integer form ONNX Runtime fuses best and keep its slow SkipLayerNormalization fusion off the
+    """Fold weight quantization (and, with `onnxruntime_form`, write quantized Linears and matmuls
+    in the integer forms ONNX Runtime fuses best and keep its slow SkipLayerNormalization fusion off the
     residual norms), shape-infer, stamp metadata, save (single file or external data),
     full-check the file.
 
     Returns the default-domain opset and the names of every file the model occupies.
     """
-    from edgeport.quant.qdq import fold_weight_quantization, integer_matmuls
+    from edgeport.quant.qdq import fold_weight_quantization, integer_matmuls, requantized_gemms
 
     model = onnx.load(str(path))
     if fold_weight_quantization(model) and onnxruntime_form:
-        metadata = metadata | {"edgeport.quantized_matmuls": f"{integer_matmuls(model)} as MatMulInteger"}
+        gemms = requantized_gemms(model)
+        metadata = metadata | {"edgeport.quantized_matmuls": f"{integer_matmuls(model)} as MatMulInteger, "
+                                                             f"{gemms} as re-quantizing Gemm"}
     if onnxruntime_form and keep_residual_norms_apart(model.graph):
         metadata = metadata | {"edgeport.residual_adds": "Sum: kept out of SkipLayerNormalization"}
     large = model.ByteSize() > SINGLE_FILE_LIMIT
@@ -159,10 +161,12 @@ def export_onnx(model: torch.nn.Module, args: tuple[torch.Tensor, ...], folder: 
 
     `dynamic_axes` maps input names to {axis: symbol}, e.g. {"x": {0: "batch"}}. Inputs are
     named after the forward's parameters and outputs after the model's own output structure
-    (see `output_names_for`), unless `names` and `output_names` say otherwise. A quantized model's matmuls that a constant scale or bias
-    follows are written as MatMulInteger (see `edgeport.quant.qdq.integer_matmuls`) and residual
-    Adds into a LayerNormalization as Sum (see `onnxgraph.keep_residual_norms_apart`) unless
-    `onnxruntime_form=False` leaves both out: TensorRT's form, every quantized matmul in QDQ.
+    (see `output_names_for`), unless `names` and `output_names` say otherwise. A quantized
+    model's Linears re-quantized after only data movement are written as Gemm between DQ and Q
+    (see `edgeport.quant.qdq.requantized_gemms`), its other matmuls that a constant scale or bias
+    follows as MatMulInteger (see `edgeport.quant.qdq.integer_matmuls`) and residual Adds into a
+    LayerNormalization as Sum (see `onnxgraph.keep_residual_norms_apart`) unless
+    `onnxruntime_form=False` leaves these out: TensorRT's form, every quantized matmul in QDQ.
     `exporter="auto"` tries torch.export then the legacy exporter; each path must produce a
     file that passes the full checker and loads in ONNX Runtime, or the next one is tried.
     """
@@ -358,8 +362,9 @@ class OnnxBackend(Backend):
     summary = "ONNX, verified in ONNX Runtime"
     Options = OnnxOptions
     formats = ("onnx",)
-    quantized = ("QuantizeLinear/DequantizeLinear with integer weights; matmuls that a constant scale or bias "
-                 "follows as MatMulInteger, which ONNX Runtime fuses into integer kernels")
+    quantized = ("QuantizeLinear/DequantizeLinear with integer weights; Linears re-quantized after only data "
+                 "movement as Gemm between DQ and Q, other matmuls that a constant scale or bias follows as "
+                 "MatMulInteger, which ONNX Runtime fuses into integer kernels (QGemm, MatMulIntegerToFloat)")
 
     def export(self, request: ExportRequest, options: OnnxOptions) -> list[Artifact]:
         return [export_onnx(request.module, request.args, request.folder, request.name, opset=options.opset,

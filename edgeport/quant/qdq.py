@@ -5,9 +5,11 @@ torch's exporter maps 8-bit fake quantization to Q/DQ itself but refuses narrowe
 These translations express any 2-8 bit range exactly: Q to int8 (signed) or uint8, an
 integer Clip to the narrower range, then DQ — bit-exact against the torch fake-quant. Full
 8-bit ranges get plain Q/DQ pairs. After export, weights are stored as integers
-(`fold_weight_quantization`: the QDQ form TensorRT takes) and, for ONNX Runtime, matmuls
-followed by a scale or bias are written as MatMulInteger (`integer_matmuls`), the form whose
-scale and bias it folds into the integer kernel.
+(`fold_weight_quantization`: the QDQ form TensorRT takes) and, for ONNX Runtime, a Linear
+whose result is re-quantized after only data movement becomes a Gemm between DQ and Q
+(`requantized_gemms`: it runs as QGemm) and other matmuls followed by a scale or bias are
+written as MatMulInteger (`integer_matmuls`), the form whose scale and bias it folds into the
+integer kernel.
 """
 from __future__ import annotations
 
@@ -123,6 +125,111 @@ def fold_weight_quantization(model: onnx.ModelProto) -> int:
     model.graph.node.extend(kept)
     drop_unused(model.graph)
     return folded
+
+
+def requantized_gemms(model: onnx.ModelProto) -> int:
+    """Rewrite each quantized Linear whose biased result is re-quantized per tensor after
+    nothing but data movement (BERT's query, key and value: bias, head reshape and transpose,
+    then the attention matmul's input quantizer) as a 2-D Gemm between DQ and Q: DQ(a) x DQ(W)
+    -> MatMul -> Add(bias) -> Reshape/Transpose... -> Q becomes Reshape(a, [-1, K]) -> DQ ->
+    Gemm(DQ(W), DQ(int32 bias)) -> Q -> Reshape/Transpose... on the integer codes. ONNX Runtime
+    fuses that group into QGemm, whose kernel writes the re-quantized codes itself: on a 64 x 384
+    input with 384 outputs (2 threads) 85 us against 111 us for MatMulIntegerToFloat, the float
+    bias Add, the data movement in float and a QuantizeLinear. Moving a per-tensor quantizer
+    across a reshape or transpose is exact. The bias is stored as int32 codes at scale
+    sa * sw, as QGemm takes it, so it is rounded to within half of that step, a step 1/sa
+    times finer than the output's own grid. Returns how many Linears were rewritten; run it
+    before `integer_matmuls`, which takes the others."""
+    graph = model.graph
+    constants = Constants(graph)
+    producer = producers(graph)
+    readers = consumers(graph)
+    graph_outputs = {o.name for o in graph.output}
+
+    def only_reader(name: str):
+        users = readers.get(name, [])
+        return users[0] if len(users) == 1 and name not in graph_outputs else None
+
+    def dequantize(name: str, constant: bool):
+        node = producer.get(name)
+        if node is None or node.op_type != "DequantizeLinear" or len(node.input) != 3:
+            return None
+        if (node.input[0] in constants) != constant or node.input[1] not in constants or node.input[2] not in constants:
+            return None
+        return node if constants[node.input[1]].dtype == np.float32 else None
+
+    def requantizer(start):
+        """The data-movement nodes after `start` up to the per-tensor QuantizeLinear that ends
+        them, each the only reader of the one before."""
+        chain, node = [], only_reader(start.output[0])
+        while node is not None and node.op_type in ("Reshape", "Transpose") and node.input[0] == chain_end(chain, start):
+            chain.append(node)
+            node = only_reader(node.output[0])
+        if node is None or node.op_type != "QuantizeLinear" or len(node.input) != 3:
+            return None, None
+        if any(name not in constants or constants[name].size != 1 for name in node.input[1:3]):
+            return None, None
+        return chain, node
+
+    def chain_end(chain, start) -> str:
+        return (chain[-1] if chain else start).output[0]
+
+    rewritten, removed, nodes, rows = 0, set(), [], {}  # rows: the 2-D codes of each input, shared by its readers
+    for node in graph.node:
+        a, b = (dequantize(node.input[0], False), dequantize(node.input[1], True)) if node.op_type == "MatMul" else (None, None)
+        add = only_reader(node.output[0]) if a is not None and b is not None else None
+        bias = next((i for i in add.input if i != node.output[0]), None) if add is not None and add.op_type == "Add" else None
+        chain, quantize = requantizer(add) if bias in constants else (None, None)
+        if quantize is None or constants[a.input[1]].size != 1 or np.any(constants[b.input[2]]):
+            nodes.append(node)
+            continue
+        weight_scale = constants[b.input[1]].astype(np.float32)
+        k, n = constants.shape(b.input[0])
+        if weight_scale.size != 1 and (weight_scale.size != n or attribute_value(b, "axis", 1) % 2 != 1):
+            nodes.append(node)
+            continue
+        bias_scale = (constants[a.input[1]].astype(np.float32).reshape(()) * weight_scale).astype(np.float32)
+        codes = np.rint(constants[bias].astype(np.float64).reshape(-1) / bias_scale)
+        if codes.size != n or np.abs(codes).max(initial=0) >= 2 ** 31:
+            nodes.append(node)
+            continue
+        out = quantize.output[0]
+        if (a.input[0], k) not in rows:
+            rows[a.input[0], k] = f"{out}_rows_codes"
+            graph.initializer.append(numpy_helper.from_array(np.array([-1, k], np.int64), f"{out}_rows"))
+            nodes.append(helper.make_node("Reshape", [a.input[0], f"{out}_rows"], [f"{out}_rows_codes"]))
+        graph.initializer.extend([
+            numpy_helper.from_array(codes.astype(np.int32), f"{out}_bias_codes"),
+            numpy_helper.from_array(bias_scale, f"{out}_bias_scale"),
+            numpy_helper.from_array(np.zeros(bias_scale.shape, np.int32), f"{out}_bias_zero")])
+        nodes += [helper.make_node("DequantizeLinear", [rows[a.input[0], k], *a.input[1:3]], [f"{out}_rows_dq"]),
+                  helper.make_node("DequantizeLinear", [f"{out}_bias_codes", f"{out}_bias_scale", f"{out}_bias_zero"],
+                                   [f"{out}_bias_dq"], **({"axis": 0} if bias_scale.size > 1 else {})),
+                  helper.make_node("Gemm", [f"{out}_rows_dq", b.output[0], f"{out}_bias_dq"], [f"{out}_gemm"]),
+                  helper.make_node("QuantizeLinear", [f"{out}_gemm", *quantize.input[1:3]], [f"{out}_gemm_codes"])]
+        first = chain[0] if chain else None
+        if first is None or first.op_type != "Reshape" or (first.input[1] in constants and not constants[first.input[1]].all()):
+            # the rows back into the Linear's own output shape: a's shape with n last
+            nodes += [helper.make_node("Shape", [a.input[0]], [f"{out}_shape_in"], end=-1),
+                      helper.make_node("Concat", [f"{out}_shape_in", f"{out}_width"], [f"{out}_shape"], axis=0),
+                      helper.make_node("Reshape", [f"{out}_gemm_codes", f"{out}_shape"], [f"{out}_codes"])]
+            graph.initializer.append(numpy_helper.from_array(np.array([n], np.int64), f"{out}_width"))
+            source = f"{out}_codes"
+        else:
+            source = f"{out}_gemm_codes"
+        if chain:
+            chain[0].input[0] = source
+            chain[-1].output[0] = out
+        else:
+            nodes.append(helper.make_node("Identity", [source], [out]))
+        removed |= {id(add), id(quantize)}
+        rewritten += 1
+    if not rewritten:
+        return 0
+    del graph.node[:]
+    graph.node.extend(n for n in nodes if id(n) not in removed)
+    drop_unused(graph)
+    return rewritten
 
 
 def integer_matmuls(model: onnx.ModelProto) -> int:
