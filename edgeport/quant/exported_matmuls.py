@@ -96,8 +96,13 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scores_matmul:
     if is_causal:
         length, keys = q.shape[-2], k.shape[-2]
         attn_mask = torch.ones(length, keys, dtype=torch.bool, device=q.device).tril()
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        # as an additive mask: the select runs once on the mask (ONNX Runtime merges the layers'
+        # identical ones), the heads' scores get an Add; a select over all the scores took 70 us a
+        # layer on MiniLM at 64 tokens (2 threads), a fifth of its quantized attention
+        attn_mask = torch.zeros_like(attn_mask, dtype=scores.dtype).masked_fill(~attn_mask, float("-inf"))
     if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+        scores = scores + attn_mask
     return values_matmul(torch.softmax(scores, dim=-1), v)
 
 
