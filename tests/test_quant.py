@@ -88,6 +88,16 @@ def test_zoo_vit_w8a8_and_w4a4():
     assert w4["repq"] >= max(w4["minmax"], w4["percentile"])
 
 
+def optimized_op_types(path, folder) -> list[str]:
+    """The op types of the graph ONNX Runtime runs for the model at `path`, after its fusions."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(folder / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_qdq_export_matches_the_fake_quant_model(bits, tmp_path):
     qmodel = ep.quantize("vit-digits", w_bits=bits, a_bits=bits)
@@ -109,12 +119,7 @@ def test_qdq_export_matches_the_fake_quant_model(bits, tmp_path):
     if bits < 8:  # narrower than int8: an integer Clip between Q and DQ
         assert "Clip" in onnxruntime_ops and "Clip" in tensorrt_ops
     else:  # the runtime folds every scale and bias into its integer kernel: no float Mul or Add is left
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-        ort.InferenceSession(str(artifacts["onnx"].path), options, providers=["CPUExecutionProvider"])
-        optimized = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+        optimized = optimized_op_types(artifacts["onnx"].path, tmp_path)
         assert optimized.count("MatMulIntegerToFloat") == 20 and optimized.count("Mul") == 0
         assert optimized.count("Add") == 4 * 2 + 1  # the residuals and the position embedding
         # and the roofline counts that epilogue as fused too, the residual Adds not
@@ -213,7 +218,37 @@ def test_transformers_attention_is_quantized_from_the_exported_graph(attention, 
                       and not all(producer.get(i) is not None and producer[i].op_type == "DequantizeLinear"
                                   for i in n.input)]
     assert not float_products
+    # query, key and value (2 layers): bias, head reshape and transpose, then the attention
+    # matmul's quantizer; written so that ONNX Runtime runs each as QGemm writing the codes itself
+    assert "6 as re-quantizing Gemm" in {p.key: p.value for p in onnx.load(artifact.path).metadata_props}[
+        "edgeport.quantized_matmuls"]
+    # (and the pooler's, on the first token only: 2-D, which the exporter writes as a Gemm itself)
+    assert optimized_op_types(artifact.path, tmp_path).count("QGemm") == 6 + 1
 
+
+
+def test_a_linear_requantized_without_a_head_reshape_runs_as_qgemm(tmp_path):
+    """Single-head attention: the query's and the value's Linears are re-quantized directly and
+    the key's after a transpose, so the 2-D Gemm's rows are put back into the Linear's own shape;
+    a dynamic batch and sequence reach it, and the export verifies against the fake-quant model."""
+    class SingleHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.query, self.key, self.value = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x):
+            scores = self.query(x) @ self.key(x).transpose(-2, -1)
+            return scores.softmax(-1) @ self.value(x)
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 12, 16)
+    qmodel = ep.quantize(SingleHead().eval(), x, "repq", 8, 8)
+    artifact = ep.export(qmodel, x[:2], out=tmp_path, dynamic_batch=True, dynamic_axes={"x": {1: "tokens"}},
+                         verify_inputs=[x[i:i + 3, : 5 + i] for i in range(4)])["onnx"]
+    assert artifact.parity.passed
+    assert "3 as re-quantizing Gemm" in {p.key: p.value for p in onnx.load(artifact.path).metadata_props}[
+        "edgeport.quantized_matmuls"]
+    assert optimized_op_types(artifact.path, tmp_path).count("QGemm") == 3
 
 
 def test_outlier_channels_migrate_into_the_weight_where_the_output_error_says_so(tmp_path):
@@ -387,8 +422,8 @@ def test_weights_are_stored_as_integers(tmp_path):
 def test_presets_are_named_quant_configs_and_overrides_copy_them():
     from edgeport.quant.config import PRESETS, QuantConfig, preset
 
-    assert list(PRESETS) == ["minmax", "percentile", "repq", "repq-gptq", "erq", "repq-recon", "repq-adalog",
-                             "repq-dualclip", "repq-adalog-dualclip", "repq-adalog-live",
+    assert list(PRESETS) == ["minmax", "percentile", "repq", "repq-gptq", "erq", "repq-recon", "repq-gptq-recon",
+                             "repq-adalog", "repq-dualclip", "repq-adalog-dualclip", "repq-adalog-live",
                              "repq-adalog-live-recon", "repq-adalog-live-rot", "repq-adalog-live-rot-recon",
                              "erq-heldout"]
     assert all(isinstance(c, QuantConfig) and c.name == name and c.description for name, c in PRESETS.items())
@@ -515,8 +550,8 @@ def test_cli_quantize_help_lists_the_presets_and_observers(capsys):
 
     assert main(["quantize", "--help"]) == 0
     text = "".join(capsys.readouterr().out.split())  # click wraps the help text, at hyphens too
-    assert ("[minmax|percentile|repq|repq-gptq|erq|repq-recon|repq-adalog|repq-dualclip|repq-adalog-dualclip|"
-            "repq-adalog-live|repq-adalog-live-recon|repq-adalog-live-rot|"
+    assert ("[minmax|percentile|repq|repq-gptq|erq|repq-recon|repq-gptq-recon|repq-adalog|repq-dualclip|"
+            "repq-adalog-dualclip|repq-adalog-live|repq-adalog-live-recon|repq-adalog-live-rot|"
             "repq-adalog-live-rot-recon|erq-heldout]" in text)
     assert "[minmax|percentile|mse|entropy|dualclip|clip]" in text
     assert all("".join(f"{name}: {config.description}".split()) in text for name, config in PRESETS.items())

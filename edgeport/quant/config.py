@@ -222,6 +222,11 @@ PRESETS["repq-recon"] = dataclasses.replace(
     description=f"repq, then block-wise reconstruction: each transformer block's weight rounding and activation "
                 f"step sizes learned against its float output, QDrop-style ({RECON_ITERS} steps a block: costs "
                 f"calibration time, minutes on a BERT-small)")
+PRESETS["repq-gptq-recon"] = dataclasses.replace(
+    PRESETS["repq-recon"], compensate_weights=True, name="repq-gptq-recon",
+    description=f"repq-gptq, then repq-recon's block-wise reconstruction starting from its error-feedback "
+                f"rounding ({RECON_ITERS} steps a block: costs calibration time): the W8A8 preset for BERT-family "
+                f"encoders")
 
 PRESETS["repq-adalog"] = dataclasses.replace(
     PRESETS["repq-gptq"], adalog=True, name="repq-adalog",
