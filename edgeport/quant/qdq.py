@@ -127,20 +127,31 @@ def fold_weight_quantization(model: onnx.ModelProto) -> int:
     return folded
 
 
+def _columns(values: np.ndarray, columns: slice) -> np.ndarray:
+    """A per-column quantization parameter's `columns`; a per-tensor one as it is."""
+    return values if values.size == 1 else values.reshape(-1)[columns]
+
+
 def requantized_gemms(model: onnx.ModelProto) -> int:
     """Rewrite each quantized Linear whose biased result is re-quantized per tensor after
-    nothing but data movement (BERT's query, key and value: bias, head reshape and transpose,
-    then the attention matmul's input quantizer) as a 2-D Gemm between DQ and Q: DQ(a) x DQ(W)
-    -> MatMul -> Add(bias) -> Reshape/Transpose... -> Q becomes Reshape(a, [-1, K]) -> DQ ->
-    Gemm(DQ(W), DQ(int32 bias)) -> Q -> Reshape/Transpose... on the integer codes. ONNX Runtime
-    fuses that group into QGemm, whose kernel writes the re-quantized codes itself: in isolation
-    (a 64 x 384 input, 384 outputs, 2 threads) 85 us against 111 us for MatMulIntegerToFloat,
-    the float data movement and a QuantizeLinear; in MiniLM's op profile its 18 QGemms took
-    1.06 ms (`bench/quant_bench.py`). Moving a per-tensor quantizer
-    across a reshape or transpose is exact. The bias is stored as int32 codes at scale
+    nothing but data movement as 2-D Gemms between DQ and Q, which ONNX Runtime fuses into
+    QGemm, whose kernel writes the re-quantized codes itself. Two patterns:
+
+    - BERT's query, key and value: DQ(a) x DQ(W) -> MatMul -> Add(bias) -> Reshape/Transpose...
+      -> Q becomes Reshape(a, [-1, K]) -> DQ -> Gemm(DQ(W), DQ(int32 bias)) -> Q ->
+      Reshape/Transpose... on the integer codes;
+    - a fused projection split after its head reshape (timm's and the zoo's qkv: Reshape to
+      [..., P, heads, head_dim], a Transpose that moves the P axis first, then Gather i on it
+      per part, each part re-quantized by its own quantizer): one Gemm per part on that part's
+      weight columns and bias, then the part's Reshape and Transpose on the codes.
+
+    In isolation (a 64 x 384 input, 384 outputs, 2 threads) QGemm took 85 us against 111 us
+    for MatMulIntegerToFloat, the float data movement and a QuantizeLinear; in MiniLM's op
+    profile its 18 QGemms took 1.06 ms (`bench/quant_bench.py`). Moving a per-tensor quantizer
+    across a reshape, transpose or gather is exact. The bias is stored as int32 codes at scale
     sa * sw, as QGemm takes it, so it is rounded to within half of that step, a step 1/sa
-    times finer than the output's own grid. Returns how many Linears were rewritten; run it
-    before `integer_matmuls`, which takes the others."""
+    times finer than the output's own grid. Returns how many Gemms were written; run it
+    before `integer_matmuls`, which takes the other matmuls."""
     graph = model.graph
     constants = Constants(graph)
     producer = producers(graph)
@@ -161,9 +172,9 @@ def requantized_gemms(model: onnx.ModelProto) -> int:
 
     def requantizer(start):
         """The data-movement nodes after `start` up to the per-tensor QuantizeLinear that ends
-        them, each the only reader of the one before."""
+        them, each the only reader of the one before; (None, None) where there is none."""
         chain, node = [], only_reader(start.output[0])
-        while node is not None and node.op_type in ("Reshape", "Transpose") and node.input[0] == chain_end(chain, start):
+        while node is not None and node.op_type in ("Reshape", "Transpose") and node.input[0] == (chain[-1] if chain else start).output[0]:
             chain.append(node)
             node = only_reader(node.output[0])
         if node is None or node.op_type != "QuantizeLinear" or len(node.input) != 3:
@@ -172,58 +183,120 @@ def requantized_gemms(model: onnx.ModelProto) -> int:
             return None, None
         return chain, node
 
-    def chain_end(chain, start) -> str:
-        return (chain[-1] if chain else start).output[0]
+    def split(add, width: int):
+        """The parts of a fused projection split after its head reshape: (the reshape, the
+        transpose, each part's (gather, chain, quantizer) in part order, a part's shape and
+        perm); None where `add`'s readers do not make that pattern."""
+        reshape = only_reader(add.output[0])
+        if reshape is None or reshape.op_type != "Reshape" or reshape.input[1] not in constants:
+            return None
+        shape = constants[reshape.input[1]].astype(np.int64)
+        transpose = only_reader(reshape.output[0])
+        axis = len(shape) - 3
+        if transpose is None or transpose.op_type != "Transpose" or axis < 1 or (shape[axis:] <= 0).any():
+            return None
+        perm = list(attribute_value(transpose, "perm") or [])
+        gathers = readers.get(transpose.output[0], [])
+        if perm[:1] != [axis] or int(np.prod(shape[axis:])) != width or len(gathers) != shape[axis]:
+            return None
+        parts = {}
+        for gather in gathers:
+            index = gather.input[1] if gather.op_type == "Gather" and attribute_value(gather, "axis", 0) == 0 else None
+            if index not in constants or constants[index].ndim != 0:
+                return None
+            chain, quantize = requantizer(gather)
+            if quantize is None:
+                return None
+            parts[int(constants[index]) % shape[axis]] = (gather, chain, quantize)
+        if sorted(parts) != list(range(shape[axis])):
+            return None
+        return reshape, transpose, [parts[i] for i in range(shape[axis])], np.delete(shape, axis), \
+            [d - (d > axis) for d in perm[1:]]
 
     rewritten, removed, nodes, rows = 0, set(), [], {}  # rows: the 2-D codes of each input, shared by its readers
-    for node in graph.node:
-        a, b = (dequantize(node.input[0], False), dequantize(node.input[1], True)) if node.op_type == "MatMul" else (None, None)
-        add = only_reader(node.output[0]) if a is not None and b is not None else None
-        bias = next((i for i in add.input if i != node.output[0]), None) if add is not None and add.op_type == "Add" else None
-        chain, quantize = requantizer(add) if bias in constants else (None, None)
-        if quantize is None or constants[a.input[1]].size != 1 or np.any(constants[b.input[2]]):
-            nodes.append(node)
-            continue
-        weight_scale = constants[b.input[1]].astype(np.float32)
-        k, n = constants.shape(b.input[0])
-        if weight_scale.size != 1 and (weight_scale.size != n or attribute_value(b, "axis", 1) % 2 != 1):
-            nodes.append(node)
-            continue
-        bias_scale = (constants[a.input[1]].astype(np.float32).reshape(()) * weight_scale).astype(np.float32)
-        codes = np.rint(constants[bias].astype(np.float64).reshape(-1) / bias_scale)
-        if codes.size != n or np.abs(codes).max(initial=0) >= 2 ** 31:
-            nodes.append(node)
-            continue
+
+    def gemm(a, weight: str, bias: np.ndarray, bias_scale: np.ndarray, quantize, k: int) -> str:
+        """Append Reshape(a codes, [-1, k]) (once per input) -> DQ -> Gemm(weight, DQ(int32 bias))
+        -> Q(as `quantize`); returns the name of the 2-D codes."""
         out = quantize.output[0]
         if (a.input[0], k) not in rows:
             rows[a.input[0], k] = f"{out}_rows_codes"
             graph.initializer.append(numpy_helper.from_array(np.array([-1, k], np.int64), f"{out}_rows"))
             nodes.append(helper.make_node("Reshape", [a.input[0], f"{out}_rows"], [f"{out}_rows_codes"]))
         graph.initializer.extend([
-            numpy_helper.from_array(codes.astype(np.int32), f"{out}_bias_codes"),
+            numpy_helper.from_array(np.rint(bias / bias_scale).astype(np.int32), f"{out}_bias_codes"),
             numpy_helper.from_array(bias_scale, f"{out}_bias_scale"),
             numpy_helper.from_array(np.zeros(bias_scale.shape, np.int32), f"{out}_bias_zero")])
-        nodes += [helper.make_node("DequantizeLinear", [rows[a.input[0], k], *a.input[1:3]], [f"{out}_rows_dq"]),
-                  helper.make_node("DequantizeLinear", [f"{out}_bias_codes", f"{out}_bias_scale", f"{out}_bias_zero"],
-                                   [f"{out}_bias_dq"], **({"axis": 0} if bias_scale.size > 1 else {})),
-                  helper.make_node("Gemm", [f"{out}_rows_dq", b.output[0], f"{out}_bias_dq"], [f"{out}_gemm"]),
-                  helper.make_node("QuantizeLinear", [f"{out}_gemm", *quantize.input[1:3]], [f"{out}_gemm_codes"])]
-        first = chain[0] if chain else None
-        source = f"{out}_gemm_codes"
-        if first is None or first.op_type != "Reshape" or (first.input[1] in constants and not constants[first.input[1]].all()):
-            # the rows back into the Linear's own output shape (a's with n last): nothing, or a
-            # Reshape that copies a dimension (a 0), follows to do it
-            shaped = f"{out}_codes" if chain else out
-            nodes += [helper.make_node("Shape", [a.input[0]], [f"{out}_shape_in"], end=-1),
-                      helper.make_node("Concat", [f"{out}_shape_in", f"{out}_width"], [f"{out}_shape"], axis=0),
-                      helper.make_node("Reshape", [source, f"{out}_shape"], [shaped])]
-            graph.initializer.append(numpy_helper.from_array(np.array([n], np.int64), f"{out}_width"))
-            source = shaped
+        nodes.extend([helper.make_node("DequantizeLinear", [rows[a.input[0], k], *a.input[1:3]], [f"{out}_rows_dq"]),
+                      helper.make_node("DequantizeLinear", [f"{out}_bias_codes", f"{out}_bias_scale", f"{out}_bias_zero"],
+                                       [f"{out}_bias_dq"], **({"axis": 0} if bias_scale.size > 1 else {})),
+                      helper.make_node("Gemm", [f"{out}_rows_dq", weight, f"{out}_bias_dq"], [f"{out}_gemm"]),
+                      helper.make_node("QuantizeLinear", [f"{out}_gemm", *quantize.input[1:3]], [f"{out}_gemm_codes"])])
+        return f"{out}_gemm_codes"
+
+    def reroute(chain, quantize, source: str) -> None:
+        """The chain that led to `quantize` now reads the codes `source`, and its end is named
+        as the quantizer's output was."""
         if chain:
             chain[0].input[0] = source
-            chain[-1].output[0] = out
-        removed |= {id(add), id(quantize)}
-        rewritten += 1
+            chain[-1].output[0] = quantize.output[0]
+        removed.add(id(quantize))
+
+    for node in graph.node:
+        a, b = (dequantize(node.input[0], False), dequantize(node.input[1], True)) if node.op_type == "MatMul" else (None, None)
+        add = only_reader(node.output[0]) if a is not None and b is not None else None
+        bias = next((i for i in add.input if i != node.output[0]), None) if add is not None and add.op_type == "Add" else None
+        if bias not in constants or constants[a.input[1]].size != 1 or np.any(constants[b.input[2]]):
+            nodes.append(node)
+            continue
+        k, n = constants.shape(b.input[0])
+        weight_scale = constants[b.input[1]].astype(np.float32)
+        bias_values = constants[bias].astype(np.float64).reshape(-1)
+        bias_scale = (constants[a.input[1]].astype(np.float32).reshape(()) * weight_scale).astype(np.float32)
+        if (weight_scale.size != 1 and (weight_scale.size != n or attribute_value(b, "axis", 1) % 2 != 1)) \
+                or bias_values.size != n or np.abs(bias_values / bias_scale).max(initial=0) >= 2 ** 31:
+            nodes.append(node)
+            continue
+        chain, quantize = requantizer(add)
+        parts = split(add, n) if quantize is None else None
+        if quantize is None and parts is None:
+            nodes.append(node)
+            continue
+        removed.add(id(add))
+        if quantize is not None:
+            source = gemm(a, b.output[0], bias_values, bias_scale, quantize, k)
+            first = chain[0] if chain else None
+            if first is None or first.op_type != "Reshape" or (first.input[1] in constants and not constants[first.input[1]].all()):
+                # the rows back into the Linear's own output shape (a's with n last): nothing, or a
+                # Reshape that copies a dimension (a 0), follows to do it
+                out = quantize.output[0]
+                shaped = f"{out}_codes" if chain else out
+                graph.initializer.append(numpy_helper.from_array(np.array([n], np.int64), f"{out}_width"))
+                nodes.extend([helper.make_node("Shape", [a.input[0]], [f"{out}_shape_in"], end=-1),
+                              helper.make_node("Concat", [f"{out}_shape_in", f"{out}_width"], [f"{out}_shape"], axis=0),
+                              helper.make_node("Reshape", [source, f"{out}_shape"], [shaped])])
+                source = shaped
+            reroute(chain, quantize, source)
+            rewritten += 1
+            continue
+        reshape, transpose, pieces, shape, perm = parts
+        removed |= {id(reshape), id(transpose)}
+        codes, zero, step = constants[b.input[0]], constants[b.input[2]], constants[b.input[1]].astype(np.float32)
+        width = n // len(pieces)
+        for index, (gather, chain, quantize) in enumerate(pieces):
+            out, columns = quantize.output[0], slice(index * width, (index + 1) * width)
+            graph.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(codes[:, columns]), f"{out}_weight"),
+                                      numpy_helper.from_array(_columns(step, columns), f"{out}_weight_scale"),
+                                      numpy_helper.from_array(_columns(zero, columns), f"{out}_weight_zero"),
+                                      numpy_helper.from_array(shape, f"{out}_part_shape")])
+            nodes.append(helper.make_node("DequantizeLinear", [f"{out}_weight", f"{out}_weight_scale", f"{out}_weight_zero"],
+                                          [f"{out}_weight_dq"], **({"axis": 1} if step.size > 1 else {})))
+            source = gemm(a, f"{out}_weight_dq", bias_values[columns], _columns(bias_scale, columns), quantize, k)
+            nodes.extend([helper.make_node("Reshape", [source, f"{out}_part_shape"], [f"{out}_part"]),
+                          helper.make_node("Transpose", [f"{out}_part"], [f"{out}_heads" if chain else out], perm=perm)])
+            reroute(chain, quantize, f"{out}_heads")
+            removed.add(id(gather))
+            rewritten += 1
     if not rewritten:
         return 0
     del graph.node[:]
