@@ -189,3 +189,19 @@ def test_a_log_softmax_quantizer_is_a_candidate_only_below_8_bits():
 
     assert log_quantized(8) == 0
     assert log_quantized(4) > 0
+
+
+def test_attention_called_through_sdpa_is_quantized_and_its_unbound_qkv_runs_as_qgemm(tmp_path):
+    """timm's DeiT calls scaled_dot_product_attention, which torch.fx keeps as one call (its
+    attention had stayed float, reported as "no activation x activation matmul"): both
+    products of every block are now quantized, routed from the captured graph. Its fused qkv
+    is split by unbind (Slice and Squeeze in ONNX): each part runs as a re-quantizing QGemm."""
+    model, images = build("deit_tiny_patch16_224")
+    blocks = len(model.blocks)
+    qmodel = ep.quantize(model, images, "repq")
+    assert len(qmodel.quant_report.matmuls) == 2 * blocks and not qmodel.quant_report.matmuls_not_quantized
+    artifact = ep.export(qmodel, images[:1], out=tmp_path, name="deit")["onnx"]
+    assert all(output.passed for output in artifact.parity.outputs)
+    ops = runtime_ops(artifact.path)
+    assert ops["QGemm"] == 3 * blocks + 1  # q, k and v of each block, and the head
+    assert ops["QLinearMatMul"] == blocks and "Split" not in ops and "Squeeze" not in ops

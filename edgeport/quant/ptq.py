@@ -316,23 +316,28 @@ _SOFTMAXES = {torch.softmax, F.softmax, torch.Tensor.softmax, "softmax"}
 def _quantize_matmuls(model: nn.Module, args: tuple[torch.Tensor, ...], act_quantizer, probability_choices,
                       report: QuantReport) -> nn.Module:
     """The model with its activation x activation matmuls as `QuantMatMul`s (found in the
-    graph, not by module names): a torch.fx graph module where torch.fx can trace the model,
-    else the model itself with the matmuls torch.export's graph shows routed to quantized
-    ones (`edgeport.quant.exported_matmuls`: `transformers`' BERT family); the model
-    unchanged when it has none or can be captured by neither, the reason in the report.
-    `act_quantizer(name)` makes an operand quantizer for the matmul `name` and
-    `probability_choices(name)` the candidates for its softmax output."""
+    graph, not by module names): a torch.fx graph module where torch.fx can trace the model
+    and sees every product, else the model itself with the matmuls torch.export's graph
+    shows routed to quantized ones (`edgeport.quant.exported_matmuls`: `transformers`' BERT
+    family, and timm's ViT and DeiT, whose attention torch.fx keeps as one
+    scaled_dot_product_attention call); the model unchanged when it has none or can be
+    captured by neither, the reason in the report. `act_quantizer(name)` makes an operand
+    quantizer for the matmul `name` and `probability_choices(name)` the candidates for its
+    softmax output."""
     def quantized(name: str, softmax_left: bool) -> QuantMatMul:
         choices = probability_choices(name) if softmax_left else ()
         return QuantMatMul(choices[0] if choices else act_quantizer(name), act_quantizer(name), choices)
 
     try:
-        graph_module = torch.fx.symbolic_trace(model)
+        graph_module, untraceable = torch.fx.symbolic_trace(model), ""
     except Exception as error:  # tracing runs arbitrary model code; any failure means "not traceable"
+        graph_module = None
         untraceable = f"not traceable by torch.fx ({type(error).__name__}: {str(error).splitlines()[0][:120]})"
+    if graph_module is None or any(node.target is F.scaled_dot_product_attention for node in graph_module.graph.nodes):
         sites, why_not = exported_matmul_sites(model, args)
         if not sites:
-            report.matmuls_not_quantized = f"{untraceable}; {why_not or 'no activation x activation matmul'}"
+            reason = why_not or "no activation x activation matmul"
+            report.matmuls_not_quantized = f"{untraceable}; {reason}" if untraceable else reason
             return model
         route_matmuls(model, sites, lambda site: quantized(site.name, site.softmax_left))
         report.matmuls = [site.name for site in sites]

@@ -150,9 +150,10 @@ def requantized_gemms(model: onnx.ModelProto) -> int:
       -> Q becomes Reshape(a, [-1, K]) -> DQ -> Gemm(DQ(W), DQ(int32 bias)) -> Q ->
       Reshape/Transpose... on the integer codes;
     - a fused projection split after its head reshape (timm's and the zoo's qkv: Reshape to
-      [..., P, heads, head_dim], a Transpose that moves the P axis first, then Gather i on it
-      per part, each part re-quantized by its own quantizer): one Gemm per part on that part's
-      weight columns and bias, then the part's Reshape and Transpose on the codes.
+      [..., P, heads, head_dim], a Transpose that moves the P axis first, then each part picked
+      off it by Gather i, or by Slice and Squeeze as torch's unbind exports, each part
+      re-quantized by its own quantizer): one Gemm per part on that part's weight columns and
+      bias, then the part's Reshape and Transpose on the codes.
 
     In isolation (a 64 x 384 input, 384 outputs, 2 threads) QGemm took 85 us against 111 us
     for MatMulIntegerToFloat, the float data movement and a QuantizeLinear; in MiniLM's op
@@ -192,10 +193,27 @@ def requantized_gemms(model: onnx.ModelProto) -> int:
             return None, None
         return chain, node
 
+    def picked(node):
+        """(the part index, the nodes that pick it) where `node` picks one part off the first
+        axis: Gather with a scalar index, or Slice of one step then Squeeze, as torch's unbind
+        exports; None otherwise."""
+        if node.op_type == "Gather" and attribute_value(node, "axis", 0) == 0:
+            index = node.input[1]
+            return (int(constants[index]), [node]) if index in constants and constants[index].ndim == 0 else None
+        if node.op_type != "Slice" or not 4 <= len(node.input) <= 5 or any(i not in constants for i in node.input[1:]):
+            return None
+        start, end, axes, *steps = (constants[i].reshape(-1).tolist() for i in node.input[1:])
+        squeeze = only_reader(node.output[0])
+        if axes != [0] or len(start) != 1 or end[0] != start[0] + 1 or steps not in ([], [[1]]) or squeeze is None \
+                or squeeze.op_type != "Squeeze" or len(squeeze.input) != 2 or squeeze.input[1] not in constants \
+                or constants[squeeze.input[1]].reshape(-1).tolist() != [0]:
+            return None
+        return start[0], [node, squeeze]
+
     def split(add, width: int):
         """The parts of a fused projection split after its head reshape: (the reshape, the
-        transpose, each part's (gather, chain, quantizer) in part order, a part's shape and
-        perm); None where `add`'s readers do not make that pattern."""
+        transpose, each part's (picking nodes, chain, quantizer) in part order, a part's shape
+        and perm); None where `add`'s readers do not make that pattern."""
         reshape = only_reader(add.output[0])
         if reshape is None or reshape.op_type != "Reshape" or reshape.input[1] not in constants:
             return None
@@ -205,18 +223,16 @@ def requantized_gemms(model: onnx.ModelProto) -> int:
         if transpose is None or transpose.op_type != "Transpose" or axis < 1 or (shape[axis:] <= 0).any():
             return None
         perm = list(attribute_value(transpose, "perm") or [])
-        gathers = readers.get(transpose.output[0], [])
-        if perm[:1] != [axis] or int(np.prod(shape[axis:])) != width or len(gathers) != shape[axis]:
+        pickers = readers.get(transpose.output[0], [])
+        if perm[:1] != [axis] or int(np.prod(shape[axis:])) != width or len(pickers) != shape[axis]:
             return None
         parts = {}
-        for gather in gathers:
-            index = gather.input[1] if gather.op_type == "Gather" and attribute_value(gather, "axis", 0) == 0 else None
-            if index not in constants or constants[index].ndim != 0:
-                return None
-            chain, quantize = requantizer(gather)
+        for picker in pickers:
+            part = picked(picker)
+            chain, quantize = requantizer(part[1][-1]) if part is not None else (None, None)
             if quantize is None:
                 return None
-            parts[int(constants[index]) % shape[axis]] = (gather, chain, quantize)
+            parts[part[0] % shape[axis]] = (part[1], chain, quantize)
         if sorted(parts) != list(range(shape[axis])):
             return None
         return reshape, transpose, [parts[i] for i in range(shape[axis])], np.delete(shape, axis), \
@@ -292,7 +308,7 @@ def requantized_gemms(model: onnx.ModelProto) -> int:
         removed |= {id(reshape), id(transpose)}
         codes, zero, step = constants[b.input[0]], constants[b.input[2]], constants[b.input[1]].astype(np.float32)
         width = n // len(pieces)
-        for index, (gather, chain, quantize) in enumerate(pieces):
+        for index, (picking, chain, quantize) in enumerate(pieces):
             out, columns = quantize.output[0], slice(index * width, (index + 1) * width)
             graph.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(codes[:, columns]), f"{out}_weight"),
                                       numpy_helper.from_array(_columns(step, columns), f"{out}_weight_scale"),
@@ -304,7 +320,7 @@ def requantized_gemms(model: onnx.ModelProto) -> int:
             nodes.extend([helper.make_node("Reshape", [source, f"{out}_part_shape"], [f"{out}_part"]),
                           helper.make_node("Transpose", [f"{out}_part"], [f"{out}_heads" if chain else out], perm=perm)])
             reroute(chain, quantize, f"{out}_heads")
-            removed.add(id(gather))
+            removed |= {id(n) for n in picking}
             rewritten += 1
     if not rewritten:
         return 0
