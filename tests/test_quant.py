@@ -186,6 +186,30 @@ def test_attention_matmuls_are_quantized_and_the_softmax_quantizer_is_chosen():
 
 
 
+def test_sdpa_left_float_where_the_graph_cannot_be_captured_keeps_the_fx_matmuls(monkeypatch):
+    """A model torch.fx traces whose attention is one scaled_dot_product_attention call goes
+    through torch.export's graph; where that capture fails, the matmuls torch.fx found are still
+    quantized and the report names the attention left float."""
+    import edgeport.quant.ptq as ptq
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            attended = torch.nn.functional.scaled_dot_product_attention(self.q(x), self.k(x), x)
+            return attended @ self.k(x).transpose(-2, -1)
+
+    x = torch.randn(4, 6, 8)
+    report = ep.quantize(Mixed().eval(), x).quant_report
+    assert len(report.matmuls) == 3 and not report.matmuls_not_quantized  # SDPA's two products and the @
+    monkeypatch.setattr(ptq, "exported_matmul_sites", lambda model, args: ([], "not capturable by torch.export (X)"))
+    report = ep.quantize(Mixed().eval(), x).quant_report
+    assert report.matmuls == ["matmul0"]
+    assert report.matmuls_not_quantized == "scaled_dot_product_attention left float: not capturable by torch.export (X)"
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_transformers_attention_is_quantized_from_the_exported_graph(attention, tmp_path):
     """torch.fx cannot trace `transformers`' BERT; the matmuls torch.export's graph shows are

@@ -321,7 +321,9 @@ def _quantize_matmuls(model: nn.Module, args: tuple[torch.Tensor, ...], act_quan
     shows routed to quantized ones (`edgeport.quant.exported_matmuls`: `transformers`' BERT
     family, and timm's ViT and DeiT, whose attention torch.fx keeps as one
     scaled_dot_product_attention call); the model unchanged when it has none or can be
-    captured by neither, the reason in the report. `act_quantizer(name)` makes an operand
+    captured by neither, the reason in the report (where torch.export cannot capture a model
+    whose fx graph calls SDPA, the fx graph's own matmuls are quantized and the report names
+    the attention left float). `act_quantizer(name)` makes an operand
     quantizer for the matmul `name` and `probability_choices(name)` the candidates for its
     softmax output."""
     def quantized(name: str, softmax_left: bool) -> QuantMatMul:
@@ -333,15 +335,17 @@ def _quantize_matmuls(model: nn.Module, args: tuple[torch.Tensor, ...], act_quan
     except Exception as error:  # tracing runs arbitrary model code; any failure means "not traceable"
         graph_module = None
         untraceable = f"not traceable by torch.fx ({type(error).__name__}: {str(error).splitlines()[0][:120]})"
-    if graph_module is None or any(node.target is F.scaled_dot_product_attention for node in graph_module.graph.nodes):
+    calls_sdpa = graph_module is not None and any(
+        node.target is F.scaled_dot_product_attention for node in graph_module.graph.nodes)
+    if graph_module is None or calls_sdpa:
         sites, why_not = exported_matmul_sites(model, args)
-        if not sites:
-            reason = why_not or "no activation x activation matmul"
-            report.matmuls_not_quantized = f"{untraceable}; {reason}" if untraceable else reason
+        if sites:
+            route_matmuls(model, sites, lambda site: quantized(site.name, site.softmax_left))
+            report.matmuls = [site.name for site in sites]
             return model
-        route_matmuls(model, sites, lambda site: quantized(site.name, site.softmax_left))
-        report.matmuls = [site.name for site in sites]
-        return model
+        if graph_module is None:
+            report.matmuls_not_quantized = f"{untraceable}; {why_not or 'no activation x activation matmul'}"
+            return model
     parameters = {n for n, _ in graph_module.named_parameters()} | {n for n, _ in graph_module.named_buffers()}
     counts: dict[str, int] = {}
     for node in list(graph_module.graph.nodes):
@@ -360,8 +364,11 @@ def _quantize_matmuls(model: nn.Module, args: tuple[torch.Tensor, ...], act_quan
         node.replace_all_uses_with(replacement)
         graph_module.graph.erase_node(node)
         report.matmuls.append(name)
-    if not report.matmuls:
+    if calls_sdpa:  # torch.export could not capture the model: the fx graph's own matmuls only
+        report.matmuls_not_quantized = f"scaled_dot_product_attention left float: {why_not or 'not captured'}"
+    elif not report.matmuls:
         report.matmuls_not_quantized = "no activation x activation matmul"
+    if not report.matmuls:
         return model
     graph_module.recompile()
     return graph_module
