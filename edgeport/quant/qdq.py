@@ -42,13 +42,6 @@ def _per_channel(x, scale, zero_point, axis: int, quant_min: int, quant_max: int
     return _qdq(x, scale, zero_point, quant_min, quant_max, axis)
 
 
-# the most a re-quantizing Gemm's int32 bias may be off, in steps of the output's quantizer: it
-# is rounded to within half its step sa * sw, which grows with coarser input and weight grids
-# faster than the output's step does. Measured at W8: at most 0.0019 (MiniLM, DeiT-Ti,
-# MobileViT-XS). Past this bound a Linear keeps its float bias (MatMulIntegerToFloat): MiniLM's
-# best W6A6 and W4A4 models reach 0.0082 and 0.0275, and written as QGemm their exports drifted
-# from their fake-quant models (cosine 0.9979 -> 0.9947 and 0.9936 -> 0.9502)
-MAX_BIAS_ROUNDING = 0.005
 TRANSLATIONS = {torch.ops.aten.fake_quantize_per_tensor_affine.tensor_qparams: _per_tensor,
                 torch.ops.aten.fake_quantize_per_channel_affine.default: _per_channel}
 
@@ -146,6 +139,15 @@ def _dequantizer(name: str, producer: dict[str, onnx.NodeProto], constants: Cons
 def _columns(values: np.ndarray, columns: slice) -> np.ndarray:
     """A per-column quantization parameter's `columns`; a per-tensor one as it is."""
     return values if values.size == 1 else values.reshape(-1)[columns]
+
+
+# the most a re-quantizing Gemm's int32 bias may be off, in steps of the output's quantizer: it
+# is rounded to within half its step sa * sw, which grows with coarser input and weight grids
+# faster than the output's step does. Measured at W8: at most 0.0019 (MiniLM, DeiT-Ti,
+# MobileViT-XS). Past this bound a Linear keeps its float bias (MatMulIntegerToFloat): MiniLM's
+# best W6A6 and W4A4 models reach 0.0082 and 0.0275, and written as QGemm their exports drifted
+# from their fake-quant models (cosine 0.9979 -> 0.9947 and 0.9936 -> 0.9502)
+MAX_BIAS_ROUNDING = 0.005
 
 
 def requantized_gemms(model: onnx.ModelProto) -> int:
