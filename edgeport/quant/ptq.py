@@ -321,11 +321,10 @@ def _quantize_matmuls(model: nn.Module, args: tuple[torch.Tensor, ...], act_quan
     shows routed to quantized ones (`edgeport.quant.exported_matmuls`: `transformers`' BERT
     family, and timm's ViT and DeiT, whose attention torch.fx keeps as one
     scaled_dot_product_attention call); the model unchanged when it has none or can be
-    captured by neither, the reason in the report (where torch.export cannot capture a model
+    captured by neither, the reason in the report. Where torch.export cannot capture a model
     whose fx graph calls SDPA, the fx graph's own matmuls are quantized and the report names
-    the attention left float). `act_quantizer(name)` makes an operand
-    quantizer for the matmul `name` and `probability_choices(name)` the candidates for its
-    softmax output."""
+    the attention left float. `act_quantizer(name)` makes an operand quantizer for the matmul
+    `name` and `probability_choices(name)` the candidates for its softmax output."""
     def quantized(name: str, softmax_left: bool) -> QuantMatMul:
         choices = probability_choices(name) if softmax_left else ()
         return QuantMatMul(choices[0] if choices else act_quantizer(name), act_quantizer(name), choices)
