@@ -810,7 +810,9 @@ def _one_line(error: BaseException) -> str:
 
 def _terminate(signum, frame) -> None:
     """SIGTERM (a `timeout`, a CI cancel) unwinds like Ctrl-C: staging folders are removed."""
-    raise SystemExit(128 + signum)
+    from edgeport.core import stop
+
+    stop(signum)
 
 
 def console_main() -> None:
