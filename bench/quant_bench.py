@@ -5,8 +5,9 @@
    library (read with `ast`, sorted, deterministic), 32 tokens each. Metrics against fp32
    (`agreement`): mean cosine similarity of the sentence embeddings; top-1, the share of
    sentences whose nearest neighbour is fp32's; top-5, the mean overlap of each sentence's 5
-   nearest neighbours with fp32's. Calibration: 32 other sentences. Ours (minmax, percentile,
-   repq; static activations) at three widths and repq-recon and repq-gptq-recon at 8, measured on
+   nearest neighbours with fp32's. Calibration: 32 other sentences, every 10th of the first 320
+   (the test sentences are the other 300), so that calibration spans the same modules. Ours
+   (minmax, percentile, repq; static activations) at three widths and repq-recon and repq-gptq-recon at 8, measured on
    the fake-quant torch model and, for the repq methods at 8 bits, on the exported ONNX in ONNX
    Runtime; ONNX Runtime's quantize_dynamic (per tensor,
    per channel) and quantize_static (QDQ, per channel, MatMul only, MinMax and Percentile) at
@@ -73,6 +74,7 @@ THREADS = 2
 # the MiniLM W8A8 method whose exported model the issue's quality and speed lines hold
 HEADLINE = "repq-gptq-recon"
 SENTENCES, CALIBRATION, TOKENS = 300, 32, 32
+CALIBRATION_STRIDE = (SENTENCES + CALIBRATION) // CALIBRATION
 # the timm section calibrates on this many random-normal images (users calibrate on hundreds):
 # per-channel ranges fitted to 8 images of 17 tokens (DeiT-Ti at 64x64) clip new images
 TIMM_CALIBRATION = 32
@@ -194,7 +196,12 @@ def minilm_data(tokens: int = TOKENS) -> tuple[nn.Module, torch.Tensor, torch.Te
     sentences = stdlib_sentences(SENTENCES + CALIBRATION)
     batch = tokenizer(sentences, padding="max_length", truncation=True, max_length=tokens, return_tensors="pt")
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    return encoder, ids, mask, (ids[:SENTENCES], mask[:SENTENCES]), (ids[SENTENCES:], mask[SENTENCES:])
+    # calibration: every CALIBRATION_STRIDE-th sentence, so that it spans the modules the test
+    # sentences come from (the last 32, all from one module, promised max_drop less than the test got)
+    calibration = torch.arange(CALIBRATION_STRIDE - 1, CALIBRATION_STRIDE * CALIBRATION, CALIBRATION_STRIDE)
+    test = torch.ones(len(ids), dtype=torch.bool)
+    test[calibration] = False
+    return encoder, ids, mask, (ids[test], mask[test]), (ids[calibration], mask[calibration])
 
 
 def op_types_ms(path: Path, feed: dict[str, np.ndarray]) -> dict[str, float]:
