@@ -112,21 +112,23 @@ def test_qdq_export_matches_the_fake_quant_model(bits, tmp_path):
     # 17 Linears and the patch Conv quantize their input; 4 blocks x 2 matmuls both operands
     assert tensorrt_ops.count("QuantizeLinear") >= 18 + 16 and tensorrt_ops.count("DequantizeLinear") >= 2 * 18 + 16
     assert "MatMulInteger" not in tensorrt_ops
-    # for ONNX Runtime: each block's fused qkv Linear as three Gemms between DQ and Q, one per
-    # part (each re-quantized by its attention operand's quantizer); the other 12 Linears with a
-    # bias and the 4 scaled attention scores in integer form; the attention-weighted values
-    # (re-quantized, no scale or bias after) stay QDQ. At 4 bits the Gemms' int32 bias would be
-    # rounded by more than MAX_BIAS_ROUNDING of an output step: the qkv Linears stay integer matmuls
-    requantized = 4 * 3 if bits == 8 else 0
+    # for ONNX Runtime: each block's fused qkv Linear as one Gemm between DQ and Q writing every
+    # part's codes (each part's scale and zero point carried by its columns' weight scale and
+    # int32 bias), split on the codes; the other 12 Linears with a bias and the 4 scaled
+    # attention scores in integer form; the attention-weighted values (re-quantized, no scale or
+    # bias after) stay QDQ. At 4 bits the Gemms' int32 bias would be rounded by more than
+    # MAX_BIAS_ROUNDING of an output step: the qkv Linears stay integer matmuls
+    requantized = 4 if bits == 8 else 0
     assert onnxruntime_ops.count("Gemm") == requantized + 1  # and the head's, on the class token: 2-D
+    assert onnxruntime_ops.count("Split") == requantized
     assert onnxruntime_ops.count("MatMulInteger") == 16 + 4 * (bits < 8) and onnxruntime_ops.count("MatMul") == 4
-    # (each part's quantizer moved in front of its data movement: none added, none lost)
-    assert onnxruntime_ops.count("QuantizeLinear") == tensorrt_ops.count("QuantizeLinear")
+    # (one quantizer in front of the three parts' data movement where there were three after it)
+    assert onnxruntime_ops.count("QuantizeLinear") == tensorrt_ops.count("QuantizeLinear") - 2 * requantized
     if bits < 8:  # narrower than int8: an integer Clip between Q and DQ
         assert "Clip" in onnxruntime_ops and "Clip" in tensorrt_ops
     else:  # the runtime folds every scale and bias into its integer kernel: no float Mul or Add is left
         optimized = optimized_op_types(artifacts["onnx"].path, tmp_path)
-        assert optimized.count("MatMulIntegerToFloat") == 16 and optimized.count("QGemm") == 4 * 3 + 1
+        assert optimized.count("MatMulIntegerToFloat") == 16 and optimized.count("QGemm") == 4 + 1
         assert optimized.count("Mul") == 0
         assert optimized.count("Add") == 4 * 2 + 1  # the residuals and the position embedding
         # and the roofline counts that epilogue as fused too, the residual Adds not

@@ -195,7 +195,8 @@ def test_attention_called_through_sdpa_is_quantized_and_its_unbound_qkv_runs_as_
     """timm's DeiT calls scaled_dot_product_attention, which torch.fx keeps as one call (its
     attention had stayed float, reported as "no activation x activation matmul"): both
     products of every block are now quantized, routed from the captured graph. Its fused qkv
-    is split by unbind (Slice and Squeeze in ONNX): each part runs as a re-quantizing QGemm."""
+    is split by unbind (Slice and Squeeze in ONNX): it runs as one re-quantizing QGemm writing
+    each part's codes, split on those codes."""
     model, images = build("deit_tiny_patch16_224")
     blocks = len(model.blocks)
     qmodel = ep.quantize(model, images, "repq")
@@ -203,5 +204,5 @@ def test_attention_called_through_sdpa_is_quantized_and_its_unbound_qkv_runs_as_
     artifact = ep.export(qmodel, images[:1], out=tmp_path, name="deit")["onnx"]
     assert all(output.passed for output in artifact.parity.outputs)
     ops = runtime_ops(artifact.path)
-    assert ops["QGemm"] == 3 * blocks + 1  # q, k and v of each block, and the head
-    assert ops["QLinearMatMul"] == blocks and "Split" not in ops and "Squeeze" not in ops
+    assert ops["QGemm"] == blocks + 1  # each block's qkv, and the head
+    assert ops["Split"] == blocks and ops["QLinearMatMul"] == blocks and "Squeeze" not in ops

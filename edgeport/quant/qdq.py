@@ -161,8 +161,11 @@ def requantized_gemms(model: onnx.ModelProto) -> int:
     - a fused projection split after its head reshape (timm's and the zoo's qkv: Reshape to
       [..., P, heads, head_dim], a Transpose that moves the P axis first, then each part picked
       off it by Gather i, or by Slice and Squeeze as torch's unbind exports, each part
-      re-quantized by its own quantizer): one Gemm per part on that part's weight columns and
-      bias, then the part's Reshape and Transpose on the codes.
+      re-quantized by its own quantizer): one Gemm for all parts, re-quantized by the first
+      part's quantizer, each part's scale and zero point carried by its columns' weight scale
+      and int32 bias so that the kernel writes each part's own codes; then a Split of the codes
+      and each part's Reshape and Transpose. On the ViT-S stack one QGemm of 1152 columns took
+      397 us against 492 us for three of 384 (ONNX Runtime profiler, 2 threads), its Split 37 us.
 
     In isolation (a 64 x 384 input, 384 outputs, 2 threads) QGemm took 85 us against 111 us
     for MatMulIntegerToFloat, the float data movement and a QuantizeLinear; in MiniLM's op
@@ -296,9 +299,25 @@ def requantized_gemms(model: onnx.ModelProto) -> int:
         parts = split(add, n) if quantize is None else None
         quantizers = [quantize] if quantize is not None else [q for _, _, q in parts[2]] if parts is not None else []
         if not quantizers or 0.5 * float(bias_scale.max()) > MAX_BIAS_ROUNDING * min(
-                float(constants[q.input[1]]) for q in quantizers):
+                float(constants[q.input[1]]) for q in quantizers) \
+                or len({constants[q.input[2]].dtype for q in quantizers}) != 1:
             nodes.append(node)
             continue
+        if parts is not None:
+            # one Gemm for every part, re-quantized by the first part's (s0, z0): each column
+            # of part p gets weight scale sw * s0 / sp and int32 bias b / (sa sw) + (zp - z0) sp / (sa sw),
+            # so that the kernel's round(acc * sa sw / sp + bias codes) + zp is that part's own codes
+            first = quantizers[0]
+            out_scale, out_zero = float(constants[first.input[1]]), int(constants[first.input[2]])
+            columns = n // len(quantizers)
+            ratio = np.repeat([out_scale / float(constants[q.input[1]]) for q in quantizers], columns)
+            offset = np.repeat([int(constants[q.input[2]]) - out_zero for q in quantizers], columns)
+            fused_step = (np.broadcast_to(weight_scale.reshape(-1), (n,)) * ratio).astype(np.float32)
+            bias_values = bias_values * ratio + offset * out_scale
+            bias_scale = (constants[a.input[1]].astype(np.float32).reshape(()) * fused_step).astype(np.float32)
+            if np.abs(bias_values / bias_scale).max(initial=0) >= 2 ** 31:
+                nodes.append(node)
+                continue
         removed.add(id(add))
         if quantize is not None:
             source = gemm(a, b.output[0], bias_values, bias_scale, quantize, k)
@@ -318,22 +337,24 @@ def requantized_gemms(model: onnx.ModelProto) -> int:
             continue
         reshape, transpose, pieces, shape, perm = parts
         removed |= {id(reshape), id(transpose)}
-        codes, zero, step = constants[b.input[0]], constants[b.input[2]], constants[b.input[1]].astype(np.float32)
-        width = n // len(pieces)
-        for index, (picking, chain, quantize) in enumerate(pieces):
-            out, columns = quantize.output[0], slice(index * width, (index + 1) * width)
-            graph.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(codes[:, columns]), f"{out}_weight"),
-                                      numpy_helper.from_array(_columns(step, columns), f"{out}_weight_scale"),
-                                      numpy_helper.from_array(_columns(zero, columns), f"{out}_weight_zero"),
-                                      numpy_helper.from_array(shape, f"{out}_part_shape")])
-            nodes.append(helper.make_node("DequantizeLinear", [f"{out}_weight", f"{out}_weight_scale", f"{out}_weight_zero"],
-                                          [f"{out}_weight_dq"], **({"axis": 1} if step.size > 1 else {})))
-            source = gemm(a, f"{out}_weight_dq", bias_values[columns], _columns(bias_scale, columns), quantize, k)
-            nodes.extend([helper.make_node("Reshape", [source, f"{out}_part_shape"], [f"{out}_part"]),
+        out = first.output[0]
+        zero = np.zeros(n, constants[b.input[2]].dtype)
+        graph.initializer.extend([numpy_helper.from_array(fused_step, f"{out}_fused_weight_scale"),
+                                  numpy_helper.from_array(zero, f"{out}_fused_weight_zero"),
+                                  numpy_helper.from_array(np.full(len(pieces), columns, np.int64), f"{out}_parts")])
+        nodes.append(helper.make_node("DequantizeLinear", [b.input[0], f"{out}_fused_weight_scale", f"{out}_fused_weight_zero"],
+                                      [f"{out}_fused_weight_dq"], axis=1))
+        source = gemm(a, f"{out}_fused_weight_dq", bias_values, bias_scale, first, k)
+        nodes.append(helper.make_node("Split", [source, f"{out}_parts"], [f"{q.output[0]}_columns" for _, _, q in pieces],
+                                      axis=1))
+        for picking, chain, quantize in pieces:
+            out = quantize.output[0]
+            graph.initializer.append(numpy_helper.from_array(shape, f"{out}_part_shape"))
+            nodes.extend([helper.make_node("Reshape", [f"{out}_columns", f"{out}_part_shape"], [f"{out}_part"]),
                           helper.make_node("Transpose", [f"{out}_part"], [f"{out}_heads" if chain else out], perm=perm)])
             reroute(chain, quantize, f"{out}_heads")
             removed |= {id(n) for n in picking}
-            rewritten += 1
+        rewritten += 1
     if not rewritten:
         return 0
     del graph.node[:]
