@@ -22,7 +22,7 @@ from rich.text import Text
 
 from edgeport.errors import BackendUnavailable, CheckFailed, UserError
 from edgeport.quant.calibrate import OBSERVERS
-from edgeport.quant.config import EXPORT_TARGETS, PRESETS, TARGETS
+from edgeport.quant.config import EXPORT_TARGETS, FORM_TIE, PRESETS, TARGETS
 
 # Results (tables, JSON) go to stdout and progress and diagnostics to stderr, as Unix tools
 # do. Logs and CI are not terminals and would get 80 columns, too narrow for the tables.
@@ -207,8 +207,8 @@ def _print_artifacts(artifacts, as_json: bool) -> None:
                    "within this (e.g. 0.005) on calibration samples held out from fitting the map.")
 @click.option("--fastest-form", is_flag=True,
               help="Quantize in each conv form (every conv float; grouped and small convs float; every conv "
-                   "integer), time each "
-                   "export beside fp32 in ONNX Runtime on this machine, and keep the fastest (ONNX Runtime only).")
+                   "integer), time each export beside fp32 in ONNX Runtime on this machine, and keep the fastest; "
+                   f"forms within {FORM_TIE:.0%} of it are a tie, kept by fidelity to the float model (ONNX Runtime only).")
 @click.option("--json", "as_json", is_flag=True)
 def quantize_command(model, method, w_bits, a_bits, target, calib, calibration, weights, inputs, targets, out,
                      sensitivity, max_drop, fastest_form, as_json):

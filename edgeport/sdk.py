@@ -609,10 +609,6 @@ class FormChoice:
 
 # the form timing: interleaved blocks of runs at batch 1, enough to order forms 10 % apart
 FORM_TIMING_BLOCKS, FORM_TIMING_RUNS = 4, 20
-# forms timed within this share of the fastest are a tie, kept by fidelity instead: Swin-T's two
-# forms timed 10.26 and 10.65 ms in one bench run and the other way round in the one before,
-# while every conv integer cost held-out cosine 0.99910 against 0.99941
-FORM_TIE = 0.05
 
 
 def _fastest_form(model: torch.nn.Module, calib, config: QuantConfig) -> tuple[torch.nn.Module, FormChoice]:
@@ -620,13 +616,13 @@ def _fastest_form(model: torch.nn.Module, calib, config: QuantConfig) -> tuple[t
     the rest are the same model), each that leaves other convs float than the ones before it
     exported and verified on the calibration batch, and the one ONNX Runtime runs fastest here
     at batch 1 (timed interleaved beside the fp32 export) returned with the timings; of forms
-    within FORM_TIE of the fastest, the one whose outputs on the calibration batch are closest
-    to the float model's (cosine)."""
+    within FORM_TIE of the fastest, the one whose exported outputs on the calibration samples
+    (batch 1) are closest to the fp32 export's (cosine)."""
     import tempfile
 
-    from edgeport.quant.config import CONV_FORMS, EXPORT_TARGETS
+    from edgeport.quant.config import CONV_FORMS, EXPORT_TARGETS, FORM_TIE
     from edgeport.quant.ptq import quantize as run_ptq
-    from edgeport.quant.sensitivity import cosine_drop, flat_output
+    from edgeport.quant.sensitivity import cosine_drop
     from edgeport.runtime.latency import interleaved_medians
 
     batch = as_args(calib)
@@ -658,16 +654,24 @@ def _fastest_form(model: torch.nn.Module, calib, config: QuantConfig) -> tuple[t
         if not qmodels:
             raise CheckFailed(f"no conv form of the quantized model verified: {'; '.join(left_out.values())}")
         runners = {name: backends.runner_for(artifact).load() for name, artifact in artifacts.items()}
-        feed = {spec.name: a.detach().numpy() for spec, a in zip(artifacts["fp32"].inputs, example)}
+        names = [spec.name for spec in artifacts["fp32"].inputs]
+        feed = {name: a.detach().numpy() for name, a in zip(names, example)}
         try:
             p50_ms = interleaved_medians(runners, feed, blocks=FORM_TIMING_BLOCKS, runs=FORM_TIMING_RUNS)
+            fastest = min(p50_ms[form] for form in qmodels)
+            tied = [form for form in qmodels if p50_ms[form] <= fastest * (1 + FORM_TIE)]
+            chosen = tied[0]
+            if len(tied) > 1:  # the fidelity of what runs: each tied export against the fp32 one
+                samples = [{name: a[i:i + 1].detach().numpy() for name, a in zip(names, batch)} for i in range(len(batch[0]))]
+
+                def outputs(name: str) -> torch.Tensor:
+                    return torch.cat([torch.as_tensor(np.asarray(value), dtype=torch.float64).flatten()
+                                      for sample in samples for value in runners[name].infer(sample).values()])
+                reference = outputs("fp32")
+                chosen = min(tied, key=lambda form: cosine_drop(reference, outputs(form)))
         finally:
             for runner in runners.values():
                 runner.close()
-    fastest = min(p50_ms[form] for form in qmodels)
-    tied = [form for form in qmodels if p50_ms[form] <= fastest * (1 + FORM_TIE)]
-    reference = flat_output(model, batch)
-    chosen = min(tied, key=lambda form: cosine_drop(reference, flat_output(qmodels[form], batch)))
     return qmodels[chosen], FormChoice(chosen, p50_ms, left_out)
 
 
@@ -701,7 +705,8 @@ def quantize(model: str | torch.nn.Module, calib: Calibration | None = None, met
     `edgeport.quant.config.CONV_FORMS` (every conv float; grouped and small convs float; every
     conv integer),
     exports and verifies each, and keeps the one ONNX Runtime runs fastest on this machine at
-    batch 1, the timings beside fp32 in its `conv_form` attribute (a `FormChoice`): which
+    batch 1 (forms within FORM_TIE of it are a tie, kept by fidelity to the float model on the
+    calibration batch), the timings beside fp32 in its `conv_form` attribute (a `FormChoice`): which
     integer conv kernels pay depends on the model and the CPU, so time them where the model
     will run.
     """

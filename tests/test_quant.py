@@ -8,9 +8,9 @@ from torch import nn
 import edgeport as ep
 from edgeport.export.tensorrt import check_readiness
 from edgeport.quant.calibrate import minmax
+from edgeport.quant.config import FORM_TIE
 from edgeport.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
 from edgeport.quant.reparam import fold_into_linear, fold_targets
-from edgeport.sdk import FORM_TIE
 
 
 def test_rounding_is_half_to_even_like_onnx():
@@ -443,22 +443,31 @@ def test_cli_fastest_form_keeps_the_conv_form_timed_fastest(tmp_path, capsys):
         ep.quantize(model, torch.zeros(4, *ep.zoo.example("cnn-digits").shape[1:]), fastest_form=True)
 
 
-def test_conv_forms_timed_within_the_tie_are_kept_by_fidelity(monkeypatch):
+def test_conv_forms_timed_within_the_tie_are_kept_by_fidelity(monkeypatch, tmp_path):
     """Forms timed within FORM_TIE of the fastest are a tie on a shared machine: with every form
-    tied, the one kept is the one whose outputs on the calibration batch are closest to the
-    float model's, each form quantized again here on its own to check."""
-    import edgeport.sdk as sdk
+    tied, the one kept is the one whose export's outputs are closest to the fp32 export's, each
+    form quantized and exported again here on its own to check."""
+    import numpy as np
+
+    import edgeport.quant.config as config
+    from edgeport.export.onnx import OnnxRuntimeRunner
     from edgeport.quant.config import CONV_FORMS, preset
-    from edgeport.quant.sensitivity import cosine_drop, flat_output
 
     model, images = ep.zoo.load("cnn-digits"), ep.zoo.testset("cnn-digits")[0][:16]
-    monkeypatch.setattr(sdk, "FORM_TIE", 1e9)
+    monkeypatch.setattr(config, "FORM_TIE", 1e9)
     chosen = ep.quantize(model, images, fastest_form=True).conv_form.chosen
-    reference = flat_output(model, (images,))
-    drops = {form: cosine_drop(reference, flat_output(ep.quantize(model, images, config=preset("repq", **CONV_FORMS[form])),
-                                                      (images,)))
-             for form in ("every conv float", "every conv integer")}
-    assert drops["every conv float"] != drops["every conv integer"] and chosen == min(drops, key=drops.get)
+
+    def outputs(path) -> np.ndarray:
+        runner = OnnxRuntimeRunner(path).load()
+        return np.concatenate([list(runner.infer({"x": images[i:i + 1].numpy()}).values())[0] for i in range(16)]).ravel()
+
+    reference = outputs(ep.export(model, images[:1], out=tmp_path, name="fp32")["onnx"].path)
+    cosines = {}
+    for form in ("every conv float", "every conv integer"):
+        qmodel = ep.quantize(model, images, config=preset("repq", **CONV_FORMS[form]))
+        output = outputs(ep.export(qmodel, images[:1], out=tmp_path, name=form.replace(" ", "-"))["onnx"].path)
+        cosines[form] = float(output @ reference / (np.linalg.norm(output) * np.linalg.norm(reference)))
+    assert cosines["every conv float"] != cosines["every conv integer"] and chosen == max(cosines, key=cosines.get)
 
 
 def test_weights_are_stored_as_integers(tmp_path):

@@ -34,8 +34,7 @@ class LayerSensitivity:
     metric: float | None = None
 
 
-def flat_output(model: nn.Module, args: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Every floating-point tensor `model(*args)` returns, flattened and concatenated (float64)."""
+def _output(model: nn.Module, args: tuple[torch.Tensor, ...]) -> torch.Tensor:
     with torch.no_grad():
         leaves = torch.utils._pytree.tree_leaves(model(*args))
     return torch.cat([leaf.double().flatten() for leaf in leaves
@@ -55,7 +54,7 @@ def layer_sensitivity(model: nn.Module, qmodel: nn.Module, args: tuple[torch.Ten
     quantized alone on the batch `args`, ranked least SQNR first; `metric(reference,
     output)`, if given, scores the float and the one-layer-quantized outputs (flattened,
     float64) too. `qmodel`'s quantizers are left switched on as they were."""
-    reference = flat_output(model, args)
+    reference = _output(model, args)
     quantizers = [m for m in qmodel.modules() if isinstance(m, QUANTIZERS)]
     enabled = [q.enabled for q in quantizers]
     results = []
@@ -68,7 +67,7 @@ def layer_sensitivity(model: nn.Module, qmodel: nn.Module, args: tuple[torch.Ten
             own = [m for m in module.modules() if isinstance(m, QUANTIZERS)]
             for quantizer in own:
                 quantizer.enabled = True
-            output = flat_output(qmodel, args)
+            output = _output(qmodel, args)
             for quantizer in own:
                 quantizer.enabled = False
             results.append(LayerSensitivity(name, sqnr_db(reference, output),
@@ -143,9 +142,9 @@ def choose_widths(model: nn.Module, calib, config, max_drop: float,
     from edgeport.quant.ptq import _calibration_args, quantize
 
     args = _calibration_args(model, calib)
-    reference = flat_output(model, args)
+    reference = _output(model, args)
     folds = _folds(args) or [(args, args)]
-    held_references = [flat_output(model, held) for _, held in folds]
+    held_references = [_output(model, held) for _, held in folds]
     noise: dict[str, dict[int, float]] = {}
     for bits in WIDTHS:
         uniform, _ = quantize(model, calib, dataclasses.replace(config, w_bits=bits, a_bits=bits, matmul_bits=None,
@@ -157,7 +156,7 @@ def choose_widths(model: nn.Module, calib, config, max_drop: float,
         losses = []
         for (fit, held), reference_held in zip(folds, held_references):
             candidate, _ = quantize(model, fit, chosen)
-            losses.append(loss(reference_held, flat_output(candidate, held)))
+            losses.append(loss(reference_held, _output(candidate, held)))
         return max(losses)
 
     budget = 2 * max_drop
@@ -183,7 +182,7 @@ def choose_widths(model: nn.Module, calib, config, max_drop: float,
         chosen = dataclasses.replace(config, w_bits=8, a_bits=8, matmul_bits=None, keep_8bit=(), layer_widths=())
         checked = held_out_loss(chosen)
     qmodel, report = quantize(model, calib, chosen)
-    drop = loss(reference, flat_output(qmodel, args))
+    drop = loss(reference, _output(qmodel, args))
     sizes = {name: m.inner.weight.numel() for name, m in qmodel.named_modules() if hasattr(m, "inner")}
     weighted = sum(sizes[name] * widths[name] for name in sizes)
     qmodel.quant_report = report
