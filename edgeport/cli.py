@@ -208,7 +208,7 @@ def _print_artifacts(artifacts, as_json: bool) -> None:
 @click.option("--fastest-form", is_flag=True,
               help="Quantize in each conv form (every conv float; grouped and small convs float; every conv "
                    "integer), time each export beside fp32 in ONNX Runtime on this machine, and keep the fastest; "
-                   f"forms within {FORM_TIE:.0%} of it are a tie, kept by fidelity to the float model (ONNX Runtime only).")
+                   f"forms within {FORM_TIE:.0%} of it are a tie, kept by the export closest to fp32's (ONNX Runtime only).")
 @click.option("--json", "as_json", is_flag=True)
 def quantize_command(model, method, w_bits, a_bits, target, calib, calibration, weights, inputs, targets, out,
                      sensitivity, max_drop, fastest_form, as_json):

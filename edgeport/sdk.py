@@ -705,8 +705,9 @@ def quantize(model: str | torch.nn.Module, calib: Calibration | None = None, met
     `edgeport.quant.config.CONV_FORMS` (every conv float; grouped and small convs float; every
     conv integer),
     exports and verifies each, and keeps the one ONNX Runtime runs fastest on this machine at
-    batch 1 (forms within FORM_TIE of it are a tie, kept by fidelity to the float model on the
-    calibration batch), the timings beside fp32 in its `conv_form` attribute (a `FormChoice`): which
+    batch 1 (forms within FORM_TIE of it are a tie, which goes to the export whose outputs on
+    the calibration samples are closest to the fp32 export's), the timings beside fp32 in its
+    `conv_form` attribute (a `FormChoice`): which
     integer conv kernels pay depends on the model and the CPU, so time them where the model
     will run.
     """

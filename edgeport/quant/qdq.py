@@ -136,11 +136,6 @@ def _dequantizer(name: str, producer: dict[str, onnx.NodeProto], constants: Cons
     return node if constants[node.input[1]].dtype == np.float32 else None
 
 
-def _columns(values: np.ndarray, columns: slice) -> np.ndarray:
-    """A per-column quantization parameter's `columns`; a per-tensor one as it is."""
-    return values if values.size == 1 else values.reshape(-1)[columns]
-
-
 # the most a re-quantizing Gemm's int32 bias may be off, in steps of the output's quantizer: it
 # is rounded to within half its step sa * sw, which grows with coarser input and weight grids
 # faster than the output's step does. Measured at W8: at most 0.0019 (MiniLM, DeiT-Ti,
