@@ -7,8 +7,8 @@
    sentences whose nearest neighbour is fp32's; top-5, the mean overlap of each sentence's 5
    nearest neighbours with fp32's. Calibration: 32 other sentences, every 10th of the first 320
    (the test sentences are the other 300), so that calibration spans the same modules. Ours
-   (minmax, percentile, repq; static activations) at three widths and repq-recon and repq-gptq-recon at 8, measured on
-   the fake-quant torch model and, for the repq methods at 8 bits, on the exported ONNX in ONNX
+   (minmax, percentile, repq; static activations) at three widths and repq-recon and
+   repq-gptq-recon at 8, measured on the fake-quant torch model and, for the repq methods at 8 bits, on the exported ONNX in ONNX
    Runtime; ONNX Runtime's quantize_dynamic (per tensor,
    per channel) and quantize_static (QDQ, per channel, MatMul only, MinMax and Percentile) at
    8 bits. Speed of the exported repq-gptq-recon W8A8 artifact (dynamic batch and sequence) at 64

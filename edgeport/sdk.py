@@ -622,8 +622,8 @@ def _fastest_form(model: torch.nn.Module, calib, config: QuantConfig) -> tuple[t
 
     from edgeport.quant.config import CONV_FORMS, EXPORT_TARGETS, FORM_TIE
     from edgeport.quant.ptq import quantize as run_ptq
-    from edgeport.quant.sensitivity import cosine_drop
     from edgeport.runtime.latency import interleaved_medians
+    from edgeport.verify import compare
 
     batch = as_args(calib)
     example, target = tuple(a[:1] for a in batch), EXPORT_TARGETS[config.target]
@@ -663,12 +663,8 @@ def _fastest_form(model: torch.nn.Module, calib, config: QuantConfig) -> tuple[t
             chosen = tied[0]
             if len(tied) > 1:  # the fidelity of what runs: each tied export against the fp32 one
                 samples = [{name: a[i:i + 1].detach().numpy() for name, a in zip(names, batch)} for i in range(len(batch[0]))]
-
-                def outputs(name: str) -> torch.Tensor:
-                    return torch.cat([torch.as_tensor(np.asarray(value), dtype=torch.float64).flatten()
-                                      for sample in samples for value in runners[name].infer(sample).values()])
-                reference = outputs("fp32")
-                chosen = min(tied, key=lambda form: cosine_drop(reference, outputs(form)))
+                chosen = max(tied, key=lambda form: min(
+                    output.cosine for output in compare(runners["fp32"], runners[form], samples).outputs))
         finally:
             for runner in runners.values():
                 runner.close()

@@ -206,3 +206,7 @@ def test_attention_called_through_sdpa_is_quantized_and_its_unbound_qkv_runs_as_
     ops = runtime_ops(artifact.path)
     assert ops["QGemm"] == blocks + 1  # each block's qkv, and the head
     assert ops["Split"] == blocks and ops["QLinearMatMul"] == blocks and "Squeeze" not in ops
+    # and each Split moves the 8-bit codes the QGemm writes, not float
+    graph = onnx.load(str(artifact.path)).graph
+    producer = {out: node.op_type for node in graph.node for out in node.output}
+    assert [producer[n.input[0]] for n in graph.node if n.op_type == "Split"] == ["QuantizeLinear"] * blocks

@@ -302,8 +302,8 @@ def requantized_gemms(model: onnx.ModelProto) -> int:
             # one Gemm for every part, re-quantized by the first part's (s0, z0): each column
             # of part p gets weight scale sw * s0 / sp and int32 bias b / (sa sw) + (zp - z0) sp / (sa sw),
             # so that the kernel's round(acc * sa sw / sp + bias codes) + zp is that part's own codes
-            first = quantizers[0]
-            out_scale, out_zero = float(constants[first.input[1]]), int(constants[first.input[2]])
+            shared = quantizers[0]
+            out_scale, out_zero = float(constants[shared.input[1]]), int(constants[shared.input[2]])
             columns = n // len(quantizers)
             ratio = np.repeat([out_scale / float(constants[q.input[1]]) for q in quantizers], columns)
             offset = np.repeat([int(constants[q.input[2]]) - out_zero for q in quantizers], columns)
@@ -332,14 +332,14 @@ def requantized_gemms(model: onnx.ModelProto) -> int:
             continue
         reshape, transpose, pieces, shape, perm = parts
         removed |= {id(reshape), id(transpose)}
-        out = first.output[0]
+        out = shared.output[0]
         zero = np.zeros(n, constants[b.input[2]].dtype)
         graph.initializer.extend([numpy_helper.from_array(fused_step, f"{out}_fused_weight_scale"),
                                   numpy_helper.from_array(zero, f"{out}_fused_weight_zero"),
                                   numpy_helper.from_array(np.full(len(pieces), columns, np.int64), f"{out}_parts")])
         nodes.append(helper.make_node("DequantizeLinear", [b.input[0], f"{out}_fused_weight_scale", f"{out}_fused_weight_zero"],
                                       [f"{out}_fused_weight_dq"], axis=1))
-        source = gemm(a, f"{out}_fused_weight_dq", bias_values, bias_scale, first, k)
+        source = gemm(a, f"{out}_fused_weight_dq", bias_values, bias_scale, shared, k)
         nodes.append(helper.make_node("Split", [source, f"{out}_parts"], [f"{q.output[0]}_columns" for _, _, q in pieces],
                                       axis=1))
         for picking, chain, quantize in pieces:
