@@ -62,6 +62,11 @@ def progress(message: str):
         diagnostics.print(f"... {message}: done in {time.perf_counter() - start:.1f} s")
 
 
+def _threads(count: int) -> str:
+    """An ONNX Runtime intra-op thread count as words (0 is its default)."""
+    return "ONNX Runtime's default threads" if count == 0 else f"{count} thread{'s' * (count != 1)}"
+
+
 def _emit_json(data) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
@@ -207,7 +212,8 @@ def _print_artifacts(artifacts, as_json: bool) -> None:
                    "within this (e.g. 0.005) on calibration samples held out from fitting the map.")
 @click.option("--fastest-form", is_flag=True,
               help="Quantize in each conv form (every conv float; grouped and small convs float; every conv "
-                   "integer), time each export beside fp32 in ONNX Runtime on this machine, and keep the fastest; "
+                   "integer), time each export beside fp32 in ONNX Runtime on this machine (at 1 thread and at ONNX "
+                   "Runtime's default, each at its faster), and keep the fastest; "
                    f"forms within {FORM_TIE:.0%} of it are a tie, kept by the export closest to fp32's (ONNX Runtime only).")
 @click.option("--json", "as_json", is_flag=True)
 def quantize_command(model, method, w_bits, a_bits, target, calib, calibration, weights, inputs, targets, out,
@@ -259,9 +265,10 @@ def quantize_command(model, method, w_bits, a_bits, target, calib, calibration, 
         for layer, bits in mixed["widths"].items():
             console.print(f"  {bits} bits  {layer}")
     if form:
-        timings = ", ".join(f"{name} {ms:.3f} ms" for name, ms in form["p50_ms"].items())
+        timings = ", ".join(f"{name} {ms:.3f} ms ({_threads(form['threads'][name])})"
+                            for name, ms in form["p50_ms"].items())
         console.print(f"conv form: {form['chosen']}, {qmodel.conv_form.speedup_vs_fp32:.2f}x fp32 (median batch-1 "
-                      f"latency measured here in ONNX Runtime: {timings})")
+                      f"latency measured here in ONNX Runtime, each at its faster thread count: {timings})")
         for name, reason in form["left_out"].items():
             console.print(f"  {name}: left out, {reason}")
     rotated = report["rotated"]

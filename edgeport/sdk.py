@@ -594,11 +594,14 @@ def calibration_batch(model: torch.nn.Module, calib: Calibration) -> torch.Tenso
 class FormChoice:
     """The conv form `quantize(..., fastest_form=True)` kept (`chosen`, a key of
     `edgeport.quant.config.CONV_FORMS`), each verified form's and the fp32 export's median
-    batch-1 latency on this machine (`p50_ms`, ms, ONNX Runtime CPU, timed interleaved), and why
-    any form was left out (`left_out`: it quantized no layer, or its export failed verification)."""
+    batch-1 latency on this machine (`p50_ms`, ms, ONNX Runtime CPU, timed interleaved) at the
+    faster of FORM_THREADS' intra-op thread counts (`threads`, 0: ONNX Runtime's default, one per
+    physical core), and why any form was left out (`left_out`: it quantized no layer, or its
+    export failed verification)."""
 
     chosen: str
     p50_ms: dict[str, float]
+    threads: dict[str, int]
     left_out: dict[str, str]
 
     @property
@@ -609,15 +612,20 @@ class FormChoice:
 
 # the form timing: interleaved blocks of runs at batch 1, enough to order forms 10 % apart
 FORM_TIMING_BLOCKS, FORM_TIMING_RUNS = 4, 20
+# ...at each of these intra-op thread counts (0: ONNX Runtime's default), each export keeping its
+# faster: at batch 1 a small model's ops do microseconds of work, and thread hand-offs cost a
+# graph of more, smaller ops more (EfficientFormerV2-S0 at 64x64 on 2 cores, the quant bench: fp32
+# 1.62 ms at 1 thread, 2.17 at 2; every conv integer 1.07x fp32 at 1 thread, 0.96x at 2)
+FORM_THREADS = (1, 0)
 
 
 def _fastest_form(model: torch.nn.Module, calib, config: QuantConfig) -> tuple[torch.nn.Module, FormChoice]:
     """`model` quantized in each conv form of `CONV_FORMS` (until one leaves no conv float:
     the rest are the same model), each that leaves other convs float than the ones before it
     exported and verified on the calibration batch, and the one ONNX Runtime runs fastest here
-    at batch 1 (timed interleaved beside the fp32 export) returned with the timings; of forms
-    within FORM_TIE of the fastest, the one whose exported outputs on the calibration samples
-    (batch 1) are closest to the fp32 export's (cosine)."""
+    at batch 1 (timed interleaved beside the fp32 export, each at the faster of FORM_THREADS)
+    returned with the timings; of forms within FORM_TIE of the fastest, the one whose exported
+    outputs on the calibration samples (batch 1) are closest to the fp32 export's (cosine)."""
     import tempfile
 
     from edgeport.quant.config import CONV_FORMS, EXPORT_TARGETS, FORM_TIE
@@ -653,22 +661,26 @@ def _fastest_form(model: torch.nn.Module, calib, config: QuantConfig) -> tuple[t
                 break
         if not qmodels:
             raise CheckFailed(f"no conv form of the quantized model verified: {'; '.join(left_out.values())}")
-        runners = {name: backends.runner_for(artifact).load() for name, artifact in artifacts.items()}
+        runners = {(name, threads): backends.runner_for(artifact, threads=threads).load()
+                   for name, artifact in artifacts.items() for threads in FORM_THREADS}
         names = [spec.name for spec in artifacts["fp32"].inputs]
         feed = {name: a.detach().numpy() for name, a in zip(names, example)}
         try:
-            p50_ms = interleaved_medians(runners, feed, blocks=FORM_TIMING_BLOCKS, runs=FORM_TIMING_RUNS)
+            timed = interleaved_medians(runners, feed, blocks=FORM_TIMING_BLOCKS, runs=FORM_TIMING_RUNS)
+            threads = {name: min(FORM_THREADS, key=lambda count: timed[name, count]) for name in artifacts}
+            p50_ms = {name: timed[name, count] for name, count in threads.items()}
             fastest = min(p50_ms[form] for form in qmodels)
             tied = [form for form in qmodels if p50_ms[form] <= fastest * (1 + FORM_TIE)]
             chosen = tied[0]
             if len(tied) > 1:  # the fidelity of what runs: each tied export against the fp32 one
                 samples = [{name: a[i:i + 1].detach().numpy() for name, a in zip(names, batch)} for i in range(len(batch[0]))]
                 chosen = max(tied, key=lambda form: min(
-                    output.cosine for output in compare(runners["fp32"], runners[form], samples).outputs))
+                    output.cosine for output in compare(runners["fp32", threads["fp32"]], runners[form, threads[form]],
+                                           samples).outputs))
         finally:
             for runner in runners.values():
                 runner.close()
-    return qmodels[chosen], FormChoice(chosen, p50_ms, left_out)
+    return qmodels[chosen], FormChoice(chosen, p50_ms, threads, left_out)
 
 
 def quantize(model: str | torch.nn.Module, calib: Calibration | None = None, method: str = "repq", w_bits: int = 8,
@@ -701,7 +713,8 @@ def quantize(model: str | torch.nn.Module, calib: Calibration | None = None, met
     `edgeport.quant.config.CONV_FORMS` (every conv float; grouped and small convs float; every
     conv integer),
     exports and verifies each, and keeps the one ONNX Runtime runs fastest on this machine at
-    batch 1 (forms within FORM_TIE of it are a tie, which goes to the export whose outputs on
+    batch 1, each timed at 1 intra-op thread and at ONNX Runtime's default and judged at its
+    faster (forms within FORM_TIE of it are a tie, which goes to the export whose outputs on
     the calibration samples are closest to the fp32 export's), the timings beside fp32 in its
     `conv_form` attribute (a `FormChoice`): which
     integer conv kernels pay depends on the model and the CPU, so time them where the model

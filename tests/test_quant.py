@@ -1,5 +1,7 @@
 """Post-training quantization: quantizers, exact reparameterization, the pipeline, QDQ export."""
 
+import re
+
 import onnx
 import pytest
 import torch
@@ -11,6 +13,7 @@ from edgeport.quant.calibrate import minmax
 from edgeport.quant.config import FORM_TIE
 from edgeport.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
 from edgeport.quant.reparam import fold_into_linear, fold_targets
+from edgeport.sdk import FORM_THREADS
 
 
 def test_rounding_is_half_to_even_like_onnx():
@@ -433,6 +436,11 @@ def test_cli_fastest_form_keeps_the_conv_form_timed_fastest(tmp_path, capsys):
     assert form["p50_ms"][form["chosen"]] <= fastest * (1 + FORM_TIE)  # a tie within it goes by fidelity
     assert bool(result["report"]["convs_kept_float"]) == (form["chosen"] != "every conv integer")
     assert result["artifacts"]["onnx"]["parity"]["passed"]
+    # each export timed at 1 thread and at ONNX Runtime's default, its faster kept and named
+    assert set(form["threads"]) == set(form["p50_ms"]) and set(form["threads"].values()) <= set(FORM_THREADS)
+    assert main(["quantize", "cnn-digits", "--fastest-form", "-o", str(tmp_path)]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert re.search(r"every conv float [0-9.]+ ms \((1 thread|ONNX Runtime's default threads)\)", printed)
     assert main(["quantize", "cnn-digits", "--fastest-form", "--target", "tensorrt", "-o", str(tmp_path)]) == 2
     assert "fastest_form times ONNX Runtime" in capsys.readouterr().err
     with pytest.raises(ep.UserError, match="neither max_drop"):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Hashable
 
 import numpy as np
 
@@ -205,10 +205,11 @@ def measure_sessions(make_runner: Callable[[], Runner], feeds: list[dict[str, np
     return summarize(samples, _batch(feeds), blocks=sessions)
 
 
-def interleaved_medians(runners: dict[str, Runner], feed: dict[str, np.ndarray], blocks: int = 8, runs: int = 40,
-                        warmup: int = 10) -> dict[str, float]:
+def interleaved_medians(runners: dict[Hashable, Runner], feed: dict[str, np.ndarray], blocks: int = 8, runs: int = 40,
+                        warmup: int = 10) -> dict[Hashable, float]:
     """Median latency (ms) of each runner, timed in alternating blocks so that the machine's
-    slow drifts fall on every variant alike: the way to compare variants side by side."""
+    slow drifts fall on every variant alike: the way to compare variants side by side. The
+    runners' keys (a name, or a (variant, threads) pair) key the result."""
     timers = {name: _timer(runner) for name, runner in runners.items()}
     for runner in runners.values():
         for _ in range(warmup):
