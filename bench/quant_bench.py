@@ -385,11 +385,10 @@ def speed(rounds: int = 7) -> dict:
     ratios = {name: [r["fp32"] / r[name] for r in per_round] for name in (ours_name, qdq_name, ort_name, dynamic_name)}
     median = {name: float(np.median(values)) for name, values in ratios.items()}
     over_dynamic = float(np.median([r[dynamic_name] / r[ours_name] for r in per_round]))
-    fp32_1, ours_1, dynamic_1 = (one_thread(name) for name in ("fp32", ours_name, dynamic_name))
-    at_1_thread = {"median_speedup_vs_fp32": {name: float(np.median([r[fp32_1] / r[one_thread(name)] for r in per_round]))
+    ms_1 = {name: np.array([r[one_thread(name)] for r in per_round]) for name in ("fp32", ours_name, dynamic_name)}
+    at_1_thread = {"median_speedup_vs_fp32": {name: float(np.median(ms_1["fp32"] / ms_1[name]))
                                               for name in (ours_name, dynamic_name)},
-                   "median_ours_speedup_vs_quantize_dynamic": float(np.median([r[dynamic_1] / r[ours_1]
-                                                                                for r in per_round]))}
+                   "median_ours_speedup_vs_quantize_dynamic": float(np.median(ms_1[dynamic_name] / ms_1[ours_name]))}
     return {"model": "ViT-S stack (384, 6 blocks, 197 tokens), batch 1, 2 threads",
             "load_average_before_after": [load_before, load_after],
             "p50_ms_per_round": per_round, "speedup_vs_fp32_per_round": ratios, "median_speedup_vs_fp32": median,
