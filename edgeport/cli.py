@@ -38,28 +38,35 @@ LOG_AFTER_S = 2.0  # in logs, steps shorter than this print nothing (a bad input
 @contextlib.contextmanager
 def progress(message: str):
     """A long step: a spinner on a terminal; in logs (not a terminal), a line when it has run
-    for `LOG_AFTER_S`, a line per sub-step after that, and one when it ends with its duration.
-    Yields a function that reports a sub-step."""
+    for `LOG_AFTER_S`, a line per sub-step after that with the seconds since the step began,
+    and one when it ends with its duration. Yields a function that reports a sub-step."""
     if diagnostics.is_terminal:
         with diagnostics.status(message) as status:
             yield lambda step: status.update(f"{message}: {step}")
         return
     start = time.perf_counter()
     started = threading.Event()
+    # the stderr of the step's start: the timer's line would otherwise land in the StringIO an
+    # exporter's `quiet()` swaps in for sys.stderr meanwhile, and be lost
+    stream = sys.stderr
+
+    def say(line: str) -> None:
+        stream.write(line + "\n")
+        stream.flush()
 
     def announce() -> None:
+        say(f"... {message}")
         started.set()
-        diagnostics.print(f"... {message}")
 
     timer = threading.Timer(LOG_AFTER_S, announce)
     timer.daemon = True
     timer.start()
     try:
-        yield lambda step: started.is_set() and diagnostics.print(f"... {message}: {step}")
+        yield lambda step: started.is_set() and say(f"... {message} [{time.perf_counter() - start:.0f} s]: {step}")
     finally:
         timer.cancel()
     if started.is_set():
-        diagnostics.print(f"... {message}: done in {time.perf_counter() - start:.1f} s")
+        say(f"... {message}: done in {time.perf_counter() - start:.1f} s")
 
 
 def _threads(count: int) -> str:

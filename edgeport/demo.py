@@ -43,15 +43,17 @@ def profile_variant(artifact_path: Path, out: Path, runs: int, accuracy_percent:
     return prof
 
 
-def quant_section(out: Path, runs: int) -> list[dict]:
+def quant_section(out: Path, runs: int, progress: Callable[[str], None] = lambda s: None) -> list[dict]:
     """RepQ W8A8 and W4A4 versions of the zoo ViT and CNN as quantized ONNX: accuracy through
-    ONNX Runtime and measured latency, beside fp32 (whose profile is the main loop's)."""
+    ONNX Runtime and measured latency, beside fp32 (whose profile is the main loop's).
+    `progress` hears each model and variant as it starts."""
     rows = []
     for name in ("vit-digits", "cnn-digits"):
         images, labels = (t.numpy() for t in zoo.testset(name))
         for bits in (32, 8, 4):
-            model = zoo.load(name) if bits == 32 else quantize(name, method="repq", w_bits=bits, a_bits=bits)
             label = "fp32" if bits == 32 else f"repq W{bits}A{bits}"
+            progress(f"{name} {label}: {'' if bits == 32 else 'quantize, '}export, verify, accuracy, latency")
+            model = zoo.load(name) if bits == 32 else quantize(name, method="repq", w_bits=bits, a_bits=bits)
             artifact = export(model, zoo.example(name), out=out, name=f"{name}-{label.replace(' ', '-').lower()}",
                               verify_inputs=[zoo.testset(name)[0][i:i + 1] for i in range(32)])["onnx"]
             runner = OnnxRuntimeRunner(artifact.path).load()
@@ -72,11 +74,13 @@ def coreml_check(artifact) -> str:
     return artifact.settings["verification"].get("numerical", "not checked")
 
 
-def coreml_section(out: Path) -> list[dict]:
+def coreml_section(out: Path, progress: Callable[[str], None] = lambda s: None) -> list[dict]:
     """Every zoo model as a Core ML package, fp32 and RepQ W8A8: what converted, and what
-    checked its numbers (Core ML on macOS, the MIL interpreter elsewhere)."""
+    checked its numbers (Core ML on macOS, the MIL interpreter elsewhere). `progress` hears
+    each model as it starts."""
     rows = []
     for name in zoo.names():
+        progress(f"{name}: Core ML packages, fp32 and RepQ W8A8")
         for variant, model in (("fp32", name), ("W8A8", quantize(name, method="repq"))):
             artifact = export(model, zoo.example(name), targets=["coreml"], out=out,
                               name=f"{name}-{variant.lower()}")["coreml"]
@@ -230,9 +234,8 @@ def run_demo(out: str | Path = "edgeport-demo", runs: int = 200, progress: Calla
             "latency_ms": {k: {"p50": v.p50, "p90": v.p90, "p99": v.p99, "mean": v.mean, "cv": v.cv,
                                "median_ci95": v.median_ci95, "runs": len(v.samples_ms)} for k, v in latency.items()},
         })
-    progress("vit-digits, cnn-digits: RepQ W8A8 and W4A4 beside fp32; Core ML of every zoo model")
-    quantized = quant_section(out, runs)
-    coreml = coreml_section(out)
+    quantized = quant_section(out, runs, progress)
+    coreml = coreml_section(out, progress)
     progress("cnn-digits-pruned: slimmed export beside the dense CNN")
     slimmed = slim_section(out, runs)
     progress("snn-digits: spiking forms (unrolled, step) for ONNX and Core ML, firing rates, energy")

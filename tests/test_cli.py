@@ -1,8 +1,10 @@
 """The command line: exit codes, one-line errors, nothing half-written, real files."""
 import json
+import re
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import torch
@@ -74,25 +76,46 @@ def test_zoo_listing(capsys):
     assert [r["name"] for r in json.loads(capsys.readouterr().out)] == ep.zoo.names()
 
 
-def test_demo_writes_summary(tmp_path, capsys):
-    assert main(["demo", "-o", str(tmp_path / "demo"), "--runs", "20", "--json"]) == 0
-    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+def test_demo_writes_summary(demo_run):
+    folder, printed = demo_run
+    summary = json.loads((folder / "summary.json").read_text())
     assert [m["model"] for m in summary["models"]] == ep.zoo.names()
     for model in summary["models"]:
         assert model["parity_passed"] and model["prediction_agreement_percent"] == 100.0
         assert model["accuracy_percent"]["onnxruntime"] == model["accuracy_percent"]["torch"] > 95
         assert model["latency_ms"]["onnxruntime"]["runs"] == 20
-    assert json.loads(capsys.readouterr().out)["models"][0]["model"] == "cnn-digits"
+    assert json.loads(printed) == summary
 
 
-def test_demo_covers_the_spiking_forms(tmp_path):
-    from edgeport.demo import spiking_section
-
-    section = spiking_section(tmp_path)
+def test_demo_covers_the_spiking_forms(demo_run):
+    folder = demo_run[0]
+    section = json.loads((folder / "summary.json").read_text())["spiking"]
     for form in ("unrolled", "step"):
         row = section["forms"][form]
         assert row["parity_passed"] and row["identical_predictions_to_torch"]
         assert row["accuracy_percent_onnxruntime"] == section["accuracy_percent_torch"]
-        assert (tmp_path / row["coreml"]).is_dir()
+        assert (folder / row["coreml"]).is_dir()
     energy = section["energy_per_sample_uj"]["fp32"]
     assert energy["snn-digits"] < energy["snn-digits as ANN"]
+
+
+def test_a_long_step_logs_each_sub_step_with_the_seconds_since_it_began(monkeypatch, capsys):
+    """In a log (stderr not a terminal) a long step announces itself, then each sub-step with
+    its elapsed seconds, then its duration: the demo's progress reads this way in CI logs. The
+    announcement comes from a timer while the step runs, typically inside an exporter whose
+    output `quiet()` swallows: it must not be swallowed with it."""
+    from edgeport import cli
+    from edgeport.export.onnx import quiet
+
+    monkeypatch.setattr(cli, "LOG_AFTER_S", 0.3)  # fires once the step is inside quiet()
+    printed, deadline = "", time.monotonic() + 10
+    with cli.progress("demo") as step:
+        with quiet():
+            while "... demo\n" not in printed and time.monotonic() < deadline:  # the timer's thread
+                time.sleep(0.01)
+                printed += capsys.readouterr().err
+        step("vit-digits: export")
+    lines = (printed + capsys.readouterr().err).splitlines()
+    assert lines[0] == "... demo"
+    assert re.fullmatch(r"\.\.\. demo \[\d+ s\]: vit-digits: export", lines[1]), lines
+    assert re.fullmatch(r"\.\.\. demo: done in \d+\.\d s", lines[2]), lines
