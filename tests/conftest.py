@@ -1,3 +1,5 @@
+import contextlib
+import io
 import os
 import sys
 from pathlib import Path
@@ -18,3 +20,15 @@ def out(tmp_path: Path) -> Path:
 def leftovers(folder: Path) -> list[str]:
     """Everything a failed command left in `folder` (nothing is expected)."""
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> tuple[Path, str]:
+    """One `edgeport demo --runs 20 --json` through the real entry point, shared by the tests
+    that read its output (it takes about two minutes): its folder and what it printed on stdout."""
+    from edgeport.cli import main
+
+    out, printed = tmp_path_factory.mktemp("demo") / "demo", io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["demo", "-o", str(out), "--runs", "20", "--json"]) == 0
+    return out, printed.getvalue()

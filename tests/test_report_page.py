@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 
 from edgeport.cli import main
-from edgeport.demo import run_demo
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (`make test` installs it)")
@@ -129,15 +128,13 @@ PLOTS = """Array.from(document.querySelectorAll("figure.plot")).map(figure => {
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    """The demo's output folder (EDGEPORT_REPORT_DEMO names one already made, to take a
-    screenshot again without running the demo)."""
+def demo(request) -> Path:
+    """The demo's output folder: the session's `edgeport demo` run (EDGEPORT_REPORT_DEMO names
+    one already made, to take a screenshot again without running the demo)."""
     if os.environ.get("EDGEPORT_REPORT_DEMO"):
         return Path(os.environ["EDGEPORT_REPORT_DEMO"])
-    out = tmp_path_factory.mktemp("demo")
-    summary = run_demo(out, runs=20)
-    assert summary["report"] == str(out / "report.html")
-    assert json.loads((out / "summary.json").read_text())["report"] == summary["report"]
+    out = request.getfixturevalue("demo_run")[0]
+    assert json.loads((out / "summary.json").read_text())["report"] == str(out / "report.html")
     return out
 
 
