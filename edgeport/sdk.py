@@ -609,6 +609,19 @@ class FormChoice:
         """fp32 latency over the chosen form's (above 1: the quantized model is faster here)."""
         return self.p50_ms["fp32"] / self.p50_ms[self.chosen]
 
+    @property
+    def caveat(self) -> str | None:
+        """What to tell the user where the kept form ran slower than the fp32 export here by more
+        than FORM_TIE (None otherwise): quantizing did not pay on this machine at batch 1."""
+        from edgeport.quant.config import FORM_TIE
+
+        if self.p50_ms[self.chosen] <= self.p50_ms["fp32"] * (1 + FORM_TIE):
+            return None
+        return (f"the quantized form kept ({self.chosen}, {self.p50_ms[self.chosen]:.3f} ms) runs slower than "
+                f"its fp32 export ({self.p50_ms['fp32']:.3f} ms) at batch 1 on this machine: here ONNX Runtime's "
+                f"integer kernels do not pay for the quantize and dequantize around them; deploy the fp32 model "
+                f"here, or time the quantized one at the batch and input size you serve")
+
 
 # the form timing: interleaved blocks of runs at batch 1, enough to order forms 10 % apart
 FORM_TIMING_BLOCKS, FORM_TIMING_RUNS = 4, 20
@@ -718,7 +731,7 @@ def quantize(model: str | torch.nn.Module, calib: Calibration | None = None, met
     the calibration samples are closest to the fp32 export's), the timings beside fp32 in its
     `conv_form` attribute (a `FormChoice`): which
     integer conv kernels pay depends on the model and the CPU, so time them where the model
-    will run.
+    will run. Where the form kept ran slower than fp32 beyond a tie it warns (`EdgeportWarning`).
     """
     from edgeport.quant.config import preset, target_caveat
     from edgeport.quant.ptq import quantize as run_ptq
@@ -750,6 +763,8 @@ def quantize(model: str | torch.nn.Module, calib: Calibration | None = None, met
                         "max_drop nor the tensorrt target (TensorRT times its own kernels when it builds)")
     if fastest_form:
         qmodel, qmodel.conv_form = _fastest_form(torch_model, calib, config)
+        if qmodel.conv_form.caveat:
+            warnings.warn(qmodel.conv_form.caveat, EdgeportWarning, stacklevel=2)
     elif max_drop is None:
         qmodel, qmodel.quant_report = run_ptq(torch_model, calib, config)
     else:

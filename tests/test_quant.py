@@ -428,8 +428,12 @@ def test_cli_fastest_form_keeps_the_conv_form_timed_fastest(tmp_path, capsys):
     from edgeport.cli import main
 
     assert main(["quantize", "cnn-digits", "--fastest-form", "-o", str(tmp_path), "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
+    printed = capsys.readouterr()
+    result = json.loads(printed.out)
     form = result["conv_form"]
+    # where the form kept timed slower than fp32 here (beyond a tie), the user is told so, on stderr
+    slower = form["p50_ms"][form["chosen"]] > form["p50_ms"]["fp32"] * (1 + FORM_TIE)
+    assert ("warning: the quantized form kept" in printed.err) == slower, (form, printed.err)
     # the small-conv form leaves the same convs float as the first: one model, timed once
     assert set(form["p50_ms"]) == {"fp32", "every conv float", "every conv integer"} and not form["left_out"]
     fastest = min(form["p50_ms"][f] for f in set(form["p50_ms"]) - {"fp32"})
@@ -449,6 +453,18 @@ def test_cli_fastest_form_keeps_the_conv_form_timed_fastest(tmp_path, capsys):
     model = ep.zoo.load("cnn-digits")
     with pytest.raises(ep.UserError, match="degenerate calibration"):
         ep.quantize(model, torch.zeros(4, *ep.zoo.example("cnn-digits").shape[1:]), fastest_form=True)
+
+
+def test_a_form_kept_slower_than_fp32_beyond_the_tie_is_a_caveat():
+    """Timings within FORM_TIE of fp32 are a tie on a shared machine and say nothing; beyond it
+    the user hears that quantizing did not pay here, with both timings."""
+    from edgeport.sdk import FormChoice
+
+    def kept(ms: float) -> FormChoice:
+        return FormChoice("every conv float", {"fp32": 1.0, "every conv float": ms}, {"fp32": 1, "every conv float": 0}, {})
+
+    assert kept(0.8).caveat is None and kept(1 + FORM_TIE / 2).caveat is None
+    assert "(every conv float, 1.200 ms) runs slower than its fp32 export (1.000 ms)" in kept(1.2).caveat
 
 
 def test_conv_forms_timed_within_the_tie_are_kept_by_fidelity(monkeypatch, tmp_path):
