@@ -43,7 +43,7 @@ def profile_variant(artifact_path: Path, out: Path, runs: int, accuracy_percent:
     return prof
 
 
-def quant_section(out: Path, runs: int, progress: Callable[[str], None] = lambda s: None) -> list[dict]:
+def quant_section(out: Path, runs: int, progress: Callable[[str], None]) -> list[dict]:
     """RepQ W8A8 and W4A4 versions of the zoo ViT and CNN as quantized ONNX: accuracy through
     ONNX Runtime and measured latency, beside fp32 (whose profile is the main loop's).
     `progress` hears each model and variant as it starts."""
@@ -74,7 +74,7 @@ def coreml_check(artifact) -> str:
     return artifact.settings["verification"].get("numerical", "not checked")
 
 
-def coreml_section(out: Path, progress: Callable[[str], None] = lambda s: None) -> list[dict]:
+def coreml_section(out: Path, progress: Callable[[str], None]) -> list[dict]:
     """Every zoo model as a Core ML package, fp32 and RepQ W8A8: what converted, and what
     checked its numbers (Core ML on macOS, the MIL interpreter elsewhere). `progress` hears
     each model as it starts."""
