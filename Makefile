@@ -20,7 +20,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	@# the report page is tested in a real headless browser: Chromium from Debian's packages
 	command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
-	$(PY) -m pytest -q
+	@# two worker processes (tests that share the demo run, or start Ray clusters, stay on one);
+	@# then, alone, the tests that assert timings are stable
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not serial"
+	$(PY) -m pytest -q -m serial
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,test-models,peers]' 2>&1 | grep -v "is ignored: it is neither" || true

@@ -9,7 +9,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))  # for hf_models and test helper modules
-torch.set_num_threads(2)
+# under pytest-xdist (`make test`: two workers on two cores) each worker takes one core
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture
@@ -22,6 +23,7 @@ def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 
 
+# the tests that read the demo run share one worker (xdist_group "demo"), so it runs once
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory) -> tuple[Path, str]:
     """One `edgeport demo --runs 20 --json` through the real entry point, shared by the tests

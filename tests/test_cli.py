@@ -7,6 +7,7 @@ import textwrap
 import time
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -76,6 +77,7 @@ def test_zoo_listing(capsys):
     assert [r["name"] for r in json.loads(capsys.readouterr().out)] == ep.zoo.names()
 
 
+@pytest.mark.xdist_group("demo")
 def test_demo_writes_summary(demo_run):
     folder, printed = demo_run
     summary = json.loads((folder / "summary.json").read_text())
@@ -87,6 +89,7 @@ def test_demo_writes_summary(demo_run):
     assert json.loads(printed) == summary
 
 
+@pytest.mark.xdist_group("demo")
 def test_demo_covers_the_spiking_forms(demo_run):
     folder = demo_run[0]
     section = json.loads((folder / "summary.json").read_text())["spiking"]

@@ -121,6 +121,7 @@ def test_rails_in_milliwatts(tmp_path):
     assert meter._power() == pytest.approx(5.0)
 
 
+@pytest.mark.serial
 def test_rails_in_millivolts_and_milliamps_integrate_to_joules(tmp_path):
     jetson_mainline(tmp_path, {"VDD_IN": (5000, 1200), "VDD_CPU_GPU_CV": (5000, 400)})
     meter = HwmonMeter(tmp_path, interval_s=0.01)

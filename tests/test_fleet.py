@@ -26,6 +26,8 @@ from edgeport.fleet.localcluster import LocalCluster, free_port
 from edgeport.fleet.plan import EXPORT, MEASURE, Job, parse_variant
 from edgeport.fleet.results import Results
 
+pytestmark = pytest.mark.xdist_group("ray")  # one worker starts this file's Ray clusters, one at a time
+
 MODELS = ["cnn-digits", "cnn-digits-pruned"]  # the two cheapest zoo models to export
 VARIANTS = ["fp32", "repq-w8a8"]
 DEVICES = ["jetson-orin-nano", "raspberry-pi-5"]

@@ -277,6 +277,7 @@ def test_host_calibration_is_cached_per_machine_and_redone_on_request(tmp_path, 
         catalog.host(recalibrate=True)
 
 
+@pytest.mark.serial
 def test_five_recalibrated_host_estimates_agree_within_1_3x(artifacts, tmp_path, monkeypatch):
     """Each estimate on a freshly measured host: the calibration, not the cache, must be stable."""
     monkeypatch.setenv("EDGEPORT_CACHE_DIR", str(tmp_path))
@@ -289,6 +290,7 @@ def test_five_recalibrated_host_estimates_agree_within_1_3x(artifacts, tmp_path,
         assert max(values) / min(values) <= 1.3, f"{name}: host estimates {values}"
 
 
+@pytest.mark.serial
 def test_op_shares_are_medians_stable_and_mapped_to_modules(artifacts):
     feeds = [{"x": ep.zoo.testset("cnn-digits")[0][i:i + 1].numpy()} for i in range(16)]
     shares = [profile_onnxruntime(artifacts["cnn-digits"].path, feeds, runs=50).by_category() for _ in range(5)]

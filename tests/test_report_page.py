@@ -22,7 +22,8 @@ import pytest
 from edgeport.cli import main
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (`make test` installs it)")
+pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (`make test` installs it)"),
+              pytest.mark.xdist_group("demo")]  # the demo run's worker (conftest.demo_run)
 HOSTILE = {"label": '<img src=x onerror="window.pwned=1">', "model": "</table><script>window.pwned=2</script>",
            "module": "'><svg onload=window.pwned=3>"}
 
