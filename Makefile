@@ -20,8 +20,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	@# the report page is tested in a real headless browser: Chromium from Debian's packages
 	command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
-	@# two worker processes (tests that share the demo run, or start Ray clusters, stay on one);
-	@# then, alone, the tests that assert timings are stable
+	@# two worker processes (the tests that share the demo run stay on one); then, alone, the
+	@# tests that assert timings are stable or run Ray clusters and interrupted subprocesses
 	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not serial"
 	$(PY) -m pytest -q -m serial
 
