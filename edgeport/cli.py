@@ -94,10 +94,15 @@ def _parity_table(artifact) -> Table:
     parity = artifact.parity
     checked = (f"verified: {parity.candidate} against {parity.reference} on {parity.samples} samples "
                f"({parity.inputs_source})" if parity else "numerical parity not checked")
-    table = Table(title=f"{artifact.path}  ({made})", caption=checked)
+    return _outputs_table(f"{artifact.path}  ({made})", checked, parity)
+
+
+def _outputs_table(title: str, caption: str, report) -> Table:
+    """One row per output of a parity report (none where `report` is None)."""
+    table = Table(title=title, caption=caption)
     for column in ("output", "verdict", "max abs", "rel to scale", "cosine", "SQNR dB", "tolerance"):
         table.add_column(column)
-    for o in artifact.parity.outputs if artifact.parity else []:
+    for o in report.outputs if report else []:
         table.add_row(o.name, Text("ok", style="green") if o.passed else Text("FAILED", style="red"), f"{o.max_abs_error:.2e}",
                       f"{o.max_rel_error:.2e}", f"{o.cosine:.6f}", f"{o.sqnr_db:.1f}", o.tolerance.short())
     return table
@@ -252,12 +257,15 @@ def quantize_command(model, method, w_bits, a_bits, target, calib, calibration, 
         width = "mixed" if max_drop is not None else f"w{w_bits}a{a_bits}"
         name = f"{model if not any(c in model for c in '/:') else 'model'}-{method}-{width}"
         artifacts = _export_quantized(model, qmodel, example, batch, targets, out, name)
+    with progress(f"comparing the quantized {model} with its float model"):
+        against_float = _against_float(model, weights, qmodel, batch, artifacts)
     report = asdict(qmodel.quant_report)
     ranking = [asdict(r) for r in getattr(qmodel, "sensitivity", [])]
     mixed = asdict(qmodel.mixed_precision) if hasattr(qmodel, "mixed_precision") else None
     form = asdict(qmodel.conv_form) if fastest_form else None
     if as_json:
-        _emit_json({"report": report, "artifacts": {t: a.to_dict() for t, a in artifacts.items()}}
+        _emit_json({"report": report, "artifacts": {t: a.to_dict() for t, a in artifacts.items()},
+                    "against_float": against_float.to_dict()}
                    | ({"sensitivity": ranking} if sensitivity else {}) | ({"mixed_precision": mixed} if mixed else {})
                    | ({"conv_form": form} if form else {}))
         return
@@ -287,11 +295,32 @@ def quantize_command(model, method, w_bits, a_bits, target, calib, calibration, 
         console.print(f"  runs as float ops: {line}")
     for line in rotated:
         console.print(f"  rotated: {line}")
+    console.print(_outputs_table("what quantizing cost: the quantized model against the float one",
+                                 f"on {against_float.samples} samples ({against_float.inputs_source}); each "
+                                 f"artifact below matches the quantized model", against_float))
     for artifact in artifacts.values():
         console.print(_parity_table(artifact))
         for note in artifact.notes:
             console.print(f"note: {note}")
         console.print(f"wrote {artifact.path}")
+
+
+def _against_float(model: str, weights: str | None, qmodel, calibration, artifacts: dict):
+    """The quantized model against the float model it came from (`edgeport.verify.quantization_cost`),
+    on a zoo model's 64 test images, else on the calibration batch, which its ranges were
+    fitted to; the artifacts match the quantized model (their own verification)."""
+    from edgeport import zoo
+    from edgeport.sdk import load_model
+    from edgeport.verify import quantization_cost
+
+    if model in zoo.names():
+        args, source = (zoo.testset(model)[0][:64],), "64 test images"
+    else:
+        args = calibration if isinstance(calibration, tuple) else (calibration,)
+        source = "the calibration batch, the samples its ranges were fitted to: new inputs may lose more"
+    artifact = next(iter(artifacts.values()))
+    return quantization_cost(load_model(model, weights), qmodel, args, inputs_source=source,
+                             output_names=[spec.name for spec in artifact.outputs], precision=artifact.precision)
 
 
 def _calibration_arrays(path: str):

@@ -10,6 +10,7 @@ import torch
 import edgeport as ep
 from edgeport.cli import main
 from edgeport.errors import EdgeportWarning
+from edgeport.verify import quantization_cost
 from hf_models import ARCHITECTURES
 
 FACTORY = '''import sys
@@ -78,6 +79,11 @@ def test_cli_calibration_npz_by_input_name(bert_factory, tmp_path, capsys):
     artifact = result["artifacts"]["onnx"]
     assert artifact["parity"]["samples"] == 8  # verified on the calibration batch, the example its first row
     assert [s["shape"] for s in artifact["inputs"]] == [[1, 16], [1, 16]]
+    # what quantizing cost against the float model: the padded row's last 8 positions left out
+    cost = result["against_float"]
+    assert cost["samples"] == 8 and "the attention mask keeps" in cost["inputs_source"]
+    hidden = next(o for o in cost["outputs"] if o["name"] == "last_hidden_state")
+    assert hidden["shape"] == [8 * 16 - 8, 32] and 0.9 < hidden["cosine"] < 1
     np.savez(tmp_path / "wrong.npz", ids=ids.numpy())
     assert main(["quantize", bert_factory, "--calib", str(tmp_path / "wrong.npz"), "-o", str(tmp_path / "out2")]) == 2
     assert "name no input of the model" in capsys.readouterr().err
@@ -104,3 +110,37 @@ def test_sdk_warns_only_where_tensorrt_cannot_run_the_widths():
     assert not [w for w in caught if issubclass(w.category, EdgeportWarning)]
     with pytest.warns(EdgeportWarning, match="W6A6 for TensorRT"):
         ep.quantize("cnn-digits", w_bits=6, a_bits=6, target="tensorrt")
+
+
+def tokens(input_ids: torch.Tensor, mask: torch.Tensor, pad_error: float) -> dict:
+    """Per-token outputs, off by `pad_error` at the positions `mask` zeroes."""
+    return {"last_hidden_state": input_ids.float().unsqueeze(-1).repeat(1, 1, 4)
+            + pad_error * (1 - mask.float()).unsqueeze(-1)}
+
+
+class MaskedEncoder(torch.nn.Module):
+    def __init__(self, pad_error: float):
+        super().__init__()
+        self.pad_error = pad_error
+
+    def forward(self, input_ids, attention_mask):
+        return tokens(input_ids, attention_mask, self.pad_error)
+
+
+class PaddingEncoder(MaskedEncoder):
+    """The same model with its mask under another name."""
+
+    def forward(self, input_ids, padding):
+        return tokens(input_ids, padding, self.pad_error)
+
+
+def test_quantization_cost_judges_token_outputs_on_the_positions_the_mask_keeps():
+    """A padded position's output is computed but means nothing: with an `attention_mask`,
+    token outputs are judged on the positions it keeps; under any other name every position
+    counts, so the same error fails."""
+    ids, mask = token_batch(4, 8)
+    kept = quantization_cost(MaskedEncoder(0), MaskedEncoder(100), (ids, mask), output_names=["last_hidden_state"])
+    assert kept.passed and kept.outputs[0].cosine == pytest.approx(1) and kept.outputs[0].shape == [4 * 8 - 4, 4]
+    assert "the attention mask keeps" in kept.inputs_source
+    every = quantization_cost(PaddingEncoder(0), PaddingEncoder(100), (ids, mask))
+    assert not every.passed and every.outputs[0].shape == [4, 8, 4] and every.outputs[0].name == "output_0"
