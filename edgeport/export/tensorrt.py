@@ -224,7 +224,7 @@ def tensorrt_module():
     try:
         import tensorrt
     except ImportError as error:
-        raise BackendUnavailable("tensorrt", "the tensorrt package is not installed here", INSTALL) from error
+        raise BackendUnavailable("tensorrt", "the tensorrt package is not installed", INSTALL) from error
     return tensorrt
 
 
