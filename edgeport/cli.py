@@ -242,7 +242,8 @@ def quantize_command(model, method, w_bits, a_bits, target, calib, calibration, 
     if target is not None and EXPORT_TARGETS[target] not in targets:
         targets.append(EXPORT_TARGETS[target])
         diagnostics.print(f"note: --target {target} also writes the {EXPORT_TARGETS[target]} target")
-    batch = calibration_batch(load_model(model, weights), _calibration_arrays(calib)) if calib else None
+    float_model = load_model(model, weights)  # for the calibration's input names and what quantizing cost
+    batch = calibration_batch(float_model, _calibration_arrays(calib)) if calib else None
     timing = ", timing each conv form in ONNX Runtime" if fastest_form else ""
     with progress(f"quantizing {model} ({method}, W{w_bits}A{a_bits}{timing})"), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", EdgeportWarning)
@@ -258,7 +259,7 @@ def quantize_command(model, method, w_bits, a_bits, target, calib, calibration, 
         name = f"{model if not any(c in model for c in '/:') else 'model'}-{method}-{width}"
         artifacts = _export_quantized(model, qmodel, example, batch, targets, out, name)
     with progress(f"comparing the quantized {model} with its float model"):
-        against_float = _against_float(model, weights, qmodel, batch, artifacts)
+        against_float = _against_float(model, float_model, qmodel, batch, artifacts)
     report = asdict(qmodel.quant_report)
     ranking = [asdict(r) for r in getattr(qmodel, "sensitivity", [])]
     mixed = asdict(qmodel.mixed_precision) if hasattr(qmodel, "mixed_precision") else None
@@ -305,12 +306,11 @@ def quantize_command(model, method, w_bits, a_bits, target, calib, calibration, 
         console.print(f"wrote {artifact.path}")
 
 
-def _against_float(model: str, weights: str | None, qmodel, calibration, artifacts: dict):
+def _against_float(model: str, float_model, qmodel, calibration, artifacts: dict):
     """The quantized model against the float model it came from (`edgeport.verify.quantization_cost`),
     on a zoo model's 64 test images, else on the calibration batch, which its ranges were
     fitted to; the artifacts match the quantized model (their own verification)."""
     from edgeport import zoo
-    from edgeport.sdk import load_model
     from edgeport.verify import quantization_cost
 
     if model in zoo.names():
@@ -319,7 +319,7 @@ def _against_float(model: str, weights: str | None, qmodel, calibration, artifac
         args = calibration if isinstance(calibration, tuple) else (calibration,)
         source = "the calibration batch, the samples its ranges were fitted to: new inputs may lose more"
     artifact = next(iter(artifacts.values()))
-    return quantization_cost(load_model(model, weights), qmodel, args, inputs_source=source,
+    return quantization_cost(float_model, qmodel, args, inputs_source=source,
                              output_names=[spec.name for spec in artifact.outputs], precision=artifact.precision)
 
 
