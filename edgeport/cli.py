@@ -228,8 +228,9 @@ def _print_artifacts(artifacts, as_json: bool) -> None:
                    "Runtime's default, each at its faster), and keep the fastest; "
                    f"forms within {FORM_TIE:.0%} of it are a tie, kept by the export closest to fp32's (ONNX Runtime only).")
 @click.option("--json", "as_json", is_flag=True)
+@backend_options
 def quantize_command(model, method, w_bits, a_bits, target, calib, calibration, weights, inputs, targets, out,
-                     sensitivity, max_drop, fastest_form, as_json):
+                     sensitivity, max_drop, fastest_form, as_json, **options):
     """Post-training quantization of MODEL, exported as quantized ONNX and verified against the fake-quant model."""
     from dataclasses import asdict
 
@@ -257,7 +258,8 @@ def quantize_command(model, method, w_bits, a_bits, target, calib, calibration, 
         example = tuple(parse_input(s) for s in inputs) or None
         width = "mixed" if max_drop is not None else f"w{w_bits}a{a_bits}"
         name = f"{model if not any(c in model for c in '/:') else 'model'}-{method}-{width}"
-        artifacts = _export_quantized(model, qmodel, example, batch, targets, out, name)
+        artifacts = _export_quantized(model, qmodel, example, batch, targets, out, name,
+                                      {k: v for k, v in options.items() if v is not None})
     with progress(f"comparing the quantized {model} with its float model"):
         against_float = _against_float(model, float_model, qmodel, batch, artifacts)
     report = asdict(qmodel.quant_report)
@@ -336,10 +338,10 @@ def _calibration_arrays(path: str):
     return arrays
 
 
-def _export_quantized(model, qmodel, example, calibration, targets, out, name):
-    """Export the quantized model. A zoo model is verified on 64 of its test images; a model
-    without `--input` takes its example from the calibration batch's first sample and is
-    verified on the batch (real samples)."""
+def _export_quantized(model, qmodel, example, calibration, targets, out, name, options):
+    """Export the quantized model with the backends' `options`. A zoo model is verified on 64
+    of its test images; a model without `--input` takes its example from the calibration
+    batch's first sample and is verified on the batch (real samples)."""
     from edgeport import zoo
     from edgeport.sdk import export
 
@@ -349,7 +351,7 @@ def _export_quantized(model, qmodel, example, calibration, targets, out, name):
     elif example is None and calibration is not None:
         batch = calibration if isinstance(calibration, tuple) else (calibration,)
         example, inputs = tuple(a[:1] for a in batch), [batch]
-    return export(qmodel, example, targets=targets, out=out, name=name, verify_inputs=inputs)
+    return export(qmodel, example, targets=targets, out=out, name=name, verify_inputs=inputs, **options)
 
 
 def _localization_table(localization) -> Table:

@@ -310,7 +310,8 @@ def export(model: str | torch.nn.Module, example: Example | None = None, targets
     pruned model.
 
     `options` are the backends' own (each backend's `Options`; `edgeport export --help` lists
-    them): `opset` and `exporter` (ONNX, TensorRT), `coreml_precision` and `coreml_weights`
+    them): `opset` and `exporter` (ONNX, TensorRT), `int8_weights` (ONNX: "auto", "signed" or
+    "unsigned", how a quantized model's 8-bit weights are stored), `coreml_precision` and `coreml_weights`
     ("int8", "int4", "palettize4", "palettize6"), `tensorrt_precision`. Core ML packages are
     checked structurally everywhere and numerically where Core ML runs (macOS); the artifact's
     `settings["verification"]` says which. `targets=["tensorrt"]` writes the verified ONNX as

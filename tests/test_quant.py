@@ -2,6 +2,7 @@
 
 import re
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -139,6 +140,74 @@ def test_qdq_export_matches_the_fake_quant_model(bits, tmp_path):
         integer, qdq = (ep.estimate(a.path) for a in artifacts.values())
         fused_adds = [n.name for n in integer.nodes if n.op_type == "Add" and n.bound == "fused"]
         assert len(fused_adds) == 12 and integer.macs == qdq.macs
+
+
+def test_unsigned_int8_weights_hold_the_same_values_and_fuse_into_the_same_kernels(tmp_path):
+    """`int8_weights="unsigned"` stores each 8-bit weight as uint8 with zero point 128, what x86
+    CPUs without VNNI multiply exactly: every weight dequantizes to the same values as in the
+    int8 file, ONNX Runtime runs the same integer ops, the file verifies against the fake-quant
+    model on any host, and the sidecar says on which CPUs each form is exact."""
+    from onnx import numpy_helper
+
+    qmodel = ep.quantize("vit-digits", w_bits=8, a_bits=8)
+    images = ep.zoo.testset("vit-digits")[0]
+    artifacts = {form: ep.export(qmodel, images[:1], out=tmp_path / form, name=form, int8_weights=form,
+                                 check=form == "unsigned", verify_inputs=[images[i:i + 1] for i in range(32)])["onnx"]
+                 for form in ("signed", "unsigned")}
+    def integer_weights(graph) -> dict[str, np.ndarray]:
+        """Per DequantizeLinear or MatMulInteger reading a stored weight (2-D or more) with its
+        zero point: the codes minus that zero point, what its integer arithmetic multiplies."""
+        stored = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        found = {}
+        for node in graph.node:
+            weight_index, zero_index = {"DequantizeLinear": (0, 2), "MatMulInteger": (1, 3)}.get(node.op_type, (0, 0))
+            codes = stored.get(node.input[weight_index]) if zero_index < len(node.input) else None
+            if codes is None or codes.ndim < 2:
+                continue
+            zero = stored[node.input[zero_index]].astype(np.int32)
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % codes.ndim
+            if node.op_type == "DequantizeLinear" and zero.ndim:  # per channel along `axis`
+                zero = zero.reshape([-1 if d == axis else 1 for d in range(codes.ndim)])
+            found[node.output[0]] = codes.astype(np.int32) - zero
+        return found
+
+    weights = {form: integer_weights(onnx.load(artifact.path).graph) for form, artifact in artifacts.items()}
+    assert weights["signed"].keys() == weights["unsigned"].keys() and len(weights["signed"]) >= 18  # 17 Linears, 1 Conv
+    assert all(np.array_equal(weights["signed"][name], weights["unsigned"][name]) for name in weights["signed"])
+    stored_types = {form: {t.data_type for t in onnx.load(a.path).graph.initializer if len(t.dims) >= 2}
+                    for form, a in artifacts.items()}
+    assert onnx.TensorProto.INT8 in stored_types["signed"] and onnx.TensorProto.INT8 not in stored_types["unsigned"]
+    assert sorted(optimized_op_types(artifacts["signed"].path, tmp_path)) == \
+        sorted(optimized_op_types(artifacts["unsigned"].path, tmp_path))
+    assert artifacts["unsigned"].parity.outputs[0].max_rel_error <= 1e-2
+    assert artifacts["unsigned"].settings["int8_weights"].startswith("uint8 (asked for): exact on every CPU")
+    assert "x86 CPUs without VNNI" in artifacts["signed"].settings["int8_weights"]
+
+
+# /proc/cpuinfo flags of an AVX2 CPU (AMD EPYC, Zen 3) and of an AVX-512 VNNI one (Intel Xeon, Cascade Lake)
+ZEN3_FLAGS = ("flags\t\t: fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush mmx fxsr sse "
+              "sse2 ht syscall nx mmxext fxsr_opt pdpe1gb rdtscp lm constant_tsc rep_good nopl pni pclmulqdq ssse3 fma "
+              "cx16 pcid sse4_1 sse4_2 x2apic movbe popcnt aes xsave avx f16c rdrand hypervisor lahf_lm avx2 smep bmi2 "
+              "erms invpcid rdseed adx smap clflushopt clwb sha_ni xsaveopt xsavec xgetbv1 xsaves vaes vpclmulqdq rdpid")
+CASCADE_LAKE_FLAGS = ("flags\t\t: fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush mmx "
+                      "fxsr sse sse2 ss ht syscall nx pdpe1gb rdtscp lm constant_tsc rep_good nopl xtopology nonstop_tsc "
+                      "pni pclmulqdq ssse3 fma cx16 pcid sse4_1 sse4_2 x2apic movbe popcnt aes xsave avx f16c rdrand "
+                      "hypervisor lahf_lm abm 3dnowprefetch fsgsbase bmi1 hle avx2 smep bmi2 erms invpcid rtm mpx "
+                      "avx512f avx512dq rdseed adx smap clflushopt clwb avx512cd avx512bw avx512vl xsaveopt xsavec "
+                      "xgetbv1 xsaves arat avx512_vnni md_clear arch_capabilities")
+
+
+@pytest.mark.parametrize("machine, flags, saturates", [("x86_64", ZEN3_FLAGS, True), ("x86_64", CASCADE_LAKE_FLAGS, False),
+                                                       ("x86_64", "", True), ("aarch64", "", False)])
+def test_which_hosts_saturate_int8_weights(machine, flags, saturates, monkeypatch):
+    """"auto" stores int8 weights only where the host's ONNX Runtime multiplies uint8 by int8
+    exactly: an x86 CPU with VNNI (or AMX), or a non-x86 one; x86 flags that cannot be read
+    count as saturating."""
+    from edgeport.devices import catalog
+
+    monkeypatch.setattr(catalog.platform, "machine", lambda: machine)
+    monkeypatch.setattr(catalog, "cpu_flags", lambda: flags)
+    assert catalog.u8s8_saturates() is saturates
 
 
 def test_quantized_export_with_a_dynamic_batch(tmp_path):

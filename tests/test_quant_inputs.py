@@ -101,6 +101,16 @@ def test_cli_target_tensorrt_writes_the_tensorrt_artifact_and_warns_at_w4a4(tmp_
     assert (out / "vit-digits-repq-w4a4-tensorrt.trtexec.sh").exists()
 
 
+def test_cli_quantize_takes_the_export_options(tmp_path, capsys):
+    """`edgeport quantize` exports with the backends' options, as `edgeport export` does: here the
+    weight type of the ONNX Runtime form, which the artifact's record states."""
+    assert main(["quantize", "cnn-digits", "--int8-weights", "unsigned", "-o", str(tmp_path), "--json"]) == 0
+    artifact = json.loads(capsys.readouterr().out)["artifacts"]["onnx"]
+    assert artifact["settings"]["int8_weights"].startswith("uint8 (asked for): exact on every CPU")
+    assert main(["quantize", "cnn-digits", "--int8-weights", "both", "-o", str(tmp_path / "bad")]) == 2
+    assert "--int8-weights" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
 def test_sdk_warns_only_where_tensorrt_cannot_run_the_widths():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

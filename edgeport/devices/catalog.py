@@ -194,11 +194,29 @@ def calibrate(repeats: int = CALIBRATION_REPEATS) -> dict[str, dict[str, float]]
     return {"figures": figures, "spread": spread}
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
+    """The CPU's flags line of /proc/cpuinfo ("flags : fpu vme ... avx2 ..."; empty where there is none)."""
     try:
         return next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
     except OSError:
         return ""
+
+
+# x86 CPU flags under which ONNX Runtime multiplies uint8 by int8 without saturating: VNNI's
+# dot products and AMX accumulate in 32 bits (its AVX2 and plain AVX-512 kernels add each pair
+# of products in 16 bits first)
+EXACT_U8S8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+X86_MACHINES = ("x86_64", "amd64", "i386", "i686", "x86")
+
+
+def u8s8_saturates() -> bool:
+    """Whether ONNX Runtime's uint8 x int8 kernels can saturate on this host: an x86 CPU
+    without VNNI or AMX, or one whose flags cannot be read here (assumed to). ARM and other
+    CPUs multiply exactly."""
+    if platform.machine().lower() not in X86_MACHINES:
+        return False
+    flags = cpu_flags().split()
+    return not any(flag in flags for flag in EXACT_U8S8_FLAGS)
 
 
 def fingerprint() -> dict[str, str | int]:
@@ -207,7 +225,7 @@ def fingerprint() -> dict[str, str | int]:
     import onnxruntime
 
     return {"cpu": cpu_model(), "logical_cpus": os.cpu_count() or 1, "machine": platform.machine(),
-            "cpu_flags_sha256": hashlib.sha256(_cpu_flags().encode()).hexdigest()[:16],
+            "cpu_flags_sha256": hashlib.sha256(cpu_flags().encode()).hexdigest()[:16],
             "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
 
 
@@ -261,7 +279,7 @@ def host_calibration(recalibrate: bool = False) -> dict:
 def _host(record_json: str) -> Device:
     record = json.loads(record_json)
     figures, spread = record["figures"], record["spread"]
-    vnni = "avx512_vnni" in _cpu_flags() or "avx_vnni" in _cpu_flags()
+    vnni = "avx512_vnni" in cpu_flags() or "avx_vnni" in cpu_flags()
     fp32, cores = figures["fp32_flops"], os.cpu_count() or 1
     taken = (f"measured here {record['calibrated_at']}, median of {record['repeats']} repeats; cache "
              f"{record['cache']}; `edgeport devices --recalibrate` measures again")

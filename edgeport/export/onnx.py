@@ -22,6 +22,7 @@ import onnx
 import torch
 from torch.utils._pytree import GetAttrKey, MappingKey
 
+from edgeport.devices.catalog import u8s8_saturates
 from edgeport.errors import BackendUnavailable, ExportError, UserError
 from edgeport.export.onnxgraph import keep_residual_norms_apart
 from edgeport.core import (Artifact, Backend, ExportRequest, Runner, TensorSpec, input_names, option,
@@ -106,21 +107,24 @@ def _graph_inputs(proto: onnx.ModelProto) -> list:
     return [v for v in proto.graph.input if v.name not in initializers]
 
 
-def _finalize(path: Path, metadata: dict[str, str], onnxruntime_form: bool) -> tuple[int, list[str]]:
+def _finalize(path: Path, metadata: dict[str, str], onnxruntime_form: bool,
+              unsigned: bool) -> tuple[int, list[str]]:
     """Fold weight quantization (and, with `onnxruntime_form`, write quantized Linears and matmuls
-    in the integer forms ONNX Runtime fuses best and keep its slow SkipLayerNormalization fusion off the
-    residual norms), shape-infer, stamp metadata, save (single file or external data),
-    full-check the file.
+    in the integer forms ONNX Runtime fuses best, their weights as uint8 where `unsigned`, and keep
+    its slow SkipLayerNormalization fusion off the residual norms), shape-infer, stamp metadata,
+    save (single file or external data), full-check the file.
 
     Returns the default-domain opset and the names of every file the model occupies.
     """
-    from edgeport.quant.qdq import fold_weight_quantization, integer_matmuls, requantized_gemms
+    from edgeport.quant.qdq import fold_weight_quantization, integer_matmuls, requantized_gemms, unsigned_weights
 
     model = onnx.load(str(path))
     if fold_weight_quantization(model) and onnxruntime_form:
         gemms = requantized_gemms(model)
         metadata = metadata | {"edgeport.quantized_matmuls": f"{integer_matmuls(model)} as MatMulInteger, "
                                                              f"{gemms} as re-quantizing Gemm"}
+        if unsigned:
+            metadata = metadata | {"edgeport.int8_weights": f"{unsigned_weights(model)} as uint8 (zero point 128)"}
     if onnxruntime_form and keep_residual_norms_apart(model.graph):
         metadata = metadata | {"edgeport.residual_adds": "Sum: kept out of SkipLayerNormalization"}
     large = model.ByteSize() > SINGLE_FILE_LIMIT
@@ -156,7 +160,8 @@ def _loads_in_onnxruntime(path: Path) -> None:
 def export_onnx(model: torch.nn.Module, args: tuple[torch.Tensor, ...], folder: Path, name: str, *,
                 opset: int | None = None, dynamic_axes: dict[str, dict[int, str]] | None = None,
                 exporter: str = "auto", precision: str = "fp32", names: list[str] | None = None,
-                output_names: list[str] | None = None, onnxruntime_form: bool = True) -> Artifact:
+                output_names: list[str] | None = None, onnxruntime_form: bool = True,
+                unsigned_weights: bool = False) -> Artifact:
     """Export `model` called on `args` to `folder/name.onnx`; returns the (unverified) Artifact.
 
     `dynamic_axes` maps input names to {axis: symbol}, e.g. {"x": {0: "batch"}}. Inputs are
@@ -167,6 +172,8 @@ def export_onnx(model: torch.nn.Module, args: tuple[torch.Tensor, ...], folder: 
     follows as MatMulInteger (see `edgeport.quant.qdq.integer_matmuls`) and residual Adds into a
     LayerNormalization as Sum (see `onnxgraph.keep_residual_norms_apart`) unless
     `onnxruntime_form=False` leaves these out: TensorRT's form, every quantized matmul in QDQ.
+    `unsigned_weights` stores the ONNX Runtime form's 8-bit weights as uint8 (see
+    `edgeport.quant.qdq.unsigned_weights`: exact on x86 CPUs without VNNI).
     `exporter="auto"` tries torch.export then the legacy exporter; each path must produce a
     file that passes the full checker and loads in ONNX Runtime, or the next one is tried.
     """
@@ -212,7 +219,8 @@ def export_onnx(model: torch.nn.Module, args: tuple[torch.Tensor, ...], folder: 
                 PATHS[route](model, args, path, names, outputs, opset, dynamic_axes, large)
                 from edgeport import __version__
                 written_opset, files = _finalize(path, metadata | {"edgeport.version": __version__,
-                                                                    "edgeport.exporter": route}, onnxruntime_form)
+                                                                    "edgeport.exporter": route}, onnxruntime_form,
+                                                   unsigned_weights)
                 _loads_in_onnxruntime(path)
         except Exception as error:  # each exporter raises its own zoo of types
             failures[route] = error
@@ -297,12 +305,14 @@ class OnnxRuntimeRunner(Runner):
 
     `threads` sets intra-op threads (None: ORT's default). `spinning=False` stops idle
     worker threads from busy-waiting, which matters when another session is being timed
-    in the same process.
+    in the same process. `quantized_kernels=False` runs Q/DQ nodes as written, dequantized
+    values in float ops, instead of fusing them into ONNX Runtime's integer kernels.
     """
 
     def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int | None = None,
-                 spinning: bool = True):
+                 spinning: bool = True, quantized_kernels: bool = True):
         self.path, self.threads, self.spinning = Path(path), threads, spinning
+        self.quantized_kernels = quantized_kernels
         self.providers = providers
         self.name, self.session = "onnxruntime", None
         self.input_names: list[str] = []
@@ -324,6 +334,8 @@ class OnnxRuntimeRunner(Runner):
             options.inter_op_num_threads = 1
         if not self.spinning:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if not self.quantized_kernels:
+            options.add_session_config_entry("session.disable_quant_qdq", "1")
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=providers)
         except Exception as error:  # ORT raises its own Fail/InvalidGraph types for bad files
@@ -346,13 +358,37 @@ class OnnxRuntimeRunner(Runner):
 
 
 @dataclass
-class OnnxOptions:
+class OnnxFileOptions:
     """How the ONNX file is written."""
 
     opset: int | None = option(None, "ONNX opset (default: the exporter's; below 18 uses the legacy exporter)",
                                flag="--opset", keyword="opset", minimum=MIN_OPSET, maximum=MAX_OPSET)
     exporter: str = option("auto", "Which torch exporter: torch.export first with the legacy one as fallback, "
                                    "or only one of them", flag="--exporter", keyword="exporter", choices=EXPORTERS)
+
+
+INT8_WEIGHTS = ("auto", "signed", "unsigned")
+
+
+@dataclass
+class OnnxOptions(OnnxFileOptions):
+    """How the ONNX file for ONNX Runtime is written."""
+
+    int8_weights: str = option(
+        "auto", "A quantized model's 8-bit weights as int8 (fastest on CPUs with VNNI or AMX, and on ARM; "
+                "x86 CPUs without VNNI saturate) or as uint8 (exact on every CPU); auto: signed where this host "
+                "multiplies them exactly", flag="--int8-weights", keyword="int8_weights", choices=INT8_WEIGHTS)
+
+
+def int8_weights_note(requested: str, unsigned: bool) -> str:
+    """What the sidecar says of a quantized artifact's weight type, and on which CPUs it runs exactly."""
+    if unsigned:
+        why = "this host's CPU would saturate int8 weights (x86 without VNNI)" if requested == "auto" else "asked for"
+        return (f"uint8 ({why}): exact on every CPU; on CPUs with VNNI or AMX, int8 weights "
+                f"(`--int8-weights signed`) run faster")
+    why = "this host multiplies them exactly" if requested == "auto" else "asked for"
+    return (f"int8 ({why}): exact on CPUs with VNNI or AMX and on ARM; x86 CPUs without VNNI (AVX2: AMD Zen 1-3, "
+            f"Intel before Cascade Lake) saturate, where `--int8-weights unsigned` is exact")
 
 
 class OnnxBackend(Backend):
@@ -367,15 +403,23 @@ class OnnxBackend(Backend):
                  "MatMulInteger, which ONNX Runtime fuses into integer kernels (QGemm, MatMulIntegerToFloat)")
 
     def export(self, request: ExportRequest, options: OnnxOptions) -> list[Artifact]:
-        return [export_onnx(request.module, request.args, request.folder, request.name, opset=options.opset,
-                            dynamic_axes=request.dynamic_axes, exporter=options.exporter, precision=request.precision,
-                            names=request.input_names, output_names=request.output_names, onnxruntime_form=True)]
+        unsigned = options.int8_weights == "unsigned" or (options.int8_weights == "auto" and u8s8_saturates())
+        artifact = export_onnx(request.module, request.args, request.folder, request.name, opset=options.opset,
+                               dynamic_axes=request.dynamic_axes, exporter=options.exporter,
+                               precision=request.precision, names=request.input_names,
+                               output_names=request.output_names, onnxruntime_form=True, unsigned_weights=unsigned)
+        if request.precision != "fp32":
+            artifact.settings["int8_weights"] = int8_weights_note(options.int8_weights, unsigned)
+        return [artifact]
 
     suffixes = (".onnx",)
 
     def runner(self, artifact: Artifact, threads: int | None = None, profiling: bool = False) -> Runner:
-        # verification sessions do not spin: they would distort timings taken beside them
-        return OnnxRuntimeRunner(artifact.path, threads=threads, spinning=profiling)
+        # verification sessions do not spin: they would distort timings taken beside them. The
+        # ONNX written for TensorRT runs its Q/DQ as written, the arithmetic TensorRT's int8
+        # kernels reproduce: ONNX Runtime's own u8 x s8 kernels saturate on x86 CPUs without VNNI
+        return OnnxRuntimeRunner(artifact.path, threads=threads, spinning=profiling,
+                                 quantized_kernels="tensorrt" not in artifact.settings)
 
     def describe(self, path: Path) -> Artifact:
         try:

@@ -22,7 +22,7 @@ import torch
 
 from edgeport.core import Artifact, Backend, ExportRequest, Runner, option
 from edgeport.errors import BackendUnavailable, UserError
-from edgeport.export.onnx import OnnxOptions, export_onnx
+from edgeport.export.onnx import OnnxFileOptions, export_onnx
 from edgeport.export.onnxgraph import Constants, attribute_value, consumers, producers
 
 # From onnx-tensorrt's docs/operators.md (the parser's support matrix); operators listed there
@@ -319,7 +319,7 @@ def profile_shapes(artifact: Artifact, args: tuple) -> dict:
 
 
 @dataclass
-class TensorRTOptions(OnnxOptions):
+class TensorRTOptions(OnnxFileOptions):
     """The ONNX file TensorRT parses, and the engine's precision."""
 
     precision: str = option("fp16", "TensorRT engine precision (a quantized model's Q/DQ nodes make it int8)",
