@@ -40,9 +40,13 @@
    (block-wise reconstruction: learned rounding and step sizes, its cost in quantize_seconds),
    repq-adalog (AdaLog for softmax and post-GELU inputs), repq-dualclip (dual clipping), both
    together and, on the zoo ViT, erq (ridge-regressed weights first), the best method of each width named.
-Writes bench/results/quant.json (sections 1-3), quant_timm.json (4), quant_mixed.json (5) and
-quant_lowbit.json (6).
-Run: `python bench/quant_bench.py [minilm zoo_vit speed timm mixed]` (all sections by default;
+7. The ONNX Runtime form's 8-bit weights as int8 and as uint8 on this host: each file against its
+   fake-quant model, and their latency side by side (x86 CPUs without VNNI saturate int8 x uint8).
+Writes bench/results/quant.json (sections 1-3), quant_timm.json (4), quant_mixed.json (5),
+quant_lowbit.json (6) and quant_int8_weights.json (7). On a host whose ONNX Runtime saturates
+uint8 x int8 products (`edgeport.devices.catalog.u8s8_saturates`), ONNX Runtime's quantizers get
+uint8 weights, the remedy their documentation gives (U8U8), and ours are uint8 by default.
+Run: `python bench/quant_bench.py [minilm zoo_vit speed timm mixed lowbit int8_weights]` (all sections by default;
 `timm:fastvit_t8,levit_128s` runs those models only).
 """
 from __future__ import annotations
@@ -64,6 +68,7 @@ import edgeport as ep
 from edgeport.runtime.latency import interleaved_medians
 from edgeport.runtime.report import environment
 from edgeport.export.onnx import OnnxRuntimeRunner, export_onnx, quiet
+from edgeport.devices.catalog import EXACT_U8S8_FLAGS, cpu_flags, u8s8_saturates
 from edgeport.quant.config import preset
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -137,13 +142,22 @@ def onnx_embeddings(path: Path, ids: np.ndarray, mask: np.ndarray) -> np.ndarray
     return out
 
 
+def peer_weights():
+    """The weight type ONNX Runtime's quantizers get here: int8, or uint8 where this host's ONNX
+    Runtime saturates uint8 x int8 products (x86 without VNNI): its documentation's remedy, U8U8,
+    which has no saturation."""
+    from onnxruntime.quantization import QuantType
+
+    return QuantType.QUInt8 if u8s8_saturates() else QuantType.QInt8
+
+
 def load_average() -> list[float]:
     """The machine's 1/5/15-minute load averages now: how busy the timings' machine was."""
     return [round(x, 2) for x in os.getloadavg()]
 
 
 def ort_baselines(fp32: Path, folder: Path, calib: dict[str, np.ndarray], names: list[str]) -> dict[str, Path]:
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
                                           quantize_dynamic, quantize_static)
 
     class Reader(CalibrationDataReader):
@@ -155,14 +169,14 @@ def ort_baselines(fp32: Path, folder: Path, calib: dict[str, np.ndarray], names:
 
     paths = {}
     with quiet():
-        quantize_dynamic(str(fp32), str(folder / "dyn.onnx"), weight_type=QuantType.QInt8)
+        quantize_dynamic(str(fp32), str(folder / "dyn.onnx"), weight_type=peer_weights())
         paths["onnxruntime quantize_dynamic"] = folder / "dyn.onnx"
-        quantize_dynamic(str(fp32), str(folder / "dyn_pc.onnx"), weight_type=QuantType.QInt8, per_channel=True)
+        quantize_dynamic(str(fp32), str(folder / "dyn_pc.onnx"), weight_type=peer_weights(), per_channel=True)
         paths["onnxruntime quantize_dynamic per-channel"] = folder / "dyn_pc.onnx"
         for method in (CalibrationMethod.MinMax, CalibrationMethod.Percentile):
             target = folder / f"static_{method.name}.onnx"
             quantize_static(str(fp32), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            calibrate_method=method, op_types_to_quantize=["MatMul"])
+                            calibrate_method=method, op_types_to_quantize=["MatMul"], weight_type=peer_weights())
             paths[f"onnxruntime quantize_static QDQ MatMul {method.name}"] = target
     return paths
 
@@ -249,7 +263,7 @@ def minilm_speed(paths: dict[str, Path], ours: str, rounds: int = 7) -> dict:
 
 
 def minilm() -> dict:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import quantize_dynamic
 
     encoder, ids, mask, test, calib = minilm_data()
     with torch.no_grad():
@@ -298,7 +312,7 @@ def minilm() -> dict:
         rows += nncf_row(peer_fp32, folder, calib_np, test, reference)
         dynamic = "onnxruntime quantize_dynamic per-channel"
         with quiet():
-            quantize_dynamic(str(fp32.path), str(folder / "dyn_pc_level.onnx"), weight_type=QuantType.QInt8,
+            quantize_dynamic(str(fp32.path), str(folder / "dyn_pc_level.onnx"), weight_type=peer_weights(),
                              per_channel=True)
         speed_result = minilm_speed({"fp32": fp32.path, f"edgeport {HEADLINE} W8A8": headline,
                                      dynamic: baselines[dynamic],
@@ -342,7 +356,7 @@ def speed(rounds: int = 7) -> dict:
     target) and ONNX Runtime's quantize_static of the ViT-S stack, timed side by side
     (interleaved) in `rounds` rounds; the speed-ups per round and their median, where our
     model's time goes (ONNX Runtime's profiler, per op category), and the host roofline."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_dynamic, quantize_static
 
     from edgeport.runtime.opprofile import profile_onnxruntime
     from edgeport.zoo.models import vit_small_stack
@@ -366,8 +380,9 @@ def speed(rounds: int = 7) -> dict:
                 return next(self.rows, None)
 
         with quiet():
-            quantize_static(str(fp32), str(folder / "ort.onnx"), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
-            quantize_dynamic(str(fp32), str(folder / "dyn_pc.onnx"), weight_type=QuantType.QInt8, per_channel=True)
+            quantize_static(str(fp32), str(folder / "ort.onnx"), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            weight_type=peer_weights())
+            quantize_dynamic(str(fp32), str(folder / "dyn_pc.onnx"), weight_type=peer_weights(), per_channel=True)
         paths = {"fp32": fp32, ours_name: ours, qdq_name: forms["tensorrt"].path, ort_name: folder / "ort.onnx",
                  dynamic_name: folder / "dyn_pc.onnx"}
         runners = {name: OnnxRuntimeRunner(path, threads=THREADS, spinning=False).load() for name, path in paths.items()}
@@ -427,7 +442,7 @@ def timm_models(rounds: int = 5, names: list[str] | None = None) -> dict:
     latency interleaved over `rounds` rounds."""
     import copy
 
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import quantize_dynamic
     from test_quant_models import ARCHITECTURES, build
 
     rows = []
@@ -451,7 +466,7 @@ def timm_models(rounds: int = 5, names: list[str] | None = None) -> dict:
             seconds = round(time.perf_counter() - start, 1)
             artifact = ep.export(qmodel, images[:1], out=folder, name="w8a8")["onnx"]
             with quiet():
-                quantize_dynamic(str(fp32), str(folder / "dyn.onnx"), weight_type=QuantType.QInt8, per_channel=True)
+                quantize_dynamic(str(fp32), str(folder / "dyn.onnx"), weight_type=peer_weights(), per_channel=True)
             paths = {"fp32": fp32, OURS_W8A8: artifact.path, "quantize_dynamic per-channel": folder / "dyn.onnx"}
             runners = {(variant, threads): OnnxRuntimeRunner(path, threads=threads, spinning=False).load()
                        for variant, path in paths.items() for threads in TIMM_THREADS}
@@ -568,10 +583,60 @@ def low_bits(methods: tuple[str, ...] = ("repq", "repq-gptq", "repq-recon", "rep
             "best_method": best, "minilm_best_exported_onnxruntime": exported}
 
 
+def int8_weights(rounds: int = 5, names: list[str] | None = None) -> dict:
+    """The ONNX Runtime form's weights as int8 and as uint8 (`int8_weights=`) on this host: each
+    file's logits against its fake-quant torch model on 16 images (the exactness the export
+    promises: x86 CPUs without VNNI saturate u8 x s8 products in 16 bits), and batch-1 latency
+    at THREADS threads, interleaved over `rounds` rounds. The zoo ViT (its test images), and the
+    timm builds of the timm section (random-normal images, 32 to calibrate)."""
+    from test_quant_models import build
+
+    def zoo():
+        x = ep.zoo.testset("vit-digits")[0]
+        return ep.zoo.load("vit-digits"), x[:32], x[32:48]
+
+    def timm(name):
+        def make():
+            model, images = build(name)
+            extra = torch.randn((TIMM_CALIBRATION - len(images), *images.shape[1:]),
+                                generator=torch.Generator().manual_seed(3))
+            held_out = torch.randn((16, *images.shape[1:]), generator=torch.Generator().manual_seed(2))
+            return model, torch.cat([images, extra]), held_out
+        return make
+
+    models = {"vit-digits": zoo, **{n: timm(n) for n in ("deit_tiny_patch16_224", "efficientformerv2_s0")}}
+    rows = []
+    for name in names or models:
+        model, calibration, images = models[name]()
+        qmodel = ep.quantize(model, calibration, config=preset("repq"))
+        with torch.no_grad():
+            fake_quant = qmodel(images).numpy()
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = {form: ep.export(qmodel, images[:1], out=Path(tmp) / form, name=form, int8_weights=form,
+                                     check=False)["onnx"].path for form in ("signed", "unsigned")}
+            runners = {form: OnnxRuntimeRunner(path, threads=THREADS, spinning=False).load() for form, path in paths.items()}
+            name_in = runners["signed"].input_names[0]
+            cosines = {form: cosine(np.concatenate([list(r.infer({name_in: images[i:i + 1].numpy()}).values())[0]
+                                                    for i in range(len(images))]), fake_quant)
+                       for form, r in runners.items()}
+            per_round = [interleaved_medians(runners, {name_in: images[:1].numpy()}, blocks=4, runs=20)
+                         for _ in range(rounds)]
+            for runner in runners.values():
+                runner.close()
+        row = {"model": name, "method": "repq W8A8", "cosine_to_fake_quant": cosines,
+               "p50_ms": {form: float(np.median([r[form] for r in per_round])) for form in runners},
+               "unsigned_over_signed_latency": float(np.median([r["unsigned"] / r["signed"] for r in per_round]))}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return {"rows": rows, "rounds": rounds, "batch": 1, "threads": THREADS,
+            "host_u8s8_saturates": u8s8_saturates(),
+            "host_exact_u8s8_flags": [f for f in EXACT_U8S8_FLAGS if f in cpu_flags().split()]}
+
+
 SECTIONS = {"minilm": minilm, "zoo_vit": zoo_vit, "speed": speed, "timm": timm_models, "mixed": mixed_precision,
-            "lowbit": low_bits}
+            "lowbit": low_bits, "int8_weights": int8_weights}
 # sections whose results go to a file of their own, bench/results/quant_<section>.json
-SEPARATE = ("timm", "mixed", "lowbit")
+SEPARATE = ("timm", "mixed", "lowbit", "int8_weights")
 
 
 def main(sections: list[str]) -> None:
