@@ -377,6 +377,7 @@ def _localization_table(localization) -> Table:
 def verify_command(artifact, model, weights, inputs, localize, as_json):
     """Check an artifact against its torch model on the same inputs; exit 1 if parity fails."""
     from edgeport.core import Artifact
+    from edgeport.export.onnx import saturation_hint
     from edgeport.sdk import verify
 
     art = Artifact.load(artifact)
@@ -390,7 +391,8 @@ def verify_command(artifact, model, weights, inputs, localize, as_json):
         for localization in found:
             console.print(_localization_table(localization))
     if not art.parity.passed:
-        raise CheckFailed(f"{artifact} fails verification: {art.parity.failures()[0].describe()}")
+        raise CheckFailed(f"{artifact} fails verification: {art.parity.failures()[0].describe()}"
+                          f"{saturation_hint(art)}")
 
 
 @cli.command("profile")

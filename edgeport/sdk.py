@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from edgeport.export import registry as backends
+from edgeport.export.onnx import saturation_hint
 from edgeport import zoo
 from edgeport.core import (NOISE_FLOOR_CAP, NOISE_FLOOR_MULTIPLE, Artifact, Example, ExportRequest, ParityReport, Source, Staging,
                            TensorSpec, Tolerance, TorchRunner, as_args, check_artifact_name, check_feeds,
@@ -368,8 +369,8 @@ def export(model: str | torch.nn.Module, example: Example | None = None, targets
                         if artifact.parity is not None and not artifact.parity.passed:
                             worst = artifact.parity.failures()[0]
                             raise CheckFailed(f"{backend.name} artifact {artifact.path.name} fails verification: "
-                                              f"{worst.describe()}{_real_inputs_hint(verify_inputs)}",
-                                              artifact.parity)
+                                              f"{worst.describe()}{saturation_hint(artifact)}"
+                                              f"{_real_inputs_hint(verify_inputs)}", artifact.parity)
                 results[backend.name] = staging.commit(*produced)[-1]
         except EdgeportError as error:  # the other targets still run; their verified artifacts stay
             errors[backend.name] = error

@@ -210,6 +210,24 @@ def test_which_hosts_saturate_int8_weights(machine, flags, saturates, monkeypatc
     assert catalog.u8s8_saturates() is saturates
 
 
+def test_a_failed_verification_names_saturation_where_the_host_and_the_file_allow_it(tmp_path, monkeypatch):
+    """A verification failure on a host that saturates uint8 x int8 says so where the file has
+    int8 weights past [-64, 63], and stays silent for uint8 weights, 4-bit ones and other hosts."""
+    from edgeport.export import onnx as onnx_backend
+
+    qmodel, qmodel4 = ep.quantize("cnn-digits"), ep.quantize("cnn-digits", w_bits=4, a_bits=8)
+    example = ep.zoo.example("cnn-digits")
+    artifacts = {form: ep.export(qmodel, example, out=tmp_path / form, int8_weights=form, check=False)["onnx"]
+                 for form in ("signed", "unsigned")}
+    artifacts["w4"] = ep.export(qmodel4, example, out=tmp_path / "w4", int8_weights="signed", check=False)["onnx"]
+    for saturates in (True, False):
+        monkeypatch.setattr(onnx_backend, "u8s8_saturates", lambda: saturates)
+        hints = {form: onnx_backend.saturation_hint(artifact) for form, artifact in artifacts.items()}
+        assert bool(hints["signed"]) is saturates and hints["unsigned"] == hints["w4"] == ""
+    monkeypatch.setattr(onnx_backend, "u8s8_saturates", lambda: True)
+    assert "multiplies uint8 by int8 inexactly" in onnx_backend.saturation_hint(artifacts["signed"])
+
+
 def test_quantized_export_with_a_dynamic_batch(tmp_path):
     """torch.export traces a dynamic batch with fake tensors; fake quantization needs fake
     kernels for that (without them no exporter takes a width below 8 bits)."""
