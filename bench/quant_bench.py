@@ -45,7 +45,8 @@
 Writes bench/results/quant.json (sections 1-3), quant_timm.json (4), quant_mixed.json (5),
 quant_lowbit.json (6) and quant_int8_weights.json (7). On a host whose ONNX Runtime saturates
 uint8 x int8 products (`edgeport.devices.catalog.u8s8_saturates`), ONNX Runtime's quantizers get
-uint8 weights, the remedy their documentation gives (U8U8), and ours are uint8 by default.
+uint8 weights and activations (U8U8) and NNCF its overflow fix on every layer, the remedies their
+documentation gives, and ours are uint8 by default.
 Run: `python bench/quant_bench.py [minilm zoo_vit speed timm mixed lowbit int8_weights]` (all sections by default;
 `timm:fastvit_t8,levit_128s` runs those models only).
 """
@@ -142,13 +143,16 @@ def onnx_embeddings(path: Path, ids: np.ndarray, mask: np.ndarray) -> np.ndarray
     return out
 
 
-def peer_weights():
-    """The weight type ONNX Runtime's quantizers get here: int8, or uint8 where this host's ONNX
-    Runtime saturates uint8 x int8 products (x86 without VNNI): its documentation's remedy, U8U8,
-    which has no saturation."""
+def peer_types(static: bool = False) -> dict:
+    """The integer types ONNX Runtime's quantizers get here, as their keyword arguments: int8
+    weights (and quantize_static's defaults), or uint8 weights and activations where this host's
+    ONNX Runtime saturates uint8 x int8 products (x86 without VNNI): its documentation's remedy,
+    U8U8, which has no saturation."""
     from onnxruntime.quantization import QuantType
 
-    return QuantType.QUInt8 if u8s8_saturates() else QuantType.QInt8
+    if not u8s8_saturates():
+        return {} if static else {"weight_type": QuantType.QInt8}
+    return {"weight_type": QuantType.QUInt8, **({"activation_type": QuantType.QUInt8} if static else {})}
 
 
 def load_average() -> list[float]:
@@ -169,14 +173,14 @@ def ort_baselines(fp32: Path, folder: Path, calib: dict[str, np.ndarray], names:
 
     paths = {}
     with quiet():
-        quantize_dynamic(str(fp32), str(folder / "dyn.onnx"), weight_type=peer_weights())
+        quantize_dynamic(str(fp32), str(folder / "dyn.onnx"), **peer_types())
         paths["onnxruntime quantize_dynamic"] = folder / "dyn.onnx"
-        quantize_dynamic(str(fp32), str(folder / "dyn_pc.onnx"), weight_type=peer_weights(), per_channel=True)
+        quantize_dynamic(str(fp32), str(folder / "dyn_pc.onnx"), **peer_types(), per_channel=True)
         paths["onnxruntime quantize_dynamic per-channel"] = folder / "dyn_pc.onnx"
         for method in (CalibrationMethod.MinMax, CalibrationMethod.Percentile):
             target = folder / f"static_{method.name}.onnx"
             quantize_static(str(fp32), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            calibrate_method=method, op_types_to_quantize=["MatMul"], weight_type=peer_weights())
+                            calibrate_method=method, op_types_to_quantize=["MatMul"], **peer_types(static=True))
             paths[f"onnxruntime quantize_static QDQ MatMul {method.name}"] = target
     return paths
 
@@ -192,11 +196,16 @@ def nncf_row(fp32: Path, folder: Path, calib: dict[str, np.ndarray], test: tuple
     except ImportError as error:
         print(f"NNCF row skipped: nncf is not importable ({error}); install the `peers` extra", flush=True)
         return []
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+
     count = len(next(iter(calib.values())))
     samples = [{name: values[i:i + 1] for name, values in calib.items()} for i in range(count)]
+    # where this host saturates uint8 x int8 products, NNCF's own fix for it on every layer (its
+    # documented remedy for AVX2 and AVX-512 CPUs: weights on half the 8-bit range)
+    advanced = AdvancedQuantizationParameters(overflow_fix=OverflowFix.ENABLE) if u8s8_saturates() else None
     with quiet():
         quantized = nncf.quantize(onnx.load(str(fp32)), nncf.Dataset(samples), model_type=nncf.ModelType.TRANSFORMER,
-                                  subset_size=len(samples))
+                                  subset_size=len(samples), advanced_parameters=advanced)
     onnx.save(quantized, str(folder / "nncf.onnx"))
     row = {"variant": f"nncf {nncf.__version__} quantize, transformer preset", "bits": 8,
            **agreement(onnx_embeddings(folder / "nncf.onnx", test[0].numpy(), test[1].numpy()), reference)}
@@ -312,7 +321,7 @@ def minilm() -> dict:
         rows += nncf_row(peer_fp32, folder, calib_np, test, reference)
         dynamic = "onnxruntime quantize_dynamic per-channel"
         with quiet():
-            quantize_dynamic(str(fp32.path), str(folder / "dyn_pc_level.onnx"), weight_type=peer_weights(),
+            quantize_dynamic(str(fp32.path), str(folder / "dyn_pc_level.onnx"), **peer_types(),
                              per_channel=True)
         speed_result = minilm_speed({"fp32": fp32.path, f"edgeport {HEADLINE} W8A8": headline,
                                      dynamic: baselines[dynamic],
@@ -381,8 +390,8 @@ def speed(rounds: int = 7) -> dict:
 
         with quiet():
             quantize_static(str(fp32), str(folder / "ort.onnx"), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            weight_type=peer_weights())
-            quantize_dynamic(str(fp32), str(folder / "dyn_pc.onnx"), weight_type=peer_weights(), per_channel=True)
+                            **peer_types(static=True))
+            quantize_dynamic(str(fp32), str(folder / "dyn_pc.onnx"), **peer_types(), per_channel=True)
         paths = {"fp32": fp32, ours_name: ours, qdq_name: forms["tensorrt"].path, ort_name: folder / "ort.onnx",
                  dynamic_name: folder / "dyn_pc.onnx"}
         runners = {name: OnnxRuntimeRunner(path, threads=THREADS, spinning=False).load() for name, path in paths.items()}
@@ -466,7 +475,7 @@ def timm_models(rounds: int = 5, names: list[str] | None = None) -> dict:
             seconds = round(time.perf_counter() - start, 1)
             artifact = ep.export(qmodel, images[:1], out=folder, name="w8a8")["onnx"]
             with quiet():
-                quantize_dynamic(str(fp32), str(folder / "dyn.onnx"), weight_type=peer_weights(), per_channel=True)
+                quantize_dynamic(str(fp32), str(folder / "dyn.onnx"), **peer_types(), per_channel=True)
             paths = {"fp32": fp32, OURS_W8A8: artifact.path, "quantize_dynamic per-channel": folder / "dyn.onnx"}
             runners = {(variant, threads): OnnxRuntimeRunner(path, threads=threads, spinning=False).load()
                        for variant, path in paths.items() for threads in TIMM_THREADS}
@@ -615,11 +624,8 @@ def int8_weights(rounds: int = 5, names: list[str] | None = None) -> dict:
             paths = {form: ep.export(qmodel, images[:1], out=Path(tmp) / form, name=form, int8_weights=form,
                                      check=False)["onnx"].path for form in ("signed", "unsigned")}
             runners = {form: OnnxRuntimeRunner(path, threads=THREADS, spinning=False).load() for form, path in paths.items()}
-            name_in = runners["signed"].input_names[0]
-            cosines = {form: cosine(np.concatenate([list(r.infer({name_in: images[i:i + 1].numpy()}).values())[0]
-                                                    for i in range(len(images))]), fake_quant)
-                       for form, r in runners.items()}
-            per_round = [interleaved_medians(runners, {name_in: images[:1].numpy()}, blocks=4, runs=20)
+            cosines = {form: cosine(logits(runner, images), fake_quant) for form, runner in runners.items()}
+            per_round = [interleaved_medians(runners, {"x": images[:1].numpy()}, blocks=4, runs=20)
                          for _ in range(rounds)]
             for runner in runners.values():
                 runner.close()
