@@ -443,10 +443,10 @@ def unsigned_weights(model: onnx.ModelProto) -> int:
     read by ONNX Runtime's u8 x u8 kernels instead of its u8 x s8 ones. On x86 CPUs without
     VNNI (AVX2, AVX-512 without VNNI: AMD Zen 1-3, Intel before Cascade Lake) the u8 x s8
     kernels add pairs of products in 16 bits (VPMADDUBSW), which saturate where a pair passes
-    32767 (255 x 127 x 2 does); the u8 x u8 ones widen first and are exact everywhere, at
-    about the same speed there (DeiT-Ti at 64x64 on an AVX2 AMD EPYC: 2.59 ms both; cosine to
-    the unfused QDQ graph 0.99984 against 0.99474), but forgo VNNI and AMX where the CPU has
-    them. Weights within [-64, 63] cannot saturate a pair (255 x 64 x 2 < 32767) and stay int8
+    32767 (255 x 127 x 2 does); the u8 x u8 ones widen first and are exact everywhere, for
+    0-8 % more latency there (the quant bench's `int8_weights` on an AVX2 AMD EPYC: DeiT-Ti at
+    64x64 1.00x, cosine to its fake-quant model 0.99968 against 0.99313; EfficientFormerV2-S0's
+    integer convs 1.08x), but forgo VNNI and AMX where the CPU has them. Weights within [-64, 63] cannot saturate a pair (255 x 64 x 2 < 32767) and stay int8
     (a 4- or 6-bit grid held in int8), as do scalars (the unit-scale trick of `integer_matmuls`).
     ONNX Runtime's session option meant for this, `session.x64quantprecision`, fails to load
     these graphs (ONNX Runtime 1.32: "Attempt to replace the existing tensor"), and a user's
