@@ -387,8 +387,9 @@ def int8_weights_note(requested: str, unsigned: bool) -> str:
         return (f"uint8 ({why}): exact on every CPU; on CPUs with VNNI or AMX, int8 weights "
                 f"(`--int8-weights signed`) run faster")
     why = "this host multiplies them exactly" if requested == "auto" else "asked for"
-    return (f"int8 ({why}): exact on CPUs with VNNI or AMX and on ARM; x86 CPUs without VNNI (AVX2: AMD Zen 1-3, "
-            f"Intel before Cascade Lake) saturate, where `--int8-weights unsigned` is exact")
+    return (f"int8 ({why}): exact on CPUs with VNNI or AMX and on ARM; x86 CPUs without VNNI (AMD Zen 1-3, Intel "
+            f"Xeons before Cascade Lake, Intel client CPUs before Ice Lake) saturate, where `--int8-weights unsigned` "
+            f"is exact")
 
 
 def saturation_hint(artifact: Artifact) -> str:

@@ -441,8 +441,8 @@ _WEIGHT_INPUTS = {"DequantizeLinear": (0, 2), "MatMulInteger": (1, 3)}
 def unsigned_weights(model: onnx.ModelProto) -> int:
     """Store every int8 weight as uint8 with zero point 128 more (w + 128): the same values,
     read by ONNX Runtime's u8 x u8 kernels instead of its u8 x s8 ones. On x86 CPUs without
-    VNNI (AVX2, AVX-512 without VNNI: AMD Zen 1-3, Intel before Cascade Lake) the u8 x s8
-    kernels add pairs of products in 16 bits (VPMADDUBSW), which saturate where a pair passes
+    VNNI (AMD Zen 1-3, Intel Xeons before Cascade Lake, Intel client CPUs before Ice Lake) the
+    u8 x s8 kernels add pairs of products in 16 bits (VPMADDUBSW), which saturate where a pair passes
     32767 (255 x 127 x 2 does); the u8 x u8 ones widen first and are exact everywhere, for
     0-8 % more latency there (the quant bench's `int8_weights` on an AVX2 AMD EPYC: DeiT-Ti at
     64x64 1.00x, cosine to its fake-quant model 0.99968 against 0.99313; EfficientFormerV2-S0's
