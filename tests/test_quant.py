@@ -113,6 +113,10 @@ def test_qdq_export_matches_the_fake_quant_model(bits, tmp_path):
         assert artifact.parity.passed and artifact.precision == f"w{bits}a{bits}"
         if bits == 8:
             assert artifact.parity.outputs[0].max_rel_error <= 1e-2
+    # the TensorRT form is verified as TensorRT computes it: Q/DQ as written, not ONNX Runtime's
+    # integer kernels (whose u8 x s8 products saturate on x86 CPUs without VNNI)
+    from edgeport.export.registry import runner_for
+    assert runner_for(artifacts["onnx"]).quantized_kernels and not runner_for(artifacts["tensorrt"]).quantized_kernels
     onnxruntime_ops, tensorrt_ops = ([n.op_type for n in onnx.load(str(a.path)).graph.node] for a in artifacts.values())
     # 17 Linears and the patch Conv quantize their input; 4 blocks x 2 matmuls both operands
     assert tensorrt_ops.count("QuantizeLinear") >= 18 + 16 and tensorrt_ops.count("DequantizeLinear") >= 2 * 18 + 16
@@ -154,6 +158,7 @@ def test_unsigned_int8_weights_hold_the_same_values_and_fuse_into_the_same_kerne
     artifacts = {form: ep.export(qmodel, images[:1], out=tmp_path / form, name=form, int8_weights=form,
                                  check=form == "unsigned", verify_inputs=[images[i:i + 1] for i in range(32)])["onnx"]
                  for form in ("signed", "unsigned")}
+
     def integer_weights(graph) -> dict[str, np.ndarray]:
         """Per DequantizeLinear or MatMulInteger reading a stored weight (2-D or more) with its
         zero point: the codes minus that zero point, what its integer arithmetic multiplies."""
