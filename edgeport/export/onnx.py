@@ -394,16 +394,19 @@ def int8_weights_note(requested: str, unsigned: bool) -> str:
 
 def saturation_hint(artifact: Artifact) -> str:
     """Why an ONNX artifact may fail verification on this host however faithful its graph: int8
-    weights past [-64, 63], which this host's ONNX Runtime multiplies inexactly (x86 without
-    VNNI); empty where that cannot be the cause (another format, the TensorRT form, which is
-    verified with its Q/DQ unfused, uint8 weights, or a host that multiplies exactly)."""
+    weights that can saturate (`edgeport.quant.qdq.pairs_can_saturate`), which this host's ONNX
+    Runtime multiplies inexactly (x86 without VNNI); empty where that cannot be the cause (another
+    format, the TensorRT form, which is verified with its Q/DQ unfused, uint8 weights, or a host
+    that multiplies exactly)."""
     if artifact.format != "onnx" or "tensorrt" in artifact.settings or not u8s8_saturates():
         return ""
     from onnx import numpy_helper
 
+    from edgeport.quant.qdq import pairs_can_saturate
+
     graph = onnx.load(str(artifact.path)).graph
     if not any(t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 2
-               and np.abs(numpy_helper.to_array(t).astype(np.int16)).max() > 63 for t in graph.initializer):
+               and pairs_can_saturate(numpy_helper.to_array(t)) for t in graph.initializer):
         return ""
     return ("; this host's ONNX Runtime multiplies uint8 by int8 inexactly (an x86 CPU without VNNI: products are "
             "added in pairs in 16 bits, which saturate) and the file has int8 weights: uint8 weights "

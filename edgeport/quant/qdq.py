@@ -438,48 +438,48 @@ def integer_matmuls(model: onnx.ModelProto) -> int:
 _WEIGHT_INPUTS = {"DequantizeLinear": (0, 2), "MatMulInteger": (1, 3)}
 
 
+def pairs_can_saturate(codes: np.ndarray) -> bool:
+    """Whether int8 `codes` can overflow a 16-bit sum of two uint8 x int8 products (x86 CPUs
+    without VNNI add them in pairs): only codes outside [-64, 63] can (255 x 64 x 2 < 32767)."""
+    return codes.size > 0 and (int(codes.min()) < -64 or int(codes.max()) > 63)
+
+
 def unsigned_weights(model: onnx.ModelProto) -> int:
     """Store every int8 weight as uint8 with zero point 128 more (w + 128): the same values,
     read by ONNX Runtime's u8 x u8 kernels instead of its u8 x s8 ones. On x86 CPUs without
     VNNI (AMD Zen 1-3, Intel Xeons before Cascade Lake, Intel client CPUs before Ice Lake) the
-    u8 x s8 kernels add pairs of products in 16 bits (VPMADDUBSW), which saturate where a pair passes
-    32767 (255 x 127 x 2 does); the u8 x u8 ones widen first and are exact everywhere, for
-    0-8 % more latency there (the quant bench's `int8_weights` on an AVX2 AMD EPYC: DeiT-Ti at
-    64x64 1.00x, cosine to its fake-quant model 0.99968 against 0.99313; EfficientFormerV2-S0's
-    integer convs 1.08x), but forgo VNNI and AMX where the CPU has them. Weights within [-64, 63] cannot saturate a pair (255 x 64 x 2 < 32767) and stay int8
-    (a 4- or 6-bit grid held in int8), as do scalars (the unit-scale trick of `integer_matmuls`).
-    ONNX Runtime's session option meant for this, `session.x64quantprecision`, fails to load
-    these graphs (ONNX Runtime 1.32: "Attempt to replace the existing tensor"), and a user's
-    session would have to set it. Returns how many weights were rewritten."""
+    u8 x s8 kernels add pairs of products in 16 bits (VPMADDUBSW), which saturate where a pair
+    passes 32767 (255 x 127 x 2 does); the u8 x u8 ones widen first and are exact everywhere,
+    for 0-8 % more latency there (the quant bench's `int8_weights` on an AVX2 AMD EPYC: DeiT-Ti
+    at 64x64 1.00x, cosine to its fake-quant model 0.99968 against 0.99313;
+    EfficientFormerV2-S0's integer convs 1.08x), but forgo VNNI and AMX where the CPU has them.
+    Weights that cannot saturate (`pairs_can_saturate`: a 4- or 6-bit grid held in int8) stay
+    int8, as do scalars (the unit-scale trick of `integer_matmuls`). ONNX Runtime's session
+    option meant for this, `session.x64quantprecision`, fails to load these graphs (ONNX
+    Runtime 1.32: "Attempt to replace the existing tensor"), and a user's session would have to
+    set it. Returns how many weights were rewritten."""
     constants = Constants(model.graph)
-    rewritten: dict[str, str] = {}
-    zero_points: set[str] = set()
+    rewritten: dict[str, tuple[str, str]] = {}  # int8 weight -> its uint8 copy and that copy's zero point
     for node in model.graph.node:
-        indices = _WEIGHT_INPUTS.get(node.op_type)
-        if indices is None:
+        if node.op_type not in _WEIGHT_INPUTS:
             continue
-        weight_index, zero_index = indices
+        weight_index, zero_index = _WEIGHT_INPUTS[node.op_type]
         weight = node.input[weight_index]
         if weight not in constants or constants[weight].dtype != np.int8 or constants[weight].ndim == 0:
             continue
-        if weight not in rewritten and -64 <= constants[weight].min() and constants[weight].max() <= 63:
-            continue
         if weight not in rewritten:
-            rewritten[weight] = f"{weight}_u8"
-            model.graph.initializer.append(numpy_helper.from_array(
-                (constants[weight].astype(np.int16) + 128).astype(np.uint8), rewritten[weight]))
-        node.input[weight_index] = rewritten[weight]
-        zero_name = node.input[zero_index] if len(node.input) > zero_index else ""
-        unsigned_zero = f"{rewritten[weight]}_zero_point"
-        if unsigned_zero not in zero_points:
+            if not pairs_can_saturate(constants[weight]):
+                continue
             # DequantizeLinear's zero point has its scale's shape; MatMulInteger's default is a scalar
+            zero_name = node.input[zero_index] if len(node.input) > zero_index else ""
             shape = constants.shape(node.input[1]) if node.op_type == "DequantizeLinear" else ()
             zero = constants[zero_name] if zero_name else np.zeros(shape, np.int8)
-            zero_points.add(unsigned_zero)
-            model.graph.initializer.append(numpy_helper.from_array((zero.astype(np.int16) + 128).astype(np.uint8),
-                                                                   unsigned_zero))
+            rewritten[weight] = (f"{weight}_u8", f"{weight}_u8_zero_point")
+            for values, name in zip((constants[weight], zero), rewritten[weight]):
+                model.graph.initializer.append(numpy_helper.from_array((values.astype(np.int16) + 128).astype(np.uint8),
+                                                                       name))
         while len(node.input) <= zero_index:
             node.input.append("")
-        node.input[zero_index] = unsigned_zero
+        node.input[weight_index], node.input[zero_index] = rewritten[weight]
     drop_unused(model.graph)
     return len(rewritten)
