@@ -174,6 +174,23 @@ def test_the_held_out_check_runs_where_attention_is_routed_from_a_captured_graph
     assert all(output.passed for output in artifact.parity.outputs)
 
 
+def test_attention_inside_an_autocast_region_is_found_and_quantized(tmp_path):
+    """EfficientViT's linear attention runs its two matmuls under `torch.autocast(enabled=False)`,
+    which torch.export captures as a nested graph (`wrap_with_autocast`): they had stayed float
+    and the report said "no activation x activation matmul". Both products of every LiteMLA
+    are now quantized, and ONNX Runtime runs them as integer kernels of an exact export."""
+    model, images = build("efficientvit_b0")
+    attentions = [name for name, m in model.named_modules() if type(m).__name__ == "LiteMLA"]
+    qmodel = ep.quantize(model, images, "repq")
+    report = qmodel.quant_report
+    assert report.matmuls == [f"{name}.matmul{k}" for name in attentions for k in (0, 1)]
+    assert report.matmuls_not_quantized == ""
+    artifact = ep.export(qmodel, images[:1], out=tmp_path, name="efficientvit")["onnx"]
+    assert all(output.passed for output in artifact.parity.outputs)
+    ops = runtime_ops(artifact.path)
+    assert ops["QLinearMatMul"] + ops["MatMulIntegerToFloat"] >= len(report.matmuls), ops
+
+
 def test_a_log_softmax_quantizer_is_a_candidate_only_below_8_bits():
     """MobileViT-XS's softmax outputs: at 4 bits the calibration error picks log-sqrt2 (a float
     op island, named in the report); at 8 bits only the uniform grid is offered, which keeps the

@@ -69,10 +69,10 @@ def exported_matmul_sites(model: nn.Module, args: tuple[torch.Tensor, ...]) -> t
         signature.inputs_to_lifted_tensor_constants)
     counts: dict[str, int] = {}
     sites = []
-    for node in program.graph.nodes:
-        if node.op != "call_function" or node.target not in (*_MATMULS, _SDPA):
+    for node, resolve in _calls(program.graph_module):
+        if node.target not in (*_MATMULS, _SDPA):
             continue
-        operands = node.args[:2]
+        operands = [resolve(a) if isinstance(a, torch.fx.Node) else a for a in node.args[:2]]
         if any(not isinstance(a, torch.fx.Node) or a.name in weights or a.op == "get_attr" for a in operands):
             continue
         stack = node.meta.get("nn_module_stack")
@@ -83,6 +83,30 @@ def exported_matmul_sites(model: nn.Module, args: tuple[torch.Tensor, ...]) -> t
             sites.append(MatMulSite(path, counts[path], softmax_left))
     return sites, ""
 
+
+def _calls(graph_module: torch.fx.GraphModule, outer: Callable[[torch.fx.Node], torch.fx.Node] = lambda n: n):
+    """The call_function nodes of `graph_module` in execution order, each with the function
+    that takes a node of its graph to the node of the top-level graph it stands for. The ops
+    under a region the model opens (`torch.autocast(enabled=False)` around EfficientViT's
+    linear attention, `torch.no_grad()`) sit in a nested graph that torch.export calls through
+    a higher-order op (`wrap_with_autocast`, `wrap_with_set_grad_enabled`): its nodes come in
+    at that call, each of its placeholders standing for the operand the call passes."""
+    for node in graph_module.graph.nodes:
+        if node.op != "call_function":
+            continue
+        nested = next((a for a in node.args if isinstance(a, torch.fx.Node) and a.op == "get_attr"
+                       and isinstance(getattr(graph_module, a.target, None), torch.fx.GraphModule)), None)
+        if nested is None:
+            yield node, outer
+            continue
+        inner = getattr(graph_module, nested.target)
+        passed = node.args[node.args.index(nested) + 1:]
+        bound = dict(zip((n for n in inner.graph.nodes if n.op == "placeholder"), passed))
+
+        def resolve(n: torch.fx.Node, bound=bound) -> torch.fx.Node:
+            return outer(bound[n]) if isinstance(bound.get(n), torch.fx.Node) else n
+
+        yield from _calls(inner, resolve)
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scores_matmul: nn.Module,
                values_matmul: nn.Module, attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
