@@ -108,6 +108,7 @@ def _calls(graph_module: torch.fx.GraphModule, outer: Callable[[torch.fx.Node], 
 
         yield from _calls(inner, resolve)
 
+
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scores_matmul: nn.Module,
                values_matmul: nn.Module, attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
                is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
