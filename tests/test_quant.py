@@ -310,6 +310,33 @@ def test_sdpa_left_float_where_the_graph_cannot_be_captured_keeps_the_fx_matmuls
     assert report.matmuls_not_quantized == "scaled_dot_product_attention left float: not capturable by torch.export (X)"
 
 
+@pytest.mark.parametrize("softmax_inside", [True, False])
+def test_matmuls_inside_a_region_the_model_opens_are_found_with_their_softmax(softmax_inside):
+    """Attention computed under `torch.autocast(enabled=False)` (EfficientViT's, and float32
+    softmax attention in general) is a nested graph in torch.export's capture: its matmuls are
+    found there in call order, the probabilities recognised as a softmax's whether the softmax
+    runs inside the region or before it, and a weight passed into the region is not taken for
+    an activation."""
+    from edgeport.quant.exported_matmuls import MatMulSite, exported_matmul_sites
+
+    class Region(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.proj = nn.Linear(8, 24), nn.Parameter(torch.randn(8, 8))
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).chunk(3, -1)
+            probabilities = None if softmax_inside else (q @ k.transpose(-2, -1)).softmax(-1)
+            with torch.autocast("cpu", enabled=False):
+                if softmax_inside:
+                    probabilities = (q.float() @ k.float().transpose(-2, -1)).softmax(-1)
+                return (probabilities.float() @ v.float()) @ self.proj
+
+    sites, why_not = exported_matmul_sites(Region().eval(), (torch.randn(2, 5, 8),))
+    assert why_not == ""
+    assert sites == [MatMulSite("", 0, False), MatMulSite("", 1, True)]
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_transformers_attention_is_quantized_from_the_exported_graph(attention, tmp_path):
     """torch.fx cannot trace `transformers`' BERT; the matmuls torch.export's graph shows are

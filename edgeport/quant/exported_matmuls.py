@@ -49,9 +49,12 @@ class MatMulSite:
         return f"{self.path}.matmul{self.index}" if self.path else f"matmul{self.index}"
 
 
-def _is_softmax(node: torch.fx.Node) -> bool:
+def _is_softmax(node: torch.fx.Node, resolve: Callable[[torch.fx.Node], torch.fx.Node] = lambda n: n) -> bool:
+    """Whether `node` is a softmax output, through ops that do not change it and into the
+    graph around a nested one (`resolve`, see `_calls`)."""
+    node = resolve(node)
     while node.op == "call_function" and node.target in _PASS_THROUGH:
-        node = node.args[0]
+        node = resolve(node.args[0])
     return node.op == "call_function" and node.target in _SOFTMAXES
 
 
@@ -77,7 +80,7 @@ def exported_matmul_sites(model: nn.Module, args: tuple[torch.Tensor, ...]) -> t
             continue
         stack = node.meta.get("nn_module_stack")
         path = next(reversed(stack.values()))[0] if stack else ""
-        products = ((False, True) if node.target == _SDPA else (_is_softmax(operands[0]),))
+        products = ((False, True) if node.target == _SDPA else (_is_softmax(node.args[0], resolve),))
         for softmax_left in products:
             counts[path] = counts.get(path, -1) + 1
             sites.append(MatMulSite(path, counts[path], softmax_left))
