@@ -90,7 +90,8 @@ TIMM_METHOD, OURS_W8A8 = "erq-heldout", "edgeport W8A8"
 # the timm section times every variant at these intra-op thread counts, interleaved in each round:
 # at batch 1 and 64x64 most ops do microseconds of work, and two threads' hand-offs cost the
 # graphs with more (smaller) ops more (EfficientFormerV2-S0's every conv integer: 0.96x fp32 at
-# 2 threads, 1.07x at 1); THREADS stays the protocol's figure
+# 2 threads, 1.07x at 1 on an Intel Xeon; 0.89x and 1.04x on an AMD EPYC); THREADS stays the
+# protocol's figure
 TIMM_THREADS = (1, THREADS)
 SPEED_TOKENS = 64  # the sequence length MiniLM's speed is measured at
 

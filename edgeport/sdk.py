@@ -629,8 +629,9 @@ class FormChoice:
 FORM_TIMING_BLOCKS, FORM_TIMING_RUNS = 4, 20
 # ...at each of these intra-op thread counts (0: ONNX Runtime's default), each export keeping its
 # faster: at batch 1 a small model's ops do microseconds of work, and thread hand-offs cost a
-# graph of more, smaller ops more (EfficientFormerV2-S0 at 64x64 on 2 cores, the quant bench: fp32
-# 1.62 ms at 1 thread, 2.17 at 2; every conv integer 1.07x fp32 at 1 thread, 0.96x at 2)
+# graph of more, smaller ops more (EfficientFormerV2-S0 at 64x64, the quant bench on a 2-vCPU
+# Intel Xeon at 49de079: fp32 1.62 ms at 1 thread, 2.17 at 2; every conv integer 1.07x fp32 at
+# 1 thread, 0.96x at 2; on an AMD EPYC at a4bcff9 1.04x and 0.89x)
 FORM_THREADS = (1, 0)
 
 
