@@ -93,21 +93,23 @@ def _calls(graph_module: torch.fx.GraphModule, outer: Callable[[torch.fx.Node], 
     under a region the model opens (`torch.autocast(enabled=False)` around EfficientViT's
     linear attention, `torch.no_grad()`) sit in a nested graph that torch.export calls through
     a higher-order op (`wrap_with_autocast`, `wrap_with_set_grad_enabled`): its nodes come in
-    at that call, each of its placeholders standing for the operand the call passes."""
+    at that call, each of its placeholders standing for a tensor the call passes. A call of
+    more than one graph (`torch.cond`'s branches) has no one order of calls: its contents are
+    not looked into."""
     for node in graph_module.graph.nodes:
         if node.op != "call_function":
             continue
-        nested = next((a for a in node.args if isinstance(a, torch.fx.Node) and a.op == "get_attr"
-                       and isinstance(getattr(graph_module, a.target, None), torch.fx.GraphModule)), None)
-        if nested is None:
+        graphs = [a for a in node.args if isinstance(a, torch.fx.Node) and a.op == "get_attr"
+                  and isinstance(getattr(graph_module, a.target, None), torch.fx.GraphModule)]
+        if len(graphs) != 1:
             yield node, outer
             continue
-        inner = getattr(graph_module, nested.target)
-        passed = node.args[node.args.index(nested) + 1:]
+        inner = getattr(graph_module, graphs[0].target)
+        passed = [a for a in node.args[node.args.index(graphs[0]) + 1:] if isinstance(a, torch.fx.Node)]
         bound = dict(zip((n for n in inner.graph.nodes if n.op == "placeholder"), passed))
 
         def resolve(n: torch.fx.Node, bound=bound) -> torch.fx.Node:
-            return outer(bound[n]) if isinstance(bound.get(n), torch.fx.Node) else n
+            return outer(bound[n]) if n in bound else n
 
         yield from _calls(inner, resolve)
 
