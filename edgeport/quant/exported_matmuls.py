@@ -14,7 +14,7 @@ products get their quantized operands; the result is SDPA's up to float rounding
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -87,7 +87,8 @@ def exported_matmul_sites(model: nn.Module, args: tuple[torch.Tensor, ...]) -> t
     return sites, ""
 
 
-def _calls(graph_module: torch.fx.GraphModule, outer: Callable[[torch.fx.Node], torch.fx.Node] = lambda n: n):
+def _calls(graph_module: torch.fx.GraphModule, outer: Callable[[torch.fx.Node], torch.fx.Node] = lambda n: n
+           ) -> Iterator[tuple[torch.fx.Node, Callable[[torch.fx.Node], torch.fx.Node]]]:
     """The call_function nodes of `graph_module` in execution order, each with the function
     that takes a node of its graph to the node of the top-level graph it stands for. The ops
     under a region the model opens (`torch.autocast(enabled=False)` around EfficientViT's
