@@ -49,7 +49,7 @@ class MatMulSite:
         return f"{self.path}.matmul{self.index}" if self.path else f"matmul{self.index}"
 
 
-def _is_softmax(node: torch.fx.Node, resolve: Callable[[torch.fx.Node], torch.fx.Node] = lambda n: n) -> bool:
+def _is_softmax(node: torch.fx.Node, resolve: Callable[[torch.fx.Node], torch.fx.Node]) -> bool:
     """Whether `node` is a softmax output, through ops that do not change it and into the
     graph around a nested one (`resolve`, see `_calls`)."""
     node = resolve(node)
