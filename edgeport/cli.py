@@ -289,10 +289,11 @@ def quantize_command(model, method, w_bits, a_bits, target, calib, calibration, 
                       f"latency measured here in ONNX Runtime, each at its faster thread count: {timings})")
         for name, reason in form["left_out"].items():
             console.print(f"  {name}: left out, {reason}")
-    rotated = report["rotated"]
+    rotated, scales = report["rotated"], report["layer_scale_folds"]
     console.print(f"quantized {len(report['layers'])} layers and {len(report['matmuls'])} activation matmuls"
                   f"{' (' + report['matmuls_not_quantized'] + ')' if report['matmuls_not_quantized'] else ''}; "
                   f"reparameterized {len(report['reparameterized'])}; conv-BN folded {len(report['batchnorm_folds'])}"
+                  f"{f'; layer scales folded {len(scales)}' if scales else ''}"
                   f"{f'; rotated {len(rotated)}' if rotated else ''}")
     for line in report["float_ops"]:
         console.print(f"  runs as float ops: {line}")

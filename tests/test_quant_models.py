@@ -30,8 +30,9 @@ ARCHITECTURES = {
 
 
 def build(name: str, kwargs: dict | None = None, size: int | None = None) -> tuple[nn.Module, torch.Tensor]:
-    """A timm model with seeded random weights and BatchNorm statistics like a trained
-    network's (identity statistics would make every fold trivial), and 8 calibration images."""
+    """A timm model with seeded random weights, and BatchNorm statistics and layer scales like a
+    trained network's (identity statistics would make every fold trivial; timm's initial layer
+    scale, 1e-5, all but removes the branch it scales), and 8 calibration images."""
     default_kwargs, default_size = ARCHITECTURES.get(name, ({}, 64))
     torch.manual_seed(0)
     model = timm().create_model(name, pretrained=False, num_classes=10, **(kwargs or default_kwargs))
@@ -40,6 +41,8 @@ def build(name: str, kwargs: dict | None = None, size: int | None = None) -> tup
             norm.running_mean.uniform_(-0.1, 0.1)
             norm.running_var.uniform_(0.5, 1.5)
             norm.weight.uniform_(0.5, 1.5)
+        for scale in (m for m in model.modules() if type(m).__name__.startswith("LayerScale")):
+            scale.gamma.uniform_(0.1, 1.0)
     size = size or default_size
     return model.eval(), torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(1))
 
@@ -95,6 +98,44 @@ def test_reparameterizable_branches_are_merged_before_quantization():
     assert not any(isinstance(m, nn.BatchNorm2d) for m in qmodel.modules())
 
 
+def test_layer_scales_fold_into_the_layer_before_them_unless_its_output_is_quantized(tmp_path):
+    """DeiT III scales each residual branch per channel after a Linear (timm's LayerScale, 24 of
+    them): each folds into the Linear's weights and bias, ONNX Runtime runs no float Mul there,
+    and the float function is unchanged. After an 8-bit integer conv (EfficientFormerV2-S0's
+    LayerScale2d, after a conv and its BatchNorm), whose output has one per-tensor quantizer, a
+    fold would coarsen the channels it shrinks: the scales stay, each named in the report; at 4
+    bits, where the convs have no output quantizer, all 18 fold, as do FastViT-T8's (after a conv
+    and an eval-mode dropout; its RepMixers merge their own scales into their convs)."""
+    def scales(model):
+        return sorted(n for n, m in model.named_modules() if type(m).__name__.startswith("LayerScale")
+                      and "token_mixer" not in n)
+
+    def float_function_kept(qmodel, model, images):
+        for quantizer in (m for m in qmodel.modules() if hasattr(m, "enabled")):
+            quantizer.enabled = False
+        with torch.no_grad():
+            torch.testing.assert_close(qmodel(images), model(images), rtol=1e-4, atol=1e-5)
+        return True
+
+    model, images = build("deit3_small_patch16_224", {"img_size": 32}, 32)
+    qmodel = ep.quantize(model, images, "repq")
+    assert sorted(qmodel.quant_report.layer_scale_folds) == scales(model) and len(scales(model)) == 24
+    artifact = ep.export(qmodel, images[:1], out=tmp_path, name="deit3")["onnx"]
+    assert all(output.passed for output in artifact.parity.outputs)
+    assert "Mul" not in runtime_ops(artifact.path)
+    assert float_function_kept(qmodel, model, images)
+
+    model, images = build("efficientformerv2_s0")
+    report = ep.quantize(model, images, "repq").quant_report
+    assert not report.layer_scale_folds
+    assert sorted(line.partition(":")[0] for line in report.float_ops if "layer scale" in line) == scales(model)
+    for name in ("efficientformerv2_s0", "fastvit_t8"):
+        model, images = build(name)
+        qmodel = ep.quantize(model, images, config=preset("repq", w_bits=4, a_bits=4))
+        assert sorted(qmodel.quant_report.layer_scale_folds) == scales(model) and len(scales(model)) >= 10
+        assert float_function_kept(qmodel, model, images)
+
+
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_w8a8_exports_and_verifies(name, tmp_path):
     model, images = build(name)
@@ -109,7 +150,7 @@ def test_grouped_convs_left_float_on_request_are_named(tmp_path):
     become QLinearConv; the TensorRT form quantizes them all."""
     model, images = build("fastvit_t8")
     grouped = sum(isinstance(m, nn.Conv2d) and m.groups > 1 for m in model.modules())
-    assert not ep.quantize(model, images, "repq").quant_report.float_ops
+    assert not ep.quantize(model, images, "repq").quant_report.convs_kept_float
     qmodel = ep.quantize(model, images, config=preset("repq", float_grouped_convs=True))
     kept_float = [line for line in qmodel.quant_report.float_ops if "grouped conv" in line]
     assert kept_float and len(kept_float) <= grouped and len(qmodel.quant_report.convs_kept_float) == len(kept_float)
@@ -117,7 +158,7 @@ def test_grouped_convs_left_float_on_request_are_named(tmp_path):
     ops = runtime_ops(artifact.path)
     assert ops["QLinearConv"] == len(qmodel.quant_report.layers) - 1  # the head's Linear is a QGemm
     tensorrt = preset("repq", float_grouped_convs=True, target="tensorrt")
-    assert not ep.quantize(model, images, config=tensorrt).quant_report.float_ops
+    assert not ep.quantize(model, images, config=tensorrt).quant_report.convs_kept_float
 
 
 def test_a_norm_output_changed_in_place_is_not_folded_into():

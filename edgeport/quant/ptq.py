@@ -35,7 +35,7 @@ from edgeport.quant.quantizers import (LogSqrt2QParams, LogSqrt2Quantizer, Unifo
                                        calibration_rows)
 from edgeport.quant.reconstruct import reconstruct
 from edgeport.quant.rotate import online_rotation_paths, rotate_inputs, rotate_values
-from edgeport.quant.reparam import fold_batchnorm, fold_into_linear, fold_targets
+from edgeport.quant.reparam import fold_batchnorm, fold_into_linear, fold_targets, scale_output_channels
 
 
 @dataclass(frozen=True)
@@ -200,10 +200,10 @@ def _choose_probability_quantizers(qmodel: nn.Module, model: nn.Module, args: tu
 @dataclass
 class QuantReport:
     """What the pipeline did: layers quantized, attention values and Linear inputs rotated,
-    branches merged, Conv-BN folds (and why none were looked for), layers reparameterized, weights
-    compensated, units reconstructed (with their error before and after, iterations and
-    seconds), outlier channels migrated into weights,
-    activation matmuls quantized (and which run as float ops), the convs left float for ONNX
+    branches merged, Conv-BN and layer-scale folds (and why none were looked for), layers
+    reparameterized, weights compensated, units reconstructed (with their error before and
+    after, iterations and seconds), outlier channels migrated into weights, activation matmuls
+    quantized (and which run as float ops), the convs left float for ONNX
     Runtime's speed (each also named with the reason in `float_ops`), why matmuls stayed float,
     and the activation calibration used. `reparam_declined`: LayerNorm-fed layers left per tensor
     because that generalized better (`QuantConfig.check_reparam_held_out`)."""
@@ -215,7 +215,8 @@ class QuantReport:
     layers: list[str] = field(default_factory=list)
     rotated: list[str] = field(default_factory=list)
     batchnorm_folds: list[str] = field(default_factory=list)
-    batchnorm_folds_skipped: str = ""
+    folds_skipped: str = ""
+    layer_scale_folds: list[str] = field(default_factory=list)
     merged_branches: list[str] = field(default_factory=list)
     reparameterized: list[str] = field(default_factory=list)
     reparam_declined: list[str] = field(default_factory=list)
@@ -236,22 +237,39 @@ def _module_path(node: torch.fx.Node) -> str | None:
     return next(reversed(stack.values()))[0] if stack else None
 
 
-def _conv_batchnorm_pairs(model: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[list[tuple[str, str]], str]:
-    """(conv path, norm path) for every BatchNorm2d applied to a Conv2d's output that nothing
-    else reads, found in the graph torch.export captures (timm's ConvNormAct, torchvision's
-    resnet keep conv and norm as attributes, not neighbours in an nn.Sequential), and why
-    none could be looked for when the model cannot be captured. A module called more than
-    once (shared weights) is never folded: one call's fold would change the others."""
+@dataclass
+class _Folds:
+    """What the captured graph lets fold into the conv or Linear that feeds it: (conv path, norm
+    path) per BatchNorm2d, (layer path, scale module path) per LayerScale-style module, and why
+    nothing could be looked for when the model cannot be captured."""
+
+    batchnorms: list[tuple[str, str]] = field(default_factory=list)
+    scales: list[tuple[str, str]] = field(default_factory=list)
+    not_captured: str = ""
+
+
+def _folds(model: nn.Module, args: tuple[torch.Tensor, ...]) -> _Folds:
+    """Every BatchNorm2d applied to a Conv2d's output that nothing else reads, and every module
+    that only multiplies its input by its one parameter, a vector (timm's LayerScale, LayerScale2d)
+    applied per channel to a Conv2d's or Linear's output (or to a BatchNorm2d's folded into a
+    conv) that nothing else reads, found in the graph torch.export captures (timm's
+    ConvNormAct, torchvision's resnet keep conv and norm as attributes, not neighbours in an
+    nn.Sequential). A module called more than once (shared weights) is never folded: one
+    call's fold would change the others."""
     try:
-        graph = torch.export.export(model, args, strict=False).graph
+        program = torch.export.export(model, args, strict=False)
     except Exception as error:  # capture runs arbitrary model code; any failure means "not capturable"
-        return [], f"not capturable by torch.export ({type(error).__name__}: {str(error).splitlines()[0][:120]})"
+        return _Folds(not_captured=f"not capturable by torch.export ({type(error).__name__}: "
+                                   f"{str(error).splitlines()[0][:120]})")
+    graph, folds = program.graph, _Folds()
     calls: dict[str, int] = {}
+    by_module: dict[str, list[torch.fx.Node]] = {}
     for node in graph.nodes:
         path = _module_path(node) if node.op == "call_function" else None
-        if path is not None and node.target in (torch.ops.aten.conv2d.default, *_BATCH_NORMS):
-            calls[path] = calls.get(path, 0) + 1
-    pairs = []
+        if path is not None:
+            by_module.setdefault(path, []).append(node)
+            if node.target in (*_CHANNEL_AXIS, *_BATCH_NORMS):
+                calls[path] = calls.get(path, 0) + 1
     for node in graph.nodes:
         if node.op != "call_function" or node.target not in _BATCH_NORMS:
             continue
@@ -262,8 +280,55 @@ def _conv_batchnorm_pairs(model: nn.Module, args: tuple[torch.Tensor, ...]) -> t
         if calls.get(conv_path) != 1 or calls.get(norm_path) != 1:
             continue
         if isinstance(model.get_submodule(conv_path), nn.Conv2d) and _folded_norm(model.get_submodule(norm_path)):
-            pairs.append((conv_path, norm_path))
-    return pairs, ""
+            folds.batchnorms.append((conv_path, norm_path))
+    folded_norms = {norm for _, norm in folds.batchnorms}
+    parameters = program.graph_signature.inputs_to_parameters
+    for node in graph.nodes:
+        scale_path = _module_path(node) if node.op == "call_function" and node.target in _MULS else None
+        name = _scale_parameter(model.get_submodule(scale_path)) if scale_path else None
+        if name is None:
+            continue
+        for output, factor in (node.args[:2], node.args[1::-1]):
+            views = [factor]
+            while isinstance(views[-1], torch.fx.Node) and views[-1].target in _VIEWS:
+                views.append(views[-1].args[0])
+            if isinstance(views[-1], torch.fx.Node) and parameters.get(views[-1].name) == f"{scale_path}.{name}":
+                break
+        else:
+            continue
+        between = [output]  # the scale's input back to the layer: eval-mode dropout, a folded norm
+        while isinstance(between[-1], torch.fx.Node) and (
+                between[-1].target == torch.ops.aten.dropout.default and not between[-1].args[2]
+                or between[-1].target in _BATCH_NORMS and _module_path(between[-1]) in folded_norms):
+            between.append(between[-1].args[0])
+        layer = between[-1]
+        if set(by_module[scale_path]) != {node, *views[:-1]} or not isinstance(layer, torch.fx.Node) \
+                or layer.target not in _CHANNEL_AXIS or any(len(n.users) != 1 for n in between):
+            continue
+        layer_path = _module_path(layer)
+        shape, factor_shape = layer.meta["val"].shape, factor.meta["val"].shape
+        axis = _CHANNEL_AXIS[layer.target] % len(shape)
+        padded = (1,) * (len(shape) - len(factor_shape)) + tuple(factor_shape)
+        if calls.get(layer_path) == 1 and isinstance(model.get_submodule(layer_path), (nn.Conv2d, nn.Linear)) \
+                and padded == tuple(shape[axis] if i == axis else 1 for i in range(len(shape))):
+            folds.scales.append((layer_path, scale_path))
+    return folds
+
+
+def _scale_parameter(module: nn.Module) -> str | None:
+    """The name of a LayerScale-style module's parameter: its only one, a vector (FastViT's is
+    shaped (C, 1, 1)), with no submodules."""
+    parameters = list(module.named_parameters(recurse=False))
+    if list(module.children()) or len(parameters) != 1 or sum(size > 1 for size in parameters[0][1].shape) != 1:
+        return None
+    return parameters[0][0]
+
+
+# a conv's or Linear's output channel axis; the ops a per-channel factor's shape passes through
+_CHANNEL_AXIS = {torch.ops.aten.conv2d.default: 1, torch.ops.aten.linear.default: -1}
+_MULS = (torch.ops.aten.mul.Tensor, torch.ops.aten.mul_.Tensor)
+_VIEWS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default,
+          torch.ops.aten.unsqueeze.default)
 
 
 _BATCH_NORMS = (torch.ops.aten.batch_norm.default, torch.ops.aten._native_batch_norm_legit_no_training.default)
@@ -295,18 +360,38 @@ def _merge_branches(model: nn.Module, report: QuantReport) -> None:
             report.merged_branches.append(name)
 
 
-def _fold_batchnorms(model: nn.Module, args: tuple[torch.Tensor, ...], report: QuantReport) -> None:
-    """Fold every Conv2d -> BatchNorm2d pair of the captured graph into the conv, in place."""
-    if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+def _fold_into_layers(model: nn.Module, args: tuple[torch.Tensor, ...], report: QuantReport,
+                      output_quantized: Callable[[str, nn.Module], bool]) -> None:
+    """Fold every Conv2d -> BatchNorm2d pair of the captured graph into the conv, then every
+    per-channel layer scale into the conv or Linear before it, in place, except into a layer
+    whose output will be quantized (`output_quantized(path, layer)`, an 8-bit integer conv):
+    there the per-channel factors would share one per-tensor output step, coarse for the
+    channels they shrink (EfficientFormer-L1, 32 held-out images: cosine 0.99981 folded, 0.99992
+    not), and the scale stays a float Mul, named in the report."""
+    if not any(isinstance(m, nn.BatchNorm2d) or _scale_parameter(m) for m in model.modules()):
         return  # nothing to fold: spare the capture
-    pairs, report.batchnorm_folds_skipped = _conv_batchnorm_pairs(model, args)
-    for conv_path, norm_path in pairs:
+    folds = _folds(model, args)
+    report.folds_skipped = folds.not_captured
+    for conv_path, norm_path in folds.batchnorms:
         norm = model.get_submodule(norm_path)
-        for path, module in ((conv_path, fold_batchnorm(model.get_submodule(conv_path), norm)),
-                             (norm_path, _folded_norm(norm))):
-            parent, _, leaf = path.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, module)
+        _replace(model, conv_path, fold_batchnorm(model.get_submodule(conv_path), norm))
+        _replace(model, norm_path, _folded_norm(norm))
         report.batchnorm_folds.append(conv_path)
+    for layer_path, scale_path in folds.scales:
+        scale = model.get_submodule(scale_path)
+        if output_quantized(layer_path, model.get_submodule(layer_path)):
+            report.float_ops.append(f"{scale_path}: layer scale left a float Mul: folded into the integer conv "
+                                    f"{layer_path}, it would coarsen that conv's per-tensor output step")
+            continue
+        _replace(model, layer_path, scale_output_channels(model.get_submodule(layer_path),
+                                                          getattr(scale, _scale_parameter(scale))))
+        _replace(model, scale_path, nn.Identity())
+        report.layer_scale_folds.append(scale_path)
+
+
+def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
 _MATMULS = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm"}
@@ -423,6 +508,27 @@ def _norm_fed(model: nn.Module, sample: tuple[torch.Tensor, ...]) -> tuple[dict[
     return fed, exclusive
 
 
+def _kept_float(name: str, layer: nn.Module, config: QuantConfig, conv_macs: dict[str, int]) -> str | None:
+    """Why the 8-bit conv at `name` is left float for ONNX Runtime's speed (the report's
+    float-ops line), or None where it is quantized (and is not a conv whose form the config sets)."""
+    input_bits, weight_bits = config.layer_bits(name)
+    if not (config.has_conv_forms and input_bits == weight_bits == 8 and isinstance(layer, nn.Conv2d)):
+        return None
+    # Measured per node on FastViT-T8 (64x64, 2 threads): ORT's integer depthwise 3x3 and
+    # 7x7 convs 1.2-1.8x slower than its float NCHWc ones, grouped 7x7 with two outputs per
+    # group 4-7x slower, while dense convs of 2 M multiply-adds and more were 1.5-2.6x
+    # faster; dense 1x1 convs of 0.3-0.6 M gained 0-3 us, less than the 10-20 us of Q, DQ
+    # and NCHW/NHWC transposes ORT puts around an integer island (float_convs_below_macs).
+    if layer.groups > 1 and config.float_grouped_convs:
+        return (f"grouped conv ({layer.groups} groups) kept float: ONNX Runtime's integer grouped and depthwise "
+                f"kernels are slower than its float ones")
+    if conv_macs.get(name, config.float_convs_below_macs) < config.float_convs_below_macs:
+        return (f"small conv ({conv_macs[name] / 1e6:.2f} M multiply-adds per sample) kept float: its integer "
+                f"kernel would save less than the quantize, dequantize and layout changes around it cost in "
+                f"ONNX Runtime")
+    return None
+
+
 def _conv_macs(model: nn.Module, sample: tuple[torch.Tensor, ...]) -> dict[str, int]:
     """Each Conv2d's multiply-adds for one sample (name -> count), from one forward pass."""
     macs: dict[str, int] = {}
@@ -495,10 +601,11 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], c
     if config.rotate_inputs:  # after the values: their rotation folds into the projections it wraps
         report.rotated += rotate_inputs(qmodel, args, online_rotation_paths(qmodel, tuple(a[:1] for a in args)))
     _merge_branches(qmodel, report)
-    _fold_batchnorms(qmodel, tuple(a[:1] for a in args), report)
+    conv_macs = _conv_macs(qmodel, tuple(a[:1] for a in args))  # a fold changes no conv's multiply-adds
+    _fold_into_layers(qmodel, tuple(a[:1] for a in args), report, lambda name, layer: isinstance(layer, nn.Conv2d)
+                      and tuple(config.layer_bits(name)) == (8, 8) and not _kept_float(name, layer, config, conv_macs))
     fed, exclusive = _norm_fed(qmodel, tuple(a[:1] for a in args)) if config.norm_reparam else ({}, set())
     after_gelu = gelu_fed(qmodel, tuple(a[:1] for a in args)) if config.adalog else set()
-    conv_macs = _conv_macs(qmodel, tuple(a[:1] for a in args))
     act_observer, weight_observer = observer(config.act_observer), observer(config.weight_calibration)
 
     def act_quantizer(bits: int, per_channel: bool = False) -> UniformQuantizer:
@@ -527,28 +634,15 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], c
         wrapper = next((w for kind, w in QUANTIZED_LAYERS.items() if isinstance(module, kind)), None)
         if wrapper is None or any(name.startswith(f"{n}.") for n in report.layers):
             continue
+        reason = _kept_float(name, module, config, conv_macs)
+        if reason:
+            report.convs_kept_float.append(name)
+            report.float_ops.append(f"{name}: {reason}")
+            continue
         input_bits, weight_bits = config.layer_bits(name)
-        if config.has_conv_forms and input_bits == weight_bits == 8 and isinstance(module, nn.Conv2d):
-            # Measured per node on FastViT-T8 (64x64, 2 threads): ORT's integer depthwise 3x3 and
-            # 7x7 convs 1.2-1.8x slower than its float NCHWc ones, grouped 7x7 with two outputs per
-            # group 4-7x slower, while dense convs of 2 M multiply-adds and more were 1.5-2.6x
-            # faster; dense 1x1 convs of 0.3-0.6 M gained 0-3 us, less than the 10-20 us of Q, DQ
-            # and NCHW/NHWC transposes ORT puts around an integer island (float_convs_below_macs).
-            if module.groups > 1 and config.float_grouped_convs:
-                report.convs_kept_float.append(name)
-                report.float_ops.append(f"{name}: grouped conv ({module.groups} groups) kept float: ONNX Runtime's "
-                                        f"integer grouped and depthwise kernels are slower than its float ones")
-                continue
-            if conv_macs.get(name, config.float_convs_below_macs) < config.float_convs_below_macs:
-                report.convs_kept_float.append(name)
-                report.float_ops.append(f"{name}: small conv ({conv_macs[name] / 1e6:.2f} M multiply-adds per sample) "
-                                        f"kept float: its integer kernel would save less than the quantize, "
-                                        f"dequantize and layout changes around it cost in ONNX Runtime")
-                continue
         wrapped = wrapper(module, act_quantizer(input_bits, per_channel=name in fed),
                           weight_quantizer(module.weight, weight_bits))
-        parent, _, leaf = name.rpartition(".")
-        setattr(qmodel.get_submodule(parent) if parent else qmodel, leaf, wrapped)
+        _replace(qmodel, name, wrapped)
         report.layers.append(name)
     for module in qmodel.modules():
         # DQ -> Conv -> Q is the pattern ONNX Runtime runs as QLinearConv; without the Q after

@@ -1,5 +1,5 @@
 """Scale reparameterization (RepQ-ViT): per-channel activation quantization at calibration,
-per-tensor at inference, exactly equivalent; and Conv-BatchNorm folding.
+per-tensor at inference, exactly equivalent; and Conv-BatchNorm and layer-scale folding.
 
 With per-channel (scale_j, zero_j) on a layer's input x, pick a per-tensor target
 (mean scale, rounded mean zero point — or zero point 0 for a symmetric result), set
@@ -51,3 +51,17 @@ def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
         bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
         fused.bias = nn.Parameter(((bias - bn.running_mean.double()) * scale + shift).to(conv.weight.dtype))
     return fused
+
+
+def scale_output_channels(layer: nn.Conv2d | nn.Linear, factor: torch.Tensor) -> nn.Conv2d | nn.Linear:
+    """A copy of `layer` whose output channel j is multiplied by factor[j] (its weight rows and
+    bias): the fold of a layer scale (x * gamma per channel) that follows it. A copy, as a weight
+    tied to another module must not change there."""
+    factor = factor.detach().double().flatten()
+    scaled = copy.deepcopy(layer)
+    with torch.no_grad():
+        scaled.weight.copy_((layer.weight.double() * factor.reshape((-1,) + (1,) * (layer.weight.ndim - 1)))
+                            .to(layer.weight.dtype))
+        if layer.bias is not None:
+            scaled.bias.copy_((layer.bias.double() * factor).to(layer.bias.dtype))
+    return scaled
