@@ -507,7 +507,8 @@ def timm_models(rounds: int = 5, names: list[str] | None = None) -> dict:
                    for variant in paths if variant != "fp32"} for threads in TIMM_THREADS},
                "speedup_vs_fp32_each_at_its_faster_threads": {
                    variant: float(np.median([b["fp32"] / b[variant] for b in best])) for variant in paths if variant != "fp32"},
-               "batchnorm_folds": len(report.batchnorm_folds), "merged_branches": len(report.merged_branches),
+               "batchnorm_folds": len(report.batchnorm_folds), "layer_scale_folds": len(report.layer_scale_folds),
+               "merged_branches": len(report.merged_branches),
                "quantized_layers": len(report.layers), "quantized_matmuls": len(report.matmuls),
                "convs_kept_float": len(report.convs_kept_float),
                "matmuls_not_quantized": report.matmuls_not_quantized}
