@@ -250,12 +250,12 @@ class _Folds:
 
 def _folds(model: nn.Module, args: tuple[torch.Tensor, ...]) -> _Folds:
     """Every BatchNorm2d applied to a Conv2d's output that nothing else reads, and every module
-    that only multiplies its input by its one parameter, a vector (timm's LayerScale, LayerScale2d)
-    applied per channel to a Conv2d's or Linear's output (or to a BatchNorm2d's folded into a
-    conv) that nothing else reads, found in the graph torch.export captures (timm's
-    ConvNormAct, torchvision's resnet keep conv and norm as attributes, not neighbours in an
-    nn.Sequential). A module called more than once (shared weights) is never folded: one
-    call's fold would change the others."""
+    that only multiplies its input by its one parameter, a vector (timm's LayerScale,
+    LayerScale2d), applied per channel to a Conv2d's or Linear's output that nothing else reads
+    (directly, or through an eval-mode dropout or a BatchNorm2d folded here), found in the graph
+    torch.export captures (timm's ConvNormAct, torchvision's resnet keep conv and norm as
+    attributes, not neighbours in an nn.Sequential). A module called more than once (shared
+    weights) is never folded: one call's fold would change the others."""
     try:
         program = torch.export.export(model, args, strict=False)
     except Exception as error:  # capture runs arbitrary model code; any failure means "not capturable"
@@ -509,8 +509,9 @@ def _norm_fed(model: nn.Module, sample: tuple[torch.Tensor, ...]) -> tuple[dict[
 
 
 def _kept_float(name: str, layer: nn.Module, config: QuantConfig, conv_macs: dict[str, int]) -> str | None:
-    """Why the 8-bit conv at `name` is left float for ONNX Runtime's speed (the report's
-    float-ops line), or None where it is quantized (and is not a conv whose form the config sets)."""
+    """Why the layer at `name` is left float for ONNX Runtime's speed (the report's float-ops
+    line), or None where it is quantized. Only an 8-bit conv under a config with conv forms
+    (`QuantConfig.has_conv_forms`) is ever left float."""
     input_bits, weight_bits = config.layer_bits(name)
     if not (config.has_conv_forms and input_bits == weight_bits == 8 and isinstance(layer, nn.Conv2d)):
         return None
