@@ -110,12 +110,11 @@ def test_layer_scales_fold_into_the_layer_before_them_unless_its_output_is_quant
         return sorted(n for n, m in model.named_modules() if type(m).__name__.startswith("LayerScale")
                       and "token_mixer" not in n)
 
-    def float_function_kept(qmodel, model, images):
+    def assert_float_function_kept(qmodel, model, images):
         for quantizer in (m for m in qmodel.modules() if hasattr(m, "enabled")):
             quantizer.enabled = False
         with torch.no_grad():
             torch.testing.assert_close(qmodel(images), model(images), rtol=1e-4, atol=1e-5)
-        return True
 
     model, images = build("deit3_small_patch16_224", {"img_size": 32}, 32)
     qmodel = ep.quantize(model, images, "repq")
@@ -123,7 +122,7 @@ def test_layer_scales_fold_into_the_layer_before_them_unless_its_output_is_quant
     artifact = ep.export(qmodel, images[:1], out=tmp_path, name="deit3")["onnx"]
     assert all(output.passed for output in artifact.parity.outputs)
     assert "Mul" not in runtime_ops(artifact.path)
-    assert float_function_kept(qmodel, model, images)
+    assert_float_function_kept(qmodel, model, images)
 
     model, images = build("efficientformerv2_s0")
     report = ep.quantize(model, images, "repq").quant_report
@@ -133,7 +132,7 @@ def test_layer_scales_fold_into_the_layer_before_them_unless_its_output_is_quant
         model, images = build(name)
         qmodel = ep.quantize(model, images, config=preset("repq", w_bits=4, a_bits=4))
         assert sorted(qmodel.quant_report.layer_scale_folds) == scales(model) and len(scales(model)) >= 10
-        assert float_function_kept(qmodel, model, images)
+        assert_float_function_kept(qmodel, model, images)
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)
@@ -150,7 +149,8 @@ def test_grouped_convs_left_float_on_request_are_named(tmp_path):
     become QLinearConv; the TensorRT form quantizes them all."""
     model, images = build("fastvit_t8")
     grouped = sum(isinstance(m, nn.Conv2d) and m.groups > 1 for m in model.modules())
-    assert not ep.quantize(model, images, "repq").quant_report.convs_kept_float
+    assert not [line for line in ep.quantize(model, images, "repq").quant_report.float_ops
+                if "layer scale" not in line]
     qmodel = ep.quantize(model, images, config=preset("repq", float_grouped_convs=True))
     kept_float = [line for line in qmodel.quant_report.float_ops if "grouped conv" in line]
     assert kept_float and len(kept_float) <= grouped and len(qmodel.quant_report.convs_kept_float) == len(kept_float)
@@ -158,7 +158,8 @@ def test_grouped_convs_left_float_on_request_are_named(tmp_path):
     ops = runtime_ops(artifact.path)
     assert ops["QLinearConv"] == len(qmodel.quant_report.layers) - 1  # the head's Linear is a QGemm
     tensorrt = preset("repq", float_grouped_convs=True, target="tensorrt")
-    assert not ep.quantize(model, images, config=tensorrt).quant_report.convs_kept_float
+    assert not [line for line in ep.quantize(model, images, config=tensorrt).quant_report.float_ops
+                if "layer scale" not in line]
 
 
 def test_a_norm_output_changed_in_place_is_not_folded_into():
