@@ -123,7 +123,7 @@ def compensate(qmodel: nn.Module, model: nn.Module, args: tuple[torch.Tensor, ..
                weight_quantizer: Callable[[torch.Tensor, int], UniformQuantizer], ridge: float | None = None,
                damping: float = DAMPING) -> list[str]:
     """Compensate every quantized Linear (`layer_type` instances of `qmodel`, a fake-quant copy
-    of `model`) for its quantized input, in execution order within one forward pass of
+    of `model`, the float model with the same rotations and folds) for its quantized input, in execution order within one forward pass of
     `qmodel` on `args`: with `ridge` (lambda's factor, see `ridge_weights`) the float weight
     and bias first regressed onto the float model's output of the layer and the weight
     quantizer refitted (`weight_quantizer(weight, bits)`); then error-feedback rounding
