@@ -99,14 +99,12 @@ def test_reparameterizable_branches_are_merged_before_quantization():
     assert not any(isinstance(m, nn.BatchNorm2d) for m in qmodel.modules())
 
 
-def test_layer_scales_fold_into_the_layer_before_them_unless_its_output_is_quantized(tmp_path):
+def test_layer_scales_fold_into_the_layer_before_them(tmp_path):
     """DeiT III scales each residual branch per channel after a Linear (timm's LayerScale, 24 of
-    them): each folds into the Linear's weights and bias, ONNX Runtime runs no float Mul there,
-    and the float function is unchanged. After an 8-bit integer conv (EfficientFormerV2-S0's
-    LayerScale2d, after a conv and its BatchNorm), whose output has one per-tensor quantizer, a
-    fold would coarsen the channels it shrinks: the scales stay, each named in the report; at 4
-    bits, where the convs have no output quantizer, all 18 fold, as do FastViT-T8's (after a conv
-    and an eval-mode dropout; its RepMixers merge their own scales into their convs)."""
+    them), EfficientFormerV2-S0 after a conv and its BatchNorm (LayerScale2d, 18), FastViT-T8
+    after a conv and an eval-mode dropout (its RepMixers merge their own scales into their
+    convs): each folds into the layer's weights and bias, into 8-bit integer convs too, ONNX
+    Runtime runs no float Mul there, and the float function is unchanged."""
     def scales(model):
         return sorted(n for n, m in model.named_modules() if type(m).__name__.startswith("LayerScale")
                       and "token_mixer" not in n)
@@ -126,14 +124,17 @@ def test_layer_scales_fold_into_the_layer_before_them_unless_its_output_is_quant
     assert_float_function_kept(qmodel, model, images)
 
     model, images = build("efficientformerv2_s0")
-    report = ep.quantize(model, images, "repq").quant_report
-    assert not report.layer_scale_folds
-    assert sorted(line.partition(":")[0] for line in report.float_ops if "layer scale" in line) == scales(model)
-    for name in ("efficientformerv2_s0", "fastvit_t8"):
-        model, images = build(name)
-        qmodel = ep.quantize(model, images, config=preset("repq", w_bits=4, a_bits=4))
-        assert sorted(qmodel.quant_report.layer_scale_folds) == scales(model) and len(scales(model)) >= 10
-        assert_float_function_kept(qmodel, model, images)
+    qmodel = ep.quantize(model, images, "repq")
+    assert sorted(qmodel.quant_report.layer_scale_folds) == scales(model) and len(scales(model)) == 18
+    assert not [line for line in qmodel.quant_report.float_ops if "layer scale" in line]
+    artifact = ep.export(qmodel, images[:1], out=tmp_path, name="efficientformerv2")["onnx"]
+    assert all(output.passed for output in artifact.parity.outputs)
+    assert runtime_ops(artifact.path)["QLinearConv"] == sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert_float_function_kept(qmodel, model, images)
+    model, images = build("fastvit_t8")
+    qmodel = ep.quantize(model, images, config=preset("repq", w_bits=4, a_bits=4))
+    assert sorted(qmodel.quant_report.layer_scale_folds) == scales(model) and len(scales(model)) >= 10
+    assert_float_function_kept(qmodel, model, images)
 
 
 def test_ridge_regression_fits_the_layers_as_folded_and_rotated():
@@ -167,8 +168,7 @@ def test_grouped_convs_left_float_on_request_are_named(tmp_path):
     become QLinearConv; the TensorRT form quantizes them all."""
     model, images = build("fastvit_t8")
     grouped = sum(isinstance(m, nn.Conv2d) and m.groups > 1 for m in model.modules())
-    assert not [line for line in ep.quantize(model, images, "repq").quant_report.float_ops
-                if "layer scale" not in line]
+    assert not ep.quantize(model, images, "repq").quant_report.float_ops
     qmodel = ep.quantize(model, images, config=preset("repq", float_grouped_convs=True))
     kept_float = [line for line in qmodel.quant_report.float_ops if "grouped conv" in line]
     assert kept_float and len(kept_float) <= grouped and len(qmodel.quant_report.convs_kept_float) == len(kept_float)
@@ -176,8 +176,7 @@ def test_grouped_convs_left_float_on_request_are_named(tmp_path):
     ops = runtime_ops(artifact.path)
     assert ops["QLinearConv"] == len(qmodel.quant_report.layers) - 1  # the head's Linear is a QGemm
     tensorrt = preset("repq", float_grouped_convs=True, target="tensorrt")
-    assert not [line for line in ep.quantize(model, images, config=tensorrt).quant_report.float_ops
-                if "layer scale" not in line]
+    assert not ep.quantize(model, images, config=tensorrt).quant_report.float_ops
 
 
 def test_a_norm_output_changed_in_place_is_not_folded_into():
