@@ -123,11 +123,11 @@ def compensate(qmodel: nn.Module, model: nn.Module, args: tuple[torch.Tensor, ..
                weight_quantizer: Callable[[torch.Tensor, int], UniformQuantizer], ridge: float | None = None,
                damping: float = DAMPING) -> list[str]:
     """Compensate every quantized Linear (`layer_type` instances of `qmodel`, a fake-quant copy
-    of `model`, the float model with the same rotations and folds) for its quantized input, in execution order within one forward pass of
-    `qmodel` on `args`: with `ridge` (lambda's factor, see `ridge_weights`) the float weight
-    and bias first regressed onto the float model's output of the layer and the weight
-    quantizer refitted (`weight_quantizer(weight, bits)`); then error-feedback rounding
-    (`damping`: see `error_feedback_round`).
+    of `model`, the float model with the same rotations and folds) for its quantized input, in
+    execution order within one forward pass of `qmodel` on `args`: with `ridge` (lambda's
+    factor, see `ridge_weights`) the float weight and bias first regressed onto the float
+    model's output of the layer and the weight quantizer refitted (`weight_quantizer(weight,
+    bits)`); then error-feedback rounding (`damping`: see `error_feedback_round`).
     Returns the names of the layers compensated (a layer whose float counterpart is not a
     Linear of `model` at the same path, or is called more than once, is left as it was)."""
     layers = {name: m for name, m in qmodel.named_modules() if isinstance(m, layer_type)}
