@@ -107,11 +107,31 @@ IMAGE_MODELS = {  # timm name, keyword arguments, input size
 }
 
 
+def trained_like(model: nn.Module) -> nn.Module:
+    """`model` (in place) with every BatchNorm's statistics and scale, and every layer scale,
+    drawn like a trained network's. timm's initial values make parts of a random network
+    vanish: identity statistics make every BatchNorm fold trivial, an initial layer scale of
+    1e-5 all but removes the branch it scales, and a zero-initialised last norm of each residual
+    branch (every LeViT block's BatchNorm1d, resnet's zero_init_last) makes the branch output
+    zero, so that nothing inside it is tested."""
+    with torch.no_grad():
+        for norm in (m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
+            if norm.running_mean is not None:
+                norm.running_mean.uniform_(-0.1, 0.1)
+                norm.running_var.uniform_(0.5, 1.5)
+            if norm.weight is not None:
+                norm.weight.uniform_(0.5, 1.5)
+        for scale in (m for m in model.modules() if type(m).__name__.startswith("LayerScale")):
+            scale.gamma.uniform_(0.1, 1.0)
+    return model
+
+
 def image_model(name: str) -> tuple[nn.Module, torch.Tensor]:
-    """A timm classifier with random weights (seeded) and a 1x3xSxS example image."""
+    """A timm classifier with random weights (seeded), its norms drawn like a trained network's
+    (`trained_like`), and a 1x3xSxS example image."""
     timm_name, kwargs, size = IMAGE_MODELS[name]
     torch.manual_seed(0)
-    model = timm().create_model(timm_name, pretrained=False, **kwargs).eval()
+    model = trained_like(timm().create_model(timm_name, pretrained=False, **kwargs)).eval()
     image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     return model, image
 

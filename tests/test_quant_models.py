@@ -13,7 +13,7 @@ from torch import nn
 
 import edgeport as ep
 from edgeport.quant.config import preset
-from real_models import timm
+from real_models import timm, trained_like
 
 # timm name -> (keyword arguments, input size). EfficientFormer-L1's attention bias is built for
 # a 7x7 last stage, so it takes 224x224; the others run at 64x64 (Swin with 2x2 windows).
@@ -30,21 +30,13 @@ ARCHITECTURES = {
 
 
 def build(name: str, kwargs: dict | None = None, size: int | None = None) -> tuple[nn.Module, torch.Tensor]:
-    """A timm model with seeded random weights, and BatchNorm statistics and layer scales like a
-    trained network's (identity statistics would make every fold trivial; timm's initial layer
-    scale, 1e-5, all but removes the branch it scales), and 8 calibration images."""
+    """A timm model with seeded random weights, its norms and layer scales drawn like a trained
+    network's (`real_models.trained_like`), and 8 calibration images."""
     default_kwargs, default_size = ARCHITECTURES.get(name, ({}, 64))
     torch.manual_seed(0)
     model = timm().create_model(name, pretrained=False, num_classes=10, **(kwargs or default_kwargs))
-    with torch.no_grad():
-        for norm in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
-            norm.running_mean.uniform_(-0.1, 0.1)
-            norm.running_var.uniform_(0.5, 1.5)
-            norm.weight.uniform_(0.5, 1.5)
-        for scale in (m for m in model.modules() if type(m).__name__.startswith("LayerScale")):
-            scale.gamma.uniform_(0.1, 1.0)
     size = size or default_size
-    return model.eval(), torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(1))
+    return trained_like(model).eval(), torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(1))
 
 
 def runtime_ops(path) -> collections.Counter:
