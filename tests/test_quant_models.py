@@ -13,8 +13,7 @@ from torch import nn
 
 import edgeport as ep
 from edgeport.quant.config import preset
-import real_models
-from real_models import timm, trained_like
+from real_models import IMAGE_MODELS, image_model, timm, trained_like
 
 # timm name -> (keyword arguments, input size). EfficientFormer-L1's attention bias is built for
 # a 7x7 last stage, so it takes 224x224; the others run at 64x64 (Swin with 2x2 windows).
@@ -45,7 +44,7 @@ def test_no_build_leaves_a_weight_all_zero():
     network's: timm's zero-initialised last BatchNorm of each residual branch had silenced all 20
     of LeViT-128S's branches (its attention untested), 8 of resnet18's and 3 of mobilevit_xxs's."""
     models = {name: build(name)[0] for name in ARCHITECTURES}
-    models |= {f"real_models {name}": real_models.image_model(name)[0] for name in real_models.IMAGE_MODELS}
+    models |= {f"real_models {name}": image_model(name)[0] for name in IMAGE_MODELS}
     silent = {name: [n for n, p in model.named_parameters() if n.endswith("weight") and not p.any()]
               for name, model in models.items()}
     assert not any(silent.values()), {name: names[:3] for name, names in silent.items() if names}

@@ -56,9 +56,9 @@ def test_exports_and_verifies_with_default_settings(name, tmp_path):
     elif name in COREML:
         coreml = artifacts["coreml"]
         assert coreml.parity is None or coreml.parity.passed, coreml.parity.summary()
-    if name in real_models.IMAGE_MODELS:  # what was used, said (the range its first BatchNorm matches best)
-        assert "1/f-spectrum images" in onnx.parity.inputs_source
-        assert any(f"images, {r.name}" in onnx.parity.inputs_source for r in IMAGE_RANGES)
+    if name in real_models.IMAGE_MODELS:  # what was used, said: the range its first BatchNorm matches best
+        expected = image_range(model, (example,), 0, example.numpy())
+        assert f"1/f-spectrum images, {expected.name}" in onnx.parity.inputs_source
     if name == "minilm":  # a ModelOutput's names, not output_<i>
         assert [o.name for o in onnx.outputs] == [o.name for o in onnx.parity.outputs] == \
             ["last_hidden_state", "pooler_output"]
