@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 import signal
 import sys
@@ -39,7 +40,40 @@ LOG_AFTER_S = 2.0  # in logs, steps shorter than this print nothing (a bad input
 def progress(message: str):
     """A long step: a spinner on a terminal; in logs (not a terminal), a line when it has run
     for `LOG_AFTER_S`, a line per sub-step after that with the seconds since the step began,
-    and one when it ends with its duration. Yields a function that reports a sub-step."""
+    and one when it ends with its duration. Yields a function that reports a sub-step; the
+    library's own progress (INFO records of the `edgeport` loggers: each reconstructed block,
+    each conv form, ...) is reported as sub-steps too."""
+    with _step(message) as report, _library_progress(report):
+        yield report
+
+
+class _SubStepHandler(logging.Handler):
+    """Log records as sub-steps of the running step."""
+
+    def __init__(self, report):
+        super().__init__(logging.INFO)
+        self.report = report
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.report(record.getMessage())
+
+
+@contextlib.contextmanager
+def _library_progress(report):
+    logger = logging.getLogger("edgeport")
+    handler, level = _SubStepHandler(report), logger.level
+    logger.addHandler(handler)
+    if level == logging.NOTSET or level > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _step(message: str):
     if diagnostics.is_terminal:
         with diagnostics.status(message) as status:
             yield lambda step: status.update(f"{message}: {step}")

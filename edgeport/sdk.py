@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import gc
 import inspect
+import logging
 import os
 import re
 import warnings
@@ -37,6 +38,8 @@ from edgeport.quant.config import QuantConfig
 from edgeport.runtime.report import Profile
 from edgeport.transforms.spiking import LibraryRunner, SpikingForm, UnrolledModule, build_form
 from edgeport.verify import StreamingRunner, UnrolledSteps, compare
+
+log = logging.getLogger(__name__)  # progress of the long steps (INFO)
 
 
 def parse_input(text: str) -> TensorSpec:
@@ -656,6 +659,7 @@ def _fastest_form(model: torch.nn.Module, calib, config: QuantConfig) -> tuple[t
         artifacts = {"fp32": export(model, example, targets=(target,), out=tmp, name="fp32",
                                     verify_inputs=[example])[target]}
         for number, (form, fields) in enumerate(CONV_FORMS.items()):
+            log.info("quantizing form %d of %d: %s", number + 1, len(CONV_FORMS), form)
             try:
                 qmodel, qmodel.quant_report = run_ptq(model, calib, dataclasses.replace(config, **fields))
             except EverythingLeftFloat as error:  # a model of convs only, every one of them float
@@ -677,6 +681,7 @@ def _fastest_form(model: torch.nn.Module, calib, config: QuantConfig) -> tuple[t
                 break
         if not qmodels:
             raise CheckFailed(f"no conv form of the quantized model verified: {'; '.join(left_out.values())}")
+        log.info("timing %s beside fp32 in ONNX Runtime", ", ".join(qmodels))
         runners = {(name, threads): backends.runner_for(artifact, threads=threads).load()
                    for name, artifact in artifacts.items() for threads in FORM_THREADS}
         names = [spec.name for spec in artifacts["fp32"].inputs]

@@ -1,5 +1,6 @@
 """The command line: exit codes, one-line errors, nothing half-written, real files."""
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -122,3 +123,22 @@ def test_a_long_step_logs_each_sub_step_with_the_seconds_since_it_began(monkeypa
     assert lines[0] == "... demo"
     assert re.fullmatch(r"\.\.\. demo \[\d+ s\]: vit-digits: export", lines[1]), lines
     assert re.fullmatch(r"\.\.\. demo: done in \d+\.\d s", lines[2]), lines
+
+
+def test_a_long_quantization_logs_each_reconstructed_block(monkeypatch, capsys):
+    """Block reconstruction takes minutes on a BERT: inside a CLI step each unit's line (the
+    library's INFO records) is a sub-step in the log, and the step leaves the `edgeport`
+    logger as it found it."""
+    from edgeport import cli
+    from edgeport.quant.config import preset
+
+    logger = logging.getLogger("edgeport")
+    before = (logger.level, list(logger.handlers))
+    monkeypatch.setattr(cli, "LOG_AFTER_S", 0.0)
+    with cli.progress("quantizing vit-digits"):
+        ep.quantize("vit-digits", config=preset("repq-recon", recon_iters=5))
+    lines = [line for line in capsys.readouterr().err.splitlines() if "reconstructed unit" in line]
+    assert [re.search(r"unit (\d) of 6, (\S+):", line).groups() for line in lines] == [
+        ("1", "patch_embed"), ("2", "blocks.0"), ("3", "blocks.1"), ("4", "blocks.2"), ("5", "blocks.3"), ("6", "head")]
+    assert all(re.match(r"\.\.\. quantizing vit-digits \[\d+ s\]: ", line) for line in lines), lines
+    assert (logger.level, logger.handlers) == before

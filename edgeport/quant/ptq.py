@@ -16,6 +16,7 @@ quantized module through its `qparams()`, not its attributes.
 from __future__ import annotations
 
 import copy
+import logging
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,10 @@ from edgeport.quant.quantizers import (LogSqrt2QParams, LogSqrt2Quantizer, Unifo
 from edgeport.quant.reconstruct import reconstruct
 from edgeport.quant.rotate import online_rotation_paths, rotate_inputs, rotate_values
 from edgeport.quant.reparam import fold_batchnorm, fold_into_linear, fold_targets, scale_output_channels
+
+# its phases, for a user's logging configuration (DEBUG: every quantization of a mixed-precision
+# search or a form choice would repeat them)
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -675,6 +680,8 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], c
                                                                   config.symmetric, weight_quantizer, report))
         for name, module in qmodel.named_modules() if config.partial_reparam and isinstance(module, QuantLinear)
         and module.act.axis is not None]
+    log.debug("calibrating %d layers and %d activation matmuls on %d samples", len(report.layers),
+             len(report.matmuls), report.calibration_samples)
     with torch.no_grad():
         qmodel(*args)  # pass 1: sequential, lazy fitting in forward order
     for hook in first_input_hooks:
@@ -696,6 +703,9 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], c
             _fold_into_norm(qmodel.get_submodule(norm),
                             [qmodel.get_submodule(name) for name, n in fed.items() if n == norm])
     if config.compensate_weights:
+        log.debug("compensating the weights for their quantized inputs (%s)",
+                 "ridge regression, then error-feedback rounding" if config.weight_ridge is not None
+                 else "error-feedback rounding")
         report.compensated = compensate(qmodel, float_targets, args, QuantLinear, weight_quantizer, config.weight_ridge,
                                         config.damping)
     if config.recon_iters:

@@ -21,6 +21,7 @@ rounding and its calibrated scales.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -31,6 +32,8 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from edgeport.quant.adalog import AdaLogQuantizer
 from edgeport.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
+
+log = logging.getLogger(__name__)  # a line per unit: reconstruction takes minutes on a BERT
 
 # the activation quantizers a unit can hold (each has `enabled`: the float pass switches them off)
 ACTIVATION_QUANTIZERS = (UniformQuantizer, LogSqrt2Quantizer, AdaLogQuantizer)
@@ -344,7 +347,7 @@ def reconstruct(qmodel: nn.Module, args: tuple[torch.Tensor, ...], layer_types: 
         units = _units(qmodel, args, layer_types, blocks)
     floats = _float_pass(qmodel, args, units, seed)
     lines = []
-    for path in units:
+    for number, path in enumerate(units, 1):
         if path not in floats:
             lines.append(f"{labels.get(path, path)}: not reconstructed: its output reaches no output of the model")
             continue
@@ -362,4 +365,5 @@ def reconstruct(qmodel: nn.Module, args: tuple[torch.Tensor, ...], layer_types: 
         lines.append(f"{labels.get(path, path)}: weighted output error {before:.4g} -> {min(before, after):.4g} "
                      f"({iterations} iterations, {time.perf_counter() - start:.1f} s)"
                      + ("" if after < before else ", kept nearest rounding"))
+        log.info("reconstructed unit %d of %d, %s", number, len(units), lines[-1])
     return lines

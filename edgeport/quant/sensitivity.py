@@ -9,6 +9,7 @@ SQNR first, says where precision is lost and which layers to keep wider.
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from torch import nn
 from edgeport.quant.adalog import AdaLogQuantizer
 from edgeport.quant.ptq import QUANTIZED_MODULES
 from edgeport.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
+
+log = logging.getLogger(__name__)
 
 QUANTIZERS = (UniformQuantizer, LogSqrt2Quantizer, AdaLogQuantizer)
 
@@ -147,6 +150,7 @@ def choose_widths(model: nn.Module, calib, config, max_drop: float,
     held_references = [_output(model, held) for _, held in folds]
     noise: dict[str, dict[int, float]] = {}
     for bits in WIDTHS:
+        log.info("measuring each layer's noise alone at %d bits", bits)
         uniform, _ = quantize(model, calib, dataclasses.replace(config, w_bits=bits, a_bits=bits, matmul_bits=None,
                                                                 keep_8bit=(), layer_widths=()))
         for result in layer_sensitivity(model, uniform, args):
@@ -160,7 +164,7 @@ def choose_widths(model: nn.Module, calib, config, max_drop: float,
         return max(losses)
 
     budget = 2 * max_drop
-    for _ in range(ROUNDS):
+    for round_number in range(1, ROUNDS + 1):
         widths = {layer: WIDTHS[0] for layer in noise}
         while sum(noise[layer][bits] for layer, bits in widths.items()) > budget:
             def gain(layer: str) -> float:
@@ -173,6 +177,8 @@ def choose_widths(model: nn.Module, calib, config, max_drop: float,
             best = max(candidates, key=gain)
             widths[best] = WIDTHS[WIDTHS.index(widths[best]) + 1]
         chosen = dataclasses.replace(config, keep_8bit=(), layer_widths=widths)
+        log.info("checking a map of %.2f bits per layer on %d held-out folds (round %d of %d)",
+                 sum(widths.values()) / len(widths), len(folds), round_number, ROUNDS)
         checked = held_out_loss(chosen)
         if checked <= max_drop:
             break
