@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -50,7 +51,7 @@ def progress(message: str):
 class _SubStepHandler(logging.Handler):
     """Log records as sub-steps of the running step."""
 
-    def __init__(self, report):
+    def __init__(self, report: Callable[[str], object]):
         super().__init__(logging.INFO)
         self.report = report
 
@@ -59,7 +60,9 @@ class _SubStepHandler(logging.Handler):
 
 
 @contextlib.contextmanager
-def _library_progress(report):
+def _library_progress(report: Callable[[str], object]):
+    """While the step runs, the `edgeport` loggers' INFO records go to `report`; the logger's
+    level and handlers are left as they were after it."""
     logger = logging.getLogger("edgeport")
     handler, level = _SubStepHandler(report), logger.level
     logger.addHandler(handler)

@@ -681,7 +681,7 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], c
         for name, module in qmodel.named_modules() if config.partial_reparam and isinstance(module, QuantLinear)
         and module.act.axis is not None]
     log.debug("calibrating %d layers and %d activation matmuls on %d samples", len(report.layers),
-             len(report.matmuls), report.calibration_samples)
+              len(report.matmuls), report.calibration_samples)
     with torch.no_grad():
         qmodel(*args)  # pass 1: sequential, lazy fitting in forward order
     for hook in first_input_hooks:
@@ -704,8 +704,8 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], c
                             [qmodel.get_submodule(name) for name, n in fed.items() if n == norm])
     if config.compensate_weights:
         log.debug("compensating the weights for their quantized inputs (%s)",
-                 "ridge regression, then error-feedback rounding" if config.weight_ridge is not None
-                 else "error-feedback rounding")
+                  "ridge regression, then error-feedback rounding" if config.weight_ridge is not None
+                  else "error-feedback rounding")
         report.compensated = compensate(qmodel, float_targets, args, QuantLinear, weight_quantizer, config.weight_ridge,
                                         config.damping)
     if config.recon_iters:
