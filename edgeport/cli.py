@@ -299,6 +299,7 @@ def quantize_command(model, method, w_bits, a_bits, target, calib, calibration, 
                                       {k: v for k, v in options.items() if v is not None})
     with progress(f"comparing the quantized {model} with its float model"):
         against_float = _against_float(model, float_model, qmodel, batch, artifacts)
+        accuracy = _zoo_accuracy(model, float_model, qmodel)
     report = asdict(qmodel.quant_report)
     ranking = [asdict(r) for r in getattr(qmodel, "sensitivity", [])]
     mixed = asdict(qmodel.mixed_precision) if hasattr(qmodel, "mixed_precision") else None
@@ -306,7 +307,7 @@ def quantize_command(model, method, w_bits, a_bits, target, calib, calibration, 
     if as_json:
         _emit_json({"report": report, "artifacts": {t: a.to_dict() for t, a in artifacts.items()},
                     "against_float": against_float.to_dict()}
-                   | ({"sensitivity": ranking} if sensitivity else {}) | ({"mixed_precision": mixed} if mixed else {})
+                   | ({"accuracy": accuracy} if accuracy else {}) | ({"sensitivity": ranking} if sensitivity else {}) | ({"mixed_precision": mixed} if mixed else {})
                    | ({"conv_form": form} if form else {}))
         return
     for row in ranking:
@@ -339,6 +340,11 @@ def quantize_command(model, method, w_bits, a_bits, target, calib, calibration, 
     console.print(_outputs_table("what quantizing cost: the quantized model against the float one",
                                  f"on {against_float.samples} samples ({against_float.inputs_source}); each "
                                  f"artifact below matches the quantized model", against_float))
+    if accuracy:
+        console.print(f"test accuracy on the zoo's {accuracy['test_images']} held-out images: float "
+                      f"{accuracy['float_percent']:.2f} %, quantized {accuracy['quantized_percent']:.2f} % "
+                      f"({accuracy['quantized_percent'] - accuracy['float_percent']:+.2f} points); their predictions "
+                      f"agree on {accuracy['agreement_percent']:.1f} %")
     for artifact in artifacts.values():
         console.print(_parity_table(artifact))
         for note in artifact.notes:
@@ -361,6 +367,24 @@ def _against_float(model: str, float_model, qmodel, calibration, artifacts: dict
     artifact = next(iter(artifacts.values()))
     return quantization_cost(float_model, qmodel, args, inputs_source=source,
                              output_names=[spec.name for spec in artifact.outputs], precision=artifact.precision)
+
+
+def _zoo_accuracy(model: str, float_model, qmodel) -> dict | None:
+    """For a zoo classifier, the task's view of what quantizing cost: top-1 accuracy (%) of the
+    float and of the quantized torch model on every held-out test image, and how often their
+    predictions agree (%); None for any other model, whose task edgeport does not know."""
+    import torch
+
+    from edgeport import zoo
+
+    if model not in zoo.names():
+        return None
+    images, labels = zoo.testset(model)
+    with torch.no_grad():
+        float_pred, quantized_pred = float_model(images).argmax(1), qmodel(images).argmax(1)
+    return {"test_images": len(labels), "float_percent": float((float_pred == labels).float().mean() * 100),
+            "quantized_percent": float((quantized_pred == labels).float().mean() * 100),
+            "agreement_percent": float((float_pred == quantized_pred).float().mean() * 100)}
 
 
 def _calibration_arrays(path: str):

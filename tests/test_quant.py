@@ -531,6 +531,15 @@ def test_cli_quantize(tmp_path, capsys):
     assert main(["quantize", "cnn-digits", "--w-bits", "6", "--a-bits", "6", "-o", str(tmp_path), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["artifacts"]["onnx"]["parity"]["passed"] and result["report"]["w_bits"] == 6
+    # the task's view of the cost: top-1 on the zoo's held-out digits, float beside quantized
+    images, labels = ep.zoo.testset("cnn-digits")
+    with torch.no_grad():
+        float_percent = float((ep.zoo.load("cnn-digits")(images).argmax(1) == labels).float().mean() * 100)
+    accuracy = result["accuracy"]
+    assert accuracy["test_images"] == 360 and accuracy["float_percent"] == pytest.approx(float_percent)
+    assert 90 < accuracy["quantized_percent"] <= 100 and 90 < accuracy["agreement_percent"] <= 100
+    # a changed prediction is the only way to move accuracy
+    assert abs(accuracy["quantized_percent"] - accuracy["float_percent"]) <= 100 - accuracy["agreement_percent"] + 1e-9
     assert main(["quantize", "cnn-digits", "--a-bits", "12", "-o", str(tmp_path)]) == 2
     assert main(["quantize", "cnn-digits", "--calibration", "entropy", "-o", str(tmp_path), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
