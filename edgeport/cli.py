@@ -307,8 +307,8 @@ def quantize_command(model, method, w_bits, a_bits, target, calib, calibration, 
     if as_json:
         _emit_json({"report": report, "artifacts": {t: a.to_dict() for t, a in artifacts.items()},
                     "against_float": against_float.to_dict()}
-                   | ({"accuracy": accuracy} if accuracy else {}) | ({"sensitivity": ranking} if sensitivity else {}) | ({"mixed_precision": mixed} if mixed else {})
-                   | ({"conv_form": form} if form else {}))
+                   | ({"accuracy": accuracy} if accuracy else {}) | ({"sensitivity": ranking} if sensitivity else {})
+                   | ({"mixed_precision": mixed} if mixed else {}) | ({"conv_form": form} if form else {}))
         return
     for row in ranking:
         console.print(f"  {row['sqnr_db']:7.2f} dB  {row['layer']}")
