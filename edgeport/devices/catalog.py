@@ -36,12 +36,13 @@ CALIBRATION_SCHEMA = "edgeport.host-calibration/2"
 # about as long as the calibration moved the median (vit-digits' host estimate 0.40-0.54 ms over
 # five calibrations on a 2-vCPU AMD EPYC, per-node dispatch 0.56 vs 0.84 us)
 CALIBRATION_REPEATS = 15
-# which quantile of its repeats each figure is: the median for the two rates, the fastest repeat
-# for per-node dispatch, which on a 2-vCPU AMD EPYC Zen 4 came in two modes lasting seconds, about
-# 0.35 and 0.50 us, so that the median of 15 repeats fell in either: vit-digits' host estimates
-# over five calibrations were 1.08-1.19x apart in four runs (and above 1.3x in one of five test
-# runs) with the median, 1.06-1.13x with the fastest
-REPEAT_QUANTILE = {"fp32_flops": 0.5, "copy_bytes_per_s": 0.5, "node_overhead_us": 0.0}
+# how each figure is taken from its repeats, in words and as a quantile: the median for the two
+# rates, the fastest repeat for per-node dispatch, which on a 2-vCPU AMD EPYC Zen 4 came in two
+# modes lasting seconds, about 0.35 and 0.50 us, so that the median of 15 repeats fell in either:
+# vit-digits' host estimates over five calibrations were 1.08-1.19x apart in four runs (and above
+# 1.3x in one of five test runs) with the median, 1.06-1.13x with the fastest
+REPEAT_STATISTIC = {"fp32_flops": ("median", 0.5), "copy_bytes_per_s": ("median", 0.5),
+                    "node_overhead_us": ("fastest", 0.0)}
 CONFIDENCE_LEVELS = ("measured", "vendor", "derived", "third-party", "assumed")
 
 
@@ -191,7 +192,7 @@ class _Benchmarks:
 
 def calibrate(repeats: int = CALIBRATION_REPEATS) -> dict[str, dict[str, float]]:
     """Measure the host: each micro-benchmark `repeats` times, interleaved so that a slow phase
-    of a shared machine touches all three alike. Returns {"figures": each one's REPEAT_QUANTILE over
+    of a shared machine touches all three alike. Returns {"figures": each one's REPEAT_STATISTIC over
     the repeats (the median rate, the fastest dispatch), "spread": (max - min) / figure of
     each}; about 0.3 s per repeat."""
     benchmarks = _Benchmarks()
@@ -199,7 +200,7 @@ def calibrate(repeats: int = CALIBRATION_REPEATS) -> dict[str, dict[str, float]]
         runs = [benchmarks.once() for _ in range(repeats)]
     finally:
         benchmarks.close()
-    figures = {key: float(np.quantile([r[key] for r in runs], REPEAT_QUANTILE[key])) for key in runs[0]}
+    figures = {key: float(np.quantile([r[key] for r in runs], REPEAT_STATISTIC[key][1])) for key in runs[0]}
     spread = {key: float((max(r[key] for r in runs) - min(r[key] for r in runs)) / figures[key]) for key in figures}
     return {"figures": figures, "spread": spread}
 
@@ -257,7 +258,7 @@ def _cached_calibration(path: Path, machine: dict) -> dict | None:
             record.get("fingerprint") != machine or not isinstance(record.get("figures"), dict):
         return None
     figures = record["figures"]
-    if set(figures) != set(REPEAT_QUANTILE) or not all(
+    if set(figures) != set(REPEAT_STATISTIC) or not all(
             isinstance(v, (int, float)) and np.isfinite(v) and v > 0 for v in figures.values()):
         return None
     return record
@@ -291,7 +292,8 @@ def _host(record_json: str) -> Device:
     figures, spread = record["figures"], record["spread"]
     vnni = "avx512_vnni" in cpu_flags() or "avx_vnni" in cpu_flags()
     fp32, cores = figures["fp32_flops"], os.cpu_count() or 1
-    repeats = record["repeats"]
+    taken_as = {key: f"{word} of {record['repeats']} repeats, spread {spread[key]:.0%}"
+                for key, (word, _) in REPEAT_STATISTIC.items()}
     taken = (f"measured here {record['calibrated_at']}; cache {record['cache']}; `edgeport devices --recalibrate` "
              f"measures again")
     return Device(
@@ -299,13 +301,12 @@ def _host(record_json: str) -> Device:
         backends=["onnxruntime", "torch"], peak={"fp32": fp32 / 1e12, "int8": (4 if vnni else 2) * fp32 / 1e12},
         memory_bandwidth_gbs=figures["copy_bytes_per_s"] / 1e9, active_w=HOST_WATTS_PER_CORE * cores,
         idle_w=0.0, node_overhead_us=figures["node_overhead_us"], efficiency={"compute": 0.8, "memory": 0.7},
-        sources={"peak": f"ONNX Runtime fp32 MatMul 256x256 on one thread x {cores} logical CPUs (median of "
-                         f"{repeats} repeats, spread {spread['fp32_flops']:.0%}); int8 derived as "
-                         f"{'4x (VNNI)' if vnni else '2x'} fp32; {taken}",
-                 "memory_bandwidth_gbs": f"64 MB numpy copy, median 1 MB chunk (median of "
-                                         f"{repeats} repeats, spread {spread['copy_bytes_per_s']:.0%}); {taken}",
-                 "node_overhead_us": f"ONNX Runtime chain of 100 Add nodes, 1 thread (fastest of "
-                                     f"{repeats} repeats, spread {spread['node_overhead_us']:.0%}); {taken}",
+        sources={"peak": f"ONNX Runtime fp32 MatMul 256x256 on one thread x {cores} logical CPUs "
+                         f"({taken_as['fp32_flops']}); int8 derived as {'4x (VNNI)' if vnni else '2x'} fp32; {taken}",
+                 "memory_bandwidth_gbs": f"64 MB numpy copy, median 1 MB chunk ({taken_as['copy_bytes_per_s']}); "
+                                         f"{taken}",
+                 "node_overhead_us": f"ONNX Runtime chain of 100 Add nodes, 1 thread ({taken_as['node_overhead_us']}); "
+                                     f"{taken}",
                  "active_w": f"assumed: {HOST_WATTS_PER_CORE} W per logical CPU (no meter)",
                  "idle_w": "not subtracted (assumed 0)"},
         confidence={"peak": "measured", "memory_bandwidth_gbs": "measured", "node_overhead_us": "measured",
