@@ -261,6 +261,164 @@ def test_models_that_already_ran_forward_export(tmp_path):
         assert all(a is b for a, b in zip(held, after))  # the user's state untouched
 
 
+class TutorialNet(nn.Module):
+    """snnTorch's tutorial network (tutorial 5, and each neuron's docstring for the other
+    kinds): the forward takes the neurons' initial state from the library's initialiser, runs
+    its own loop over `steps`, hands each neuron its state (`spk, mem = lif(cur, mem)`) and
+    returns the last layer's spikes and membranes stacked over time."""
+
+    def __init__(self, kind: str = "leaky", steps: int = T, readout: str = "stacked"):
+        super().__init__()
+        self.kind, self.steps, self.readout = kind, steps, readout
+        self.fc1, self.fc2 = nn.Linear(64, 32), nn.Linear(32, 10)
+        self.lif1 = {"leaky": lambda: snn.Leaky(beta=0.95), "synaptic": lambda: snn.Synaptic(alpha=0.8, beta=0.9),
+                     "rleaky": lambda: snn.RLeaky(beta=0.9, linear_features=32)}[kind]()
+        self.lif2 = snn.Leaky(beta=0.95)
+
+    def forward(self, x: torch.Tensor):
+        mem2 = self.lif2.init_leaky()
+        if self.kind == "synaptic":
+            syn1, mem1 = self.lif1.init_synaptic()
+        elif self.kind == "rleaky":
+            spk1, mem1 = self.lif1.reset_mem()
+        else:
+            mem1 = self.lif1.init_leaky()
+        spk2_rec, mem2_rec = [], []
+        for _ in range(self.steps):
+            cur1 = self.fc1(x)
+            if self.kind == "synaptic":
+                spk1, syn1, mem1 = self.lif1(cur1, syn1, mem1)
+            elif self.kind == "rleaky":
+                spk1, mem1 = self.lif1(cur1, spk1, mem1)
+            else:
+                spk1, mem1 = self.lif1(cur1, mem1)
+            spk2, mem2 = self.lif2(self.fc2(spk1), mem2)
+            spk2_rec.append(spk2)
+            mem2_rec.append(mem2)
+        if self.readout == "spike count":
+            return torch.stack(spk2_rec).sum(0)
+        return torch.stack(spk2_rec, dim=0), torch.stack(mem2_rec, dim=0)
+
+
+def tutorial_net(kind: str = "leaky", **options) -> TutorialNet:
+    torch.manual_seed(0)
+    net = driven(TutorialNet(kind, **options))
+    net(DIGITS[:1])  # run before export, as users do: the neurons now hold the last call's state
+    return net
+
+
+@pytest.mark.parametrize("form", ["unrolled", "step"])
+@pytest.mark.parametrize("kind", ["leaky", "synaptic", "rleaky"])
+def test_snntorch_tutorial_net_with_its_own_time_loop_exports_spike_exact(kind, form, tmp_path):
+    """The forward's own loop is the time axis: the unrolled form is that loop, the step form
+    one iteration of it with the membranes as graph inputs and outputs; both give snnTorch's
+    own run of the forward, spike for spike, on every input."""
+    net = tutorial_net(kind)
+    artifact = ep.export(net, DIGITS[:1], out=tmp_path, snn_form=form, timesteps=T,
+                         verify_inputs=[DIGITS[i:i + 1] for i in range(6)])["onnx"]
+    report = artifact.parity
+    assert report.passed, report.summary()
+    conversion = [o for o in report.outputs if o.name.startswith("conversion/")]
+    assert len(conversion) == 2 and conversion[0].tolerance.kind == "exact" and conversion[0].max_abs_error == 0
+    with torch.no_grad():
+        library_spikes, library_membranes = net(DIGITS[:1])
+    assert 0 < library_spikes.mean() < 1  # the output layer really spikes
+    if form == "step":
+        assert artifact.settings["snn"]["state_inputs"] == {"leaky": ["mem_lif1", "mem_lif2"],
+                                                            "synaptic": ["syn_lif1", "mem_lif1", "mem_lif2"],
+                                                            "rleaky": ["spk_lif1", "mem_lif1", "mem_lif2"]}[kind]
+        streaming = StreamingRunner.open(artifact.path).load()
+        outputs = [streaming.infer({"x": DIGITS[:1].numpy()}) for _ in range(T)]
+        spikes, membranes = (np.stack([o[name] for o in outputs]) for name in ("output_0", "output_1"))
+        assert len(onnx.load(str(artifact.path)).graph.node) < 40  # one iteration, not the whole loop
+    else:
+        spikes, membranes = OnnxRuntimeRunner(artifact.path).load().infer({"x": DIGITS[:1].numpy()}).values()
+    assert np.array_equal(spikes, library_spikes.numpy())
+    assert np.allclose(membranes, library_membranes.numpy(), rtol=0, atol=1e-5)
+
+
+def test_snntorch_tutorial_net_refusals_name_the_pattern(tmp_path):
+    """A loop of another length than the export's, or a forward that returns something other
+    than a neuron's results over time (from which no single step can be cut), is refused in
+    one line saying so."""
+    with pytest.raises(ep.UserError, match=f"runs its own loop of {T} timesteps on one input: export it with "
+                                           f"timesteps={T}"):
+        ep.export(tutorial_net(), DIGITS[:1], out=tmp_path, snn_form="unrolled", timesteps=T + 2)
+    with pytest.raises(ep.UserError, match="TutorialNet.forward runs its own loop of 5 timesteps and returns an output "
+                                           ".0. that is not a neuron's results stacked over time"):
+        ep.export(tutorial_net(readout="spike count"), DIGITS[:1], out=tmp_path, snn_form="step", timesteps=T)
+
+
+def test_spike_statistics_of_an_snntorch_net_with_its_own_time_loop():
+    """The library neurons of a forward that loops over time itself are measured as they are,
+    and the same figures come from its unrolled conversion."""
+    net = tutorial_net()
+    stats = ep.spike_statistics(net, DIGITS)
+    assert set(stats.neuron_rates) == {"lif1", "lif2"} and all(0 < r < 1 for r in stats.neuron_rates.values())
+    assert stats.neuron_steps == {"lif1": T, "lif2": T} and stats.neuron_sizes == {"lif1": 32, "lif2": 10}
+    assert [(layer.name, layer.spike_input, layer.calls) for layer in stats.layers] == [("fc1", False, T),
+                                                                                        ("fc2", True, T)]
+    converted = ep.spike_statistics(net, DIGITS, timesteps=T)
+    assert converted.neuron_rates == stats.neuron_rates and converted.energy("int8") == stats.energy("int8")
+
+
+def spikformer() -> nn.Module:
+    """SpikingJelly's Spikformer (`activation_based.model.spikformer`), built as its model zoo
+    builds it, small (16x16 images, 32 channels, one block); its batch norms' statistics set by
+    training-mode passes and their gains at 3, as training leaves them, so every layer spikes."""
+    from spikingjelly.activation_based.model.spikformer import Spikformer
+
+    torch.manual_seed(0)
+    net = Spikformer(T=T, img_size_h=16, img_size_w=16, patch_size=4, num_classes=10, embed_dims=32, num_heads=2,
+                     depths=1)
+    for norm in (m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
+        norm.momentum = None  # a cumulative average: the statistics of every pass
+        nn.init.constant_(norm.weight, 3.0)
+    net.train()
+    for batch in range(3):
+        net(torch.rand(16, 3, 16, 16))
+        functional.reset_net(net)
+    return net.eval()
+
+
+@pytest.mark.parametrize("form", ["unrolled", "step"])
+def test_spikformer_exports_spike_exact(form, tmp_path):
+    """Spikformer's own code builds and checks the [T, N, ...] axis, so it cannot run as a
+    single-step network; it runs one step at a time as a sequence of length one, and both forms
+    give the library's multi-step run."""
+    net = spikformer()
+    images = torch.rand(3, 1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    artifact = ep.export(net, images[0], out=tmp_path, snn_form=form, timesteps=T, verify_inputs=list(images))["onnx"]
+    report = artifact.parity
+    assert report.passed, report.summary()
+    conversion = [o for o in report.outputs if o.name.startswith("conversion/")]
+    assert len(conversion) == 1 and conversion[0].scale > 0 and conversion[0].max_rel_error <= 1e-6
+    if form == "step":
+        membranes = [o for o in report.outputs if o.name.endswith("_next")]
+        assert len(membranes) == 10 and all(o.scale > 0 for o in membranes)  # every neuron layer charges
+
+
+class AveragedOverTime(nn.Module):
+    """A multi-step network whose forward averages its readout over T, as SpikingJelly's
+    `ms_resnet` and `spike_driven_transformer` do."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = jelly_net("m")
+
+    def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
+        return self.net(x_seq).mean(0)
+
+
+def test_a_network_that_averages_over_time_itself_is_refused_by_name(tmp_path):
+    """Its output has no per-step values to check a spiking form against: one line says so
+    (before, step t of the check silently took batch sample t)."""
+    sequence = torch.stack([DIGITS[:1]] * T)
+    with pytest.raises(ep.UserError, match=r"AveragedOverTime returns an output of shape \[1, 10\] for 5 timesteps, "
+                                           "without a time axis first"):
+        ep.export(AveragedOverTime(), sequence, out=tmp_path, snn_form="unrolled", timesteps=T, sequence=True)
+
+
 def test_energy_reproduces_the_worked_example():
     """spiking_and_energy.md 6.5: encoding 0.10 GMAC, 6.0 GMAC spike-driven, T = 4, rate 0.20."""
     fp32 = sdt_energy(0.10e9, [(6.0e9, 0.20)], 4, "fp32")

@@ -8,8 +8,11 @@ mode, `SeqToANNContainer` and the other time containers) is converted: each libr
 replaced by its edgeport equivalent with the library's exact arithmetic and call convention,
 and its hidden state moves into a `StateBank` that the step function fills from its arguments
 and empties into its results. A multi-step network runs one step at a time: its time
-containers become the plain layers they wrap. A neuron type or option we do not support is
-named in a `UserError`.
+containers become the plain layers they wrap, or, where its own code builds the [T, B, ...]
+axis (Spikformer), it runs as a sequence of length one. A forward written as snnTorch's
+tutorials write it (state from `init_leaky()`, a loop over time handing each neuron its state,
+`spk, mem = lif(cur, mem)`, results stacked) runs one iteration of its loop per step. A neuron
+type or option we do not support is named in a `UserError`.
 
 Networks are converted on a copy, as users hand them over: after training or evaluation,
 their neurons holding state tensors from the last forward pass, which `copy.deepcopy` refuses
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from edgeport.errors import UserError
 from edgeport.snn.neurons import (LIF, Alpha, Lapicque, Leaky, ParametricLIF, RecurrentLeaky, RecurrentSynaptic,
@@ -39,48 +43,141 @@ class Slot:
     fills: tuple[float, ...]
 
 
+class _IterationDone(Exception):
+    """Every neuron of a network that runs its own time loop has fired once: one iteration of
+    the loop, which is one step, is complete."""
+
+
 class StateBank:
-    """The states of every converted neuron during one step, in the order they fire."""
+    """The states of every converted neuron during one step, in the order they fire.
+
+    Discovery (`current` is None) runs the network once eagerly, keeping each neuron's results
+    call by call (`calls`, in first-call order) and the state it started from; `assign` then
+    gives the neurons their slots. A neuron whose state the forward's own code hands over
+    (snnTorch's `spk, mem = lif(cur, mem)`) gets a slot only when the forward runs its own time
+    loop, calling it once per iteration: one step is then one iteration, cut at the first module
+    called after every neuron has fired (`end_of_iteration`). Called once per forward, it starts
+    from the handed state at every step, as the library's run does.
+    """
 
     def __init__(self):
         self.slots: list[Slot] = []
         self.current: list[torch.Tensor] | None = None  # flat, set by the step function
         self.next: dict[int, tuple[torch.Tensor, ...]] = {}
+        self.results: dict[int, tuple[torch.Tensor, ...]] = {}  # what each neuron returned in this step
+        self.calls: dict[StatefulNeuron, list[tuple[torch.Tensor, ...]]] = {}  # discovery: results, call by call
+        self.started: dict[StatefulNeuron, tuple[torch.Tensor, ...]] = {}  # discovery: the state of the first call
+        self.handed: set[StatefulNeuron] = set()  # neurons whose state the forward hands over
+        self.loop_length = 1  # iterations of the forward's own time loop (1: none), set by `assign`
+        self.loop_outputs: list[tuple[int, int]] | None = None  # own loop: (slot, result) of each model output
 
-    def read(self, neuron: "StatefulNeuron", x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if self.current is None:  # discovery: an eager pass that records shapes and fills
-            state = neuron.neuron.initial_state(x)
-            neuron.slot = len(self.slots)
-            self.slots.append(Slot(neuron.path, neuron.state_names, tuple(tuple(s.shape[1:]) for s in state),
-                                   tuple(float(s.flatten()[0]) if s.numel() else 0.0 for s in state)))
+    def state_for(self, neuron: "StatefulNeuron", x: torch.Tensor,
+                  handed: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, ...]:
+        """The state `neuron` computes from: in discovery the handed state (else its initial
+        state), in a step its slot's share of the step's arguments (or the handed state)."""
+        if self.current is None:
+            state = handed if handed is not None else neuron.neuron.initial_state(x)
+            if neuron not in self.calls:
+                self.calls[neuron], self.started[neuron] = [], state
+            if handed is not None:
+                self.handed.add(neuron)
             return state
+        if neuron.slot < 0:
+            return handed
         start = sum(len(s.names) for s in self.slots[:neuron.slot])
         return tuple(self.current[start:start + len(self.slots[neuron.slot].names)])
 
-    def write(self, neuron: "StatefulNeuron", state: tuple[torch.Tensor, ...]) -> None:
-        self.next[neuron.slot] = state
+    def record(self, neuron: "StatefulNeuron", state: tuple[torch.Tensor, ...],
+               results: tuple[torch.Tensor, ...]) -> None:
+        """Keep what `neuron` computed: its next state (in a step) and what it returned."""
+        if self.current is None:
+            self.calls[neuron].append(results)
+        elif neuron.slot >= 0:
+            self.next[neuron.slot], self.results[neuron.slot] = state, results
+
+    def end_of_iteration(self, module: nn.Module, args: tuple) -> None:
+        """A forward pre-hook on every module of a network with its own time loop: a module
+        called in a step after every neuron has fired belongs to the next iteration, so the
+        step ends before it runs (nothing of the next iteration is computed or counted)."""
+        if self.current is not None and len(self.next) == len(self.slots):
+            raise _IterationDone
+
+    def assign(self) -> None:
+        """Give slots, in first-call order, to the neurons that keep state between steps, after
+        checking that every step calls each of them once."""
+        loop = self.loop_length = max((len(self.calls[n]) for n in self.handed), default=1)
+        for neuron, calls in self.calls.items():
+            if neuron not in self.handed and len(calls) > 1:
+                raise UserError(f"the neuron at {neuron.path} is called {len(calls)} times per forward with its state "
+                                f"kept inside it: give each use its own module, or hand its state over as snnTorch's "
+                                f"tutorials do (spk, mem = lif(cur, mem))")
+            if neuron in self.handed and len(calls) != loop:
+                raise UserError(f"the forward's own time loop calls the neuron at {neuron.path} {len(calls)} times and "
+                                f"another {loop} times; each neuron must fire once per step")
+        for neuron in self.calls:
+            if neuron in self.handed and loop == 1:
+                continue  # started afresh by the forward at every call
+            state = self.started[neuron]
+            for s in state:
+                if s.numel() and not bool((s == s.flatten()[0]).all()):
+                    raise UserError(f"the forward starts the neuron at {neuron.path} from a state that is not one "
+                                    f"value everywhere; a step form starts each state from one value")
+            neuron.slot = len(self.slots)
+            self.slots.append(Slot(neuron.path, neuron.state_names, tuple(tuple(s.shape[1:]) for s in state),
+                                   tuple(float(s.flatten()[0]) if s.numel() else 0.0 for s in state)))
 
 
 class StatefulNeuron(nn.Module):
     """A library neuron replaced by an edgeport neuron; keeps the library's call convention
     (`returns_state`: snnTorch returns (spk, *state) unless init_hidden, `returned`: which of
     the states it returns, as a recurrent neuron's spike state is its output) while its state
-    lives in the bank. Called with explicit state, it simply computes."""
+    lives in the bank. Called with its state handed over (`spk, mem = lif(cur, mem)`), it
+    returns (spk, *state) as the library does, and snnTorch's initialisers (`initialisers`:
+    `reset_mem()`, `init_leaky()`, ...) give what the library's give. `time_axis`: a
+    SpikingJelly multi-step neuron fed one step as a sequence of length one."""
 
     def __init__(self, neuron: nn.Module, bank: StateBank, path: str, state_names: tuple[str, ...],
-                 returns_state: bool):
+                 returns_state: bool, initialisers: tuple[str, ...] = (), time_axis: bool = False):
         super().__init__()
         self.neuron, self.path, self.state_names, self.returns_state = neuron, path, state_names, returns_state
+        self.initialisers, self.time_axis = initialisers, time_axis
         self.returned = tuple(i for i, name in enumerate(state_names) if name != "spk")
         self.bank, self.slot = bank, -1  # a plain attribute: the bank is no submodule
 
-    def forward(self, x: torch.Tensor, *explicit: torch.Tensor):
-        if explicit and all(e is not None for e in explicit):
-            out, *state = self.neuron(x, *explicit)
-            return (out, *(state[i] for i in self.returned))
-        out, *state = self.neuron(x, *self.bank.read(self, x))
-        self.bank.write(self, tuple(state))
-        return (out, *(state[i] for i in self.returned)) if self.returns_state else out
+    def __getattr__(self, name: str):
+        if name in self.__dict__.get("initialisers", ()):
+            return self.library_initial_state
+        return super().__getattr__(name)
+
+    def library_initial_state(self) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """What snnTorch's `reset_mem()` / `init_leaky()` ... return on a fresh neuron: an empty
+        tensor per state, which the first call replaces by zeros shaped as its input."""
+        empty = tuple(torch.zeros(0) for _ in self.state_names)
+        return empty[0] if len(empty) == 1 else empty
+
+    def handed_state(self, x: torch.Tensor, given: tuple, named: dict) -> tuple[torch.Tensor, ...] | None:
+        """The state the forward's own code passes (by position or by the library's argument
+        names), None when it passes none; a state missing or not shaped as the initial state
+        (the initialisers' empty tensor) starts from the initial state, as in the library."""
+        passed = [*given, *[None] * (len(self.state_names) - len(given))]
+        for name, value in named.items():
+            passed[self.state_names.index(name)] = value
+        if all(p is None for p in passed):
+            return None
+        initial = self.neuron.initial_state(x)
+        return tuple(p if p is not None and p.shape == i.shape else i for p, i in zip(passed, initial))
+
+    def forward(self, x: torch.Tensor, *given: torch.Tensor | None, **named: torch.Tensor | None):
+        if self.time_axis:
+            return self._step(x[0], given, named).unsqueeze(0)
+        return self._step(x, given, named)
+
+    def _step(self, x: torch.Tensor, given: tuple, named: dict):
+        handed = self.handed_state(x, given, named)
+        out, *state = self.neuron(x, *self.bank.state_for(self, x, handed))
+        results = (out, *(state[i] for i in self.returned))
+        self.bank.record(self, tuple(state), results)
+        return results if self.returns_state or handed is not None else out
 
 
 def _is_from(module: nn.Module, package: str) -> bool:
@@ -140,34 +237,49 @@ SNNTORCH_NEURONS = {
 }
 
 
+def snntorch_initialisers(kind: str) -> tuple[str, ...]:
+    """The state initialisers an snnTorch neuron class has: `reset_mem` and its older name
+    (`init_leaky` for `Leaky`, `init_rsynaptic` for `RSynaptic`, ...)."""
+    return "reset_mem", f"init_{kind.lower()}"
+
+
+def is_library_neuron(module: nn.Module) -> bool:
+    """Whether `module` is an snnTorch or SpikingJelly neuron (supported or not)."""
+    return (_is_from(module, "spikingjelly") and hasattr(module, "v_threshold")) or (
+        _is_from(module, "snntorch") and hasattr(module, "threshold") and hasattr(module, "reset_mechanism"))
+
+
 def replacement(module: nn.Module, path: str) -> tuple[nn.Module, tuple[str, ...], bool] | None:
     """(edgeport neuron, state names, returns state) for a library neuron; None for other modules."""
     kind = type(module).__name__
     named = f"{kind} at {path or '<root>'}"
-    if _is_from(module, "spikingjelly") and hasattr(module, "v_threshold"):
+    if not is_library_neuron(module):
+        return None
+    if _is_from(module, "spikingjelly"):
         return _jelly_neuron(module, named), ("v",), False
-    if _is_from(module, "snntorch") and hasattr(module, "threshold") and hasattr(module, "reset_mechanism"):
-        for option in ("inhibition", "state_quant"):
-            if getattr(module, option, False):
-                raise UserError(f"snnTorch {named} uses {option}=True, which is not supported")
-        if kind not in SNNTORCH_NEURONS:
-            raise UserError(f"snnTorch neuron {named} is not supported (supported: {', '.join(SNNTORCH_NEURONS)})")
-        returns_state = bool(getattr(module, "output", False)) or not module.init_hidden
-        # the options the library does not pass on to its base class keep their defaults there
-        common = dict(threshold=_buffer(module, "threshold"), reset=module.reset_mechanism,
-                      reset_delay=getattr(module, "reset_delay", True),
-                      graded_spikes_factor=_buffer(module, "graded_spikes_factor"))
-        build, names = SNNTORCH_NEURONS[kind]
-        return build(module, common), names, returns_state
-    return None
+    for option in ("inhibition", "state_quant"):
+        if getattr(module, option, False):
+            raise UserError(f"snnTorch {named} uses {option}=True, which is not supported")
+    if kind not in SNNTORCH_NEURONS:
+        raise UserError(f"snnTorch neuron {named} is not supported (supported: {', '.join(SNNTORCH_NEURONS)})")
+    returns_state = bool(getattr(module, "output", False)) or not module.init_hidden
+    # the options the library does not pass on to its base class keep their defaults there
+    common = dict(threshold=_buffer(module, "threshold"), reset=module.reset_mechanism,
+                  reset_delay=getattr(module, "reset_delay", True),
+                  graded_spikes_factor=_buffer(module, "graded_spikes_factor"))
+    build, names = SNNTORCH_NEURONS[kind]
+    return build(module, common), names, returns_state
 
 
 class SteppedNetwork(nn.Module):
-    """A converted single-step network implementing the step protocol."""
+    """A converted network implementing the step protocol. `time_axis`: a multi-step network
+    whose own code needs its [T, B, ...] axis, run one step at a time as a sequence of length
+    one. A network with its own time loop runs one iteration per step: its outputs are the
+    neuron results it stacks over time (`bank.loop_outputs`), taken from that iteration."""
 
-    def __init__(self, net: nn.Module, bank: StateBank):
+    def __init__(self, net: nn.Module, bank: StateBank, time_axis: bool = False):
         super().__init__()
-        self.net, self.bank = net, bank
+        self.net, self.bank, self.time_axis = net, bank, time_axis
 
     @property
     def state_names(self) -> list[str]:
@@ -179,12 +291,18 @@ class SteppedNetwork(nn.Module):
                      for shape, fill in zip(slot.shapes, slot.fills))
 
     def step(self, x: torch.Tensor, *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        self.bank.current, self.bank.next = list(states), {}
+        self.bank.current, self.bank.next, self.bank.results = list(states), {}, {}
         try:
-            outputs = self.net(x)
+            outputs = self.net(x.unsqueeze(0) if self.time_axis else x)
+        except _IterationDone:  # the forward's own loop finished one iteration: the step's outputs are in the bank
+            outputs = ()
         finally:
             self.bank.current = None
+        if self.bank.loop_outputs is not None:
+            outputs = tuple(self.bank.results[slot][index] for slot, index in self.bank.loop_outputs)
         outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+        if self.time_axis:
+            outputs = tuple(o[0] for o in outputs)
         return (*outputs, *(s for i in range(len(self.bank.slots)) for s in self.bank.next[i]))
 
 
@@ -229,11 +347,46 @@ def _unwrap_time_containers(net: nn.Module) -> None:
             setattr(parent, path.rpartition(".")[2], nn.Sequential(*module))
 
 
-def convert(model: nn.Module, example_step: torch.Tensor) -> SteppedNetwork:
-    """Convert a library spiking network into a `SteppedNetwork`; `example_step` is one
-    timestep's input (B, ...), used once to record each neuron's state shape."""
+class _Stacks(TorchFunctionMode):
+    """Records every `torch.stack` over the first axis (a forward's per-step results stacked
+    over time): its result's id -> (result, the tensors stacked)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stacked: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        if func is torch.stack and (args[1] if len(args) > 1 else kwargs.get("dim", 0)) == 0:
+            self.stacked[id(result)] = (result, list(args[0]))
+        return result
+
+
+def _loop_outputs(model: nn.Module, outputs, bank: StateBank, stacks: _Stacks) -> list[tuple[int, int]]:
+    """For a forward with its own time loop, which neuron result (slot, index) each returned
+    output stacks over time; a step cannot be cut from a forward that returns anything else."""
+    outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    found = []
+    for number, output in enumerate(outputs):
+        stacked = stacks.stacked.get(id(output), (None, []))[1]
+        match = next(((neuron.slot, index) for neuron, calls in bank.calls.items() if neuron in bank.handed
+                      for index in range(len(calls[0])) if len(stacked) == len(calls)
+                      and all(a is call[index] for a, call in zip(stacked, calls))), None)
+        if match is None:
+            raise UserError(f"{type(model).__name__}.forward runs its own loop of {bank.loop_length} timesteps and "
+                            f"returns an output ({number}) that is not a neuron's results stacked over time "
+                            f"(torch.stack(spk_rec) of spk, mem = lif(cur, mem)), so no single step can be cut from "
+                            f"it: export it without snn_form, its forward is already unrolled")
+        found.append(match)
+    return found
+
+
+def _converted(model: nn.Module, example_step: torch.Tensor, time_axis: bool) -> SteppedNetwork:
+    """`convert` with SpikingJelly's multi-step networks run single-step (time containers
+    unwrapped) or, with `time_axis`, as sequences of length one."""
     net = library_copy(model)
-    if any(_is_from(m, "spikingjelly") for m in net.modules()):
+    if any(_is_from(m, "spikingjelly") for m in net.modules()) and not time_axis:
         from spikingjelly.activation_based import functional
 
         _unwrap_time_containers(net)
@@ -244,22 +397,52 @@ def convert(model: nn.Module, example_step: torch.Tensor) -> SteppedNetwork:
         found = replacement(module, path)
         if found is None:
             continue
-        neuron, names, returns_state = found
-        parent = net.get_submodule(path.rpartition(".")[0]) if "." in path else net
-        wrapped = StatefulNeuron(neuron, bank, path, names, returns_state)
-        if path:
-            setattr(parent, path.rpartition(".")[2], wrapped)
-        else:
+        if not path:
             raise UserError("the model is a single neuron; wrap it in a network")
+        neuron, names, returns_state = found
+        initialisers = snntorch_initialisers(type(module).__name__) if _is_from(module, "snntorch") else ()
+        parent = net.get_submodule(path.rpartition(".")[0]) if "." in path else net
+        setattr(parent, path.rpartition(".")[2],
+                StatefulNeuron(neuron, bank, path, names, returns_state, initialisers, time_axis))
         replaced += 1
     if not replaced:
         raise UserError("no spiking neurons found: the model is neither an edgeport step model (step, initial_state) "
                         "nor built with snnTorch (Leaky, Synaptic) or SpikingJelly (IFNode, LIFNode) neurons")
-    with torch.no_grad():
-        net(example_step)  # discovery: slot order and state shapes
-    if len({s.path for s in bank.slots}) != len(bank.slots):
-        raise UserError("a neuron module is called more than once per step; give each use its own module")
-    return SteppedNetwork(net, bank)
+    stacks = _Stacks()
+    with torch.no_grad(), stacks:  # discovery: call order, state shapes, what the forward stacks
+        outputs = net(example_step.unsqueeze(0) if time_axis else example_step)
+    bank.assign()
+    if bank.loop_length > 1:
+        bank.loop_outputs = _loop_outputs(model, outputs, bank, stacks)
+        for module in net.modules():
+            module.register_forward_pre_hook(bank.end_of_iteration)
+    bank.calls, bank.started, bank.handed = {}, {}, set()  # discovery's tensors are not needed again
+    return SteppedNetwork(net, bank, time_axis)
+
+
+def convert(model: nn.Module, example_step: torch.Tensor) -> SteppedNetwork:
+    """Convert a library spiking network into a `SteppedNetwork`; `example_step` is one
+    timestep's input (B, ...), used once to record each neuron's state shape.
+
+    A SpikingJelly multi-step network runs single-step where its code allows (its time
+    containers unwrapped: the smallest graph, and the form NIR takes); one whose own code builds
+    or checks the [T, B, ...] axis (SpikingJelly's Spikformer) runs as a sequence of length one.
+    """
+    try:
+        return _converted(model, example_step, time_axis=False)
+    except UserError:
+        raise
+    except Exception as single_step:  # a multi-step model's own code may need the time axis
+        if not multi_step(model):
+            raise
+        try:
+            return _converted(model, example_step, time_axis=True)
+        except UserError:
+            raise
+        except Exception as sequence:
+            raise UserError(f"{type(model).__name__} runs neither one step at a time "
+                            f"({str(single_step).splitlines()[0][:160]}) nor as a sequence of length one "
+                            f"({str(sequence).splitlines()[0][:160]})") from sequence
 
 
 def as_stepped(model: nn.Module, example_step: torch.Tensor) -> nn.Module:
@@ -299,15 +482,43 @@ def reset_library_state(model: nn.Module) -> None:
 
 
 def library_reference(model: nn.Module, steps: list[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
-    """The original model's outputs at each timestep, run the library's own way on a copy."""
+    """The original model's outputs at each timestep, run the library's own way on a copy: a
+    multi-step network on the whole sequence, a forward with its own time loop (its neurons
+    called several times per call, as in snnTorch's tutorials) once, a single-step network
+    once per step. Either of the first two returns its outputs over time on the first axis."""
     model = library_copy(model)
     with torch.no_grad():
         if multi_step(model):
-            outputs = model(torch.stack(steps))
-            outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
-            return [tuple(o[t] for o in outputs) for t in range(len(steps))]
+            return _over_time(model, model(torch.stack(steps)), len(steps))
+        calls = {}
+        hooks = [m.register_forward_hook(lambda m, args, out: calls.__setitem__(m, calls.get(m, 0) + 1))
+                 for m in model.modules() if is_library_neuron(m)]
+        try:
+            first = model(steps[0])
+        finally:
+            for hook in hooks:
+                hook.remove()
+        loop = max(calls.values(), default=1)
+        if loop > 1:
+            if len(steps) != loop or any(x is not steps[0] for x in steps):
+                raise UserError(f"{type(model).__name__}.forward runs its own loop of {loop} timesteps on one input: "
+                                f"export it with timesteps={loop} and an input that is one frame (no sequence)")
+            return _over_time(model, first, loop)
         result = []
-        for x in steps:
-            out = model(x)
+        for t, x in enumerate(steps):
+            out = first if t == 0 else model(x)
             result.append(tuple(out) if isinstance(out, (tuple, list)) else (out,))
     return result
+
+
+def _over_time(model: nn.Module, outputs, steps: int) -> list[tuple[torch.Tensor, ...]]:
+    """Outputs stacked over time (T, B, ...) as each step's outputs; a model whose outputs have
+    no time axis (it reduces over T itself) cannot be compared step by step."""
+    outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    for output in outputs:
+        if output.ndim < 2 or output.shape[0] != steps:
+            raise UserError(f"{type(model).__name__} returns an output of shape {list(output.shape)} for {steps} "
+                            f"timesteps, without a time axis first (it reduces over time itself, e.g. averages its "
+                            f"readout over T); a spiking form returns every step's outputs, which it cannot be checked "
+                            f"against")
+    return [tuple(o[t] for o in outputs) for t in range(steps)]

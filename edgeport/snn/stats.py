@@ -166,8 +166,9 @@ def spike_statistics(model: nn.Module, inputs: torch.Tensor) -> SpikeStats:
     """Run `model` once on `inputs` (a batch of real samples) and measure, per sample, each
     weight layer's MACs, calls and input firing rate, and each neuron layer's firing rate.
 
-    `model` is anything whose forward runs all timesteps (the zoo's spiking CNN, or an
-    `UnrolledModule` from `edgeport.transforms.spiking`).
+    `model` is anything whose forward runs all timesteps (the zoo's spiking CNN, an
+    `UnrolledModule` from `edgeport.transforms.spiking`, or an snnTorch or SpikingJelly network
+    whose forward loops over time itself, its library neurons measured as they are).
     """
     names = {m: re.sub(r"^(stepped\.|model\.)?(net\.)?", "", n) for n, m in model.named_modules()}
     layers: dict[str, LayerStats] = {}
@@ -195,14 +196,14 @@ def spike_statistics(model: nn.Module, inputs: torch.Tensor) -> SpikeStats:
         rates.setdefault(names[module], []).append(float(out.float().mean()))
         sizes[names[module]] = out[0].numel()
 
-    from edgeport.snn.convert import StatefulNeuron
+    from edgeport.snn.convert import StatefulNeuron, is_library_neuron
 
     hooks = []
     for module in model.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             hooks.append(module.register_forward_hook(on_weight_layer))
-        elif isinstance(module, (*NEURONS, StatefulNeuron)) and not any(
-                isinstance(p, StatefulNeuron) and module is p.neuron for p in model.modules()):
+        elif is_library_neuron(module) or (isinstance(module, (*NEURONS, StatefulNeuron)) and not any(
+                isinstance(p, StatefulNeuron) and module is p.neuron for p in model.modules())):
             hooks.append(module.register_forward_hook(on_neuron))
     try:
         with torch.no_grad():
