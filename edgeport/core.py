@@ -29,7 +29,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from edgeport.errors import BackendUnavailable, UserError
+from edgeport.errors import BackendUnavailable, UserError, limit_from_environment
 
 SIDECAR_SUFFIX = ".edgeport.json"
 
@@ -105,9 +105,11 @@ class OutputParity:
 
     def describe(self) -> str:
         verdict = "ok" if self.passed else "FAILED"
+        vacuous = ("; the reference is zero on every input, so this proves nothing of the weights: verify on "
+                   "inputs that make it non-zero (a spiking net that fires)") if self.scale == 0 else ""
         return (f"{self.name}: {verdict} max abs {self.max_abs_error:.3g} (scale {self.scale:.3g}, "
                 f"rel {self.max_rel_error:.3g}), cosine {self.cosine:.6f}, SQNR {self.sqnr_db:.1f} dB "
-                f"[{self.tolerance.why}]")
+                f"[{self.tolerance.why}]{vacuous}")
 
 
 @dataclass
@@ -319,7 +321,7 @@ class Staging:
                 target = self.out / name
                 if (target.exists() or target.is_symlink()) and name not in owned:
                     raise UserError(f"refusing to overwrite {target}: it was not written by an edgeport export "
-                                    f"(move it away or choose another --name)")
+                                    f"(move it away, or name the artifact otherwise: --name, name=)")
                 moves.append((self.dir / name, target))
         for staged, target in moves:
             if target.is_symlink() or target.is_file():
@@ -428,7 +430,7 @@ def source_sha256(model: torch.nn.Module) -> str:
 
 # Bytes one input batch may take before anything is allocated; `edgeport --max-input-bytes`
 # or `EDGEPORT_MAX_INPUT_BYTES` raises it for a model that really needs more.
-MAX_INPUT_BYTES = int(os.environ.get("EDGEPORT_MAX_INPUT_BYTES", 1 << 30))
+MAX_INPUT_BYTES = limit_from_environment("EDGEPORT_MAX_INPUT_BYTES", 1 << 30)
 DEFAULT_VOCABULARY = 100  # token ids drawn below this when the model has no embedding to ask
 
 
@@ -565,8 +567,9 @@ def draw_input(name: str, shape: Sequence[int], dtype: np.dtype, rng: np.random.
                image: ImageRange | None = None) -> np.ndarray:
     """One seeded input: images (with `image` given, see `is_image`) natural-image-like pixels
     in that range; other floats normal with the mean and spread of `like` (standard normal
-    without it); a mask (its name says so) or a bool 0/1; other integers token ids in
-    [0, vocabulary) — or within the range `like` shows."""
+    without it); a mask (its name says so) ones over a seeded prefix of its last axis, as
+    padding leaves them (at least one position kept, so that no row is wholly masked); a
+    bool 0/1; other integers token ids in [0, vocabulary) — or within the range `like` shows."""
     check_input_size(name, shape, dtype)
     dtype = np.dtype(dtype)
     if image is not None and is_image(shape, dtype):
@@ -575,7 +578,10 @@ def draw_input(name: str, shape: Sequence[int], dtype: np.dtype, rng: np.random.
         mean, std = (float(like.mean()), float(np.nan_to_num(like.astype(np.float64).std(), nan=1.0))) \
             if like is not None and like.size else (0.0, 1.0)
         return (rng.standard_normal(shape) * max(std, 1e-3) + mean).astype(dtype)
-    if dtype == np.bool_ or "mask" in name.lower():
+    if "mask" in name.lower() and len(shape) >= 1 and shape[-1] > 0:
+        kept = rng.integers(1, shape[-1] + 1, (*shape[:-1], 1))
+        return (np.arange(shape[-1]) < kept).astype(dtype)
+    if dtype == np.bool_:
         return rng.integers(0, 2, shape).astype(dtype)
     if like is not None and like.size:
         low, high = int(like.min()), int(like.max())
@@ -606,48 +612,50 @@ Example = torch.Tensor | Sequence[torch.Tensor]
 
 
 def as_args(example: Example) -> tuple[torch.Tensor, ...]:
-    """Normalize an example to a tuple of tensors."""
-    args = (example,) if isinstance(example, torch.Tensor) else tuple(example)
+    """Normalize an example (or a batch of inputs) to a tuple of tensors; numpy arrays, as a
+    user holding data often passes them, become tensors."""
+    args = (example,) if isinstance(example, (torch.Tensor, np.ndarray)) else tuple(example)
+    args = tuple(torch.from_numpy(a) if isinstance(a, np.ndarray) else a for a in args)
     if not args or not all(isinstance(a, torch.Tensor) for a in args):
-        raise UserError("an example must be a tensor or a sequence of tensors")
+        raise UserError("inputs must be a tensor (or numpy array) or a sequence of them, one per model input")
     return args
 
 
 def _split_axis(array: np.ndarray, spec: TensorSpec) -> int | None:
-    """The axis along which `array` holds several of what `spec`'s static shape takes: the one
-    fixed dimension it exceeds by a whole multiple (axis 1 for an LSTM state [2, B, 128]
-    against [2, 1, 128]); None where it fits as it is or does not split that way."""
+    """The axis along which `array` holds several of what `spec`'s static shape takes one of:
+    the one fixed dimension of size 1 (a batch of one exported static) that it exceeds (axis
+    1 for an LSTM state [2, B, 128] against [2, 1, 128]); None where it fits as it is or
+    differs elsewhere — a longer sentence than a fixed sequence axis takes is not several
+    sentences, and `check_feeds` refuses it."""
     if array.ndim != len(spec.shape):
         return None
-    larger = [axis for axis, (d, n) in enumerate(zip(spec.shape, array.shape))
-              if isinstance(d, int) and d > 0 and n != d]
-    if len(larger) != 1 or array.shape[larger[0]] < spec.shape[larger[0]]:
+    differing = [axis for axis, (d, n) in enumerate(zip(spec.shape, array.shape))
+                 if isinstance(d, int) and d > 0 and n != d]
+    if len(differing) != 1 or spec.shape[differing[0]] != 1:
         return None
-    return larger[0]
+    return differing[0]
 
 
 def feeds_from(names: Sequence[str], batches: Sequence[Example], specs: Sequence[TensorSpec] | None = None
                ) -> list[dict[str, np.ndarray]]:
     """Feed dicts keyed by input name. Given an artifact's input `specs`, a batch larger than
-    their static shapes is split along each input's own batch axis (`_split_axis`; not always
-    axis 0) into as many feeds as it holds; a remainder too small to fill one is left out, and
-    an input with no such axis goes into every feed whole. Inputs must agree on that count."""
+    a static batch of one is split along each input's own batch axis (`_split_axis`; not
+    always axis 0) into one feed per sample, and an input with no such axis goes into every
+    feed whole. Inputs must agree on that count."""
     feeds = []
     for batch in batches:
         arrays = [a.detach().cpu().numpy() for a in as_args(batch)]
         if len(arrays) != len(names):
             raise UserError(f"inputs have {len(arrays)} tensors, the model takes {len(names)} ({', '.join(names)})")
         axes = [_split_axis(a, s) for a, s in zip(arrays, specs)] if specs else [None] * len(arrays)
-        splits = {a.shape[axis] // s.shape[axis] for a, s, axis in zip(arrays, specs or [], axes) if axis is not None}
+        splits = {a.shape[axis] for a, axis in zip(arrays, axes) if axis is not None}
         if len(splits) > 1:
             shapes = ", ".join(f"{n} {list(a.shape)}" for n, a in zip(names, arrays))
             raise UserError(f"inputs {shapes} do not split into the artifact's inputs "
                             f"({', '.join(str(s.shape) for s in specs)}) the same number of times")
         count = splits.pop() if splits else 1
         for index in range(count):
-            feeds.append({n: a if axis is None else a.take(range(index * s.shape[axis], (index + 1) * s.shape[axis]),
-                                                            axis=axis)
-                          for n, a, s, axis in zip(names, arrays, specs or [None] * len(arrays), axes)})
+            feeds.append({n: a if axis is None else a.take([index], axis=axis) for n, a, axis in zip(names, arrays, axes)})
     return feeds
 
 
@@ -681,6 +689,7 @@ class Source:
     label: str
     verification: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
     verification_label: str = ""
+    example_label: str = "the example"  # what the example is, in verification's label
 
     @property
     def input_names(self) -> list[str]:
@@ -715,7 +724,7 @@ class Source:
             images = self.image_ranges()
             self.verification = self.seeded_batches(count, images=images)
             described = [f"{self.input_names[i]} as 1/f-spectrum images, {r.name} ({r.why})" for i, r in images.items()]
-            self.verification_label = f"the example + {count - 1} seeded random inputs" + \
+            self.verification_label = f"{self.example_label} + {count - 1} seeded random inputs" + \
                 (f": {'; '.join(described)}" if described else "")
         return self
 
@@ -796,6 +805,9 @@ class Backend(ABC):
             named = f"{keyword} ({option_flag(self, spec)})"
             if meta.get("choices") and value not in meta["choices"]:
                 raise UserError(f"{named} {value!r} is not one of {', '.join(map(str, meta['choices']))}")
+            bounded = meta.get("minimum") is not None or meta.get("maximum") is not None
+            if bounded and (not isinstance(value, int) or isinstance(value, bool)):
+                raise UserError(f"{named} takes an integer, not {value!r}")
             if (meta.get("minimum") is not None and value < meta["minimum"]) or \
                     (meta.get("maximum") is not None and value > meta["maximum"]):
                 raise UserError(f"{named} {value} is outside the supported range "

@@ -44,3 +44,27 @@ class CheckFailed(EdgeportError):
 class EdgeportWarning(UserWarning):
     """Something the user asked for that will not do what they may expect (W4A4 for TensorRT);
     the CLI prints it as one `warning:` line on stderr."""
+
+
+ENVIRONMENT_PROBLEMS: list[str] = []  # malformed settings read at import; the CLI refuses to run with them
+
+
+def limit_from_environment(name: str, default: int) -> int:
+    """A positive integer limit from the environment variable `name`, else `default`. A
+    malformed or non-positive value is recorded in `ENVIRONMENT_PROBLEMS`, which the CLI
+    refuses to run with (one line, exit 2), and the default applies meanwhile: limits are read
+    at import, before any handler could turn an exception into one clear line."""
+    import os
+
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        limit = int(value)
+    except ValueError:
+        limit = 0
+    if limit > 0:
+        return limit
+    ENVIRONMENT_PROBLEMS.append(f"the environment variable {name}={value!r} is not a positive integer "
+                                f"(unset it, or give a limit)")
+    return default

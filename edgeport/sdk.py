@@ -15,6 +15,7 @@ import dataclasses
 import gc
 import inspect
 import logging
+import math
 import os
 import re
 import warnings
@@ -95,17 +96,19 @@ def zoo_batches(name: str, batch: int = 1, count: int = 64) -> list[tuple[torch.
     return [(images[i:i + batch],) for i in range(0, len(images) - len(images) % batch or batch, batch)]
 
 
-def resolve(model, example=None, weights=None, verify_inputs: Sequence[Example] | None = None) -> Source:
+def resolve(model, example=None, weights=None, verify_inputs: Sequence[Example] | None = None,
+            example_label: str = "the example") -> Source:
     """The Source of a run: the torch model, its example (a zoo model brings its own), and
     the verification batches — the given ones, a zoo model's test images, or the example plus
-    seeded draws like it (labelled as such in every report)."""
+    seeded draws like it (labelled as such in every report, the example as `example_label`)."""
     torch_model = load_model(model, weights)
     zoo_name = model if isinstance(model, str) and model in zoo.names() else None
     if example is None:
         if zoo_name is None:
             raise UserError("an example input is needed (e.g. --input 1x3x224x224); only zoo models bring their own")
         example = zoo.example(zoo_name)
-    source = Source(torch_model, _example_args(example, torch_model), zoo_name or type(torch_model).__name__.lower())
+    source = Source(torch_model, _example_args(example, torch_model), zoo_name or type(torch_model).__name__.lower(),
+                    example_label=example_label)
     if verify_inputs is not None:
         source.verification, source.verification_label = [as_args(b) for b in verify_inputs], "given inputs"
     elif zoo_name is not None:
@@ -252,13 +255,27 @@ def verify_artifact(artifact: Artifact, model: torch.nn.Module, batches: Sequenc
     return report
 
 
+def _seeded_example(artifact: Artifact) -> tuple[torch.Tensor, ...]:
+    """An example for re-checking `artifact`: shaped as the export's example (the sidecar's
+    `example_shapes`; an older sidecar's symbolic axes at 1) and drawn as verification's
+    random inputs are (`draw_input`: token ids below the recorded vocabulary, masks over a
+    prefix, floats standard normal), so that seeded draws like it exercise the model."""
+    specs = artifact.inputs[:1] if artifact.settings.get("snn") else artifact.inputs
+    shapes = artifact.settings.get("example_shapes") or [[d if isinstance(d, int) else 1 for d in spec.shape]
+                                                         for spec in specs]
+    rng = np.random.default_rng(0)
+    return tuple(torch.from_numpy(draw_input(spec.name, shape, np.dtype(spec.dtype), rng,
+                                             vocabulary=artifact.settings.get("vocabulary")))
+                 for spec, shape in zip(specs, shapes))
+
+
 def verify(artifact: Artifact | str | Path, model: str | torch.nn.Module, inputs: Sequence[Example] | None = None,
            *, weights: str | Path | None = None, tolerance: Tolerance | None = None,
            inputs_source: str = "given inputs", localize: bool = False) -> ParityReport:
     """Run `artifact` and the torch `model` on the same inputs and report per-output parity.
 
     `inputs` is a sequence of batches (each a tensor or tuple of tensors); with None, a zoo
-    model's test images are used, or seeded draws shaped like the artifact's inputs. A
+    model's test images are used, or seeded draws shaped as the export's example was. A
     spiking artifact is verified step by step against the same form of `model`.
     `localize=True` also finds where the artifact departs, on the first batch: the report's
     `localization` lists `edgeport.verify.Localization`s (its intermediate tensors against
@@ -267,13 +284,9 @@ def verify(artifact: Artifact | str | Path, model: str | torch.nn.Module, inputs
     """
     art = artifact if isinstance(artifact, Artifact) else Artifact.load(artifact)
     snn = art.settings.get("snn")
-    first = art.inputs[:1] if snn else art.inputs
-    shapes = [[d if isinstance(d, int) else 1 for d in spec.shape] for spec in first]
-    for spec, shape in zip(first, shapes):
-        check_input_size(spec.name, shape, np.dtype(spec.dtype))
-    example = tuple(torch.zeros(s, dtype=getattr(torch, spec.dtype)) for s, spec in zip(shapes, first))
-    source = resolve(model, example, weights, inputs)
-    _run_reference(source.model, example if not snn else (example[0],))
+    example = _seeded_example(art)
+    source = resolve(model, example, weights, inputs, example_label="a seeded example shaped as the export's")
+    _run_reference(source.model, example)
     if inputs is not None:
         source.verification_label = inputs_source
     form = build_form(source.model, example[0], snn["form"], snn["timesteps"], snn["sequence"],
@@ -288,9 +301,10 @@ def verify(artifact: Artifact | str | Path, model: str | torch.nn.Module, inputs
     return report
 
 
-def export(model: str | torch.nn.Module, example: Example | None = None, targets: Sequence[str] = ("onnx",),
+def export(model: str | torch.nn.Module, example: Example | None = None, targets: str | Sequence[str] = ("onnx",),
            out: str | Path = "build", *, name: str | None = None, weights: str | Path | None = None,
-           verify_inputs: Sequence[Example] | None = None, check: bool = True,
+           verify_inputs: Sequence[Example] | None = None, verify_inputs_source: str = "given inputs",
+           check: bool = True,
            dynamic_batch: bool = False, dynamic_axes: dict[str, dict[int, str]] | None = None,
            tolerance: Tolerance | None = None, snn_form: str | None = None, timesteps: int | None = None,
            sequence: bool = False, snn_outputs: str = "model", slim: bool = False, **options
@@ -299,7 +313,8 @@ def export(model: str | torch.nn.Module, example: Example | None = None, targets
 
     `example` is one input batch (a zoo model brings its own). Every artifact is verified
     against the torch model on `verify_inputs` (a sequence of batches; default: a zoo
-    model's test images, else the example plus seeded random draws) unless `check=False`.
+    model's test images, else the example plus seeded random draws; reports name given batches
+    `verify_inputs_source`) unless `check=False`.
     A failed verification raises `CheckFailed` and leaves nothing of that target in `out`;
     with several targets, each that passed is still committed, and the `CheckFailed` raised at
     the end carries them as `error.results` (an `ExportResults`: the committed artifacts and
@@ -323,12 +338,19 @@ def export(model: str | torch.nn.Module, example: Example | None = None, targets
     trtexec command, and the engine where tensorrt and a GPU exist (then verified as well).
     Returns an `ExportResults`, {target: Artifact}.
     """
+    if snn_form is None and (timesteps is not None or sequence or snn_outputs != "model"):
+        raise UserError("timesteps, sequence and snn_outputs shape a spiking form: give snn_form='unrolled' or "
+                        "'step' (--snn-form) with them")
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",")]  # "onnx" or "onnx,coreml", as the CLI takes them
     if not targets:
         raise UserError("no export target given; available: " + ", ".join(backends.names()))
     chosen = [backends.get(t) for t in targets]
     backends.check_option_keywords(options)
     backend_options = {b.name: b.options(options) for b in chosen}
     source = resolve(model, example, weights, verify_inputs)
+    if verify_inputs is not None:
+        source.verification_label = verify_inputs_source
     torch_model, args = source.model, source.example
     if snn_form is None:
         _run_reference(torch_model, args)
@@ -337,7 +359,9 @@ def export(model: str | torch.nn.Module, example: Example | None = None, targets
         dynamic_axes = {n: {0: "batch", **(dynamic_axes or {}).get(n, {})} for n in names} | \
             {k: v for k, v in (dynamic_axes or {}).items() if k not in names}
     name = check_artifact_name(name or source.label)
-    export_model, settings, notes = torch_model, {"source": model if isinstance(model, str) else source.label}, []
+    export_model, notes = torch_model, []
+    settings = {"source": model if isinstance(model, str) else source.label,
+                "example_shapes": [list(a.shape) for a in args]}  # what `verify` re-draws later
     if source.vocabulary and any(not a.is_floating_point() for a in args):
         settings["vocabulary"] = source.vocabulary  # profiling draws token ids below it
     if slim:
@@ -397,19 +421,34 @@ class ExportResults(dict):
         self.failures: dict[str, str] = {}
 
 
-def profile_feeds(specs: list[TensorSpec], source: str | None, inputs: Sequence[Example] | None,
-                  count: int = 16, batch: int | None = None, vocabulary: int | None = None
+def profile_feeds(artifact: Artifact, inputs: Sequence[Example] | None, count: int = 16, batch: int | None = None
                   ) -> tuple[list[dict[str, np.ndarray]], str]:
-    """Feeds for profiling: the given inputs, a zoo model's test images, or seeded random data
-    shaped like the model's inputs (symbolic dims as 1, or `batch` for the first; token ids
-    within `vocabulary`, masks 0/1)."""
+    """Feeds for profiling `artifact`: the given inputs, a zoo model's test images, or seeded
+    random data shaped like its inputs — the batch axis at `batch` (1 without it), every other
+    symbolic axis as the export's example had it (the sidecar's `example_shapes`); token ids
+    within the recorded vocabulary, masks over a prefix. An axis with no recorded value is
+    refused by name: a text model timed at one token is not its latency."""
+    specs = artifact.inputs
     if inputs is not None:
         return feeds_from([s.name for s in specs], inputs), "given inputs"
-    rows = batch or 1
+    rows, source = batch or 1, artifact.settings.get("source")
     if source in zoo.names() and len(specs) == 1:
         images = zoo.testset(source)[0].numpy()
-        return [{specs[0].name: images[i * rows:(i + 1) * rows]} for i in range(count)], f"{source} test images"
-    return random_feeds(specs, count, batch=batch, vocabulary=vocabulary), "seeded random inputs"
+        check_input_size(specs[0].name, (rows, *images.shape[1:]), images.dtype)
+        # a batch larger than the test set repeats its images: every feed holds `rows` of them
+        return ([{specs[0].name: images[(i * rows + np.arange(rows)) % len(images)]} for i in range(count)],
+                f"{source} test images")
+    batch_symbol = next((s.shape[0] for s in specs if s.shape and not isinstance(s.shape[0], int)), None)
+    dims = {d: n for spec, shape in zip(specs, artifact.settings.get("example_shapes") or [])
+            for d, n in zip(spec.shape, shape) if not isinstance(d, int) and d != batch_symbol}
+    open_axes = [f"{spec.name} axis {axis} ({d!r})" for spec in specs for axis, d in enumerate(spec.shape)
+                 if not isinstance(d, int) and d != batch_symbol and d not in dims]
+    if open_axes:
+        raise UserError(f"{', '.join(open_axes)} is symbolic and the artifact records no example length for it: "
+                        f"profiling needs real inputs (inputs=[...], or --inputs data.npz on the command line)")
+    shaped = "".join(f", {d}={n} as exported" for d, n in dims.items())
+    return (random_feeds(specs, count, batch=rows, dims=dims, vocabulary=artifact.settings.get("vocabulary")),
+            f"seeded random inputs{shaped}")
 
 
 MAX_THREADS = max(64, 4 * (os.cpu_count() or 1))  # more runtime threads than this is a typo, not a setting
@@ -445,8 +484,16 @@ def profile(target: str | Path | Artifact | torch.nn.Module, backend: str = "onn
         raise UserError(f"profiling measures on this machine (device 'host'); for {device} use `estimate`")
     if backend not in PROFILE_BACKENDS:
         raise UserError(f"unknown profiling backend {backend!r}; available: {', '.join(PROFILE_BACKENDS)}")
+    if not all(isinstance(n, int) for n in (runs, warmup, sessions)):
+        raise UserError(f"runs, warmup and sessions are integers (got {runs!r}, {warmup!r}, {sessions!r})")
     if runs <= 0 or warmup < 0:
         raise UserError(f"runs must be positive and warm-up non-negative (got runs={runs}, warmup={warmup})")
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in (warmup_s, min_duration_s)):
+        raise UserError(f"warmup_s and min_duration_s (--min-duration) are finite seconds, 0 or more (got "
+                        f"{warmup_s!r} and {min_duration_s!r})")
+    if isinstance(target, torch.nn.Module) and backend not in TORCH_DEVICES:
+        raise UserError(f"a torch module is profiled eagerly (backend='torch' or 'torch-cuda'); backend "
+                        f"{backend!r} runs an exported artifact: export the model first")
     if threads is not None and not 0 < threads <= MAX_THREADS:
         raise UserError(f"threads must be from 1 to {MAX_THREADS} (this machine has {os.cpu_count()} cores), "
                         f"not {threads}")
@@ -475,8 +522,8 @@ def profile(target: str | Path | Artifact | torch.nn.Module, backend: str = "onn
             throughput_skipped={size: "other batch sizes are measured for artifacts only" for size in batch_sizes
                                 if size != feeds[0][names[0]].shape[0]}, **common)
     artifact = target if isinstance(target, Artifact) else backends.open_artifact(target)
-    source_model, vocabulary = artifact.settings.get("source"), artifact.settings.get("vocabulary")
-    feeds, source = profile_feeds(artifact.inputs, source_model, inputs, vocabulary=vocabulary)
+    source_model = artifact.settings.get("source")
+    feeds, source = profile_feeds(artifact, inputs)
     check_feeds(feeds, artifact.inputs)
     fixed_batch = next((s.shape[0] for s in artifact.inputs if s.shape and isinstance(s.shape[0], int)), None)
     fed_batch = next(iter(feeds[0].values())).shape[0]
@@ -487,8 +534,7 @@ def profile(target: str | Path | Artifact | torch.nn.Module, backend: str = "onn
         elif fixed_batch is not None:
             skipped[size] = f"the artifact's batch axis is fixed at {fixed_batch} (export with --dynamic-batch)"
         else:
-            batch_feeds[size] = profile_feeds(artifact.inputs, source_model, None, count=4, batch=size,
-                                              vocabulary=vocabulary)[0]
+            batch_feeds[size] = profile_feeds(artifact, None, count=4, batch=size)[0]
     op_profiler = op_profiler_for(artifact.format)
     variant = Variant(source_model or artifact.path.stem,
                       variant_label(artifact.format, artifact.precision, artifact.settings), artifact.format,
@@ -503,7 +549,7 @@ def profile(target: str | Path | Artifact | torch.nn.Module, backend: str = "onn
         if ops and op_profiler else None, estimate=host_estimate, **common)
 
 
-def estimate(artifact: str | Path, device: str = "host", *, dims: dict[str, int] | None = None,
+def estimate(artifact: str | Path | Artifact, device: str = "host", *, dims: dict[str, int] | None = None,
              inputs: Example | dict[str, np.ndarray] | None = None, firing_rates: dict[str, float] | None = None):
     """Roofline latency (ms) and energy (mJ, estimated) of one inference of an ONNX artifact on a
     catalog device (`edgeport.devices.estimate.Estimate`).
@@ -514,20 +560,27 @@ def estimate(artifact: str | Path, device: str = "host", *, dims: dict[str, int]
     The dims used are in `Estimate.dims` and `dims_source`. `firing_rates` ({input tensor:
     fraction of spikes}) turns MACs into accumulates for the 45 nm energy figure.
     """
-    from edgeport.devices.estimate import estimate as roofline, read_graph
+    from edgeport.devices.estimate import estimate as roofline
 
-    path = Path(artifact)
+    path = artifact.path if isinstance(artifact, Artifact) else Path(artifact)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; estimate reads one ONNX file (a Core ML package's model "
+                        f"is estimated from its ONNX export)")
     if not path.is_file():
         raise UserError(f"artifact {path} does not exist")
     shapes = None
     if inputs is not None:
+        specs = backends.open_artifact(path).inputs
         if isinstance(inputs, dict):
-            shapes = {name: tuple(np.shape(value)) for name, value in inputs.items()}
+            feed = {name: np.asarray(value) for name, value in inputs.items()}
+            unknown = sorted(set(feed) - {spec.name for spec in specs})
+            if unknown:
+                raise UserError(f"inputs {unknown} name no input of {path.name} "
+                                f"(its inputs: {', '.join(spec.name for spec in specs)})")
         else:
-            graph = read_graph(path).graph
-            weights = {i.name for i in graph.initializer}
-            names = [i.name for i in graph.input if i.name not in weights]
-            shapes = {name: tuple(tensor.shape) for name, tensor in zip(names, as_args(inputs))}
+            feed = feeds_from([spec.name for spec in specs], [inputs])[0]
+        check_feeds([feed], specs)
+        shapes = {name: array.shape for name, array in feed.items()}
     return roofline(path, device, dims=dims, firing_rates=firing_rates, input_shapes=shapes)
 
 
@@ -550,6 +603,9 @@ def spike_statistics(model: str | torch.nn.Module, inputs: torch.Tensor | None =
         if not (isinstance(model, str) and model in zoo.names()):
             raise UserError("spike statistics need inputs (a batch of real samples); only zoo models bring their own")
         inputs = zoo.calibration(model, 32)
+    if inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
+        raise UserError("spike statistics inputs contain NaN or Inf values: firing rates on them mean nothing")
+    _run_reference(torch_model, (inputs,))  # a wrong shape or dtype is named here, not deep in a conv
     steps = timesteps if timesteps is not None else getattr(torch_model, "timesteps", None)
     if steps is None:
         return measure_spikes(torch_model, inputs)

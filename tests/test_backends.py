@@ -40,7 +40,10 @@ def test_options_are_checked_against_their_declared_range(out):
         ep.export("cnn-digits", out=out, opset=999)
     with pytest.raises(ep.UserError, match="unknown export option 'coreml_weight'; did you mean coreml_weights"):
         ep.export("cnn-digits", out=out, coreml_weight="int8")
+    with pytest.raises(ep.UserError, match=r"opset \(--opset\) takes an integer, not '17'"):
+        ep.export("cnn-digits", out=out, opset="17")
     assert leftovers(out) == []
+    assert list(ep.export("cnn-digits", out=out, targets="onnx")) == ["onnx"]  # one target as a string, as the CLI
 
 
 def _string_comparisons(path: Path) -> set[str]:

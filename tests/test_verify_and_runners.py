@@ -3,8 +3,12 @@ import numpy as np
 import pytest
 import torch
 
+import onnx
+from onnx import numpy_helper
+from torch import nn
+
 import edgeport as ep
-from edgeport.core import TOLERANCES, tolerance_for
+from edgeport.core import TOLERANCES, draw_input, feeds_from, tolerance_for
 from edgeport.verify import compare, judge
 from edgeport.runtime.latency import measure, median_ci, summarize
 from edgeport.core import TorchRunner
@@ -67,6 +71,46 @@ def test_latency_statistics():
     assert stats.mean == pytest.approx(50.5) and stats.throughput_per_s == pytest.approx(1000 / 50.5)
     low, high = median_ci(np.array(samples))
     assert low < stats.p50 < high and high - low < 25
+    # two scattered sessions: Student's t at 1 degree of freedom is 12.7, and the interval
+    # widens multiplicatively, never below zero
+    low, high = median_ci(np.array([0.01, 0.02, 5.0, 8.0]), block_medians=[5.0, 8.0])
+    assert 0 < low < 5.0 and high > 8.0
+
+
+def test_verify_without_inputs_draws_real_inputs_shaped_as_the_exports(tmp_path):
+    """Re-checked later without inputs, an artifact is verified on seeded draws shaped as its
+    export's example — sentences of the exported length with masks that keep a prefix — so
+    that a weight changed in the file fails, where near-zero inputs once let it pass."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    artifact = ep.export(model, torch.randn(1, 16), out=tmp_path, dynamic_batch=True)["onnx"]
+    assert artifact.settings["example_shapes"] == [[1, 16]]
+    report = ep.verify(artifact.path, model)
+    assert report.passed and report.inputs_source.startswith("a seeded example shaped as the export's + 3 seeded")
+    graph = onnx.load(str(artifact.path))
+    weight = next(i for i in graph.graph.initializer if tuple(i.dims) in ((32, 16), (16, 32)))
+    values = numpy_helper.to_array(weight).copy()
+    values[[0, 1]] = values[[1, 0]]
+    weight.CopyFrom(numpy_helper.from_array(values, weight.name))
+    onnx.save(graph, str(artifact.path))
+    assert not ep.verify(artifact.path, model).passed
+    rng = np.random.default_rng(0)
+    masks = draw_input("attention_mask", [64, 12], np.dtype("int64"), rng)
+    kept = masks.sum(axis=1)
+    assert (kept >= 1).all() and len(set(kept)) > 3
+    assert (masks == (np.arange(12) < kept[:, None])).all()  # ones over a prefix, as padding leaves them
+
+
+def test_a_longer_input_than_a_fixed_axis_is_refused_not_cut(tmp_path):
+    """A batch is split only along a static axis of size one (a batch of one exported
+    static); 17 features against 16, or 40 tokens against a fixed 16, are refused by name."""
+    model = nn.Sequential(nn.Linear(16, 4)).eval()
+    artifact = ep.export(model, torch.randn(1, 16), out=tmp_path)["onnx"]
+    assert len(feeds_from(["input"], [torch.randn(3, 16)], artifact.inputs)) == 3
+    with pytest.raises(ep.UserError, match=r"input 'input' is float32 of shape 1x17; the artifact takes float32 of shape 1x16"):
+        ep.verify(artifact, model, [torch.randn(1, 17)])
+    with pytest.raises(ep.UserError, match=r"shape 1x32; the artifact takes float32 of shape 1x16"):
+        ep.verify(artifact, model, [torch.randn(1, 32)])
 
 
 def test_measure_counts_and_rejects_bad_counts(cnn_artifact):

@@ -309,7 +309,8 @@ def _host(record_json: str) -> Device:
                                      f"{taken}",
                  "active_w": f"assumed: {HOST_WATTS_PER_CORE} W per logical CPU (no meter)",
                  "idle_w": "not subtracted (assumed 0)"},
-        confidence={"peak": "measured", "memory_bandwidth_gbs": "measured", "node_overhead_us": "measured",
+        confidence={"peak": "measured", "peak_int8": "derived", "memory_bandwidth_gbs": "measured",
+                    "node_overhead_us": "measured",
                     "active_w": "assumed", "idle_w": "assumed", "efficiency": "assumed"})
 
 

@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 import onnx
 
-from edgeport.devices.catalog import Device, get
+from edgeport.devices.catalog import CONFIDENCE_LEVELS, Device, get
 from edgeport.errors import UserError
 
 ESTIMATED_FORMATS = ("onnx",)  # artifact formats whose graphs the estimator reads
@@ -91,6 +91,13 @@ class Estimate:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def summary(self) -> str:
+        """One line, as `edgeport estimate` and a profile print it: latency, energy and their basis."""
+        dims = ", ".join(f"{d}={v} ({self.dims_source.get(d, 'given')})" for d, v in self.dims.items())
+        return (f"estimate for {self.device}: {self.latency_ms:.4f} ms, {self.energy_mj:.4f} mJ "
+                f"({self.energy_provenance}); {self.macs:,.0f} MACs, {self.bytes / 1e6:.2f} MB moved"
+                + (f"; {dims}" if dims else "") + f" [{self.provenance}]")
 
     def breakdown(self) -> dict[str, float]:
         """Estimated time per op type, in microseconds."""
@@ -310,6 +317,14 @@ def _device_confidence(dev: Device) -> list[str]:
         f"{figure} {dev.confidence.get(figure, 'assumed')}" for figure in figures)]
 
 
+def _peak_confidence(dev: Device, nodes: list[NodeEstimate]) -> dict[str, str]:
+    """The confidence of the peaks a model's MACs were priced at: the weakest among the
+    precisions it uses (the host's int8 peak is derived from its measured fp32 one)."""
+    used = {n.precision for n in nodes if n.macs}
+    levels = [dev.confidence.get(f"peak_{p}", dev.confidence.get("peak", "assumed")) for p in sorted(used)]
+    return {"peak": max(levels, key=CONFIDENCE_LEVELS.index)} if levels else {}
+
+
 def estimate(artifact: str | Path, device: str | Device = "host", dims: dict[str, int] | None = None,
              firing_rates: dict[str, float] | None = None,
              input_shapes: dict[str, Sequence[int]] | None = None) -> Estimate:
@@ -370,4 +385,5 @@ def estimate(artifact: str | Path, device: str | Device = "host", dims: dict[str
                      "integer kernels", *pricing_gaps(model.graph, table)],
         dims=values, dims_source=sources,
         confidence={figure: dev.confidence.get(figure, "assumed")
-                    for figure in ("peak", "memory_bandwidth_gbs", "active_w", "node_overhead_us", "efficiency")})
+                    for figure in ("peak", "memory_bandwidth_gbs", "active_w", "node_overhead_us", "efficiency")}
+        | _peak_confidence(dev, nodes))

@@ -496,7 +496,8 @@ def export_coreml(model: torch.nn.Module, args: tuple[torch.Tensor, ...], folder
         if structure["renamed"]:
             artifact.notes.append("coremltools renamed " + ", ".join(f"{a!r} to {b!r}" for a, b in
                                                                       structure["renamed"].items()) +
-                                  " (reserved or invalid in MIL); edgeport's runners take either name")
+                                  " (a name MIL reserves, or inputs the module takes as *args); edgeport's "
+                                  "runners take either name")
         if dynamic_axes:
             artifact.settings["flexible_ranges"] = structure["flexible_ranges"]
             artifact.settings["verification"]["flexible_shapes"] = check_flexible_shapes(
@@ -562,10 +563,15 @@ class CoreMLBackend(Backend):
                               output_names=request.output_names, dynamic_axes=request.dynamic_axes)]
 
     def runner(self, artifact: Artifact, threads: int | None = None, profiling: bool = False) -> Runner:
-        """Core ML itself on macOS; the MIL interpreter everywhere else."""
+        """Core ML itself on macOS; the MIL interpreter everywhere else, for checking only: its
+        numpy arithmetic says nothing of Core ML's speed, so profiling it is refused."""
         input_map = artifact.settings.get("input_names")
         if platform.system() == "Darwin":
             return CoreMLRunner(artifact.path, input_map=input_map)
+        if profiling:
+            raise BackendUnavailable("coreml", "Core ML runs only on macOS; here its package runs in edgeport's MIL "
+                                     "interpreter, which checks numbers but measures nothing of Core ML's speed",
+                                     "profile the package on a Mac, or the model's ONNX export here")
         return MILInterpreterRunner(artifact.path, input_map)
 
 

@@ -65,7 +65,8 @@ def median_ci(sorted_samples: np.ndarray, block_medians: list[float] | None = No
     within one run; with `block_medians` (one per session), it is widened to a Student-t
     interval on their spread, which covers what changes between sessions (memory layout,
     thread placement): without it, two profiles of one model would disagree beyond their
-    intervals.
+    intervals. The spread is taken on the logarithm of the session medians (latency noise
+    multiplies), so that the interval stays above zero however few and scattered they are.
     """
     n = len(sorted_samples)
     half = 1.96 * math.sqrt(n) / 2
@@ -73,9 +74,9 @@ def median_ci(sorted_samples: np.ndarray, block_medians: list[float] | None = No
     hi = float(sorted_samples[min(n - 1, math.ceil(n / 2 + half))])
     if block_medians and len(block_medians) > 1:
         k = len(block_medians)
-        spread = T_975.get(k, 1.96) * float(np.std(block_medians, ddof=1)) / math.sqrt(k)
+        spread = T_975.get(k, 1.96) * float(np.std(np.log(block_medians), ddof=1)) / math.sqrt(k)
         median = float(np.median(sorted_samples))
-        lo, hi = min(lo, median - spread), max(hi, median + spread)
+        lo, hi = min(lo, median * math.exp(-spread)), max(hi, median * math.exp(spread))
     return lo, hi
 
 
