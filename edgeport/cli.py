@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from edgeport.errors import BackendUnavailable, CheckFailed, UserError
+from edgeport.errors import ENVIRONMENT_PROBLEMS, BackendUnavailable, CheckFailed, EdgeportWarning, UserError
 from edgeport.quant.calibrate import OBSERVERS
 from edgeport.quant.config import EXPORT_TARGETS, FORM_TIE, PRESETS, TARGETS
 
@@ -115,6 +116,11 @@ def _emit_json(data) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
 
+JSON_HELP = "Print the results as JSON on stdout (diagnostics stay on stderr)."
+WEIGHTS_HELP = ("Weights (safetensors, or a weights-only state_dict) loaded into MODEL: a package.module:factory's, "
+                "or a zoo model's own replaced.")
+
+
 def _load_inputs(path: str | None):
     """Inputs from an .npz file (one array per model input, in file order) as one batch."""
     if path is None:
@@ -186,7 +192,7 @@ def cli(ctx: click.Context, debug: bool, max_input_bytes: int | None) -> None:
 @click.option("--to", "targets", default="onnx", show_default=True, help="Comma-separated targets.")
 @click.option("--input", "inputs", multiple=True, help="Example input shape, e.g. 1x3x224x224 or 1x16:int64; "
               "repeat for several inputs. Zoo models bring their own.")
-@click.option("--weights", type=click.Path(), help="Weights for package.module:factory (safetensors or weights-only).")
+@click.option("--weights", type=click.Path(), help=WEIGHTS_HELP)
 @click.option("-o", "--out", default="build", show_default=True, type=click.Path(), help="Output folder.")
 @click.option("--name", help="Artifact file name (default: the model's).")
 @click.option("--dynamic-batch", is_flag=True, help="Make axis 0 of every input and output symbolic.")
@@ -232,28 +238,36 @@ def _print_artifacts(artifacts, as_json: bool) -> None:
         _emit_json({t: a.to_dict() for t, a in artifacts.items()} | ({"failed": failures} if failures else {}))
         return
     for artifact in artifacts.values():
-        console.print(_parity_table(artifact))
-        for note in artifact.notes:
-            console.print(f"note: {note}")
-        console.print(f"wrote {artifact.path} and {artifact.sidecar.name}")
+        _print_artifact(artifact)
+
+
+def _print_artifact(artifact) -> None:
+    """One committed artifact: its parity table and the files written (results, on stdout), its
+    notes (diagnostics, on stderr)."""
+    console.print(_parity_table(artifact))
+    for note in artifact.notes:
+        diagnostics.print(f"note: {note}", soft_wrap=True)
+    written = list(dict.fromkeys([*(artifact.files or [artifact.path.name]), artifact.sidecar.name]))
+    console.print(f"wrote {', '.join(written)} in {artifact.path.parent}", soft_wrap=True)
 
 
 @cli.command("quantize")
 @click.argument("model")
 @click.option("--method", type=click.Choice(list(PRESETS)), default="repq", show_default=True,
               help="; ".join(f"{name}: {config.description}" for name, config in PRESETS.items()) + ".")
-@click.option("--w-bits", type=int, default=8, show_default=True)
-@click.option("--a-bits", type=int, default=8, show_default=True)
+@click.option("--w-bits", type=int, default=8, show_default=True, help="Weight bits, 2 to 8.")
+@click.option("--a-bits", type=int, default=8, show_default=True, help="Activation bits, 2 to 8.")
 @click.option("--target", type=click.Choice(list(TARGETS)), help="The runtime to quantize for (default "
               "onnxruntime); tensorrt: symmetric quantizers (zero point 0). Its export target is written too.")
 @click.option("--calib", type=click.Path(), help=".npz with the calibration batch: one array per model input, matched "
               "by name (np.savez's arr_0, arr_1, ... in order); zoo models bring their own.")
 @click.option("--calibration", type=click.Choice(list(OBSERVERS)),
               help="Activation range calibration (default: the method's own; entropy is KL as in TensorRT).")
-@click.option("--weights", type=click.Path(), help="Weights for package.module:factory.")
+@click.option("--weights", type=click.Path(), help=WEIGHTS_HELP)
 @click.option("--input", "inputs", multiple=True, help="Example input shape (zoo models bring their own).")
 @click.option("--to", "targets", default="onnx", show_default=True, help="Comma-separated export targets.")
-@click.option("-o", "--out", default="build", show_default=True, type=click.Path())
+@click.option("-o", "--out", default="build", show_default=True, type=click.Path(), help="Output folder.")
+@click.option("--name", help="Artifact file name (default: MODEL-METHOD-wNaM).")
 @click.option("--sensitivity", is_flag=True,
               help="Rank the layers by the output error each brings when quantized alone (SQNR, least first).")
 @click.option("--max-drop", type=float,
@@ -264,37 +278,36 @@ def _print_artifacts(artifacts, as_json: bool) -> None:
                    "integer), time each export beside fp32 in ONNX Runtime on this machine (at 1 thread and at ONNX "
                    "Runtime's default, each at its faster), and keep the fastest; "
                    f"forms within {FORM_TIE:.0%} of it are a tie, kept by the export closest to fp32's (ONNX Runtime only).")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @backend_options
 def quantize_command(model, method, w_bits, a_bits, target, calib, calibration, weights, inputs, targets, out,
-                     sensitivity, max_drop, fastest_form, as_json, **options):
+                     name, sensitivity, max_drop, fastest_form, as_json, **options):
     """Post-training quantization of MODEL, exported as quantized ONNX and verified against the fake-quant model."""
     from dataclasses import asdict
 
-    import warnings
-
-    from edgeport.errors import EdgeportWarning
+    from edgeport.core import check_artifact_name
+    from edgeport.export import registry as backends
     from edgeport.sdk import calibration_batch, load_model, parse_input, quantize
 
     targets = [t.strip() for t in targets.split(",")]
+    for chosen in targets:  # refused now, not after the quantization
+        backends.get(chosen)
+    if Path(out).exists() and not Path(out).is_dir():
+        raise UserError(f"cannot write to output folder {out}: it is a file")
+    width = "mixed" if max_drop is not None else f"w{w_bits}a{a_bits}"
+    name = check_artifact_name(name or f"{model if not any(c in model for c in '/:') else 'model'}-{method}-{width}")
     if target is not None and EXPORT_TARGETS[target] not in targets:
         targets.append(EXPORT_TARGETS[target])
         diagnostics.print(f"note: --target {target} also writes the {EXPORT_TARGETS[target]} target")
     float_model = load_model(model, weights)  # for the calibration's input names and what quantizing cost
     batch = calibration_batch(float_model, _calibration_arrays(calib)) if calib else None
     timing = ", timing each conv form in ONNX Runtime" if fastest_form else ""
-    with progress(f"quantizing {model} ({method}, W{w_bits}A{a_bits}{timing})"), warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", EdgeportWarning)
+    with progress(f"quantizing {model} ({method}, W{w_bits}A{a_bits}{timing})"):
         qmodel = quantize(model, batch, method, w_bits, a_bits, **({"target": target} if target else {}),
                           weights=weights, act_observer=calibration, report="sensitivity" if sensitivity else None,
                           max_drop=max_drop, fastest_form=fastest_form)
-    for warning in caught:
-        if issubclass(warning.category, EdgeportWarning):
-            diagnostics.print(f"warning: {warning.message}")
     with progress(f"exporting {model} quantized to {', '.join(targets)}"):
         example = tuple(parse_input(s) for s in inputs) or None
-        width = "mixed" if max_drop is not None else f"w{w_bits}a{a_bits}"
-        name = f"{model if not any(c in model for c in '/:') else 'model'}-{method}-{width}"
         artifacts = _export_quantized(model, qmodel, example, batch, targets, out, name,
                                       {k: v for k, v in options.items() if v is not None})
     with progress(f"comparing the quantized {model} with its float model"):
@@ -346,10 +359,7 @@ def quantize_command(model, method, w_bits, a_bits, target, calib, calibration, 
                       f"({accuracy['quantized_percent'] - accuracy['float_percent']:+.2f} points); their predictions "
                       f"agree on {accuracy['agreement_percent']:.1f} %")
     for artifact in artifacts.values():
-        console.print(_parity_table(artifact))
-        for note in artifact.notes:
-            console.print(f"note: {note}")
-        console.print(f"wrote {artifact.path}")
+        _print_artifact(artifact)
 
 
 def _against_float(model: str, float_model, qmodel, calibration, artifacts: dict):
@@ -407,13 +417,15 @@ def _export_quantized(model, qmodel, example, calibration, targets, out, name, o
     from edgeport import zoo
     from edgeport.sdk import export
 
-    inputs = None
+    inputs, described = None, "given inputs"
     if example is None and model in zoo.names():
         example, inputs = zoo.example(model), [zoo.testset(model)[0][i:i + 1] for i in range(64)]
+        described = f"64 {model} test images"
     elif example is None and calibration is not None:
         batch = calibration if isinstance(calibration, tuple) else (calibration,)
-        example, inputs = tuple(a[:1] for a in batch), [batch]
-    return export(qmodel, example, targets=targets, out=out, name=name, verify_inputs=inputs, **options)
+        example, inputs, described = tuple(a[:1] for a in batch), [batch], "the calibration batch"
+    return export(qmodel, example, targets=targets, out=out, name=name, verify_inputs=inputs,
+                  verify_inputs_source=described, **options)
 
 
 def _localization_table(localization) -> Table:
@@ -431,7 +443,7 @@ def _localization_table(localization) -> Table:
 @cli.command("verify")
 @click.argument("artifact", type=click.Path())
 @click.option("--against", "model", required=True, help="The torch model: zoo name, .pt2 or package.module:factory.")
-@click.option("--weights", type=click.Path(), help="Weights for package.module:factory.")
+@click.option("--weights", type=click.Path(), help=WEIGHTS_HELP)
 @click.option("--inputs", type=click.Path(), help=".npz with real inputs (one array per model input).")
 @click.option("--localize", is_flag=True, help="Also find the first layer whose output departs from torch "
                                                "(module path, op, error, SQNR).")
@@ -457,6 +469,37 @@ def verify_command(artifact, model, weights, inputs, localize, as_json):
                           f"{saturation_hint(art)}")
 
 
+def _written_by_edgeport(path: Path, kind: str) -> bool:
+    """Whether the existing file `path` is a `kind` output ("profile", "estimates", "report")
+    that edgeport wrote, and so may be replaced by a newer one."""
+    from edgeport.runtime.page import GENERATOR_TAG
+    from edgeport.runtime.report import SCHEMA
+
+    head = path.read_bytes()[:1 << 20].decode("utf-8", errors="replace")
+    if kind == "report":
+        return GENERATOR_TAG in head[:2048]
+    try:
+        data = json.loads(head)
+    except ValueError:
+        return False
+    if kind == "profile":
+        return isinstance(data, dict) and data.get("schema") == SCHEMA
+    return isinstance(data, list) and all(isinstance(r, dict) and str(r.get("provenance", "")).startswith("estimated")
+                                          for r in data)
+
+
+def _check_output(path: Path, kind: str) -> None:
+    """Refuse, before any work, an output path that is a folder, lies in a missing folder, or
+    is an existing file that is not an earlier edgeport `kind` output (a model, someone's
+    notes, the report's own inputs)."""
+    if path.is_dir():
+        raise UserError(f"cannot write the {kind} to {path}: it is a folder")
+    if not path.parent.is_dir():
+        raise UserError(f"cannot write the {kind} to {path}: its folder {path.parent} does not exist")
+    if path.exists() and not _written_by_edgeport(path, kind):
+        raise UserError(f"refusing to overwrite {path}: it is not an edgeport {kind} file (choose another path)")
+
+
 @cli.command("profile")
 @click.argument("artifact", type=click.Path())
 @click.option("--backend", default="onnxruntime", show_default=True)
@@ -480,15 +523,15 @@ def profile_command(artifact, backend, device, runs, warmup, min_duration, threa
         sizes = [int(b) for b in batch_sizes.split(",") if b.strip()] if batch_sizes else []
     except ValueError:
         raise UserError(f"--batch-sizes takes comma-separated integers like 1,8,32, not {batch_sizes!r}") from None
-    if output and (Path(output).is_dir() or not Path(output).parent.is_dir()):
-        raise UserError(f"cannot write the profile to {output}: " + ("it is a folder" if Path(output).is_dir()
-                                                                    else "its folder does not exist"))
+    if output:
+        _check_output(Path(output), "profile")
     with progress(f"profiling {artifact}"):
         prof = profile(artifact, backend, device, runs=runs, warmup=warmup, min_duration_s=min_duration,
                        threads=threads, inputs=_load_inputs(inputs), ops=not no_ops, energy=not no_energy,
                        batch_sizes=sizes)
     if output:
         prof.save(output)
+        (diagnostics if as_json else console).print(f"wrote {output}")
     if as_json:
         _emit_json(prof.to_dict())
         return
@@ -524,23 +567,22 @@ def _parse_dims(specs: tuple[str, ...]) -> dict[str, int]:
               help="Value of a symbolic dimension, e.g. --dim seq=32 (repeatable).")
 @click.option("--inputs", type=click.Path(), help=".npz whose arrays' shapes set the symbolic dimensions.")
 @click.option("-o", "--output", type=click.Path(), help="Write the estimates as JSON here (for `edgeport report`).")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 def estimate_command(artifact, devices, dims, inputs, output, as_json):
     """Roofline latency and energy of ARTIFACT on catalog devices (estimates, labelled so)."""
     from edgeport.devices import catalog
     from edgeport.runtime.report import write_atomically
     from edgeport.sdk import estimate
 
-    if output and (Path(output).is_dir() or not Path(output).parent.is_dir()):
-        raise UserError(f"cannot write the estimates to {output}: " + ("it is a folder" if Path(output).is_dir()
-                                                                      else "its folder does not exist"))
+    if output:
+        _check_output(Path(output), "estimates")
     names = catalog.names() if "all" in devices else list(devices)
     batch = _load_inputs(inputs)
     estimates = [estimate(artifact, d, dims=_parse_dims(dims), inputs=batch[0] if batch else None) for d in names]
     records = [{k: v for k, v in e.to_dict().items() if k != "nodes"} for e in estimates]
     if output:
         write_atomically(Path(output), json.dumps(records, indent=2) + "\n")
-        diagnostics.print(f"wrote {output}")
+        (diagnostics if as_json else console).print(f"wrote {output}")
     assumed = [name for name, source in estimates[0].dims_source.items() if source == "assumed"]
     if assumed:
         diagnostics.print(f"note: symbolic dimension {', '.join(assumed)} has no value and counts as 1; "
@@ -566,7 +608,7 @@ def estimate_command(artifact, devices, dims, inputs, output, as_json):
 @cli.command("devices")
 @click.option("--recalibrate", is_flag=True, help="Measure the host again (micro-benchmarks, a few seconds) and "
               "replace its cached calibration.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 def devices_command(recalibrate, as_json):
     """The device catalog, each figure with its confidence (the host is measured here and cached)."""
     from dataclasses import asdict
@@ -587,7 +629,9 @@ def devices_command(recalibrate, as_json):
     for d in devices:
         table.add_row(d.name, d.kind, *(f"{d.peak[p]:.3g}" if p in d.peak else "-" for p in ("int8", "fp16", "fp32")),
                       f"{d.memory_bandwidth_gbs:.4g}", f"{d.active_w:.3g}",
-                      " / ".join(d.confidence.get(k, "assumed") for k in ("peak", "memory_bandwidth_gbs", "active_w")),
+                      " / ".join([d.confidence.get("peak", "assumed") + (f" (int8 {d.confidence['peak_int8']})"
+                                                                          if "peak_int8" in d.confidence else "")]
+                                 + [d.confidence.get(k, "assumed") for k in ("memory_bandwidth_gbs", "active_w")]),
                       ", ".join(d.backends))
     console.print(table)
     console.print(f"host: {catalog.get('host').sources['node_overhead_us'].split('; ', 1)[1]}")
@@ -600,8 +644,7 @@ def report_command(folder, html_path):
     """Collect the profile and estimate JSON files in FOLDER into one HTML report with plots."""
     from edgeport.runtime.report import load_reports, write_html
 
-    if html_path and not Path(html_path).parent.is_dir():
-        raise UserError(f"cannot write {html_path}: the folder {Path(html_path).parent} does not exist")
+    _check_output(Path(html_path) if html_path else Path(folder) / "report.html", "report")
     reports = load_reports(folder)
     path = write_html(html_path or Path(folder) / "report.html", *reports)
     console.print(f"wrote {path} ({len(reports.profiles)} profiles, {len(reports.estimates)} estimates, "
@@ -610,10 +653,10 @@ def report_command(folder, html_path):
 
 @cli.command("spikes")
 @click.argument("model")
-@click.option("--weights", type=click.Path(), help="Weights for package.module:factory.")
+@click.option("--weights", type=click.Path(), help=WEIGHTS_HELP)
 @click.option("--inputs", type=click.Path(), help=".npz whose first array is a batch of real samples.")
 @click.option("--timesteps", type=int, help="T (default: the model's own).")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 def spikes_command(model, weights, inputs, timesteps, as_json):
     """Firing rates, synaptic operations and energy of a spiking MODEL beside its ANN: the 45 nm
     compute-only estimate and the memory-aware one with its break-even firing rate."""
@@ -649,7 +692,7 @@ def spikes_command(model, weights, inputs, timesteps, as_json):
 
 
 @cli.command("zoo")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 def zoo_command(as_json):
     """List the embedded models with their recorded test accuracy."""
     from edgeport import zoo
@@ -783,7 +826,7 @@ def _comma_list(text: str | None) -> list[str]:
                                                     "(default: in this process).")
 @click.option("-o", "--out", default="fleet", show_default=True, type=click.Path(), help="Results folder.")
 @click.option("--input", "inputs", multiple=True, help="Example input shape for non-zoo models, e.g. 1x3x224x224.")
-@click.option("--weights", type=click.Path(), help="Weights for package.module:factory models.")
+@click.option("--weights", type=click.Path(), help=WEIGHTS_HELP)
 @click.option("--runs", default=200, show_default=True, type=click.IntRange(min=1), help="Timed runs per profile.")
 @click.option("--warmup", default=20, show_default=True, type=click.IntRange(min=0))
 @click.option("--sessions", default=5, show_default=True, type=click.IntRange(min=1),
@@ -845,10 +888,12 @@ def fleet_join_command(device, address, head, port, units, num_cpus, object_stor
     import os
     import shlex
 
-    from edgeport.fleet.cluster import join_argv
+    from edgeport.fleet.cluster import check_reachable, join_argv
 
     argv = join_argv(device, address=address, head=head, port=port, units=units, num_cpus=num_cpus,
                      object_store_memory=object_store_memory, temp_dir=temp_dir, block=block, ray_args=ray_args)
+    if address is not None:
+        check_reachable(address)  # one line in seconds, not Ray's retries and logs
     diagnostics.print(f"edgeport: {shlex.join(argv)}", soft_wrap=True)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -858,7 +903,7 @@ def fleet_join_command(device, address, head, port, units, num_cpus, object_stor
 @fleet_group.command("status")
 @click.option("--cluster", metavar="ADDRESS", default="auto", show_default=True,
               help="The Ray cluster: HOST:PORT, ray://HOST:PORT or auto.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 def fleet_status_command(cluster, as_json):
     """List the nodes of the fleet and the devices they advertise."""
     from dataclasses import asdict
@@ -887,9 +932,17 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the console script, not a caller's process: take SIGTERM over
         signal.signal(signal.SIGTERM, _terminate)
     try:
-        cli.main(args=args, prog_name="edgeport", standalone_mode=False)
+        if ENVIRONMENT_PROBLEMS:
+            raise UserError(ENVIRONMENT_PROBLEMS[0])
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", EdgeportWarning)
+            warnings.showwarning = _show_warning
+            cli.main(args=args, prog_name="edgeport", standalone_mode=False)
     except click.exceptions.Exit as done:
         return done.exit_code
+    except click.exceptions.NoArgsIsHelpError as bare:  # `edgeport` alone: the help itself, as a usage error
+        diagnostics.print(bare.format_message(), soft_wrap=True, highlight=False, markup=False)
+        return EXIT_USAGE
     except click.ClickException as error:  # usage errors: one line too, with where to find help
         command = error.ctx.command_path if getattr(error, "ctx", None) else "edgeport"
         diagnostics.print(Text("error: ", style="red") + Text(f"{_one_line(error.format_message())} "
@@ -906,10 +959,18 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # a bug: say so, keep the traceback behind --debug
         if debug:
             traceback.print_exc()
-        diagnostics.print(f"internal error: {type(error).__name__}: {_one_line(error)} (run with --debug for the "
-                          f"traceback)", soft_wrap=True)
+        hint = "" if debug else " (run with --debug for the traceback)"
+        diagnostics.print(f"internal error: {type(error).__name__}: {_one_line(error)}{hint}", soft_wrap=True)
         return EXIT_INTERNAL
     return EXIT_OK
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """edgeport's own warnings as one `warning:` line on stderr; a library's as Python shows them."""
+    if issubclass(category, EdgeportWarning):
+        diagnostics.print(Text("warning: ", style="yellow") + Text(_one_line(message)), soft_wrap=True)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 def _one_line(error: BaseException) -> str:

@@ -26,6 +26,7 @@ import pickle
 import re
 import sys
 import tokenize
+import warnings
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,11 +44,11 @@ from torch.export.pt2_archive.constants import (AOTINDUCTOR_DIR, CONSTANTS_CONFI
 
 from edgeport import zoo
 from edgeport.core import check_input_size, in_eval_mode
-from edgeport.errors import UserError
+from edgeport.errors import UserError, limit_from_environment
 
 # The most a model file may unpack to: the sizes its zip entries declare, and the tensors torch
 # builds from declared shapes alone. `EDGEPORT_MAX_MODEL_BYTES` raises it for a bigger model.
-MAX_MODEL_BYTES = int(os.environ.get("EDGEPORT_MAX_MODEL_BYTES", 4 << 30))
+MAX_MODEL_BYTES = limit_from_environment("EDGEPORT_MAX_MODEL_BYTES", 4 << 30)
 
 
 def _first_line(error: BaseException) -> str:
@@ -55,9 +56,19 @@ def _first_line(error: BaseException) -> str:
     return lines[0][:200] if lines else type(error).__name__
 
 
+def _missing(path: Path) -> str:
+    """Why a file the user named cannot be read: absent, or a folder."""
+    return "is a folder, not a file" if path.is_dir() else "does not exist"
+
+
 def _refuse_pickle(path: Path, error: Exception) -> UserError:
+    """The refusal of a pickle that torch's weights-only loader rejected, quoting the
+    instruction or global it stopped at (its message around that is advice to unpickle)."""
+    advice = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [line.strip() for line in str(error).splitlines() if line.strip() and not line.strip().startswith(advice)]
+    reason = lines[0][:160] if lines else _first_line(error)[:160]
     return UserError(f"refusing to load {path}: it is a pickle that needs code execution to load "
-                     f"({_first_line(error)[:160]}); save the model with torch.export (.pt2) or "
+                     f"(the weights-only loader stopped at: {reason}); save the model with torch.export (.pt2) or "
                      f"give package.module:factory with safetensors or weights-only state_dict")
 
 
@@ -299,7 +310,7 @@ def _torch_reading_checked_archive() -> Iterator[None]:
 def _load_program(path: Path) -> torch.nn.Module:
     """The inference module of a checked `.pt2`; every torch error becomes one UserError line."""
     if not path.is_file():
-        raise UserError(f"model file {path} does not exist")
+        raise UserError(f"model file {path} {_missing(path)}")
     _check_pt2_archive(path)
     with _torch_reading_checked_archive():
         try:
@@ -425,7 +436,7 @@ def _load_torchscript(path: Path, submodule: str | None) -> torch.nn.Module:
     tensors only: edgeport feeds it tensors, and a stateful wrapper taking settings (Silero's
     `forward(x, sr: int)`) is refused with the submodules that do take tensors."""
     if not path.is_file():
-        raise UserError(f"model file {path} does not exist")
+        raise UserError(f"model file {path} {_missing(path)}")
     _check_torchscript_archive(path)
     try:
         module = torch.jit.load(str(path), map_location="cpu")
@@ -475,7 +486,7 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"weights file {path} does not exist")
+        raise UserError(f"weights file {path} {_missing(path)}")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -483,7 +494,9 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
                 _checked_zip_sizes(archive, str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # its note on pickle protocols is noise before a refusal
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise _refuse_pickle(path, error) from error
     except UserError:
@@ -531,7 +544,7 @@ def load_model(spec: str | torch.nn.Module, weights: str | Path | None = None) -
         if weights is not None:
             raise UserError("a .nir file carries its own weights; drop --weights")
         if not path.is_file():
-            raise UserError(f"model file {path} does not exist")
+            raise UserError(f"model file {path} {_missing(path)}")
         if path.stat().st_size > MAX_MODEL_BYTES:
             raise UserError(f"{path} is {path.stat().st_size / 2**30:.3g} GiB, over the {MAX_MODEL_BYTES / 2**30:.3g} "
                             f"GiB limit (raise it with the environment variable EDGEPORT_MAX_MODEL_BYTES)")
@@ -546,7 +559,7 @@ def load_model(spec: str | torch.nn.Module, weights: str | Path | None = None) -
         model = _load_factory_model(text)
     elif path.suffix in (".pt", ".pth", ".bin", ".pkl", ".ckpt"):
         if not path.is_file():
-            raise UserError(f"model file {path} does not exist")
+            raise UserError(f"model file {path} {_missing(path)}")
         load_weights(path)  # refuses code-executing pickles; a plain state_dict passes
         raise UserError(f"{path} holds weights, not a model: give the architecture as "
                         f"package.module:factory with --weights {path}, or export a .pt2")

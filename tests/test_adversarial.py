@@ -233,6 +233,7 @@ CASES = [
     Case("wrong input shape", EXPORT + ["--input", "1x3x8x8"], "does not accept input 1x3x8x8"),
     Case("bad dynamic spec", EXPORT + ["--dynamic", "x-1-batch"], "is not like input_ids:1:sequence"),
     Case("dynamic axis of unknown input", EXPORT + ["--dynamic", "y:0:batch"], "unknown inputs"),
+    Case("dynamic axis beyond the rank", EXPORT + ["--dynamic", "x:9:foo"], "dynamic axis 9 of input 'x' does not exist"),
     # backend options
     Case("opset too high", EXPORT + ["--opset", "999"], "supported range 13..23"),
     Case("opset too low", EXPORT + ["--opset", "7"], "supported range 13..23"),
@@ -329,6 +330,26 @@ CASES = [
     Case("report into a missing folder", ["report", "{tmp}/no-reports", "--html", "{tmp}/nope/r.html"], "nope"),
     Case("spikes without inputs", ["spikes", "mymod:build"], "need inputs"),
     Case("spikes absurd timesteps", ["spikes", "snn-digits", "--timesteps", "100000"], "timesteps"),
+    Case("spikes wrong-shape inputs", ["spikes", "snn-digits", "--inputs", "{tmp}/wrong-shape.npz"],
+         "does not accept input"),
+    Case("spikes NaN inputs", ["spikes", "snn-digits", "--inputs", "{tmp}/nan.npz"], "NaN"),
+    Case("timesteps without a spiking form", ["export", "snn-digits", "--timesteps", "5", "-o", "{out}"],
+         "snn-form"),
+    Case("profile negative min-duration", ["profile", "{tmp}/art/cnn-digits.onnx", "--min-duration", "-1"],
+         "min-duration", setup=exported),
+    Case("profile NaN min-duration", ["profile", "{tmp}/art/cnn-digits.onnx", "--min-duration", "nan"],
+         "min-duration", setup=exported),
+    Case("estimate wrong-shape inputs", ["estimate", "{tmp}/art/cnn-digits.onnx", "--inputs", "{tmp}/wrong-shape.npz"],
+         "shape", setup=exported),
+    Case("estimate a folder", ["estimate", "{tmp}/art"], "is a folder", setup=exported),
+    # an output path that holds something else is never replaced
+    Case("profile over the model it profiles", ["profile", "{tmp}/art/cnn-digits.onnx", "--runs", "5", "--no-ops",
+                                                "--no-energy", "-o", "{tmp}/art/cnn-digits.onnx"],
+         "refusing to overwrite", setup=exported),
+    Case("estimate over a user file", ["estimate", "{tmp}/art/cnn-digits.onnx", "-o", "{tmp}/garbage.onnx"],
+         "refusing to overwrite", setup=exported),
+    Case("report over its own input", ["report", "{tmp}/art", "--html", "{tmp}/art/cnn-digits.onnx"],
+         "refusing to overwrite", setup=exported),
 ]
 
 
@@ -366,6 +387,18 @@ def test_bad_input(case: Case, tmp_path: Path, capsys, monkeypatch):
     assert left == sorted(case.keep), left
     assert {name: snapshot(out, tmp_path / "none").get(name) for name in case.keep} == kept
     assert not (tmp_path / MARKER).exists(), "a payload's code ran"
+
+
+def test_a_malformed_limit_in_the_environment_is_one_line_for_every_command():
+    """Limits are read at import: a typo there stops the CLI with one line, exit 2, and no
+    traceback, even for a command that would not use the limit."""
+    environment = {**os.environ, "EDGEPORT_MAX_INPUT_BYTES": "abc"}
+    done = subprocess.run([sys.executable, "-m", "edgeport", "zoo"], capture_output=True, text=True, env=environment,
+                          timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        "error: the environment variable EDGEPORT_MAX_INPUT_BYTES='abc' is not a positive integer "
+        "(unset it, or give a limit)"]
 
 
 def test_sigterm_mid_export_leaves_no_staging_folder(tmp_path):

@@ -1,6 +1,7 @@
 """Post-training quantization: quantizers, exact reparameterization, the pipeline, QDQ export."""
 
 import re
+import warnings
 
 import numpy as np
 import onnx
@@ -493,12 +494,23 @@ def test_entropy_calibration_at_8_bits():
 
 
 def test_tensorrt_mode_export_is_ready_and_default_mode_is_not(tmp_path):
+    """A model quantized for ONNX Runtime exports to the tensorrt target with a warning that
+    names a violation and the remedy, and a trtexec script that says it is not ready."""
     images = ep.zoo.testset("cnn-digits")[0]
     for target, ready in (("tensorrt", True), ("onnxruntime", False)):
         qmodel = ep.quantize("cnn-digits", target=target)
-        artifact = ep.export(qmodel, images[:1], ["tensorrt"], out=tmp_path / target)["tensorrt"]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            artifact = ep.export(qmodel, images[:1], ["tensorrt"], out=tmp_path / target)["tensorrt"]
         assert artifact.parity.passed and check_readiness(artifact.path).ready == ready
         assert artifact.settings["tensorrt"]["readiness"]["ready"] == ready
+        warned = [str(w.message) for w in caught if issubclass(w.category, ep.EdgeportWarning)]
+        script = artifact.path.with_suffix(".trtexec.sh").read_text()
+        if ready:
+            assert not warned and "NOT READY" not in script
+        else:
+            assert len(warned) == 1 and "is not ready for TensorRT" in warned[0] and "[int8]" in warned[0]
+            assert "target='tensorrt'" in warned[0] and "# NOT READY" in script
 
 
 def test_conv_batchnorm_is_folded():

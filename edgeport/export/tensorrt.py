@@ -12,6 +12,7 @@ here pretends to build an engine without it.
 from __future__ import annotations
 
 import shlex
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ import onnx
 import torch
 
 from edgeport.core import Artifact, Backend, ExportRequest, Runner, option
-from edgeport.errors import BackendUnavailable, UserError
+from edgeport.errors import BackendUnavailable, EdgeportWarning, UserError
 from edgeport.export.onnx import OnnxFileOptions, export_onnx
 from edgeport.export.onnxgraph import Constants, attribute_value, consumers, producers
 
@@ -347,11 +348,19 @@ class TensorRTBackend(Backend):
         shapes = profile_shapes(onnx_artifact, request.args)
         command = trtexec_command(onnx_artifact.path, readiness, options.precision, shapes)
         script = onnx_artifact.path.with_suffix(".trtexec.sh")
-        script.write_text(f"#!/bin/sh\n# Build the TensorRT engine on the device (written by edgeport)\n{command}\n")
+        unready = "" if readiness.ready else (f"# NOT READY: {len(readiness.violations)} violation(s) TensorRT will "
+                                              f"refuse or compute differently; see the sidecar's tensorrt.readiness\n")
+        script.write_text(f"#!/bin/sh\n# Build the TensorRT engine on the device (written by edgeport)\n{unready}{command}\n")
         onnx_artifact.files.insert(0, script.name)
         onnx_artifact.settings["tensorrt"] = {"readiness": readiness.to_dict(), "trtexec": command, "profiles": shapes}
         if not readiness.ready:
             onnx_artifact.notes.append(readiness.summary())
+            first = readiness.violations[0]
+            remedy = ("; quantize with target='tensorrt' (edgeport quantize --target tensorrt) for the symmetric INT8 "
+                      "quantizers TensorRT runs") if request.precision != "fp32" else ""
+            warnings.warn(f"{onnx_artifact.path.name} is not ready for TensorRT: {len(readiness.violations)} "
+                          f"violation(s), the first [{first.rule}] {first.node}: {first.message}{remedy}",
+                          EdgeportWarning, stacklevel=2)
             return [onnx_artifact]
         engine_path = onnx_artifact.path.with_suffix(".engine")
         try:

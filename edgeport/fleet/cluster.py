@@ -72,18 +72,26 @@ def check_address(address: str) -> str:
 LOOPBACK = "127.0.0.1"
 
 
+def check_reachable(address: str) -> re.Match | None:
+    """Refuse a HOST:PORT address that takes no TCP connection within CONNECT_TIMEOUT_S, with
+    the socket's reason, rather than after Ray's long retries; returns the address's match
+    (None for a form without a port to try, such as `auto`)."""
+    match = ADDRESS.fullmatch(check_address(address))
+    if match:
+        try:
+            socket.create_connection((match["host"], int(match["port"])), timeout=CONNECT_TIMEOUT_S).close()
+        except OSError as error:
+            raise UserError(f"cannot reach a Ray cluster at {address}: {error.strerror or error}") from None
+    return match
+
+
 def connect(address: str) -> bool:
     """Connect this process to the Ray cluster at `address` as its driver. Returns whether this
     call made the connection (False: the process was connected already, and stays so)."""
     ray = require_ray()
     if ray.is_initialized():
         return False
-    match = ADDRESS.fullmatch(check_address(address))
-    if match:  # fail in seconds with the socket's reason rather than after Ray's long retries
-        try:
-            socket.create_connection((match["host"], int(match["port"])), timeout=CONNECT_TIMEOUT_S).close()
-        except OSError as error:
-            raise UserError(f"cannot reach a Ray cluster at {address}: {error.strerror or error}") from None
+    match = check_reachable(address)
     # a cluster reached on loopback (one machine, the tests) keeps all its traffic there: the
     # driver then says so, or Ray would announce the machine's external address
     local = {"_node_ip_address": LOOPBACK} if match and match["host"] in (LOOPBACK, "localhost") else {}

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+GENERATOR_TAG = "<meta name='generator' content='edgeport'>"  # how an output path is known to be ours
 SORT_SCRIPT = """
 for (const table of document.querySelectorAll("table.sortable")) {
   const heads = Array.from(table.tHead.rows[0].cells);
@@ -478,5 +479,5 @@ def render_html(profiles: list[dict], estimates: list[dict], artifacts: list[dic
                      + "</pre>")
     return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
             f"<meta http-equiv='Content-Security-Policy' content=\"{CSP}\">"
-            f"<meta name='viewport' content='width=device-width'><title>{html.escape(title)}</title>"
+            f"<meta name='viewport' content='width=device-width'>{GENERATOR_TAG}<title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head><body>{''.join(parts)}<script>{SORT_SCRIPT}</script></body></html>")

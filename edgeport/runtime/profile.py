@@ -82,9 +82,9 @@ class SessionMemoryProbe:
         if self.before is None or self.loaded is None:
             return SessionMemory("unavailable: /proc/self/status cannot be read here", 0.0, None, process_peak)
         peak = _status_mb("VmHWM") if self.peak_reset else None
-        method = ("rss-delta: resident memory around the session (peak: VmHWM after a clear_refs reset); "
-                  "ONNX Runtime exposes no allocator statistics to Python; memory the process freed earlier "
-                  "and reuses here is not counted")
+        method = ("rss-delta: resident memory around the session (peak: VmHWM after a clear_refs reset), "
+                  "the same for every runtime (ONNX Runtime exposes no allocator statistics to Python); memory "
+                  "the process freed earlier and reuses here is not counted")
         if not self.peak_reset:
             method += "; peak unavailable (clear_refs not writable)"
         return SessionMemory(method, max(0.0, self.loaded - self.before),

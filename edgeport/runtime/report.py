@@ -140,8 +140,7 @@ class Profile:
         else:
             lines.append(f"energy: not measured ({'; '.join(self.energy.reasons) or 'no meter'})")
         if self.estimate:
-            lines.append(f"estimate for {self.estimate.device}: {self.estimate.latency_ms:.4f} ms, "
-                         f"{self.estimate.energy_mj:.4f} mJ ({self.estimate.energy_provenance})")
+            lines.append(self.estimate.summary())
         return "\n".join(lines)
 
     def save(self, path: str | Path) -> Path:

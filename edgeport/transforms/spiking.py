@@ -19,7 +19,6 @@ run (`LibraryRunner`).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,14 +26,14 @@ import torch
 from torch import nn
 
 from edgeport.core import Runner, TensorSpec
-from edgeport.errors import UserError
+from edgeport.errors import UserError, limit_from_environment
 from edgeport.snn.convert import SteppedNetwork, as_stepped, library_reference, state_names
 
 FORMS = ("unrolled", "step")
 OUTPUTS = ("model", "per_step")  # what the unrolled form returns
 # An unrolled graph grows with T and verification runs T steps per sample: past this a
 # request is a typo more often than a model (raise it with EDGEPORT_MAX_TIMESTEPS).
-MAX_TIMESTEPS = int(os.environ.get("EDGEPORT_MAX_TIMESTEPS", 1000))
+MAX_TIMESTEPS = limit_from_environment("EDGEPORT_MAX_TIMESTEPS", 1000)
 
 
 class StepModule(nn.Module):
