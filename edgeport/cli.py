@@ -340,16 +340,7 @@ def quantize_command(model, method, w_bits, a_bits, target, calib, calibration, 
                       f"latency measured here in ONNX Runtime, each at its faster thread count: {timings})")
         for name, reason in form["left_out"].items():
             console.print(f"  {name}: left out, {reason}")
-    rotated, scales = report["rotated"], report["layer_scale_folds"]
-    console.print(f"quantized {len(report['layers'])} layers and {len(report['matmuls'])} activation matmuls"
-                  f"{' (' + report['matmuls_not_quantized'] + ')' if report['matmuls_not_quantized'] else ''}; "
-                  f"reparameterized {len(report['reparameterized'])}; conv-BN folded {len(report['batchnorm_folds'])}"
-                  f"{f'; layer scales folded {len(scales)}' if scales else ''}"
-                  f"{f'; rotated {len(rotated)}' if rotated else ''}")
-    for line in report["float_ops"]:
-        console.print(f"  runs as float ops: {line}")
-    for line in rotated:
-        console.print(f"  rotated: {line}")
+    console.print(qmodel.quant_report.summary(), soft_wrap=True, highlight=False, markup=False)
     console.print(_outputs_table("what quantizing cost: the quantized model against the float one",
                                  f"on {against_float.samples} samples ({against_float.inputs_source}); each "
                                  f"artifact below matches the quantized model", against_float))

@@ -235,6 +235,17 @@ class QuantReport:
     calibration_samples: int = 0
     activation_calibration: str = ""
 
+    def summary(self) -> str:
+        """What the pipeline did, as `edgeport quantize` prints it: the counts on one line, then
+        each layer that runs as float ops (with why) and each rotation."""
+        head = (f"quantized {len(self.layers)} layers and {len(self.matmuls)} activation matmuls"
+                f"{f' ({self.matmuls_not_quantized})' if self.matmuls_not_quantized else ''}; reparameterized "
+                f"{len(self.reparameterized)}; conv-BN folded {len(self.batchnorm_folds)}"
+                f"{f'; layer scales folded {len(self.layer_scale_folds)}' if self.layer_scale_folds else ''}"
+                f"{f'; rotated {len(self.rotated)}' if self.rotated else ''}")
+        return "\n".join([head, *(f"  runs as float ops: {line}" for line in self.float_ops),
+                           *(f"  rotated: {line}" for line in self.rotated)])
+
 
 def _module_path(node: torch.fx.Node) -> str | None:
     """The path of the module whose forward made `node` in a torch.export graph."""
