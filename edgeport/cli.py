@@ -287,19 +287,19 @@ def quantize_command(model, method, w_bits, a_bits, target, calib, calibration, 
 
     from edgeport.core import check_artifact_name
     from edgeport.export import registry as backends
-    from edgeport.sdk import calibration_batch, load_model, parse_input, quantize
+    from edgeport.sdk import calibration_batch, load_model, model_label, parse_input, quantize
 
     targets = [t.strip() for t in targets.split(",")]
     for chosen in targets:  # refused now, not after the quantization
         backends.get(chosen)
     if Path(out).exists() and not Path(out).is_dir():
         raise UserError(f"cannot write to output folder {out}: it is a file")
-    width = "mixed" if max_drop is not None else f"w{w_bits}a{a_bits}"
-    name = check_artifact_name(name or f"{model if not any(c in model for c in '/:') else 'model'}-{method}-{width}")
     if target is not None and EXPORT_TARGETS[target] not in targets:
         targets.append(EXPORT_TARGETS[target])
         diagnostics.print(f"note: --target {target} also writes the {EXPORT_TARGETS[target]} target")
     float_model = load_model(model, weights)  # for the calibration's input names and what quantizing cost
+    width = "mixed" if max_drop is not None else f"w{w_bits}a{a_bits}"
+    name = check_artifact_name(name or f"{model_label(model, float_model)}-{method}-{width}")
     batch = calibration_batch(float_model, _calibration_arrays(calib)) if calib else None
     timing = ", timing each conv form in ONNX Runtime" if fastest_form else ""
     with progress(f"quantizing {model} ({method}, W{w_bits}A{a_bits}{timing})"):

@@ -96,6 +96,11 @@ def zoo_batches(name: str, batch: int = 1, count: int = 64) -> list[tuple[torch.
     return [(images[i:i + batch],) for i in range(0, len(images) - len(images) % batch or batch, batch)]
 
 
+def model_label(model: str | torch.nn.Module, loaded: torch.nn.Module) -> str:
+    """What artifacts of `model` are named after: a zoo name, else the loaded module's class."""
+    return model if isinstance(model, str) and model in zoo.names() else type(loaded).__name__.lower()
+
+
 def resolve(model, example=None, weights=None, verify_inputs: Sequence[Example] | None = None,
             example_label: str = "the example") -> Source:
     """The Source of a run: the torch model, its example (a zoo model brings its own), and
@@ -107,7 +112,7 @@ def resolve(model, example=None, weights=None, verify_inputs: Sequence[Example] 
         if zoo_name is None:
             raise UserError("an example input is needed (e.g. --input 1x3x224x224); only zoo models bring their own")
         example = zoo.example(zoo_name)
-    source = Source(torch_model, _example_args(example, torch_model), zoo_name or type(torch_model).__name__.lower(),
+    source = Source(torch_model, _example_args(example, torch_model), model_label(model, torch_model),
                     example_label=example_label)
     if verify_inputs is not None:
         source.verification, source.verification_label = [as_args(b) for b in verify_inputs], "given inputs"
