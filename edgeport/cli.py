@@ -121,15 +121,27 @@ WEIGHTS_HELP = ("Weights (safetensors, or a weights-only state_dict) loaded into
                 "or a zoo model's own replaced.")
 
 
-def _load_inputs(path: str | None):
-    """Inputs from an .npz file (one array per model input, in file order) as one batch."""
+def _load_inputs(path: str | None, artifact: str | None = None):
+    """Inputs from an .npz file as one batch: one array per model input, in file order where
+    np.savez named them arr_0, arr_1, ...; by name otherwise, matched to `artifact`'s inputs
+    where one is given (a name that is not an input, or an input with no array, is refused)."""
     if path is None:
         return None
     import torch
 
+    from edgeport.export import registry as backends
     from edgeport.load import load_arrays
 
-    return [tuple(torch.from_numpy(a) for a in load_arrays(path).values())]
+    arrays = load_arrays(path)
+    if artifact is not None and not all(re.fullmatch(r"arr_\d+", name) for name in arrays):
+        opened = backends.open_artifact(artifact)
+        specs = opened.inputs[:1] if opened.settings.get("snn") else opened.inputs  # a step form's states start at rest
+        names = [spec.name for spec in specs]
+        if set(arrays) != set(names):
+            raise UserError(f"{path} holds arrays {sorted(arrays)}; {Path(artifact).name} takes {names} (name them "
+                            f"so, or save them unnamed in that order)")
+        arrays = {name: arrays[name] for name in names}
+    return [tuple(torch.from_numpy(a) for a in arrays.values())]
 
 
 def _parity_table(artifact) -> Table:
@@ -447,7 +459,7 @@ def verify_command(artifact, model, weights, inputs, localize, as_json):
 
     art = Artifact.load(artifact)
     with progress(f"verifying {artifact}" + (" and localizing" if localize else "")):
-        art.parity = verify(art, model, _load_inputs(inputs), weights=weights, localize=localize)
+        art.parity = verify(art, model, _load_inputs(inputs, artifact), weights=weights, localize=localize)
     found = getattr(art.parity, "localization", [])
     if as_json:
         _emit_json({**art.parity.to_dict(), **({"localization": [f.to_dict() for f in found]} if localize else {})})
@@ -508,7 +520,7 @@ def _check_output(path: Path, kind: str) -> None:
 def profile_command(artifact, backend, device, runs, warmup, min_duration, threads, inputs, batch_sizes, no_ops,
                     no_energy, output, as_json):
     """Measure latency (and energy where a meter exists) of ARTIFACT on this machine."""
-    from edgeport.sdk import profile
+    from edgeport.sdk import TORCH_DEVICES, profile
 
     try:
         sizes = [int(b) for b in batch_sizes.split(",") if b.strip()] if batch_sizes else []
@@ -518,7 +530,8 @@ def profile_command(artifact, backend, device, runs, warmup, min_duration, threa
         _check_output(Path(output), "profile")
     with progress(f"profiling {artifact}"):
         prof = profile(artifact, backend, device, runs=runs, warmup=warmup, min_duration_s=min_duration,
-                       threads=threads, inputs=_load_inputs(inputs), ops=not no_ops, energy=not no_energy,
+                       threads=threads, inputs=_load_inputs(inputs, None if backend in TORCH_DEVICES else artifact),
+                       ops=not no_ops, energy=not no_energy,
                        batch_sizes=sizes)
     if output:
         prof.save(output)
@@ -568,7 +581,7 @@ def estimate_command(artifact, devices, dims, inputs, output, as_json):
     if output:
         _check_output(Path(output), "estimates")
     names = catalog.names() if "all" in devices else list(devices)
-    batch = _load_inputs(inputs)
+    batch = _load_inputs(inputs, artifact)
     estimates = [estimate(artifact, d, dims=_parse_dims(dims), inputs=batch[0] if batch else None) for d in names]
     records = [{k: v for k, v in e.to_dict().items() if k != "nodes"} for e in estimates]
     if output:

@@ -107,6 +107,7 @@ def scratch(tmp: Path) -> dict[str, str]:
     _npz(tmp / "wrong-shape.npz", x=np.random.default_rng(0).random((4, 1, 9, 9), np.float32))
     _npz(tmp / "wrong-rank.npz", x=np.zeros((4, 64), np.float32))
     _npz(tmp / "two-arrays.npz", x=images, y=images)
+    _npz(tmp / "misnamed.npz", pixels=images)
     _npz(tmp / "empty.npz")
     _npz(tmp / "zeros.npz", x=np.zeros((8, 1, 8, 8), np.float32))
     _npz(tmp / "constant.npz", x=np.full((8, 1, 8, 8), 0.5, np.float32))
@@ -291,6 +292,9 @@ CASES = [
          "fails verification", code=1, setup=exported),
     Case("verify with wrong-dtype inputs", ["verify", "{tmp}/art/cnn-digits.onnx", "--against", "cnn-digits",
                                             "--inputs", "{tmp}/int-images.npz"], "int64", setup=exported),
+    Case("verify with inputs named for another model", ["verify", "{tmp}/art/cnn-digits.onnx", "--against",
+                                                         "cnn-digits", "--inputs", "{tmp}/misnamed.npz"],
+         r"holds arrays \['pixels'\]; cnn-digits.onnx takes \['x'\]", setup=exported),
     Case("verify with a markup file name", ["verify", "{tmp}/[link=x]a[/link].onnx", "--against",
                                             "cnn-digits"], re.escape("[link=x]a[/link].onnx")),
     # profile
