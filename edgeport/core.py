@@ -175,6 +175,17 @@ class Artifact:
     def sidecar(self) -> Path:
         return self.path.with_name(self.path.name + SIDECAR_SUFFIX)
 
+    def summary(self) -> str:
+        """A few lines: the file and how it was made, its inputs and outputs, its parity verdict
+        (or that it was not checked), and its notes."""
+        def specs(items: list[TensorSpec]) -> str:
+            return ", ".join(f"{t.name} {'x'.join(map(str, t.shape))} {t.dtype}" for t in items)
+
+        made = f"{self.format} {self.precision}, {self.exporter}" + (f", opset {self.opset}" if self.opset else "")
+        verdict = self.parity.summary().splitlines()[0] if self.parity else "parity not checked"
+        return "\n".join([f"{self.path} ({made})", f"  inputs: {specs(self.inputs)}",
+                          f"  outputs: {specs(self.outputs)}", f"  {verdict}", *(f"  note: {n}" for n in self.notes)])
+
     def to_dict(self) -> dict:
         data = asdict(self)
         data["path"] = str(self.path)

@@ -87,6 +87,9 @@ def test_verify_without_inputs_draws_real_inputs_shaped_as_the_exports(tmp_path)
     assert artifact.settings["example_shapes"] == [[1, 16]]
     report = ep.verify(artifact.path, model)
     assert report.passed and report.inputs_source.startswith("a seeded example shaped as the export's + 3 seeded")
+    assert artifact.summary().splitlines()[1:4] == [
+        "  inputs: input batchx16 float32", "  outputs: output_0 batchx4 float32",
+        "  parity onnxruntime vs torch on 4 samples (the example + 3 seeded random inputs): passed"]
     graph = onnx.load(str(artifact.path))
     weight = next(i for i in graph.graph.initializer if tuple(i.dims) in ((32, 16), (16, 32)))
     values = numpy_helper.to_array(weight).copy()
