@@ -314,7 +314,8 @@ def quantize_command(model, method, w_bits, a_bits, target, calib, calibration, 
     name = check_artifact_name(name or f"{model_label(model, float_model)}-{method}-{width}")
     batch = calibration_batch(float_model, _calibration_arrays(calib)) if calib else None
     timing = ", timing each conv form in ONNX Runtime" if fastest_form else ""
-    with progress(f"quantizing {model} ({method}, W{w_bits}A{a_bits}{timing})"):
+    widths = f"4, 6 or 8 bits per layer within 1 - cosine {max_drop}" if max_drop is not None else f"W{w_bits}A{a_bits}"
+    with progress(f"quantizing {model} ({method}, {widths}{timing})"):
         qmodel = quantize(model, batch, method, w_bits, a_bits, **({"target": target} if target else {}),
                           weights=weights, act_observer=calibration, report="sensitivity" if sensitivity else None,
                           max_drop=max_drop, fastest_form=fastest_form)

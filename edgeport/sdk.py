@@ -827,9 +827,15 @@ def quantize(model: str | torch.nn.Module, calib: Calibration | None = None, met
         raise UserError(f"max_drop is a loss of cosine similarity between 0 and 1, not {max_drop!r}")
     from edgeport.quant.sensitivity import choose_widths, layer_sensitivity
 
+    if max_drop is not None and not config.runs_every_width:
+        raise UserError("max_drop chooses 4, 6 or 8 bits per layer, widths ONNX Runtime runs; TensorRT runs INT8 "
+                        "activations only: quantize for it at one width (W8A8, or W4A8)")
     if fastest_form and (max_drop is not None or not config.has_conv_forms):
         raise UserError("fastest_form times ONNX Runtime's CPU kernels for one uniform width: it takes neither "
                         "max_drop nor the tensorrt target (TensorRT times its own kernels when it builds)")
+    if fastest_form and not any(isinstance(m, torch.nn.Conv2d) for m in torch_model.modules()):
+        raise UserError(f"fastest_form chooses which convs run as integer kernels; {type(torch_model).__name__} has "
+                        f"no Conv2d: quantize it without it")
     if fastest_form:
         qmodel, qmodel.conv_form = _fastest_form(torch_model, calib, config)
         if qmodel.conv_form.caveat:

@@ -125,10 +125,11 @@ def quantization_cost(float_model, qmodel, args: tuple, *, output_names: Sequenc
     named = dict(zip(input_names(float_model, len(args)), args))
     mask = named.get("attention_mask")
     mask = mask.bool() if mask is not None and mask.ndim == 2 and bool(((mask == 0) | (mask == 1)).all()) else None
-    source = inputs_source + ("; token outputs on the positions the attention mask keeps" if mask is not None else "")
+    masked = [mask is not None and tuple(ref.shape[:2]) == tuple(mask.shape) for ref in reference]
+    source = inputs_source + ("; token outputs on the positions the attention mask keeps" if any(masked) else "")
     report = ParityReport("float torch", "quantized torch", int(args[0].shape[0]), source)
     for index, (ref, cand) in enumerate(zip(reference, candidate)):
-        if mask is not None and tuple(ref.shape[:2]) == tuple(mask.shape):
+        if masked[index]:
             ref, cand = ref[mask], cand[mask]
         ref, cand = (t.float().numpy() if t.is_floating_point() else t.numpy() for t in (ref, cand))
         name = output_names[index] if index < len(output_names) else f"output_{index}"

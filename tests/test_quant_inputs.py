@@ -115,6 +115,19 @@ def test_cli_quantize_takes_the_export_options(tmp_path, capsys):
     assert "--int8-weights" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
+def test_requests_that_cannot_be_met_are_refused_and_a_mixed_map_reports_its_narrowest_width():
+    """max_drop picks 4 and 6 bit layers, which TensorRT cannot run, and fastest_form chooses
+    among conv forms, which a model without convs lacks: both refused before any work. A
+    map's report gives its narrowest width, as the artifact's precision label does."""
+    with pytest.raises(ep.UserError, match="TensorRT runs INT8 activations only"):
+        ep.quantize("cnn-digits", target="tensorrt", max_drop=0.01)
+    with pytest.raises(ep.UserError, match="has no Conv2d"):
+        ep.quantize(torch.nn.Sequential(torch.nn.Linear(4, 4)).eval(), torch.randn(8, 4), fastest_form=True)
+    qmodel = ep.quantize("cnn-digits", max_drop=0.05)
+    narrowest = min(qmodel.mixed_precision.widths.values())
+    assert qmodel.quant_report.w_bits == qmodel.quant_report.a_bits == narrowest
+
+
 def test_sdk_warns_only_where_tensorrt_cannot_run_the_widths():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

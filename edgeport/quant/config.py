@@ -192,6 +192,12 @@ class QuantConfig:
         TensorRT, which times its own kernels when it builds an engine."""
         return self.target == "onnxruntime"
 
+    @property
+    def runs_every_width(self) -> bool:
+        """Whether the target runs any width a mixed-precision map may choose: ONNX Runtime holds
+        narrower grids in INT8; TensorRT runs INT8 activations only."""
+        return self.target == "onnxruntime"
+
     def layer_bits(self, name: str) -> tuple[int, int]:
         """(input bits, weight bits) of the Linear or Conv2d layer at module path `name`."""
         if name in self.keep_8bit:

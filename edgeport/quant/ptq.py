@@ -431,7 +431,9 @@ def _quantize_matmuls(model: nn.Module, args: tuple[torch.Tensor, ...], act_quan
         graph_module, untraceable = torch.fx.symbolic_trace(model), ""
     except Exception as error:  # tracing runs arbitrary model code; any failure means "not traceable"
         graph_module = None
-        untraceable = f"not traceable by torch.fx ({type(error).__name__}: {str(error).splitlines()[0][:120]})"
+        first = str(error).splitlines()[0]
+        reason = first if len(first) <= 120 else first[:120].rsplit(" ", 1)[0] + " ..."  # cut at a word
+        untraceable = f"not traceable by torch.fx ({type(error).__name__}: {reason})"
     calls_sdpa = graph_module is not None and any(
         node.target is F.scaled_dot_product_attention for node in graph_module.graph.nodes)
     if graph_module is None or calls_sdpa:

@@ -191,7 +191,8 @@ def choose_widths(model: nn.Module, calib, config, max_drop: float,
     drop = loss(reference, _output(qmodel, args))
     sizes = {name: m.inner.weight.numel() for name, m in qmodel.named_modules() if hasattr(m, "inner")}
     weighted = sum(sizes[name] * widths[name] for name in sizes)
-    qmodel.quant_report = report
+    narrowest = min(widths.values())  # the report's widths, like the artifact's precision label, are its narrowest
+    qmodel.quant_report = dataclasses.replace(report, w_bits=narrowest, a_bits=narrowest)
     return qmodel, MixedPrecision(widths, drop, checked if len(folds) > 1 else None,
                                   sum(widths.values()) / len(widths), weighted / sum(sizes.values()),
                                   math.ceil(weighted / 8))
