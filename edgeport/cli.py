@@ -351,8 +351,8 @@ def quantize_command(model, method, w_bits, a_bits, target, calib, calibration, 
                             for name, ms in form["p50_ms"].items())
         console.print(f"conv form: {form['chosen']}, {qmodel.conv_form.speedup_vs_fp32:.2f}x fp32 (median batch-1 "
                       f"latency measured here in ONNX Runtime, each at its faster thread count: {timings})")
-        for name, reason in form["left_out"].items():
-            console.print(f"  {name}: left out, {reason}")
+        for form_name, reason in form["left_out"].items():
+            console.print(f"  {form_name}: left out, {reason}")
     console.print(qmodel.quant_report.summary(), soft_wrap=True, highlight=False, markup=False)
     console.print(_outputs_table("what quantizing cost: the quantized model against the float one",
                                  f"on {against_float.samples} samples ({against_float.inputs_source}); each "
