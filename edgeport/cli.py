@@ -121,24 +121,26 @@ WEIGHTS_HELP = ("Weights (safetensors, or a weights-only state_dict) loaded into
                 "or a zoo model's own replaced.")
 
 
-def _load_inputs(path: str | None, artifact: str | None = None):
+def _load_inputs(path: str | None, artifact=None):
     """Inputs from an .npz file as one batch: one array per model input, in file order where
-    np.savez named them arr_0, arr_1, ...; by name otherwise, matched to `artifact`'s inputs
-    where one is given (a name that is not an input, or an input with no array, is refused)."""
+    np.savez named them arr_0, arr_1, ...; by name otherwise, matched to the inputs of
+    `artifact` (an Artifact, or its path) where one is given (a name that is not an input, or
+    an input with no array, is refused)."""
     if path is None:
         return None
     import torch
 
+    from edgeport.core import Artifact
     from edgeport.export import registry as backends
     from edgeport.load import load_arrays
 
     arrays = load_arrays(path)
     if artifact is not None and not all(re.fullmatch(r"arr_\d+", name) for name in arrays):
-        opened = backends.open_artifact(artifact)
+        opened = artifact if isinstance(artifact, Artifact) else backends.open_artifact(artifact)
         specs = opened.inputs[:1] if opened.settings.get("snn") else opened.inputs  # a step form's states start at rest
         names = [spec.name for spec in specs]
         if set(arrays) != set(names):
-            raise UserError(f"{path} holds arrays {sorted(arrays)}; {Path(artifact).name} takes {names} (name them "
+            raise UserError(f"{path} holds arrays {sorted(arrays)}; {opened.path.name} takes {names} (name them "
                             f"so, or save them unnamed in that order)")
         arrays = {name: arrays[name] for name in names}
     return [tuple(torch.from_numpy(a) for a in arrays.values())]
@@ -460,7 +462,7 @@ def verify_command(artifact, model, weights, inputs, localize, as_json):
 
     art = Artifact.load(artifact)
     with progress(f"verifying {artifact}" + (" and localizing" if localize else "")):
-        art.parity = verify(art, model, _load_inputs(inputs, artifact), weights=weights, localize=localize)
+        art.parity = verify(art, model, _load_inputs(inputs, art), weights=weights, localize=localize)
     found = getattr(art.parity, "localization", [])
     if as_json:
         _emit_json({**art.parity.to_dict(), **({"localization": [f.to_dict() for f in found]} if localize else {})})

@@ -610,7 +610,7 @@ def spike_statistics(model: str | torch.nn.Module, inputs: torch.Tensor | None =
         inputs = zoo.calibration(model, 32)
     if inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
         raise UserError("spike statistics inputs contain NaN or Inf values: firing rates on them mean nothing")
-    _run_reference(torch_model, (inputs,))  # a wrong shape or dtype is named here, not deep in a conv
+    _run_reference(torch_model, (inputs[:1],))  # a wrong shape or dtype is named here, not deep in a conv
     steps = timesteps if timesteps is not None else getattr(torch_model, "timesteps", None)
     if steps is None:
         return measure_spikes(torch_model, inputs)

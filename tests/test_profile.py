@@ -345,15 +345,14 @@ def test_five_recalibrated_host_estimates_agree_within_1_3x(artifacts, tmp_path,
 @pytest.mark.serial
 def test_op_shares_are_medians_stable_and_mapped_to_modules(artifacts):
     feeds = [{"x": ep.zoo.testset("cnn-digits")[0][i:i + 1].numpy()} for i in range(16)]
-    shares = [profile_onnxruntime(artifacts["cnn-digits"].path, feeds, runs=50).by_category() for _ in range(5)]
-    # The ops take 5-20 µs of about 85 and ORT's profiler counts whole µs, and each session
-    # lays out its memory anew, so shares move by a few points between sessions and an odd
-    # session by up to 10 (measured under load: conv 0.58, 0.675, 0.68, 0.68, 0.62): the
-    # sessions' median deviation stays within 3 points, and none strays beyond 15.
+    shares = [profile_onnxruntime(artifacts["cnn-digits"].path, feeds, runs=200).by_category() for _ in range(5)]
+    # The ops take 5-20 µs and ORT's profiler counts whole µs, and each session lays out its
+    # memory anew, so shares move by a few points between sessions; no run may stray far.
+    # 200 runs a session (50 once let one session's conv share stray 9.9 points under load):
+    # each node's median then spans a longer stretch of the machine's phases.
     for category_name in set().union(*shares):
         values = [s.get(category_name, 0.0) for s in shares]
-        deviations = [abs(v - statistics.median(values)) for v in values]
-        assert statistics.median(deviations) <= 0.03 and max(deviations) <= 0.15, f"{category_name}: {values}"
+        assert max(abs(v - statistics.median(values)) for v in values) <= 0.08, f"{category_name}: {values}"
     assert len({max(s, key=s.get) for s in shares}) == 1, f"the largest category changes: {shares}"
     prof = profile_onnxruntime(artifacts["vit-digits"].path, [{"x": f["x"]} for f in feeds], runs=20)
     assert prof.module_coverage() >= 0.9 and not any(op.module == UNMAPPED for op in prof.ops)
