@@ -519,6 +519,33 @@ def test_conv_batchnorm_is_folded():
     assert not any(isinstance(m, nn.BatchNorm2d) for m in qmodel.modules())
 
 
+def test_a_conv_and_norm_run_every_timestep_fold_and_a_norm_that_cannot_is_named():
+    """The spiking zoo net calls each conv and its BatchNorm once per timestep: every call is
+    one of their pairs, so they fold. A norm whose conv output another layer also reads stays,
+    named in the report's float ops."""
+    float_model = ep.zoo.load("snn-digits")
+    images = ep.zoo.testset("snn-digits")[0][:32]
+    qmodel = ep.quantize(float_model, images, method="minmax")
+    assert qmodel.quant_report.batchnorm_folds == ["conv1.0", "conv2.0"]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in qmodel.modules())
+    with torch.no_grad():
+        assert torch.cosine_similarity(qmodel(images).flatten(), float_model(images).flatten(), 0) > 0.99
+
+    class SharedOutput(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.norm, self.head = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Linear(4 * 36, 2)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.head((self.norm(y) + y).flatten(1))
+
+    report = ep.quantize(SharedOutput().eval(), torch.randn(8, 1, 8, 8), method="minmax").quant_report
+    assert report.batchnorm_folds == []
+    assert [line for line in report.float_ops if "BatchNorm2d" in line] == [
+        "norm: BatchNorm2d not folded (it does not read, on every call, a Conv2d output that only it reads)"]
+
+
 def test_quantization_bad_input():
     model = ep.zoo.load("vit-digits")
     with pytest.raises(ep.UserError, match="does not accept calibration data of shape \\[32, 3, 8, 8\\] float32"):

@@ -256,10 +256,12 @@ def _module_path(node: torch.fx.Node) -> str | None:
 @dataclass
 class _Folds:
     """What the captured graph lets fold into the conv or Linear that feeds it: (conv path, norm
-    path) per BatchNorm2d, (layer path, scale module path) per LayerScale-style module, and why
-    nothing could be looked for when the model cannot be captured."""
+    path) per BatchNorm2d, (layer path, scale module path) per LayerScale-style module, the
+    BatchNorm2d modules the graph calls that cannot fold, and why nothing could be looked for
+    when the model cannot be captured."""
 
     batchnorms: list[tuple[str, str]] = field(default_factory=list)
+    unfolded: list[str] = field(default_factory=list)
     scales: list[tuple[str, str]] = field(default_factory=list)
     not_captured: str = ""
 
@@ -270,8 +272,10 @@ def _folds(model: nn.Module, args: tuple[torch.Tensor, ...]) -> _Folds:
     LayerScale2d), applied per channel to a Conv2d's or Linear's output that nothing else reads
     (directly, or through an eval-mode dropout or a BatchNorm2d folded here), found in the graph
     torch.export captures (timm's ConvNormAct, torchvision's resnet keep conv and norm as
-    attributes, not neighbours in an nn.Sequential). A module called more than once (shared
-    weights) is never folded: one call's fold would change the others."""
+    attributes, not neighbours in an nn.Sequential). A conv and its norm called several times
+    fold when every call of each is one of their pairs (a spiking net's conv and norm, run once
+    per timestep); a layer scale called more than once is never folded. Otherwise one call's
+    fold would change the others."""
     try:
         program = torch.export.export(model, args, strict=False)
     except Exception as error:  # capture runs arbitrary model code; any failure means "not capturable"
@@ -286,18 +290,22 @@ def _folds(model: nn.Module, args: tuple[torch.Tensor, ...]) -> _Folds:
             by_module.setdefault(path, []).append(node)
             if node.target in (*_CHANNEL_AXIS, *_BATCH_NORMS):
                 calls[path] = calls.get(path, 0) + 1
+    pairs: dict[tuple[str, str], int] = {}
     for node in graph.nodes:
         if node.op != "call_function" or node.target not in _BATCH_NORMS:
             continue
         conv = node.args[0]
-        if not (isinstance(conv, torch.fx.Node) and conv.target == torch.ops.aten.conv2d.default and len(conv.users) == 1):
-            continue
-        conv_path, norm_path = _module_path(conv), _module_path(node)
-        if calls.get(conv_path) != 1 or calls.get(norm_path) != 1:
+        if isinstance(conv, torch.fx.Node) and conv.target == torch.ops.aten.conv2d.default and len(conv.users) == 1:
+            pair = (_module_path(conv), _module_path(node))
+            pairs[pair] = pairs.get(pair, 0) + 1
+    for (conv_path, norm_path), count in pairs.items():
+        if calls.get(conv_path) != count or calls.get(norm_path) != count:
             continue
         if isinstance(model.get_submodule(conv_path), nn.Conv2d) and _folded_norm(model.get_submodule(norm_path)):
             folds.batchnorms.append((conv_path, norm_path))
     folded_norms = {norm for _, norm in folds.batchnorms}
+    folds.unfolded = [path for path in calls if path not in folded_norms
+                      and isinstance(model.get_submodule(path), nn.BatchNorm2d)]
     parameters = program.graph_signature.inputs_to_parameters
     for node in graph.nodes:
         scale_path = _module_path(node) if node.op == "call_function" and node.target in _MULS else None
@@ -389,6 +397,8 @@ def _fold_into_layers(model: nn.Module, args: tuple[torch.Tensor, ...], report: 
         return  # nothing to fold: spare the capture
     folds = _folds(model, args)
     report.folds_skipped = folds.not_captured
+    report.float_ops += [f"{path}: BatchNorm2d not folded (it does not read, on every call, a Conv2d output that "
+                         f"only it reads)" for path in folds.unfolded]
     for conv_path, norm_path in folds.batchnorms:
         norm = model.get_submodule(norm_path)
         _replace(model, conv_path, fold_batchnorm(model.get_submodule(conv_path), norm))
