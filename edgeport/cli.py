@@ -341,13 +341,7 @@ def quantize_command(model, method, w_bits, a_bits, target, calib, calibration, 
     for row in ranking:
         console.print(f"  {row['sqnr_db']:7.2f} dB  {row['layer']}")
     if mixed:
-        held_out = mixed["held_out_drop"]
-        console.print(f"mixed precision: 1 - cosine {mixed['drop']:.5f} on the calibration data"
-                      f"{'' if held_out is None else f', {held_out:.5f} cross-validated'}; mean "
-                      f"{mixed['mean_bits']:.2f} bits per layer, {mixed['mean_weight_bits']:.2f} per weight "
-                      f"({mixed['weight_bytes']} weight bytes)")
-        for layer, bits in mixed["widths"].items():
-            console.print(f"  {bits} bits  {layer}")
+        console.print(qmodel.mixed_precision.summary(), markup=False)
     if form:
         timings = ", ".join(f"{name} {ms:.3f} ms ({_threads(form['threads'][name])})"
                             for name, ms in form["p50_ms"].items())

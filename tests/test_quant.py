@@ -868,3 +868,6 @@ def test_a_task_metric_replaces_cosine_in_the_budget_and_the_sensitivity_ranking
         assert noise_to_signal(model(images).double().flatten(), qmodel(images).double().flatten()) == pytest.approx(
             choice.drop, abs=1e-9)
     assert all(r.metric is not None for r in qmodel.sensitivity)
+    head, *widths = choice.summary().splitlines()
+    assert head.startswith(f"mixed precision: noise_to_signal {choice.drop:.5f} on the calibration data, ")
+    assert len(widths) == len(choice.widths) and all(line.split()[0] in {"4", "6", "8"} for line in widths)

@@ -467,6 +467,10 @@ def test_spike_statistics_of_the_zoo_snn_and_cnn():
     memory = stats.memory_energy("fp32")
     assert energy["snn_mj"] < memory["snn_mj"] < memory["ann_mj"]  # memory dominates; at its rate the SNN still wins
     assert memory["mean_input_rate"] < memory["break_even_rate"] < 1
+    rates, compute_line, memory_line = stats.summary("fp32").splitlines()
+    assert rates.startswith(f"{stats.samples} samples; firing rates: lif1 ") and "lif3" in rates
+    assert f"SNN {energy['snn_mj'] * 1e3:.4g} uJ against ANN {energy['ann_mj'] * 1e3:.4g} uJ" in compute_line
+    assert f"break-even input rate {memory['break_even_rate']:.1%}" in memory_line
 
 
 def test_multilevel_neuron_rounds_half_up_in_onnx(tmp_path):

@@ -102,7 +102,8 @@ class MixedPrecision:
     loss on each fold of the map calibrated on the others (`held_out_drop`, the figure the
     budget bounds; None where the batch had fewer than HELD_OUT_MIN samples and `drop` was
     bounded instead), the mean width over the layers and over the weights (by parameter
-    count), and the weights' size in bytes."""
+    count), the weights' size in bytes, and what the loss is (`loss_name`: "1 - cosine" or the
+    user's function's name)."""
 
     widths: dict[str, int]
     drop: float
@@ -110,6 +111,16 @@ class MixedPrecision:
     mean_bits: float
     mean_weight_bits: float
     weight_bytes: int
+    loss_name: str = "1 - cosine"
+
+    def summary(self) -> str:
+        """The choice as `edgeport quantize --max-drop` prints it: the losses and mean widths on
+        one line, then each layer's width."""
+        held_out = "" if self.held_out_drop is None else f", {self.held_out_drop:.5f} cross-validated"
+        head = (f"mixed precision: {self.loss_name} {self.drop:.5f} on the calibration data{held_out}; mean "
+                f"{self.mean_bits:.2f} bits per layer, {self.mean_weight_bits:.2f} per weight "
+                f"({self.weight_bytes} weight bytes)")
+        return "\n".join([head, *(f"  {bits} bits  {layer}" for layer, bits in self.widths.items())])
 
 
 def _folds(args: tuple[torch.Tensor, ...]) -> list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]:
@@ -195,4 +206,5 @@ def choose_widths(model: nn.Module, calib, config, max_drop: float,
     qmodel.quant_report = dataclasses.replace(report, w_bits=narrowest, a_bits=narrowest)
     return qmodel, MixedPrecision(widths, drop, checked if len(folds) > 1 else None,
                                   sum(widths.values()) / len(widths), weighted / sum(sizes.values()),
-                                  math.ceil(weighted / 8))
+                                  math.ceil(weighted / 8),
+                                  "1 - cosine" if loss is cosine_drop else getattr(loss, "__name__", "the metric"))

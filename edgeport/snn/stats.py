@@ -151,6 +151,19 @@ class SpikeStats:
                 "break_even_rate": None if break_even is None else max(break_even, 0.0),
                 "precision_preset": precision, "provenance": MEMORY_PROVENANCE}
 
+    def summary(self, precision: str = "fp32") -> str:
+        """Firing rates and the energy per sample at `precision` (a key of ENERGY_45NM_PJ), the
+        SNN beside its ANN, each estimate with its provenance."""
+        compute, memory = self.energy(precision), self.memory_energy(precision)
+        even = "never" if memory["break_even_rate"] is None else f"{memory['break_even_rate']:.1%}"
+        return "\n".join([
+            f"{self.samples} samples; firing rates: "
+            + (", ".join(f"{name} {rate:.3f}" for name, rate in self.neuron_rates.items()) or "no neuron layers found"),
+            f"energy per sample at {precision}: compute only, SNN {compute['snn_mj'] * 1e3:.4g} uJ against "
+            f"ANN {compute['ann_mj'] * 1e3:.4g} uJ ({compute['provenance']})",
+            f"memory-aware, SNN {memory['snn_mj'] * 1e3:.4g} uJ against ANN {memory['ann_mj'] * 1e3:.4g} uJ, "
+            f"break-even input rate {even}, measured {memory['mean_input_rate']:.1%} ({memory['provenance']})"])
+
     def to_dict(self) -> dict:
         return {**asdict(self), "energy": {p: self.energy(p) for p in ENERGY_45NM_PJ},
                 "memory_aware_energy": {p: self.memory_energy(p) for p in ENERGY_45NM_PJ}}
