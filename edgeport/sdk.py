@@ -365,7 +365,9 @@ def export(model: str | torch.nn.Module, example: Example | None = None, targets
             {k: v for k, v in (dynamic_axes or {}).items() if k not in names}
     name = check_artifact_name(name or source.label)
     export_model, notes = torch_model, []
-    settings = {"source": model if isinstance(model, str) else source.label,
+    # a model quantized from a zoo name keeps that name, so that its reports and profiles pair it
+    # with the float model and its test images
+    settings = {"source": model if isinstance(model, str) else getattr(model, "zoo_name", source.label),
                 "example_shapes": [list(a.shape) for a in args]}  # what `verify` re-draws later
     if source.vocabulary and any(not a.is_floating_point() for a in args):
         settings["vocabulary"] = source.vocabulary  # profiling draws token ids below it
@@ -782,7 +784,8 @@ def quantize(model: str | torch.nn.Module, calib: Calibration | None = None, met
     stay at 8 bits; `act_observer` ("minmax", "percentile", "mse", "entropy", "dualclip") overrides the
     method's activation calibration. `config`, a `QuantConfig`, says all of that at once (and
     more) in place of those arguments, which must then keep their defaults. The pipeline's
-    report is the returned module's `quant_report` attribute. `report="sensitivity"` also
+    report is the returned module's `quant_report` attribute; a model given by zoo name keeps the
+    name as its `zoo_name`, which its exports record as their source. `report="sensitivity"` also
     measures each layer quantized alone (`edgeport.quant.sensitivity.layer_sensitivity`:
     output SQNR, least first) into its `sensitivity` attribute; `max_drop` chooses 4, 6 or 8
     bits per layer, the fewest whose 1 - cosine to the float output stays within it on
@@ -845,6 +848,8 @@ def quantize(model: str | torch.nn.Module, calib: Calibration | None = None, met
     else:
         qmodel, qmodel.mixed_precision = choose_widths(torch_model, calib, config, max_drop,
                                                        *((metric,) if metric is not None else ()))
+    if isinstance(model, str) and model in zoo.names():
+        qmodel.zoo_name = model
     if report == "sensitivity":
         qmodel.sensitivity = layer_sensitivity(torch_model, qmodel, calib if isinstance(calib, tuple) else (calib,),
                                                metric)

@@ -513,6 +513,19 @@ def test_tensorrt_mode_export_is_ready_and_default_mode_is_not(tmp_path):
             assert "target='tensorrt'" in warned[0] and "# NOT READY" in script
 
 
+def test_a_quantized_zoo_model_keeps_its_zoo_name_as_the_source(tmp_path):
+    """Its export records the zoo name (not the module's class), so profiling feeds it the
+    zoo's test images and reports pair it with its float model; its file keeps the class name,
+    clear of the float export's."""
+    from edgeport.sdk import profile_feeds
+
+    qmodel = ep.quantize("cnn-digits", method="minmax")
+    artifact = ep.export(qmodel, ep.zoo.example("cnn-digits"), out=tmp_path)["onnx"]
+    assert qmodel.zoo_name == "cnn-digits" and artifact.settings["source"] == "cnn-digits"
+    assert artifact.path.name != "cnn-digits.onnx"
+    assert profile_feeds(artifact, None)[1] == "cnn-digits test images"
+
+
 def test_conv_batchnorm_is_folded():
     qmodel = ep.quantize("cnn-digits", method="minmax")
     assert len(qmodel.quant_report.batchnorm_folds) == 4
