@@ -933,6 +933,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(ENVIRONMENT_PROBLEMS[0])
         with warnings.catch_warnings():
             warnings.simplefilter("always", EdgeportWarning)
+            # torch's own pytree deprecation, raised inside torch when an exported program is
+            # copied (verify --localize): nothing a user of the CLI can act on
+            warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
             warnings.showwarning = _show_warning
             cli.main(args=args, prog_name="edgeport", standalone_mode=False)
     except click.exceptions.Exit as done:

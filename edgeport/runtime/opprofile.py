@@ -327,9 +327,14 @@ def _torch_module(event) -> str:
 def profile_torch(model, input_names: list[str], feeds: list[dict[str, np.ndarray]], runs: int = 50) -> OpProfile:
     """Run a torch model `runs` times (after TORCH_WARMUP_RUNS) under torch.profiler and aggregate
     self CPU time per aten op and module: median µs per run."""
+    import os
+
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
+    # Kineto prints its start and stop lines from C++ unless its log level is above 5; the
+    # user's own setting wins
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     args = [[torch.from_numpy(f[n]) for n in input_names] for f in feeds]
     handles = _module_scopes(model)
     try:
