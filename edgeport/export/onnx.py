@@ -116,13 +116,15 @@ def _finalize(path: Path, metadata: dict[str, str], onnxruntime_form: bool,
 
     Returns the default-domain opset and the names of every file the model occupies.
     """
-    from edgeport.quant.qdq import fold_weight_quantization, integer_matmuls, requantized_gemms, unsigned_weights
+    from edgeport.quant.qdq import (code_domain_convs, fold_weight_quantization, integer_matmuls, requantized_gemms,
+                                    unsigned_weights)
 
     model = onnx.load(str(path))
     if fold_weight_quantization(model) and onnxruntime_form:
         gemms = requantized_gemms(model)
         metadata = metadata | {"edgeport.quantized_matmuls": f"{integer_matmuls(model)} as MatMulInteger, "
-                                                             f"{gemms} as re-quantizing Gemm"}
+                                                             f"{gemms} as re-quantizing Gemm, "
+                                                             f"{code_domain_convs(model)} convs on codes"}
         if unsigned:
             metadata = metadata | {"edgeport.int8_weights": f"{unsigned_weights(model)} as uint8 (zero point 128)"}
     if onnxruntime_form and keep_residual_norms_apart(model.graph):

@@ -168,7 +168,8 @@ def requantized_gemms(model: onnx.ModelProto) -> int:
     across a reshape, transpose or gather is exact. The bias is stored as int32 codes at scale
     sa * sw, as QGemm takes it, so it is rounded to within half of that step (at most 0.0019
     of the output's quantization step on MiniLM's 18, 0.00025 on the ViT-S stack's); a Linear
-    whose bound passes MAX_BIAS_ROUNDING (coarse grids) is left to `integer_matmuls`. Returns
+    whose bound passes MAX_BIAS_ROUNDING (coarse grids), or whose input is narrower than 8 bits
+    (its fake-quant model sums the codes, see `integer_matmuls`), is left to `integer_matmuls`. Returns
     how many Gemms were written; run it before `integer_matmuls`, which takes the other matmuls."""
     graph = model.graph
     constants = Constants(graph)
@@ -279,7 +280,8 @@ def requantized_gemms(model: onnx.ModelProto) -> int:
         a, b = (dequantize(node.input[0], False), dequantize(node.input[1], True)) if node.op_type == "MatMul" else (None, None)
         add = only_reader(node.output[0]) if a is not None and b is not None else None
         bias = next((i for i in add.input if i != node.output[0]), None) if add is not None and add.op_type == "Add" else None
-        if bias not in constants or constants[a.input[1]].size != 1 or np.any(constants[b.input[2]]):
+        if bias not in constants or constants[a.input[1]].size != 1 or np.any(constants[b.input[2]]) \
+                or _narrower(a, producer):
             nodes.append(node)
             continue
         k, n = constants.shape(b.input[0])
@@ -364,8 +366,11 @@ def integer_matmuls(model: onnx.ModelProto) -> int:
     -> Add becomes MatMulInteger -> Cast -> Mul(scale) -> Add. Standard ONNX ops, the same
     arithmetic, and the form from which ONNX Runtime folds the scaling and the bias into its
     integer kernel (MatMulIntegerToFloat with bias); from DQ -> MatMul it makes the kernel
-    without them, leaving a float Mul or Add per layer to run after it. A matmul whose result
-    is re-quantized directly keeps its QDQ form (the runtime makes that QLinearMatMul).
+    without them, leaving a float Mul or Add per layer to run after it. An 8-bit matmul whose
+    result is re-quantized directly keeps its QDQ form (the runtime makes that QLinearMatMul).
+    Every matmul with an operand narrower than 8 bits is rewritten, its constant factor left a
+    Mul of its own: the integer sum times sa * sb, as the fake-quant model computes it (see
+    `edgeport.quant.ptq.on_integer_codes`).
 
     The scale is written as Mul(1, sa * sb) with the 1 coming out of DequantizeLinear: the
     runtime's fusion looks for that Mul node, and its constant folding, which would fold a
@@ -394,7 +399,6 @@ def integer_matmuls(model: onnx.ModelProto) -> int:
         other = next((i for i in users[0].input if i != name), None)
         return (users[0], other) if other in constants else (None, None)
 
-    unit = "edgeport_unit_scale"
     rewritten, removed, nodes = 0, set(), []
     for node in graph.node:
         a, b = ((_dequantizer(name, producer, constants) for name in node.input[:2]) if node.op_type == "MatMul"
@@ -402,34 +406,105 @@ def integer_matmuls(model: onnx.ModelProto) -> int:
         if a is None or b is None or constants[a.input[1]].size != 1 or not per_output_column(b):
             nodes.append(node)
             continue
+        narrower = _narrower(a, producer) or _narrower(b, producer)
         mul, factor = follower(node.output[0], "Mul")
-        if mul is not None and constants[factor].size != 1:
-            mul = None
+        if mul is not None and (constants[factor].size != 1 or narrower):
+            mul = None  # below 8 bits the fake-quant model scales the sum, then multiplies by the factor
         add, bias = follower((mul or node).output[0], "Add")
-        if mul is None and add is None:
+        if mul is None and add is None and not narrower:
             nodes.append(node)
             continue
         rewritten += 1
-        out = (add or mul).output[0]
+        out = (add or mul or node).output[0]
         scale = constants[a.input[1]].astype(np.float32).reshape(()) * constants[b.input[1]].astype(np.float32)
         if mul is not None:
             scale = scale * constants[factor].astype(np.float32).reshape(())
         graph.initializer.append(numpy_helper.from_array(scale, f"{out}_int_scale"))
         nodes += [helper.make_node("MatMulInteger", [a.input[0], b.input[0], a.input[2], b.input[2]], [f"{out}_int"]),
                   helper.make_node("Cast", [f"{out}_int"], [f"{out}_acc"], to=onnx.TensorProto.FLOAT),
-                  helper.make_node("Mul", [unit, f"{out}_int_scale"], [f"{out}_scale"]),
+                  helper.make_node("Mul", [UNIT, f"{out}_int_scale"], [f"{out}_scale"]),
                   helper.make_node("Mul", [f"{out}_acc", f"{out}_scale"], [f"{out}_scaled" if add else out])]
         if add is not None:
             nodes.append(helper.make_node("Add", [f"{out}_scaled", bias], [out]))
         removed |= {id(n) for n in (mul, add) if n is not None}
     if not rewritten:
         return 0
-    graph.initializer.extend([numpy_helper.from_array(np.array(1, np.int8), f"{unit}_code"),
-                              numpy_helper.from_array(np.array(1, np.float32), f"{unit}_one")])
-    nodes[:0] = [helper.make_node("DequantizeLinear", [f"{unit}_code", f"{unit}_one"], [f"{unit}_dq"]),
-                 helper.make_node("Abs", [f"{unit}_dq"], [unit])]
+    nodes[:0] = _unit_nodes(graph)
     del graph.node[:]
     graph.node.extend(n for n in nodes if id(n) not in removed)
+    drop_unused(graph)
+    return rewritten
+
+
+UNIT = "edgeport_unit_scale"  # a 1.0 the runtime computes: see `integer_matmuls`
+
+
+def _unit_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The nodes that compute UNIT (DequantizeLinear of the code 1 at scale 1, then Abs) with
+    their initializers added, or none where the graph has them already; `{UNIT}_one` is the
+    constant 1.0 among those initializers."""
+    if any(UNIT in node.output for node in graph.node):
+        return []
+    graph.initializer.extend([numpy_helper.from_array(np.array(1, np.int8), f"{UNIT}_code"),
+                              numpy_helper.from_array(np.array(1, np.float32), f"{UNIT}_one")])
+    return [helper.make_node("DequantizeLinear", [f"{UNIT}_code", f"{UNIT}_one"], [f"{UNIT}_dq"]),
+            helper.make_node("Abs", [f"{UNIT}_dq"], [UNIT])]
+
+
+def _narrower(dq: onnx.NodeProto, producer: dict[str, onnx.NodeProto]) -> bool:
+    """Whether DequantizeLinear `dq` reads activation codes narrower than 8 bits: the Clip to
+    the narrower range that `_qdq` writes after QuantizeLinear."""
+    source = producer.get(dq.input[0])
+    return source is not None and source.op_type == "Clip"
+
+
+def code_domain_convs(model: onnx.ModelProto) -> int:
+    """Rewrite each conv whose input codes are narrower than 8 bits, DQ(x) * DQ(W) -> Conv(bias),
+    as Conv(DQ(x, 1), DQ(W, 1)) -> Mul(sx * sw) -> Add(bias): the float conv of the integer codes
+    themselves, whose sums are exact in float32 in any order, scaled after, as the fake-quant
+    model computes it (`edgeport.quant.ptq.on_integer_codes`). ONNX Runtime runs such convs in
+    float either way; summing dequantized values in its order rather than torch's moved the
+    next quantizer's codes. The scale is written as Mul(1, s) with the 1 from a
+    DequantizeLinear, as in `integer_matmuls`, so that the runtime does not fold it back into
+    the weights. Returns how many convs were rewritten."""
+    graph = model.graph
+    constants = Constants(graph)
+    producer = producers(graph)
+    rewritten, nodes = 0, []
+    for node in graph.node:
+        x, w = ((_dequantizer(name, producer, constants) for name in node.input[:2]) if node.op_type == "Conv"
+                else (None, None))
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        if x is None or w is None or w.input[0] not in constants or constants[x.input[1]].size != 1 \
+                or not _narrower(x, producer) or (bias is not None and bias not in constants):
+            nodes.append(node)
+            continue
+        weight_scale = constants[w.input[1]].astype(np.float32)
+        if weight_scale.size > 1 and attribute_value(w, "axis", 1) % 4 != 0:  # per output channel only
+            nodes.append(node)
+            continue
+        rewritten += 1
+        out, channels = node.output[0], constants.shape(w.input[0])[0]
+        scale = constants[x.input[1]].astype(np.float32).reshape(()) * weight_scale
+        graph.initializer.extend([
+            numpy_helper.from_array(np.ones(weight_scale.shape, np.float32), f"{out}_unit_w"),
+            numpy_helper.from_array(np.broadcast_to(scale.reshape(-1, 1, 1), (channels, 1, 1)).copy(), f"{out}_code_scale")])
+        nodes += [helper.make_node("DequantizeLinear", [x.input[0], f"{UNIT}_one", x.input[2]], [f"{out}_x_codes"]),
+                  helper.make_node("DequantizeLinear", [w.input[0], f"{out}_unit_w", w.input[2]], [f"{out}_w_codes"],
+                                   **({} if weight_scale.ndim == 0 else {"axis": 0})),
+                  helper.make_node("Conv", [f"{out}_x_codes", f"{out}_w_codes"], [f"{out}_sum"], name=node.name,
+                                   **{a.name: helper.get_attribute_value(a) for a in node.attribute}),
+                  helper.make_node("Mul", [UNIT, f"{out}_code_scale"], [f"{out}_scale"]),
+                  helper.make_node("Mul", [f"{out}_sum", f"{out}_scale"], [out if bias is None else f"{out}_scaled"])]
+        if bias is not None:
+            graph.initializer.append(numpy_helper.from_array(
+                constants[bias].astype(np.float32).reshape(-1, 1, 1), f"{out}_bias"))
+            nodes.append(helper.make_node("Add", [f"{out}_scaled", f"{out}_bias"], [out]))
+    if not rewritten:
+        return 0
+    nodes[:0] = _unit_nodes(graph)
+    del graph.node[:]
+    graph.node.extend(nodes)
     drop_unused(graph)
     return rewritten
 

@@ -118,6 +118,11 @@ class UniformQuantizer(nn.Module):
         scale, zero = self._view(self.scale, x), self._view(self.zero_point, x)
         return torch.clamp(torch.round(x / scale) + zero, self.qmin, self.qmax)
 
+    def centered_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The integers x stands for once quantized (codes less the zero point, as floats): its
+        fake-quantized value is these times the scale."""
+        return self.codes(x) - self._view(self.zero_point, x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fitted and self.observer is not None:
             self.fit(x)
