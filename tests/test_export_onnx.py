@@ -42,6 +42,24 @@ def test_dynamic_batch_runs_any_batch(out):
     assert logits.shape == (5, 10) and np.abs(logits - expected).max() < 1e-4 * np.abs(expected).max()
 
 
+def test_a_dynamic_axis_the_model_fixes_is_refused_by_name(out, capfd):
+    """A learned 16x16 position map fixes height and width: torch.export says so, and the
+    legacy exporter, which would write them symbolic anyway (a file that passes at 16x16 and
+    fails at every other size), is not tried."""
+    class PositionMap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.position = nn.Conv2d(3, 4, 3, padding=1), nn.Parameter(torch.randn(1, 4, 16, 16))
+
+        def forward(self, x):
+            return (self.conv(x) + self.position).mean((2, 3))
+
+    with pytest.raises(ep.UserError, match=r"fixes the size of a dynamic axis: x axis 2 is always 16, x axis 3 is "
+                                           r"always 16"):
+        ep.export(PositionMap().eval(), torch.randn(1, 3, 16, 16), out=out, dynamic_axes={"x": {2: "h", 3: "w"}})
+    assert leftovers(out) == [] and capfd.readouterr().out == ""
+
+
 def test_opset_below_18_takes_the_legacy_exporter(out):
     artifact = ep.export("cnn-digits", out=out, opset=17)["onnx"]
     assert artifact.exporter == "legacy-torchscript" and artifact.opset == 17

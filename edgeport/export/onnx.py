@@ -12,7 +12,9 @@ import contextlib
 import gc
 import io
 import logging
+import os
 import re
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,17 +45,25 @@ _ONNX_DTYPES = {v: np.dtype(k).name for k, v in {
 
 @contextlib.contextmanager
 def quiet():
-    """Silence the exporters' progress prints, deprecation warnings and log noise."""
+    """Silence the exporters' progress prints, deprecation warnings and log noise, and what
+    their C++ parts print on the process's stdout (the legacy exporter's "Torch IR graph at
+    exception" dump: stdout carries results and --json)."""
     loggers = [logging.getLogger(n) for n in ("torch", "onnxscript", "onnx_ir", "torch.onnx")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
+    sys.stdout.flush()
+    saved, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
                 contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(null)
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
 
@@ -230,10 +240,15 @@ def export_onnx(model: torch.nn.Module, args: tuple[torch.Tensor, ...], folder: 
                                                    unsigned_weights)
                 _loads_in_onnxruntime(path)
         except Exception as error:  # each exporter raises its own zoo of types
-            failures[route] = error
-            notes.append(f"{route} failed: {summarize_error(error)}")
             for leftover in folder.glob(path.name + "*"):
                 leftover.unlink()
+            if route == "torch.export" and dynamic_axes and FIXED_AXIS.search(str(error)):
+                # the legacy exporter would write the axis symbolic all the same: a file that
+                # passes at the example's size and fails at every other
+                raise UserError(f"the model fixes the size of a dynamic axis: {_fixed_axes(error, dynamic_axes)} "
+                                f"(found by torch.export); export without a dynamic axis there") from error
+            failures[route] = error
+            notes.append(f"{route} failed: {summarize_error(error)}")
             continue
         proto = onnx.load(str(path), load_external_data=False)
         return Artifact(
@@ -243,6 +258,22 @@ def export_onnx(model: torch.nn.Module, args: tuple[torch.Tensor, ...], folder: 
             settings={"opset_requested": opset, "dynamic_axes": dynamic_axes or {}, "exporter_requested": exporter,
                       "external_data": len(files) > 1})
     raise ExportError(diagnose(model, args, failures))
+
+
+# how torch.export says that the model's code pins a size the caller declared dynamic
+FIXED_AXIS = re.compile(r"Constraints violated|conflicts? between user-specified ranges and inferred ranges|"
+                        r"specialized to be a constant|not all values of .* in the specified range", re.S)
+
+
+def _fixed_axes(error: BaseException, dynamic_axes: dict[str, dict[int, str]]) -> str:
+    """Which axes torch.export found static, from its message ("x axis 2 is always 16"), or the
+    dynamic axes asked for and its first line where it names none."""
+    pinned = re.findall(r"static shape of (\d+) for dimension inputs\['(\w+)'\]\.shape\[(\d+)\]", str(error))
+    if pinned:
+        return ", ".join(f"{name} axis {axis} is always {size}" for size, name, axis in pinned)
+    asked = ", ".join(f"{name} axis {axis} ({symbol})" for name, axes in dynamic_axes.items()
+                      for axis, symbol in axes.items())
+    return f"one of {asked}: {summarize_error(error)}"
 
 
 def summarize_error(error: BaseException) -> str:
