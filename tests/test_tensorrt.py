@@ -86,8 +86,13 @@ def test_tensorrt_target_writes_readiness_and_trtexec(tmp_path):
     artifact = ep.export("cnn-digits", targets=["tensorrt"], out=tmp_path, dynamic_batch=True)["tensorrt"]
     settings = artifact.settings["tensorrt"]
     assert settings["readiness"]["ready"] and artifact.parity.passed
-    command = (tmp_path / "cnn-digits-tensorrt.trtexec.sh").read_text()
+    script = tmp_path / "cnn-digits-tensorrt.trtexec.sh"
+    command = script.read_text()
     assert "--onnx=cnn-digits-tensorrt.onnx" in command and "--minShapes=x:1x1x8x8" in command and "--maxShapes=x:8x1x8x8" in command
+    assert 'cd "$(dirname "$0")"' in command and script.stat().st_mode & 0o111 and settings["precision"] == "fp16"
+    with pytest.raises(ep.UserError, match="int8 needs a quantized model"):  # no implicit INT8 calibration
+        ep.export("cnn-digits", targets=["tensorrt"], out=tmp_path / "int8", tensorrt_precision="int8")
+    assert not (tmp_path / "int8").exists() or not any((tmp_path / "int8").iterdir())
     try:
         tensorrt_module()
     except ep.BackendUnavailable as unavailable:
@@ -103,3 +108,18 @@ def test_tensorrt_target_writes_readiness_and_trtexec(tmp_path):
 def test_engine_builds_and_verifies(tmp_path):
     artifact = ep.export("cnn-digits", targets=["tensorrt"], out=tmp_path)["tensorrt"]
     assert artifact.format == "tensorrt" and artifact.path.suffix == ".engine" and artifact.parity.passed
+
+
+def test_operators_the_parser_does_not_implement_make_a_file_not_ready(tmp_path):
+    """The TensorRT 10.0 support matrix's "N" operators, an audio front end's STFT and a bitwise
+    mask among them, are violations; RandomNormal, which 10.0 implements, is not."""
+    for op, inputs, ready in (("BitwiseAnd", ["a", "a"], False), ("RandomNormalLike", ["a"], True)):
+        node = helper.make_node(op, inputs, ["y"])
+        dtype = TensorProto.INT32 if op.startswith("Bitwise") else TensorProto.FLOAT
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("a", dtype, [4])],
+                                  [helper.make_tensor_value_info("y", dtype, [4])])
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / f"{op}.onnx")
+        readiness = check_readiness(tmp_path / f"{op}.onnx")
+        assert readiness.ready == ready
+        if not ready:
+            assert readiness.violations[0].rule == "operator" and "TensorRT 10.0" in readiness.violations[0].message

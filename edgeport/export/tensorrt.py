@@ -29,11 +29,14 @@ from edgeport.export.onnxgraph import Constants, attribute_value, consumers, pro
 # From onnx-tensorrt's docs/operators.md (the parser's support matrix); operators listed there
 # as unsupported that later releases still do not implement.
 UNSUPPORTED_OPS = {
-    "BitShift", "ConcatFromSequence", "ConvInteger", "Det", "DynamicQuantizeLinear", "MatMulInteger", "MaxRoiPool",
-    "MaxUnpool", "Multinomial", "NegativeLogLikelihoodLoss", "QLinearConv", "QLinearMatMul", "RandomNormal",
-    "RandomNormalLike", "SequenceAt", "SequenceConstruct", "SequenceEmpty", "SequenceErase", "SequenceInsert",
-    "SequenceLength", "SoftmaxCrossEntropyLoss", "SplitToSequence", "StringNormalizer", "TfIdfVectorizer", "Unique"}
-OPS_SOURCE = "onnx-tensorrt docs/operators.md support matrix"
+    "AffineGrid", "Bernoulli", "BitShift", "BitwiseAnd", "BitwiseNot", "BitwiseOr", "BitwiseXor", "BlackmanWindow",
+    "CenterCropPad", "Col2Im", "Compress", "ConcatFromSequence", "ConvInteger", "DFT", "Det", "DynamicQuantizeLinear",
+    "HammingWindow", "HannWindow", "ImageDecoder", "MatMulInteger", "MaxRoiPool", "MaxUnpool", "MelWeightMatrix",
+    "Multinomial", "NegativeLogLikelihoodLoss", "Optional", "OptionalGetElement", "OptionalHasElement", "QLinearConv",
+    "QLinearMatMul", "RegexFullMatch", "STFT", "SequenceAt", "SequenceConstruct", "SequenceEmpty", "SequenceErase",
+    "SequenceInsert", "SequenceLength", "SequenceMap", "SoftmaxCrossEntropyLoss", "SplitToSequence", "StringConcat",
+    "StringNormalizer", "StringSplit", "TfIdfVectorizer", "Unique"}
+OPS_SOURCE = "onnx-tensorrt docs/operators.md support matrix, TensorRT 10.0"
 INSTALL = ("install TensorRT from NVIDIA's package index (pip install tensorrt) on a machine with an NVIDIA GPU, "
            "or run the trtexec command written beside the ONNX file on the device")
 
@@ -220,6 +223,19 @@ def trtexec_command(onnx_path: Path, readiness: Readiness, precision: str = "fp1
     return " ".join(shlex.quote(a) for a in args)
 
 
+def write_trtexec_script(path: Path, command: str, readiness: Readiness) -> None:
+    """An executable shell script that runs `command` from its own folder (the command names
+    the ONNX file relatively); for a model that is not ready, it stops with the reason unless
+    EDGEPORT_FORCE=1."""
+    guard = "" if readiness.ready else (
+        f'if [ "$EDGEPORT_FORCE" != 1 ]; then\n'
+        f'  echo "NOT READY: {len(readiness.violations)} violation(s) TensorRT will refuse or compute differently; '
+        f'see the sidecar\'s tensorrt.readiness (EDGEPORT_FORCE=1 builds anyway)" >&2\n  exit 1\nfi\n')
+    path.write_text(f'#!/bin/sh\n# Build the TensorRT engine on the device (written by edgeport)\n'
+                    f'cd "$(dirname "$0")" || exit 1\n{guard}{command}\n')
+    path.chmod(0o755)
+
+
 def tensorrt_module():
     """The `tensorrt` package, or `BackendUnavailable` saying how to get it."""
     try:
@@ -345,14 +361,17 @@ class TensorRTBackend(Backend):
                                     names=request.input_names, output_names=request.output_names,
                                     onnxruntime_form=False)
         readiness = check_readiness(onnx_artifact.path)
+        if options.precision == "int8" and not readiness.quantized:
+            raise UserError("TensorRT int8 needs a quantized model (its Q/DQ scales); TensorRT's implicit INT8 "
+                            "calibration is not what edgeport writes: quantize first with target='tensorrt' "
+                            "(edgeport quantize --target tensorrt), or build fp16")
         shapes = profile_shapes(onnx_artifact, request.args)
         command = trtexec_command(onnx_artifact.path, readiness, options.precision, shapes)
         script = onnx_artifact.path.with_suffix(".trtexec.sh")
-        unready = "" if readiness.ready else (f"# NOT READY: {len(readiness.violations)} violation(s) TensorRT will "
-                                              f"refuse or compute differently; see the sidecar's tensorrt.readiness\n")
-        script.write_text(f"#!/bin/sh\n# Build the TensorRT engine on the device (written by edgeport)\n{unready}{command}\n")
+        write_trtexec_script(script, command, readiness)
         onnx_artifact.files.insert(0, script.name)
-        onnx_artifact.settings["tensorrt"] = {"readiness": readiness.to_dict(), "trtexec": command, "profiles": shapes}
+        onnx_artifact.settings["tensorrt"] = {"readiness": readiness.to_dict(), "trtexec": command, "profiles": shapes,
+                                              "precision": "int8" if readiness.quantized else options.precision}
         if not readiness.ready:
             onnx_artifact.notes.append(readiness.summary())
             first = readiness.violations[0]
