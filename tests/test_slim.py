@@ -86,6 +86,26 @@ def test_vit_mlp_units_and_attention_heads():
         assert max_rel(model(images), slimmed(images)) <= 1e-5
 
 
+def test_timm_vit_attention_heads_are_removed_or_kept_with_the_reason():
+    """timm's Attention reshapes its heads' output to `attn_dim`: it shrinks with the heads. With
+    scale_attn_norm a LayerNorm over every head's output follows them, and the heads stay."""
+    from real_models import timm
+
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for scale_norm, removed in ((False, 2), (True, 0)):
+        torch.manual_seed(0)
+        model = timm().create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2,
+                                    num_classes=10, scale_attn_norm=scale_norm).eval()
+        for block in model.blocks:
+            prune.custom_from_mask(block.attn.qkv, "weight", (torch.arange(576) // 64 != 6)[:, None].float().expand(576, 192))
+            prune.custom_from_mask(block.attn.qkv, "bias", (torch.arange(576) // 64 != 6).float())
+        slimmed, report = slim(model, images[:1])
+        assert sum(report.removed.values()) == removed
+        assert bool(report.kept) == scale_norm and (not scale_norm or "scale_norm" in report.kept[0])
+        with torch.no_grad():
+            assert max_rel(model(images), slimmed(images)) <= 1e-5
+
+
 @pytest.mark.parametrize("bias, removable", [(-5.0, True), (5.0, False)])
 def test_depthwise_passes_only_zero_channels(bias, removable):
     torch.manual_seed(0)

@@ -236,12 +236,16 @@ def _batch_norm(analysis: _Analysis, node: fx.Node, inp: _Info | None) -> _Info 
     if inp is None:
         return None
     m = analysis.module(node)
+    if m.running_mean is None:  # normalizes by each batch's own statistics: no constant map
+        return None
     analysis.link(node, node.args[0])
     with torch.no_grad():
         const = torch.tensor(list(inp.const.values()), dtype=torch.float32)
         index = torch.tensor(list(inp.const.keys()), dtype=torch.long)
-        out = (const - m.running_mean[index]) / torch.sqrt(m.running_var[index] + m.eps) * m.weight[index] \
-            + m.bias[index] if inp.const else const
+        out = (const - m.running_mean[index]) / torch.sqrt(m.running_var[index] + m.eps)
+        if m.weight is not None:  # affine=False: normalization alone
+            out = out * m.weight[index] + m.bias[index]
+        out = out if inp.const else const
     return _Info(dict(zip(inp.const, map(float, out))), inp.axis)
 
 
@@ -491,12 +495,20 @@ def _remove_heads(model: nn.Module, report: SlimReport) -> None:
         dead = [h for h in range(heads) if bool((w[2, h] == 0).all()) and bool((b[2, h] == 0).all())]
         if not dead or len(dead) == heads:
             continue
+        if not isinstance(getattr(m, "norm", nn.Identity()), nn.Identity):
+            report.kept.append(f"{len(dead)} zero head(s) of {name}: a norm over every head's output (timm's "
+                               f"scale_norm) follows them, and their zeros count in its statistics")
+            continue
         keep = [h for h in range(heads) if h not in dead]
         rows = torch.tensor([part * dim + h * head_dim + i for part in range(3) for h in keep for i in range(head_dim)])
         cols = torch.tensor([h * head_dim + i for h in keep for i in range(head_dim)])
         m.qkv = _linear_subset(m.qkv, rows=rows)
         m.proj = _linear_subset(m.proj, cols=cols)
+        if isinstance(getattr(m, "gate", None), nn.Linear):  # timm's gated attention: one gate per output channel
+            m.gate = _linear_subset(m.gate, rows=cols)
         setattr(m, heads_attr, len(keep))  # the softmax scale stays that of the (unchanged) head size
+        if isinstance(getattr(m, "attn_dim", None), int):  # timm reshapes the heads' output to it
+            m.attn_dim = len(keep) * head_dim
         report.removed[name] = len(dead)
 
 
