@@ -190,6 +190,7 @@ class StreamingRunner(Runner):
 
     def load(self) -> "StreamingRunner":
         self.runner.load()
+        self.name = f"{self.runner.name}-streaming"
         self.input_names = self.runner.input_names[:1]
         self.output_names = list(self.snn["outputs"])
         return self.reset()
@@ -232,6 +233,7 @@ class UnrolledSteps(Runner):
 
     def load(self) -> "UnrolledSteps":
         self.streaming.load()
+        self.name = self.streaming.runner.name  # a runner may name itself fully once loaded (its precision)
         self.input_names = ["x"]
         self.output_names = [*self.streaming.output_names, *self.streaming.snn["state_outputs"]]
         return self
