@@ -375,6 +375,11 @@ def export(model: str | torch.nn.Module, example: Example | None = None, targets
         from edgeport.transforms.slim import slim as make_slim
 
         export_model, slim_report = make_slim(torch_model, args)
+        spatial = sorted({f"{name} axis {axis}" for name, axes in (dynamic_axes or {}).items() for axis in axes if axis})
+        if slim_report.fixed_size and spatial:
+            raise UserError(f"slimming fixed the model to the example's height and width ({len(slim_report.fixed_size)} "
+                            f"conv(s) add a constant map of that size, e.g. {slim_report.fixed_size[0]}), so "
+                            f"{', '.join(spatial)} cannot be dynamic: export without those dynamic axes, or without slim")
         settings["slim"] = dict(slim_report.__dict__)
         notes.append(slim_report.summary())
     form = None

@@ -47,9 +47,12 @@ def test_residual_network_slims_to_the_same_function(tmp_path):
     with torch.no_grad():
         assert max_rel(model(IMAGES), slimmed(IMAGES)) <= 1e-5
     assert any(isinstance(m, BiasMap) for m in slimmed.modules())  # constants through zero padding, folded exactly
+    assert report.fixed_size and "fixed to the example's height and width" in report.summary()
     artifact = ep.export(model, IMAGES[:1], out=tmp_path, slim=True, verify_inputs=[IMAGES[i:i + 1] for i in range(4)])
     art = artifact["onnx"]
     assert art.parity.passed and art.settings["slim"]["macs_after"] == report.macs_after
+    with pytest.raises(ep.UserError, match="cannot be dynamic"):  # its file would fail at every other size
+        ep.export(model, IMAGES[:1], out=tmp_path / "hw", slim=True, dynamic_axes={"x": {0: "batch", 2: "h", 3: "w"}})
 
 
 def test_inconsistent_residual_mask_keeps_the_model_and_says_why():

@@ -90,6 +90,7 @@ class SlimReport:
     params_after: int = 0
     sparsity: dict = field(default_factory=dict)
     max_rel_error: float = 0.0  # slimmed vs pruned on the example, relative to the output scale
+    fixed_size: list[str] = field(default_factory=list)  # convs given a BiasMap: the example's height and width only
 
     @property
     def changed(self) -> bool:
@@ -102,7 +103,11 @@ class SlimReport:
             head = (f"removed {sum(self.removed.values())} channels/heads from {len(self.removed)} layers: "
                     f"MACs {self.macs_before:,} -> {self.macs_after:,} ({self.macs_after / self.macs_before:.1%}), "
                     f"parameters {self.params_before:,} -> {self.params_after:,}")
-        return "\n".join([head, *(f"kept: {reason}" for reason in self.kept)])
+        fixed = ([f"fixed to the example's height and width: {len(self.fixed_size)} conv(s) add what removed "
+                  f"constant channels gave through zero padding, a map of that size (BiasMap): "
+                  f"{', '.join(self.fixed_size[:3])}{' ...' if len(self.fixed_size) > 3 else ''}"]
+                 if self.fixed_size else [])
+        return "\n".join([head, *fixed, *(f"kept: {reason}" for reason in self.kept)])
 
 
 class BiasMap(nn.Module):
@@ -410,6 +415,7 @@ def slim(model: nn.Module, example: torch.Tensor | tuple) -> tuple[nn.Module, Sl
                           f"scale on the example (a bug: please report it with the model)")
     report.macs_after = count_macs(baked, args)
     report.params_after = sum(p.numel() for p in baked.parameters())
+    report.fixed_size = [name for name, module in baked.named_modules() if isinstance(module, BiasMap)]
     return baked, report
 
 
