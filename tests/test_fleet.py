@@ -140,6 +140,28 @@ def test_bad_sweeps_fail_in_one_line_before_any_job(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_exports_fail_with_the_reason_where_every_cpu_is_held_by_an_agent():
+    """The README's setup before it had an export node (the head and a worker, each a device
+    with one CPU) waited forever: each agent holds its node's CPU and no export could start.
+    The executor counts the CPUs agents leave free, and says what to do where none are (the
+    nodes as Ray reports them, read from these records instead of a live cluster)."""
+    from edgeport.fleet.cluster import Node, RayExecutor, _Agent
+    from edgeport.fleet.plan import EXPORT_ROW
+
+    def executor(head_cpus: float) -> RayExecutor:
+        made = object.__new__(RayExecutor)
+        made._nodes = [Node("a", "127.0.0.1", "jetson", True, True, {"jetson-orin-nano": 1}, head_cpus, 0, 100),
+                       Node("b", "127.0.0.2", "pi", True, False, {"raspberry-pi-5": 1}, 1, 0, 100)]
+        made._refreshed, made._exports_apart = time.monotonic(), False
+        made._agents = [_Agent("jetson-orin-nano", "a", None), _Agent("raspberry-pi-5", "b", None)]
+        return made
+
+    assert executor(head_cpus=2).capacity(EXPORT_ROW) == 1
+    held = executor(head_cpus=1)
+    assert held.capacity(EXPORT_ROW) == 0
+    assert "join a node without --device" in held.lost({EXPORT_ROW})[EXPORT_ROW]
+
+
 def test_a_missing_ray_names_the_extra(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` does where Ray is not installed
     assert main(["fleet", "status", "--cluster", "auto"]) == 2

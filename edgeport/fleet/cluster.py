@@ -303,7 +303,12 @@ class RayExecutor:
     def capacity(self, row: str) -> int:
         """How many jobs of `row` may run at once: export units (else CPUs) for exports, live agents for a device."""
         if row == EXPORT_ROW:
-            return int(sum(n.export_units if self._exports_apart else n.cpus for n in self._refresh()))
+            if self._exports_apart:
+                return int(sum(n.export_units for n in self._refresh()))
+            held = {}  # each agent holds a CPU of its node for its life: a measurement runs alone there
+            for agent in self._agents:
+                held[agent.node_id] = held.get(agent.node_id, 0) + 1
+            return int(sum(max(0.0, n.cpus - held.get(n.node_id, 0)) for n in self._refresh()))
         return len(self._live_agents(row))
 
     def prepare_devices(self, devices: set[str]) -> None:
@@ -370,7 +375,10 @@ class RayExecutor:
                 continue
             if row == EXPORT_ROW:
                 reasons[row] = "no live node of the cluster that is no device is left to export on" \
-                    if self._exports_apart else "no live node of the cluster has a CPU to export on"
+                    if self._exports_apart else ("every CPU of the cluster is held by a device's agent (a measurement "
+                                                 "runs alone on its node): join a node without --device to export on "
+                                                 "(edgeport fleet join --address HEAD:PORT), or give a device node "
+                                                 "--num-cpus above its --units")
                 continue
             live = {n.node_id for n in self._refresh() if row in n.devices}
             if live:  # the nodes are there, their agents are not
