@@ -68,6 +68,17 @@ def test_rapl_window_with_the_sampling_thread(tmp_path):
     assert meter.window_s >= 0.05
 
 
+def test_a_counter_that_never_moves_is_an_error_not_zero_energy(tmp_path):
+    """A virtual machine may expose RAPL files that never change: zero energy over a window of
+    many updates is no measurement."""
+    rapl_tree(tmp_path, 1_000)
+    meter = RaplMeter(tmp_path, interval_s=0.01)
+    meter.begin()
+    time.sleep(0.05)
+    with pytest.raises(MeterError, match="no energy over .* the meter is not updating"):
+        meter.end()
+
+
 def test_rapl_backwards_counter_is_an_error(tmp_path):
     counter = rapl_tree(tmp_path, 5_000_000, max_range=1_000_000_000)
     meter = RaplMeter(tmp_path)
@@ -119,6 +130,9 @@ def test_rails_in_milliwatts(tmp_path):
     meter = HwmonMeter(tmp_path)
     assert [r.label for r in meter.rails] == ["VDD_IN"]  # the board total, not the sum of all rails
     assert meter._power() == pytest.approx(5.0)
+    nano = tmp_path / "nano"  # the Jetson Nano's and TX2's board input rail
+    jetson_old(nano, {"POM_5V_IN": 9000, "POM_5V_GPU": 2000, "POM_5V_CPU": 1500})
+    assert HwmonMeter(nano)._power() == pytest.approx(9.0)
 
 
 @pytest.mark.serial

@@ -79,6 +79,13 @@ class Meter(ABC):
     def end(self) -> float:
         """Close the window; returns the energy in joules spent during it, and sets `window_s`."""
 
+    def _refuse_frozen(self, joules: float, seconds: float) -> None:
+        """Raise MeterError for no energy at all over a window of more than two of the meter's
+        updates: a powered chip draws something in each, so the meter is not updating (a
+        virtual machine may expose RAPL files that never move)."""
+        if joules == 0 and seconds > 2 * self.update_period_s:
+            raise MeterError(f"{self.name}: no energy over {seconds:.3f} s: the meter is not updating")
+
     def _refuse_implausible(self, joules: float, seconds: float, source: str) -> None:
         """Raise MeterError unless `joules` over `seconds` lies between 0 and the peak power.
 
@@ -151,7 +158,9 @@ class _Sampler(Meter):
             raise self._error
         self.sample()
         self.window_s = self.sampled_at - self.started_at
-        return self.total_joules()
+        joules = self.total_joules()
+        self._refuse_frozen(joules, self.window_s)
+        return joules
 
 
 def _read_text(path: Path) -> str:
@@ -289,8 +298,9 @@ def find_rails(root: str | Path = "/sys/class/hwmon") -> list[Rail]:
 
 
 def total_rails(rails: list[Rail]) -> list[Rail]:
-    """The rails that measure the whole board (labels with 'total', 'system' or VDD_IN), else all."""
-    whole = [r for r in rails if any(k in r.label.lower() for k in ("total", "system", "vdd_in"))]
+    """The rails that measure the whole board (labels with 'total', 'system' or '_in', as Zeus
+    reads them: VDD_IN on Orin, POM_5V_IN on the Nano and TX2), else all."""
+    whole = [r for r in rails if any(k in r.label.lower() for k in ("total", "system", "_in"))]
     return whole or rails
 
 
@@ -372,6 +382,7 @@ class NvmlMeter(Meter):
         joules = (self._millijoules() - self.start_mj) / 1e3
         self.window_s = time.perf_counter() - self.started_at
         self._refuse_implausible(joules, self.window_s, f"NVML total-energy counter of GPU {self.index}")
+        self._refuse_frozen(joules, self.window_s)
         return joules
 
 
