@@ -550,8 +550,8 @@ def _parse_dims(specs: tuple[str, ...]) -> dict[str, int]:
     dims = {}
     for spec in specs:
         name, _, value = spec.partition("=")
-        if not name.strip() or not value.strip().isdigit() or int(value) <= 0:
-            raise UserError(f"--dim takes NAME=N with a positive integer N, like seq=32, not {spec!r}")
+        if not name.strip() or not value.strip().isdigit() or not 0 < int(value) < 2 ** 31:
+            raise UserError(f"--dim takes NAME=N with a positive integer N below 2^31, like seq=32, not {spec!r}")
         dims[name.strip()] = int(value)
     return dims
 
@@ -584,6 +584,8 @@ def estimate_command(artifact, devices, dims, inputs, output, as_json):
     if assumed:
         diagnostics.print(f"note: symbolic dimension {', '.join(assumed)} has no value and counts as 1; "
                           f"set it with --dim {assumed[0]}=N")
+    for line in (a for a in estimates[0].assumptions if a.startswith("a spiking model")):
+        diagnostics.print(f"note: the 45 nm figure of {line}", soft_wrap=True)
     if as_json:
         _emit_json(records)
         return

@@ -371,6 +371,8 @@ def export(model: str | torch.nn.Module, example: Example | None = None, targets
                 "example_shapes": [list(a.shape) for a in args]}  # what `verify` re-draws later
     if source.vocabulary and any(not a.is_floating_point() for a in args):
         settings["vocabulary"] = source.vocabulary  # profiling draws token ids below it
+    if _has_neurons(torch_model):  # estimates say that they price its synaptic operations as MACs
+        settings["spiking"] = True
     if slim:
         from edgeport.transforms.slim import slim as make_slim
 
@@ -422,6 +424,14 @@ def export(model: str | torch.nn.Module, example: Example | None = None, targets
                           "; ".join(f"{target}: {message}" for target, message in results.failures.items()),
                           results=results)
     return results
+
+
+def _has_neurons(model: torch.nn.Module) -> bool:
+    """Whether `model` holds spiking neurons: edgeport's own, snnTorch's or SpikingJelly's."""
+    from edgeport.snn.convert import StatefulNeuron, is_library_neuron
+    from edgeport.snn.neurons import NEURONS
+
+    return any(is_library_neuron(m) or isinstance(m, (*NEURONS, StatefulNeuron)) for m in model.modules())
 
 
 class ExportResults(dict):
@@ -593,7 +603,12 @@ def estimate(artifact: str | Path | Artifact, device: str = "host", *, dims: dic
             feed = feeds_from([spec.name for spec in specs], [inputs])[0]
         check_feeds([feed], specs)
         shapes = {name: array.shape for name, array in feed.items()}
-    return roofline(path, device, dims=dims, firing_rates=firing_rates, input_shapes=shapes)
+    result = roofline(path, device, dims=dims, firing_rates=firing_rates, input_shapes=shapes)
+    sidecar = path.with_name(path.name + ".edgeport.json")
+    if not firing_rates and sidecar.is_file() and Artifact.load(path).settings.get("spiking"):
+        result.assumptions.append("a spiking model without firing_rates: every synaptic operation priced as a MAC "
+                                  "(ep.spike_statistics measures the rates; `edgeport spikes` prices them)")
+    return result
 
 
 def spike_statistics(model: str | torch.nn.Module, inputs: torch.Tensor | None = None, timesteps: int | None = None,

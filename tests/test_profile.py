@@ -181,6 +181,18 @@ def test_spike_rates_turn_macs_into_accumulates(artifacts):
     conv_inputs = {n.input[0] for n in __import__("onnx").load(str(path)).graph.node if n.op_type == "Conv"}
     sparse = estimate(path, "host", firing_rates={name: 0.1 for name in conv_inputs})
     assert sparse.synaptic_ops > 0 and sparse.compute_energy_45nm_mj < dense.compute_energy_45nm_mj
+    assert any(a.startswith("firing rates ") for a in sparse.assumptions)
+    some_input = next(iter(conv_inputs))
+    for rates, refused in (({some_input: -1.0}, "not a fraction"), ({some_input: float("nan")}, "not a fraction"),
+                           ({"no-such-tensor": 0.1}, "no node of")):
+        with pytest.raises(ep.UserError, match=refused):  # negative and NaN energy, or a rate silently unused
+            estimate(path, "host", firing_rates=rates)
+
+
+def test_an_estimate_of_a_spiking_model_without_rates_says_it_prices_every_synaptic_op_as_a_mac(tmp_path):
+    artifact = ep.export("snn-digits", out=tmp_path)["onnx"]
+    assert artifact.settings["spiking"] and "spiking" not in ep.export("cnn-digits", out=tmp_path)["onnx"].settings
+    assert any(a.startswith("a spiking model without firing_rates") for a in ep.estimate(artifact).assumptions)
 
 
 def test_module_path_from_both_exporters():
@@ -285,6 +297,7 @@ def test_symbolic_dims_are_refused_set_or_named(tmp_path, capsys):
     assert main(["estimate", str(path), "--dim", "seq=32"]) == 0
     assert "batch has no value and counts as 1" in capsys.readouterr().err
     assert main(["estimate", str(path), "--dim", "seq=many"]) == 2
+    assert main(["estimate", str(path), "--dim", "batch=99999999999999999999"]) == 2  # was an internal error
     assert main(["report", str(tmp_path)]) == 0  # what `estimate -o` writes, `report` reads
     assert "encoder.onnx" in (tmp_path / "report.html").read_text()
 

@@ -16,6 +16,7 @@ and where each came from, are recorded in the estimate.
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -344,6 +345,12 @@ def estimate(artifact: str | Path, device: str | Device = "host", dims: dict[str
     producers = {o: n for n in model.graph.node for o in n.output}
     eff_c, eff_m = dev.efficiency["compute"], dev.efficiency["memory"]
     rates = firing_rates or {}
+    read = {name for node in model.graph.node for name in node.input}
+    for name, rate in rates.items():
+        if not (isinstance(rate, (int, float)) and math.isfinite(rate) and 0 <= rate <= 1):
+            raise UserError(f"firing rate {rate!r} of {name!r} is not a fraction of spikes from 0 to 1")
+        if name not in read:
+            raise UserError(f"firing rate given for {name!r}, which no node of {path.name} reads")
     constants = {i.name for i in model.graph.initializer}
     accumulators: set[str] = set()  # a MatMulInteger result on its way through Cast, scale and bias
     nodes, energy_45nm, sops = [], 0.0, 0.0
@@ -381,6 +388,8 @@ def estimate(artifact: str | Path, device: str | Device = "host", dims: dict[str
                      f"efficiency compute {eff_c}, memory {eff_m}; per-node overhead {dev.node_overhead_us:.2f} us",
                      f"active power: {dev.sources.get('active_w', 'catalog')}", *_device_confidence(dev),
                      "45 nm theoretical compute energy (Horowitz, ISSCC 2014) ignores memory traffic",
+                     *([f"firing rates {', '.join(f'{n} {r:g}' for n, r in rates.items())}: the MACs of the nodes "
+                        f"reading them priced as that many accumulates"] if rates else []),
                      "Q/DQ nodes and integer matmul epilogues (Cast, scale, bias) assumed fused into "
                      "integer kernels", *pricing_gaps(model.graph, table)],
         dims=values, dims_source=sources,
