@@ -183,6 +183,13 @@ def test_unstructured_sparsity_is_reported_not_removed():
     layers = report.sparsity["layers"]
     assert layers["0"]["zero_fraction"] == 0.5 and layers["2"]["two_four_pattern"]
     assert "2:4" in report.sparsity["backends"]["tensorrt"] and "dense" in report.sparsity["backends"]["onnxruntime-cpu"]
+    # a conv's groups of four run along its input channels at each kernel tap, not along the taps
+    along_channels, along_taps = nn.Conv2d(8, 4, 2), nn.Conv2d(4, 4, 2)
+    with torch.no_grad():
+        along_channels.weight.copy_(torch.tensor([1.0, 0, 2, 0, 0, 3, 4, 0])[None, :, None, None].expand(4, 8, 2, 2))
+        along_taps.weight.copy_(torch.tensor([[1.0, 0], [0, 2]])[None, None].expand(4, 4, 2, 2))
+    layers = slim(nn.Sequential(along_channels, nn.ReLU(), along_taps).eval(), torch.randn(1, 8, 6, 6))[1].sparsity["layers"]
+    assert layers["0"]["two_four_pattern"] and not layers["2"]["two_four_pattern"]
 
 
 def test_cli_export_slim_of_the_pruned_zoo_cnn(tmp_path, capsys):

@@ -162,8 +162,9 @@ def sparsity_report(model: nn.Module) -> dict:
             zeros = float((w == 0).float().mean())
             if zeros == 0:
                 continue
-            groups = w.reshape(w.shape[0], -1)
-            two_four = groups.shape[1] % 4 == 0 and bool(((groups.reshape(-1, 4) == 0).sum(1) >= 2).all())
+            # 2:4 runs along the input channels: per output channel, and for a conv per kernel tap
+            rows = w.permute(0, *range(2, w.ndim), 1).reshape(-1, w.shape[1])
+            two_four = rows.shape[1] % 4 == 0 and bool(((rows.reshape(-1, 4) == 0).sum(1) >= 2).all())
             layers[name] = {"zero_fraction": round(zeros, 4), "two_four_pattern": two_four}
     return {"layers": layers, "backends": {
         "onnxruntime-cpu": "dense kernels: zeros inside a weight cost the same time as any value",
