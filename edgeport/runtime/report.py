@@ -25,6 +25,10 @@ from edgeport.errors import UserError
 from edgeport.runtime.latency import LatencyStats
 from edgeport.runtime.opprofile import OpProfile
 
+# what "valid" rests on: edgeport's rules, which need far fewer queries than an MLPerf run
+VALID = ("valid: enough samples for each percentile, robust CV, drift and tail within bounds; not an MLPerf run, "
+         "which asks 60 s and at least 1,000 queries")
+
 SCHEMA = "edgeport.profile/2"  # /2: per-node medians, session memory, variant
 UNITS = {"latency": "ms", "energy": "mJ per inference", "power": "W", "memory": "MB", "throughput": "items/s"}
 
@@ -126,7 +130,7 @@ class Profile:
                  f"p50 {lat.p50:.4f} ms [95% CI {lat.median_ci95[0]:.4f}-{lat.median_ci95[1]:.4f}], "
                  f"p90 {lat.p90:.4f}, p99 {lat.p99:.4f} ({lat.tail_ratio:.1f}x p50), CV {lat.cv:.2f} "
                  f"(robust {lat.robust_cv:.2f}), {len(lat.samples_ms)} runs "
-                 f"({'valid' if lat.valid else 'NOT valid: ' + '; '.join(lat.problems)})",
+                 f"({VALID if lat.valid else 'NOT valid: ' + '; '.join(lat.problems)})",
                  "throughput: " + "; ".join(
                      [f"batch {b} {v:,.1f} items/s" for b, v in sorted(self.throughput_per_s.items())]
                      + [f"batch {b} not measured: {why}" for b, why in sorted(self.throughput_skipped.items())])]
