@@ -942,6 +942,14 @@ def main(argv: list[str] | None = None) -> int:
             cli.main(args=args, prog_name="edgeport", standalone_mode=False)
     except click.exceptions.Exit as done:
         return done.exit_code
+    except SystemExit as exiting:
+        from edgeport.core import stopped_by
+
+        signum = stopped_by()
+        if signum is None:
+            raise
+        diagnostics.print(f"stopped by {signal.Signals(signum).name}: what finished is kept")
+        return 128 + signum
     except click.exceptions.NoArgsIsHelpError as bare:  # `edgeport` alone: the help itself, as a usage error
         diagnostics.print(bare.format_message(), soft_wrap=True, highlight=False, markup=False)
         return EXIT_USAGE

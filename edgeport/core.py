@@ -239,6 +239,12 @@ def stop(signum: int) -> None:
     raise SystemExit(128 + signum)
 
 
+def stopped_by() -> int | None:
+    """The signal `stop` was called for, or None: a library that catches the SystemExit and
+    raises its own (Ray's `wait` turns it into SystemExit(1)) loses the code, this keeps it."""
+    return _stop_signal
+
+
 def check_artifact_name(name: str) -> str:
     """An artifact name is a file name: refuse separators, `..`, absolute paths, control
     characters and names a shell or a file system would mangle, so nothing lands outside the

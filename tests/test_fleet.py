@@ -238,6 +238,28 @@ def test_cluster_sweep_measures_each_device_on_the_node_advertising_it(cluster, 
     assert listed == nodes
 
 
+def test_sigterm_stops_a_cluster_sweep_as_ctrl_c_does(cluster, tmp_path):
+    """Ray's driver installs its own SIGTERM handler (a raw dump, exit 134); the CLI's comes back
+    after connecting: the running jobs are stopped, what finished stays whole, and the exit
+    code is the signal's."""
+    out = tmp_path / "term"
+    sweep = edgeport_command("sweep", "cnn-digits", "--variants", "fp32", "--devices", DEVICES[0], "-o", str(out),
+                             "--cluster", cluster.address, "--runs", "200000", "--sessions", "2", "--no-ops",
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (out / "index.jsonl").is_file() or not index_lines(out):  # the export is done: the measure runs
+        assert sweep.poll() is None and time.monotonic() < deadline, sweep.communicate()
+        time.sleep(0.2)
+    time.sleep(2)
+    sweep.send_signal(signal.SIGTERM)
+    _, stderr = sweep.communicate(timeout=120)
+    # Ray's wait turns the handler's SystemExit(143) into SystemExit(1): the CLI keeps the code
+    assert sweep.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in stderr, stderr
+    assert "SIGTERM received" not in stderr, stderr
+    for entry in index_lines(out):
+        assert json.loads((out / entry["file"]).read_text())["key"] == entry["key"]
+
+
 def test_a_worker_killed_mid_sweep_loses_nothing_and_a_rerun_completes(cluster, tmp_path):
     out = tmp_path / "fault"
     second_jetson_job_started = threading.Event()

@@ -28,8 +28,10 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,10 +97,16 @@ def connect(address: str) -> bool:
     # a cluster reached on loopback (one machine, the tests) keeps all its traffic there: the
     # driver then says so, or Ray would announce the machine's external address
     local = {"_node_ip_address": LOOPBACK} if match and match["host"] in (LOOPBACK, "localhost") else {}
+    main_thread = threading.current_thread() is threading.main_thread()
+    on_sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
     try:
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, **local)
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise UserError(f"cannot connect to the Ray cluster at {address}: {one_line(error)}") from None
+    if main_thread and on_sigterm is not None:
+        # Ray's driver installs its own SIGTERM handler, which dumps and aborts: the caller's
+        # (the CLI's stops the running jobs and leaves whole files, as Ctrl-C does) comes back
+        signal.signal(signal.SIGTERM, on_sigterm)
     return True
 
 
