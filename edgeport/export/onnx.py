@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,20 +53,46 @@ def quiet():
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
-    sys.stdout.flush()
-    saved, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 1)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()):
+                contextlib.redirect_stderr(io.StringIO()), _stdout_descriptor_silenced():
             warnings.simplefilter("ignore")
             yield
     finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-        os.close(null)
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+
+
+_silenced = {"depth": 0, "saved": None}  # file descriptor 1 while silenced, shared by nested and threaded users
+_silenced_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _stdout_descriptor_silenced():
+    """File descriptor 1 on /dev/null until the last user leaves (exports in threads overlap);
+    left alone where the process has no stdout to silence."""
+    with _silenced_lock:
+        if _silenced["depth"] == 0:
+            try:
+                sys.__stdout__.flush() if sys.__stdout__ else None
+                saved = os.dup(1)
+            except (OSError, ValueError):
+                saved = None
+            if saved is not None:
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, 1)
+                os.close(null)
+            _silenced["saved"] = saved
+        _silenced["depth"] += 1
+    try:
+        yield
+    finally:
+        with _silenced_lock:
+            _silenced["depth"] -= 1
+            if _silenced["depth"] == 0 and _silenced["saved"] is not None:
+                os.dup2(_silenced["saved"], 1)
+                os.close(_silenced["saved"])
+                _silenced["saved"] = None
 
 
 def _dynamo_export(model, args, path: Path, names, outputs, opset, dynamic_axes, large: bool) -> None:

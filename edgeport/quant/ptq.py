@@ -429,8 +429,11 @@ def _fold_into_layers(model: nn.Module, args: tuple[torch.Tensor, ...], report: 
         return  # nothing to fold: spare the capture
     folds = _folds(model, args)
     report.folds_skipped = folds.not_captured
-    report.float_ops += [f"{path}: BatchNorm2d not folded (it does not read, on every call, a Conv2d output that "
-                         f"only it reads)" for path in folds.unfolded]
+    report.float_ops += [f"{path}: BatchNorm2d not folded ("
+                         + ("it does not read, on every call, a Conv2d output that only it reads)"
+                            if _folded_norm(model.get_submodule(path)) else
+                            "a subclass with a forward of its own, or one normalizing by each batch's statistics)")
+                         for path in folds.unfolded]
     for conv_path, norm_path in folds.batchnorms:
         norm = model.get_submodule(norm_path)
         _replace(model, conv_path, fold_batchnorm(model.get_submodule(conv_path), norm))
