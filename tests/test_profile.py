@@ -3,6 +3,7 @@ import json
 import os
 import signal
 import statistics
+import threading
 from pathlib import Path
 
 import pytest
@@ -50,11 +51,32 @@ def test_profile_measures_and_labels_everything(artifacts):
 
 
 def test_profile_with_a_meter_reports_measured_energy(artifacts, tmp_path):
-    rapl_tree(tmp_path, 1000)  # a counter that does not move: 0 J, but read and labelled as RAPL
-    prof = ep.profile(artifacts["cnn-digits"].path, runs=20, ops=False, energy_window_s=0.1, idle_s=0.05,
-                      rapl_root=tmp_path)
-    assert prof.energy.available and prof.energy.provenance == "measured:rapl"
-    assert prof.energy.gross_mj_per_inference == 0 and prof.energy.idle_subtracted
+    """A sysfs-shaped RAPL counter that moves as a real one does (about 1 W) is read and
+    labelled as measured; one that never moves is no measurement of 0 mJ."""
+    counter = rapl_tree(tmp_path, 1000)
+    frozen = ep.profile(artifacts["cnn-digits"].path, runs=20, ops=False, energy_window_s=0.1, idle_s=0.05,
+                        rapl_root=tmp_path)
+    assert not frozen.energy.available and "not updating" in frozen.energy.reasons[0]
+    stop = threading.Event()
+
+    def tick():
+        microjoules = 1000
+        while not stop.wait(0.005):
+            microjoules += 5000
+            staged = counter.with_name("energy_uj.tmp")
+            staged.write_text(f"{microjoules}\n")
+            os.replace(staged, counter)  # a reader never sees a half-written file
+
+    ticking = threading.Thread(target=tick, daemon=True)
+    ticking.start()
+    try:
+        prof = ep.profile(artifacts["cnn-digits"].path, runs=20, ops=False, energy_window_s=0.1, idle_s=0.05,
+                          rapl_root=tmp_path)
+    finally:
+        stop.set()
+        ticking.join()
+    assert prof.energy.available and prof.energy.provenance == "measured:rapl", prof.energy.reasons
+    assert prof.energy.gross_mj_per_inference > 0 and prof.energy.idle_subtracted
 
 
 def test_profile_survives_a_broken_meter(artifacts, tmp_path, monkeypatch):
@@ -320,6 +342,26 @@ def test_host_calibration_is_cached_per_machine_and_redone_on_request(tmp_path, 
         catalog.host()  # a cache of another machine is not used
     with pytest.raises(AssertionError, match="calibrated again"):
         catalog.host(recalibrate=True)
+
+
+def test_a_calibration_that_cannot_be_cached_leaves_no_temporary_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEPORT_CACHE_DIR", str(tmp_path))
+    (tmp_path / "host-calibration.json").mkdir()  # the cache path taken by a folder
+    assert "not cached" in catalog.host_calibration(recalibrate=True)["cache"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["host-calibration.json"]
+
+
+def test_an_estimate_says_where_a_device_lists_no_peak_at_the_models_precision(artifacts):
+    lines = [a for a in estimate(artifacts["cnn-digits"].path, "apple-a17-ane").assumptions if "lists no" in a]
+    assert lines == ["apple-a17-ane lists no fp32 peak: its fp32 nodes are priced at the fp16 peak"]
+    assert not [a for a in estimate(artifacts["cnn-digits"].path, "host").assumptions if "lists no" in a]
+
+
+def test_a_conv_fused_with_its_batchnorm_is_charged_to_the_conv(artifacts):
+    """The exporter's optimizer folds each BatchNorm into the conv before it, and the fused node
+    keeps the norm's name scopes: its weight still names the conv."""
+    convs = [n for n in estimate(artifacts["cnn-digits"].path, "host").nodes if n.op_type == "Conv"]
+    assert [n.module for n in convs] == ["features.0.0", "features.1.0", "features.3.0", "features.4.0"]
 
 
 def test_a_slow_dispatch_mode_in_most_repeats_does_not_move_the_calibration(monkeypatch):

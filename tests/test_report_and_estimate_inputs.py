@@ -64,7 +64,8 @@ def poisoned_profile(profile: dict) -> dict:
     data["environment"] = {hostile: hostile for hostile in HOSTILE}
     data["ops"]["by_category"] = {hostile: 1.0 / len(HOSTILE) for hostile in HOSTILE}
     data["latency"]["valid"], data["latency"]["problems"] = False, HOSTILE
-    data["energy"] = {**data["energy"], "available": True, "net_mj_per_inference": 1.5, "provenance": HOSTILE[1]}
+    data["energy"] = {**data["energy"], "available": True, "net_mj_per_inference": 1.5,
+                      "provenance": "measured:" + HOSTILE[1]}  # a measurement names its meter
     return data
 
 
@@ -136,9 +137,9 @@ MALFORMED = {  # file name -> (what it holds, given the real profile and estimat
     "no-schema.profile.json": (lambda p, e: valid_profile(p, schema=KeyError), "no 'schema'"),
     "other-schema.profile.json": (lambda p, e: valid_profile(p, schema="edgeport.profile/9"), SCHEMA),
     "nan-string.profile.json": (lambda p, e: valid_profile(p, latency__p50="NaN"),
-                                "latency.p50 should be a finite number, not a string"),
+                                "latency.p50 should be a positive finite number, not a string"),
     "nan-literal.profile.json": (lambda p, e: valid_profile(p, latency__samples_ms=[1.0, float("nan")]),
-                                 "latency.samples_ms[1] should be a finite number, not NaN"),
+                                 "latency.samples_ms[1] should be a positive finite number, not NaN"),
     "no-samples.profile.json": (lambda p, e: valid_profile(p, latency__samples_ms=[]), "at least 1"),
     "label-number.profile.json": (lambda p, e: valid_profile(p, label=7), "label should be a string"),
     "ci-triple.profile.json": (lambda p, e: valid_profile(p, latency__median_ci95=[1, 2, 3]), "2 items"),
@@ -150,6 +151,11 @@ MALFORMED = {  # file name -> (what it holds, given the real profile and estimat
     "old-schema.profile.json": (lambda p, e: valid_profile(p, schema="edgeport.profile/1"), SCHEMA),
     "sidecar.edgeport.json": (lambda p, e: json.dumps({"path": "m.onnx", "format": "onnx"}), "no 'precision'"),
     "energy-without-figure.profile.json": (lambda p, e: valid_profile(p, energy__available=True), "available"),
+    "negative-p50.profile.json": (lambda p, e: valid_profile(p, latency__p50=-1),
+                                  "latency.p50 should be a positive finite number"),
+    "estimate-as-measured.profile.json": (
+        lambda p, e: valid_profile(p, energy__available=True, energy__provenance="estimated:tdp",
+                                   energy__net_mj_per_inference=4.0), "should name a meter"),
     "claims-schema.json": (lambda p, e: valid_profile(p, backend=None), "backend should be a string, not null"),
     "bad-item.json": (lambda p, e: json.dumps([e, "not an estimate"]), "[1] should be an object"),
     "macs-text.estimate.json": (lambda p, e: json.dumps({**e, "macs": "many"}), "macs should be a finite number"),

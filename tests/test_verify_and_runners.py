@@ -75,6 +75,9 @@ def test_latency_statistics():
     # widens multiplicatively, never below zero
     low, high = median_ci(np.array([0.01, 0.02, 5.0, 8.0]), block_medians=[5.0, 8.0])
     assert 0 < low < 5.0 and high > 8.0
+    # past ten sessions Student's t is not yet 1.96 (12 sessions: 2.201, the interval 11 % wider)
+    from edgeport.runtime.latency import t_975
+    assert t_975(1) == 12.706 and t_975(11) == 2.201 and t_975(40) == pytest.approx(2.021, abs=0.002)
 
 
 def test_verify_without_inputs_draws_real_inputs_shaped_as_the_exports(tmp_path):

@@ -11,6 +11,7 @@ versions) with the date it was taken: later estimates reuse it until asked to re
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import gc
 import hashlib
@@ -63,12 +64,17 @@ class Device:
     sources: dict[str, str] = field(default_factory=dict)
     confidence: dict[str, str] = field(default_factory=dict)  # figure -> one of CONFIDENCE_LEVELS
 
-    def peak_ops(self, precision: str) -> float:
-        """Peak operations per second at `precision`, falling back to the nearest wider one."""
+    def peak_precision(self, precision: str) -> str:
+        """The precision whose catalog peak stands for `precision`'s: itself, else the nearest
+        wider one (fp32 falls back to fp16 on an NPU that lists none), else the largest."""
         for p in {"int8": ("int8", "fp16", "fp32"), "fp16": ("fp16", "fp32")}.get(precision, ("fp32", "fp16")):
             if p in self.peak:
-                return self.peak[p] * 1e12
-        return max(self.peak.values()) * 1e12
+                return p
+        return max(self.peak, key=self.peak.get)
+
+    def peak_ops(self, precision: str) -> float:
+        """Peak operations per second at `precision` (see `peak_precision`)."""
+        return self.peak[self.peak_precision(precision)] * 1e12
 
 
 @lru_cache(maxsize=1)
@@ -275,13 +281,15 @@ def host_calibration(recalibrate: bool = False) -> dict:
     record = {"schema": CALIBRATION_SCHEMA, "fingerprint": machine,
               "calibrated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "repeats": CALIBRATION_REPEATS, **calibrate()}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(record, indent=2) + "\n")
         os.replace(tmp, path)
         where = str(path)
     except OSError as error:
+        with contextlib.suppress(OSError):  # a folder it could not write to may not be readable either
+            tmp.unlink(missing_ok=True)
         where = f"not cached ({path}: {error.strerror or error})"
     return {**record, "cache": where}
 

@@ -110,7 +110,11 @@ class Estimate:
 
 def module_path(node: onnx.NodeProto) -> str:
     """The `nn.Module` path a node came from: the torch.export exporter's name scopes, or the
-    legacy exporter's `/a/a.0/b/Op` node names."""
+    legacy exporter's `/a/a.0/b/Op` node names. A conv the exporter's optimizer fused with the
+    BatchNorm after it carries the norm's scopes; its weight still names the conv."""
+    rules = next((p.value for p in node.metadata_props if p.key == "pkg.onnxscript.rewriter.rule_name"), "")
+    if "FuseBatchNormIntoConv" in rules and len(node.input) > 1 and ".weight" in node.input[1]:
+        return node.input[1].rpartition(".weight")[0]
     for prop in node.metadata_props:
         if prop.key == "pkg.torch.onnx.name_scopes":
             scopes = [s.strip(" '\"") for s in prop.value.strip("[]").split(",")]
@@ -387,6 +391,9 @@ def estimate(artifact: str | Path, device: str | Device = "host", dims: dict[str
         assumptions=[*_dims_assumptions(values, sources, open_dims(model)),
                      f"efficiency compute {eff_c}, memory {eff_m}; per-node overhead {dev.node_overhead_us:.2f} us",
                      f"active power: {dev.sources.get('active_w', 'catalog')}", *_device_confidence(dev),
+                     *(f"{dev.name} lists no {p} peak: its {p} nodes are priced at the {dev.peak_precision(p)} peak"
+                       for p in sorted({n.precision for n in nodes if n.macs or n.ops})
+                       if dev.peak_precision(p) != p),
                      "45 nm theoretical compute energy (Horowitz, ISSCC 2014) ignores memory traffic",
                      *([f"firing rates {', '.join(f'{n} {r:g}' for n, r in rates.items())}: the MACs of the nodes "
                         f"reading them priced as that many accumulates"] if rates else []),

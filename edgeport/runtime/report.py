@@ -204,9 +204,11 @@ def write_atomically(path: Path, text: str) -> Path:
 # Only the fields the page reads are checked; other keys pass through.
 
 TEXT, FLAG, FINITE, OBJECT = "a string", "true or false", "a finite number", "an object"
+POSITIVE = "a positive finite number"  # a latency: no run takes no time
 _SCALARS = {TEXT: lambda v: isinstance(v, str), FLAG: lambda v: isinstance(v, bool),
             FINITE: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
             OBJECT: lambda v: isinstance(v, dict)}
+_SCALARS[POSITIVE] = lambda v: _SCALARS[FINITE](v) and v > 0
 
 
 @dataclass(frozen=True)
@@ -247,8 +249,8 @@ ESTIMATE_SHAPE = {"provenance": Exactly("estimated:roofline"), "artifact": TEXT,
                   "confidence": Nullable(MapOf(TEXT))}
 PROFILE_SHAPE = {
     "schema": Exactly(SCHEMA), "artifact": TEXT, "backend": TEXT, "label": TEXT, "environment": OBJECT,
-    "latency": {"p50": FINITE, "p90": FINITE, "p99": FINITE, "cv": FINITE, "median_ci95": (FINITE, FINITE),
-                "valid": FLAG, "problems": ListOf(TEXT), "samples_ms": ListOf(FINITE, min_length=1),
+    "latency": {"p50": POSITIVE, "p90": POSITIVE, "p99": POSITIVE, "cv": FINITE, "median_ci95": (FINITE, FINITE),
+                "valid": FLAG, "problems": ListOf(TEXT), "samples_ms": ListOf(POSITIVE, min_length=1),
                 "throughput_per_s": FINITE},
     "energy": {"available": FLAG, "provenance": TEXT, "net_mj_per_inference": MAYBE_NUMBER, "reasons": ListOf(TEXT)},
     "throughput_per_s": Nullable(MapOf(FINITE)), "throughput_skipped": Nullable(MapOf(TEXT)),
@@ -330,6 +332,8 @@ def checked_profile(data: Any, path: Path) -> dict:
     problem = shape_problem(data, PROFILE_SHAPE)
     if not problem and data["energy"]["available"] and data["energy"]["net_mj_per_inference"] is None:
         problem = "energy.net_mj_per_inference should be a finite number when energy.available is true"
+    if not problem and data["energy"]["available"] and not data["energy"]["provenance"].startswith("measured:"):
+        problem = "energy.provenance should name a meter (measured:...) when energy.available is true"
     if problem:
         raise UserError(f"malformed profile {path}: {problem}")
     return data
