@@ -569,7 +569,7 @@ def estimate_command(artifact, devices, dims, inputs, output, as_json):
     """Roofline latency and energy of ARTIFACT on catalog devices (estimates, labelled so)."""
     from edgeport.devices import catalog
     from edgeport.runtime.report import write_atomically
-    from edgeport.sdk import estimate
+    from edgeport.sdk import SPIKING_WITHOUT_RATES, estimate
 
     if output:
         _check_output(Path(output), "estimates")
@@ -584,8 +584,8 @@ def estimate_command(artifact, devices, dims, inputs, output, as_json):
     if assumed:
         diagnostics.print(f"note: symbolic dimension {', '.join(assumed)} has no value and counts as 1; "
                           f"set it with --dim {assumed[0]}=N")
-    for line in (a for a in estimates[0].assumptions if a.startswith("a spiking model")):
-        diagnostics.print(f"note: the 45 nm figure of {line}", soft_wrap=True)
+    if SPIKING_WITHOUT_RATES in estimates[0].assumptions:
+        diagnostics.print(f"note: the 45 nm figure of {SPIKING_WITHOUT_RATES}", soft_wrap=True)
     if as_json:
         _emit_json(records)
         return

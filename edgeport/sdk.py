@@ -28,10 +28,10 @@ import torch
 from edgeport.export import registry as backends
 from edgeport.export.onnx import saturation_hint
 from edgeport import zoo
-from edgeport.core import (NOISE_FLOOR_CAP, NOISE_FLOOR_MULTIPLE, Artifact, Example, ExportRequest, ParityReport, Source, Staging,
-                           TensorSpec, Tolerance, TorchRunner, as_args, check_artifact_name, check_feeds,
-                           check_input_size, draw_input, feeds_from, image_range, input_names, is_image, random_feeds,
-                           vocabulary_size)
+from edgeport.core import (NOISE_FLOOR_CAP, NOISE_FLOOR_MULTIPLE, SIDECAR_SUFFIX, Artifact, Example, ExportRequest,
+                           ParityReport, Source, Staging, TensorSpec, Tolerance, TorchRunner, as_args,
+                           check_artifact_name, check_feeds, check_input_size, draw_input, feeds_from, image_range,
+                           input_names, is_image, random_feeds, vocabulary_size)
 from edgeport.errors import (BackendUnavailable, CheckFailed, EdgeportError, EdgeportWarning, EverythingLeftFloat,
                              UserError)
 from edgeport.load import load_model, load_weights  # noqa: F401  (part of the SDK)
@@ -371,7 +371,9 @@ def export(model: str | torch.nn.Module, example: Example | None = None, targets
                 "example_shapes": [list(a.shape) for a in args]}  # what `verify` re-draws later
     if source.vocabulary and any(not a.is_floating_point() for a in args):
         settings["vocabulary"] = source.vocabulary  # profiling draws token ids below it
-    if _has_neurons(torch_model):  # estimates say that they price its synaptic operations as MACs
+    from edgeport.snn.convert import is_neuron
+
+    if any(is_neuron(m) for m in torch_model.modules()):  # estimates say that they price its synapses as MACs
         settings["spiking"] = True
     if slim:
         from edgeport.transforms.slim import slim as make_slim
@@ -424,14 +426,6 @@ def export(model: str | torch.nn.Module, example: Example | None = None, targets
                           "; ".join(f"{target}: {message}" for target, message in results.failures.items()),
                           results=results)
     return results
-
-
-def _has_neurons(model: torch.nn.Module) -> bool:
-    """Whether `model` holds spiking neurons: edgeport's own, snnTorch's or SpikingJelly's."""
-    from edgeport.snn.convert import StatefulNeuron, is_library_neuron
-    from edgeport.snn.neurons import NEURONS
-
-    return any(is_library_neuron(m) or isinstance(m, (*NEURONS, StatefulNeuron)) for m in model.modules())
 
 
 class ExportResults(dict):
@@ -604,11 +598,18 @@ def estimate(artifact: str | Path | Artifact, device: str = "host", *, dims: dic
         check_feeds([feed], specs)
         shapes = {name: array.shape for name, array in feed.items()}
     result = roofline(path, device, dims=dims, firing_rates=firing_rates, input_shapes=shapes)
-    sidecar = path.with_name(path.name + ".edgeport.json")
-    if not firing_rates and sidecar.is_file() and Artifact.load(path).settings.get("spiking"):
-        result.assumptions.append("a spiking model without firing_rates: every synaptic operation priced as a MAC "
-                                  "(ep.spike_statistics measures the rates; `edgeport spikes` prices them)")
+    if isinstance(artifact, Artifact):
+        settings = artifact.settings
+    else:
+        settings = Artifact.load(path).settings if path.with_name(path.name + SIDECAR_SUFFIX).is_file() else {}
+    if not firing_rates and settings.get("spiking"):
+        result.assumptions.append(SPIKING_WITHOUT_RATES)
     return result
+
+
+# what an estimate of a spiking model says without firing rates (the CLI repeats it as a note)
+SPIKING_WITHOUT_RATES = ("a spiking model without firing_rates: every synaptic operation priced as a MAC "
+                         "(ep.spike_statistics measures the rates; `edgeport spikes` prices them)")
 
 
 def spike_statistics(model: str | torch.nn.Module, inputs: torch.Tensor | None = None, timesteps: int | None = None,

@@ -29,8 +29,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from edgeport.errors import UserError
-from edgeport.snn.neurons import (LIF, Alpha, Lapicque, Leaky, ParametricLIF, RecurrentLeaky, RecurrentSynaptic,
-                                  Synaptic)
+from edgeport.snn.neurons import (LIF, NEURONS, Alpha, Lapicque, Leaky, ParametricLIF, RecurrentLeaky,
+                                  RecurrentSynaptic, Synaptic)
 
 
 @dataclass
@@ -241,6 +241,12 @@ def snntorch_initialisers(kind: str) -> tuple[str, ...]:
     """The state initialisers an snnTorch neuron class has: `reset_mem` and its older name
     (`init_leaky` for `Leaky`, `init_rsynaptic` for `RSynaptic`, ...)."""
     return "reset_mem", f"init_{kind.lower()}"
+
+
+def is_neuron(module: nn.Module) -> bool:
+    """Whether `module` is a spiking neuron: edgeport's own, a converted one, snnTorch's or
+    SpikingJelly's."""
+    return is_library_neuron(module) or isinstance(module, (*NEURONS, StatefulNeuron))
 
 
 def is_library_neuron(module: nn.Module) -> bool:

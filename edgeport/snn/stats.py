@@ -37,7 +37,6 @@ from torch import nn
 
 from edgeport.devices.estimate import ENERGY_45NM_PJ
 from edgeport.verify import is_binary
-from edgeport.snn.neurons import NEURONS
 
 PROVENANCE = "estimated:45nm-sop (Horowitz ISSCC 2014 constants; compute only, no memory traffic)"
 MEMORY_PROVENANCE = ("estimated:memory-aware (SRAM access energy by memory size from Lemaire et al. 2022, "
@@ -209,13 +208,13 @@ def spike_statistics(model: nn.Module, inputs: torch.Tensor) -> SpikeStats:
         rates.setdefault(names[module], []).append(float(out.float().mean()))
         sizes[names[module]] = out[0].numel()
 
-    from edgeport.snn.convert import StatefulNeuron, is_library_neuron
+    from edgeport.snn.convert import StatefulNeuron, is_library_neuron, is_neuron
 
     hooks = []
     for module in model.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             hooks.append(module.register_forward_hook(on_weight_layer))
-        elif is_library_neuron(module) or (isinstance(module, (*NEURONS, StatefulNeuron)) and not any(
+        elif is_neuron(module) and (is_library_neuron(module) or not any(
                 isinstance(p, StatefulNeuron) and module is p.neuron for p in model.modules())):
             hooks.append(module.register_forward_hook(on_neuron))
     try:
