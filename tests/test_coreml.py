@@ -102,6 +102,8 @@ def test_a_dynamic_sequence_becomes_a_flexible_shape_verified_at_two_lengths(tmp
     artifact = ep.export(model, example, targets=["coreml"], out=tmp_path, dynamic_axes=axes)["coreml"]
     assert [spec.shape for spec in artifact.inputs] == [[2, "sequence"], [2, "sequence"]]
     assert artifact.settings["flexible_ranges"] == {"sequence": [1, 512]}  # MiniLM's 512 positions
+    # an ML Program declares no output shape where it follows a flexible input: the sidecar does
+    assert [spec.shape for spec in artifact.outputs][:2] == [[2, "sequence", 384], [2, 384]]
     second = artifact.settings["verification"]["flexible_shapes"]
     assert second["sizes"] == {"sequence": 19} and second["checked"].endswith("passed")
     assert artifact.parity.passed  # and at the example's 16 tokens
@@ -111,7 +113,7 @@ def test_a_dynamic_sequence_becomes_a_flexible_shape_verified_at_two_lengths(tmp
 
 def test_a_dynamic_batch_from_an_example_of_one_reaches_down_to_one(tmp_path):
     artifact = ep.export("cnn-digits", targets=["coreml"], out=tmp_path, dynamic_batch=True)["coreml"]
-    assert artifact.inputs[0].shape == ["batch", 1, 8, 8]
+    assert artifact.inputs[0].shape == ["batch", 1, 8, 8] and artifact.outputs[0].shape == ["batch", 10]
     assert artifact.settings["flexible_ranges"]["batch"][0] == 1 and artifact.parity.passed
     assert artifact.settings["verification"]["flexible_shapes"]["sizes"] == {"batch": 4}
 

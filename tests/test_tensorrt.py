@@ -102,6 +102,24 @@ def test_tensorrt_target_writes_readiness_and_trtexec(tmp_path):
             TensorRTRunner(tmp_path / "cnn-digits-tensorrt.engine").load()
 
 
+def test_profile_max_stops_where_the_model_stops(tmp_path):
+    """A BERT with 64 position embeddings, exported at sequence 32: 4x the example (128) would
+    be a profile TensorRT cannot build, and the graph shows no bound; the ONNX file runs up to
+    64 in ONNX Runtime, so the profile stops there and says why. The batch keeps 4x."""
+    from hf_models import ARCHITECTURES
+
+    model, (ids, mask) = ARCHITECTURES["bert"]()
+    ids, mask = ids.repeat(1, 2), mask.repeat(1, 2)
+    axes = {name: {0: "batch", 1: "sequence"} for name in ("input_ids", "attention_mask")}
+    artifact = ep.export(model, (ids, mask), targets=["tensorrt"], out=tmp_path, name="bert",
+                         dynamic_axes=axes)["tensorrt"]
+    profile = artifact.settings["tensorrt"]["profiles"]["input_ids"]
+    assert profile == [[1, 1], [2, 32], [8, 64]] or profile == ([1, 1], [2, 32], [8, 64])
+    assert any("max for sequence is 64, not 128" in note for note in artifact.notes)
+    command = (tmp_path / "bert-tensorrt.trtexec.sh").read_text()
+    assert "--maxShapes=input_ids:8x64,attention_mask:8x64" in command
+
+
 @pytest.mark.needs_tensorrt
 @pytest.mark.skipif(not __import__("importlib").util.find_spec("tensorrt"),
                     reason="needs the tensorrt package and an NVIDIA GPU (not installable on the dev machines)")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from edgeport.core import (Artifact, Backend, ExportRequest, Runner, TensorSpec, TorchRunner, draw_input,
-                           input_names, option, source_sha256, vocabulary_size)
+                           flatten_outputs, input_names, option, source_sha256, vocabulary_size)
 from edgeport.errors import BackendUnavailable, CheckFailed, ExportError, UserError
 from edgeport.export.mil import MILInterpreterRunner
 from edgeport.export.onnx import output_names_for, quiet, summarize_error
@@ -412,6 +412,22 @@ def _second_size_feeds(model: torch.nn.Module, args: tuple, names: list[str], dy
     return [feeds], sizes
 
 
+def flexible_output_shapes(model: torch.nn.Module, args: tuple, names: list[str], dynamic_axes: dict,
+                           ranges: dict[str, tuple[int, int]]) -> list[list]:
+    """The model's output shapes with each axis that follows a flexible input named by that
+    input's symbol, from the model run at the example and at `_second_size_feeds`' sizes: an ML
+    Program declares no shape for such an output. An axis that moves with no symbol is "flexible"."""
+    feeds, sizes = _second_size_feeds(model, args, names, dynamic_axes, ranges)
+    example_sizes = {symbol: int(arg.shape[axis]) for name, arg in zip(names, args)
+                     for axis, symbol in dynamic_axes.get(name, {}).items()}
+    with torch.no_grad():
+        first = flatten_outputs(model(*args))
+        second = flatten_outputs(model(*(torch.from_numpy(feeds[0][name]) for name in names)))
+    return [[int(a) if a == b else next((symbol for symbol, size in sizes.items()
+                                         if (example_sizes[symbol], size) == (a, b)), "flexible")
+             for a, b in zip(x.shape, y.shape)] for x, y in zip(first, second)]
+
+
 def check_flexible_shapes(artifact: Artifact, model: torch.nn.Module, args: tuple, names: list[str],
                           dynamic_axes: dict[str, dict[int, str]]) -> dict:
     """Run the package at a second size of its flexible axes against torch (the export's own
@@ -500,6 +516,9 @@ def export_coreml(model: torch.nn.Module, args: tuple[torch.Tensor, ...], folder
                                   "runners take either name")
         if dynamic_axes:
             artifact.settings["flexible_ranges"] = structure["flexible_ranges"]
+            shapes = flexible_output_shapes(model, args, names, dynamic_axes, structure["flexible_ranges"])
+            for spec, shape in zip(artifact.outputs, shapes):
+                spec.shape = spec.shape or shape
             artifact.settings["verification"]["flexible_shapes"] = check_flexible_shapes(
                 artifact, model, args, names, dynamic_axes)
         return artifact

@@ -323,16 +323,59 @@ class TensorRTRunner(Runner):
         return {n: t.cpu().numpy() for n, t in outputs.items()}
 
 
-def profile_shapes(artifact: Artifact, args: tuple) -> dict:
-    """(min, opt, max) per input with symbolic dims: 1, the example's size, 4x it (at least 8)."""
+def profile_shapes(artifact: Artifact, args: tuple) -> tuple[dict, list[str]]:
+    """(min, opt, max) per input with symbolic dims, and a note for each bound lowered.
+
+    Min is 1 and opt the example's size; max is 4x the example (at least 8), lowered to the
+    largest size at which the ONNX file still runs in ONNX Runtime: a limit the graph does not
+    show, such as a BERT's position embeddings, would otherwise surface as a failed engine build
+    on the device. Dimensions that share a symbol move together; the search assumes a model that
+    runs at a size runs at every smaller one down to the example."""
+    specs = {spec.name: spec for spec in artifact.inputs}
+    examples = {spec.name: np.asarray(arg) for spec, arg in zip(artifact.inputs, args)}
+    sizes = {d: int(examples[spec.name].shape[axis]) for spec in artifact.inputs
+             for axis, d in enumerate(spec.shape) if isinstance(d, str)}
+    if not sizes:
+        return {}, []
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(artifact.path), options, providers=["CPUExecutionProvider"])
+
+    def runs(symbols: dict[str, int]) -> bool:
+        feeds = {}
+        for name, example in examples.items():
+            for axis, d in enumerate(specs[name].shape):
+                if isinstance(d, str):  # repeat the example along the axis: token ids stay valid ids
+                    example = np.take(example, np.arange(symbols[d]) % example.shape[axis], axis=axis)
+            feeds[name] = example
+        try:
+            session.run(None, feeds)
+        except Exception:  # ORT raises its own Fail/InvalidArgument types; any is "does not run"
+            return False
+        return True
+
+    highs, notes = {}, []
+    for symbol, size in sizes.items():
+        wanted = max(8, 4 * size)
+        fits, fails = size, wanted
+        if runs(sizes | {symbol: wanted}):
+            fits = wanted
+        while fails - fits > 1:
+            middle = (fits + fails) // 2
+            fits, fails = (middle, fails) if runs(sizes | {symbol: middle}) else (fits, middle)
+        highs[symbol] = fits
+        if fits < wanted:
+            notes.append(f"TensorRT profile max for {symbol} is {fits}, not {wanted}: the ONNX file fails beyond "
+                         f"{fits} in ONNX Runtime (a size the model's code limits)")
     shapes = {}
-    for spec, arg in zip(artifact.inputs, args):
+    for name, spec in specs.items():
         if any(isinstance(d, str) for d in spec.shape):
-            opt = list(arg.shape)
-            low = [1 if isinstance(d, str) else d for d in spec.shape]
-            high = [max(8, 4 * o) if isinstance(d, str) else d for d, o in zip(spec.shape, opt)]
-            shapes[spec.name] = (low, opt, high)
-    return shapes
+            shapes[name] = ([1 if isinstance(d, str) else d for d in spec.shape],
+                            [sizes[d] if isinstance(d, str) else d for d in spec.shape],
+                            [highs[d] if isinstance(d, str) else d for d in spec.shape])
+    return shapes, notes
 
 
 @dataclass
@@ -365,7 +408,8 @@ class TensorRTBackend(Backend):
             raise UserError("TensorRT int8 needs a quantized model (its Q/DQ scales); TensorRT's implicit INT8 "
                             "calibration is not what edgeport writes: quantize first with target='tensorrt' "
                             "(edgeport quantize --target tensorrt), or build fp16")
-        shapes = profile_shapes(onnx_artifact, request.args)
+        shapes, profile_notes = profile_shapes(onnx_artifact, request.args)
+        onnx_artifact.notes.extend(profile_notes)
         command = trtexec_command(onnx_artifact.path, readiness, options.precision, shapes)
         script = onnx_artifact.path.with_suffix(".trtexec.sh")
         write_trtexec_script(script, command, readiness)
