@@ -958,7 +958,10 @@ def main(argv: list[str] | None = None) -> int:
         diagnostics.print(Text("error: ", style="red") + Text(f"{_one_line(error.format_message())} "
                                                              f"(see {command} --help)"), soft_wrap=True)
         return EXIT_USAGE
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as abort:
+        if isinstance(abort.__cause__, KeyboardInterrupt):  # click's form of Ctrl-C: exit as SIGINT's shells expect
+            diagnostics.print("interrupted (SIGINT): what finished is kept")
+            return 128 + signal.SIGINT
         diagnostics.print("aborted")
         return EXIT_USAGE
     except (UserError, BackendUnavailable, CheckFailed) as error:

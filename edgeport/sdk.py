@@ -38,7 +38,7 @@ from edgeport.load import load_model, load_weights  # noqa: F401  (part of the S
 from edgeport.quant.config import QuantConfig
 from edgeport.runtime.report import Profile
 from edgeport.transforms.spiking import LibraryRunner, SpikingForm, UnrolledModule, build_form
-from edgeport.verify import StreamingRunner, UnrolledSteps, compare
+from edgeport.verify import StreamingRunner, UnrolledSteps, check_finite, compare
 
 log = logging.getLogger(__name__)  # progress of the long steps (INFO)
 
@@ -529,6 +529,8 @@ def profile(target: str | Path | Artifact | torch.nn.Module, backend: str = "onn
             feeds, source = feeds_from(names, zoo_batches(target, count=16)), f"{target} test images"
         else:
             feeds, source = feeds_from(names, inputs), "given inputs"
+        for feed in feeds:
+            check_finite(feed, "profiling")
         run_on = TORCH_DEVICES[backend]
         model_name = str(target) if isinstance(target, str) else type(model).__name__
         return profile_runner(
@@ -541,6 +543,8 @@ def profile(target: str | Path | Artifact | torch.nn.Module, backend: str = "onn
     source_model = artifact.settings.get("source")
     feeds, source = profile_feeds(artifact, inputs)
     check_feeds(feeds, artifact.inputs)
+    for feed in feeds:
+        check_finite(feed, "profiling")
     fixed_batch = next((s.shape[0] for s in artifact.inputs if s.shape and isinstance(s.shape[0], int)), None)
     fed_batch = next(iter(feeds[0].values())).shape[0]
     batch_feeds, skipped = {}, {}

@@ -31,13 +31,14 @@ def is_binary(array: np.ndarray) -> bool:
     return array.dtype == np.bool_ or (array.size > 0 and bool(np.isin(array, (0, 1)).all()))
 
 
-def check_finite(feeds: dict[str, np.ndarray]) -> None:
-    """Refuse inputs holding NaN or Inf: parity measured on them means nothing."""
+def check_finite(feeds: dict[str, np.ndarray], purpose: str = "verification") -> None:
+    """Refuse inputs holding NaN or Inf: parity or latency measured on them is not the model's
+    (NaN changes the path through comparisons, top-k and masks); `purpose` names the step."""
     for name, array in feeds.items():
         if np.issubdtype(array.dtype, np.floating):
             nan, inf = int(np.isnan(array).sum()), int(np.isinf(array).sum())
             if nan or inf:
-                raise UserError(f"verification input {name!r} contains {nan} NaN and {inf} Inf values")
+                raise UserError(f"{purpose} input {name!r} contains {nan} NaN and {inf} Inf values")
 
 
 def judge(name: str, reference: np.ndarray, candidate: np.ndarray, tolerance: Tolerance) -> OutputParity:

@@ -101,6 +101,8 @@ def scratch(tmp: Path) -> dict[str, str]:
     _npz(tmp / "images.npz", x=images)
     _npz(tmp / "nan.npz", x=np.where(np.arange(images.size).reshape(images.shape) == 0, np.nan, images)
          .astype(np.float32))
+    _npz(tmp / "nan-one.npz", x=np.where(np.arange(images[:1].size).reshape(images[:1].shape) == 0, np.nan,
+                                          images[:1]).astype(np.float32))
     _npz(tmp / "int-images.npz", x=images.astype(np.int64))
     _npz(tmp / "inf.npz", x=np.where(np.arange(images.size).reshape(images.shape) == 3, np.inf, images)
          .astype(np.float32))
@@ -320,6 +322,8 @@ CASES = [
          setup=lambda tmp: sidecar_with_input(tmp, [1, 3, 100000, 100000])),
     Case("profile output is a folder", ["profile", "{tmp}/art/cnn-digits.onnx", "--runs", "5", "--no-ops",
                                         "--no-energy", "-o", "{tmp}/no-reports"], "no-reports", setup=exported),
+    Case("profile NaN inputs", ["profile", "{tmp}/art/cnn-digits.onnx", "--inputs", "{tmp}/nan-one.npz", "--no-ops"],
+         "profiling input 'x' contains 1 NaN", setup=exported),
     Case("profile wrong-shape inputs", ["profile", "{tmp}/art/cnn-digits.onnx", "--inputs", "{tmp}/wrong-shape.npz"],
          "wrong-shape|shape|9", setup=exported),
     Case("profile a markup file name", ["profile", "{tmp}/[/oops].onnx"], re.escape("[/oops].onnx")),
