@@ -317,7 +317,9 @@ def _host(record_json: str) -> Device:
                                      f"{taken}",
                  "active_w": f"assumed: {HOST_WATTS_PER_CORE} W per logical CPU (no meter)",
                  "idle_w": "not subtracted (assumed 0)"},
-        confidence={"peak": "measured", "peak_int8": "derived", "memory_bandwidth_gbs": "measured",
+        # the fp32 peak is one thread's measurement times the cores: measured only on one core
+        confidence={"peak": "measured" if cores == 1 else "derived", "peak_int8": "derived",
+                    "memory_bandwidth_gbs": "measured",
                     "node_overhead_us": "measured",
                     "active_w": "assumed", "idle_w": "assumed", "efficiency": "assumed"})
 

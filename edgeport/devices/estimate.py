@@ -316,16 +316,14 @@ def _dims_assumptions(values: dict[str, int], sources: dict[str, str], still_ope
     return lines
 
 
-def _device_confidence(dev: Device) -> list[str]:
-    figures = ("peak", "memory_bandwidth_gbs", "active_w", "node_overhead_us", "efficiency")
-    return [f"device '{dev.name}' figures: " + ", ".join(
-        f"{figure} {dev.confidence.get(figure, 'assumed')}" for figure in figures)]
+def _device_confidence(dev: Device, confidence: dict[str, str]) -> list[str]:
+    return [f"device '{dev.name}' figures: " + ", ".join(f"{figure} {level}" for figure, level in confidence.items())]
 
 
 def _peak_confidence(dev: Device, nodes: list[NodeEstimate]) -> dict[str, str]:
-    """The confidence of the peaks a model's MACs were priced at: the weakest among the
-    precisions it uses (the host's int8 peak is derived from its measured fp32 one)."""
-    used = {n.precision for n in nodes if n.macs}
+    """The confidence of the peaks a model's MACs were priced at: the weakest among the peaks
+    of the precisions it uses (a device may list a vendor int8 figure and an assumed fp16 one)."""
+    used = {dev.peak_precision(n.precision) for n in nodes if n.macs}
     levels = [dev.confidence.get(f"peak_{p}", dev.confidence.get("peak", "assumed")) for p in sorted(used)]
     return {"peak": max(levels, key=CONFIDENCE_LEVELS.index)} if levels else {}
 
@@ -383,6 +381,9 @@ def estimate(artifact: str | Path, device: str | Device = "host", dims: dict[str
         nodes.append(NodeEstimate(node.name, node.op_type, module_path(node), precision, macs, ops, nbytes,
                                   time_us, bound))
     latency_s = sum(n.time_us for n in nodes) / 1e6
+    confidence = {figure: dev.confidence.get(figure, "assumed")
+                  for figure in ("peak", "memory_bandwidth_gbs", "active_w", "node_overhead_us", "efficiency")
+                  } | _peak_confidence(dev, nodes)
     return Estimate(
         artifact=str(path), device=dev.name, latency_ms=latency_s * 1e3, energy_mj=dev.active_w * latency_s * 1e3,
         energy_provenance=f"estimated:roofline (device '{dev.name}': {dev.active_w:.1f} W active x roofline latency)",
@@ -390,7 +391,7 @@ def estimate(artifact: str | Path, device: str | Device = "host", dims: dict[str
         bytes=sum(n.bytes for n in nodes), nodes=nodes,
         assumptions=[*_dims_assumptions(values, sources, open_dims(model)),
                      f"efficiency compute {eff_c}, memory {eff_m}; per-node overhead {dev.node_overhead_us:.2f} us",
-                     f"active power: {dev.sources.get('active_w', 'catalog')}", *_device_confidence(dev),
+                     f"active power: {dev.sources.get('active_w', 'catalog')}", *_device_confidence(dev, confidence),
                      *(f"{dev.name} lists no {p} peak: its {p} nodes are priced at the {dev.peak_precision(p)} peak"
                        for p in sorted({n.precision for n in nodes if n.macs or n.ops})
                        if dev.peak_precision(p) != p),
@@ -400,6 +401,4 @@ def estimate(artifact: str | Path, device: str | Device = "host", dims: dict[str
                      "Q/DQ nodes and integer matmul epilogues (Cast, scale, bias) assumed fused into "
                      "integer kernels", *pricing_gaps(model.graph, table)],
         dims=values, dims_source=sources,
-        confidence={figure: dev.confidence.get(figure, "assumed")
-                    for figure in ("peak", "memory_bandwidth_gbs", "active_w", "node_overhead_us", "efficiency")}
-        | _peak_confidence(dev, nodes))
+        confidence=confidence)
