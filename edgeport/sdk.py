@@ -560,7 +560,8 @@ def profile(target: str | Path | Artifact | torch.nn.Module, backend: str = "onn
                       variant_label(artifact.format, artifact.precision, artifact.settings), artifact.format,
                       files_size_mb(artifact.path.parent, artifact.files or [artifact.path.name]),
                       source_sha256=artifact.source_sha256 or None)
-    host_estimate = roofline(artifact.path, "host", input_shapes={name: array.shape for name, array in feeds[0].items()}
+    host_estimate = roofline(artifact.path, catalog.host(threads=threads),
+                             input_shapes={name: array.shape for name, array in feeds[0].items()}
                              ) if artifact.format in ESTIMATED_FORMATS else None
     return profile_runner(
         lambda: backends.runner_for(artifact, threads=threads, profiling=True).load(), feeds, str(artifact.path),

@@ -163,6 +163,18 @@ def test_profile_times_a_symbolic_sequence_at_the_exported_length_or_refuses(tmp
     assert profile.estimate.dims == {"batch": 1, "seq": 12}
 
 
+def test_the_host_estimate_prices_the_threads_the_profile_ran_on(artifacts):
+    """Profiled on one thread, the host estimate beside it prices one core: the measured
+    one-thread peak itself, not the machine's cores times it."""
+    path = artifacts["vit-digits"].path
+    one = ep.profile(path, runs=10, warmup=1, sessions=1, threads=1, ops=False, energy=False).estimate
+    assert one.confidence["peak"] == "measured"
+    if (os.cpu_count() or 1) > 1:
+        every = ep.estimate(path, "host")
+        assert every.confidence["peak"] == "derived" and one.latency_ms >= every.latency_ms  # this ViT: overheads
+        assert one.energy_mj / one.latency_ms < every.energy_mj / every.latency_ms  # one core's active power
+
+
 def test_unknown_device_suggests_closest():
     with pytest.raises(ep.UserError, match="did you mean raspberry-pi-5"):
         catalog.get("raspberry-pi5")

@@ -20,7 +20,7 @@ import os
 import platform
 import time
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
@@ -324,7 +324,19 @@ def _host(record_json: str) -> Device:
                     "active_w": "assumed", "idle_w": "assumed", "efficiency": "assumed"})
 
 
-def host(recalibrate: bool = False) -> Device:
+def host(recalibrate: bool = False, threads: int | None = None) -> Device:
     """This machine as a Device, from its cached calibration (measured once per machine, about
-    2 s; `recalibrate=True` measures again and replaces the cache)."""
-    return _host(json.dumps(host_calibration(recalibrate), sort_keys=True))
+    2 s; `recalibrate=True` measures again and replaces the cache). `threads` prices compute and
+    active power at that many of its logical CPUs, as a runtime limited to them runs (one thread
+    is the measured peak itself)."""
+    device = _host(json.dumps(host_calibration(recalibrate), sort_keys=True))
+    cores = os.cpu_count() or 1
+    if threads is None or threads >= cores:
+        return device
+    share = threads / cores
+    return replace(device, description=f"{device.description}, {threads} of them used",
+                   peak={p: v * share for p, v in device.peak.items()}, active_w=device.active_w * share,
+                   sources=device.sources | {"peak": f"{device.sources['peak']}; x {threads}/{cores} for {threads} "
+                                                      f"thread{'s' if threads > 1 else ''}",
+                                             "active_w": f"{device.sources['active_w']}, {threads} used"},
+                   confidence=device.confidence | {"peak": "measured" if threads == 1 else "derived"})
