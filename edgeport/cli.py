@@ -92,15 +92,22 @@ def _step(message: str):
         stream.write(line + "\n")
         stream.flush()
 
+    current = [""]  # the sub-step under way when the step is announced is part of its first line
+
     def announce() -> None:
-        say(f"... {message}")
+        say(f"... {message}" + (f": {current[0]}" if current[0] else ""))
         started.set()
+
+    def report(step: str) -> None:
+        current[0] = step
+        if started.is_set():
+            say(f"... {message} [{time.perf_counter() - start:.0f} s]: {step}")
 
     timer = threading.Timer(LOG_AFTER_S, announce)
     timer.daemon = True
     timer.start()
     try:
-        yield lambda step: started.is_set() and say(f"... {message} [{time.perf_counter() - start:.0f} s]: {step}")
+        yield report
     finally:
         timer.cancel()
     if started.is_set():
@@ -575,7 +582,8 @@ def estimate_command(artifact, devices, dims, inputs, output, as_json):
         _check_output(Path(output), "estimates")
     names = catalog.names() if "all" in devices else list(devices)
     batch = _load_inputs(inputs, artifact)
-    estimates = [estimate(artifact, d, dims=_parse_dims(dims), inputs=batch[0] if batch else None) for d in names]
+    with progress(f"estimating {artifact} on {len(names)} device{'s' if len(names) > 1 else ''}"):
+        estimates = [estimate(artifact, d, dims=_parse_dims(dims), inputs=batch[0] if batch else None) for d in names]
     records = [{k: v for k, v in e.to_dict().items() if k != "nodes"} for e in estimates]
     if output:
         write_atomically(Path(output), json.dumps(records, indent=2) + "\n")
@@ -615,7 +623,7 @@ def devices_command(recalibrate, as_json):
     from edgeport.devices import catalog
 
     if recalibrate:
-        with progress("calibrating the host (ONNX Runtime GEMM, node chain, memory copy)"):
+        with progress("recalibrating the host"):
             catalog.host(recalibrate=True)
     devices = [catalog.get(n) for n in catalog.names()]
     if as_json:
@@ -644,8 +652,9 @@ def report_command(folder, html_path):
     from edgeport.runtime.report import load_reports, write_html
 
     _check_output(Path(html_path) if html_path else Path(folder) / "report.html", "report")
-    reports = load_reports(folder)
-    path = write_html(html_path or Path(folder) / "report.html", *reports)
+    with progress(f"reading the profiles and estimates in {folder} and writing the report"):
+        reports = load_reports(folder)
+        path = write_html(html_path or Path(folder) / "report.html", *reports)
     console.print(f"wrote {path} ({len(reports.profiles)} profiles, {len(reports.estimates)} estimates, "
                   f"{len(reports.artifacts)} artifact records)")
 

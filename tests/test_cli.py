@@ -125,6 +125,25 @@ def test_a_long_step_logs_each_sub_step_with_the_seconds_since_it_began(monkeypa
     assert re.fullmatch(r"\.\.\. demo: done in \d+\.\d s", lines[2]), lines
 
 
+def test_a_profile_logs_its_sessions_and_a_late_announcement_names_the_sub_step_under_way(monkeypatch, capsys):
+    """A profile's steps (each latency session, energy, time per op) are sub-steps in the log;
+    a sub-step that began before the step was announced (a first-use host calibration inside
+    an estimate) is named on the announcement's line, not lost."""
+    from edgeport import cli
+
+    monkeypatch.setattr(cli, "LOG_AFTER_S", 0.0)
+    with cli.progress("profiling cnn-digits"):
+        ep.profile("cnn-digits", backend="torch", runs=6, warmup=1, sessions=3, energy=False)
+    err = capsys.readouterr().err
+    for sub_step in ("latency: session 1 of 3", "latency: session 3 of 3", "time per op"):
+        assert re.search(rf"\.\.\. profiling cnn-digits \[\d+ s\]: {sub_step}", err), err
+    monkeypatch.setattr(cli, "LOG_AFTER_S", 0.3)
+    with cli.progress("estimating") as step:
+        step("calibrating the host")
+        time.sleep(0.6)
+    assert capsys.readouterr().err.splitlines()[0] == "... estimating: calibrating the host"
+
+
 def test_a_long_quantization_logs_each_reconstructed_block(monkeypatch, capsys):
     """Block reconstruction takes minutes on a BERT: inside a CLI step each unit's line (the
     library's INFO records) is a sub-step in the log, and the step leaves the `edgeport`

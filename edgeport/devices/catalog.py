@@ -16,6 +16,7 @@ import difflib
 import gc
 import hashlib
 import json
+import logging
 import os
 import platform
 import time
@@ -31,6 +32,7 @@ import numpy as np
 from edgeport.errors import UserError
 
 CATALOG = Path(__file__).with_name("catalog.toml")
+log = logging.getLogger(__name__)  # the host calibration takes seconds on first use
 HOST_WATTS_PER_CORE = 5.0  # assumption for the host's active power when no meter exists
 CALIBRATION_SCHEMA = "edgeport.host-calibration/2"
 # repeats per calibration (about 0.3 s each): with 7, a slow phase of a shared machine lasting
@@ -278,6 +280,7 @@ def host_calibration(recalibrate: bool = False) -> dict:
     record = None if recalibrate else _cached_calibration(path, machine)
     if record is not None:
         return {**record, "cache": str(path)}
+    log.info("calibrating the host: ONNX Runtime GEMM, node chain, memory copy (once per machine)")
     record = {"schema": CALIBRATION_SCHEMA, "fingerprint": machine,
               "calibrated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "repeats": CALIBRATION_REPEATS, **calibrate()}

@@ -12,6 +12,7 @@ took so long that the median no longer describes what a caller sees.
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,6 +22,8 @@ import numpy as np
 
 from edgeport.errors import UserError
 from edgeport.core import Runner
+
+log = logging.getLogger(__name__)  # a line per session: a profile's sessions take seconds each
 
 
 @dataclass
@@ -209,7 +212,8 @@ def measure_sessions(make_runner: Callable[[], Runner], feeds: list[dict[str, np
         raise UserError(f"sessions must be at least 1, not {sessions}")
     per_session = math.ceil(runs / sessions) if runs > 0 else runs
     samples: list[float] = []
-    for _ in range(sessions):
+    for session in range(sessions):
+        log.info("latency: session %d of %d", session + 1, sessions)
         runner = make_runner()
         try:
             samples += _collect(runner, feeds, per_session, warmup, warmup_s, min_duration_s / sessions)

@@ -7,6 +7,7 @@ profiling slows every node (its shares are then scaled to the p50 measured witho
 """
 from __future__ import annotations
 
+import logging
 import resource
 from pathlib import Path
 from typing import Callable
@@ -19,6 +20,8 @@ from edgeport.runtime.energy import MeterError, MeterUnavailable, detect_meter, 
 from edgeport.runtime.latency import measure, measure_sessions
 from edgeport.runtime.opprofile import OpProfile
 from edgeport.runtime.report import Energy, Profile, SessionMemory, Variant, environment
+
+log = logging.getLogger(__name__)  # the steps of a profile, each seconds long
 
 PROC_STATUS = Path("/proc/self/status")
 CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -115,6 +118,7 @@ def profile_runner(make_runner: Callable[[], Runner], feeds: list[dict[str, np.n
     """Profile the runners `make_runner` loads, on `feeds`; see `edgeport.profile` for the options.
     `batch_feeds` are feeds at other batch sizes for throughput; `throughput_skipped` says why
     requested batch sizes were not measured."""
+    log.info("session memory")
     memory = session_memory(make_runner, feeds)
     latency = measure_sessions(make_runner, feeds, runs=runs, sessions=sessions, warmup=warmup, warmup_s=warmup_s,
                                min_duration_s=min_duration_s)
@@ -122,11 +126,16 @@ def profile_runner(make_runner: Callable[[], Runner], feeds: list[dict[str, np.n
     try:
         throughput = {latency.batch: latency.throughput_per_s}
         for size, batch in (batch_feeds or {}).items():
+            log.info("throughput at batch %d", size)
             throughput[size] = measure(runner, batch, runs=max(10, runs // 5), warmup=3).throughput_per_s
+        if energy:
+            log.info("energy")
         energy_record = (measure_energy_of(runner, feeds, gpu, energy_window_s, idle_s, rapl_root, hwmon_root)
                          if energy else Energy(False, "unavailable", reasons=["not requested"]))
     finally:
         runner.close()  # no idle worker threads beside the op profiler's session
+    if op_profiler:
+        log.info("time per op")
     op_profile = op_profiler().scale_to(latency.p50) if op_profiler else None
     return Profile(target, backend, device, latency, energy_record, inputs_source, memory, environment(threads),
                    op_profile, estimate, throughput, dict(throughput_skipped or {}), label, variant)
