@@ -64,6 +64,47 @@ def test_inconsistent_residual_mask_keeps_the_model_and_says_why():
         assert torch.equal(slimmed(IMAGES), model(IMAGES))
 
 
+class ScaledSum(nn.Module):
+    """Two branches summed with torch.add's alpha: a constant channel of the sum is a + 2b."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(torch.add(self.a(x), self.b(x), alpha=2.0))
+
+
+class OverWidth(nn.Module):
+    """A Linear over a conv output's last axis (its width), not its channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.mix = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.mix(torch.relu(self.conv(x)))
+
+
+def test_constants_follow_torch_add_alpha_and_a_linear_over_another_axis_keeps_them():
+    torch.manual_seed(0)
+    model = ScaledSum().eval()
+    with torch.no_grad():
+        for conv in (model.a, model.b):
+            conv.weight[::2] = 0  # the same output channels of both branches: constants a + 2b
+    slimmed, report = slim(model, IMAGES[:1])
+    assert report.removed == {"a": 4, "b": 4}
+    with torch.no_grad():
+        assert max_rel(model(IMAGES), slimmed(IMAGES)) <= 1e-5
+    model = OverWidth().eval()
+    with torch.no_grad():
+        model.conv.weight[::2] = 0
+    slimmed, report = slim(model, IMAGES[:1])
+    assert not report.changed and any("another axis" in reason for reason in report.kept), report.kept
+    with torch.no_grad():
+        assert torch.equal(slimmed(IMAGES), model(IMAGES))
+
+
 def test_nothing_to_remove():
     model = randomize_batchnorm(BottleneckResNet(widths=(16,), blocks=1))
     slimmed, report = slim(model, IMAGES[:1])

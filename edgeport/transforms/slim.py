@@ -290,12 +290,13 @@ def _avg_pool(analysis: _Analysis, node: fx.Node, inp: _Info | None) -> _Info | 
 
 
 def _add(analysis: _Analysis, node: fx.Node, inp: _Info | None) -> _Info | None:
-    if len(node.args) != 2 or not all(isinstance(a, fx.Node) for a in node.args):
+    alpha = node.kwargs.get("alpha", 1)  # torch.add(a, b, alpha=s) is a + s * b
+    if len(node.args) != 2 or not all(isinstance(a, fx.Node) for a in node.args) or isinstance(alpha, fx.Node):
         return None
     a, b = analysis.info[node.args[0]], analysis.info[node.args[1]]
     for arg in node.args:
         analysis.link(node, arg)
-    return _Info({j: a.const[j] + b.const[j] for j in a.const.keys() & b.const.keys()}, a.axis)
+    return _Info({j: a.const[j] + alpha * b.const[j] for j in a.const.keys() & b.const.keys()}, a.axis)
 
 
 def _cat(analysis: _Analysis, node: fx.Node, inp: _Info | None) -> _Info | None:
@@ -660,10 +661,19 @@ def _blocker(gm: fx.GraphModule, analysis: _Analysis, group, linked) -> str | No
             if user.op == "output":
                 return "they are an output of the model"
             um = _module(gm, user)
+            kind = type(um).__name__ if um is not None else getattr(user.target, "__name__", str(user.target))
             if not _foldable(um):
-                kind = type(um).__name__ if um is not None else getattr(user.target, "__name__", str(user.target))
                 return f"they feed {user.name} ({kind}), which cannot absorb a constant channel"
+            if not _reads_channel_axis(um, analysis.info[node].axis, len(_shape(node))):
+                return f"they feed {user.name} ({kind}) along another axis than the one they are channels of"
     return None
+
+
+def _reads_channel_axis(consumer: nn.Module, axis: int, ndim: int) -> bool:
+    """Whether `consumer` mixes the axis the constant channels lie on: a Linear its input's
+    last, a conv axis 1 (a Linear over the width of a conv's output mixes pixels, not channels)."""
+    wanted = -1 if isinstance(consumer, nn.Linear) else 1
+    return axis % max(ndim, 1) == wanted % max(ndim, 1)
 
 
 def _remove_channels(gm: fx.GraphModule, report: SlimReport) -> None:
