@@ -902,6 +902,12 @@ def fleet_join_command(device, address, head, port, units, num_cpus, object_stor
                      object_store_memory=object_store_memory, temp_dir=temp_dir, block=block, ray_args=ray_args)
     if address is not None:
         check_reachable(address)  # one line in seconds, not Ray's retries and logs
+    if device:
+        from edgeport.devices.catalog import identity_mismatch
+
+        mismatch = identity_mismatch(device)
+        if mismatch:
+            warnings.warn(f"this machine is not {device} ({mismatch}): its measurements will say so", EdgeportWarning)
     diagnostics.print(f"edgeport: {shlex.join(argv)}", soft_wrap=True)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -6,6 +6,7 @@ different device, one CPU and a 100 MiB object store each; later tests join more
 finalizer kills exactly those processes, never every Ray process of the machine.
 """
 import json
+import platform
 import shutil
 import signal
 import subprocess
@@ -22,6 +23,7 @@ from edgeport.cli import main
 from edgeport.errors import CheckFailed, UserError
 from edgeport.fleet.cluster import cluster_nodes
 from edgeport.fleet.jobs import ArtifactBundle, materialize
+from edgeport.devices.catalog import identity_mismatch
 from edgeport.fleet.localcluster import LocalCluster, free_port
 from edgeport.fleet.plan import EXPORT, MEASURE, Job, parse_variant
 from edgeport.fleet.results import Results
@@ -218,6 +220,9 @@ def test_cluster_sweep_measures_each_device_on_the_node_advertising_it(cluster, 
     for r in measured:  # each device's profiles ran on the node advertising it, as that node reported
         assert r["node"]["node_id"] == nodes[r["device"]] and r["node"]["device"] == r["device"]
         assert r["profile"]["environment"]["onnxruntime"] and r["profile"]["latency"]["p50"] > 0
+        # nodes on this machine stand in for an Arm board and a Jetson: their records say so
+        assert r["node"]["not_the_device"] == identity_mismatch(r["device"]) and (
+            platform.machine() == "aarch64" or f"this node is {platform.machine()}" in r["node"]["not_the_device"])
     exports = [r for r in records if r["kind"] == EXPORT]
     no_device = {n.node_id for n in cluster_nodes() if n.alive and not n.devices}  # the head
     assert len(exports) == 4 and {r["node"]["node_id"] for r in exports} <= no_device  # the devices only measure
@@ -226,6 +231,7 @@ def test_cluster_sweep_measures_each_device_on_the_node_advertising_it(cluster, 
         assert artifact.parity.passed
     page = (result.out / "report.html").read_text()
     assert all(f"<th>{d}</th>" in page for d in DEVICES) and page.count("measured on node") == 8
+    assert page.count("not the device: ") == sum(bool(r["node"]["not_the_device"]) for r in measured)
     for device in DEVICES:
         assert page.count(f"node {nodes[device][:12]}") >= 4
     in_process_page = (in_process / "report.html").read_text()

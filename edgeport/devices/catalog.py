@@ -65,6 +65,8 @@ class Device:
     efficiency: dict[str, float]
     sources: dict[str, str] = field(default_factory=dict)
     confidence: dict[str, str] = field(default_factory=dict)  # figure -> one of CONFIDENCE_LEVELS
+    machines: list[str] = field(default_factory=list)  # CPU architectures, as platform.machine() names them
+    gpu: str = ""  # a word of the GPU's name ("Orin", "H100"), where the device is a GPU
 
     def peak_precision(self, precision: str) -> str:
         """The precision whose catalog peak stands for `precision`'s: itself, else the nearest
@@ -99,6 +101,24 @@ def get(name: str) -> Device:
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise UserError(f"unknown device {name!r}{hint} (see `edgeport devices`)")
     return Device(name=name, **entries[name])
+
+
+def identity_mismatch(device: str) -> str | None:
+    """Why this machine is not catalog `device`, or None where nothing here says it is not:
+    a CPU architecture the device does not have, or a GPU (by torch's name for it) that is not
+    the device's. A fleet node advertising a device it is not measures itself, not the device."""
+    if device == "host":
+        return None
+    spec, machine = get(device), platform.machine()
+    if spec.machines and machine not in spec.machines:
+        return f"this node is {machine} ({cpu_model()}); {device} is {' or '.join(spec.machines)}"
+    if spec.gpu:
+        import torch
+
+        name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA GPU"
+        if spec.gpu.lower() not in name.lower():
+            return f"this node has {name}; {device}'s GPU is {spec.gpu}"
+    return None
 
 
 def cpu_model() -> str:

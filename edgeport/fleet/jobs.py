@@ -80,12 +80,15 @@ def materialize(bundle: ArtifactBundle, folder: Path, expected: dict[str, str]) 
 
 
 def node_description(node: str, device: str = "") -> dict:
-    """Where a job ran: the node id, host name, the device it is, and the energy meters there
-    (the profile beside it carries CPU/GPU model, threads and runtime versions)."""
+    """Where a job ran: the node id, host name, the device it advertises and, where this node
+    is not that device, why (`not_the_device`), and the energy meters there (the profile beside
+    it carries CPU/GPU model, threads and runtime versions)."""
+    from edgeport.devices.catalog import identity_mismatch
     from edgeport.runtime.energy import detect_meter
 
     meter, reasons = detect_meter()
     return {"node_id": node, "hostname": platform.node(), "device": device,
+            "not_the_device": identity_mismatch(device) if device else None,
             "energy_meter": meter.name if meter else None, "energy_meter_unavailable": [] if meter else reasons}
 
 

@@ -34,6 +34,8 @@ def _latency_cell(record: dict | None) -> str:
     latency, node = record["profile"]["latency"], record["node"]
     low, high = latency["median_ci95"]
     validity = "" if latency["valid"] else "<br><span class='failed'>not valid</span>"
+    if node.get("not_the_device"):
+        validity += f"<br><span class='failed'>not the device: {_text(node['not_the_device'])}</span>"
     return (f"<td class='num'>{latency['p50']:.4g}<br><span class='where'>95% CI {low:.4g}–{high:.4g}; measured on "
             f"node {_text(node['node_id'][:12])}</span>{validity}</td>")
 
@@ -83,9 +85,11 @@ def _nodes_table(measuring: list[dict]) -> str:
     for node_id, r in by_node.items():
         env, node = r["profile"]["environment"], r["node"]
         meter = node["energy_meter"] or "none: " + "; ".join(map(str, node.get("energy_meter_unavailable", [])))
-        rows.append(_row((r["device"], node_id, node["hostname"], env.get("cpu", "?"), env.get("gpu", "-"),
-                          env.get("onnxruntime", "?"), env.get("torch", "?"), env.get("threads", "?"), meter)))
-    return _table(["device", "node", "host", "CPU", "GPU", "onnxruntime", "torch", "threads", "energy meter"], rows,
+        rows.append(_row((r["device"], node.get("not_the_device") or "yes", node_id, node["hostname"],
+                          env.get("cpu", "?"), env.get("gpu", "-"), env.get("onnxruntime", "?"), env.get("torch", "?"),
+                          env.get("threads", "?"), meter)))
+    return _table(["device", "is the device", "node", "host", "CPU", "GPU", "onnxruntime", "torch", "threads",
+                   "energy meter"], rows,
                   "none: every figure above is an estimate")
 
 
