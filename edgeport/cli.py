@@ -664,14 +664,15 @@ def report_command(folder, html_path):
 @click.option("--weights", type=click.Path(), help=WEIGHTS_HELP)
 @click.option("--inputs", type=click.Path(), help=".npz whose first array is a batch of real samples.")
 @click.option("--timesteps", type=int, help="T (default: the model's own).")
+@click.option("--sequence", is_flag=True, help="The inputs are a [T, B, ...] sequence, not B samples.")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
-def spikes_command(model, weights, inputs, timesteps, as_json):
+def spikes_command(model, weights, inputs, timesteps, sequence, as_json):
     """Firing rates, synaptic operations and energy of a spiking MODEL beside its ANN: the 45 nm
     compute-only estimate and the memory-aware one with its break-even firing rate."""
     from edgeport.sdk import spike_statistics
 
     batch = _load_inputs(inputs)
-    stats = spike_statistics(model, batch[0][0] if batch else None, timesteps, weights=weights)
+    stats = spike_statistics(model, batch[0][0] if batch else None, timesteps, weights=weights, sequence=sequence)
     if as_json:
         _emit_json(stats.to_dict())
         return

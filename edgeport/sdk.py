@@ -37,6 +37,7 @@ from edgeport.errors import (BackendUnavailable, CheckFailed, EdgeportError, Edg
 from edgeport.load import load_model, load_weights  # noqa: F401  (part of the SDK)
 from edgeport.quant.config import QuantConfig
 from edgeport.runtime.report import Profile
+from edgeport.snn.convert import from_rest, is_neuron, stateful
 from edgeport.transforms.spiking import LibraryRunner, SpikingForm, UnrolledModule, build_form
 from edgeport.verify import StreamingRunner, UnrolledSteps, check_finite, compare
 
@@ -357,6 +358,11 @@ def export(model: str | torch.nn.Module, example: Example | None = None, targets
     if verify_inputs is not None:
         source.verification_label = verify_inputs_source
     torch_model, args = source.model, source.example
+    notes = []
+    if snn_form is None and stateful(torch_model):
+        torch_model = from_rest(torch_model)
+        notes.append("a stateful snnTorch or SpikingJelly network: exported and verified from rest (its neurons' "
+                     "state cleared at every call, as between samples)")
     if snn_form is None:
         _run_reference(torch_model, args)
     if dynamic_batch:
@@ -364,15 +370,13 @@ def export(model: str | torch.nn.Module, example: Example | None = None, targets
         dynamic_axes = {n: {0: "batch", **(dynamic_axes or {}).get(n, {})} for n in names} | \
             {k: v for k, v in (dynamic_axes or {}).items() if k not in names}
     name = check_artifact_name(name or source.label)
-    export_model, notes = torch_model, []
+    export_model = torch_model
     # a model quantized from a zoo name keeps that name, so that its reports and profiles pair it
     # with the float model and its test images
     settings = {"source": model if isinstance(model, str) else getattr(model, "zoo_name", source.label),
                 "example_shapes": [list(a.shape) for a in args]}  # what `verify` re-draws later
     if source.vocabulary and any(not a.is_floating_point() for a in args):
         settings["vocabulary"] = source.vocabulary  # profiling draws token ids below it
-    from edgeport.snn.convert import is_neuron
-
     if any(is_neuron(m) for m in torch_model.modules()):  # estimates say that they price its synapses as MACs
         settings["spiking"] = True
     if slim:
@@ -625,25 +629,33 @@ def spike_statistics(model: str | torch.nn.Module, inputs: torch.Tensor | None =
     `stats.memory_energy(precision)`, with weight and membrane memory traffic and the
     break-even firing rate against the same-precision ANN (see `edgeport.snn.stats`).
 
-    `inputs` is a batch of real samples (default: 32 calibration images of a zoo model); the
-    model runs `timesteps` steps (default: its `timesteps` attribute). A model without
-    spiking neurons is measured as an ANN (all MACs).
+    `inputs` is a batch of real samples (default: 32 calibration images of a zoo model), or
+    with `sequence=True` a [T, B, ...] sequence of them; the model runs `timesteps` steps
+    (default: its `timesteps` attribute; without either, its forward runs whatever steps it
+    runs, a snnTorch or SpikingJelly network from rest on a copy, as between samples). A model
+    without spiking neurons is measured as an ANN (all MACs).
     """
     from edgeport.snn.stats import spike_statistics as measure_spikes
 
     torch_model = load_model(model, weights)
+    if stateful(torch_model):
+        torch_model = from_rest(torch_model)
     if inputs is None:
         if not (isinstance(model, str) and model in zoo.names()):
             raise UserError("spike statistics need inputs (a batch of real samples); only zoo models bring their own")
         inputs = zoo.calibration(model, 32)
     if inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
         raise UserError("spike statistics inputs contain NaN or Inf values: firing rates on them mean nothing")
-    _run_reference(torch_model, (inputs[:1],))  # a wrong shape or dtype is named here, not deep in a conv
+    if sequence and inputs.dim() < 2:
+        raise UserError(f"a sequence is [T, B, ...]; these inputs have shape {list(inputs.shape)}")
+    batch = int(inputs.shape[1] if sequence else inputs.shape[0])
+    # a wrong shape or dtype is named here, not deep in a conv
+    _run_reference(torch_model, (inputs[:, :1] if sequence else inputs[:1],))
     steps = timesteps if timesteps is not None else getattr(torch_model, "timesteps", None)
     if steps is None:
-        return measure_spikes(torch_model, inputs)
+        return measure_spikes(torch_model, inputs, batch)
     form = build_form(torch_model, inputs, "unrolled", steps, sequence, outputs="per_step")  # any T
-    return measure_spikes(form.module, inputs)
+    return measure_spikes(form.module, inputs, batch)
 
 
 def slim(model: str | torch.nn.Module, example: Example | None = None, *, weights: str | Path | None = None):

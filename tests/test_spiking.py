@@ -419,6 +419,74 @@ def test_a_network_that_averages_over_time_itself_is_refused_by_name(tmp_path):
         ep.export(AveragedOverTime(), sequence, out=tmp_path, snn_form="unrolled", timesteps=T, sequence=True)
 
 
+class TutorialCSNN(nn.Module):
+    """SpikingJelly's conv_fashion_mnist tutorial network: multi-step layers, IF neurons, the
+    image repeated over T inside forward and the readout averaged over T."""
+
+    def __init__(self, steps: int = 4, channels: int = 8):
+        super().__init__()
+        self.steps = steps
+        self.conv_fc = nn.Sequential(
+            layer.Conv2d(1, channels, 3, padding=1, bias=False), layer.BatchNorm2d(channels),
+            neuron.IFNode(surrogate_function=surrogate.ATan()), layer.MaxPool2d(2, 2),
+            layer.Conv2d(channels, channels, 3, padding=1, bias=False), layer.BatchNorm2d(channels),
+            neuron.IFNode(surrogate_function=surrogate.ATan()), layer.MaxPool2d(2, 2),
+            layer.Flatten(), layer.Linear(channels * 4, 10, bias=False), neuron.IFNode(surrogate_function=surrogate.ATan()))
+        functional.set_step_mode(self, step_mode="m")
+
+    def forward(self, x):
+        return self.conv_fc(x.unsqueeze(0).repeat(self.steps, 1, 1, 1, 1)).mean(0)
+
+
+def tutorial_csnn() -> nn.Module:
+    torch.manual_seed(0)
+    return driven(TutorialCSNN()).eval()
+
+
+def test_a_stateful_network_exported_without_a_spiking_form_runs_from_rest(tmp_path):
+    """Exported as a plain model after the user ran it (state left in its neurons), the file
+    computes the network from rest, as a freshly built one does on each sample; the user's
+    model keeps its state."""
+    images = ep.zoo.testset("cnn-digits")[0][:6] * 3
+    model = tutorial_csnn()
+    with torch.no_grad():
+        model(images[5:6])  # the user's own run: membranes left behind
+    left = model.conv_fc[2].v.clone()
+    artifact = ep.export(model, images[:1], out=tmp_path, verify_inputs=[images[i:i + 1] for i in range(6)])["onnx"]
+    assert artifact.parity.passed and any("from rest" in note for note in artifact.notes)
+    session = ort.InferenceSession(str(artifact.path))
+    for i in range(6):
+        with torch.no_grad():
+            fresh = tutorial_csnn()(images[i:i + 1]).numpy()
+        assert np.array_equal(session.run(None, {"x": images[i:i + 1].numpy()})[0], fresh)
+    assert torch.equal(model.conv_fc[2].v, left)
+
+
+def test_spike_statistics_of_multi_step_networks_are_per_sample_and_per_step():
+    """A multi-step network's layers run all T steps in one call: its figures per sample do not
+    depend on the batch, each neuron layer counts T steps, and a [T, B, ...] sequence has B
+    samples; the same figures as the per-step form of the same network. Repeated calls measure
+    from rest, and leave the user's network as it was."""
+    images = ep.zoo.testset("cnn-digits")[0][:4] * 3
+    per_batch = [ep.spike_statistics(tutorial_csnn(), images[:b]) for b in (1, 4)]
+    ann_macs = 8 * 64 * 9 + 8 * 16 * 72 + 32 * 10
+    for stats, batch in zip(per_batch, (1, 4)):
+        assert stats.samples == batch and stats.energy()["ann_macs"] == ann_macs
+        assert set(stats.neuron_steps.values()) == {4}
+        assert stats.neuron_sizes == {"conv_fc.2": 512, "conv_fc.6": 128, "conv_fc.10": 10}
+    first = {layer.name: layer for layer in per_batch[0].layers}["conv_fc.0"]
+    assert not first.spike_input and first.repeated_input and first.calls == 4  # direct coding: counted once
+    sequence = rate_coded(images[:2], steps=T)  # [T, B, ...]
+    own = ep.spike_statistics(plif_net(), sequence, sequence=True)
+    stepped = ep.spike_statistics(plif_net(), sequence, T, sequence=True)
+    assert own.samples == stepped.samples == 2
+    assert own.memory_energy() == pytest.approx(stepped.memory_energy())
+    model = jelly_net()
+    rates = [ep.spike_statistics(model, DIGITS[:2]).neuron_rates for _ in range(3)]
+    assert rates[0] == rates[1] == rates[2]
+    assert all(not isinstance(getattr(m, "v", 0.0), torch.Tensor) for m in model.modules())  # never ran
+
+
 def test_energy_reproduces_the_worked_example():
     """spiking_and_energy.md 6.5: encoding 0.10 GMAC, 6.0 GMAC spike-driven, T = 4, rate 0.20."""
     fp32 = sdt_energy(0.10e9, [(6.0e9, 0.20)], 4, "fp32")

@@ -337,6 +337,22 @@ def library_copy(model: nn.Module) -> nn.Module:
     return copied
 
 
+def from_rest(model: nn.Module) -> nn.Module:
+    """A `library_copy` of a stateful snnTorch or SpikingJelly network that runs from rest on
+    every call, as its users reset it between samples (`functional.reset_net`, `utils.reset`):
+    a forward pre-hook clears its neurons' state, so an export traces no membrane left by an
+    earlier call and verification compares with the model's own first step. Same class and
+    weights, so the same source hash; the user's model is never touched."""
+    copied = library_copy(model)
+    copied.register_forward_pre_hook(lambda module, args: reset_library_state(module))
+    return copied
+
+
+def stateful(model: nn.Module) -> bool:
+    """Whether `model` holds snnTorch or SpikingJelly neurons, whose state outlives a call."""
+    return any(is_library_neuron(m) for m in model.modules())
+
+
 def _unwrap_time_containers(net: nn.Module) -> None:
     """Replace SpikingJelly's time containers (`SeqToANNContainer`, `MultiStepContainer` and
     their T-last forms), which fold or loop over a time axis, by the layers they wrap: one step

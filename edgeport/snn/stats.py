@@ -168,45 +168,66 @@ class SpikeStats:
                 "memory_aware_energy": {p: self.memory_energy(p) for p in ENERGY_45NM_PJ}}
 
 
-def _macs(module: nn.Module, inputs: torch.Tensor, output: torch.Tensor) -> float:
-    per_output = (module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
-                  if isinstance(module, nn.Conv2d) else module.in_features)
-    return output[0].numel() * per_output
+def _macs_per_output(module: nn.Module) -> int:
+    return (module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            if isinstance(module, nn.Conv2d) else module.in_features)
 
 
-def spike_statistics(model: nn.Module, inputs: torch.Tensor) -> SpikeStats:
+def _steps_in_call(module: nn.Module, leading: int, batch: int) -> int:
+    """How many timesteps one call of `module` covers: T for a SpikingJelly multi-step module
+    (input [T, B, ...]), T for a layer given time folded into the batch ([T*B, ...], inside a
+    `SeqToANNContainer`), else one."""
+    if getattr(module, "step_mode", "s") == "m":
+        return leading
+    return leading // batch if leading > batch and leading % batch == 0 else 1
+
+
+def spike_statistics(model: nn.Module, inputs: torch.Tensor, batch: int | None = None) -> SpikeStats:
     """Run `model` once on `inputs` (a batch of real samples) and measure, per sample, each
     weight layer's MACs, calls and input firing rate, and each neuron layer's firing rate.
 
     `model` is anything whose forward runs all timesteps (the zoo's spiking CNN, an
     `UnrolledModule` from `edgeport.transforms.spiking`, or an snnTorch or SpikingJelly network
-    whose forward loops over time itself, its library neurons measured as they are).
+    whose forward loops over time itself or runs its layers multi-step, its library neurons
+    measured as they are). `batch` is the number of samples in `inputs` (default: its first
+    axis; a [T, B, ...] sequence has B): figures are per sample and per timestep whether a
+    layer is called once per step or once for all of them.
     """
+    batch = int(inputs.shape[0]) if batch is None else batch
     names = {m: re.sub(r"^(stepped\.|model\.)?(net\.)?", "", n) for n, m in model.named_modules()}
     layers: dict[str, LayerStats] = {}
     rates: dict[str, list[float]] = {}
     sizes: dict[str, int] = {}
+    steps: dict[str, int] = {}
     last_input: dict[str, torch.Tensor] = {}
 
     def on_weight_layer(module, args, output):
         name, x = names[module], args[0]
         spike = is_binary(x.detach().cpu().numpy())
+        per_sample_step = batch * _steps_in_call(module, x.shape[0], batch)
         stats = layers.get(name)
         if stats is None:
-            stats = layers[name] = LayerStats(name, type(module).__name__, _macs(module, x, output), 0, spike, 0.0,
-                                              repeated_input=not spike, weights=module.weight.numel(),
-                                              inputs_per_call=x[0].numel(), outputs_per_call=output[0].numel())
+            stats = layers[name] = LayerStats(name, type(module).__name__,
+                                              output.numel() * _macs_per_output(module) / per_sample_step, 0, spike,
+                                              0.0, repeated_input=not spike, weights=module.weight.numel(),
+                                              inputs_per_call=x.numel() // per_sample_step,
+                                              outputs_per_call=output.numel() // per_sample_step)
+        covered = per_sample_step // batch
         stats.spike_input = stats.spike_input and spike
-        if name in last_input and not torch.equal(last_input[name], x):
+        each_step = x.detach().reshape(covered, -1)  # time leads in [T, B, ...] and in [T*B, ...] alike
+        if name in last_input and not torch.equal(last_input[name], each_step[0]) or \
+                not bool((each_step == each_step[:1]).all()):
             stats.repeated_input = False
-        last_input[name] = x.detach()
-        stats.input_rate += float((x != 0).float().mean())
-        stats.calls += 1
+        last_input[name] = each_step[-1]
+        stats.input_rate += float((x != 0).float().mean()) * covered
+        stats.calls += covered
 
     def on_neuron(module, args, output):
         out = output[0] if isinstance(output, tuple) else output
-        rates.setdefault(names[module], []).append(float(out.float().mean()))
-        sizes[names[module]] = out[0].numel()
+        name, covered = names[module], _steps_in_call(module, out.shape[0], batch)
+        rates.setdefault(name, []).append(float(out.float().mean()))
+        sizes[name] = out.numel() // (batch * covered)
+        steps[name] = steps.get(name, 0) + covered
 
     from edgeport.snn.convert import StatefulNeuron, is_library_neuron, is_neuron
 
@@ -225,5 +246,4 @@ def spike_statistics(model: nn.Module, inputs: torch.Tensor) -> SpikeStats:
             hook.remove()
     for stats in layers.values():
         stats.input_rate /= max(stats.calls, 1)
-    return SpikeStats(int(inputs.shape[0]), {k: sum(v) / len(v) for k, v in rates.items()}, list(layers.values()),
-                      sizes, {k: len(v) for k, v in rates.items()})
+    return SpikeStats(batch, {k: sum(v) / len(v) for k, v in rates.items()}, list(layers.values()), sizes, steps)
