@@ -379,9 +379,13 @@ def export(model: str | torch.nn.Module, example: Example | None = None, targets
         settings["vocabulary"] = source.vocabulary  # profiling draws token ids below it
     if any(is_neuron(m) for m in torch_model.modules()):  # estimates say that they price its synapses as MACs
         settings["spiking"] = True
-    if slim:
-        from edgeport.transforms.slim import slim as make_slim
+    from edgeport.transforms.slim import bake_masks, pruned_tensors, slim as make_slim
 
+    if not slim and pruned_tensors(torch_model):  # else the file stores weight_orig and weight_mask, and multiplies
+        export_model = bake_masks(torch_model)
+        notes.append(f"{len(pruned_tensors(torch_model))} torch.nn.utils.prune mask(s) multiplied into their "
+                     f"weights (slim=True also removes what they zero)")
+    if slim:
         export_model, slim_report = make_slim(torch_model, args)
         spatial = sorted({f"{name} axis {axis}" for name, axes in (dynamic_axes or {}).items() for axis in axes if axis})
         if slim_report.fixed_size and spatial:

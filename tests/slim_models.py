@@ -115,3 +115,19 @@ class SlimmingViT(nn.Module):
         x = self.embed(x).flatten(2).transpose(1, 2)  # 16 tokens
         x = self.block2(self.slim(self.block1(x)))  # 6 tokens
         return self.head(x.mean(1))
+
+
+class WidthReshapingAttention(nn.Module):
+    """timm 0.9's vision_transformer.Attention as that release writes it: the heads' output is
+    reshaped to the input's width C, so the module cannot run with fewer heads."""
+
+    def __init__(self, dim: int = 64, num_heads: int = 4):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv, self.proj = nn.Linear(dim, dim * 3), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        x = nn.functional.scaled_dot_product_attention(*qkv.unbind(0))
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))

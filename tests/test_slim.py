@@ -1,5 +1,6 @@
 """Slimming: masks baked, channels and heads physically removed, same function, real libraries."""
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -10,7 +11,8 @@ import edgeport as ep
 from edgeport.cli import main
 from edgeport.transforms.slim import BiasMap, bake_masks, slim
 from edgeport.zoo.models import ViT
-from slim_models import Branches, BottleneckResNet, DepthwiseChain, SlimmingViT, randomize_batchnorm
+from slim_models import (Branches, BottleneckResNet, DepthwiseChain, SlimmingViT, WidthReshapingAttention,
+                         randomize_batchnorm)
 
 IMAGES = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
@@ -53,6 +55,19 @@ def test_residual_network_slims_to_the_same_function(tmp_path):
     assert art.parity.passed and art.settings["slim"]["macs_after"] == report.macs_after
     with pytest.raises(ep.UserError, match="cannot be dynamic"):  # its file would fail at every other size
         ep.export(model, IMAGES[:1], out=tmp_path / "hw", slim=True, dynamic_axes={"x": {0: "batch", 2: "h", 3: "w"}})
+
+
+def test_a_pruned_model_exported_without_slim_stores_each_weight_once(tmp_path):
+    """Straight from torch.nn.utils.prune, a model holds weight_orig and weight_mask and
+    multiplies them in forward; its plain export bakes the masks instead (the file as large as
+    the dense model's) and says so."""
+    model = pruned_resnet()
+    artifact = ep.export(model, IMAGES[:1], out=tmp_path / "plain")["onnx"]
+    dense = ep.export(bake_masks(model), IMAGES[:1], out=tmp_path / "dense")["onnx"]
+    names = [init.name for init in onnx.load(str(artifact.path)).graph.initializer]
+    assert artifact.parity.passed and not any("mask" in name or "orig" in name for name in names)
+    assert artifact.path.stat().st_size <= 1.01 * dense.path.stat().st_size
+    assert any("prune mask(s) multiplied into their weights" in note for note in artifact.notes)
 
 
 def test_inconsistent_residual_mask_keeps_the_model_and_says_why():
@@ -148,6 +163,19 @@ def test_timm_vit_attention_heads_are_removed_or_kept_with_the_reason():
         assert bool(report.kept) == scale_norm and (not scale_norm or "scale_norm" in report.kept[0])
         with torch.no_grad():
             assert max_rel(model(images), slimmed(images)) <= 1e-5
+
+
+def test_heads_of_an_attention_that_reshapes_to_its_input_width_are_kept_with_the_reason():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LayerNorm(64), WidthReshapingAttention()).eval()
+    dead = (torch.arange(192) // 16 != 9).float()  # head 1 of the values
+    prune.custom_from_mask(model[1].qkv, "weight", dead[:, None].expand(192, 64))
+    prune.custom_from_mask(model[1].qkv, "bias", dead)
+    tokens = torch.randn(2, 10, 64, generator=torch.Generator().manual_seed(0))
+    slimmed, report = slim(model, tokens[:1])
+    assert not report.removed and any("does not run with fewer heads" in reason for reason in report.kept)
+    with torch.no_grad():
+        assert torch.equal(slimmed(tokens), model(tokens))
 
 
 @pytest.mark.parametrize("bias, removable", [(-5.0, True), (5.0, False)])

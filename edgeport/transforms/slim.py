@@ -53,14 +53,21 @@ ADDITIONS = (operator.add, torch.add, aten.add.Tensor, aten.add_.Tensor)
 POOLS = (nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
 
+def pruned_tensors(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(module, tensor name) of every tensor a `torch.nn.utils.prune` mask is attached to."""
+    import torch.nn.utils.prune as prune
+
+    return [(m, hook._tensor_name) for m in model.modules() for hook in m._forward_pre_hooks.values()
+            if isinstance(hook, prune.BasePruningMethod)]
+
+
 def bake_masks(model: nn.Module) -> nn.Module:
     """A copy of `model` with every `torch.nn.utils.prune` mask multiplied into its weight.
 
     The pruned model itself is left as it was (its masks still attached)."""
     import torch.nn.utils.prune as prune
 
-    pruned = [(m, hook._tensor_name) for m in model.modules() for hook in m._forward_pre_hooks.values()
-              if isinstance(hook, prune.BasePruningMethod)]
+    pruned = pruned_tensors(model)
     # deepcopy refuses the computed (non-leaf) `weight` attribute that prune leaves behind
     saved = [(m, name, getattr(m, name)) for m, name in pruned]
     for m, name, _ in saved:
@@ -396,7 +403,7 @@ def slim(model: nn.Module, example: torch.Tensor | tuple) -> tuple[nn.Module, Sl
     report.sparsity = sparsity_report(baked)
     with torch.no_grad():
         before = flatten_outputs(baked(*args))
-    _remove_heads(baked, report)
+    _remove_heads(baked, args, report)
     try:
         gm = _module_graph(baked, args)
     except Exception as error:  # torch.export raises many types; the model is then only baked
@@ -490,8 +497,9 @@ def _module_graph(model: nn.Module, args: tuple) -> fx.GraphModule:
     return gm
 
 
-def _remove_heads(model: nn.Module, report: SlimReport) -> None:
-    """Drop attention heads whose value rows and biases are all zero (their output is 0)."""
+def _remove_heads(model: nn.Module, args: tuple, report: SlimReport) -> None:
+    """Drop attention heads whose value rows and biases are all zero (their output is 0), where
+    the model still runs on `args` without them."""
     for name, m in list(model.named_modules()):
         if not is_attention(m):
             continue
@@ -510,6 +518,7 @@ def _remove_heads(model: nn.Module, report: SlimReport) -> None:
         keep = [h for h in range(heads) if h not in dead]
         rows = torch.tensor([part * dim + h * head_dim + i for part in range(3) for h in keep for i in range(head_dim)])
         cols = torch.tensor([h * head_dim + i for h in keep for i in range(head_dim)])
+        before = {attr: getattr(m, attr) for attr in ("qkv", "proj", "gate", heads_attr, "attn_dim") if hasattr(m, attr)}
         m.qkv = _linear_subset(m.qkv, rows=rows)
         m.proj = _linear_subset(m.proj, cols=cols)
         if isinstance(getattr(m, "gate", None), nn.Linear):  # timm's gated attention: one gate per output channel
@@ -517,6 +526,15 @@ def _remove_heads(model: nn.Module, report: SlimReport) -> None:
         setattr(m, heads_attr, len(keep))  # the softmax scale stays that of the (unchanged) head size
         if isinstance(getattr(m, "attn_dim", None), int):  # timm reshapes the heads' output to it
             m.attn_dim = len(keep) * head_dim
+        try:  # a forward that reshapes the heads' output to its input width (timm 0.9) cannot lose heads
+            with torch.no_grad():
+                model(*args)
+        except Exception as error:  # the model's own error, whatever its type
+            for attr, value in before.items():
+                setattr(m, attr, value)
+            report.kept.append(f"{len(dead)} zero head(s) of {name}: its forward does not run with fewer heads "
+                               f"({str(error).strip().splitlines()[0][:120]})")
+            continue
         report.removed[name] = len(dead)
 
 
