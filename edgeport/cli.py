@@ -208,6 +208,13 @@ def cli(ctx: click.Context, debug: bool, max_input_bytes: int | None) -> None:
         edgeport.core.MAX_INPUT_BYTES = max_input_bytes
 
 
+def dynamic_options(command):
+    """`--dynamic-batch` and `--dynamic`, for the commands that export."""
+    command = click.option("--dynamic", "dynamic", multiple=True, metavar="INPUT:AXIS:SYMBOL",
+                           help="Make one input axis symbolic, e.g. input_ids:1:sequence; repeatable.")(command)
+    return click.option("--dynamic-batch", is_flag=True, help="Make axis 0 of every input and output symbolic.")(command)
+
+
 @cli.command("export")
 @click.argument("model")
 @click.option("--to", "targets", default="onnx", show_default=True, help="Comma-separated targets.")
@@ -216,9 +223,7 @@ def cli(ctx: click.Context, debug: bool, max_input_bytes: int | None) -> None:
 @click.option("--weights", type=click.Path(), help=WEIGHTS_HELP)
 @click.option("-o", "--out", default="build", show_default=True, type=click.Path(), help="Output folder.")
 @click.option("--name", help="Artifact file name (default: the model's).")
-@click.option("--dynamic-batch", is_flag=True, help="Make axis 0 of every input and output symbolic.")
-@click.option("--dynamic", "dynamic", multiple=True, metavar="INPUT:AXIS:SYMBOL",
-              help="Make one input axis symbolic, e.g. input_ids:1:sequence; repeatable.")
+@dynamic_options
 @click.option("--snn-form", type=click.Choice(["unrolled", "step"]),
               help="Spiking models: T steps in one graph, or one step with membranes as inputs/outputs.")
 @click.option("--timesteps", type=int, help="Spiking models: T (default: the model's own).")
@@ -299,16 +304,17 @@ def _print_artifact(artifact) -> None:
                    "integer), time each export beside fp32 in ONNX Runtime on this machine (at 1 thread and at ONNX "
                    "Runtime's default, each at its faster), and keep the fastest; "
                    f"forms within {FORM_TIE:.0%} of it are a tie, kept by the export closest to fp32's (ONNX Runtime only).")
+@dynamic_options
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @backend_options
 def quantize_command(model, method, w_bits, a_bits, target, calib, calibration, weights, inputs, targets, out,
-                     name, sensitivity, max_drop, fastest_form, as_json, **options):
+                     name, sensitivity, max_drop, fastest_form, dynamic_batch, dynamic, as_json, **options):
     """Post-training quantization of MODEL, exported as quantized ONNX and verified against the fake-quant model."""
     from dataclasses import asdict
 
     from edgeport.core import check_artifact_name
     from edgeport.export import registry as backends
-    from edgeport.sdk import calibration_batch, load_model, model_label, parse_input, quantize
+    from edgeport.sdk import calibration_batch, load_model, model_label, parse_dynamic, parse_input, quantize
 
     targets = [t.strip() for t in targets.split(",")]
     for chosen in targets:  # refused now, not after the quantization
@@ -319,8 +325,7 @@ def quantize_command(model, method, w_bits, a_bits, target, calib, calibration, 
         targets.append(EXPORT_TARGETS[target])
         diagnostics.print(f"note: --target {target} also writes the {EXPORT_TARGETS[target]} target")
     float_model = load_model(model, weights)  # for the calibration's input names and what quantizing cost
-    width = "mixed" if max_drop is not None else f"w{w_bits}a{a_bits}"
-    name = check_artifact_name(name or f"{model_label(model, float_model)}-{method}-{width}")
+    name = check_artifact_name(name) if name else None
     batch = calibration_batch(float_model, _calibration_arrays(calib)) if calib else None
     timing = ", timing each conv form in ONNX Runtime" if fastest_form else ""
     widths = f"4, 6 or 8 bits per layer within 1 - cosine {max_drop}" if max_drop is not None else f"W{w_bits}A{a_bits}"
@@ -328,13 +333,23 @@ def quantize_command(model, method, w_bits, a_bits, target, calib, calibration, 
         qmodel = quantize(model, batch, method, w_bits, a_bits, **({"target": target} if target else {}),
                           weights=weights, act_observer=calibration, report="sensitivity" if sensitivity else None,
                           max_drop=max_drop, fastest_form=fastest_form)
+    width = f"w{w_bits}a{a_bits}"
+    if max_drop is not None:  # a map that chose one width for every layer is named by it
+        chosen = set(qmodel.mixed_precision.widths.values())
+        width = "mixed" if len(chosen) > 1 else f"w{min(chosen)}a{min(chosen)}"
+    name = name or check_artifact_name(f"{model_label(model, float_model)}-{method}-{width}")
     with progress(f"exporting {model} quantized to {', '.join(targets)}"):
         example = tuple(parse_input(s) for s in inputs) or None
         artifacts = _export_quantized(model, qmodel, example, batch, targets, out, name,
-                                      {k: v for k, v in options.items() if v is not None})
+                                      {k: v for k, v in options.items() if v is not None}
+                                      | {"dynamic_batch": dynamic_batch, "dynamic_axes": parse_dynamic(dynamic)})
     with progress(f"comparing the quantized {model} with its float model"):
         against_float = _against_float(model, float_model, qmodel, batch, artifacts)
         accuracy = _zoo_accuracy(model, float_model, qmodel)
+    if not against_float.passed:  # the artifacts match the quantized model; the quantized model lost this much
+        worst = against_float.failures()[0]
+        warnings.warn(f"the quantized model misses its width's tolerance against the float model: {worst.describe()}",
+                      EdgeportWarning)
     report = asdict(qmodel.quant_report)
     ranking = [asdict(r) for r in getattr(qmodel, "sensitivity", [])]
     mixed = asdict(qmodel.mixed_precision) if hasattr(qmodel, "mixed_precision") else None

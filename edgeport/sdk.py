@@ -872,6 +872,9 @@ def quantize(model: str | torch.nn.Module, calib: Calibration | None = None, met
         raise UserError(f"max_drop is a loss of cosine similarity between 0 and 1, not {max_drop!r}")
     from edgeport.quant.sensitivity import choose_widths, layer_sensitivity
 
+    if max_drop is not None and (config.w_bits, config.a_bits) != (8, 8):
+        raise UserError(f"max_drop chooses each layer's width (4, 6 or 8 bits) itself: it takes no w_bits or a_bits "
+                        f"(given W{config.w_bits}A{config.a_bits})")
     if max_drop is not None and not config.runs_every_width:
         raise UserError("max_drop chooses 4, 6 or 8 bits per layer, widths ONNX Runtime runs; TensorRT runs INT8 "
                         "activations only: quantize for it at one width (W8A8, or W4A8)")
@@ -890,6 +893,12 @@ def quantize(model: str | torch.nn.Module, calib: Calibration | None = None, met
     else:
         qmodel, qmodel.mixed_precision = choose_widths(torch_model, calib, config, max_drop,
                                                        *((metric,) if metric is not None else ()))
+        choice = qmodel.mixed_precision
+        if not choice.met:
+            bounded = choice.drop if choice.held_out_drop is None else choice.held_out_drop
+            warnings.warn(f"max_drop {max_drop:g} is not met even at uniform 8 bits: {choice.loss_name} {bounded:.3g}"
+                          f"{'' if choice.held_out_drop is None else ' cross-validated'}; the model is W8A8",
+                          EdgeportWarning, stacklevel=2)
     if isinstance(model, str) and model in zoo.names():
         qmodel.zoo_name = model
     if report == "sensitivity":

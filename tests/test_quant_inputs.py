@@ -128,6 +128,62 @@ def test_requests_that_cannot_be_met_are_refused_and_a_mixed_map_reports_its_nar
     assert qmodel.quant_report.w_bits == qmodel.quant_report.a_bits == narrowest
 
 
+def test_a_calibration_sample_of_padding_only_calibrates_and_a_nan_is_refused():
+    """A padded batch may hold an empty sentence (its mask all zeros): each of its queries sees
+    no key. transformers' attention gives it finite outputs, the quantized attention too (it
+    attends uniformly where the float SDPA returns zeros), and no range is fitted to a NaN that
+    would spread through the batch. A model that computes NaN from its batch is refused."""
+    model, _ = ARCHITECTURES["bert"]()
+    ids, mask = token_batch(8, 16)
+    mask[7] = 0
+    qmodel = ep.quantize(model, (ids, mask))
+    with torch.no_grad():
+        assert bool(torch.isfinite(qmodel(ids, mask).last_hidden_state).all())
+
+    class Logarithm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.linear(torch.log(x))
+
+    with pytest.raises(ep.UserError, match="computes NaN or Inf from the calibration data"):
+        ep.quantize(Logarithm(), -torch.rand(8, 4))
+
+
+def test_mixed_precision_and_keep_8bit_say_what_they_cannot_do():
+    """max_drop chooses the widths itself (given ones are refused) and warns where even W8A8
+    misses the budget, its artifact then named w8a8, not mixed; keep_8bit holds attention
+    matmuls at 8 bits as it does Linears, and refuses a name that matches nothing."""
+    with pytest.raises(ep.UserError, match="takes no w_bits or a_bits"):
+        ep.quantize("cnn-digits", w_bits=6, a_bits=4, max_drop=0.01)
+    with pytest.warns(EdgeportWarning, match=r"max_drop 1e-07 is not met even at uniform 8 bits"):
+        qmodel = ep.quantize("cnn-digits", max_drop=1e-7)
+    assert not qmodel.mixed_precision.met and set(qmodel.mixed_precision.widths.values()) == {8}
+    model, _ = ARCHITECTURES["bert"]()
+    scores = "encoder.layer.0.attention.self.matmul0"
+    qmodel = ep.quantize(model, token_batch(8, 16), w_bits=4, a_bits=4, keep_8bit=[scores])
+    assert qmodel.get_submodule(scores).left.bits == 8
+    assert qmodel.get_submodule("encoder.layer.0.attention.self.matmul1").left.bits == 4
+    with pytest.raises(ep.UserError, match=r"keep_8bit names \['encoder.layer.0.attention.self.matmul9'\]"):
+        ep.quantize(model, token_batch(8, 16), keep_8bit=["encoder.layer.0.attention.self.matmul9"])
+
+
+def test_cli_quantize_exports_dynamic_axes_and_warns_when_the_model_lost_too_much(bert_factory, tmp_path, capsys):
+    ids, mask = token_batch(8, 16)
+    np.savez(tmp_path / "calib.npz", input_ids=ids.numpy(), attention_mask=mask.numpy())
+    assert main(["quantize", bert_factory, "--calib", str(tmp_path / "calib.npz"), "-o", str(tmp_path / "out"),
+                 "--dynamic-batch", "--dynamic", "input_ids:1:sequence", "--dynamic", "attention_mask:1:sequence",
+                 "--json"]) == 0
+    artifact = json.loads(capsys.readouterr().out)["artifacts"]["onnx"]
+    assert [spec["shape"] for spec in artifact["inputs"]] == [["batch", "sequence"]] * 2
+    assert main(["quantize", "cnn-digits", "--w-bits", "2", "--a-bits", "2", "-o", str(tmp_path / "w2a2")]) == 0
+    captured = capsys.readouterr()
+    assert "warning: the quantized model misses its width's tolerance against the float model" in captured.err
+    assert "FAILED" in captured.out
+
+
 def test_sdk_warns_only_where_tensorrt_cannot_run_the_widths():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

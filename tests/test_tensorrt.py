@@ -1,12 +1,14 @@
 """TensorRT readiness: accepted and rejected graphs built here, real ORT quantizer output,
 and the honest absence of an engine where tensorrt cannot be installed."""
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import edgeport as ep
-from edgeport.export.tensorrt import check_readiness, tensorrt_module
+from edgeport.export.tensorrt import Readiness, builder_flags, check_readiness, tensorrt_module, trtexec_command
 from edgeport.export.tensorrt import TensorRTRunner
 
 
@@ -100,6 +102,16 @@ def test_tensorrt_target_writes_readiness_and_trtexec(tmp_path):
         assert "NVIDIA" in unavailable.remedy
         with pytest.raises(ep.BackendUnavailable, match="tensorrt"):
             TensorRTRunner(tmp_path / "cnn-digits-tensorrt.engine").load()
+
+
+def test_the_script_and_the_api_build_with_the_same_precisions():
+    """fp32 asked for on a quantized graph keeps fp16 off (int8 only: its Q/DQ scales); the
+    trtexec script and the API build read one list."""
+    assert builder_flags("fp32", quantized=True) == ["int8"]
+    assert builder_flags("fp16", quantized=True) == ["fp16", "int8"]
+    assert builder_flags("fp16", quantized=False) == ["fp16"] and builder_flags("fp32", quantized=False) == []
+    readiness = Readiness("m.onnx", quantized=True)
+    assert trtexec_command(Path("m.onnx"), readiness, "fp32").endswith("--int8")
 
 
 def test_profile_max_stops_where_the_model_stops(tmp_path):

@@ -209,10 +209,8 @@ def trtexec_command(onnx_path: Path, readiness: Readiness, precision: str = "fp1
     """
     args = ["trtexec", f"--onnx={onnx_path.name}", f"--saveEngine={onnx_path.stem}.engine",
             f"--timingCacheFile={onnx_path.stem}.timing.cache"]
-    if precision == "fp16" or readiness.quantized:
-        args.append("--fp16")
-    if readiness.quantized:
-        args.append("--int8")  # with Q/DQ nodes: explicit quantization, the scales come from the graph
+    # with Q/DQ nodes, int8 is explicit quantization: the scales come from the graph
+    args += [f"--{flag}" for flag in builder_flags(precision, readiness.quantized)]
     if readiness.dynamic_inputs:
         if not shapes or set(shapes) != set(readiness.dynamic_inputs):
             raise UserError(f"inputs with symbolic dimensions {sorted(readiness.dynamic_inputs)} need (min, opt, max) "
@@ -245,12 +243,21 @@ def tensorrt_module():
     return tensorrt
 
 
-def build_engine(onnx_path: Path, engine_path: Path, precision: str = "fp16",
+def builder_flags(precision: str, quantized: bool) -> list[str]:
+    """The precisions TensorRT may choose kernels in beyond fp32, one list for the trtexec
+    script and the API build alike: fp16 where asked for (int8 asks for it too, for the layers
+    between Q/DQ pairs), int8 where the graph's Q/DQ nodes carry the scales."""
+    return [flag for flag, wanted in (("fp16", precision in ("fp16", "int8")), ("int8", quantized or precision == "int8"))
+            if wanted]
+
+
+def build_engine(onnx_path: Path, engine_path: Path, precision: str = "fp16", quantized: bool = False,
                  shapes: dict[str, tuple[list[int], list[int], list[int]]] | None = None,
                  timing_cache: Path | None = None) -> Path:
-    """Build a serialized engine with the tensorrt API (explicit batch; fp32, fp16, or int8
-    from the graph's Q/DQ nodes), with optimization profiles for symbolic inputs and a timing
-    cache reused across builds. Raises `BackendUnavailable` without tensorrt or a GPU."""
+    """Build a serialized engine with the tensorrt API (explicit batch; the `builder_flags` of
+    `precision` and of a `quantized` graph's Q/DQ nodes), with optimization profiles for
+    symbolic inputs and a timing cache reused across builds. Raises `BackendUnavailable`
+    without tensorrt or a GPU."""
     trt = tensorrt_module()
 
     if not torch.cuda.is_available():
@@ -263,10 +270,8 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str = "fp16",
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise UserError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
     config = builder.create_builder_config()
-    if precision in ("fp16", "int8"):
-        config.set_flag(trt.BuilderFlag.FP16)
-    if precision == "int8":
-        config.set_flag(trt.BuilderFlag.INT8)
+    for flag in builder_flags(precision, quantized):
+        config.set_flag(getattr(trt.BuilderFlag, flag.upper()))
     if shapes:
         profile = builder.create_optimization_profile()
         for name, (low, opt, high) in shapes.items():
@@ -427,7 +432,7 @@ class TensorRTBackend(Backend):
             return [onnx_artifact]
         engine_path = onnx_artifact.path.with_suffix(".engine")
         try:
-            build_engine(onnx_artifact.path, engine_path, options.precision, shapes or None)
+            build_engine(onnx_artifact.path, engine_path, options.precision, readiness.quantized, shapes or None)
         except BackendUnavailable as unavailable:
             onnx_artifact.settings["tensorrt"]["engine"] = f"not built here: {unavailable}"
             onnx_artifact.notes.append(f"TensorRT engine not built: {unavailable}; run {script.name} on the device")

@@ -207,6 +207,8 @@ class QuantConfig:
 
     def matmul_bits_of(self, name: str) -> int:
         """The operand width of the activation x activation matmul called `name`."""
+        if name in self.keep_8bit:
+            return 8
         return dict(self.layer_widths).get(name, self.matmul_operand_bits)
 
 

@@ -130,8 +130,11 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scores_matmul:
     if attn_mask is not None and attn_mask.dtype == torch.bool:
         # as an additive mask: the select runs once on the mask (ONNX Runtime merges the layers'
         # identical ones), the heads' scores get an Add; a select over all the scores took 70 us a
-        # layer on MiniLM at 64 tokens (2 threads), a fifth of its quantized attention
-        attn_mask = torch.zeros_like(attn_mask, dtype=scores.dtype).masked_fill(~attn_mask, float("-inf"))
+        # layer on MiniLM at 64 tokens (2 threads), a fifth of its quantized attention. The
+        # dtype's lowest value, not -inf, as transformers' eager attention masks: a query that may
+        # see no key (an all-padding sample) attends uniformly instead of making NaN
+        attn_mask = torch.zeros_like(attn_mask, dtype=scores.dtype).masked_fill(~attn_mask,
+                                                                                 torch.finfo(scores.dtype).min)
     if attn_mask is not None:
         scores = scores + attn_mask
     return values_matmul(torch.softmax(scores, dim=-1), v)

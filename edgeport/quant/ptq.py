@@ -719,6 +719,10 @@ def quantize(model: nn.Module, calib: torch.Tensor | tuple[torch.Tensor, ...], c
                                   f"left to quantize: lower float_convs_below_macs or quantize for the tensorrt target")
     if not report.layers:
         raise UserError(f"the model has no {' or '.join(kind.__name__ for kind in QUANTIZED_LAYERS)} layer to quantize")
+    unknown = sorted(set(config.keep_8bit) - {*report.layers, *report.matmuls, *report.convs_kept_float})
+    if unknown:
+        raise UserError(f"keep_8bit names {unknown}, which match no quantized layer or matmul of the model (such as "
+                        f"{', '.join((report.layers + report.matmuls)[:3])})")
     if config.live_rows:  # before the first-input hooks: the probe pass must not run them
         mark_live_rows(qmodel, args)
     # AdaLog's hooks first: a layer that keeps its uniform quantizer can still migrate outliers

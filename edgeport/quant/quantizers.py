@@ -103,7 +103,12 @@ class UniformQuantizer(nn.Module):
         self.fitted = True
 
     def fit(self, x: torch.Tensor) -> None:
-        """Fit to a calibration tensor with the quantizer's observer."""
+        """Fit to a calibration tensor with the quantizer's observer; a NaN or Inf in it (which
+        the model computed from the calibration data) is refused: no range covers it, and one
+        range over the batch would carry it into every sample."""
+        if not bool(torch.isfinite(x).all()):
+            raise UserError(f"the model computes NaN or Inf from the calibration data (in a {list(x.shape)} tensor a "
+                            f"quantizer observes): check the batch, e.g. for a sample whose attention mask is all zeros")
         self.set_range(*self.observer(calibration_values(self, x.detach()), self))
 
     def _view(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

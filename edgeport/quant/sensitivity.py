@@ -112,6 +112,14 @@ class MixedPrecision:
     mean_weight_bits: float
     weight_bytes: int
     loss_name: str = "1 - cosine"
+    max_drop: float | None = None  # the budget asked for
+
+    @property
+    def met(self) -> bool:
+        """Whether the bounded loss (cross-validated where there was one) is within `max_drop`:
+        not where even uniform 8 bits lose more."""
+        bounded = self.drop if self.held_out_drop is None else self.held_out_drop
+        return self.max_drop is None or bounded <= self.max_drop
 
     def summary(self) -> str:
         """The choice as `edgeport quantize --max-drop` prints it: the losses and mean widths on
@@ -207,4 +215,5 @@ def choose_widths(model: nn.Module, calib, config, max_drop: float,
     return qmodel, MixedPrecision(widths, drop, checked if len(folds) > 1 else None,
                                   sum(widths.values()) / len(widths), weighted / sum(sizes.values()),
                                   math.ceil(weighted / 8),
-                                  "1 - cosine" if loss is cosine_drop else getattr(loss, "__name__", "the metric"))
+                                  "1 - cosine" if loss is cosine_drop else getattr(loss, "__name__", "the metric"),
+                                  max_drop)
