@@ -170,10 +170,34 @@ class Artifact:
     parity: ParityReport | None = None
     edgeport_version: str = ""
     created: str = ""
+    file_sha256: dict[str, str] = field(default_factory=dict)  # as committed: what was verified
 
     @property
     def sidecar(self) -> Path:
         return self.path.with_name(self.path.name + SIDECAR_SUFFIX)
+
+    def digests(self) -> dict[str, str]:
+        """sha256 of each of the artifact's files as they are now, by path relative to its
+        folder (a Core ML package, a folder, one entry per file inside it)."""
+        folder, digests = self.path.parent, {}
+        for name in dict.fromkeys([*self.files, self.path.name]):
+            path = folder / name
+            for member in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+                if member.is_file():
+                    digest = hashlib.sha256()
+                    with member.open("rb") as stream:
+                        for block in iter(lambda: stream.read(1 << 20), b""):
+                            digest.update(block)
+                    digests[member.relative_to(folder).as_posix()] = digest.hexdigest()
+        return digests
+
+    def changed_files(self) -> list[str]:
+        """The files that differ from the ones committed (changed, missing or added since the
+        export verified them); empty for an older sidecar that recorded none."""
+        if not self.file_sha256:
+            return []
+        now = self.digests()
+        return sorted(name for name in set(now) | set(self.file_sha256) if now.get(name) != self.file_sha256.get(name))
 
     def summary(self) -> str:
         """A few lines: the file and how it was made, its inputs and outputs, its parity verdict
@@ -197,6 +221,7 @@ class Artifact:
 
         self.edgeport_version = __version__
         self.created = self.created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        self.file_sha256 = self.digests()
         data = self.to_dict()
         data["path"] = self.path.name  # relative: the folder may be moved
         self.sidecar.write_text(json.dumps(data, indent=2) + "\n")

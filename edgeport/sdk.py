@@ -289,6 +289,10 @@ def verify(artifact: Artifact | str | Path, model: str | torch.nn.Module, inputs
     `edgeport.quantize` also each module's fake-quantized output against its float one).
     """
     art = artifact if isinstance(artifact, Artifact) else Artifact.load(artifact)
+    changed = art.changed_files()
+    if changed:
+        raise CheckFailed(f"{', '.join(changed)} of {art.path.name} changed since edgeport exported and verified it "
+                          f"(its sha256 differs from the sidecar's record): export it again")
     snn = art.settings.get("snn")
     example = _seeded_example(art)
     source = resolve(model, example, weights, inputs, example_label="a seeded example shaped as the export's")
