@@ -153,6 +153,21 @@ def _load_inputs(path: str | None, artifact=None):
     return [tuple(torch.from_numpy(a) for a in arrays.values())]
 
 
+def _verification_batches(path: str | None) -> list | None:
+    """`export --verify-inputs`: the .npz as one batch, its arrays by name (a dict the export
+    matches to the forward's input names, refusing others) unless np.savez named them in order."""
+    if path is None:
+        return None
+    import torch
+
+    from edgeport.load import load_arrays
+
+    arrays = {name: torch.from_numpy(array) for name, array in load_arrays(path).items()}
+    if all(re.fullmatch(r"arr_\d+", name) for name in arrays):
+        return [tuple(arrays.values())]
+    return [arrays]
+
+
 def _parity_table(artifact) -> Table:
     made = f"{artifact.exporter}, opset {artifact.opset}" if artifact.opset is not None else artifact.exporter
     parity = artifact.parity
@@ -244,7 +259,7 @@ def export_command(model, targets, inputs, weights, out, name, dynamic_batch, dy
     try:
         with progress(f"exporting {model} to {targets}"):
             artifacts = export(model, example, targets=[t.strip() for t in targets.split(",") if t.strip()],
-                               out=out, name=name, weights=weights, verify_inputs=_load_inputs(verify_inputs),
+                               out=out, name=name, weights=weights, verify_inputs=_verification_batches(verify_inputs),
                                check=not no_verify, dynamic_batch=dynamic_batch,
                                dynamic_axes=parse_dynamic(dynamic), snn_form=snn_form, timesteps=timesteps,
                                sequence=sequence, snn_outputs=snn_outputs, slim=slim_model,

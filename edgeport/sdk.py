@@ -102,7 +102,7 @@ def model_label(model: str | torch.nn.Module, loaded: torch.nn.Module) -> str:
     return model if isinstance(model, str) and model in zoo.names() else type(loaded).__name__.lower()
 
 
-def resolve(model, example=None, weights=None, verify_inputs: Sequence[Example] | None = None,
+def resolve(model, example=None, weights=None, verify_inputs: Sequence[Example | dict] | None = None,
             example_label: str = "the example") -> Source:
     """The Source of a run: the torch model, its example (a zoo model brings its own), and
     the verification batches — the given ones, a zoo model's test images, or the example plus
@@ -116,7 +116,8 @@ def resolve(model, example=None, weights=None, verify_inputs: Sequence[Example] 
     source = Source(torch_model, _example_args(example, torch_model), model_label(model, torch_model),
                     example_label=example_label)
     if verify_inputs is not None:
-        source.verification, source.verification_label = [as_args(b) for b in verify_inputs], "given inputs"
+        source.verification = [as_args(calibration_batch(torch_model, b, "verification")) for b in verify_inputs]
+        source.verification_label = "given inputs"
     elif zoo_name is not None:
         source.verification = zoo_batches(zoo_name, source.example[0].shape[0])
         source.verification_label = f"{zoo_name} test images"
@@ -304,6 +305,10 @@ def verify(artifact: Artifact | str | Path, model: str | torch.nn.Module, inputs
     report = verify_artifact(art, source.model, source.verification, source.verification_label, form=form, tolerance=tolerance)
     if report is None:
         raise BackendUnavailable(art.format, art.notes[-1].removeprefix("numerical parity NOT checked: "))
+    if re.fullmatch(r"w\d+a\d+", art.precision) and precision_of(source.model) == "fp32":
+        # within the width's tolerance of the float model: what quantizing may cost, not parity
+        report.reference = ("the float torch model (a quantization-cost check; the file's parity was checked "
+                            "against its fake-quant model at export, and its sha256 since)")
     if localize:
         from edgeport.verify import localize as find_departures
 
@@ -313,7 +318,7 @@ def verify(artifact: Artifact | str | Path, model: str | torch.nn.Module, inputs
 
 def export(model: str | torch.nn.Module, example: Example | None = None, targets: str | Sequence[str] = ("onnx",),
            out: str | Path = "build", *, name: str | None = None, weights: str | Path | None = None,
-           verify_inputs: Sequence[Example] | None = None, verify_inputs_source: str = "given inputs",
+           verify_inputs: Sequence[Example | dict] | None = None, verify_inputs_source: str = "given inputs",
            check: bool = True,
            dynamic_batch: bool = False, dynamic_axes: dict[str, dict[int, str]] | None = None,
            tolerance: Tolerance | None = None, snn_form: str | None = None, timesteps: int | None = None,
@@ -322,7 +327,8 @@ def export(model: str | torch.nn.Module, example: Example | None = None, targets
     """Export `model` to every target in `targets` under `out`, verifying each artifact.
 
     `example` is one input batch (a zoo model brings its own). Every artifact is verified
-    against the torch model on `verify_inputs` (a sequence of batches; default: a zoo
+    against the torch model on `verify_inputs` (a sequence of batches, each a tensor, a tuple
+    in the forward's order or a dict by its input names; default: a zoo
     model's test images, else the example plus seeded random draws; reports name given batches
     `verify_inputs_source`) unless `check=False`.
     A failed verification raises `CheckFailed` and leaves nothing of that target in `out`;
@@ -685,21 +691,23 @@ def slim(model: str | torch.nn.Module, example: Example | None = None, *, weight
 Calibration = torch.Tensor | tuple[torch.Tensor, ...] | dict[str, torch.Tensor | np.ndarray]
 
 
-def calibration_batch(model: torch.nn.Module, calib: Calibration) -> torch.Tensor | tuple[torch.Tensor, ...]:
-    """A calibration batch as the model's positional arguments: a tensor or tuple as given; a
-    dict (numpy arrays or tensors) matched to the forward's parameters by name, which must be
-    its first inputs (`input_ids`, `attention_mask` of a BERT)."""
+def calibration_batch(model: torch.nn.Module, calib: Calibration, purpose: str = "calibration"
+                      ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """A calibration batch (or a batch for another `purpose`, e.g. "verification") as the
+    model's positional arguments: a tensor or tuple as given; a dict (numpy arrays or tensors)
+    matched to the forward's parameters by name, which must be its first inputs (`input_ids`,
+    `attention_mask` of a BERT)."""
     if not isinstance(calib, dict):
         return calib
     if not calib:
-        raise UserError("the calibration set is empty")
+        raise UserError(f"the {purpose} set is empty")
     names = [n for n in input_names(model, 64) if not re.fullmatch(r"input_\d+", n)]  # the forward's own names
     unknown = [n for n in calib if n not in names]
     if unknown:
-        raise UserError(f"calibration arrays {unknown} name no input of the model; its inputs are {names}")
+        raise UserError(f"{purpose} arrays {unknown} name no input of the model; its inputs are {names}")
     first = names[:len(calib)]
     if set(first) != set(calib):
-        raise UserError(f"calibration arrays {sorted(calib)} must be the model's first {len(calib)} inputs "
+        raise UserError(f"{purpose} arrays {sorted(calib)} must be the model's first {len(calib)} inputs "
                         f"({', '.join(first)})")
     return tuple(torch.as_tensor(calib[n]) for n in first)
 

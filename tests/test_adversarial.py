@@ -269,6 +269,8 @@ CASES = [
     Case("empty npz", EXPORT + ["--verify-inputs", "{tmp}/empty.npz"], "holds no arrays"),
     Case("pickled object array", EXPORT + ["--verify-inputs", "{tmp}/object.npz"], "object.npz"),
     Case("NaN in inputs", EXPORT + ["--verify-inputs", "{tmp}/nan.npz"], "1 NaN"),
+    Case("verification inputs named for another model", EXPORT + ["--verify-inputs", "{tmp}/misnamed.npz"],
+         r"verification arrays \['pixels'\] name no input of the model; its inputs are \['x'\]"),
     Case("inputs of the wrong dtype", EXPORT + ["--verify-inputs", "{tmp}/int-images.npz"], "int64"),
     Case("inputs of the wrong shape", EXPORT + ["--verify-inputs", "{tmp}/wrong-shape.npz"], "wrong-shape|1x9x9|9, 9"),
     Case("inputs of the wrong rank", EXPORT + ["--verify-inputs", "{tmp}/wrong-rank.npz"], "wrong-rank|rank|64"),
