@@ -703,6 +703,9 @@ def spikes_command(model, weights, inputs, timesteps, sequence, as_json):
 
     batch = _load_inputs(inputs)
     stats = spike_statistics(model, batch[0][0] if batch else None, timesteps, weights=weights, sequence=sequence)
+    if not stats.neuron_rates:
+        diagnostics.print(f"note: {model} has no spiking neurons: measured as the ANN it is (the SNN figures below are "
+                          f"the ANN's)", soft_wrap=True)
     if as_json:
         _emit_json(stats.to_dict())
         return

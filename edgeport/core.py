@@ -718,6 +718,22 @@ def check_feeds(feeds: Sequence[dict[str, np.ndarray]], specs: Sequence[TensorSp
                                 f"of shape {wanted}")
 
 
+def check_token_ids(feeds: Sequence[dict[str, np.ndarray]], vocabulary: int | None) -> None:
+    """Refuse token ids (integer inputs named for ids or tokens) outside [0, vocabulary), naming
+    the input: the embedding lookup would fail on them deep in the runtime (torch's IndexError,
+    ONNX Runtime's Gather error)."""
+    if not vocabulary:
+        return
+    for feed in feeds:
+        for name, array in feed.items():
+            if np.issubdtype(array.dtype, np.integer) and array.size and any(
+                    word in name.lower() for word in ("ids", "token")):
+                low, high = int(array.min()), int(array.max())
+                if low < 0 or high >= vocabulary:
+                    raise UserError(f"input {name!r} holds token ids from {low} to {high}; the model's vocabulary "
+                                    f"has {vocabulary} (ids 0 to {vocabulary - 1})")
+
+
 @dataclass
 class Source:
     """What a run starts from: the torch model, its example arguments, the batches it is

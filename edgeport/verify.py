@@ -299,6 +299,9 @@ class Localization:
 
     def summary(self) -> str:
         first = self.first
+        if not self.rows:  # nothing to judge is not a clean bill
+            return (f"{self.subject}: no intermediate tensor of the artifact pairs with one of the model's by name, "
+                    f"so none was compared (is this the model it was exported from?)")
         if first is None:
             return f"{self.subject}: no intermediate departs beyond tolerance ({len(self.rows)} compared)"
         return (f"{self.subject}: first departure at {first.module} ({first.op}; {first.candidate_op} "

@@ -161,3 +161,24 @@ def test_a_long_quantization_logs_each_reconstructed_block(monkeypatch, capsys):
         ("1", "patch_embed"), ("2", "blocks.0"), ("3", "blocks.1"), ("4", "blocks.2"), ("5", "blocks.3"), ("6", "head")]
     assert all(re.match(r"\.\.\. quantizing vit-digits \[\d+ s\]: ", line) for line in lines), lines
     assert (logger.level, logger.handlers) == before
+
+
+def test_verify_says_when_the_file_changed_since_its_export(tmp_path, capsys):
+    """The sidecar records each file's sha256 as committed: verify warns on a file edited since
+    (one weight nudged, still valid ONNX), then checks it as it is; an untouched file, silently."""
+    import onnx
+    from onnx import numpy_helper
+
+    artifact = ep.export("cnn-digits", out=tmp_path)["onnx"]
+    assert set(artifact.file_sha256) == {"cnn-digits.onnx"} and not artifact.changed_files()
+    capsys.readouterr()
+    assert main(["verify", str(artifact.path), "--against", "cnn-digits"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    model = onnx.load(str(artifact.path))
+    weight = model.graph.initializer[0]
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.001, weight.name))
+    onnx.save(model, str(artifact.path))
+    assert main(["verify", str(artifact.path), "--against", "cnn-digits"]) == 1
+    err = capsys.readouterr().err
+    assert "warning: cnn-digits.onnx of cnn-digits.onnx changed since edgeport exported and verified it" in err
+    assert "fails verification" in err

@@ -184,6 +184,20 @@ def test_cli_quantize_exports_dynamic_axes_and_warns_when_the_model_lost_too_muc
     assert "FAILED" in captured.out
 
 
+def test_token_ids_beyond_the_vocabulary_are_refused_by_name(tmp_path):
+    """verify and profile name the input and the vocabulary, before torch's IndexError or ONNX
+    Runtime's Gather error (an internal error, exit 3, before)."""
+    model, example = ARCHITECTURES["bert"]()
+    artifact = ep.export(model, example, out=tmp_path)["onnx"]
+    ids, mask = example
+    wrong = (ids + 200, mask)
+    with pytest.raises(ep.UserError, match=r"input 'input_ids' holds token ids from \d+ to \d+; the model's "
+                                           r"vocabulary has 128 \(ids 0 to 127\)"):
+        ep.verify(artifact.path, model, [wrong])
+    with pytest.raises(ep.UserError, match="vocabulary has 128"):
+        ep.profile(artifact.path, inputs=[wrong], runs=5, ops=False, energy=False)
+
+
 def test_sdk_warns_only_where_tensorrt_cannot_run_the_widths():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
