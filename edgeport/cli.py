@@ -622,6 +622,9 @@ def estimate_command(artifact, devices, dims, inputs, output, as_json):
     if assumed:
         diagnostics.print(f"note: symbolic dimension {', '.join(assumed)} has no value and counts as 1; "
                           f"set it with --dim {assumed[0]}=N")
+    for e in estimates:  # a peak priced at another precision moves the figure by the ratio of the two
+        for line in (a for a in e.assumptions if " lists no " in a and " peak: " in a):
+            diagnostics.print(f"note: {line}", soft_wrap=True)
     if SPIKING_WITHOUT_RATES in estimates[0].assumptions:
         diagnostics.print(f"note: the 45 nm figure of {SPIKING_WITHOUT_RATES}", soft_wrap=True)
     if as_json:

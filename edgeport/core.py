@@ -29,7 +29,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from edgeport.errors import BackendUnavailable, UserError, limit_from_environment
+from edgeport.errors import BackendUnavailable, UserError, byte_size, limit_from_environment
 
 SIDECAR_SUFFIX = ".edgeport.json"
 
@@ -484,8 +484,8 @@ def check_input_size(name: str, shape: Sequence[int], dtype: np.dtype | torch.dt
     itemsize = dtype.itemsize if isinstance(dtype, torch.dtype) else np.dtype(dtype).itemsize
     size = math.prod(int(d) for d in shape) * itemsize
     if size > MAX_INPUT_BYTES:
-        raise UserError(f"input {name!r} of shape {'x'.join(map(str, shape))} would take {size / 2**30:.3g} GiB, "
-                        f"over the {MAX_INPUT_BYTES / 2**30:.3g} GiB limit (raise it with --max-input-bytes)")
+        raise UserError(f"input {name!r} of shape {'x'.join(map(str, shape))} would take {byte_size(size)}, "
+                        f"over the {byte_size(MAX_INPUT_BYTES)} limit (raise it with --max-input-bytes)")
 
 
 def vocabulary_size(model: torch.nn.Module | None) -> int | None:

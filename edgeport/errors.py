@@ -49,6 +49,14 @@ class EdgeportWarning(UserWarning):
 ENVIRONMENT_PROBLEMS: list[str] = []  # malformed settings read at import; the CLI refuses to run with them
 
 
+def byte_size(count: float) -> str:
+    """`count` bytes in the largest binary unit it reaches ("256 bytes", "1.5 GiB")."""
+    for unit, power in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if count >= 2 ** power:
+            return f"{count / 2 ** power:.3g} {unit}"
+    return f"{int(count)} bytes"
+
+
 def limit_from_environment(name: str, default: int) -> int:
     """A positive integer limit from the environment variable `name`, else `default`. A
     malformed or non-positive value is recorded in `ENVIRONMENT_PROBLEMS`, which the CLI

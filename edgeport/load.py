@@ -44,7 +44,7 @@ from torch.export.pt2_archive.constants import (AOTINDUCTOR_DIR, CONSTANTS_CONFI
 
 from edgeport import zoo
 from edgeport.core import check_input_size, in_eval_mode
-from edgeport.errors import UserError, limit_from_environment
+from edgeport.errors import UserError, byte_size, limit_from_environment
 
 # The most a model file may unpack to: the sizes its zip entries declare, and the tensors torch
 # builds from declared shapes alone. `EDGEPORT_MAX_MODEL_BYTES` raises it for a bigger model.
@@ -74,7 +74,7 @@ def _refuse_pickle(path: Path, error: Exception) -> UserError:
 
 def _check_model_size(what: str, size: int) -> None:
     if size > MAX_MODEL_BYTES:
-        raise UserError(f"{what} would take {size / 2**30:.3g} GiB, over the {MAX_MODEL_BYTES / 2**30:.3g} GiB "
+        raise UserError(f"{what} would take {byte_size(size)}, over the {byte_size(MAX_MODEL_BYTES)} "
                         f"limit (raise it with the environment variable EDGEPORT_MAX_MODEL_BYTES)")
 
 
@@ -546,8 +546,8 @@ def load_model(spec: str | torch.nn.Module, weights: str | Path | None = None) -
         if not path.is_file():
             raise UserError(f"model file {path} {_missing(path)}")
         if path.stat().st_size > MAX_MODEL_BYTES:
-            raise UserError(f"{path} is {path.stat().st_size / 2**30:.3g} GiB, over the {MAX_MODEL_BYTES / 2**30:.3g} "
-                            f"GiB limit (raise it with the environment variable EDGEPORT_MAX_MODEL_BYTES)")
+            raise UserError(f"{path} is {byte_size(path.stat().st_size)}, over the {byte_size(MAX_MODEL_BYTES)} "
+                            f"limit (raise it with the environment variable EDGEPORT_MAX_MODEL_BYTES)")
         from edgeport.export.nir import read_graph_model
 
         return read_graph_model(path)

@@ -215,7 +215,7 @@ def test_pt2_zip_bomb_is_refused_before_torch_loads_it(genuine, tmp_path, monkey
         raise AssertionError("torch.export.load was reached")
 
     monkeypatch.setattr(torch.export, "load", torch_must_not_load)
-    with pytest.raises(UserError, match=r"over the 0\.0312 GiB limit.*EDGEPORT_MAX_MODEL_BYTES"):
+    with pytest.raises(UserError, match=r"over the 32 MiB limit.*EDGEPORT_MAX_MODEL_BYTES"):
         load_model(tampered)
 
 
@@ -223,7 +223,7 @@ def test_pt2_size_limit_comes_from_the_environment(genuine):
     code = f"from edgeport.load import load_model; load_model({str(genuine)!r})"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "EDGEPORT_MAX_MODEL_BYTES": "1000"}, cwd=Path(__file__).parents[1])
-    assert result.returncode != 0 and "over the 9.31e-07 GiB limit" in result.stderr
+    assert result.returncode != 0 and "over the 1000 bytes limit" in result.stderr
 
 
 def test_pt2_tensors_built_from_declared_shapes_count_against_the_limit(genuine, tmp_path):
@@ -388,7 +388,7 @@ def test_weights_zip_bomb_is_refused(tmp_path, monkeypatch):
     path = tmp_path / "bomb.pt"
     with zipfile.ZipFile(path, "w") as archive:
         add_deflated_zeros(archive, "bomb/data/0", 64 * MIB)
-    with pytest.raises(UserError, match="bomb.pt unpacked would take 0.0625 GiB"):
+    with pytest.raises(UserError, match="bomb.pt unpacked would take 64 MiB"):
         load_weights(path)
 
 

@@ -309,6 +309,24 @@ def symbolic_graph(path: Path) -> Path:
     return path
 
 
+def test_exporter_dim_expressions_are_settled_by_the_given_dims_without_eval(tmp_path):
+    """torch's exporter leaves `Min(512, seq)` in intermediate shapes; given seq they are
+    numbers, not symbols "counted as 1". The expression is parsed, never run."""
+    import onnx
+
+    from edgeport.devices.estimate import dim_value
+
+    path = symbolic_graph(tmp_path / "encoder.onnx")
+    model = onnx.load(str(path))
+    model.graph.value_info.append(onnx.helper.make_tensor_value_info("h", onnx.TensorProto.FLOAT,
+                                                                     ["batch", "Min(512, seq)", 32]))
+    onnx.save(model, str(path))
+    estimate = ep.estimate(path, "host", dims={"seq": 32})
+    assert estimate.macs == 32 * 64 * 32 and not any("remain in intermediate" in a for a in estimate.assumptions)
+    assert dim_value("floor(seq/2) + 2*s0", {"seq": 7, "s0": 3}) == 9
+    assert dim_value("__import__('os').getpid()", {}) is None and dim_value("other", {"seq": 1}) is None
+
+
 def test_symbolic_dims_are_refused_set_or_named(tmp_path, capsys):
     import numpy as np
 

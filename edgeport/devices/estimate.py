@@ -16,6 +16,7 @@ and where each came from, are recorded in the estimate.
 """
 from __future__ import annotations
 
+import ast
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -193,12 +194,53 @@ def resolve_dims(model: onnx.ModelProto, dims: dict[str, int] | None,
     return values, sources
 
 
+# dim_param expressions exporters write ("Min(512, seq)", "2*s0", "floor(seq/2)"), evaluated
+# without eval: an ONNX file is untrusted input
+_FUNCTIONS = {"Min": min, "Max": max, "min": min, "max": max, "floor": math.floor, "ceil": math.ceil,
+              "FloorToInt": math.floor, "CeilToInt": math.ceil}
+_OPERATORS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+              ast.FloorDiv: lambda a, b: a // b, ast.Div: lambda a, b: a / b, ast.Mod: lambda a, b: a % b}
+
+
+def dim_value(expression: str, values: dict[str, int]) -> int | None:
+    """The integer a symbolic dimension's expression takes at `values`, or None where it names
+    another symbol or is not plain arithmetic."""
+    def evaluate(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.Name) and node.id in values:
+            return values[node.id]
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
+            return _OPERATORS[type(node.op)](evaluate(node.left), evaluate(node.right))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -evaluate(node.operand)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCTIONS \
+                and not node.keywords:
+            return _FUNCTIONS[node.func.id](*map(evaluate, node.args))
+        raise ValueError(expression)
+
+    try:
+        result = evaluate(ast.parse(expression, mode="eval").body)
+    except (SyntaxError, ValueError, TypeError, ZeroDivisionError, RecursionError):
+        return None
+    return int(result) if float(result).is_integer() else None
+
+
+
 def _fix_input_dims(model: onnx.ModelProto, values: dict[str, int]) -> None:
-    """Write `values` into the graph inputs' symbolic dimensions, in place."""
+    """Write `values` into the graph inputs' symbolic dimensions, in place, and into every
+    other tensor's dimension whose expression they settle (the exporter's `Min(512, seq)`):
+    shape inference keeps the exporter's symbolic dims where it infers none itself."""
     for symbol, places in symbolic_inputs(model).items():
         for name, axis in places:
             value = next(v for v in model.graph.input if v.name == name)
             value.type.tensor_type.shape.dim[axis].dim_value = values[symbol]
+    for value in [*model.graph.value_info, *model.graph.output]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param:
+                settled = dim_value(dim.dim_param, values)
+                if settled is not None:
+                    dim.dim_value = settled
 
 
 def _size(entry) -> int:
