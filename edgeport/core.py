@@ -176,19 +176,22 @@ class Artifact:
     def sidecar(self) -> Path:
         return self.path.with_name(self.path.name + SIDECAR_SUFFIX)
 
-    def digests(self) -> dict[str, str]:
-        """sha256 of each of the artifact's files as they are now, by path relative to its
-        folder (a Core ML package, a folder, one entry per file inside it)."""
-        folder, digests = self.path.parent, {}
+    def member_files(self) -> list[Path]:
+        """Every file of the artifact that exists now, sidecar aside: its listed files, a
+        folder's (a Core ML package's) files one by one."""
+        members = []
         for name in dict.fromkeys([*self.files, self.path.name]):
-            path = folder / name
-            for member in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
-                if member.is_file():
-                    digest = hashlib.sha256()
-                    with member.open("rb") as stream:
-                        for block in iter(lambda: stream.read(1 << 20), b""):
-                            digest.update(block)
-                    digests[member.relative_to(folder).as_posix()] = digest.hexdigest()
+            path = self.path.parent / name
+            members += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] * path.is_file()
+        return members
+
+    def digests(self) -> dict[str, str]:
+        """sha256 of each of the artifact's files as they are now, by path relative to its folder."""
+        digests = {}
+        for member in self.member_files():
+            with member.open("rb") as stream:
+                digest = hashlib.file_digest(stream, "sha256").hexdigest()
+            digests[member.relative_to(self.path.parent).as_posix()] = digest
         return digests
 
     def changed_files(self) -> list[str]:

@@ -393,10 +393,11 @@ def export(model: str | torch.nn.Module, example: Example | None = None, targets
         settings["spiking"] = True
     from edgeport.transforms.slim import bake_masks, pruned_tensors, slim as make_slim
 
-    if not slim and pruned_tensors(torch_model):  # else the file stores weight_orig and weight_mask, and multiplies
+    masked = pruned_tensors(torch_model)
+    if masked and not slim:  # else the file stores weight_orig and weight_mask, and multiplies them
         export_model = bake_masks(torch_model)
-        notes.append(f"{len(pruned_tensors(torch_model))} torch.nn.utils.prune mask(s) multiplied into their "
-                     f"weights (slim=True also removes what they zero)")
+        notes.append(f"{len(masked)} torch.nn.utils.prune mask(s) multiplied into their weights (slim=True also "
+                     f"removes what they zero)")
     if slim:
         export_model, slim_report = make_slim(torch_model, args)
         spatial = sorted({f"{name} axis {axis}" for name, axes in (dynamic_axes or {}).items() for axis in axes if axis})
@@ -910,8 +911,8 @@ def quantize(model: str | torch.nn.Module, calib: Calibration | None = None, met
                                                        *((metric,) if metric is not None else ()))
         choice = qmodel.mixed_precision
         if not choice.met:
-            bounded = choice.drop if choice.held_out_drop is None else choice.held_out_drop
-            warnings.warn(f"max_drop {max_drop:g} is not met even at uniform 8 bits: {choice.loss_name} {bounded:.3g}"
+            warnings.warn(f"max_drop {max_drop:g} is not met even at uniform 8 bits: {choice.loss_name} "
+                          f"{choice.bounded_drop:.3g}"
                           f"{'' if choice.held_out_drop is None else ' cross-validated'}; the model is W8A8",
                           EdgeportWarning, stacklevel=2)
     if isinstance(model, str) and model in zoo.names():

@@ -226,7 +226,6 @@ def dim_value(expression: str, values: dict[str, int]) -> int | None:
     return int(result) if float(result).is_integer() else None
 
 
-
 def _fix_input_dims(model: onnx.ModelProto, values: dict[str, int]) -> None:
     """Write `values` into the graph inputs' symbolic dimensions, in place, and into every
     other tensor's dimension whose expression they settle (the exporter's `Min(512, seq)`):

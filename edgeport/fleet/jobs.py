@@ -45,12 +45,9 @@ class ArtifactBundle:
 
 def bundle_of(artifact: Artifact) -> ArtifactBundle:
     """Read every file of `artifact` (the ones its sidecar lists, and the sidecar) into a bundle."""
-    folder, files = artifact.path.parent, {}
-    for name in dict.fromkeys([*artifact.files, artifact.path.name, artifact.sidecar.name]):
-        path = folder / name
-        members = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        for member in members:
-            files[member.relative_to(folder).as_posix()] = member.read_bytes()
+    folder = artifact.path.parent
+    files = {member.relative_to(folder).as_posix(): member.read_bytes()
+             for member in [*artifact.member_files(), artifact.sidecar]}
     return ArtifactBundle(artifact.path.name, files)
 
 

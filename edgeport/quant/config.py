@@ -55,8 +55,8 @@ class QuantConfig:
     """How `edgeport.quant.ptq.quantize` quantizes a model.
 
     `w_bits` and `a_bits` are the widths of Linear and Conv2d weights and inputs (layers and
-    activation matmuls named in `keep_8bit` get 8 for both), `matmul_bits` that of both operands of activation x
-    activation matmuls (None: `a_bits`). Weights are symmetric, per output channel or per
+    activation matmuls named in `keep_8bit` get 8 for both), `matmul_bits` that of both
+    operands of activation x activation matmuls (None: `a_bits`). Weights are symmetric, per output channel or per
     tensor (`weight_granularity`), fitted by `weight_observer` (a name in
     `edgeport.quant.calibrate.OBSERVERS`, or "auto"); activation ranges come from
     `act_observer`. `norm_reparam` calibrates a Linear input that is a LayerNorm's output per

@@ -115,11 +115,14 @@ class MixedPrecision:
     max_drop: float | None = None  # the budget asked for
 
     @property
+    def bounded_drop(self) -> float:
+        """The loss the budget bounds: the cross-validated one where there was one."""
+        return self.drop if self.held_out_drop is None else self.held_out_drop
+
+    @property
     def met(self) -> bool:
-        """Whether the bounded loss (cross-validated where there was one) is within `max_drop`:
-        not where even uniform 8 bits lose more."""
-        bounded = self.drop if self.held_out_drop is None else self.held_out_drop
-        return self.max_drop is None or bounded <= self.max_drop
+        """Whether `bounded_drop` is within `max_drop`: not where even uniform 8 bits lose more."""
+        return self.max_drop is None or self.bounded_drop <= self.max_drop
 
     def summary(self) -> str:
         """The choice as `edgeport quantize --max-drop` prints it: the losses and mean widths on
