@@ -12,11 +12,13 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import hashlib
 import inspect
 import json
+import logging
 import math
 import os
 import shutil
@@ -459,6 +461,30 @@ def input_names(model: torch.nn.Module, count: int) -> list[str]:
     except (TypeError, ValueError):
         params = []
     return [params[i] if i < len(params) else f"input_{i}" for i in range(count)]
+
+
+@contextlib.contextmanager
+def torch_logs_silenced(*names: str):
+    """The `torch` loggers (and any others named) quiet for the block: a failed torch.export
+    logs its fake-tensor traceback as a page of ERROR lines on stderr, although the exception
+    it raises, which the caller reports or turns into a note, says the same once."""
+    loggers = [logging.getLogger(n) for n in ("torch", *names)]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def capture(model: torch.nn.Module, args: tuple) -> torch.export.ExportedProgram:
+    """The graph torch.export captures of `model` called on `args` (non-strict, as the
+    analyses that read a model's graph need it), with torch's log noise silenced; raises
+    what torch.export raises."""
+    with torch_logs_silenced():
+        return torch.export.export(model, tuple(args), strict=False)
 
 
 def source_sha256(model: torch.nn.Module) -> str:

@@ -464,10 +464,11 @@ def profile_feeds(artifact: Artifact, inputs: Sequence[Example] | None, count: i
     random data shaped like its inputs — the batch axis at `batch` (1 without it), every other
     symbolic axis as the export's example had it (the sidecar's `example_shapes`); token ids
     within the recorded vocabulary, masks over a prefix. An axis with no recorded value is
-    refused by name: a text model timed at one token is not its latency."""
+    refused by name: a text model timed at one token is not its latency. Given inputs larger
+    than a static batch of one are split into samples, as verification splits them."""
     specs = artifact.inputs
     if inputs is not None:
-        return feeds_from([s.name for s in specs], inputs), "given inputs"
+        return feeds_from([s.name for s in specs], inputs, specs), "given inputs"
     rows, source = batch or 1, artifact.settings.get("source")
     if source in zoo.names() and len(specs) == 1:
         images = zoo.testset(source)[0].numpy()
@@ -713,7 +714,23 @@ def calibration_batch(model: torch.nn.Module, calib: Calibration, purpose: str =
     if set(first) != set(calib):
         raise UserError(f"{purpose} arrays {sorted(calib)} must be the model's first {len(calib)} inputs "
                         f"({', '.join(first)})")
+    _check_token_aligned(calib, purpose)
     return tuple(torch.as_tensor(calib[n]) for n in first)
+
+
+# inputs that hold one entry per token of `input_ids` ([batch, sequence]) in Hugging Face models
+PER_TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+
+
+def _check_token_aligned(arrays: dict, purpose: str) -> None:
+    """Refuse per-token arrays ([batch, sequence] ids, mask, types, positions) of different
+    shapes: a Hugging Face model in eager mode may still run on a mask shorter than its ids,
+    and the mismatch would surface only at export, as torch.export's broadcast error."""
+    shapes = {n: tuple(np.shape(arrays[n])) for n in PER_TOKEN_INPUTS if n in arrays and np.ndim(arrays[n]) == 2}
+    if len(set(shapes.values())) > 1:
+        listed = ", ".join(f"{n} {'x'.join(map(str, shape))}" for n, shape in shapes.items())
+        raise UserError(f"{purpose} arrays {listed} must have one shape, [batch, sequence]: each holds one entry "
+                        f"per token")
 
 
 @dataclasses.dataclass

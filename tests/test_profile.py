@@ -139,6 +139,22 @@ def test_profile_bad_input(artifacts, tmp_path):
         ep.profile(artifacts["cnn-digits"].path, device="jetson-orin-nan")
 
 
+def test_profile_splits_a_batch_of_inputs_as_verify_does(artifacts, tmp_path, capsys):
+    """An .npz of 20 images for an artifact exported at batch 1: timed one image at a time, as
+    `verify --inputs` and `quantize --calib` take the same file."""
+    import numpy as np
+
+    images = ep.zoo.testset("cnn-digits")[0][:20].numpy()
+    feeds, source = profile_feeds(artifacts["cnn-digits"], [images])
+    assert len(feeds) == 20 and feeds[3]["x"].shape == (1, 1, 8, 8) and source == "given inputs"
+    assert np.array_equal(feeds[3]["x"][0], images[3])
+    np.savez(tmp_path / "images.npz", x=images)
+    assert main(["profile", str(artifacts["cnn-digits"].path), "--inputs", str(tmp_path / "images.npz"), "--runs",
+                 "20", "--warmup", "2", "--no-ops", "--no-energy", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["inputs_source"] == "given inputs" and record["latency"]["batch"] == 1
+
+
 def test_profile_refuses_arguments_of_the_wrong_kind(artifacts):
     path = artifacts["cnn-digits"].path
     with pytest.raises(ep.UserError, match="runs, warmup and sessions are integers"):

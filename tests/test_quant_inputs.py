@@ -90,6 +90,15 @@ def test_cli_calibration_npz_by_input_name(bert_factory, tmp_path, capsys):
     assert main(["quantize", bert_factory, "--calib", str(tmp_path / "wrong.npz"), "-o", str(tmp_path / "out2")]) == 2
     assert "name no input of the model" in capsys.readouterr().err
     assert not (tmp_path / "out2").exists()
+    # a mask shorter than its ids: the float BERT runs on it, torch.export would not; refused
+    # before any work, in one line without torch's log pages
+    np.savez(tmp_path / "short_mask.npz", input_ids=ids.numpy(), attention_mask=mask[:, :8].numpy())
+    assert main(["quantize", bert_factory, "--calib", str(tmp_path / "short_mask.npz"), "-o",
+                 str(tmp_path / "out3")]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["error: calibration arrays input_ids 8x16, attention_mask 8x8 must have one "
+                                "shape, [batch, sequence]: each holds one entry per token"]
+    assert not (tmp_path / "out3").exists()
 
 
 def test_cli_target_tensorrt_writes_the_tensorrt_artifact_and_warns_at_w4a4(tmp_path, capsys):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
-import logging
 import os
 import re
 import sys
@@ -29,7 +28,7 @@ from edgeport.devices.catalog import u8s8_saturates
 from edgeport.errors import BackendUnavailable, ExportError, UserError
 from edgeport.export.onnxgraph import keep_residual_norms_apart
 from edgeport.core import (Artifact, Backend, ExportRequest, Runner, TensorSpec, input_names, option,
-                           source_sha256)
+                           source_sha256, torch_logs_silenced)
 
 SINGLE_FILE_LIMIT = 1_800_000_000  # bytes; protobuf's hard limit is 2 GiB, keep headroom
 DYNAMO_MIN_OPSET = 18  # the torch.export path silently raises anything lower to 18
@@ -49,18 +48,11 @@ def quiet():
     """Silence the exporters' progress prints, deprecation warnings and log noise, and what
     their C++ parts print on the process's stdout (the legacy exporter's "Torch IR graph at
     exception" dump: stdout carries results and --json)."""
-    loggers = [logging.getLogger(n) for n in ("torch", "onnxscript", "onnx_ir", "torch.onnx")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()), _stdout_descriptor_silenced():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+    with torch_logs_silenced("torch.onnx", "onnxscript", "onnx_ir"), warnings.catch_warnings(), \
+            contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+            _stdout_descriptor_silenced():
+        warnings.simplefilter("ignore")
+        yield
 
 
 _silenced = {"depth": 0, "saved": None}  # file descriptor 1 while silenced, shared by nested and threaded users

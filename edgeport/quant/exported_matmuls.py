@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from edgeport.core import capture
+
 aten = torch.ops.aten
 _SDPA = aten.scaled_dot_product_attention.default
 _MATMULS = {aten.matmul.default, aten.bmm.default}
@@ -64,7 +66,7 @@ def exported_matmul_sites(model: nn.Module, args: tuple[torch.Tensor, ...]) -> t
     the model ("" otherwise). A matmul with a parameter or buffer operand is a weight
     layer's, not an activation product."""
     try:
-        program = torch.export.export(model, args, strict=False)
+        program = capture(model, args)
     except Exception as error:  # capture runs arbitrary model code; any failure means "not capturable"
         return [], f"not capturable by torch.export ({type(error).__name__}: {str(error).splitlines()[0][:120]})"
     signature = program.graph_signature

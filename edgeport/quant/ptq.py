@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgeport.core import capture
 from edgeport.errors import EverythingLeftFloat, UserError
 from edgeport.quant.adalog import AdaLogQParams, AdaLogQuantizer, choose_input_quantizer, gelu_fed
 from edgeport.quant.calibrate import observer
@@ -309,7 +310,7 @@ def _folds(model: nn.Module, args: tuple[torch.Tensor, ...]) -> _Folds:
     per timestep); a layer scale called more than once is never folded. Otherwise one call's
     fold would change the others."""
     try:
-        program = torch.export.export(model, args, strict=False)
+        program = capture(model, args)
     except Exception as error:  # capture runs arbitrary model code; any failure means "not capturable"
         return _Folds(not_captured=f"not capturable by torch.export ({type(error).__name__}: "
                                    f"{str(error).splitlines()[0][:120]})")
