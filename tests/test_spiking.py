@@ -462,6 +462,45 @@ def test_a_stateful_network_exported_without_a_spiking_form_runs_from_rest(tmp_p
     assert torch.equal(model.conv_fc[2].v, left)
 
 
+@pytest.mark.parametrize("form", ["unrolled", "step"])
+def test_a_network_that_makes_its_own_time_axis_is_refused_by_name(form, tmp_path):
+    """SpikingJelly's tutorial CSNN repeats its input over T and averages its readout inside
+    forward, so no step can be fed to it from outside: the spiking forms, in export and in spike
+    statistics, refuse it saying so and what to do (before, with the shape errors of conversions
+    that cannot apply); exported without a spiking form, it verifies (test above)."""
+    images = ep.zoo.testset("cnn-digits")[0][:2] * 3
+    reason = (r"TutorialCSNN.forward makes its own time axis: given one timestep's input of shape \[\d, 1, 8, 8\], "
+              r"its neurons run 4 timesteps .* returns an output of shape \[\d, 10\] without a time axis first .* "
+              r"export it without snn_form")
+    with pytest.raises(ep.UserError, match=reason):
+        ep.export(tutorial_csnn(), images[:1], out=tmp_path, snn_form=form, timesteps=4)
+    with pytest.raises(ep.UserError, match=reason):
+        ep.spike_statistics(tutorial_csnn(), images, timesteps=4)
+
+
+class NeedsTwoSteps(nn.Module):
+    """A multi-step network whose own code refuses fewer than two timesteps: it runs neither one
+    step at a time nor on one frame, for a reason of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = jelly_net("m")
+
+    def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
+        if x_seq.shape[0] < 2:
+            raise ValueError("needs two timesteps or more")
+        return self.net(x_seq)
+
+
+def test_a_network_that_fails_on_one_step_keeps_its_own_error(tmp_path):
+    """Only a forward that runs on one frame is refused as making its own time axis; any other
+    failure to convert is reported with the model's own errors."""
+    sequence = torch.stack([DIGITS[:1]] * T)
+    with pytest.raises(ep.UserError, match=r"NeedsTwoSteps runs neither one step at a time \(needs two timesteps or "
+                                           r"more\) nor as a sequence of length one \(needs two timesteps or more\)"):
+        ep.export(NeedsTwoSteps(), sequence, out=tmp_path, snn_form="unrolled", timesteps=T, sequence=True)
+
+
 def test_spike_statistics_of_multi_step_networks_are_per_sample_and_per_step():
     """A multi-step network's layers run all T steps in one call: its figures per sample do not
     depend on the batch, each neuron layer counts T steps, and a [T, B, ...] sequence has B

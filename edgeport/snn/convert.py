@@ -33,6 +33,12 @@ from edgeport.snn.neurons import (LIF, NEURONS, Alpha, Lapicque, Leaky, Parametr
                                   RecurrentSynaptic, Synaptic)
 
 
+WITHOUT_TIME_AXIS = "without a time axis first (it reduces over time itself, e.g. averages its readout over T)"
+# what to do with a forward that no single step can be cut from
+WHOLE_FORWARD = ("export it without snn_form (and measure its spikes without timesteps), which takes its whole "
+                 "forward, its time loop included, as one graph")
+
+
 @dataclass
 class Slot:
     """One neuron's state in the bank: names, per-sample shapes and initial fill values."""
@@ -399,7 +405,7 @@ def _loop_outputs(model: nn.Module, outputs, bank: StateBank, stacks: _Stacks) -
             raise UserError(f"{type(model).__name__}.forward runs its own loop of {bank.loop_length} timesteps and "
                             f"returns an output ({number}) that is not a neuron's results stacked over time "
                             f"(torch.stack(spk_rec) of spk, mem = lif(cur, mem)), so no single step can be cut from "
-                            f"it: export it without snn_form, its forward is already unrolled")
+                            f"it: {WHOLE_FORWARD}")
         found.append(match)
     return found
 
@@ -449,6 +455,7 @@ def convert(model: nn.Module, example_step: torch.Tensor) -> SteppedNetwork:
     A SpikingJelly multi-step network runs single-step where its code allows (its time
     containers unwrapped: the smallest graph, and the form NIR takes); one whose own code builds
     or checks the [T, B, ...] axis (SpikingJelly's Spikformer) runs as a sequence of length one.
+    One whose forward makes its own time axis from one frame is refused by name.
     """
     try:
         return _converted(model, example_step, time_axis=False)
@@ -462,9 +469,40 @@ def convert(model: nn.Module, example_step: torch.Tensor) -> SteppedNetwork:
         except UserError:
             raise
         except Exception as sequence:
+            _refuse_own_time_axis(model, example_step)
             raise UserError(f"{type(model).__name__} runs neither one step at a time "
                             f"({str(single_step).splitlines()[0][:160]}) nor as a sequence of length one "
                             f"({str(sequence).splitlines()[0][:160]})") from sequence
+
+
+def _refuse_own_time_axis(model: nn.Module, example_step: torch.Tensor) -> None:
+    """Refuse by name a multi-step network whose forward makes its own time axis from one frame,
+    as SpikingJelly's tutorial CSNN does (`x.unsqueeze(0).repeat(T, 1, 1, 1, 1)`, its readout
+    averaged over T): it runs as it is on one timestep's input, its neurons stepping through a
+    time axis that input lacks. Neither conversion can feed it one step, so both fail on
+    shapes that say nothing of why; a model that fails on that input too keeps those errors."""
+    net = library_copy(model)
+    timesteps: list[int] = []
+    for module in net.modules():
+        if is_library_neuron(module) and getattr(module, "step_mode", "s") == "m":
+            module.register_forward_pre_hook(lambda neuron, args: timesteps.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            outputs = net(example_step)
+    except Exception:  # a genuine failure, not this pattern
+        return
+    if not timesteps:
+        return
+    steps = timesteps[0]
+    outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    outputs = [o for o in outputs if isinstance(o, torch.Tensor)]
+    shapes = ", ".join(str(list(o.shape)) for o in outputs)
+    returned = f"{'an output' if len(outputs) == 1 else 'outputs'} of shape {shapes}"
+    reduced = f" {WITHOUT_TIME_AXIS}" if any(not _has_time_axis(o, steps) for o in outputs) else ""
+    raise UserError(f"{type(model).__name__}.forward makes its own time axis: given one timestep's input of shape "
+                    f"{list(example_step.shape)}, its neurons run {steps} timesteps (the input repeated over T inside "
+                    f"forward, as SpikingJelly's tutorials write it) and it returns {returned}{reduced}; a spiking "
+                    f"form feeds a network one timestep at a time, which such a forward does not take: {WHOLE_FORWARD}")
 
 
 def as_stepped(model: nn.Module, example_step: torch.Tensor) -> nn.Module:
@@ -538,9 +576,13 @@ def _over_time(model: nn.Module, outputs, steps: int) -> list[tuple[torch.Tensor
     no time axis (it reduces over T itself) cannot be compared step by step."""
     outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
     for output in outputs:
-        if output.ndim < 2 or output.shape[0] != steps:
+        if not _has_time_axis(output, steps):
             raise UserError(f"{type(model).__name__} returns an output of shape {list(output.shape)} for {steps} "
-                            f"timesteps, without a time axis first (it reduces over time itself, e.g. averages its "
-                            f"readout over T); a spiking form returns every step's outputs, which it cannot be checked "
-                            f"against")
+                            f"timesteps, {WITHOUT_TIME_AXIS}; a spiking form returns every step's outputs, which it "
+                            f"cannot be checked against: {WHOLE_FORWARD}")
     return [tuple(o[t] for o in outputs) for t in range(steps)]
+
+
+def _has_time_axis(output: torch.Tensor, steps: int) -> bool:
+    """Whether a model's output over `steps` timesteps keeps them on its first axis (T, B, ...)."""
+    return output.ndim >= 2 and output.shape[0] == steps
