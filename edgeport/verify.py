@@ -266,8 +266,9 @@ class UnrolledSteps(Runner):
 
 @dataclass
 class LayerError:
-    """One intermediate tensor compared: the torch module that computed it and its op, the
-    tensor's name in the candidate and the candidate's op, and the error figures and verdict."""
+    """One intermediate tensor compared: the torch module that computed it and its op (with
+    any the candidate folded into it, a BatchNorm into its conv), the tensor's name in the
+    candidate and the candidate's op, and the error figures and verdict."""
 
     module: str
     op: str
@@ -313,27 +314,64 @@ class Localization:
                 "rows": [asdict(row) for row in self.rows]}
 
 
-def graph_node_outputs(model, args: tuple) -> dict[str, tuple[np.ndarray, str, str]]:
-    """{node name: (output, module path, op)} of every op node of `model`'s torch.export graph
-    (lowered to ATen) run on `args`; a node with several outputs gives its first."""
+@dataclass
+class GraphNode:
+    """One op node of a torch.export graph run on an input: its output (the first of several),
+    the module path that called it, its ATen op, and the op nodes it reads, by name."""
+
+    value: np.ndarray
+    module: str
+    op: str
+    inputs: list[str]
+
+
+def graph_node_outputs(model, args: tuple) -> dict[str, GraphNode]:
+    """{node name: GraphNode} of every op node of `model`'s torch.export graph (lowered to
+    ATen) run on `args`, in the order the graph runs them. A `getitem` of an op's output tuple
+    is charged to that op (its module and op): Python's indexing computes nothing."""
+    import operator
+
     import torch
 
     program = torch.export.export(model, tuple(args)).run_decompositions({})
-    found: dict[str, tuple[np.ndarray, str, str]] = {}
+    found: dict[str, GraphNode] = {}
 
     class Recorder(torch.fx.Interpreter):
         def run_node(self, node):
             value = super().run_node(node)
             tensor = value[0] if isinstance(value, (tuple, list)) and value else value
             if node.op == "call_function" and isinstance(tensor, torch.Tensor):
-                stack = node.meta.get("nn_module_stack") or {}
+                computing = node.args[0] if node.target is operator.getitem else node
+                stack = computing.meta.get("nn_module_stack") or {}
                 path = (next(reversed(stack.values()))[0] if stack else "") or "<root>"
-                found[node.name] = (tensor.detach().cpu().numpy(), path, str(node.target))
+                found[node.name] = GraphNode(tensor.detach().cpu().numpy(), path, str(computing.target),
+                                             [n.name for n in node.all_input_nodes])
             return value
 
     with torch.no_grad():
         Recorder(program.module()).run(*args)
     return found
+
+
+def nodes_behind(name: str, graph: dict[str, GraphNode], exposed: set[str]) -> list[str]:
+    """`name` and the op nodes upstream of it whose outputs are not in `exposed`, in graph
+    order: what a candidate that exposes only `exposed` computes within its tensor `name` (a
+    conv the exporter fused a BatchNorm into yields the BatchNorm's output, not the conv's)."""
+    behind, pending = set(), [name]
+    while pending:
+        current = pending.pop()
+        if current not in behind:
+            behind.add(current)
+            pending += [n for n in graph[current].inputs if n in graph and n not in exposed]
+    return [n for n in graph if n in behind]
+
+
+def describe_nodes(nodes: list[GraphNode]) -> tuple[str, str]:
+    """(module, op) labels for the torch nodes one candidate tensor stands for: the first
+    module, the others it folds in noted after it, and every distinct op in graph order."""
+    modules = list(dict.fromkeys(node.module for node in nodes))
+    module = modules[0] + (f" (+ {', '.join(modules[1:])} folded in)" if len(modules) > 1 else "")
+    return module, " + ".join(dict.fromkeys(node.op for node in nodes))
 
 
 def onnx_intermediates(path: Path, feeds: dict[str, np.ndarray]) -> list[tuple[str, str, np.ndarray]]:
@@ -388,22 +426,26 @@ def _judge_intermediate(name: str, reference: np.ndarray, candidate: np.ndarray,
 def localize_artifact(artifact: Artifact, model, feeds: dict[str, np.ndarray], names: list[str]) -> Localization:
     """Compare every intermediate tensor of `artifact` on one feed with the torch model's node
     of the same name, in the artifact's order, each judged by the artifact precision's
-    tolerance (integer and bool tensors exactly)."""
+    tolerance (integer and bool tensors exactly). Each row names every torch module and op the
+    tensor stands for, those whose outputs the artifact has no tensor for included."""
     import torch
 
     args = tuple(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in names)
     reference = graph_node_outputs(model, args)
-    rows, unmatched = [], 0
-    for name, op_type, value in artifact_intermediates(artifact, feeds):
-        found = reference.get(name)
-        value = np.asarray(value)
-        if found is None or found[0].shape != value.shape or found[0].dtype.kind not in "biuf":
-            unmatched += 1
-            continue
-        tensor, module, op = found
-        rows.append(LayerError(module, op, name, op_type, _judge_intermediate(name, tensor, value,
-                                                                             artifact.precision)))
-    return Localization(f"{artifact.path.name} vs torch", rows, unmatched)
+    intermediates = [(name, op_type, np.asarray(value))
+                     for name, op_type, value in artifact_intermediates(artifact, feeds)]
+    paired = [(name, op_type, value) for name, op_type, value in intermediates
+              if name in reference and reference[name].value.shape == value.shape
+              and reference[name].value.dtype.kind in "biuf"]
+    exposed = {name for name, _, _ in paired}
+    rows = []
+    for name, op_type, value in paired:
+        behind = nodes_behind(name, reference, exposed)
+        exposed.update(behind)  # a node charged to this tensor is not charged to a later one as well
+        module, op = describe_nodes([reference[n] for n in behind])
+        rows.append(LayerError(module, op, name, op_type,
+                               _judge_intermediate(name, reference[name].value, value, artifact.precision)))
+    return Localization(f"{artifact.path.name} vs torch", rows, len(intermediates) - len(paired))
 
 
 def localize_quantization(model, args: tuple) -> Localization:

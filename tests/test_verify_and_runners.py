@@ -119,6 +119,42 @@ def test_a_longer_input_than_a_fixed_axis_is_refused_not_cut(tmp_path):
         ep.verify(artifact, model, [torch.randn(1, 32)])
 
 
+class ConvBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)).relu()
+
+
+def test_a_corrupted_conv_weight_is_charged_to_the_conv_its_batchnorm_was_folded_into(tmp_path):
+    """The ONNX exporter folds the BatchNorm into the conv, so the file's Conv yields the
+    BatchNorm's output tensor (a `getitem` of its tuple): the departure names the conv, with
+    the BatchNorm noted as folded in, and both ATen ops, never Python's `getitem`."""
+    torch.manual_seed(0)
+    model = ConvBN().eval()
+    with torch.no_grad():  # statistics away from identity, so folding changes the conv's numbers
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+    example = torch.randn(1, 3, 8, 8)
+    path = ep.export(model, example, out=tmp_path)["onnx"].path
+    graph = onnx.load(str(path))
+    conv = next(node for node in graph.graph.node if node.op_type == "Conv")
+    assert not any(node.op_type == "BatchNormalization" for node in graph.graph.node)  # folded
+    weight = next(i for i in graph.graph.initializer if i.name == conv.input[1])
+    values = numpy_helper.to_array(weight).copy()
+    values[[0, 1]] = values[[1, 0]]
+    weight.CopyFrom(numpy_helper.from_array(values, weight.name))
+    onnx.save(graph, str(path))
+    with pytest.warns(ep.EdgeportWarning, match="changed since edgeport exported"):
+        report = ep.verify(path, model, [example], localize=True)
+    first = report.localization[0].first
+    assert not report.passed and first.name == conv.output[0] and first.candidate_op == "Conv"
+    assert first.module == "conv (+ bn folded in)"
+    assert first.op == "aten.conv2d.default + aten._native_batch_norm_legit_no_training.default"
+
+
 def test_measure_counts_and_rejects_bad_counts(cnn_artifact):
     runner = OnnxRuntimeRunner(cnn_artifact.path).load()
     feeds = [{"x": ep.zoo.testset("cnn-digits")[0][i:i + 1].numpy()} for i in range(4)]

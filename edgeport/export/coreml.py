@@ -26,7 +26,7 @@ import torch
 from edgeport.core import (Artifact, Backend, ExportRequest, Runner, TensorSpec, TorchRunner, draw_input,
                            flatten_outputs, input_names, option, source_sha256, vocabulary_size)
 from edgeport.errors import BackendUnavailable, CheckFailed, ExportError, UserError
-from edgeport.export.mil import MILInterpreterRunner
+from edgeport.export.mil import MILInterpreterRunner, import_coremltools_quietly
 from edgeport.export.onnx import output_names_for, quiet, summarize_error
 from edgeport.quant.adalog import AdaLogQParams, AdaLogQuantizer
 from edgeport.quant.ptq import QUANTIZED_MODULES, QuantConv2d, QuantLinear, QuantMatMul
@@ -540,8 +540,7 @@ class CoreMLRunner(Runner):
         if platform.system() != "Darwin":
             raise BackendUnavailable("coreml", f"Core ML predicts only on macOS; this is {platform.system()}",
                                      "verify and profile the package on a Mac")
-        import coremltools as ct
-
+        ct = import_coremltools_quietly()
         self.model = ct.models.MLModel(str(self.path), compute_units=getattr(ct.ComputeUnit, self.compute_units))
         spec = self.model.get_spec()
         self.input_names = [f.name for f in spec.description.input]

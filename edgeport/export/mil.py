@@ -20,6 +20,7 @@ import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -712,6 +713,17 @@ class OpOutput:
     value: np.ndarray
 
 
+def import_coremltools_quietly() -> ModuleType:
+    """coremltools, its first import silenced: importing it warns that this torch and
+    scikit-learn are untested versions and, off macOS, logs each native proxy it cannot load,
+    none of which is the user's to act on. Later imports of it print nothing more."""
+    from edgeport.export.onnx import quiet
+
+    with quiet():
+        import coremltools
+    return coremltools
+
+
 class MILProgram:
     """The main function of a saved ML Program, ready to evaluate with `run`.
 
@@ -720,11 +732,11 @@ class MILProgram:
     """
 
     def __init__(self, path: str | Path):
-        import coremltools as ct
+        from edgeport.export.onnx import quiet
+
+        ct = import_coremltools_quietly()
         from coremltools.converters.mil.frontend.milproto.load import load as load_program
         from coremltools.converters.mil.mil import types
-
-        from edgeport.export.onnx import quiet
 
         self.path = Path(path)
         try:
