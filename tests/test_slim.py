@@ -1,4 +1,7 @@
 """Slimming: masks baked, channels and heads physically removed, same function, real libraries."""
+import re
+from collections import Counter
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -118,6 +121,66 @@ def test_constants_follow_torch_add_alpha_and_a_linear_over_another_axis_keeps_t
     assert not report.changed and any("another axis" in reason for reason in report.kept), report.kept
     with torch.no_grad():
         assert torch.equal(slimmed(IMAGES), model(IMAGES))
+
+
+def test_input_channel_pruning_of_resnet18_removes_the_channels_no_layer_reads():
+    """`ln_structured(..., dim=1)` zeroes a conv's input channels. conv2's come from conv1
+    through bn1 and ReLU alone: conv1 and bn1 lose them. conv1's are the residual stream, which
+    the residual addition carries on to layers that read them: they stay, and the report says why.
+    timm's resnet18 is torchvision's block for block (torchvision cannot be imported beside torch here)."""
+    from real_models import timm, trained_like
+
+    torch.manual_seed(0)
+    model = trained_like(timm().create_model("resnet18", pretrained=False, num_classes=10)).eval()
+    blocks = {name: block for name, block in model.named_modules() if type(block).__name__ == "BasicBlock"}
+    for block in blocks.values():
+        prune.ln_structured(block.conv1, "weight", amount=0.5, n=2, dim=1)
+        prune.ln_structured(block.conv2, "weight", amount=0.5, n=2, dim=1)
+    images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    slimmed, report = slim(model, images[:1])
+    halves = {f"{name}.conv1": block.conv2.in_channels // 2 for name, block in blocks.items()}
+    assert report.removed == halves and "removed 960 channels" in report.summary()
+    block = slimmed.get_submodule("layer2.1")
+    assert block.conv1.out_channels == block.bn1.num_features == block.conv2.in_channels == 64
+    assert block.conv1.in_channels == 128
+    with torch.no_grad():
+        assert max_rel(model(images), slimmed(images)) <= 1e-5
+    kept = Counter()
+    for reason in report.kept:
+        count, _, rest = reason.partition(" ignored input channel(s) of ")
+        kept[rest.partition(" ")[0]] += int(count)
+        assert "reads them too" in rest, reason
+    assert kept == {f"{name}.conv1": block.conv1.in_channels // 2 for name, block in blocks.items()}
+    # layer1.0's input feeds its conv1 and the residual addition only
+    assert all(re.search(r"through add_\b", reason) for reason in report.kept if " of layer1.0.conv1 " in reason)
+
+
+def test_vit_mlp_input_pruning_removes_the_hidden_units():
+    torch.manual_seed(0)
+    model = ViT(dim=64, depth=2, heads=4).eval()
+    for block in model.blocks:
+        prune.ln_structured(block.mlp[2], "weight", amount=0.5, n=2, dim=1)  # fc2's inputs: fc1's outputs after GELU
+    images = ep.zoo.testset("vit-digits")[0][:16]
+    slimmed, report = slim(model, images[:1])
+    assert report.removed == {"blocks.0.mlp.0": 128, "blocks.1.mlp.0": 128} and not report.kept
+    assert slimmed.blocks[0].mlp[2].in_features == 128
+    with torch.no_grad():
+        assert max_rel(model(images), slimmed(images)) <= 1e-5
+
+
+def test_ignored_channels_leave_both_branches_of_a_sum_but_stay_in_the_model_input():
+    torch.manual_seed(0)
+    model = ScaledSum().eval()
+    with torch.no_grad():
+        model.head.weight[:, ::2] = 0  # no layer reads the sum's even channels
+        model.a.weight[:, 0] = 0
+        model.b.weight[:, 0] = 0  # nor the input's first channel, which is the model's own
+    slimmed, report = slim(model, IMAGES[:1])
+    assert report.removed == {"a": 4, "b": 4} and slimmed.head.in_channels == 4 and slimmed.a.in_channels == 3
+    assert report.kept == [f"1 ignored input channel(s) of {layer} (all-zero weights): they come from x (model input "
+                           f"or parameter), which cannot lose a channel" for layer in ("a", "b")]
+    with torch.no_grad():
+        assert max_rel(model(IMAGES), slimmed(IMAGES)) <= 1e-5
 
 
 def test_nothing_to_remove():
@@ -246,7 +309,8 @@ def test_unstructured_sparsity_is_reported_not_removed():
     model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
     prune.l1_unstructured(model[0], "weight", amount=0.5)
     with torch.no_grad():
-        model[2].weight.copy_(torch.tensor([[1.0, 0, 2, 0, 0, 3, 4, 0]] * 4))  # 2:4 pattern
+        # 2:4 pattern, no input column all zero (that would be an ignored channel, removed)
+        model[2].weight.copy_(torch.tensor([[1.0, 0, 2, 0, 0, 3, 4, 0], [0, 1.0, 0, 2, 3, 0, 0, 4]] * 2))
     _, report = slim(model, torch.randn(1, 16))
     assert not report.changed
     layers = report.sparsity["layers"]

@@ -8,9 +8,12 @@
    residual additions, concatenation, flatten) to the layers that consume them. Where every
    consumer can absorb the constant exactly — into its bias (Linear, 1x1 or unpadded conv),
    or into a constant bias map added after a zero-padded conv — the channel is removed from
-   its producer, every per-channel op and every consumer. Where one cannot (a residual
-   addition whose other branch is not constant, a LayerNorm, a model output), the channel
-   stays and the report says why.
+   its producer, every per-channel op and every consumer. Channels that consumers ignore (an
+   all-zero weight column, as `ln_structured(..., dim=1)` leaves) are followed back the same
+   way to the layers that produce them; where each consumer ignores them (or absorbs them as
+   a constant), they are removed alike. Where a channel cannot go (a residual addition whose other
+   branch is not constant or that carries it to a layer that reads it, a LayerNorm, a model
+   input or output), it stays and the report says why.
 3. Attention modules with fused `qkv`, `proj` and a head count lose whole heads whose value
    rows are zero (their output is exactly zero whatever the attention weights).
 
@@ -25,9 +28,10 @@ from __future__ import annotations
 import copy
 import operator
 import types
-from collections import Counter
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TypeVar
 
 import torch
@@ -90,7 +94,7 @@ class SlimReport:
     """What slimming did: channels removed per layer, MACs and parameters before and after."""
 
     removed: dict[str, int] = field(default_factory=dict)  # layer -> output channels (or heads) removed
-    kept: list[str] = field(default_factory=list)  # why constant channels could not be removed
+    kept: list[str] = field(default_factory=list)  # why constant or ignored channels could not be removed
     macs_before: int = 0
     macs_after: int = 0
     params_before: int = 0
@@ -192,6 +196,8 @@ class _Info:
 
 
 _Rule = Callable[["_Analysis", fx.Node, "_Info | None"], "_Info | None"]
+_Channel = tuple[fx.Node, int]  # a node and a channel of its output
+_Read = tuple[fx.Node, fx.Node, int]  # (user, node, channel): a use of the channel other than an op carrying it on
 _Entry = TypeVar("_Entry")
 
 
@@ -211,11 +217,16 @@ def _by_type(table: dict[type, _Entry], module: nn.Module | None) -> _Entry | No
     return next((table[kind] for kind in type(module).__mro__ if kind in table), None)
 
 
+def _zero_slices(weight: torch.Tensor, dim: int) -> list[int]:
+    """The indices along `dim` where `weight` is all zero: output channels whose value is the
+    bias (dim 0), or input channels the layer ignores (dim 1)."""
+    slices = weight.detach().transpose(0, dim)
+    return torch.nonzero((slices.reshape(slices.shape[0], -1) == 0).all(1)).flatten().tolist()
+
+
 def _row_constants(m: nn.Module) -> dict[int, float]:
-    weight = m.weight.detach()
-    zero_rows = (weight.reshape(weight.shape[0], -1) == 0).all(1)
-    bias = m.bias.detach() if m.bias is not None else torch.zeros(weight.shape[0])
-    return {int(j): float(bias[j]) for j in torch.nonzero(zero_rows).flatten()}
+    bias = m.bias.detach() if m.bias is not None else torch.zeros(m.weight.shape[0])
+    return {j: float(bias[j]) for j in _zero_slices(m.weight, 0)}
 
 
 def _apply(fn, const: dict[int, float]) -> dict[int, float]:
@@ -300,6 +311,8 @@ def _add(analysis: _Analysis, node: fx.Node, inp: _Info | None) -> _Info | None:
     alpha = node.kwargs.get("alpha", 1)  # torch.add(a, b, alpha=s) is a + s * b
     if len(node.args) != 2 or not all(isinstance(a, fx.Node) for a in node.args) or isinstance(alpha, fx.Node):
         return None
+    if any(_shape(a) != _shape(node) for a in node.args):  # a broadcast operand's channel reaches many of the sum's
+        return None
     a, b = analysis.info[node.args[0]], analysis.info[node.args[1]]
     for arg in node.args:
         analysis.link(node, arg)
@@ -357,12 +370,16 @@ METHOD_RULES: dict[str, _Rule] = {
 
 
 class _Analysis:
-    """Walks the traced graph, tracking constant channels and channel-preserving edges."""
+    """Walks the traced graph, tracking constant channels, channel-preserving edges and the
+    input channels each layer ignores."""
 
     def __init__(self, gm: fx.GraphModule):
         self.gm, self.info, self.edges = gm, {}, []
         for node in gm.graph.nodes:
             self.info[node] = self._visit(node)
+        self.linked = {(node, source) for source, node, _ in self.edges}  # (user, input) joined channel by channel
+        self.derived = {node for _, node, _ in self.edges}  # nodes whose channels are their inputs' channels
+        self.ignored = {node: self._ignored_inputs(node) for node in gm.graph.nodes if _foldable(self.module(node))}
 
     def module(self, node: fx.Node) -> nn.Module | None:
         return _module(self.gm, node)
@@ -380,6 +397,14 @@ class _Analysis:
             return METHOD_RULES.get(node.target)
         return None
 
+    def _ignored_inputs(self, node: fx.Node) -> set[int]:
+        """The input channels the layer's all-zero weight columns ignore; none where its columns
+        are not its input's channels (a Linear over a conv output's width)."""
+        source, layer = node.args[0], self.module(node)
+        if not _reads_channel_axis(layer, self.info[source].axis, len(_shape(source))):
+            return set()
+        return set(_zero_slices(layer.weight, 1))
+
     def _visit(self, node: fx.Node) -> _Info:
         rule = self._rule(node)
         first = node.args[0] if node.args else None
@@ -387,6 +412,51 @@ class _Analysis:
         info = rule(self, node, inp) if rule else None
         # no rule, or one that does not apply to this call: no channel is known to be constant
         return info if info is not None else _Info({}, 1 if len(_shape(node)) == 4 else -1)
+
+    @cached_property
+    def joined(self) -> dict[_Channel, list[_Channel]]:
+        """Each channel -> the channels per-channel ops join it to, upstream and downstream."""
+        joined: dict[_Channel, list[_Channel]] = {}
+        for source, node, mapping in self.edges:
+            for j in range(_shape(source)[self.info[source].axis]):
+                targets = mapping(j)
+                for t in targets if isinstance(targets, list) else [targets]:
+                    joined.setdefault((source, j), []).append((node, t))
+                    joined.setdefault((node, t), []).append((source, j))
+        return joined
+
+    def groups(self) -> list[list[_Channel]]:
+        """The channels that are constant or that a layer ignores, each with every channel joined
+        to it (all of which go, or stay, together), in graph order."""
+        order = {node: i for i, node in enumerate(self.info)}
+        seeds = [(node, j) for node, info in self.info.items() for j in info.const]
+        seeds += [(layer.args[0], j) for layer, channels in self.ignored.items() for j in sorted(channels)]
+        seen: set[_Channel] = set()
+        groups = []
+        for seed in seeds:
+            if seed not in seen:
+                group = sorted(_reach(self.joined, [seed]), key=lambda c: (order[c[0]], c[1]))
+                seen.update(group)
+                groups.append(group)
+        return groups
+
+    def reads(self, group: list[_Channel]) -> list[_Read]:
+        """Every use of the group's channels other than by an op that carries them on."""
+        return [(user, node, j) for node, j in group for user in node.users if (user, node) not in self.linked]
+
+
+def _reach(joined: dict[_Channel, list[_Channel]], starts: Iterable[_Channel]) -> dict[_Channel, _Channel | None]:
+    """The channels joined to `starts`, nearest first, each with the channel it was reached from
+    (None for a start)."""
+    came_from: dict[_Channel, _Channel | None] = dict.fromkeys(starts)
+    queue = deque(came_from)
+    while queue:
+        channel = queue.popleft()
+        for other in joined.get(channel, ()):
+            if other not in came_from:
+                came_from[other] = channel
+                queue.append(other)
+    return came_from
 
 
 def slim(model: nn.Module, example: torch.Tensor | tuple) -> tuple[nn.Module, SlimReport]:
@@ -573,33 +643,6 @@ def _conv_subset(m: nn.Conv2d, rows=None, cols=None, bias_add: torch.Tensor | No
     return new
 
 
-def _groups(analysis: _Analysis) -> list[set[tuple[fx.Node, int]]]:
-    """Union-find over (node, channel): channels joined by per-channel ops are one group."""
-    parent: dict = {}
-
-    def find(x):
-        parent.setdefault(x, x)
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for source, node, mapping in analysis.edges:
-        for j in analysis.info[source].const:
-            targets = mapping(j)
-            for t in targets if isinstance(targets, list) else [targets]:
-                parent[find((node, t))] = find((source, j))
-        for j in analysis.info[node].const:  # constant in the output without a constant input: its own root
-            find((node, j))
-    for node, info in analysis.info.items():
-        for j in info.const:
-            find((node, j))
-    groups: dict = {}
-    for member in list(parent):
-        groups.setdefault(find(member), set()).add(member)
-    return list(groups.values())
-
-
 def _norm_subset(m: nn.Module, keep: torch.Tensor) -> nn.Module:
     new = type(m)(len(keep), m.eps, m.momentum, m.affine, m.track_running_stats)
     new.load_state_dict({k: v[keep] if v.ndim else v for k, v in m.state_dict().items()})
@@ -641,7 +684,7 @@ class _Cut:
 
 # By module type (found along the module's class hierarchy, like the analysis rules): how a
 # consumer absorbs constant input channels, how a layer loses output channels, and how a
-# consumer loses the input channels that were folded into it. A module type with no output
+# consumer loses the input channels that were folded into it or that it ignores. A module type with no output
 # cut (activations, pools) takes its width from its input.
 CONSTANT_FOLDS: dict[type[nn.Module], Callable[[nn.Module, dict[int, float], fx.Node], nn.Module]] = {
     nn.Linear: _fold_into_linear,
@@ -660,31 +703,82 @@ INPUT_CUTS: dict[type[nn.Module], _Cut] = {
 
 
 def _foldable(m: nn.Module | None) -> bool:
-    """Consumers that absorb a constant input channel exactly: the types with a fold, convs
-    only over all channels (in a grouped conv a channel reaches one group's outputs only)."""
+    """Consumers that absorb a constant input channel exactly, or drop one they ignore, and
+    producers that lose an output channel: the types with a fold, convs only over all channels
+    (in a grouped conv a channel reaches one group's outputs only)."""
     return _by_type(CONSTANT_FOLDS, m) is not None and getattr(m, "groups", 1) == 1
 
 
-def _blocker(gm: fx.GraphModule, analysis: _Analysis, group, linked) -> str | None:
-    """Why this group of constant channels cannot be removed, or None when it can."""
+def _pruned_channels(analysis: _Analysis, group: list[_Channel], reads: list[_Read]) -> dict[str, list[_Channel]]:
+    """The group's channels that pruning made removable, by the layer whose weights did it, as
+    the report names them: constant outputs of a layer (all-zero weight rows), and input
+    channels a layer ignores (all-zero weight columns)."""
+    pruned: dict[str, list[_Channel]] = {}
     for node, j in group:
-        if j not in analysis.info[node].const:
+        if node not in analysis.derived and j in analysis.info[node].const:
+            pruned.setdefault(f"constant channel(s) of {node.target}", []).append((node, j))
+    for user, node, j in reads:
+        if j in analysis.ignored.get(user, ()):
+            pruned.setdefault(f"ignored input channel(s) of {user.target} (all-zero weights)", []).append((node, j))
+    return pruned
+
+
+def _blocker(analysis: _Analysis, group: list[_Channel], reads: list[_Read], pruned: list[_Channel]) -> str | None:
+    """Why the `pruned` channels of this group cannot be removed, or None when the group can:
+    every layer that reads its channels must absorb them (a constant, folded into its bias) or
+    ignore them (all-zero weights), and each must come from a layer that can lose it."""
+    for user, node, j in reads:
+        if user.op == "output":
+            return "they are an output of the model"
+        layer = analysis.module(user)
+        if not _foldable(layer):
+            loss = "absorb a constant channel" if j in analysis.info[node].const else "lose an input channel"
+            return f"they feed {_describe(analysis.gm, user)}, which cannot {loss}"
+        if not _reads_channel_axis(layer, analysis.info[node].axis, len(_shape(node))):
+            return f"they feed {_describe(analysis.gm, user)} along another axis than the one they are channels of"
+    readers = {(node, j): user for user, node, j in reversed(reads)
+               if j not in analysis.ignored[user] and j not in analysis.info[node].const}
+    if readers:
+        return _nearest_need(analysis, pruned, readers)
+    for node, j in group:
+        if node not in analysis.derived and not _foldable(analysis.module(node)):
+            return f"they come from {_describe(analysis.gm, node)}, which cannot lose a channel"
+    return None
+
+
+def _nearest_need(analysis: _Analysis, pruned: list[_Channel], readers: dict[_Channel, fx.Node]) -> str:
+    """What, nearest to the `pruned` channels, needs their values: a residual addition or a
+    depthwise conv's zero padding that turns their constant into values that vary, or a layer
+    that reads them (named with the residual additions between)."""
+    came_from = _reach(analysis.joined, pruned)
+    for channel in came_from:
+        node, j = channel
+        inputs = [(source, i) for source, i in analysis.joined.get(channel, ()) if source in node.all_input_nodes]
+        if j not in analysis.info[node].const and any(i in analysis.info[source].const for source, i in inputs):
             if node.target in ADDITIONS:
                 return f"they reach {node.name} (residual addition) where the other input is not constant"
-            kind = type(_module(gm, node)).__name__
-            return f"they pass through {node.name} ({kind}), whose zero padding turns a nonzero constant into a map"
-        for user in node.users:
-            if (user, node) in linked:
-                continue
-            if user.op == "output":
-                return "they are an output of the model"
-            um = _module(gm, user)
-            kind = type(um).__name__ if um is not None else getattr(user.target, "__name__", str(user.target))
-            if not _foldable(um):
-                return f"they feed {user.name} ({kind}), which cannot absorb a constant channel"
-            if not _reads_channel_axis(um, analysis.info[node].axis, len(_shape(node))):
-                return f"they feed {user.name} ({kind}) along another axis than the one they are channels of"
-    return None
+            return f"they pass through {_describe(analysis.gm, node)}, whose zero padding turns a nonzero " \
+                   f"constant into a map"
+        if channel in readers:
+            reader, path = readers[channel], []
+            while channel is not None:
+                path.append(channel[0])
+                channel = came_from[channel]
+            additions = [step.name for step in reversed(path) if step.target in ADDITIONS]
+            through = f", through {', '.join(additions)} (residual addition{'s' * (len(additions) > 1)})" \
+                if additions else ""
+            return f"{_describe(analysis.gm, reader)} reads them too{through}"
+    raise AssertionError("a group with a reader reaches it from every channel")
+
+
+def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
+    """A node as the report names it: a layer by its path in the model and its type, another op
+    by its graph name and what it computes."""
+    layer = _module(gm, node)
+    if layer is not None:
+        return f"{node.target} ({type(layer).__name__})"
+    kind = "model input or parameter" if node.op == "placeholder" else getattr(node.target, "__name__", str(node.target))
+    return f"{node.name} ({kind})"
 
 
 def _reads_channel_axis(consumer: nn.Module, axis: int, ndim: int) -> bool:
@@ -696,29 +790,31 @@ def _reads_channel_axis(consumer: nn.Module, axis: int, ndim: int) -> bool:
 
 def _remove_channels(gm: fx.GraphModule, report: SlimReport) -> None:
     analysis = _Analysis(gm)
-    linked = {(node, src) for src, node, _ in analysis.edges}
     removals: dict[fx.Node, set[int]] = {}  # node -> channels removed from its output
+    dropped: dict[fx.Node, set[int]] = {}  # layer -> channels removed from its input
     folds: dict[tuple[fx.Node, fx.Node], dict[int, float]] = {}  # (consumer, source) -> {channel: constant}
-    kept: dict[tuple[str, str], int] = {}
-    for group in _groups(analysis):
-        producers = [n for n, _ in group if _foldable(_module(gm, n))]
-        if not producers:
-            continue
-        reason = _blocker(gm, analysis, group, linked)
-        if reason:
-            key = (", ".join(sorted({str(p.target) for p in producers})), reason)
-            kept[key] = kept.get(key, 0) + 1
+    kept: dict[str, Counter[str]] = {}  # pruned channels, as the report names them -> reason -> how many
+    for group in analysis.groups():
+        reads = analysis.reads(group)
+        pruned = _pruned_channels(analysis, group, reads)
+        # the group goes or stays as a whole; what keeps it is told per pruned layer, nearest to its channels
+        reasons = {label: _blocker(analysis, group, reads, channels) for label, channels in pruned.items()}
+        if None not in reasons.values():
+            for label, reason in reasons.items():
+                kept.setdefault(label, Counter())[reason] += len(pruned[label])
             continue
         for node, j in group:
             removals.setdefault(node, set()).add(j)
-            for user in node.users:
-                if (user, node) not in linked and _foldable(_module(gm, user)):
-                    folds.setdefault((user, node), {})[j] = analysis.info[node].const[j]
-    report.kept += [f"{count} constant channel(s) of {where}: {reason}" for (where, reason), count in kept.items()]
-    _apply_removals(gm, removals, folds, report)
+        for user, node, j in reads:
+            dropped.setdefault(user, set()).add(j)
+            if j not in analysis.ignored[user]:  # the layer reads the constant: it goes into its bias
+                folds.setdefault((user, node), {})[j] = analysis.info[node].const[j]
+    report.kept += [f"{count} {label}: {reason}" for label, reasons in kept.items() for reason, count in reasons.items()]
+    _apply_removals(gm, removals, dropped, folds, report)
 
 
-def _apply_removals(gm: fx.GraphModule, removals: dict, folds: dict, report: SlimReport) -> None:
+def _apply_removals(gm: fx.GraphModule, removals: dict[fx.Node, set[int]], dropped: dict[fx.Node, set[int]],
+                    folds: dict[tuple[fx.Node, fx.Node], dict[int, float]], report: SlimReport) -> None:
     """Fold constants into consumers (with the original weights), then cut rows and columns."""
     for (consumer, source), constants in folds.items():
         m = _module(gm, consumer)
@@ -735,12 +831,12 @@ def _apply_removals(gm: fx.GraphModule, removals: dict, folds: dict, report: Sli
         _replace_layer(gm, node, cut.keep(layer, keep).eval())
         if cut.counted:
             report.removed[node.target] = len(channels)
-    for (consumer, _), constants in folds.items():
+    for consumer, channels in dropped.items():
         m = _module(gm, consumer)
         layer = m.conv if isinstance(m, BiasMap) else m
         cut = _by_type(INPUT_CUTS, layer)
         _replace_layer(gm, consumer, cut.keep(layer, torch.tensor([j for j in range(cut.width(layer))
-                                                                   if j not in constants])))
+                                                                   if j not in channels])))
 
 
 def _replace_layer(gm: fx.GraphModule, node: fx.Node, layer: nn.Module) -> None:
