@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 import edgeport as ep
+from conftest import leftovers
 from edgeport.cli import main
 
 
@@ -88,6 +90,64 @@ def test_demo_writes_summary(demo_run):
         assert model["accuracy_percent"]["onnxruntime"] == model["accuracy_percent"]["torch"] > 95
         assert model["latency_ms"]["onnxruntime"]["runs"] == 20
     assert json.loads(printed) == summary
+    assert sorted(p.name for p in folder.iterdir()) == summary["files"]  # no staging folder left behind
+    # what the run recorded names its artifacts where they lie now, not where they were staged
+    assert {Path(e["artifact"]).parent for e in json.loads((folder / "estimates.json").read_text())} == {folder}
+    profile = json.loads((folder / "cnn-digits.profile.json").read_text())
+    assert profile["artifact"] == profile["estimate"]["artifact"] == str(folder / "cnn-digits.onnx")
+
+
+def staged_demo(files: dict[str, str], fails: bool = False):
+    """A stand-in for the demo's minutes of work (`demo.write_demo`): writes `files` where the
+    run writes, then fails like a broken export or returns a summary."""
+    def write_demo(folders, runs, progress) -> dict:
+        for name, text in files.items():
+            (folders.work / name).write_text(text)
+        if fails:
+            raise ep.UserError("an export failed midway")
+        return {"edgeport_demo": "test", "report": str(folders.out / "report.html")}
+    return write_demo
+
+
+@pytest.mark.parametrize("name, text", [("notes.json", "{broken"), ("report.html", "<html>my notes</html>"),
+                                        ("summary.json", '{"my": "own summary"}'), ("estimates.json", "[]")])
+def test_demo_refuses_a_folder_holding_other_files_before_any_work(tmp_path, monkeypatch, capsys, name, text):
+    monkeypatch.setattr("edgeport.demo.write_demo", lambda *args: pytest.fail("the demo started working"))
+    (tmp_path / name).write_text(text)
+    assert main(["demo", "-o", str(tmp_path), "--json"]) == 2
+    printed = capsys.readouterr()
+    assert printed.out == "" and f"{tmp_path / name} is not an earlier edgeport demo's output" in printed.err
+    assert leftovers(tmp_path) == [name] and (tmp_path / name).read_text() == text
+
+
+def test_demo_refuses_an_older_edgeports_demo_output_whose_files_it_cannot_tell_from_yours(tmp_path, capsys):
+    (tmp_path / "summary.json").write_text('{"edgeport_demo": "0.1.0"}')
+    (tmp_path / "notes.json").write_text("{}")
+    assert main(["demo", "-o", str(tmp_path)]) == 2
+    assert "its demo output is from an older edgeport" in capsys.readouterr().err
+    assert leftovers(tmp_path) == ["notes.json", "summary.json"]
+
+
+def test_demo_replaces_an_earlier_demo_output_as_a_whole(out, monkeypatch, capsys):
+    monkeypatch.setattr("edgeport.demo.write_demo", staged_demo({"report.html": "first", "old.onnx": "x"}))
+    assert main(["demo", "-o", str(out), "--json"]) == 0
+    assert leftovers(out) == ["old.onnx", "report.html", "summary.json"]
+    capsys.readouterr()
+    monkeypatch.setattr("edgeport.demo.write_demo", staged_demo({"report.html": "second"}))
+    assert main(["demo", "-o", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == json.loads((out / "summary.json").read_text())
+    assert leftovers(out) == ["report.html", "summary.json"] and (out / "report.html").read_text() == "second"
+
+
+def test_a_demo_that_fails_midway_leaves_its_folder_as_it_was(out, monkeypatch):
+    monkeypatch.setattr("edgeport.demo.write_demo", staged_demo({"report.html": "partial"}, fails=True))
+    assert main(["demo", "-o", str(out)]) == 2
+    assert not out.exists()
+    monkeypatch.setattr("edgeport.demo.write_demo", staged_demo({"report.html": "first"}))
+    assert main(["demo", "-o", str(out), "--json"]) == 0
+    monkeypatch.setattr("edgeport.demo.write_demo", staged_demo({"report.html": "partial"}, fails=True))
+    assert main(["demo", "-o", str(out)]) == 2
+    assert leftovers(out) == ["report.html", "summary.json"] and (out / "report.html").read_text() == "first"
 
 
 @pytest.mark.xdist_group("demo")
