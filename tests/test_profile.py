@@ -1,4 +1,5 @@
 """Profiling, estimates and reports on real artifacts with real ONNX Runtime."""
+import contextlib
 import json
 import os
 import signal
@@ -50,13 +51,9 @@ def test_profile_measures_and_labels_everything(artifacts):
     assert prof.estimate.dims == {} and "throughput" in prof.summary() and "session memory" in prof.summary()
 
 
-def test_profile_with_a_meter_reports_measured_energy(artifacts, tmp_path):
-    """A sysfs-shaped RAPL counter that moves as a real one does (about 1 W) is read and
-    labelled as measured; one that never moves is no measurement of 0 mJ."""
-    counter = rapl_tree(tmp_path, 1000)
-    frozen = ep.profile(artifacts["cnn-digits"].path, runs=20, ops=False, energy_window_s=0.1, idle_s=0.05,
-                        rapl_root=tmp_path)
-    assert not frozen.energy.available and "not updating" in frozen.energy.reasons[0]
+@contextlib.contextmanager
+def ticking(counter: Path):
+    """The RAPL counter file moving as a real one does, about 1 W, for the block."""
     stop = threading.Event()
 
     def tick():
@@ -67,16 +64,44 @@ def test_profile_with_a_meter_reports_measured_energy(artifacts, tmp_path):
             staged.write_text(f"{microjoules}\n")
             os.replace(staged, counter)  # a reader never sees a half-written file
 
-    ticking = threading.Thread(target=tick, daemon=True)
-    ticking.start()
+    ticker = threading.Thread(target=tick, daemon=True)
+    ticker.start()
     try:
-        prof = ep.profile(artifacts["cnn-digits"].path, runs=20, ops=False, energy_window_s=0.1, idle_s=0.05,
-                          rapl_root=tmp_path)
+        yield
     finally:
         stop.set()
-        ticking.join()
+        ticker.join()
+
+
+def test_profile_with_a_meter_reports_measured_energy(artifacts, tmp_path, monkeypatch):
+    """A sysfs-shaped RAPL counter that moves as a real one does (about 1 W while the model
+    runs, above an idle draw of 0.5 W) is read and labelled as measured; one that never moves
+    is no measurement of 0 mJ."""
+    import edgeport.runtime.energy as energy
+
+    monkeypatch.setattr(energy, "measure_idle_watts", lambda meter, seconds: 0.5)
+    counter = rapl_tree(tmp_path, 1000)
+    frozen = ep.profile(artifacts["cnn-digits"].path, runs=20, ops=False, energy_window_s=0.1, idle_s=0.05,
+                        rapl_root=tmp_path)
+    assert not frozen.energy.available and "not updating" in frozen.energy.reasons[0]
+    with ticking(counter):
+        prof = ep.profile(artifacts["cnn-digits"].path, runs=20, ops=False, energy_window_s=0.1, idle_s=0.05,
+                          rapl_root=tmp_path)
     assert prof.energy.available and prof.energy.provenance == "measured:rapl", prof.energy.reasons
-    assert prof.energy.gross_mj_per_inference > 0 and prof.energy.idle_subtracted
+    assert prof.energy.gross_mj_per_inference > prof.energy.net_mj_per_inference > 0 and prof.energy.idle_subtracted
+
+
+def test_work_within_the_idle_draw_is_no_energy_figure(artifacts, tmp_path, monkeypatch):
+    """Idle read above what the window drew (a noisy meter, a light model): the net energy would
+    be negative, which no inference costs and `edgeport report` refuses; the profile says why."""
+    import edgeport.runtime.energy as energy
+
+    monkeypatch.setattr(energy, "measure_idle_watts", lambda meter, seconds: 50.0)
+    with ticking(rapl_tree(tmp_path, 1000)):
+        prof = ep.profile(artifacts["cnn-digits"].path, runs=20, ops=False, energy_window_s=0.1, idle_s=0.05,
+                          rapl_root=tmp_path)
+    assert not prof.energy.available and prof.energy.net_mj_per_inference is None
+    assert "no more than its idle draw (50 W" in prof.energy.reasons[0] and "--min-duration" in prof.energy.reasons[0]
 
 
 def test_profile_survives_a_broken_meter(artifacts, tmp_path, monkeypatch):

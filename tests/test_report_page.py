@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 
 from edgeport.cli import main
+from edgeport.runtime.report import machine_names
+from test_report_and_estimate_inputs import as_measured_on_an_orin
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (`make test` installs it)"),
@@ -156,7 +158,9 @@ def test_the_demo_report_renders_without_errors_with_readable_plots(demo, browse
         assert len(plot["x"]) >= 2 and len(plot["y"]) >= 2, plot["id"]
         assert plot["points"] >= 1, plot["id"]
     devices = next(p for p in plots if p["id"].startswith("plot-devices"))
-    assert "host (measured)" in devices["y"] and "h100-sxm (est.)" in devices["y"] and "h200-sxm (est.)" in devices["y"]
+    machine = machine_names([json.loads((demo / "cnn-digits.profile.json").read_text())])[0]
+    assert f"{machine} (measured)" in devices["y"] and "h100-sxm (est.)" in devices["y"]
+    assert "h200-sxm (est.)" in devices["y"]
     assert "(ms, log scale)" in devices["text"] and "measured" in devices["text"] and "estimated" in devices["text"]
     text = browser.evaluate("document.body.innerText")
     for variant in ("fp32", "w8a8", "w4a4", "slimmed", "SNN unrolled", "Core ML"):
@@ -194,3 +198,19 @@ def test_hostile_strings_in_profile_json_show_as_text(demo, browser, tmp_path):
     shown = browser.evaluate("document.body.textContent")
     for hostile in HOSTILE.values():
         assert hostile in shown
+
+
+def test_another_machines_profile_gets_its_own_rows(demo, browser, tmp_path):
+    for path in demo.glob("*.json"):
+        shutil.copy(path, tmp_path / path.name)
+    profile = json.loads((demo / "cnn-digits.profile.json").read_text())
+    orin = as_measured_on_an_orin(profile)
+    (tmp_path / "cnn-digits.orin.profile.json").write_text(json.dumps(orin))
+    assert main(["report", str(tmp_path)]) == 0
+    browser.load(tmp_path / "report.html")
+    assert browser.errors() == []
+    here, there = machine_names([profile, orin])
+    cnn = next(p for p in browser.evaluate(PLOTS) if "cnn-digits: filled markers are measured" in p["text"])
+    assert f"{here} (measured)" in cnn["y"] and f"{there} (measured)" in cnn["y"] and cnn["points"] >= 2
+    text = browser.evaluate("document.body.innerText")
+    assert "this machine" not in text and "Cortex-A78AE" in text

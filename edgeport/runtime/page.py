@@ -2,9 +2,14 @@
 
 What a performance engineer comparing variants and devices reads first is the comparison
 table (accuracy, latency, throughput, energy, size per variant), then the device plot (one
-row per device, so no device hides under another; filled markers are measured here, hollow
-ones are roofline estimates), then where the time goes (op categories in milliseconds of the
-measured p50, per op and per module in sortable tables), then the latency distributions.
+row per device, so no device hides under another; filled markers are measured, on the row of
+the machine that measured them, hollow ones are roofline estimates), then where the time goes
+(op categories in milliseconds of the measured p50, per op and per module in sortable
+tables), then the latency distributions.
+
+The profiles may come from several machines: each measured figure names the machine its
+profile's environment describes (never "this machine": the page may be built elsewhere), each
+machine's measurements have their own rows and series, and every environment is shown.
 
 The JSON the page is built from may come from anyone: every string is escaped (matplotlib
 escapes its SVG text, the tables use `html.escape`), mathtext is off so a `$` is a dollar,
@@ -21,6 +26,8 @@ import re
 from pathlib import Path
 
 import numpy as np
+
+from edgeport.runtime.report import machine_names
 
 GENERATOR_TAG = "<meta name='generator' content='edgeport'>"  # how an output path is known to be ours
 SORT_SCRIPT = """
@@ -69,7 +76,6 @@ summary{cursor:pointer;font-weight:600}
 DEVICE_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
                  "#bcbd22", "#17becf"]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p"]
-MEASURED_ROW = "host (measured)"
 
 
 # --- plots ----------------------------------------------------------------------------------
@@ -170,8 +176,8 @@ def categories_plot(rows: list[tuple[str, dict[str, float], float]], plot_id: st
 
 def devices_plot(model: str, points: list[dict], plot_id: str) -> str:
     """Latency and energy per device for every variant of one model: a row per device (the
-    measured host on top), a marker shape and colour per variant; filled markers are measured,
-    hollow ones estimated. Rows keep devices with equal figures (H100, H200) apart."""
+    machines measured on at the top), a marker shape and colour per variant; filled markers
+    are measured, hollow ones estimated. Rows keep devices with equal figures (H100, H200) apart."""
     devices = list(dict.fromkeys(p["device"] for p in points))
     variants = list(dict.fromkeys(p["variant"] for p in points))
     step = 0.6 / max(1, len(variants))
@@ -202,22 +208,24 @@ def devices_plot(model: str, points: list[dict], plot_id: str) -> str:
             handles, labels = axes[1].get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=8)
         fig.suptitle(model, fontsize=10)
-    return _svg(fig, plot_id, f"{model}: filled markers are measured on this machine, hollow ones are roofline "
-                              "estimates for catalog devices (energy = the device's active power x latency); the "
-                              "measured row has energy only where a meter exists.")
+    return _svg(fig, plot_id, f"{model}: filled markers are measured, on the row of the machine that measured "
+                              "them; hollow ones are roofline estimates for catalog devices (energy = the device's "
+                              "active power x latency); a measured row has energy only where a meter exists.")
 
 
 def tradeoff_plot(rows: list[dict], plot_id: str) -> str:
-    """Accuracy against measured latency, one marker per variant: the trade-off in one view."""
-    models = list(dict.fromkeys(r["model"] for r in rows))
+    """Accuracy against measured latency, one marker per variant and a series per model (per
+    model and machine where several machines measured): the trade-off in one view."""
+    series = list(dict.fromkeys((r["model"], r["machine"]) for r in rows))
+    several_machines = len({machine for _, machine in series}) > 1
     with _plot_style():
         fig = _figure(7.5, 3.4)
         ax = fig.add_subplot()
-        for index, model in enumerate(models):
-            mine = [r for r in rows if r["model"] == model]
+        for index, (model, machine) in enumerate(series):
+            mine = [r for r in rows if (r["model"], r["machine"]) == (model, machine)]
             ax.scatter([r["p50_ms"] for r in mine], [r["accuracy_percent"] for r in mine], s=40,
                        color=DEVICE_COLORS[index % len(DEVICE_COLORS)], marker=MARKERS[index % len(MARKERS)],
-                       label=model, gid="points")
+                       label=f"{model} on {machine}" if several_machines else model, gid="points")
             for r in mine:
                 ax.annotate(r["variant"], (r["p50_ms"], r["accuracy_percent"]), fontsize=7, xytext=(4, 3),
                             textcoords="offset points")
@@ -237,7 +245,7 @@ def throughput_plot(profiles: list[dict], plot_id: str) -> str:
         for index, p in enumerate(profiles):
             sizes = sorted(p["throughput_per_s"], key=int)
             ax.plot([int(s) for s in sizes], [p["throughput_per_s"][s] for s in sizes], marker="o",
-                    color=DEVICE_COLORS[index % len(DEVICE_COLORS)], label=_name(p), gid="points")
+                    color=DEVICE_COLORS[index % len(DEVICE_COLORS)], label=p["plot_name"], gid="points")
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted({int(b) for p in profiles for b in p["throughput_per_s"]}))
         ax.xaxis.set_major_formatter("{x:g}")
@@ -297,15 +305,15 @@ def measured_table(profiles: list[dict]) -> str:
         lat = p["latency"]
         p50 = lat["p50"]
         verdict = "yes" if lat["valid"] else "; ".join(lat["problems"])
-        rows.append(_cell(_name(p)) + _cell(p["backend"]) + _cell(p50) + _cell(f"{lat['median_ci95'][0]:.4g}–"
-                    f"{lat['median_ci95'][1]:.4g}") + _cell(lat.get("p90")) + _cell(lat["p99"])
-                    + _cell(lat["p99"] / p50 if p50 else None, ".3g") + _cell(lat["cv"], ".2f")
+        rows.append(_cell(_name(p)) + _cell(p["machine"]) + _cell(p["backend"]) + _cell(p50)
+                    + _cell(f"{lat['median_ci95'][0]:.4g}–{lat['median_ci95'][1]:.4g}") + _cell(lat.get("p90"))
+                    + _cell(lat["p99"]) + _cell(lat["p99"] / p50 if p50 else None, ".3g") + _cell(lat["cv"], ".2f")
                     + _cell(len(lat["samples_ms"]), "d") + _cell(_throughput_text(p)) + _cell(_memory_text(p))
                     + (f"<td>{html.escape(verdict)}</td>" if lat["valid"]
                        else f'<td class="bad">{html.escape(verdict)}</td>') + _cell(_energy_text(p["energy"])))
     methods = sorted({(p.get("memory") or {}).get("method", "") for p in profiles} - {""})
-    return _table(["artifact", "backend", "p50 ms", "95% CI of p50", "p90 ms", "p99 ms", "p99/p50", "CV", "runs",
-                   "throughput", "session memory", "valid", "energy"], rows,
+    return _table(["artifact", "machine", "backend", "p50 ms", "95% CI of p50", "p90 ms", "p99 ms", "p99/p50", "CV",
+                   "runs", "throughput", "session memory", "valid", "energy"], rows,
                   "Session memory: " + " / ".join(methods) if methods else "")
 
 
@@ -322,16 +330,19 @@ def _model_names(profiles: list[dict]) -> dict[str, str]:
 
 
 def variant_rows(profiles: list[dict], estimates: list[dict], artifacts: list[dict]) -> list[dict]:
-    """One row per variant: from each profile (measured here) and each artifact record that is
-    not a profiled variant (a Core ML package, say), with the host estimate of the file beside it."""
+    """One row per variant and machine: from each profile (measured on its machine) and each
+    artifact record that is not a profiled variant (a Core ML package, say), with a host
+    estimate beside it. A measured row's estimate is the one its profile made in the same run,
+    for the same machine: an estimate file does not say which machine "host" was."""
     rows, seen, names = [], set(), _model_names(profiles)
     for p in profiles:
         variant = p.get("variant") or {}
-        estimate = p.get("estimate") or _host_estimate(estimates, p["artifact"])
+        estimate = p.get("estimate")
         energy = p["energy"]
         rows.append({"model": variant.get("model") or _name(p), "variant": variant.get("variant") or p["backend"],
-                     "format": variant.get("format") or p["backend"], "size_mb": variant.get("size_mb"),
-                     "accuracy_percent": variant.get("accuracy_percent"), "p50_ms": p["latency"]["p50"],
+                     "format": variant.get("format") or p["backend"], "machine": p["machine"],
+                     "size_mb": variant.get("size_mb"), "accuracy_percent": variant.get("accuracy_percent"),
+                     "p50_ms": p["latency"]["p50"],
                      "tail": p["latency"]["p99"] / p["latency"]["p50"] if p["latency"]["p50"] else None,
                      "throughput": p["latency"]["throughput_per_s"],
                      "host_estimate_ms": estimate["latency_ms"] if estimate else None,
@@ -344,22 +355,27 @@ def variant_rows(profiles: list[dict], estimates: list[dict], artifacts: list[di
             continue
         estimate = _host_estimate(estimates, a["path"])
         rows.append({"model": names.get(a.get("source_sha256"), a["model"]), "variant": a["variant"],
-                     "format": a["format"], "size_mb": a.get("size_mb"), "accuracy_percent": None, "p50_ms": None,
-                     "tail": None, "throughput": None, "host_estimate_ms": estimate["latency_ms"] if estimate else None,
+                     "format": a["format"], "machine": None, "size_mb": a.get("size_mb"), "accuracy_percent": None,
+                     "p50_ms": None, "tail": None, "throughput": None,
+                     "host_estimate_ms": estimate["latency_ms"] if estimate else None,
                      "energy_mj": estimate["energy_mj"] if estimate else None, "energy_measured": False,
                      "note": a.get("note", "")})
     return rows
 
 
 def variants_table(rows: list[dict]) -> str:
-    body = [_cell(r["model"]) + _cell(r["variant"]) + _cell(r["format"]) + _cell(r["size_mb"], ".3g")
-            + _cell(r["accuracy_percent"], ".2f") + _cell(r["p50_ms"]) + _cell(r["tail"], ".3g")
+    body = [_cell(r["model"]) + _cell(r["variant"]) + _cell(r["format"]) + _cell(r["machine"])
+            + _cell(r["size_mb"], ".3g") + _cell(r["accuracy_percent"], ".2f") + _cell(r["p50_ms"])
+            + _cell(r["tail"], ".3g")
             + _cell(r["throughput"], ",.0f") + _cell(r["host_estimate_ms"], estimated=True)
             + _cell(r["host_estimate_ms"] / r["p50_ms"] if r["host_estimate_ms"] and r["p50_ms"] else None, ".2f")
             + _cell(r["energy_mj"], estimated=not r["energy_measured"]) + _cell(r["note"]) for r in rows]
-    return _table(["model", "variant", "format", "size MB", "accuracy %", "p50 ms (measured)", "p99/p50",
-                   "throughput (items/s)", "host estimate ms", "estimate / measured", "energy mJ", "note"], body,
-                  "Italic figures marked 'est.' are roofline estimates; the others are measured on this machine.")
+    return _table(["model", "variant", "format", "machine", "size MB", "accuracy %", "p50 ms (measured)",
+                   "p99/p50", "throughput (items/s)", "host estimate ms", "estimate / measured", "energy mJ", "note"],
+                  body, "Italic figures marked 'est.' are roofline estimates; the others were measured on the row's "
+                        "machine. A measured row's host estimate is for that machine, made in the same run; a row "
+                        "without a machine has no measurement, and its host estimate is for the machine that ran "
+                        "`edgeport estimate`.")
 
 
 def estimates_table(estimates: list[dict]) -> str:
@@ -389,7 +405,7 @@ def ops_tables(profile: dict) -> str:
     module_rows = [_cell(m) + _cell(by_module_ms.get(m)) + _cell(100 * share, ".1f") + _cell(counts.get(m, 0), "d")
                    for m, share in (ops.get("by_module") or {}).items()]
     coverage = ops.get("module_coverage")
-    summary = (f"{_name(profile)}: {len(op_rows)} ops ({ops['backend']} profiler, {ops['runs']} runs, medians"
+    summary = (f"{profile['plot_name']}: {len(op_rows)} ops ({ops['backend']} profiler, {ops['runs']} runs, medians"
                + (f"; {coverage:.0%} of op time traced to an nn.Module" if coverage is not None else "") + ")")
     return (f"<details><summary>{html.escape(summary)}</summary>"
             + _table(["node", "op type", "category", "module", "ms at p50" if scaled else "ms", "median µs",
@@ -412,8 +428,8 @@ def _encodable(value):
 
 
 def _device_points(profiles: list[dict], estimates: list[dict], artifacts: list[dict]) -> dict[str, list[dict]]:
-    """{model: points} for the device plot: each profile on the measured-host row, each estimate
-    on its device's row, variants named from the profiles and artifact records."""
+    """{model: points} for the device plot: each profile on the row of the machine that measured
+    it, each estimate on its device's row, variants named from the profiles and artifact records."""
     models = _model_names(profiles)
     names = {Path(a["path"]).name: (models.get(a.get("source_sha256"), a["model"]), a["variant"]) for a in artifacts}
     for p in profiles:
@@ -423,13 +439,36 @@ def _device_points(profiles: list[dict], estimates: list[dict], artifacts: list[
     for p in profiles:
         model, variant = names[Path(p["artifact"]).name]
         energy = p["energy"]["net_mj_per_inference"] if p["energy"]["available"] else None
-        by_model.setdefault(model, []).append({"device": MEASURED_ROW, "variant": variant, "measured": True,
-                                               "latency_ms": p["latency"]["p50"], "energy_mj": energy})
+        by_model.setdefault(model, []).append({"device": f"{p['machine']} (measured)", "variant": variant,
+                                               "measured": True, "latency_ms": p["latency"]["p50"],
+                                               "energy_mj": energy})
     for e in estimates:
         model, variant = names.get(Path(e["artifact"]).name, (Path(e["artifact"]).stem, Path(e["artifact"]).stem))
         by_model.setdefault(model, []).append({"device": f"{e['device']} (est.)", "variant": variant, "measured": False,
                                                "latency_ms": e["latency_ms"], "energy_mj": e["energy_mj"]})
     return by_model
+
+
+def _with_machines(profiles: list[dict]) -> list[dict]:
+    """The profiles, grouped by the machine that measured them (in order of first appearance),
+    each with its `machine` name and the `plot_name` plots give it: the profile's name, and its
+    machine where there are several (a plot has no machine column to tell them apart)."""
+    names = machine_names(profiles)
+    order = list(dict.fromkeys(names))
+    several = len(order) > 1
+    marked = [{**p, "machine": machine, "plot_name": f"{_name(p)} on {machine}" if several else _name(p)}
+              for p, machine in zip(profiles, names)]
+    return sorted(marked, key=lambda p: order.index(p["machine"]))
+
+
+def environments_section(profiles: list[dict]) -> str:
+    """Every machine's environment, with the profiles measured in it; a machine whose profiles
+    differ in threads or package versions shows each environment they were measured in."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for p in profiles:
+        groups.setdefault((p["machine"], json.dumps(p["environment"], indent=2)), []).append(_name(p))
+    return "".join(f"<p class='legend'>{html.escape(machine)}: measured {html.escape(', '.join(names))}</p>"
+                   f"<pre>{html.escape(environment)}</pre>" for (machine, environment), names in groups.items())
 
 
 def render_html(profiles: list[dict], estimates: list[dict], artifacts: list[dict] | None = None,
@@ -439,13 +478,14 @@ def render_html(profiles: list[dict], estimates: list[dict], artifacts: list[dic
 
     Sections: variant comparison (table and accuracy/latency plot), devices (plot per model,
     estimates table), where the time goes (categories plot, per-op and per-module tables),
-    measured latency (table, throughput plot, histograms), environment.
+    measured latency (table, throughput plot, histograms), the environment of each machine.
     """
     profiles, estimates, artifacts = _encodable([profiles, estimates, artifacts or []])
+    profiles = _with_machines(profiles)
     parts = [f"<h1>{html.escape(title)}</h1>",
-             "<p class='legend'>Measured figures come from this machine; figures marked <span class='est'>like "
-             "this</span> and hollow markers are roofline estimates (never measurements). Click a column "
-             "heading to sort.</p>"]
+             "<p class='legend'>Each measured figure names the machine it was measured on (each machine's "
+             "environment is at the end); figures marked <span class='est'>like this</span> and hollow markers are "
+             "roofline estimates (never measurements). Click a column heading to sort.</p>"]
     rows = variant_rows(profiles, estimates, artifacts)
     if rows:
         parts += ["<h2>Variants compared</h2>", variants_table(rows)]
@@ -463,20 +503,20 @@ def render_html(profiles: list[dict], estimates: list[dict], artifacts: list[dic
     profiled = [p for p in profiles if p.get("ops")]
     if profiled:
         parts.append("<h2>Where the time goes</h2>")
-        bars = [(_name(p), p["ops"].get("by_category_ms") or {k: v * p["latency"]["p50"]
-                                                              for k, v in p["ops"]["by_category"].items()},
+        bars = [(p["plot_name"], p["ops"].get("by_category_ms") or {k: v * p["latency"]["p50"]
+                                                                    for k, v in p["ops"]["by_category"].items()},
                  p["latency"]["p50"] * (1 - (p["ops"].get("in_ops_fraction") or 1.0))) for p in profiled]
         parts.append(categories_plot(bars, "plot-categories"))
         parts += [ops_tables(p) for p in profiled]
     if profiles:
-        parts += ["<h2>Measured on this machine</h2>", measured_table(profiles)]
+        parts += ["<h2>Measured latency, throughput, memory and energy</h2>", measured_table(profiles)]
         several = [p for p in profiles if len(p.get("throughput_per_s", {})) > 1]
         if several:
             parts.append(throughput_plot(several, "plot-throughput"))
-        parts.append("<div>" + "".join(histogram_plot(p["latency"]["samples_ms"], f"{_name(p)} ({p['backend']})",
-                                                      f"plot-latency-{i}") for i, p in enumerate(profiles)) + "</div>")
-        parts.append("<h2>Environment</h2><pre>" + html.escape(json.dumps(profiles[0]["environment"], indent=2))
-                     + "</pre>")
+        parts.append("<div>" + "".join(histogram_plot(p["latency"]["samples_ms"], f"{p['plot_name']} "
+                                                      f"({p['backend']})", f"plot-latency-{i}")
+                                       for i, p in enumerate(profiles)) + "</div>")
+        parts += ["<h2>Environment</h2>", environments_section(profiles)]
     return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
             f"<meta http-equiv='Content-Security-Policy' content=\"{CSP}\">"
             f"<meta name='viewport' content='width=device-width'>{GENERATOR_TAG}<title>{html.escape(title)}</title>"

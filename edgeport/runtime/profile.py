@@ -40,6 +40,11 @@ def measure_energy_of(runner: Runner, feeds: list[dict[str, np.ndarray]], gpu: b
                            idle_s=idle_s)
     except (MeterUnavailable, MeterError) as error:
         return Energy(False, "unavailable", reasons=[str(error)])
+    if m.net_joules <= 0:  # no inference is free: the work drew less than the meter's idle reading varies by
+        return Energy(False, "unavailable", reasons=[
+            f"{m.provenance} read {m.gross_mj_per_inference:.4g} mJ per inference, no more than its idle draw "
+            f"({m.idle_watts:.3g} W over the {m.window_s:.3g} s window): the work's energy is within the idle "
+            f"power's noise; measure a longer window (min_window_s, --min-duration) or a larger batch"])
     return Energy(True, m.provenance, m.gross_mj_per_inference, m.net_mj_per_inference, m.idle_watts, idle_s > 0,
                   m.window_s, m.inferences)
 

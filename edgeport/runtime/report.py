@@ -16,6 +16,8 @@ import json
 import math
 import os
 import platform
+import re
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -204,11 +206,31 @@ def write_atomically(path: Path, text: str) -> Path:
 # Only the fields the page reads are checked; other keys pass through.
 
 TEXT, FLAG, FINITE, OBJECT = "a string", "true or false", "a finite number", "an object"
-POSITIVE = "a positive finite number"  # a latency: no run takes no time
+POSITIVE = "a positive finite number"  # a throughput
+NON_NEGATIVE = "a finite number, 0 or more"  # a share, a count, a size: none of them is negative
+# a latency: no inference takes under a nanosecond (a call alone takes longer) or a day; the
+# bounds also keep the page's arithmetic on samples (histogram ranges, p99/p50) finite
+MILLISECONDS = "a number of milliseconds between a nanosecond (1e-06) and a day"
+MILLIJOULES = "a positive number of millijoules, under a megajoule"  # per inference: never free
+PERCENT = "a percentage from 0 to 100"
+FRACTION = "a fraction from 0 to 1"
+BATCH_SIZE = "a whole number from 1 to 999,999,999 (a batch size)"
+MS_PER_NANOSECOND, MS_PER_DAY, MJ_PER_MEGAJOULE = 1e-6, 86_400_000, 1e9
 _SCALARS = {TEXT: lambda v: isinstance(v, str), FLAG: lambda v: isinstance(v, bool),
-            FINITE: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
-            OBJECT: lambda v: isinstance(v, dict)}
+            # an integer literal beyond a float's range ("1" and 400 zeros) is a number JSON allows
+            # and math.isfinite cannot take: it is compared, not converted
+            FINITE: lambda v: (isinstance(v, float) and math.isfinite(v)) or (
+                isinstance(v, int) and not isinstance(v, bool) and abs(v) <= sys.float_info.max),
+            OBJECT: lambda v: isinstance(v, dict),
+            # JSON object keys are strings: a batch size is one written in ASCII digits
+            BATCH_SIZE: lambda v: isinstance(v, str) and re.fullmatch("[1-9][0-9]{0,8}", v) is not None}
 _SCALARS[POSITIVE] = lambda v: _SCALARS[FINITE](v) and v > 0
+_SCALARS[NON_NEGATIVE] = lambda v: _SCALARS[FINITE](v) and v >= 0
+_SCALARS[MILLISECONDS] = lambda v: _SCALARS[FINITE](v) and MS_PER_NANOSECOND <= v < MS_PER_DAY
+_SCALARS[MILLIJOULES] = lambda v: _SCALARS[POSITIVE](v) and v < MJ_PER_MEGAJOULE
+_SCALARS[PERCENT] = lambda v: _SCALARS[FINITE](v) and 0 <= v <= 100
+_SCALARS[FRACTION] = lambda v: _SCALARS[FINITE](v) and 0 <= v <= 1
+_RANGES = {POSITIVE, NON_NEGATIVE, MILLISECONDS, MILLIJOULES, PERCENT, FRACTION}  # numbers within bounds
 
 
 @dataclass(frozen=True)
@@ -221,9 +243,10 @@ class ListOf:
 
 @dataclass(frozen=True)
 class MapOf:
-    """An object with any keys whose every value is `value`."""
+    """An object whose every key is `key` (a scalar shape) and every value is `value`."""
 
     value: Any
+    key: str = TEXT
 
 
 @dataclass(frozen=True)
@@ -241,30 +264,40 @@ class Exactly:
 
 
 MAYBE_NUMBER = Nullable(FINITE)
-OP_SHAPE = {"name": TEXT, "op_type": TEXT, "category": TEXT, "module": TEXT, "median_us": FINITE,
-            "calls_per_run": FINITE, "ms_at_p50": MAYBE_NUMBER}
+MAYBE_NON_NEGATIVE = Nullable(NON_NEGATIVE)
+OP_SHAPE = {"name": TEXT, "op_type": TEXT, "category": TEXT, "module": TEXT, "median_us": NON_NEGATIVE,
+            "calls_per_run": NON_NEGATIVE, "ms_at_p50": MAYBE_NON_NEGATIVE}
 ESTIMATE_SHAPE = {"provenance": Exactly("estimated:roofline"), "artifact": TEXT, "device": TEXT,
-                  "latency_ms": FINITE, "energy_mj": FINITE, "compute_energy_45nm_mj": FINITE, "macs": FINITE,
-                  "dims": Nullable(MapOf(FINITE)), "dims_source": Nullable(MapOf(TEXT)),
+                  "latency_ms": MILLISECONDS, "energy_mj": MILLIJOULES, "compute_energy_45nm_mj": NON_NEGATIVE,
+                  "macs": NON_NEGATIVE, "dims": Nullable(MapOf(FINITE)), "dims_source": Nullable(MapOf(TEXT)),
                   "confidence": Nullable(MapOf(TEXT))}
 PROFILE_SHAPE = {
     "schema": Exactly(SCHEMA), "artifact": TEXT, "backend": TEXT, "label": TEXT, "environment": OBJECT,
-    "latency": {"p50": POSITIVE, "p90": POSITIVE, "p99": POSITIVE, "cv": FINITE, "median_ci95": (FINITE, FINITE),
-                "valid": FLAG, "problems": ListOf(TEXT), "samples_ms": ListOf(POSITIVE, min_length=1),
-                "throughput_per_s": FINITE},
-    "energy": {"available": FLAG, "provenance": TEXT, "net_mj_per_inference": MAYBE_NUMBER, "reasons": ListOf(TEXT)},
-    "throughput_per_s": Nullable(MapOf(FINITE)), "throughput_skipped": Nullable(MapOf(TEXT)),
+    "latency": {"p50": MILLISECONDS, "p90": MILLISECONDS, "p99": MILLISECONDS, "cv": NON_NEGATIVE,
+                "median_ci95": (MILLISECONDS, MILLISECONDS), "valid": FLAG, "problems": ListOf(TEXT),
+                "samples_ms": ListOf(MILLISECONDS, min_length=1), "throughput_per_s": POSITIVE},
+    "energy": {"available": FLAG, "provenance": TEXT, "net_mj_per_inference": Nullable(MILLIJOULES),
+               "reasons": ListOf(TEXT)},
+    "throughput_per_s": Nullable(MapOf(POSITIVE, key=BATCH_SIZE)),
+    "throughput_skipped": Nullable(MapOf(TEXT, key=BATCH_SIZE)),
     "memory": Nullable({"method": TEXT, "loaded_mb": FINITE, "peak_mb": MAYBE_NUMBER}),
-    "variant": Nullable({"model": TEXT, "variant": TEXT, "format": TEXT, "size_mb": MAYBE_NUMBER,
-                         "accuracy_percent": MAYBE_NUMBER, "source_sha256": Nullable(TEXT)}),
+    "variant": Nullable({"model": TEXT, "variant": TEXT, "format": TEXT, "size_mb": MAYBE_NON_NEGATIVE,
+                         "accuracy_percent": Nullable(PERCENT), "source_sha256": Nullable(TEXT)}),
     "estimate": Nullable(ESTIMATE_SHAPE),
-    "ops": Nullable({"backend": TEXT, "runs": FINITE, "by_category": MapOf(FINITE), "by_module": MapOf(FINITE),
-                     "ops": ListOf(OP_SHAPE), "by_category_ms": Nullable(MapOf(FINITE)),
-                     "by_module_ms": Nullable(MapOf(FINITE)), "in_ops_fraction": MAYBE_NUMBER,
-                     "module_coverage": MAYBE_NUMBER, "measured_p50_ms": MAYBE_NUMBER})}
+    "ops": Nullable({"backend": TEXT, "runs": NON_NEGATIVE, "by_category": MapOf(NON_NEGATIVE),
+                     "by_module": MapOf(NON_NEGATIVE), "ops": ListOf(OP_SHAPE),
+                     "by_category_ms": Nullable(MapOf(NON_NEGATIVE)), "by_module_ms": Nullable(MapOf(NON_NEGATIVE)),
+                     "in_ops_fraction": Nullable(FRACTION), "module_coverage": Nullable(FRACTION),
+                     "measured_p50_ms": Nullable(MILLISECONDS)})}
 SIDECAR_SUFFIX = ".edgeport.json"
 SIDECAR_SHAPE = {"path": TEXT, "format": TEXT, "precision": TEXT, "settings": OBJECT, "files": ListOf(TEXT),
                  "source_sha256": Nullable(TEXT)}
+
+
+def _shown(value: Any, shape: Any) -> str:
+    """How a message names a `value` that is not `shape`: a number out of the range `shape` asks
+    for as itself (no markup, and it says which reading is wrong), anything else by its kind."""
+    return f"{value:g}" if shape in _RANGES and _SCALARS[FINITE](value) else _describe(value)
 
 
 def _describe(value: Any) -> str:
@@ -280,10 +313,10 @@ def _describe(value: Any) -> str:
 
 def shape_problem(value: Any, shape: Any, where: str = "") -> str | None:
     """What is wrong with JSON `value` against `shape`, with the path to the field
-    (e.g. `latency.samples_ms[3] should be a finite number, not a string`), or None."""
+    (e.g. `memory.loaded_mb should be a finite number, not a string`), or None."""
     here = where or "the file"
     if isinstance(shape, str):
-        return None if _SCALARS[shape](value) else f"{here} should be {shape}, not {_describe(value)}"
+        return None if _SCALARS[shape](value) else f"{here} should be {shape}, not {_shown(value, shape)}"
     if isinstance(shape, Exactly):
         return None if value == shape.value else f"{here} should be {shape.value!r}"
     if isinstance(shape, Nullable):
@@ -301,7 +334,9 @@ def shape_problem(value: Any, shape: Any, where: str = "") -> str | None:
     if isinstance(shape, MapOf):
         if not isinstance(value, dict):
             return f"{here} should be {OBJECT}, not {_describe(value)}"
-        return next((f"{here} has a value that is {_describe(v)}, not {shape.value}" for v in value.values()
+        if any(shape_problem(k, shape.key) for k in value):  # the key's text is not replayed (see _describe)
+            return f"{here} has a key that is not {shape.key}"
+        return next((f"{here} has a value that is {_shown(v, shape.value)}, not {shape.value}" for v in value.values()
                      if shape_problem(v, shape.value)), None)
     items, fixed = (shape, True) if isinstance(shape, tuple) else ((), False)
     if not isinstance(value, list):
@@ -327,13 +362,25 @@ def read_json(path: Path) -> Any:
         raise UserError(f"{path} is not valid JSON: {error}") from error
 
 
+def _consistency_problem(profile: dict) -> str | None:
+    """What a well-shaped profile says that cannot be so (an interval upside down, a p99
+    below the p50, energy claimed without a meter's figure), or None."""
+    latency, energy = profile["latency"], profile["energy"]
+    low, high = latency["median_ci95"]
+    if low > high:
+        return f"latency.median_ci95 should run from low to high, not from {low:g} down to {high:g}"
+    if not latency["p50"] <= latency["p90"] <= latency["p99"]:
+        return "latency.p50, p90 and p99 should be in rising order (percentiles of one set of samples)"
+    if energy["available"] and energy["net_mj_per_inference"] is None:
+        return "energy.net_mj_per_inference should be a finite number when energy.available is true"
+    if energy["available"] and not energy["provenance"].startswith("measured:"):
+        return "energy.provenance should name a meter (measured:...) when energy.available is true"
+    return None
+
+
 def checked_profile(data: Any, path: Path) -> dict:
     """`data` if it is a profile the page can render; otherwise a UserError naming `path` and the field."""
-    problem = shape_problem(data, PROFILE_SHAPE)
-    if not problem and data["energy"]["available"] and data["energy"]["net_mj_per_inference"] is None:
-        problem = "energy.net_mj_per_inference should be a finite number when energy.available is true"
-    if not problem and data["energy"]["available"] and not data["energy"]["provenance"].startswith("measured:"):
-        problem = "energy.provenance should name a meter (measured:...) when energy.available is true"
+    problem = shape_problem(data, PROFILE_SHAPE) or _consistency_problem(data)
     if problem:
         raise UserError(f"malformed profile {path}: {problem}")
     return data
@@ -376,6 +423,43 @@ class Reports(NamedTuple):
     artifacts: list[dict]  # from sidecars: variants that may have no profile (a Core ML package)
 
 
+# what tells machines apart in a profile's environment: processor, core count, GPU and operating
+# system; threads and package versions may change from one run to the next on the same machine
+MACHINE_FIELDS = ("cpu", "logical_cpus", "gpu", "platform")
+
+
+def _machine_name(env: dict) -> str:
+    """A machine as people know it: its CPU, its logical CPUs and its GPU."""
+    parts = [str(env.get("cpu") or "unknown CPU")]
+    if type(env.get("logical_cpus")) is int:  # not a bool, which JSON's true would be
+        parts.append(f"{env['logical_cpus']} CPUs")
+    if env.get("gpu"):
+        parts.append(str(env["gpu"]))
+    return ", ".join(parts)
+
+
+def machine_names(profiles: list[dict]) -> list[str]:
+    """The machine each profile was measured on, in order, named from its environment.
+    Profiles that agree on MACHINE_FIELDS share a name; machines that differ in them but would
+    share a name (same CPU, another kernel) are numbered ("..., machine 2")."""
+    identities = [json.dumps([p["environment"].get(key) for key in MACHINE_FIELDS]) for p in profiles]
+    names: dict[str, str] = {}  # identity -> name
+    uses: dict[str, int] = {}  # name -> how many identities bear it
+    for identity, profile in zip(identities, profiles):
+        if identity not in names:
+            name = _machine_name(profile["environment"])
+            uses[name] = uses.get(name, 0) + 1
+            names[identity] = name if uses[name] == 1 else f"{name}, machine {uses[name]}"
+    return [names[identity] for identity in identities]
+
+
+def checked_folder(folder: str | Path) -> Path:
+    """`folder` if it is a folder (of profiles, `load_reports` will see); a UserError otherwise."""
+    if not Path(folder).is_dir():
+        raise UserError(f"{folder} is not a folder of profiles")
+    return Path(folder)
+
+
 def load_reports(folder: str | Path) -> Reports:
     """Every profile, estimate and artifact sidecar in `folder`, as dicts checked to have what
     the page reads.
@@ -386,9 +470,7 @@ def load_reports(folder: str | Path) -> Reports:
     `*.edgeport.json`. Other `*.json` files (a demo's summary) are skipped, but must be valid
     JSON. Anything malformed is a UserError naming the file and what is wrong.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"{folder} is not a folder of profiles")
+    folder = checked_folder(folder)
     reports = Reports([], [], [])
     for path in sorted(folder.glob("*.json")):
         data = read_json(path)
