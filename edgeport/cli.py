@@ -514,8 +514,10 @@ def _written_by_edgeport(path: Path, kind: str) -> bool:
 
     with path.open("rb") as file:  # the head is enough: a profile with its op breakdown runs to megabytes
         head = file.read(1 << 16).decode("utf-8", errors="replace")
-    if kind == "report":
-        return GENERATOR_TAG in head[:2048]
+    if kind == "report":  # a sweep's page is the sweep's to rewrite, from its job files
+        from edgeport.fleet.report import SWEEP_TAG
+
+        return GENERATOR_TAG in head[:2048] and SWEEP_TAG not in head[:2048]
     if kind == "profile":
         return re.match(r'\s*\{\s*"schema":\s*"' + re.escape(SCHEMA) + '"', head) is not None
     return head.lstrip().startswith("[") and re.search(r'"(energy_)?provenance": "estimated', head) is not None
@@ -610,7 +612,7 @@ def estimate_command(artifact, devices, dims, inputs, output, as_json):
 
     if output:
         _check_output(Path(output), "estimates")
-    names = catalog.names() if "all" in devices else list(devices)
+    names = catalog.names() if "all" in devices else list(dict.fromkeys(devices))  # --device host twice: one row
     batch = _load_inputs(inputs, artifact)
     with progress(f"estimating {artifact} on {len(names)} device{'s' if len(names) > 1 else ''}"):
         estimates = [estimate(artifact, d, dims=_parse_dims(dims), inputs=batch[0] if batch else None) for d in names]
@@ -682,14 +684,19 @@ def devices_command(recalibrate, as_json):
 @click.option("--html", "html_path", type=click.Path(), help="Where to write the HTML (default FOLDER/report.html).")
 def report_command(folder, html_path):
     """Collect the profile and estimate JSON files in FOLDER into one HTML report with plots."""
-    from edgeport.runtime.report import load_reports, write_html
+    from edgeport.runtime.report import checked_folder, load_reports, machine_names, write_html
 
-    _check_output(Path(html_path) if html_path else Path(folder) / "report.html", "report")
+    # FOLDER first: when it is no folder, that is the mistake to name, not the report.html it cannot hold
+    checked_folder(folder)
+    output = Path(html_path) if html_path else Path(folder) / "report.html"
+    _check_output(output, "report")
     with progress(f"reading the profiles and estimates in {folder} and writing the report"):
         reports = load_reports(folder)
-        path = write_html(html_path or Path(folder) / "report.html", *reports)
-    console.print(f"wrote {path} ({len(reports.profiles)} profiles, {len(reports.estimates)} estimates, "
-                  f"{len(reports.artifacts)} artifact records)")
+        path = write_html(output, *reports)
+    machines = len(set(machine_names(reports.profiles)))
+    console.print(f"wrote {path} ({len(reports.profiles)} profiles"
+                  + (f" from {machines} machines" if machines > 1 else "")
+                  + f", {len(reports.estimates)} estimates, {len(reports.artifacts)} artifact records)")
 
 
 @cli.command("spikes")
@@ -756,11 +763,16 @@ def zoo_command(as_json):
 
 
 @cli.command("demo")
-@click.option("-o", "--out", default="edgeport-demo", show_default=True, type=click.Path())
+@click.option("-o", "--out", default="edgeport-demo", show_default=True, type=click.Path(), metavar="DIR",
+              help="The demo's own folder: new, empty, or an earlier demo's output, which a completed run replaces "
+                   "as a whole. A folder holding anything else is refused before any work.")
 @click.option("--runs", default=200, show_default=True, type=click.IntRange(min=1), help="Timed runs per runner.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def demo_command(out, runs, as_json):
-    """The whole flow on the zoo: export, verify, accuracy and latency of torch vs ONNX Runtime."""
+    """The whole flow on the zoo: export, verify, accuracy and latency of torch vs ONNX Runtime.
+
+    The run is staged inside DIR and its report is built from its own files only; they land
+    in DIR once the whole run has succeeded, so a failure leaves DIR as it was."""
     from edgeport.demo import run_demo
 
     with progress("demo") as step:
@@ -872,6 +884,8 @@ def _comma_list(text: str | None) -> list[str]:
 @click.option("-o", "--out", default="fleet", show_default=True, type=click.Path(), help="Results folder.")
 @click.option("--input", "inputs", multiple=True, help="Example input shape for non-zoo models, e.g. 1x3x224x224.")
 @click.option("--weights", type=click.Path(), help=WEIGHTS_HELP)
+@click.option("--calib", type=click.Path(), help="Non-zoo models' quantized variants: .npz with the calibration batch "
+                                                 "(about 32 real samples), as `edgeport quantize --calib` takes it.")
 @click.option("--runs", default=200, show_default=True, type=click.IntRange(min=1), help="Timed runs per profile.")
 @click.option("--warmup", default=20, show_default=True, type=click.IntRange(min=0))
 @click.option("--sessions", default=5, show_default=True, type=click.IntRange(min=1),
@@ -881,7 +895,7 @@ def _comma_list(text: str | None) -> list[str]:
 @click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads (default: the runtime's).")
 @click.option("--no-ops", is_flag=True, help="Skip the per-op breakdown.")
 @click.option("--json", "as_json", is_flag=True, help="Print the sweep's jobs and counts as JSON.")
-def sweep_command(models, variants, targets, devices, cluster, out, inputs, weights, runs, warmup, sessions,
+def sweep_command(models, variants, targets, devices, cluster, out, inputs, weights, calib, runs, warmup, sessions,
                   min_duration, threads, no_ops, as_json):
     """Export MODELS in every variant once, and profile each artifact on every device."""
     from edgeport.fleet import sweep
@@ -890,8 +904,9 @@ def sweep_command(models, variants, targets, devices, cluster, out, inputs, weig
         with _sweep_progress() as on_progress:
             result = sweep(list(models), _comma_list(variants), _comma_list(devices) or None, out,
                            targets=_comma_list(targets), cluster=cluster, example=list(inputs) or None,
-                           weights=weights, runs=runs, warmup=warmup, sessions=sessions, min_duration_s=min_duration,
-                           threads=threads, ops=not no_ops, on_progress=on_progress)
+                           weights=weights, calib=_calibration_arrays(calib) if calib else None, runs=runs,
+                           warmup=warmup, sessions=sessions, min_duration_s=min_duration, threads=threads,
+                           ops=not no_ops, on_progress=on_progress)
     except KeyboardInterrupt:
         diagnostics.print(f"interrupted: the jobs that finished are in {out} (index.jsonl); the same command "
                           "resumes with the rest", soft_wrap=True)

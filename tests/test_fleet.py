@@ -5,8 +5,10 @@ by `edgeport fleet join --block` as a process group of its own, each worker adve
 different device, one CPU and a 100 MiB object store each; later tests join more nodes. The
 finalizer kills exactly those processes, never every Ray process of the machine.
 """
+import copy
 import json
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -25,8 +27,10 @@ from edgeport.fleet.cluster import cluster_nodes
 from edgeport.fleet.jobs import ArtifactBundle, materialize
 from edgeport.devices.catalog import identity_mismatch
 from edgeport.fleet.localcluster import LocalCluster, free_port
-from edgeport.fleet.plan import EXPORT, MEASURE, Job, parse_variant
+from edgeport.fleet.plan import EXPORT, MEASURE, Job, make_plan, parse_variant, resolve_models
+from edgeport.fleet.report import SWEEP_TAG
 from edgeport.fleet.results import Results
+from edgeport.fleet.sweep import profile_settings
 
 # Ray clusters and Ctrl-C'd subprocesses, timed: alone, after the parallel pass (`make test`). Under
 # four busy processes on two cores, one Ctrl-C'd sweep printed "interrupted" and still ended by SIGINT
@@ -130,6 +134,9 @@ def test_bad_sweeps_fail_in_one_line_before_any_job(tmp_path, capsys):
              (["sweep", "cnn-digits", "--devices", "jetson-orin-nan"], "did you mean jetson-orin-nano"),
              (["sweep", "cnn-digits", "--devices", "Bad Name"], "is not plain"),
              (["sweep", "cnn-digits", "--to", "onx"], "did you mean onnx"),
+             (["sweep", "cnn-digits", "--threads", "100000"], "threads must be from 1 to"),
+             (["sweep", "cnn-digits", "--min-duration", "inf"], "minimum duration of a profile is from 0 to 3600"),
+             (["sweep", "cnn-digits", "--min-duration", "1e308"], "minimum duration of a profile is from 0 to 3600"),
              (["sweep", "cnn-digits", "--cluster", "not an address"], "is not HOST:PORT"),
              (["sweep", "cnn-digits", "--cluster", f"127.0.0.1:{free_port()}"], "cannot reach a Ray cluster"),
              (["fleet", "join", "--device", "jetson-orin-nano"], "--address HEAD:PORT"),
@@ -140,6 +147,108 @@ def test_bad_sweeps_fail_in_one_line_before_any_job(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, (args, err)
     assert not (tmp_path / "out").exists()
+
+
+OWN_MODELS = """
+import torch
+from torch import nn
+
+
+def tiny():
+    torch.manual_seed(0)  # the same weights at every load: a rerun finds its jobs by the model's sha256
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 10))
+
+
+def tiny2():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(16, 10))
+"""
+
+
+@pytest.fixture
+def own_models(tmp_path, monkeypatch) -> Path:
+    """`mods:tiny` and `mods:tiny2`, two factories of one class (nn.Sequential), found in the
+    current folder as a user's would be, and `calib.npz`, 32 samples for both."""
+    import numpy as np
+
+    (tmp_path / "mods.py").write_text(OWN_MODELS)
+    np.savez(tmp_path / "calib.npz", np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype("float32"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def test_sweeps_of_own_models_that_could_not_finish_fail_before_any_job(own_models, capsys):
+    cases = [(["mods:tiny"], "tiny needs an example input"),
+             (["mods:tiny", "--input", "1x3x8x8", "--variants", "fp32,repq-w8a8"],
+              "repq-w8a8 of tiny needs calibration data"),
+             (["mods:tiny", "--input", "1x3x8x8", "--variants", "repq-w8a8", "--calib", "missing.npz"], "missing.npz")]
+    for args, message in cases:
+        assert main(["sweep", *args, "-o", "out"]) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (args, err)
+    assert not (own_models / "out").exists()
+    model = ep.load_model("mods:tiny")
+    with pytest.raises(UserError, match="are the same model"):  # one model's jobs under two names
+        ep.sweep([model, copy.deepcopy(model)], out=own_models / "out", example=["1x3x8x8"])
+    sources = resolve_models(["mods:tiny", "mods:tiny2", "mods:tiny", "cnn-digits"])
+    assert [s.label for s in sources] == ["tiny", "tiny2", "cnn-digits"]  # named by factory, each once
+
+
+def test_a_folder_the_sweep_did_not_write_is_left_as_it_was(tmp_path, capsys):
+    notes, index = tmp_path / "notes", tmp_path / "index"
+    notes.mkdir()
+    (notes / "report.html").write_text("<html>our own notes</html>")
+    index.mkdir()
+    (index / "index.jsonl").write_text('{"mine": 1}\n')
+    for out, message in ((notes, "refusing to overwrite"), (index, "malformed index")):
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        assert main(["sweep", "cnn-digits", "-o", str(out)]) == 2
+        assert message in capsys.readouterr().err
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no jobs/ or artifacts/ left behind
+
+
+def test_a_measurement_is_keyed_by_its_profile_settings():
+    sources = resolve_models(["cnn-digits"])
+    variants, settings = [parse_variant("fp32")], profile_settings(20, 2, 2, 0.0, None, False, True)
+
+    def keys(**changed) -> dict[str, str]:
+        plan = make_plan(sources, variants, ["onnx"], ["host", "jetson-orin-nano"], {"host"}, False,
+                         settings | changed)
+        return {job.kind: job.key for job in plan.jobs}
+
+    assert keys() == keys(runs=20)
+    assert keys(runs=2000)[MEASURE] != keys()[MEASURE] and keys(threads=1)[MEASURE] != keys()[MEASURE]
+    assert {kind: key for kind, key in keys(runs=2000).items() if kind != MEASURE} == \
+        {kind: key for kind, key in keys().items() if kind != MEASURE}  # the export and estimate stand
+
+
+def test_a_sweep_of_zoo_and_own_models_names_each_and_says_how_it_measured(own_models, capsys):
+    """A zoo model keeps its own example beside --input; two factories of one class keep their
+    names; a model named twice runs once; quantized variants of the own models calibrate on
+    --calib; each cell says its runs and threads, and why it is not valid (20 runs are too few
+    for a p99); other settings measure again, and the page says which."""
+    args = ["sweep", "cnn-digits", "mods:tiny", "mods:tiny2", "cnn-digits", "--input", "1x3x8x8", "--calib",
+            "calib.npz", "--variants", "fp32,repq-w8a8", "-o", "out", "--sessions", "1", "--no-ops", "--json"]
+    assert main([*args, "--runs", "20"]) == 0, capsys.readouterr().err
+    first = json.loads(capsys.readouterr().out)
+    assert first["jobs_run"] == 12 and first["counts"]["export"]["done"] == 6
+    page = (own_models / "out" / "report.html").read_text()
+    assert SWEEP_TAG in page and "<meta name='generator' content='edgeport'>" in page
+    rows = {tuple(re.findall(r"<td>([^<]*)</td>", row)[:2]) for row in re.findall(r"<tr><td>[^<]*</td><td>[^<]*</td>"
+                                                                                   r"<td class='num'>", page)}
+    assert rows == {(model, variant) for model in ("cnn-digits", "tiny", "tiny2") for variant in ("fp32", "repq-w8a8")}
+    assert page.count("20 runs, threads: ") == 6 and page.count("not valid: 20 samples are too few for p99") == 6
+    assert main([*args, "--runs", "25", "--threads", "1"]) == 0, capsys.readouterr().err
+    again = json.loads(capsys.readouterr().out)
+    assert again["jobs_run"] == 6 and again["counts"]["export"]["skipped"] == 6  # measured again, not exported
+    page = (own_models / "out" / "report.html").read_text()
+    assert page.count("25 runs, threads: 1;") == 6 and "20 runs" not in page
+    # the sweep's page is the sweep's: `edgeport report` on its folder does not replace it
+    assert main(["report", "out"]) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err and (own_models / "out" / "report.html").read_text() == page
 
 
 def test_exports_fail_with_the_reason_where_every_cpu_is_held_by_an_agent():
@@ -188,14 +297,16 @@ def test_the_index_survives_a_cut_line_and_a_lost_append(tmp_path):
     job = Job("estimate", "cnn-digits", "ab" * 32, "fp32", "onnx", "raspberry-pi-5")
     results = Results(tmp_path)
     results.record(job, "done", seconds=0.01,
-                   estimate={"latency_ms": 0.1, "energy_mj": 0.2, "energy_provenance": "estimated:roofline"})
+                   estimate={"latency_ms": 0.1, "energy_mj": 0.2, "energy_provenance": "estimated:roofline",
+                             "confidence": {"peak": "vendor"}})
     with open(tmp_path / "index.jsonl", "a") as index:
         index.write('{"key": "half a li')  # the process died mid-append
     assert Results(tmp_path).finished(job)["file"] == f"jobs/{job.file_name}"
     assert (tmp_path / "index.jsonl").read_text().endswith("}\n")
     (tmp_path / "index.jsonl").unlink()  # died between the job file and its line
     assert Results(tmp_path).finished(job) is not None and len(index_lines(tmp_path)) == 1
-    assert Results(tmp_path).finished(Job(MEASURE, *list(vars(job).values())[1:])) is None  # a node joined since
+    measured = Job(MEASURE, job.model, job.model_sha256, job.variant, job.target, job.device, "p0123456789")
+    assert Results(tmp_path).finished(measured) is None  # a node of the device joined since
     assert parse_variant("repq-w4a4").w_bits == 4
 
 
@@ -236,8 +347,9 @@ def test_cluster_sweep_measures_each_device_on_the_node_advertising_it(cluster, 
         assert page.count(f"node {nodes[device][:12]}") >= 4
     in_process_page = (in_process / "report.html").read_text()
     assert ReportStructure(page).skeleton == ReportStructure(in_process_page).skeleton
-    assert sorted(p.name for p in (result.out / "jobs").iterdir()) == \
-        sorted(p.name for p in (in_process / "jobs").iterdir())
+    in_process_records = [json.loads((in_process / e["file"]).read_text()) for e in index_lines(in_process)]
+    assert sorted((r["model"], r["variant"], r["target"], r["device"]) for r in records) == \
+        sorted({(r["model"], r["variant"], r["target"], r["device"]) for r in in_process_records})
     status = subprocess.run([sys.executable, "-m", "edgeport", "fleet", "status", "--cluster", cluster.address,
                              "--json"], capture_output=True, text=True, timeout=120)
     listed = {d: n["node_id"] for n in json.loads(status.stdout) if n["alive"] for d in n["devices"]}

@@ -124,7 +124,8 @@ def run_here(function: Callable[..., dict], *args, **kwargs) -> Finished:
 
 
 def export_job(model: ModelSource, variant: Variant, target: str, example, *, node: str) -> dict:
-    """Make `variant` of `model`, export it to `target` and verify it, on this node. Returns
+    """Make `variant` of `model`, export it to `target` and verify it, on this node. `example`
+    is for a model not from the zoo (a zoo model brings its own, and its test images). Returns
     {"bundle": ArtifactBundle, "artifact": a summary of the sidecar, "node", "seconds"} (wall s)."""
     import edgeport
     from edgeport import zoo
@@ -133,17 +134,20 @@ def export_job(model: ModelSource, variant: Variant, target: str, example, *, no
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="edgeport-export-") as folder:
         reference, weights = model.materialize(Path(folder))
-        is_zoo = isinstance(reference, str) and reference in zoo.names()
-        source, verify_inputs = reference, None
+        source, verify_inputs, verify_source = reference, None, "given inputs"
+        if model.from_zoo:
+            example = zoo.example(reference)
         if variant.method is not None:
-            source = edgeport.quantize(reference, method=variant.method, w_bits=variant.w_bits, a_bits=variant.a_bits,
-                                       weights=weights)
+            source = edgeport.quantize(reference, model.calibration, method=variant.method, w_bits=variant.w_bits,
+                                       a_bits=variant.a_bits, weights=weights)
             weights = None
-            if is_zoo:  # a quantized module no longer says which zoo model it is: bring its data along
-                example, verify_inputs = zoo.example(reference), zoo_batches(reference)
+            if model.from_zoo:  # a quantized module no longer says which zoo model it is: bring its data along
+                verify_inputs = zoo_batches(reference)
+            else:  # real samples, as `edgeport quantize` verifies on, rather than random draws
+                verify_inputs, verify_source = [model.calibration], "the calibration batch"
         artifact = edgeport.export(source, example, targets=[target], out=Path(folder) / "out", weights=weights,
                                    name=f"{model.label}-{variant.name}", verify_inputs=verify_inputs,
-                                   **variant.export_options)[target]
+                                   verify_inputs_source=verify_source, **variant.export_options)[target]
         bundle = bundle_of(artifact)
     parity = "passed" if artifact.parity and artifact.parity.passed else "not checked: " + "; ".join(artifact.notes)
     return {"bundle": bundle, "node": node_description(node), "seconds": time.perf_counter() - start,

@@ -4,18 +4,24 @@ An artifact does not depend on the device it will run on, so each (model, varian
 is exported once, by an export job that may run anywhere. Each device then gets one job per
 artifact: a measurement on a node that is that device, or, where no node is, a roofline
 estimate from the device catalog, labelled as an estimate. A job's key is the model's
-sha256, the variant, the target and the device; a rerun skips the keys already done.
+sha256, the variant, the target and the device, and for a measurement the id of its profile
+settings; a rerun skips the keys already done, so new settings measure again.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from edgeport.errors import UserError
+
+if TYPE_CHECKING:
+    from edgeport.sdk import Calibration
 
 EXPORT, MEASURE, ESTIMATE = "export", "measure", "estimate"
 EXPORT_ROW = "export"  # the progress row of export jobs; every other row is a device
@@ -66,7 +72,9 @@ class ModelSource:
     `reference` is what `edgeport.load_model` takes (a zoo name, `package.module:factory`, a
     module object) or, for a model file, the file's name in `files`: the fleet shares no
     filesystem, so model and weights files travel as bytes. `sha256` is the loaded model's
-    `source_sha256`; `label` names its rows and files.
+    `source_sha256`; `label` names its rows and files. `calibration` is the batch its quantized
+    variants are calibrated on, as the model's positional arguments (None for a zoo model,
+    which brings its own).
     """
 
     label: str
@@ -74,6 +82,14 @@ class ModelSource:
     sha256: str
     files: dict[str, bytes] = field(default_factory=dict)
     weights: str | None = None  # the name of the weights file in `files`
+    calibration: torch.Tensor | tuple[torch.Tensor, ...] | None = None
+
+    @property
+    def from_zoo(self) -> bool:
+        """Whether it is a zoo model, which brings its own example, calibration and test inputs."""
+        from edgeport import zoo
+
+        return isinstance(self.reference, str) and self.reference not in self.files and self.reference in zoo.names()
 
     def materialize(self, folder: Path) -> tuple[str | torch.nn.Module, str | None]:
         """Write the travelling files into `folder`; returns (reference, weights) for `load_model` there."""
@@ -89,18 +105,33 @@ def _shipped_file(reference: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def resolve_models(models: Sequence[str | torch.nn.Module], weights: str | Path | None = None
-                   ) -> list[ModelSource]:
-    """Load each model here once, to check it and hash it, and package it for the nodes."""
+def _label(reference: str | torch.nn.Module, model: torch.nn.Module) -> str:
+    """What the rows and files of a model given as a factory or a module are called: the
+    factory's name (`mods:tiny` is `tiny`: two factories of one class stay apart), else the
+    module's class."""
+    factory = re.fullmatch(r"[\w.]+:(\w+)", reference) if isinstance(reference, str) else None
+    return factory[1] if factory else type(model).__name__.lower()
+
+
+def resolve_models(models: Sequence[str | torch.nn.Module], weights: str | Path | None = None,
+                   calib: Calibration | None = None) -> list[ModelSource]:
+    """Load each model here once, to check it and hash it, and package it for the nodes with
+    `calib` (see `edgeport.sdk.calibration_batch`) matched to its inputs. A model named twice is
+    swept once; two names for one model (the same sha256) are refused, as their jobs would be one."""
     from edgeport import zoo
     from edgeport.core import check_artifact_name, source_sha256
     from edgeport.load import load_model
+    from edgeport.sdk import calibration_batch
 
     if not models:
         raise UserError("a sweep needs at least one model")
-    sources = []
-    for reference in models:
+    by_sha256: dict[str, ModelSource] = {}
+    given_as: dict[str, str] = {}  # sha256 -> how the model was named
+    for reference in dict.fromkeys(models):
         model = load_model(reference, weights)
+        sha256, name = source_sha256(model), reference if isinstance(reference, str) else type(model).__name__
+        if sha256 in by_sha256:
+            raise UserError(f"{given_as[sha256]} and {name} are the same model (sha256 {sha256[:12]}...): name it once")
         files, shipped = {}, _shipped_file(reference) if isinstance(reference, str) else None
         if isinstance(reference, str) and reference in zoo.names():
             label = reference
@@ -108,14 +139,37 @@ def resolve_models(models: Sequence[str | torch.nn.Module], weights: str | Path 
             label, reference = shipped.stem, shipped.name
             files[shipped.name] = shipped.read_bytes()
         else:
-            label = type(model).__name__.lower()
+            label = _label(reference, model)
         weights_name = None
         if weights is not None:
             weights_name = "weights" + Path(weights).suffix
             files[weights_name] = Path(weights).read_bytes()
-        sources.append(ModelSource(check_artifact_name(re.sub(r"[^\w.-]", "_", label)), reference,
-                                   source_sha256(model), files, weights_name))
+        source = ModelSource(re.sub(r"[^\w.-]", "_", label), reference, sha256, files, weights_name)
+        if calib is not None and not source.from_zoo:
+            source.calibration = calibration_batch(model, calib)
+        by_sha256[sha256], given_as[sha256] = source, name
+    sources = list(by_sha256.values())
+    labels = [s.label for s in sources]
+    for source in sources:  # two models of one name (`a/model.pt2`, `b/model.pt2`): their hash tells them apart
+        if labels.count(source.label) > 1:
+            source.label = f"{source.label}-{source.sha256[:8]}"
+        check_artifact_name(source.label)
     return sources
+
+
+def check_model_inputs(models: list[ModelSource], variants: list[Variant], has_example: bool) -> None:
+    """Refuse, before any job, a model the exports could not run: one not from the zoo needs an
+    example input, and calibration data for each quantized variant (a zoo model brings both)."""
+    quantized = [v.name for v in variants if v.method is not None]
+    for model in models:
+        if model.from_zoo:
+            continue
+        if not has_example:
+            raise UserError(f"{model.label} needs an example input (--input 1x3x224x224, or example= in "
+                            "edgeport.sweep); only zoo models bring their own")
+        if quantized and model.calibration is None:
+            raise UserError(f"{', '.join(quantized)} of {model.label} needs calibration data, about 32 real samples "
+                            "(--calib data.npz, or calib= in edgeport.sweep); only zoo models bring their own")
 
 
 @dataclass(frozen=True)
@@ -129,11 +183,14 @@ class Job:
     variant: str
     target: str
     device: str = ""  # empty for an export
+    settings_id: str = ""  # a measurement's profile settings (`profile_settings_id`); empty for the others
 
     @property
     def key(self) -> str:
-        """What a rerun recognizes a finished job by: model hash, variant, target, device."""
-        return "/".join((self.model_sha256, self.variant, self.target, self.device or EXPORT))
+        """What a rerun recognizes a finished job by: model hash, variant, target, device, and
+        a measurement's settings (one made with other runs or threads is not this one)."""
+        return "/".join(filter(None, (self.model_sha256, self.variant, self.target, self.device or EXPORT,
+                                      self.settings_id)))
 
     @property
     def export_key(self) -> str:
@@ -148,7 +205,9 @@ class Job:
     @property
     def file_name(self) -> str:
         """Its result file's name: readable, and unique per key."""
-        return f"{self.model}@{self.model_sha256[:12]}.{self.variant}.{self.target}.{self.device or EXPORT}.json"
+        settings = f".{self.settings_id}" if self.settings_id else ""
+        return (f"{self.model}@{self.model_sha256[:12]}.{self.variant}.{self.target}.{self.device or EXPORT}"
+                f"{settings}.json")
 
     def describe(self) -> str:
         """For progress lines: `measure vit-digits repq-w8a8 onnx on jetson-orin-nano`."""
@@ -209,10 +268,16 @@ def device_kind(device: str, measured: set[str], on_cluster: bool) -> str:
     return ESTIMATE
 
 
+def profile_settings_id(settings: dict) -> str:
+    """A short id of a measurement's profile settings (keywords of `edgeport.profile`)."""
+    return "p" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+
+
 def make_plan(models: list[ModelSource], variants: list[Variant], targets: Sequence[str], devices: Sequence[str],
-              measured: set[str], on_cluster: bool) -> Plan:
+              measured: set[str], on_cluster: bool, settings: dict) -> Plan:
     """The jobs of models x variants x targets x devices: one export per (model, variant,
-    target), then one job per device of each, measured where `measured` holds the device."""
+    target), then one job per device of each, measured with the profile `settings` where
+    `measured` holds the device."""
     from edgeport.export import registry
 
     targets = list(dict.fromkeys(t.strip() for t in targets if t.strip()))
@@ -227,6 +292,7 @@ def make_plan(models: list[ModelSource], variants: list[Variant], targets: Seque
         for variant in variants:
             for target in targets:
                 jobs.append(Job(EXPORT, model.label, model.sha256, variant.name, target))
-    jobs += [Job(kinds[device], e.model, e.model_sha256, e.variant, e.target, device) for e in list(jobs)
-             for device in devices]
+    measurement = profile_settings_id(settings)
+    jobs += [Job(kinds[device], e.model, e.model_sha256, e.variant, e.target, device,
+                 measurement if kinds[device] == MEASURE else "") for e in list(jobs) for device in devices]
     return Plan(models, variants, targets, devices, jobs)

@@ -1,19 +1,27 @@
 """The sweep's `report.html`: every variant compared across every device, from the job files.
 
 Per target, one table of median latency and one of energy per inference: a row per model and
-variant, a column per device. A measured cell names the node it ran on; an estimated cell is
-marked as the catalog's roofline estimate, never as a measurement; a failed job shows its
+variant, a column per device. A measured cell names the node it ran on, its runs and threads,
+and why it is not valid where it is not; an estimated cell is marked as the catalog's roofline
+estimate, with the device figures it assumed, never as a measurement; a failed job shows its
 reason. Then the failed jobs, the nodes that measured (their environment and meters), and the
-exports. Every string on the page comes from JSON files and is escaped.
+exports. Every string on the page comes from JSON files and is escaped, and the page runs no
+script. Beside edgeport's generator tag it carries `SWEEP_TAG`, by which a sweep knows the
+`report.html` it may replace.
 """
 from __future__ import annotations
 
 import html
 from pathlib import Path
 
+from edgeport.errors import UserError
 from edgeport.fleet.plan import ESTIMATE, EXPORT, MEASURE, Plan
 from edgeport.fleet.results import DONE, FAILED
+from edgeport.runtime.page import GENERATOR_TAG
 from edgeport.runtime.report import write_atomically
+
+SWEEP_TAG = "<meta name='edgeport-page' content='sweep'>"  # a page `edgeport sweep` wrote, and may replace
+CSP = "default-src 'none'; style-src 'unsafe-inline'"  # styles only: nothing on the page runs or loads
 
 STYLE = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:.5em 0 1.5em}"
          "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;vertical-align:top}td.num{text-align:right}"
@@ -24,27 +32,40 @@ def _text(value) -> str:
     return html.escape(str(value))
 
 
+def _estimate_basis(estimate: dict) -> str:
+    """The device figures an estimate did not take from the vendor, e.g. `peak derived`."""
+    unsure = [f"{figure} {source}" for figure, source in estimate["confidence"].items() if source != "vendor"]
+    return "device figures: " + ", ".join(unsure) if unsure else "vendor device figures"
+
+
 def _latency_cell(record: dict | None) -> str:
     if record is None:
         return "<td>—</td>"
     if record["status"] == FAILED:
         return f"<td class='failed'>failed: {_text(record['reason'])}</td>"
     if record["kind"] == ESTIMATE:
-        return f"<td class='num est'>{record['estimate']['latency_ms']:.4g}<br>estimated (roofline)</td>"
-    latency, node = record["profile"]["latency"], record["node"]
+        estimate = record["estimate"]
+        return (f"<td class='num est'>{estimate['latency_ms']:.4g}<br>estimated (roofline)<br><span class='where'>"
+                f"{_text(_estimate_basis(estimate))}</span></td>")
+    profile, node = record["profile"], record["node"]
+    latency = profile["latency"]
     low, high = latency["median_ci95"]
-    validity = "" if latency["valid"] else "<br><span class='failed'>not valid</span>"
+    validity = "" if latency["valid"] else \
+        f"<br><span class='failed'>not valid: {_text('; '.join(latency['problems']))}</span>"
     if node.get("not_the_device"):
         validity += f"<br><span class='failed'>not the device: {_text(node['not_the_device'])}</span>"
-    return (f"<td class='num'>{latency['p50']:.4g}<br><span class='where'>95% CI {low:.4g}–{high:.4g}; measured on "
-            f"node {_text(node['node_id'][:12])}</span>{validity}</td>")
+    return (f"<td class='num'>{latency['p50']:.4g}<br><span class='where'>95% CI {low:.4g}–{high:.4g}; "
+            f"{len(latency['samples_ms'])} runs, threads: {_text(profile['environment'].get('threads', '?'))}; "
+            f"measured on node {_text(node['node_id'][:12])}</span>{validity}</td>")
 
 
 def _energy_cell(record: dict | None) -> str:
     if record is None or record["status"] == FAILED:
         return "<td>—</td>"
     if record["kind"] == ESTIMATE:
-        return f"<td class='num est'>{record['estimate']['energy_mj']:.4g}<br>estimated</td>"
+        estimate = record["estimate"]
+        return (f"<td class='num est'>{estimate['energy_mj']:.4g}<br>estimated<br><span class='where'>"
+                f"{_text(estimate['energy_provenance'])}</span></td>")
     energy = record["profile"]["energy"]
     if energy["available"]:
         return f"<td class='num'>{energy['net_mj_per_inference']:.4g}<br><span class='where'>" \
@@ -120,8 +141,23 @@ def render(plan: Plan, records: list[dict], title: str = "edgeport sweep") -> st
     exports = [by_key[e.key] for e in plan.exports() if e.key in by_key]
     parts += ["<h2>Failed jobs</h2>", _failed_table(failed), "<h2>Nodes that measured</h2>", _nodes_table(measuring),
               "<h2>Exports (each once, verified against torch)</h2>", _exports_table(exports)]
-    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{_text(title)}</title>"
-            f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+            f"<meta http-equiv='Content-Security-Policy' content=\"{CSP}\">{GENERATOR_TAG}{SWEEP_TAG}"
+            f"<title>{_text(title)}</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
+
+
+def check_report_path(path: Path) -> Path:
+    """`path` if the sweep may write its page there: refused, before any job, where it is a
+    folder or a file an earlier sweep did not write (someone's notes, an `edgeport report` page)."""
+    if path.is_dir():
+        raise UserError(f"cannot write the sweep's page to {path}: it is a folder")
+    if path.is_file():
+        with path.open("rb") as file:  # the tags sit in the head
+            head = file.read(2048).decode("utf-8", errors="replace")
+        if SWEEP_TAG not in head:
+            raise UserError(f"refusing to overwrite {path}: an earlier sweep did not write it (move it away, or "
+                            "choose another results folder)")
+    return path
 
 
 def write_report(path: Path, plan: Plan, records: list[dict], title: str = "edgeport sweep") -> Path:

@@ -37,11 +37,13 @@ DONE_SHAPES = {
     EXPORT: {"artifact": {"file": TEXT, "sha256": MapOf(TEXT), "exporter": TEXT, "precision": TEXT, "parity": TEXT,
                           "bytes": FINITE}, "node": {"node_id": TEXT}, "seconds": FINITE},
     MEASURE: {"node": {"node_id": TEXT, "hostname": TEXT, "energy_meter": Nullable(TEXT)},
-              "profile": {"latency": {"p50": FINITE, "median_ci95": (FINITE, FINITE), "valid": FLAG},
+              "profile": {"latency": {"p50": FINITE, "median_ci95": (FINITE, FINITE), "valid": FLAG,
+                                      "problems": ListOf(TEXT), "samples_ms": ListOf(FINITE)},
                           "energy": {"available": FLAG, "provenance": TEXT, "net_mj_per_inference": Nullable(FINITE),
                                      "reasons": ListOf(TEXT)},
                           "environment": OBJECT}},
-    ESTIMATE: {"estimate": {"latency_ms": FINITE, "energy_mj": FINITE, "energy_provenance": TEXT}},
+    ESTIMATE: {"estimate": {"latency_ms": FINITE, "energy_mj": FINITE, "energy_provenance": TEXT,
+                            "confidence": MapOf(TEXT)}},
 }
 
 
@@ -52,14 +54,14 @@ class Results:
         self.out = Path(out)
         self.jobs_dir, self.artifacts_dir, self.index_path = self.out / "jobs", self.out / "artifacts", \
             self.out / "index.jsonl"
+        self.entries: dict[str, dict] = {}  # key -> its latest index entry
+        self._read_index()  # first: a folder refused for its index is left as it was
+        self._index_unindexed_files()
         try:
             self.jobs_dir.mkdir(parents=True, exist_ok=True)
             self.artifacts_dir.mkdir(exist_ok=True)
         except OSError as error:
             raise UserError(f"cannot write to results folder {self.out}: {error.strerror or error}") from error
-        self.entries: dict[str, dict] = {}  # key -> its latest index entry
-        self._read_index()
-        self._index_unindexed_files()
 
     def _read_index(self) -> None:
         """Load the index; a last line cut short by a crash is dropped from the file, any other
@@ -131,13 +133,11 @@ class Results:
         return data
 
     def finished(self, job: Job) -> dict | None:
-        """The index entry of `job` if it is done and its file is there. An estimate does not
-        finish a measurement (a node of that device has joined since), but a measurement
-        finishes an estimate (it is the better figure)."""
+        """The index entry of `job` if it is done and its file is there. A measurement's key holds
+        its profile settings: neither an estimate (a node of that device has joined since) nor a
+        measurement made with other settings finishes it."""
         entry = self.entries.get(job.key)
         if entry is None or entry["status"] != DONE or not (self.out / entry["file"]).is_file():
-            return None
-        if job.kind == MEASURE and entry["kind"] == ESTIMATE:
             return None
         return entry
 

@@ -8,22 +8,27 @@ units. Every job's result is written the moment it finishes; `report.html` at th
 """
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
 from edgeport.errors import EdgeportError, UserError
 from edgeport.fleet import jobs
-from edgeport.fleet.plan import ESTIMATE, EXPORT, EXPORT_ROW, HOST, MEASURE, Job, Plan, make_plan, \
-    parse_variant, resolve_models
+from edgeport.fleet.plan import ESTIMATE, EXPORT, EXPORT_ROW, HOST, MEASURE, Job, Plan, check_model_inputs, \
+    make_plan, parse_variant, resolve_models
 from edgeport.fleet.results import DONE, FAILED, Results
+
+if TYPE_CHECKING:
+    from edgeport.sdk import Calibration
 
 POLL_S = 0.5  # how long the driver waits for a job before it looks at the nodes again
 QUEUED, RUNNING, SKIPPED = "queued", "running", "skipped"
+MAX_MIN_DURATION_S = 3600.0  # an hour per profile: more is a typo (1e308 s never ends), not a setting
 STATES = (QUEUED, RUNNING, DONE, FAILED, SKIPPED)
 
 
@@ -70,10 +75,18 @@ class SweepResult:
 def profile_settings(runs: int, warmup: int, sessions: int, min_duration_s: float, threads: int | None, ops: bool,
                      energy: bool) -> dict:
     """The `edgeport.profile` keywords every measurement of a sweep uses, checked here so that a
-    bad value fails once, before any job, rather than once per job on every node."""
-    if runs <= 0 or warmup < 0 or sessions <= 0 or min_duration_s < 0 or (threads is not None and threads <= 0):
-        raise UserError(f"profile settings must be positive (runs {runs}, sessions {sessions}, threads {threads}) "
-                        f"or non-negative (warmup {warmup}, min duration {min_duration_s} s)")
+    bad value fails once, before any job, rather than once per job on every node (threads up
+    to the limit `edgeport.profile` sets on this machine, at least 64)."""
+    from edgeport.sdk import MAX_THREADS
+
+    if runs <= 0 or warmup < 0 or sessions <= 0:
+        raise UserError(f"runs and sessions must be positive and warmup non-negative (runs {runs}, sessions "
+                        f"{sessions}, warmup {warmup})")
+    if not (math.isfinite(min_duration_s) and 0 <= min_duration_s <= MAX_MIN_DURATION_S):
+        raise UserError(f"the minimum duration of a profile is from 0 to {MAX_MIN_DURATION_S:g} s, "
+                        f"not {min_duration_s}")
+    if threads is not None and not 0 < threads <= MAX_THREADS:
+        raise UserError(f"threads must be from 1 to {MAX_THREADS}, not {threads}")
     return {"runs": runs, "warmup": warmup, "sessions": sessions, "min_duration_s": min_duration_s,
             "threads": threads, "ops": ops, "energy": energy}
 
@@ -207,7 +220,8 @@ class _Run:
 
 def sweep(models: Sequence[str | torch.nn.Module], variants: Sequence[str] = ("fp32",),
           devices: Sequence[str] | None = None, out: str | Path = "fleet", *, targets: Sequence[str] = ("onnx",),
-          cluster: str | None = None, example=None, weights: str | Path | None = None, runs: int = 200,
+          cluster: str | None = None, example=None, weights: str | Path | None = None,
+          calib: Calibration | None = None, runs: int = 200,
           warmup: int = 20, sessions: int = 5, min_duration_s: float = 0.0, threads: int | None = None,
           ops: bool = True, energy: bool = True,
           on_progress: Callable[[ProgressEvent], None] | None = None) -> SweepResult:
@@ -215,24 +229,31 @@ def sweep(models: Sequence[str | torch.nn.Module], variants: Sequence[str] = ("f
     device that has a node (estimate it, labelled so, on catalog devices that have none), and
     write one JSON per job into `out` as it finishes, with `index.jsonl` and `report.html`.
 
-    `models` are zoo names, `.pt2` files, `package.module:factory` (with `weights`) or modules;
-    non-zoo models need `example` (a batch, or shapes from `edgeport.sdk.parse_input`).
-    `variants`: "fp32", "slim", "snn-unrolled", "snn-step", or a quantization preset with bit
-    widths, "repq-w8a8". With `cluster` None everything runs in this process and "host" is the
-    one measured device (the default `devices`); with a Ray address ("HOST:PORT",
-    "ray://HOST:PORT" or "auto") the same plan runs on that cluster, each measurement on a node
-    advertising its device (default: every device a node advertises). `runs`, `warmup`,
+    `models` are zoo names, `.pt2` files, `package.module:factory` (with `weights`) or modules,
+    each named twice swept once; models not from the zoo need `example` (a batch, or shapes from
+    `edgeport.sdk.parse_input`), and for quantized variants `calib`, a batch of real samples
+    (as `edgeport.quantize` takes it); zoo models keep their own. `variants`: "fp32", "slim",
+    "snn-unrolled", "snn-step", or a quantization preset with bit widths, "repq-w8a8". With
+    `cluster` None everything runs in this process and "host" is the one measured device (the
+    default `devices`); with a Ray address ("HOST:PORT", "ray://HOST:PORT" or "auto": the
+    cluster most recently started on this machine) the same plan runs on that cluster, each
+    measurement on a node advertising its device (default: every device a node advertises). `runs`, `warmup`,
     `sessions`, `min_duration_s` (s), `threads`, `ops` and `energy` are `edgeport.profile`'s.
     A rerun into the same `out` skips the jobs already done (keyed by model sha256, variant,
-    target and device). `on_progress` is called on every change of a job's state.
+    target and device, and a measurement also by these profile settings: other settings measure
+    again). An `out/report.html` that an earlier sweep did not write is refused before any job.
+    `on_progress` is called on every change of a job's state.
     """
+    from edgeport.fleet.report import check_report_path
     from edgeport.sdk import parse_input
 
     settings = profile_settings(runs, warmup, sessions, min_duration_s, threads, ops, energy)
+    report_path = check_report_path(Path(out) / "report.html")
     parsed_variants = [parse_variant(v) for v in dict.fromkeys(variants)]
     if isinstance(example, (list, tuple)) and example and all(isinstance(e, str) for e in example):
         example = tuple(parse_input(e) for e in example)
-    sources = resolve_models(list(models), weights)
+    sources = resolve_models(list(models), weights, calib)
+    check_model_inputs(sources, parsed_variants, example is not None)
     start = time.perf_counter()
     if cluster is None:
         from edgeport.fleet.local import InProcessExecutor
@@ -248,7 +269,8 @@ def sweep(models: Sequence[str | torch.nn.Module], variants: Sequence[str] = ("f
         if not chosen:
             raise UserError(f"no node of the cluster at {cluster} advertises a device: join one with "
                             "`edgeport fleet join --device NAME`, or name catalog devices to estimate")
-        plan = make_plan(sources, parsed_variants, targets, chosen, executor.measured_devices, cluster is not None)
+        plan = make_plan(sources, parsed_variants, targets, chosen, executor.measured_devices, cluster is not None,
+                         settings)
         results = Results(out)
         run = _Run(plan, executor, results, settings, example, on_progress or (lambda event: None))
         run.execute()
@@ -258,7 +280,7 @@ def sweep(models: Sequence[str | torch.nn.Module], variants: Sequence[str] = ("f
 
     keys = {job.key for job in plan.jobs}
     records = [r for r in results.records() if r["key"] in keys]
-    report = write_report(results.out / "report.html", plan, records)
+    report = write_report(report_path, plan, records)
     return SweepResult(results.out, report, run.counts, [results.entries[j.key] for j in plan.jobs
                                                          if j.key in results.entries],
                        connected - start, time.perf_counter() - connected,
