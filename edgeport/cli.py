@@ -684,7 +684,8 @@ def devices_command(recalibrate, as_json):
 @click.option("--html", "html_path", type=click.Path(), help="Where to write the HTML (default FOLDER/report.html).")
 def report_command(folder, html_path):
     """Collect the profile and estimate JSON files in FOLDER into one HTML report with plots."""
-    from edgeport.runtime.report import checked_folder, load_reports, machine_names, write_html
+    from edgeport.runtime.page import machine_names
+    from edgeport.runtime.report import checked_folder, load_reports, write_html
 
     # FOLDER first: when it is no folder, that is the mistake to name, not the report.html it cannot hold
     checked_folder(folder)

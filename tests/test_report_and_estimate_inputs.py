@@ -17,7 +17,8 @@ from edgeport.cli import main
 from edgeport.devices.estimate import estimate
 from edgeport.errors import UserError
 from edgeport.runtime.page import SORT_SCRIPT
-from edgeport.runtime.report import SCHEMA, load_reports, machine_names, write_html
+from edgeport.runtime.page import machine_names
+from edgeport.runtime.report import SCHEMA, load_reports, write_html
 
 # The last one is also mathtext to matplotlib unless it is switched off.
 HOSTILE = ["<script>alert(1)</script>", '"><img src=x onerror=alert(1)>', "</svg><script>alert(2)</script>",
@@ -168,16 +169,16 @@ def as_measured_on_an_orin(profile: dict) -> dict:
 
 
 def test_profiles_from_two_machines_are_reported_machine_by_machine(profile_dict, tmp_path, capsys):
-    one_thread = copy.deepcopy(profile_dict)
-    one_thread["environment"]["threads"] = 1  # the same machine, another setting: grouped with it
+    other_threads = copy.deepcopy(profile_dict)  # the same machine, another setting: grouped with it
+    other_threads["environment"]["threads"] = profile_dict["environment"]["threads"] + 1
     orin = as_measured_on_an_orin(profile_dict)
-    for name, data in (("cnn.profile.json", profile_dict), ("cnn.one-thread.profile.json", one_thread),
+    for name, data in (("cnn.profile.json", profile_dict), ("cnn.more-threads.profile.json", other_threads),
                        ("cnn.orin.profile.json", orin)):
         (tmp_path / name).write_text(json.dumps(data, indent=1))
     assert main(["report", str(tmp_path)]) == 0
     assert "(3 profiles from 2 machines, 0 estimates" in capsys.readouterr().out
     here, there = machine_names([profile_dict, orin])
-    assert machine_names([one_thread]) == [here]
+    assert machine_names([other_threads]) == [here]
     assert there == "ARMv8 Processor rev 1 (v8l) Cortex-A78AE, 6 CPUs, Orin (nvgpu)"
     page = (tmp_path / "report.html").read_text()
     assert "this machine" not in page

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from edgeport.cli import main
-from edgeport.runtime.report import machine_names
+from edgeport.runtime.page import machine_names
 from test_report_and_estimate_inputs import as_measured_on_an_orin
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

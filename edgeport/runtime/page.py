@@ -27,8 +27,6 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeport.runtime.report import machine_names
-
 GENERATOR_TAG = "<meta name='generator' content='edgeport'>"  # how an output path is known to be ours
 SORT_SCRIPT = """
 for (const table of document.querySelectorAll("table.sortable")) {
@@ -76,6 +74,39 @@ summary{cursor:pointer;font-weight:600}
 DEVICE_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
                  "#bcbd22", "#17becf"]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p"]
+
+
+# --- machines ------------------------------------------------------------------------------
+
+# what tells machines apart in a profile's environment: processor, core count, GPU and operating
+# system; threads and package versions may change from one run to the next on the same machine
+MACHINE_FIELDS = ("cpu", "logical_cpus", "gpu", "platform")
+
+
+def _machine_name(env: dict) -> str:
+    """A machine as people know it: its CPU, its logical CPUs and its GPU."""
+    parts = [str(env.get("cpu") or "unknown CPU")]
+    if type(env.get("logical_cpus")) is int:  # not a bool, which JSON's true would be
+        parts.append(f"{env['logical_cpus']} CPUs")
+    if env.get("gpu"):
+        parts.append(str(env["gpu"]))
+    return ", ".join(parts)
+
+
+def machine_names(profiles: list[dict]) -> list[str]:
+    """The machine each profile was measured on, in order, named from its environment.
+    Profiles that agree on MACHINE_FIELDS share a name; machines that differ in them but would
+    share a name (same CPU, another kernel) are numbered ("..., machine 2")."""
+    identities = [json.dumps([p["environment"].get(key) for key in MACHINE_FIELDS]) for p in profiles]
+    names: dict[str, str] = {}  # identity -> name
+    uses: dict[str, int] = {}  # name -> how many identities bear it
+    for identity, profile in zip(identities, profiles):
+        if identity not in names:
+            name = _machine_name(profile["environment"])
+            uses[name] = uses.get(name, 0) + 1
+            names[identity] = name if uses[name] == 1 else f"{name}, machine {uses[name]}"
+    return [names[identity] for identity in identities]
+
 
 
 # --- plots ----------------------------------------------------------------------------------
