@@ -263,7 +263,7 @@ def stop(signum: int) -> None:
     SystemExit(128 + signum), and remember it. A signal handler raises wherever the main thread
     is, and where that is a `__del__` or a library's catch-all the exception is only printed
     and the work runs on (1 in 8 runs of the SIGTERM test committed and exited 0): the next
-    `Staging.commit` raises it again, so nothing is committed after a stop."""
+    commit raises it again (`exit_if_stopped`), so nothing is committed after a stop."""
     global _stop_signal
     _stop_signal = signum
     raise SystemExit(128 + signum)
@@ -273,6 +273,21 @@ def stopped_by() -> int | None:
     """The signal `stop` was called for, or None: a library that catches the SystemExit and
     raises its own (Ray's `wait` turns it into SystemExit(1)) loses the code, this keeps it."""
     return _stop_signal
+
+
+def exit_if_stopped() -> None:
+    """Raise SystemExit(128 + signum) again where `stop` was called: a step that commits files
+    calls it first, so that a stop some library swallowed on the way commits nothing."""
+    if _stop_signal is not None:
+        raise SystemExit(128 + _stop_signal)
+
+
+def remove_path(path: Path) -> None:
+    """Delete a file, a link or a folder (a Core ML package is one); nothing where there is none."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
 
 
 def check_artifact_name(name: str) -> str:
@@ -357,8 +372,7 @@ class Staging:
         """Move the artifacts' files and sidecars into `out` (each by an atomic rename). A name
         in `out` is replaced only if an earlier edgeport export wrote it; anything else there
         (a user's file or folder) stops the commit before anything moves."""
-        if _stop_signal is not None:
-            raise SystemExit(128 + _stop_signal)
+        exit_if_stopped()
         moves = []
         for artifact in artifacts:
             sidecar = artifact.write_sidecar()
@@ -371,10 +385,7 @@ class Staging:
                                     f"(move it away, or name the artifact otherwise: --name, name=)")
                 moves.append((self.dir / name, target))
         for staged, target in moves:
-            if target.is_symlink() or target.is_file():
-                target.unlink()
-            elif target.is_dir():
-                shutil.rmtree(target)
+            remove_path(target)
             os.replace(staged, target)
         for artifact in artifacts:
             artifact.path = self.out / artifact.path.name

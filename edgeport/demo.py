@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -22,7 +21,7 @@ from edgeport import __version__, zoo
 from edgeport.devices import catalog
 from edgeport.runtime.latency import measure
 from edgeport.runtime.report import load_reports, write_html
-from edgeport.core import STAGING_PREFIX, Runner, Staging, TorchRunner, stopped_by
+from edgeport.core import STAGING_PREFIX, Runner, Staging, TorchRunner, exit_if_stopped, remove_path
 from edgeport.errors import UserError
 from edgeport.export.onnx import OnnxRuntimeRunner
 from edgeport.verify import StreamingRunner
@@ -262,27 +261,17 @@ def files_listed_in(summary: Path) -> set[str]:
         return set()
 
 
-def remove(path: Path) -> None:
-    """Delete a file, link or folder (a Core ML package is a folder) of an earlier demo."""
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.is_dir():
-        shutil.rmtree(path)
-
-
 def commit(folders: DemoFolders) -> None:
     """Move the run's files from `work` into `out`, replacing the earlier demo's output as a
     whole, summary.json last (it names a complete output). `out` is checked again first: it
     may have gained a user's file during the minutes the run took."""
     earlier = earlier_demo_files(folders.out)
-    signum = stopped_by()
-    if signum is not None:  # a stop swallowed by a library on the way must not commit (see core.stop)
-        raise SystemExit(128 + signum)
+    exit_if_stopped()
     names = sorted((path.name for path in folders.work.iterdir()), key=lambda name: name == SUMMARY)
     for name in earlier - set(names):
-        remove(folders.out / name)
+        remove_path(folders.out / name)
     for name in names:
-        remove(folders.out / name)
+        remove_path(folders.out / name)
         os.replace(folders.work / name, folders.out / name)
 
 
