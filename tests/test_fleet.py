@@ -249,6 +249,45 @@ def test_a_sweep_of_zoo_and_own_models_names_each_and_says_how_it_measured(own_m
     # the sweep's page is the sweep's: `edgeport report` on its folder does not replace it
     assert main(["report", "out"]) == 2
     assert "refusing to overwrite" in capsys.readouterr().err and (own_models / "out" / "report.html").read_text() == page
+    check_shared_nodes_are_told(own_models / "out", again["jobs"])
+
+
+def check_shared_nodes_are_told(out: Path, entries: list[dict]) -> None:
+    """In this process one job runs at a time, so no measurement ran beside an export; moved
+    onto one node at one time, a measurement and an export of that folder are marked, in the
+    file the sweep amends and on the page; on another node, or one after the other, they are not."""
+    from edgeport.fleet.report import write_report
+    from edgeport.fleet.sweep import mark_shared_nodes, ran_beside
+
+    records = [json.loads((out / e["file"]).read_text()) for e in entries]
+    timed = [r for r in records if r["kind"] in (EXPORT, MEASURE)]
+    assert timed and all(0 < r["wall_clock_s"][0] <= r["wall_clock_s"][1] for r in timed)
+    assert not any(ran_beside(a, b) for a in timed for b in timed if a is not b)
+    assert not any("shared_node_with" in r for r in records)
+    measured = next(r for r in records if r["kind"] == MEASURE and r["model"] == "cnn-digits")
+    exported = next(r for r in records if r["kind"] == EXPORT)
+    plan = make_plan(resolve_models(["cnn-digits"]), [parse_variant("fp32")], ["onnx"], ["host"], {"host"}, False,
+                     profile_settings(20, 2, 1, 0.0, None, False, True))
+    measure_job, export_job = (next(j for j in plan.jobs if j.kind == kind) for kind in (MEASURE, EXPORT))
+    start, end = measured["wall_clock_s"]
+    for node, window, told in ((measured["node"], [start - 1, start + 0.001], True),
+                               ({**exported["node"], "node_id": "another-node"}, [start - 1, end + 1], False),
+                               (measured["node"], [start - 1, start], False)):
+        beside = {**copy.deepcopy(measured), "key": measure_job.key}  # the plan's job, for the page
+        export = {**copy.deepcopy(exported), "node": node, "wall_clock_s": window}
+        marked = mark_shared_nodes(export_job, export, [(measure_job, beside)])
+        assert (marked == [(measure_job, beside)]) == told and ("shared_node_with" in beside) == told
+        if told:
+            assert beside["shared_node_with"] == [export_job.key]
+            Results(out).amend(measure_job, beside)
+            assert json.loads((out / "jobs" / measure_job.file_name).read_text())["shared_node_with"] == \
+                [export_job.key]
+            page = write_report(out / "told.html", plan, [beside]).read_text()
+            assert f"measured while 1 export(s) ran on its node: {export_job.key}" in page
+    listed = next(e["file"] for e in entries if e["key"] == measured["key"])
+    (out / listed).write_text(json.dumps({**measured, "shared_node_with": "an export"}))
+    with pytest.raises(UserError, match="shared_node_with should be a list"):
+        Results(out).records()
 
 
 def test_exports_fail_with_the_reason_where_every_cpu_is_held_by_an_agent():
@@ -337,6 +376,8 @@ def test_cluster_sweep_measures_each_device_on_the_node_advertising_it(cluster, 
     exports = [r for r in records if r["kind"] == EXPORT]
     no_device = {n.node_id for n in cluster_nodes() if n.alive and not n.devices}  # the head
     assert len(exports) == 4 and {r["node"]["node_id"] for r in exports} <= no_device  # the devices only measure
+    assert not any("shared_node_with" in r for r in measured)  # so no measurement ran beside an export
+    assert all(r["wall_clock_s"][0] <= r["wall_clock_s"][1] for r in measured + exports)
     for r in exports:  # the committed artifact is what the export hashed
         artifact = ep.Artifact.load(next(result.out.glob(f"artifacts/*/{r['artifact']['file']}")))
         assert artifact.parity.passed

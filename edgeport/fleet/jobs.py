@@ -123,15 +123,22 @@ def run_here(function: Callable[..., dict], *args, **kwargs) -> Finished:
         return Finished(None, None, failure_reason(error))
 
 
+def ran_from(started_at: float) -> list[float]:
+    """[start, now] in seconds since the epoch by this node's clock: jobs that ran on one node
+    compare by it (the driver's clock is another machine's)."""
+    return [started_at, time.time()]
+
+
 def export_job(model: ModelSource, variant: Variant, target: str, example, *, node: str) -> dict:
     """Make `variant` of `model`, export it to `target` and verify it, on this node. `example`
     is for a model not from the zoo (a zoo model brings its own, and its test images). Returns
-    {"bundle": ArtifactBundle, "artifact": a summary of the sidecar, "node", "seconds"} (wall s)."""
+    {"bundle": ArtifactBundle, "artifact": a summary of the sidecar, "node", "seconds"} (wall s)
+    and "wall_clock_s", when it ran (see `ran_from`)."""
     import edgeport
     from edgeport import zoo
     from edgeport.sdk import zoo_batches
 
-    start = time.perf_counter()
+    start, started_at = time.perf_counter(), time.time()
     with tempfile.TemporaryDirectory(prefix="edgeport-export-") as folder:
         reference, weights = model.materialize(Path(folder))
         source, verify_inputs, verify_source = reference, None, "given inputs"
@@ -151,6 +158,7 @@ def export_job(model: ModelSource, variant: Variant, target: str, example, *, no
         bundle = bundle_of(artifact)
     parity = "passed" if artifact.parity and artifact.parity.passed else "not checked: " + "; ".join(artifact.notes)
     return {"bundle": bundle, "node": node_description(node), "seconds": time.perf_counter() - start,
+            "wall_clock_s": ran_from(started_at),
             "artifact": {"file": artifact.path.name, "format": artifact.format, "precision": artifact.precision,
                          "exporter": artifact.exporter, "sha256": bundle.digests(), "bytes": bundle.size_bytes,
                          "parity": parity, "notes": artifact.notes}}
@@ -158,15 +166,17 @@ def export_job(model: ModelSource, variant: Variant, target: str, example, *, no
 
 def measure_job(bundle: ArtifactBundle, expected: dict[str, str], device: str, settings: dict, *, node: str) -> dict:
     """Check the arrived artifact against `expected` (sha256 per file), then profile it on this
-    node with `settings` (keywords of `edgeport.profile`). Returns {"profile", "node", "seconds"}."""
+    node with `settings` (keywords of `edgeport.profile`). Returns {"profile", "node", "seconds",
+    "wall_clock_s"}."""
     import edgeport
 
-    start = time.perf_counter()
+    start, started_at = time.perf_counter(), time.time()
     with tempfile.TemporaryDirectory(prefix="edgeport-measure-") as folder:
         artifact = materialize(bundle, Path(folder), expected)
         profile = edgeport.profile(artifact, label=f"{artifact.path.stem} on {device}", **settings).to_dict()
     profile["artifact"] = bundle.main  # the temporary path means nothing elsewhere
-    return {"profile": profile, "node": node_description(node, device), "seconds": time.perf_counter() - start}
+    return {"profile": profile, "node": node_description(node, device), "seconds": time.perf_counter() - start,
+            "wall_clock_s": ran_from(started_at)}
 
 
 def estimate_job(artifact_path: Path, device: str) -> dict:

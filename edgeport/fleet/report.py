@@ -54,6 +54,9 @@ def _latency_cell(record: dict | None) -> str:
         f"<br><span class='failed'>not valid: {_text('; '.join(latency['problems']))}</span>"
     if node.get("not_the_device"):
         validity += f"<br><span class='failed'>not the device: {_text(node['not_the_device'])}</span>"
+    if record.get("shared_node_with"):
+        validity += (f"<br><span class='failed'>measured while {len(record['shared_node_with'])} export(s) ran on "
+                     f"its node: {_text(', '.join(record['shared_node_with']))}</span>")
     return (f"<td class='num'>{latency['p50']:.4g}<br><span class='where'>95% CI {low:.4g}–{high:.4g}; "
             f"{len(latency['samples_ms'])} runs, threads: {_text(profile['environment'].get('threads', '?'))}; "
             f"measured on node {_text(node['node_id'][:12])}</span>{validity}</td>")

@@ -35,8 +35,10 @@ JOB_SHAPE = {"schema": TEXT, "key": TEXT, "kind": TEXT, "status": TEXT, "model":
 # What the report and a rerun read from a finished job, by kind: a file that lacks it is refused.
 DONE_SHAPES = {
     EXPORT: {"artifact": {"file": TEXT, "sha256": MapOf(TEXT), "exporter": TEXT, "precision": TEXT, "parity": TEXT,
-                          "bytes": FINITE}, "node": {"node_id": TEXT}, "seconds": FINITE},
+                          "bytes": FINITE}, "node": {"node_id": TEXT}, "seconds": FINITE,
+             "wall_clock_s": Nullable((FINITE, FINITE))},
     MEASURE: {"node": {"node_id": TEXT, "hostname": TEXT, "energy_meter": Nullable(TEXT)},
+              "wall_clock_s": Nullable((FINITE, FINITE)), "shared_node_with": Nullable(ListOf(TEXT)),
               "profile": {"latency": {"p50": FINITE, "median_ci95": (FINITE, FINITE), "valid": FLAG,
                                       "problems": ListOf(TEXT), "samples_ms": ListOf(FINITE)},
                           "energy": {"available": FLAG, "provenance": TEXT, "net_mj_per_inference": Nullable(FINITE),
@@ -131,6 +133,11 @@ class Results:
         write_atomically(self.jobs_dir / job.file_name, json.dumps(data, indent=2, default=str) + "\n")
         self._append(self._entry(data, job.file_name))
         return data
+
+    def amend(self, job: Job, data: dict) -> None:
+        """Rewrite the result file of `job`, recorded before, with `data` (what `record` returned,
+        added to); its index line still holds, as nothing it says has changed."""
+        write_atomically(self.jobs_dir / job.file_name, json.dumps(data, indent=2, default=str) + "\n")
 
     def finished(self, job: Job) -> dict | None:
         """The index entry of `job` if it is done and its file is there. A measurement's key holds

@@ -105,7 +105,7 @@ class _Run:
         self.handed_over: dict[str, float] = {}  # job key -> when the executor got it (perf_counter s)
         self.calls: dict[str, tuple] = {}  # job key -> its function and arguments, to run it again
         self.handling_s = 0.0
-        self.executed: list[dict] = []
+        self.executed: list[tuple[Job, dict]] = []  # each job run now, with its record
         for job in plan.jobs:
             self._set(job, QUEUED)
 
@@ -171,11 +171,16 @@ class _Run:
 
     def _done(self, job: Job, result: dict) -> None:
         seconds, node = result.pop("seconds"), result.pop("node", None)
-        self.executed.append(self.results.record(job, DONE, seconds=seconds, node=node, **result))
+        record = self.results.record(job, DONE, seconds=seconds, node=node, **result)
+        for measured, measured_record in mark_shared_nodes(job, record, self.executed):
+            self.results.amend(measured, measured_record)
+        self.executed.append((job, record))
+        shared = record.get("shared_node_with", [])
         if job.key in self.handed_over:
             self.handling_s += time.perf_counter() - self.handed_over.pop(job.key) - seconds
         if "profile" in result:
-            detail = f"p50 {result['profile']['latency']['p50']:.4g} ms, node {node['node_id'][:12]}"
+            detail = f"p50 {result['profile']['latency']['p50']:.4g} ms, node {node['node_id'][:12]}" + \
+                (f", while {len(shared)} export(s) ran there" if shared else "")
         elif "estimate" in result:
             detail = f"estimated {result['estimate']['latency_ms']:.4g} ms"
         else:
@@ -184,7 +189,7 @@ class _Run:
 
     def _fail(self, job: Job, reason: str) -> None:
         self.handed_over.pop(job.key, None)
-        self.executed.append(self.results.record(job, FAILED, reason=reason))
+        self.executed.append((job, self.results.record(job, FAILED, reason=reason)))
         self._set(job, FAILED, reason)
         if job.kind == EXPORT:
             for dependent in self.plan.device_jobs(job):
@@ -218,6 +223,31 @@ class _Run:
                 self._fail(self.queues[row].popleft()[0], reason)
 
 
+def ran_beside(record: dict, other: dict) -> bool:
+    """Whether two finished jobs' records say they ran on one node at once (by that node's clock)."""
+    windows = record.get("wall_clock_s"), other.get("wall_clock_s")
+    if record["status"] != DONE or other["status"] != DONE or None in windows:
+        return False
+    (start, end), (other_start, other_end) = windows
+    return record["node"]["node_id"] == other["node"]["node_id"] and start < other_end and other_start < end
+
+
+def mark_shared_nodes(job: Job, record: dict, executed: list[tuple[Job, dict]]) -> list[tuple[Job, dict]]:
+    """Where every node of a cluster is a device, exports run on the devices' spare CPUs, and a
+    measurement's latency then includes what an export beside it took from the node's CPUs and
+    memory. Adds the export's key to `shared_node_with` of each measurement that `job` (just
+    recorded) and a job among `executed` ran beside each other on one node; returns the
+    measurements so marked, each with its record."""
+    marked = []
+    for other, other_record in executed:
+        if {job.kind, other.kind} == {EXPORT, MEASURE} and ran_beside(record, other_record):
+            measured, measured_record, export = (job, record, other) if job.kind == MEASURE else \
+                (other, other_record, job)
+            measured_record["shared_node_with"] = [*measured_record.get("shared_node_with", []), export.key]
+            marked.append((measured, measured_record))
+    return marked
+
+
 def sweep(models: Sequence[str | torch.nn.Module], variants: Sequence[str] = ("fp32",),
           devices: Sequence[str] | None = None, out: str | Path = "fleet", *, targets: Sequence[str] = ("onnx",),
           cluster: str | None = None, example=None, weights: str | Path | None = None,
@@ -241,7 +271,10 @@ def sweep(models: Sequence[str | torch.nn.Module], variants: Sequence[str] = ("f
     `sessions`, `min_duration_s` (s), `threads`, `ops` and `energy` are `edgeport.profile`'s.
     A rerun into the same `out` skips the jobs already done (keyed by model sha256, variant,
     target and device, and a measurement also by these profile settings: other settings measure
-    again). An `out/report.html` that an earlier sweep did not write is refused before any job.
+    again). A measurement during which an export ran on the same node (a cluster with no node
+    apart from the devices exports on their spare CPUs) lists those exports in its record's
+    `shared_node_with`, and its cell says so. An `out/report.html` that an earlier sweep did not
+    write is refused before any job.
     `on_progress` is called on every change of a job's state.
     """
     from edgeport.fleet.report import check_report_path
@@ -284,4 +317,4 @@ def sweep(models: Sequence[str | torch.nn.Module], variants: Sequence[str] = ("f
     return SweepResult(results.out, report, run.counts, [results.entries[j.key] for j in plan.jobs
                                                          if j.key in results.entries],
                        connected - start, time.perf_counter() - connected,
-                       sum(r["seconds"] or 0.0 for r in run.executed), len(run.executed), run.handling_s, cluster)
+                       sum(r["seconds"] or 0.0 for _, r in run.executed), len(run.executed), run.handling_s, cluster)
