@@ -1,16 +1,25 @@
-"""Energy meters read real sysfs-shaped trees built here (this machine has no counters)."""
+"""Energy meters read real sysfs-shaped trees built here (this machine has no counters); the
+estimate path prices real ONNX graphs on catalog entries and on devices made here."""
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
-from edgeport.errors import EdgeportError
-from edgeport.runtime.energy import (HOST_PEAK_WATTS, HwmonMeter, MeterError, NvmlMeter, RaplMeter,
-                                     counter_delta, detect_meter, find_rails, measure_energy)
+from edgeport.devices import catalog
+from edgeport.devices.catalog import Device
+from edgeport.devices.estimate import estimate
+from edgeport.errors import EdgeportError, UserError
+from edgeport.runtime.energy import (HOST_PEAK_WATTS, SAMPLER_THREAD, EnergyMeasurement, HwmonMeter, MeterError,
+                                     NvmlMeter, RaplMeter, counter_delta, detect_meter, find_rails, measure_energy,
+                                     measure_idle_watts)
 
 RAPL_RANGE_UJ = 262_143_328_850  # a real package domain's max_energy_range_uj
 
@@ -380,3 +389,328 @@ def test_nvml_window_in_joules(monkeypatch):
     meter.begin()
     time.sleep(0.01)
     assert meter.end() == pytest.approx(0.25) and meter.window_s >= 0.01
+
+
+# --- multi-socket and mixed RAPL trees, laid out as /sys/devices/virtual/powercap with the flat
+# --- /sys/class/powercap symlinks the kernel makes for every zone and subzone
+
+def powercap_tree(root: Path, zones: dict[str, tuple[str, int, int]]) -> Path:
+    """A sysfs-shaped powercap tree: `zones` maps a zone id ("intel-rapl:0", "intel-rapl:0:0",
+    "intel-rapl-mmio:0") to (name, energy_uj, max_energy_range_uj). Zones live nested under their
+    parent in devices/virtual/powercap, as the kernel lays them out; class/powercap, the root a
+    meter reads, holds one symlink per zone. Returns that class folder."""
+    devices, class_dir = root / "devices" / "virtual" / "powercap", root / "class" / "powercap"
+    class_dir.mkdir(parents=True)
+    for zone, (name, energy_uj, max_range) in zones.items():
+        control, _, _ = zone.partition(":")
+        parts = zone.split(":")
+        nested = devices / control / ":".join(parts[:2])
+        if len(parts) == 3:
+            nested = nested / zone
+        write(nested / "name", name)
+        write(nested / "energy_uj", energy_uj)
+        write(nested / "max_energy_range_uj", max_range)
+        (class_dir / zone).symlink_to(nested, target_is_directory=True)
+    (class_dir / "intel-rapl").symlink_to(devices / "intel-rapl", target_is_directory=True)  # the control type
+    return class_dir
+
+
+def counter_of(class_dir: Path, zone: str) -> Path:
+    return class_dir / zone / "energy_uj"
+
+
+DRAM_RANGE_UJ = 65_712_999_613  # a real dram subzone's max_energy_range_uj (smaller than the package's)
+
+
+def two_socket_server(root: Path) -> Path:
+    return powercap_tree(root, {
+        "intel-rapl:0": ("package-0", RAPL_RANGE_UJ - 1_000_000, RAPL_RANGE_UJ),
+        "intel-rapl:0:0": ("dram", 10_000_000, DRAM_RANGE_UJ),
+        "intel-rapl:1": ("package-1", 50_000_000, RAPL_RANGE_UJ),
+        "intel-rapl:1:0": ("dram", 20_000_000, DRAM_RANGE_UJ),
+    })
+
+
+def test_rapl_sums_both_sockets_each_with_its_own_wrap(tmp_path):
+    """Two packages (a dual-socket server) are both counted, dram subzones are not, and a wrap of
+    one package's counter does not disturb the other's."""
+    powercap = two_socket_server(tmp_path)
+    clock = FakeClock()
+    meter = RaplMeter(powercap, clock=clock)
+    assert [d.name for d in meter.domains] == ["intel-rapl:0", "intel-rapl:1"]
+    meter.start()
+    clock.now = 0.05
+    counter_of(powercap, "intel-rapl:0").write_text("2000000\n")  # wrapped: +1 J up to the range, +2 J after
+    counter_of(powercap, "intel-rapl:1").write_text("54000000\n")  # +4 J
+    counter_of(powercap, "intel-rapl:0:0").write_text("999000000\n")  # dram moves a lot: part of no package sum
+    meter.sample()
+    assert meter.total_joules() == pytest.approx(3.0 + 4.0)
+
+
+def test_rapl_client_with_psys_core_uncore_and_mmio_counts_the_package_once(tmp_path):
+    """A laptop: package-0 with core/uncore subzones, psys beside it, and the same package again
+    through the MMIO interface (intel-rapl-mmio:0). Only intel-rapl:0 is energy of the package."""
+    powercap = powercap_tree(tmp_path, {
+        "intel-rapl:0": ("package-0", 1_000_000, RAPL_RANGE_UJ),
+        "intel-rapl:0:0": ("core", 1_000_000, RAPL_RANGE_UJ),
+        "intel-rapl:0:1": ("uncore", 1_000_000, RAPL_RANGE_UJ),
+        "intel-rapl:1": ("psys", 1_000_000, RAPL_RANGE_UJ),
+        "intel-rapl-mmio:0": ("package-0", 1_000_000, RAPL_RANGE_UJ),
+    })
+    clock = FakeClock()
+    meter = RaplMeter(powercap, clock=clock)
+    assert [d.name for d in meter.domains] == ["intel-rapl:0"]
+    meter.start()
+    clock.now = 0.05
+    for zone in ("intel-rapl:0", "intel-rapl:0:0", "intel-rapl:0:1", "intel-rapl:1", "intel-rapl-mmio:0"):
+        counter_of(powercap, zone).write_text("1500000\n")
+    meter.sample()
+    assert meter.total_joules() == pytest.approx(0.5)
+
+
+def test_rapl_without_a_package_zone_is_unavailable_not_psys(tmp_path):
+    powercap = powercap_tree(tmp_path, {"intel-rapl:0": ("psys", 1_000, RAPL_RANGE_UJ)})
+    meter, reasons = detect_meter(powercap, tmp_path / "hwmon")
+    assert meter is None and any(f"no RAPL package domains under {powercap}" in r for r in reasons)
+
+
+def test_one_root_only_socket_makes_rapl_unavailable_not_half_the_energy(tmp_path):
+    """Counting package-0 alone when package-1 cannot be read would report half a server's energy."""
+    powercap = two_socket_server(tmp_path)
+    hidden = tmp_path / "devices" / "virtual" / "powercap" / "intel-rapl" / "intel-rapl:1" / "energy_uj"
+    hidden.chmod(0o400)  # root-only, as the kernel sets it since CVE-2020-8694
+    outcome = attempt_as_ordinary_user(tmp_path, lambda: detection(tmp_path / "class"))
+    assert outcome.startswith("returned (None, [") and "permission denied" in outcome
+    assert "intel-rapl:1/energy_uj" in outcome and "CVE-2020-8694" in outcome
+
+
+# --- INA3221 channels that are not rails
+
+
+def test_mainline_ina3221_shunt_and_sum_channels_are_no_rails(tmp_path):
+    """The mainline driver also exposes in4-in6 (shunt µV), in7 (their sum, labelled) and curr4
+    (the sum of currents). Paired as in4 x curr4 they would add a 32 W rail that does not exist."""
+    device = tmp_path / "hwmon1"
+    write(device / "name", "ina3221")
+    for n, (mv, ma) in {1: (5000, 1000), 2: (5000, 400), 3: (5000, 200)}.items():  # unlabelled channels
+        write(device / f"in{n}_input", mv)
+        write(device / f"curr{n}_input", ma)
+    write(device / "in4_input", 20_000)
+    write(device / "in7_input", 30_000)
+    write(device / "in7_label", "sum of shunt voltages")
+    write(device / "curr4_input", 1_600)
+    assert [r.label for r in find_rails(tmp_path)] == ["hwmon1/in1", "hwmon1/in2", "hwmon1/in3"]
+    assert HwmonMeter(tmp_path)._power() == pytest.approx(5.0 + 2.0 + 1.0)
+
+
+def test_a_disabled_ina3221_channel_is_no_rail(tmp_path):
+    """A channel switched off (in3_enable = 0) fails every read (ENODATA), as a directory does here."""
+    jetson_mainline(tmp_path, {"VDD_CPU": (5000, 400), "VDD_GPU": (5000, 200), "VDD_SOC": (5000, 100)})
+    write(tmp_path / "hwmon1" / "in3_enable", 0)
+    make_directory(tmp_path / "hwmon1" / "in3_input")
+    assert [r.label for r in find_rails(tmp_path)] == ["VDD_CPU", "VDD_GPU"]
+    assert HwmonMeter(tmp_path)._power() == pytest.approx(3.0)
+
+
+# --- windows: bounds, failures, and the counter's update period
+
+
+@pytest.mark.parametrize("arguments, named", [
+    ({"min_window_s": float("nan")}, "min_window_s"), ({"min_window_s": -1.0}, "min_window_s"),
+    ({"min_window_s": "1"}, "min_window_s"), ({"idle_s": float("nan")}, "idle_s"),
+    ({"idle_s": float("inf")}, "idle_s"), ({"idle_s": -0.5}, "idle_s"),
+], ids=["NaN window", "negative window", "text window", "NaN idle", "infinite idle", "negative idle"])
+def test_impossible_windows_are_user_errors(tmp_path, arguments, named):
+    """A NaN window once ran no inference and then divided by zero; each is one clear line now."""
+    counter = rapl_tree(tmp_path, 1_000)
+    meter = RaplMeter(tmp_path, interval_s=0.01)
+    with pytest.raises(UserError, match=f"{named}.* must be a finite number"):
+        measure_energy(meter, lambda: counter.write_text(f"{int(counter.read_text()) + 1000}\n"), **arguments)
+    assert not sampler_threads()
+
+
+@pytest.mark.parametrize("make, named", [
+    (lambda root: RaplMeter(root, peak_watts=float("nan")), "peak_watts"),
+    (lambda root: RaplMeter(root, peak_watts=0), "peak_watts"),
+    (lambda root: RaplMeter(root, interval_s=0), "interval_s"),
+    (lambda root: RaplMeter(root, interval_s=float("nan")), "interval_s"),
+    (lambda root: HwmonMeter(root, peak_watts=-60), "peak_watts"),
+], ids=["NaN peak", "zero peak", "zero interval", "NaN interval", "negative peak"])
+def test_impossible_meter_settings_are_user_errors(tmp_path, make, named):
+    """A NaN peak let a 46 GJ jump through as a measurement; a zero interval spins a core."""
+    rapl_tree(tmp_path, 1_000)
+    jetson_old(tmp_path, {"VDD_IN": 5000})
+    with pytest.raises(UserError, match=f"{named}.* must be a finite number above 0"):
+        make(tmp_path)
+
+
+def sampler_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == SAMPLER_THREAD and t.is_alive()]
+
+
+def test_work_that_fails_mid_window_leaves_no_sampler_running(tmp_path):
+    """A runner that raises in the window: the error reaches the caller and the meter's polling
+    thread stops with it, instead of reading sysfs every 50 ms for the rest of the process."""
+    jetson_old(tmp_path, {"VDD_IN": 5000})
+    meter = HwmonMeter(tmp_path, interval_s=0.01)
+    calls = []
+
+    def fails_on_third_call():
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("the runtime lost its session")
+
+    with pytest.raises(RuntimeError, match="lost its session"):
+        measure_energy(meter, fails_on_third_call, min_window_s=0.2, idle_s=0)
+    assert len(calls) == 3 and not sampler_threads()
+    meter.begin()  # the meter can open the next window
+    assert len(sampler_threads()) == 1
+    time.sleep(0.02)
+    assert meter.end() == pytest.approx(5.0 * meter.window_s) and not sampler_threads()
+
+
+@pytest.mark.serial
+def test_idle_window_is_at_least_ten_meter_updates(tmp_path):
+    """An idle window shorter than the meter's update period can read no update at all (NVML
+    updates every 100 ms, and would give 0 W of idle, subtracted as if measured): the idle
+    window is stretched to 10 updates, like the measured one."""
+    jetson_old(tmp_path, {"VDD_IN": 5000})
+    meter = HwmonMeter(tmp_path, interval_s=0.01)
+    assert meter.shortest_window_s() == pytest.approx(10 * meter.update_period_s) == pytest.approx(1.0)
+    assert measure_idle_watts(meter, 0.01) == pytest.approx(5.0)
+    assert meter.window_s >= 1.0
+
+
+def test_energy_per_inference_is_millijoules_of_the_window(tmp_path):
+    """Units end to end: joules over the window, minus idle watts x the window's seconds, per
+    inference, in mJ (a 1 J window of 4 inferences with 0.5 W idle over 1 s: 250 and 125 mJ)."""
+    measured = EnergyMeasurement("measured:rapl", inferences=4, window_s=1.0, gross_joules=1.0, idle_watts=0.5,
+                                 net_joules=1.0 - 0.5 * 1.0)
+    assert measured.gross_mj_per_inference == pytest.approx(250.0)
+    assert measured.net_mj_per_inference == pytest.approx(125.0)
+
+
+# --- the estimate path: catalog entries, user-made devices, and what an estimate says it used
+
+
+def matmul_graph(path: Path, size: int = 256) -> Path:
+    """A real ONNX file: one fp32 MatMul of a [1, size] input by a [size, size] weight."""
+    weight = numpy_helper.from_array(np.full((size, size), 0.5, np.float32), "weight")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "weight"], ["y"], name="/fc/MatMul")], "fc",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, size])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, size])], [weight])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+def board(**figures) -> Device:
+    """A device of round figures (1 TFLOPS, 1 GB/s, 2 W), with any of them replaced."""
+    spec = dict(name="test-board", description="a board of round figures", kind="cpu", backends=["onnxruntime"],
+                peak={"fp32": 1.0}, memory_bandwidth_gbs=1.0, active_w=2.0, idle_w=0.5, node_overhead_us=10.0,
+                efficiency={"compute": 0.5, "memory": 0.5})
+    return Device(**(spec | figures))
+
+
+def test_estimate_units_and_labels_on_a_hand_priced_graph(tmp_path):
+    """1 x 256 x 256 MACs at 0.5 x 1 TFLOPS take 0.26 µs; the (256 + 65536 + 256) x 4 bytes at
+    0.5 x 1 GB/s take 528.4 µs; plus 10 µs per node. Energy: 2 W x 0.5384 ms = 1.0768 mJ gross,
+    (2 - 0.5 W idle) x 0.5384 ms = 0.8076 mJ net; 45 nm: 65536 fp32 MACs x 4.6 pJ."""
+    est = estimate(matmul_graph(tmp_path / "fc.onnx"), board())
+    assert est.macs == 256 * 256
+    assert est.latency_ms == pytest.approx((264_192 / 0.5e9 + 10e-6) * 1e3)
+    assert est.energy_mj == pytest.approx(2.0 * est.latency_ms)
+    assert est.net_energy_mj == pytest.approx(1.5 * est.latency_ms)  # what stands beside a measured net figure
+    assert est.compute_energy_45nm_mj == pytest.approx(65_536 * 4.6e-9)
+    assert est.provenance == "estimated:roofline" and est.device == "test-board"
+    assert est.energy_provenance.startswith("estimated:roofline (device 'test-board': 2.0 W active")
+    assert "gross; net: less 0.5 W idle" in est.energy_provenance
+    assert "estimated:roofline" in est.summary() and "test-board" in est.summary()
+    assert f"{est.energy_mj:.4f} mJ gross, {est.net_energy_mj:.4f} mJ net" in est.summary()
+
+
+@pytest.mark.parametrize("figures, named", [
+    ({"peak": {"fp32": 0.0}}, "peak fp32 = 0.0"),
+    ({"peak": {}}, "lists no precision"),
+    ({"peak": {"fp32": float("nan")}}, "peak fp32 = nan"),
+    ({"memory_bandwidth_gbs": 0}, "memory_bandwidth_gbs = 0"),
+    ({"memory_bandwidth_gbs": float("inf")}, "memory_bandwidth_gbs = inf"),
+    ({"active_w": float("nan")}, "active_w = nan"),
+    ({"active_w": -15.0}, "active_w = -15.0"),
+    ({"idle_w": -1.0}, "idle_w = -1.0"),
+    ({"node_overhead_us": float("nan")}, "node_overhead_us = nan"),
+    ({"efficiency": {"compute": 0.5}}, "efficiency memory = None"),
+    ({"efficiency": {"compute": 1.5, "memory": 0.5}}, "efficiency compute = 1.5"),
+    ({"idle_w": 2.0}, "idle_w = 2.0 W is not below active_w = 2.0 W"),
+], ids=["zero peak", "no peak", "NaN peak", "zero bandwidth", "infinite bandwidth", "NaN power", "negative power",
+        "negative idle", "NaN overhead", "no memory efficiency", "efficiency above 1", "idle as high as active"])
+def test_a_device_that_cannot_price_a_model_is_a_user_error(tmp_path, figures, named):
+    """These once divided by zero, raised KeyError, or printed NaN or negative latency and energy."""
+    with pytest.raises(UserError, match="device 'test-board' cannot price a model") as raised:
+        estimate(matmul_graph(tmp_path / "fc.onnx"), board(**figures))
+    assert named in str(raised.value)
+
+
+@pytest.mark.parametrize("name", [None, 3, ["jetson-orin-nano"]], ids=["None", "a number", "a list"])
+def test_a_device_name_that_is_no_text_is_a_user_error(name):
+    with pytest.raises(UserError, match="a device is named by text"):
+        catalog.get(name)
+
+
+@pytest.mark.parametrize("threads", [0, -2, 1.5, True], ids=["zero", "negative", "fraction", "bool"])
+def test_host_at_impossible_thread_counts_is_a_user_error(threads):
+    """host(threads=0) once priced the machine at zero peak: a ZeroDivisionError in the estimate."""
+    with pytest.raises(UserError, match="threads must be a whole number of logical CPUs"):
+        catalog.host(threads=threads)
+
+
+def test_a_caller_editing_a_device_does_not_change_the_catalog():
+    device = catalog.get("jetson-orin-nano")
+    device.peak["int8"] = 0.0
+    device.sources["peak"] = "edited"
+    again = catalog.get("jetson-orin-nano")
+    assert again.peak["int8"] == 33.0 and again.sources["peak"] != "edited"
+
+
+ENTRY = """
+[test-board]
+description = "a board"
+kind = "cpu"
+backends = ["onnxruntime"]
+peak = { fp32 = 1.0 }
+memory_bandwidth_gbs = 1.0
+active_w = 2.0
+idle_w = 0.5
+node_overhead_us = 10.0
+efficiency = { compute = 0.5, memory = 0.5 }
+"""
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("[test-board\n", "cannot read the device catalog"),
+    (ENTRY.replace("active_w = 2.0", "active_w = nan"), "active_w = nan W is not a finite positive"),
+    (ENTRY.replace("peak = { fp32 = 1.0 }", "peak = { fp32 = inf }"), "peak fp32 = inf TOPS"),
+    (ENTRY.replace("memory_bandwidth_gbs = 1.0", "memory_bandwidth_gbs = -102.0"), "memory_bandwidth_gbs = -102.0"),
+    (ENTRY.replace("peak = { fp32 = 1.0 }", "peak = {}"), "lists no precision"),
+    (ENTRY.replace("idle_w = 0.5", "idle_w = 0.5\nidle_watts = 0.5"), "has unknown fields idle_watts"),
+    (ENTRY.replace("active_w = 2.0\n", ""), "lacks active_w"),
+    ("test-board = 3\n", "[test-board] is 3, not a table"),
+], ids=["not TOML", "NaN power", "infinite peak", "negative bandwidth", "empty peak", "unknown field",
+        "missing field", "not a table"])
+def test_a_broken_catalog_entry_is_one_line_naming_file_and_entry(tmp_path, text, reason):
+    path = write(tmp_path / "catalog.toml", text)
+    with pytest.raises(UserError) as raised:
+        catalog.load_catalog(path)
+    assert str(path) in str(raised.value) and reason in str(raised.value)
+    if text.startswith("\n[test-board]"):
+        assert "test-board" in str(raised.value)
+
+
+def test_an_empty_catalog_has_no_devices_and_a_good_one_loads(tmp_path):
+    assert catalog.load_catalog(write(tmp_path / "empty.toml", "# nothing yet")) == {}
+    entries = catalog.load_catalog(write(tmp_path / "one.toml", ENTRY))
+    assert list(entries) == ["test-board"] and entries["test-board"]["active_w"] == 2.0
+
+
+def test_the_shipped_catalog_loads_and_every_device_can_price_a_model():
+    entries = catalog.load_catalog(catalog.CATALOG)
+    assert entries and all(catalog.check_device(catalog.get(name)) for name in entries)

@@ -12,16 +12,18 @@ versions) with the date it was taken: later estimates reuse it until asked to re
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
 import gc
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import time
 import tomllib
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
@@ -81,9 +83,72 @@ class Device:
         return self.peak[self.peak_precision(precision)] * 1e12
 
 
+def _positive(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _non_negative(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def check_device(device: Device) -> Device:
+    """`device` itself if its figures can price a model; else a UserError naming the device and
+    the figure. Peaks (TOPS/TFLOPS), bandwidth (GB/s) and active power (W) must be finite and
+    positive: a zero divides by zero in the roofline, a NaN or a negative prints as a latency or
+    energy; idle power (W, below the active power) and per-node overhead (µs) finite and non-negative; both
+    efficiencies (compute, memory) fractions above 0 and at most 1."""
+    problems = []
+    if not isinstance(device.peak, dict) or not device.peak:
+        problems.append(f"peak {device.peak!r} lists no precision (e.g. peak = {{ fp32 = 1.0 }}, in TOPS)")
+    else:
+        problems += [f"peak {p} = {v!r} TOPS is not a finite positive number"
+                     for p, v in device.peak.items() if not _positive(v)]
+    for figure, unit, ok in (("memory_bandwidth_gbs", "GB/s", _positive), ("active_w", "W", _positive),
+                             ("idle_w", "W", _non_negative), ("node_overhead_us", "µs", _non_negative)):
+        value = getattr(device, figure)
+        if not ok(value):
+            kind = "positive" if ok is _positive else "non-negative"
+            problems.append(f"{figure} = {value!r} {unit} is not a finite {kind} number")
+    efficiency = device.efficiency if isinstance(device.efficiency, dict) else {}
+    for kind in ("compute", "memory"):
+        value = efficiency.get(kind)
+        if not (_positive(value) and value <= 1):
+            problems.append(f"efficiency {kind} = {value!r} is not a fraction above 0 and at most 1")
+    if not problems and device.idle_w >= device.active_w:  # no energy left for the work: net 0 or below
+        problems.append(f"idle_w = {device.idle_w!r} W is not below active_w = {device.active_w!r} W")
+    if problems:
+        raise UserError(f"device {device.name!r} cannot price a model: {'; '.join(problems)}")
+    return device
+
+
+def load_catalog(path: Path) -> dict[str, dict]:
+    """The entries of a catalog file, {name: fields}, each checked as a Device (`check_device`);
+    a file that is not TOML, an entry that is no table, lacks a field or has one Device does not
+    know, or a figure no device can have, is a UserError naming the file and the entry."""
+    try:
+        entries = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+        raise UserError(f"cannot read the device catalog {path}: {error}") from error
+    known = {f.name for f in fields(Device)} - {"name"}
+    required = {f.name for f in fields(Device) if f.default is f.default_factory is MISSING} - {"name"}
+    for name, entry in entries.items():
+        if not isinstance(entry, dict):
+            raise UserError(f"device catalog {path}: [{name}] is {entry!r}, not a table of figures")
+        unknown, missing = sorted(set(entry) - known), sorted(required - set(entry))
+        if unknown or missing:
+            raise UserError(f"device catalog {path}: [{name}] " + "; ".join(
+                [*([f"has unknown fields {', '.join(unknown)}"] if unknown else []),
+                 *([f"lacks {', '.join(missing)}"] if missing else [])]))
+        try:
+            check_device(Device(name=name, **entry))
+        except UserError as error:
+            raise UserError(f"device catalog {path}: {error}") from error
+    return entries
+
+
 @lru_cache(maxsize=1)
 def _entries() -> dict[str, dict]:
-    return tomllib.loads(CATALOG.read_text())
+    return load_catalog(CATALOG)
 
 
 def names() -> list[str]:
@@ -93,6 +158,8 @@ def names() -> list[str]:
 
 def get(name: str) -> Device:
     """The device called `name`; an unknown name suggests the closest ones."""
+    if not isinstance(name, str):
+        raise UserError(f"a device is named by text (one of `edgeport devices`), not {name!r}")
     if name == "host":
         return host()
     entries = _entries()
@@ -100,7 +167,7 @@ def get(name: str) -> Device:
         close = difflib.get_close_matches(name, names(), n=3, cutoff=0.4)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise UserError(f"unknown device {name!r}{hint} (see `edgeport devices`)")
-    return Device(name=name, **entries[name])
+    return Device(name=name, **copy.deepcopy(entries[name]))  # a caller's edits must not reach the cache
 
 
 def identity_mismatch(device: str) -> str | None:
@@ -352,6 +419,8 @@ def host(recalibrate: bool = False, threads: int | None = None) -> Device:
     2 s; `recalibrate=True` measures again and replaces the cache). `threads` prices compute and
     active power at that many of its logical CPUs, as a runtime limited to them runs (one thread
     is the measured peak itself)."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise UserError(f"threads must be a whole number of logical CPUs, 1 or more, not {threads!r}")
     device = _host(json.dumps(host_calibration(recalibrate), sort_keys=True))
     cores = os.cpu_count() or 1
     if threads is None or threads >= cores:

@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 import onnx
 
-from edgeport.devices.catalog import CONFIDENCE_LEVELS, Device, get
+from edgeport.devices.catalog import CONFIDENCE_LEVELS, Device, check_device, get
 from edgeport.errors import UserError
 
 ESTIMATED_FORMATS = ("onnx",)  # artifact formats whose graphs the estimator reads
@@ -73,12 +73,15 @@ class NodeEstimate:
 
 @dataclass
 class Estimate:
-    """Estimated latency (ms) and energy (mJ) per inference of one artifact on one device."""
+    """Estimated latency (ms) and energy (mJ) per inference of one artifact on one device:
+    `energy_mj` gross (active power x latency), `net_energy_mj` less the idle power over the
+    same time, the figure a measurement's net energy compares with."""
 
     artifact: str
     device: str
     latency_ms: float
     energy_mj: float
+    net_energy_mj: float
     energy_provenance: str
     compute_energy_45nm_mj: float
     macs: float
@@ -97,7 +100,8 @@ class Estimate:
     def summary(self) -> str:
         """One line, as `edgeport estimate` and a profile print it: latency, energy and their basis."""
         dims = ", ".join(f"{d}={v} ({self.dims_source.get(d, 'given')})" for d, v in self.dims.items())
-        return (f"estimate for {self.device}: {self.latency_ms:.4f} ms, {self.energy_mj:.4f} mJ "
+        return (f"estimate for {self.device}: {self.latency_ms:.4f} ms, {self.energy_mj:.4f} mJ gross, "
+                f"{self.net_energy_mj:.4f} mJ net "
                 f"({self.energy_provenance}); {self.macs:,.0f} MACs, {self.bytes / 1e6:.2f} MB moved"
                 + (f"; {dims}" if dims else "") + f" [{self.provenance}]")
 
@@ -379,8 +383,10 @@ def estimate(artifact: str | Path, device: str | Device = "host", dims: dict[str
     1 (named in the assumptions) and any other axis left open is a UserError. `firing_rates`
     maps an input tensor name to the fraction of its elements that are spikes, which turns the
     consuming node's MACs into that many accumulates (synaptic operations) for the 45 nm figure.
+    The energy is gross: the device's active power, idle included, over the roofline latency.
+    A device (a catalog name or a `Device`) whose figures cannot price a model is a UserError.
     """
-    dev = device if isinstance(device, Device) else get(device)
+    dev = check_device(device if isinstance(device, Device) else get(device))
     path = Path(artifact)
     values, sources = resolve_dims(read_graph(path), dims, input_shapes)
     model = load_graph(path, values)
@@ -427,7 +433,9 @@ def estimate(artifact: str | Path, device: str | Device = "host", dims: dict[str
                   } | _peak_confidence(dev, nodes)
     return Estimate(
         artifact=str(path), device=dev.name, latency_ms=latency_s * 1e3, energy_mj=dev.active_w * latency_s * 1e3,
-        energy_provenance=f"estimated:roofline (device '{dev.name}': {dev.active_w:.1f} W active x roofline latency)",
+        net_energy_mj=(dev.active_w - dev.idle_w) * latency_s * 1e3,
+        energy_provenance=f"estimated:roofline (device '{dev.name}': {dev.active_w:.1f} W active x roofline latency, "
+                          f"gross; net: less {dev.idle_w:.1f} W idle)",
         compute_energy_45nm_mj=energy_45nm * 1e-9, macs=sum(n.macs for n in nodes), synaptic_ops=sops,
         bytes=sum(n.bytes for n in nodes), nodes=nodes,
         assumptions=[*_dims_assumptions(values, sources, open_dims(model)),

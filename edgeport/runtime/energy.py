@@ -14,6 +14,7 @@ and the profiler then reports energy as unavailable, with the reason.
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -21,9 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from edgeport.errors import EdgeportError
+from edgeport.errors import EdgeportError, UserError
 
 SAMPLE_INTERVAL_S = 0.05
+SAMPLER_THREAD = "edgeport-energy-sampler"  # the thread that polls a meter while a window is open
+INA3221_CHANNELS = (1, 2, 3)  # mainline driver: in1-3 bus mV, curr1-3 mA; in4-7 and curr4 are shunt and sum channels
 
 # The most power a meter here may report, in watts. Meters run on the host, which has no
 # catalog entry, so this is a generous constant rather than a device figure: twice the 1000 W
@@ -40,6 +43,17 @@ class MeterUnavailable(EdgeportError):
 
 class MeterError(EdgeportError):
     """A meter produced an impossible reading (negative, above peak power, backwards without a wrap)."""
+
+
+def _finite_at_least(value: float, least: float, what: str, strictly: bool = False) -> float:
+    """`value` if it is a finite number above `least` (or equal to it unless `strictly`); else a
+    UserError naming `what`: a NaN bound would let every reading through, an infinite window never
+    closes, and a window of NaN seconds holds no inference to divide by."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value < least or (strictly and value == least):
+        bound = f"above {least:g}" if strictly else f"{least:g} or more"
+        raise UserError(f"{what} must be a finite number {bound}, not {value!r}")
+    return value
 
 
 def counter_delta(previous: int, current: int, wrap_at: int) -> int:
@@ -69,7 +83,7 @@ class Meter(ABC):
     window_s = 0.0
 
     def __init__(self, peak_watts: float = HOST_PEAK_WATTS):
-        self.peak_watts = peak_watts
+        self.peak_watts = _finite_at_least(peak_watts, 0, "a meter's peak_watts (W)", strictly=True)
 
     @abstractmethod
     def begin(self) -> None:
@@ -78,6 +92,15 @@ class Meter(ABC):
     @abstractmethod
     def end(self) -> float:
         """Close the window; returns the energy in joules spent during it, and sets `window_s`."""
+
+    def abort(self) -> None:
+        """Give up an open window without a reading (the work in it failed); nothing keeps running."""
+
+    def shortest_window_s(self) -> float:
+        """The shortest window in seconds worth reading: 10 of the meter's updates (§7: ≥ 10 counter
+        updates). A shorter one may see no update at all (0 J) or one update's worth of energy
+        spent before it began, so its power can be off by the whole reading."""
+        return 10 * self.update_period_s
 
     def _refuse_frozen(self, joules: float, seconds: float) -> None:
         """Raise MeterError for no energy at all over a window of more than two of the meter's
@@ -108,7 +131,7 @@ class _Sampler(Meter):
     def __init__(self, interval_s: float = SAMPLE_INTERVAL_S, peak_watts: float = HOST_PEAK_WATTS,
                  clock: Callable[[], float] = time.perf_counter):
         super().__init__(peak_watts)
-        self.interval_s = interval_s
+        self.interval_s = _finite_at_least(interval_s, 0, "a meter's sampling interval_s (s)", strictly=True)
         self.clock = clock
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -148,12 +171,19 @@ class _Sampler(Meter):
         self.start()
         self._stop.clear()
         self._error = None
-        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=SAMPLER_THREAD, daemon=True)
         self._thread.start()
 
-    def end(self) -> float:
+    def _stop_sampling(self) -> None:
         self._stop.set()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
+
+    def abort(self) -> None:
+        self._stop_sampling()
+
+    def end(self) -> float:
+        self._stop_sampling()
         if self._error:
             raise self._error
         self.sample()
@@ -276,7 +306,9 @@ def _rail_label(label_file: Path, fallback: str) -> str:
 
 def find_rails(root: str | Path = "/sys/class/hwmon") -> list[Rail]:
     """INA3221 rails under a hwmon root (Jetson): older `ina3221x` trees give `in_power<N>_input`
-    in mW; mainline `ina3221` trees give `in<N>_input` (mV) and `curr<N>_input` (mA).
+    in mW; mainline `ina3221` trees give `in<N>_input` (mV) and `curr<N>_input` (mA) for channels
+    1-3 only: in4-in6 are shunt voltages and in7 their sum (µV), curr4 the sum of the currents,
+    so pairing in4 with curr4 would add a rail that does not exist. Disabled channels are left out.
 
     A `name` or label file that cannot be read as UTF-8 text raises MeterUnavailable: without
     it the board-total rail cannot be told from the others.
@@ -289,12 +321,18 @@ def find_rails(root: str | Path = "/sys/class/hwmon") -> list[Rail]:
         for power in sorted(device.glob("in_power*_input")):
             n = power.name.removeprefix("in_power").removesuffix("_input")
             rails.append(Rail(_rail_label(device / f"rail_name_{n}", f"{device.name}/rail{n}"), (power,), 1e-3))
-        for volts in sorted(device.glob("in[0-9]*_input")):
-            n = volts.name.removeprefix("in").removesuffix("_input")
-            current = device / f"curr{n}_input"
-            if current.exists():
+        for n in INA3221_CHANNELS:
+            volts, current = device / f"in{n}_input", device / f"curr{n}_input"
+            if volts.exists() and current.exists() and _channel_enabled(device, n):
                 rails.append(Rail(_rail_label(device / f"in{n}_label", f"{device.name}/in{n}"), (volts, current), 1e-6))
     return rails
+
+
+def _channel_enabled(device: Path, n: int) -> bool:
+    """Whether mainline INA3221 channel `n` is on: `in<n>_enable` reads 0 for a channel switched off,
+    whose readings fail (ENODATA); a driver without the file has every channel on."""
+    enable = device / f"in{n}_enable"
+    return not enable.exists() or _read_text(enable) != "0"
 
 
 def total_rails(rails: list[Rail]) -> list[Rail]:
@@ -416,39 +454,56 @@ class EnergyMeasurement:
 
     @property
     def gross_mj_per_inference(self) -> float:
+        """Gross energy per inference in mJ: everything the meter read over the window."""
         return 1e3 * self.gross_joules / self.inferences
 
     @property
     def net_mj_per_inference(self) -> float:
+        """Net energy per inference in mJ: the window's energy less idle power over its length."""
         return 1e3 * self.net_joules / self.inferences
 
 
 def measure_idle_watts(meter: Meter, seconds: float) -> float:
-    """Average power in watts over about `seconds` of doing nothing (model loaded, nothing running).
+    """Average power in watts over `seconds` of doing nothing (model loaded, nothing running), or
+    over the meter's `shortest_window_s()` where that is longer: an idle window shorter than the
+    counter's update period reads 0 J (NVML, 100 ms) and would subtract no idle power at all.
 
     Divides by the meter's own window, so time spent starting its sampler is on both sides.
     """
+    seconds = _finite_at_least(seconds, 0, "the idle window (idle_s, seconds)", strictly=True)
     meter.begin()
-    time.sleep(seconds)
+    try:
+        time.sleep(max(seconds, meter.shortest_window_s()))
+    except BaseException:
+        meter.abort()
+        raise
     joules = meter.end()
     return joules / meter.window_s
 
 
 def measure_energy(meter: Meter, work: Callable[[], object], min_window_s: float = 1.0,
                    idle_s: float = 1.0) -> EnergyMeasurement:
-    """Idle power first (over `idle_s` seconds), then `work()` repeated until the window lasts `min_window_s` s.
+    """Idle power first (over `idle_s` seconds; 0 skips it), then `work()` repeated, at least once,
+    until the window lasts `min_window_s` seconds.
 
-    `work()` runs one inference. The window is at least 10 meter update periods long; its
-    length, and the idle energy subtracted over it, are the meter's own window, so gross and
-    net joules cover exactly the interval the meter read.
+    `work()` runs one inference. Both windows are at least the meter's `shortest_window_s()` (10
+    update periods); the measured window's length, and the idle energy subtracted over it, are
+    the meter's own window, so gross and net joules cover exactly the interval the meter read.
+    A `work()` that raises closes the window (no sampler keeps polling) and the error propagates.
     """
+    min_window_s = _finite_at_least(min_window_s, 0, "the energy window (min_window_s, seconds)")
+    idle_s = _finite_at_least(idle_s, 0, "the idle window (idle_s, seconds)")
     idle = measure_idle_watts(meter, idle_s) if idle_s > 0 else 0.0
-    window = max(min_window_s, 10 * meter.update_period_s)
+    window = max(min_window_s, meter.shortest_window_s())
     count = 0
     meter.begin()
-    start = time.perf_counter()
-    while time.perf_counter() - start < window:
-        work()
-        count += 1
+    try:
+        start = time.perf_counter()
+        while count == 0 or time.perf_counter() - start < window:
+            work()
+            count += 1
+    except BaseException:
+        meter.abort()
+        raise
     joules = meter.end()
     return EnergyMeasurement(meter.name, count, meter.window_s, joules, idle, joules - idle * meter.window_s)
