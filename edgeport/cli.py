@@ -635,14 +635,17 @@ def estimate_command(artifact, devices, dims, inputs, output, as_json):
     dims_text = ", ".join(f"{k}={v} ({estimates[0].dims_source[k]})" for k, v in estimates[0].dims.items())
     table = Table(title=f"estimated for {artifact} (roofline; not measured)" + (f"; dims {dims_text}" if dims_text
                                                                                 else ""))
-    for column in ("device", "latency ms", "energy mJ", "45 nm compute mJ", "MACs", "peak", "bandwidth", "power"):
+    for column in ("device", "latency ms", "energy mJ", "net mJ", "45 nm compute mJ", "MACs", "peak", "bandwidth",
+                   "power"):
         table.add_column(column)
     for e in estimates:
-        table.add_row(e.device, f"{e.latency_ms:.4g}", f"{e.energy_mj:.4g}", f"{e.compute_energy_45nm_mj:.3g}",
+        table.add_row(e.device, f"{e.latency_ms:.4g}", f"{e.energy_mj:.4g}", f"{e.net_energy_mj:.4g}",
+                      f"{e.compute_energy_45nm_mj:.3g}",
                       f"{e.macs:.3g}", e.confidence["peak"], e.confidence["memory_bandwidth_gbs"],
                       e.confidence["active_w"])
     console.print(table)
-    console.print("energy = the device's active power x roofline latency; peak / bandwidth / power: the confidence of "
+    console.print("energy = the device's active power x roofline latency; net = less its idle power over that time, "
+                  "as a measurement's net energy is; peak / bandwidth / power: the confidence of "
                   "the catalog figures used (measured, vendor, derived, third-party, assumed); sources: "
                   "`edgeport devices --json`")
 

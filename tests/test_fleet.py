@@ -358,6 +358,10 @@ def test_in_process_sweep_resumes_after_ctrl_c(in_process):
     assert all(r["estimate"]["provenance"] == "estimated:roofline" for r in estimates)
     page = (in_process / "report.html").read_text()
     assert page.count("estimated (roofline)") == 8 and "measured on node" not in page
+    # energy cells set each estimate's net figure, as a measured cell sets its net energy
+    nets = {f"{r['estimate']['net_energy_mj']:.4g}<br>estimated (net)" for r in estimates}
+    assert all(net in page for net in nets) and page.count("estimated (net)") == 8
+    assert all(0 < r["estimate"]["net_energy_mj"] < r["estimate"]["energy_mj"] for r in estimates)
 
 
 def test_cluster_sweep_measures_each_device_on_the_node_advertising_it(cluster, in_process, tmp_path):

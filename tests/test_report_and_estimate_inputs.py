@@ -188,7 +188,7 @@ def test_profiles_from_two_machines_are_reported_machine_by_machine(profile_dict
         assert [row["machine"] for row in table] == [here, here, there]
     orin_row = tables["variants"][2]
     p50, estimate = orin["latency"]["p50"], orin["estimate"]["latency_ms"]
-    assert orin_row["p50 ms (measured)"] == f"{p50:.4g}" and orin_row["energy mJ"] == "0.5"
+    assert orin_row["p50 ms (measured)"] == f"{p50:.4g}" and orin_row["net energy mJ"] == "0.5"
     assert orin_row["host estimate ms"] == f"{estimate:.4g}"  # the Orin's own, not this machine's
     assert orin_row["estimate / measured"] == f"{estimate / p50:.2f}"
     assert tables["variants"][0]["host estimate ms"] == f"{profile_dict['estimate']['latency_ms']:.4g}"

@@ -67,7 +67,9 @@ def _energy_cell(record: dict | None) -> str:
         return "<td>—</td>"
     if record["kind"] == ESTIMATE:
         estimate = record["estimate"]
-        return (f"<td class='num est'>{estimate['energy_mj']:.4g}<br>estimated<br><span class='where'>"
+        net = estimate.get("net_energy_mj")  # an earlier edgeport's estimate has only the gross figure
+        figure, kind = (net, "net") if net is not None else (estimate["energy_mj"], "gross, idle not subtracted")
+        return (f"<td class='num est'>{figure:.4g}<br>estimated ({kind})<br><span class='where'>"
                 f"{_text(estimate['energy_provenance'])}</span></td>")
     energy = record["profile"]["energy"]
     if energy["available"]:
@@ -139,7 +141,8 @@ def render(plan: Plan, records: list[dict], title: str = "edgeport sweep") -> st
     for target in plan.targets:
         parts += [f"<h2>Median latency per inference (ms), {_text(target)}</h2>", _matrix(plan, target, by_key,
                                                                                          _latency_cell),
-                  f"<h2>Energy per inference (mJ), {_text(target)}</h2>", _matrix(plan, target, by_key, _energy_cell)]
+                  f"<h2>Energy per inference (mJ, net of idle power), {_text(target)}</h2>",
+                  _matrix(plan, target, by_key, _energy_cell)]
     measuring = [by_key[j.key] for j in plan.jobs if j.kind == MEASURE and j.key in by_key]
     exports = [by_key[e.key] for e in plan.exports() if e.key in by_key]
     parts += ["<h2>Failed jobs</h2>", _failed_table(failed), "<h2>Nodes that measured</h2>", _nodes_table(measuring),

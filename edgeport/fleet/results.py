@@ -44,8 +44,8 @@ DONE_SHAPES = {
                           "energy": {"available": FLAG, "provenance": TEXT, "net_mj_per_inference": Nullable(FINITE),
                                      "reasons": ListOf(TEXT)},
                           "environment": OBJECT}},
-    ESTIMATE: {"estimate": {"latency_ms": FINITE, "energy_mj": FINITE, "energy_provenance": TEXT,
-                            "confidence": MapOf(TEXT)}},
+    ESTIMATE: {"estimate": {"latency_ms": FINITE, "energy_mj": FINITE, "net_energy_mj": Nullable(FINITE),
+                            "energy_provenance": TEXT, "confidence": MapOf(TEXT)}},
 }
 
 

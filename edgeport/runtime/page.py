@@ -216,7 +216,7 @@ def devices_plot(model: str, points: list[dict], plot_id: str) -> str:
         fig = _figure(9.0, 1.4 + 0.34 * len(devices))
         axes = fig.subplots(1, 2, sharey=True)
         for ax, key, label in ((axes[0], "latency_ms", "latency per inference (ms, log scale)"),
-                               (axes[1], "energy_mj", "energy per inference (mJ, log scale)")):
+                               (axes[1], "energy_mj", "energy per inference, net of idle (mJ, log scale)")):
             for v_index, variant in enumerate(variants):
                 color, marker = DEVICE_COLORS[v_index % len(DEVICE_COLORS)], MARKERS[v_index % len(MARKERS)]
                 for measured in (True, False):
@@ -377,8 +377,7 @@ def variant_rows(profiles: list[dict], estimates: list[dict], artifacts: list[di
                      "tail": p["latency"]["p99"] / p["latency"]["p50"] if p["latency"]["p50"] else None,
                      "throughput": p["latency"]["throughput_per_s"],
                      "host_estimate_ms": estimate["latency_ms"] if estimate else None,
-                     "energy_mj": energy["net_mj_per_inference"] if energy["available"]
-                     else (estimate["energy_mj"] if estimate else None),
+                     "energy_mj": energy["net_mj_per_inference"] if energy["available"] else net_estimate(estimate),
                      "energy_measured": energy["available"], "note": "" if p["latency"]["valid"] else "not valid"})
         seen |= {Path(p["artifact"]).name, (variant.get("source_sha256"), variant.get("variant"), variant.get("format"))}
     for a in artifacts:
@@ -389,9 +388,15 @@ def variant_rows(profiles: list[dict], estimates: list[dict], artifacts: list[di
                      "format": a["format"], "machine": None, "size_mb": a.get("size_mb"), "accuracy_percent": None,
                      "p50_ms": None, "tail": None, "throughput": None,
                      "host_estimate_ms": estimate["latency_ms"] if estimate else None,
-                     "energy_mj": estimate["energy_mj"] if estimate else None, "energy_measured": False,
+                     "energy_mj": net_estimate(estimate), "energy_measured": False,
                      "note": a.get("note", "")})
     return rows
+
+
+def net_estimate(estimate: dict | None) -> float | None:
+    """An estimate's energy per inference less idle power (mJ), the figure that stands beside a
+    measured net energy; None for an estimate from an edgeport that wrote only the gross one."""
+    return estimate.get("net_energy_mj") if estimate else None
 
 
 def variants_table(rows: list[dict]) -> str:
@@ -402,7 +407,8 @@ def variants_table(rows: list[dict]) -> str:
             + _cell(r["host_estimate_ms"] / r["p50_ms"] if r["host_estimate_ms"] and r["p50_ms"] else None, ".2f")
             + _cell(r["energy_mj"], estimated=not r["energy_measured"]) + _cell(r["note"]) for r in rows]
     return _table(["model", "variant", "format", "machine", "size MB", "accuracy %", "p50 ms (measured)",
-                   "p99/p50", "throughput (items/s)", "host estimate ms", "estimate / measured", "energy mJ", "note"],
+                   "p99/p50", "throughput (items/s)", "host estimate ms", "estimate / measured", "net energy mJ",
+                   "note"],
                   body, "Italic figures marked 'est.' are roofline estimates; the others were measured on the row's "
                         "machine. A measured row's host estimate is for that machine, made in the same run; a row "
                         "without a machine has no measurement, and its host estimate is for the machine that ran "
@@ -415,10 +421,12 @@ def estimates_table(estimates: list[dict]) -> str:
         confidence = e.get("confidence") or {}
         dims = ", ".join(f"{k}={v} ({(e.get('dims_source') or {}).get(k, '')})" for k, v in (e.get("dims") or {}).items())
         rows.append(_cell(Path(e["artifact"]).name) + _cell(e["device"]) + _cell(e["latency_ms"], estimated=True)
-                    + _cell(e["energy_mj"], estimated=True) + _cell(e["compute_energy_45nm_mj"], ".3g", True)
+                    + _cell(e["energy_mj"], estimated=True) + _cell(net_estimate(e), estimated=True)
+                    + _cell(e["compute_energy_45nm_mj"], ".3g", True)
                     + _cell(e["macs"], ".3g") + _cell(dims or "—")
                     + _cell(", ".join(f"{k}: {v}" for k, v in confidence.items()) or "—"))
-    return _table(["artifact", "device", "latency ms", "energy mJ", "45 nm compute mJ", "MACs", "dims",
+    return _table(["artifact", "device", "latency ms", "gross energy mJ", "net energy mJ", "45 nm compute mJ", "MACs",
+                   "dims",
                    "confidence of the device figures"], rows)
 
 
@@ -476,7 +484,7 @@ def _device_points(profiles: list[dict], estimates: list[dict], artifacts: list[
     for e in estimates:
         model, variant = names.get(Path(e["artifact"]).name, (Path(e["artifact"]).stem, Path(e["artifact"]).stem))
         by_model.setdefault(model, []).append({"device": f"{e['device']} (est.)", "variant": variant, "measured": False,
-                                               "latency_ms": e["latency_ms"], "energy_mj": e["energy_mj"]})
+                                               "latency_ms": e["latency_ms"], "energy_mj": net_estimate(e)})
     return by_model
 
 

@@ -268,7 +268,8 @@ MAYBE_NON_NEGATIVE = Nullable(NON_NEGATIVE)
 OP_SHAPE = {"name": TEXT, "op_type": TEXT, "category": TEXT, "module": TEXT, "median_us": NON_NEGATIVE,
             "calls_per_run": NON_NEGATIVE, "ms_at_p50": MAYBE_NON_NEGATIVE}
 ESTIMATE_SHAPE = {"provenance": Exactly("estimated:roofline"), "artifact": TEXT, "device": TEXT,
-                  "latency_ms": MILLISECONDS, "energy_mj": MILLIJOULES, "compute_energy_45nm_mj": NON_NEGATIVE,
+                  "latency_ms": MILLISECONDS, "energy_mj": MILLIJOULES, "net_energy_mj": Nullable(MILLIJOULES),
+                  "compute_energy_45nm_mj": NON_NEGATIVE,
                   "macs": NON_NEGATIVE, "dims": Nullable(MapOf(FINITE)), "dims_source": Nullable(MapOf(TEXT)),
                   "confidence": Nullable(MapOf(TEXT))}
 PROFILE_SHAPE = {
