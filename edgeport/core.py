@@ -513,6 +513,9 @@ def source_sha256(model: torch.nn.Module) -> str:
 # Bytes one input batch may take before anything is allocated; `edgeport --max-input-bytes`
 # or `EDGEPORT_MAX_INPUT_BYTES` raises it for a model that really needs more.
 MAX_INPUT_BYTES = limit_from_environment("EDGEPORT_MAX_INPUT_BYTES", 1 << 30)
+# The most a model file may unpack to: the sizes its zip entries declare, the tensors torch
+# builds from declared shapes alone, a NIR file's datasets. `EDGEPORT_MAX_MODEL_BYTES` raises it.
+MAX_MODEL_BYTES = limit_from_environment("EDGEPORT_MAX_MODEL_BYTES", 4 << 30)
 DEFAULT_VOCABULARY = 100  # token ids drawn below this when the model has no embedding to ask
 
 
@@ -526,6 +529,14 @@ def check_input_size(name: str, shape: Sequence[int], dtype: np.dtype | torch.dt
     if size > MAX_INPUT_BYTES:
         raise UserError(f"input {name!r} of shape {'x'.join(map(str, shape))} would take {byte_size(size)}, "
                         f"over the {byte_size(MAX_INPUT_BYTES)} limit (raise it with --max-input-bytes)")
+
+
+def check_model_size(what: str, size: int) -> None:
+    """Refuse a model whose files would unpack to more than `MAX_MODEL_BYTES` bytes (`size`),
+    before anything is unpacked; `what` names it in the message."""
+    if size > MAX_MODEL_BYTES:
+        raise UserError(f"{what} would take {byte_size(size)}, over the {byte_size(MAX_MODEL_BYTES)} "
+                        f"limit (raise it with the environment variable EDGEPORT_MAX_MODEL_BYTES)")
 
 
 def vocabulary_size(model: torch.nn.Module | None) -> int | None:

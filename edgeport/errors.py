@@ -5,6 +5,8 @@ Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import re
+
 
 class EdgeportError(Exception):
     """Base class of every error edgeport raises deliberately."""
@@ -47,6 +49,13 @@ class EdgeportWarning(UserWarning):
 
 
 ENVIRONMENT_PROBLEMS: list[str] = []  # malformed settings read at import; the CLI refuses to run with them
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message as one line for a user: its first line, colour codes removed (torch
+    bolds some messages), at most 200 characters; its type where it has no message."""
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().splitlines()
+    return lines[0][:200] if lines else type(error).__name__
 
 
 def byte_size(count: float) -> str:

@@ -43,22 +43,23 @@ from torch.export.pt2_archive.constants import (AOTINDUCTOR_DIR, CONSTANTS_CONFI
                                                 WEIGHTS_DIR)
 
 from edgeport import zoo
-from edgeport.core import check_input_size, in_eval_mode
-from edgeport.errors import UserError, byte_size, limit_from_environment
-
-# The most a model file may unpack to: the sizes its zip entries declare, and the tensors torch
-# builds from declared shapes alone. `EDGEPORT_MAX_MODEL_BYTES` raises it for a bigger model.
-MAX_MODEL_BYTES = limit_from_environment("EDGEPORT_MAX_MODEL_BYTES", 4 << 30)
-
-
-def _first_line(error: BaseException) -> str:
-    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().splitlines()  # torch bolds some messages
-    return lines[0][:200] if lines else type(error).__name__
+from edgeport.core import check_input_size, check_model_size, in_eval_mode
+from edgeport.errors import UserError, first_line
 
 
 def _missing(path: Path) -> str:
-    """Why a file the user named cannot be read: absent, or a folder."""
-    return "is a folder, not a file" if path.is_dir() else "does not exist"
+    """Why a file the user named cannot be read: absent, a folder, or no regular file at all
+    (a device such as /dev/zero, or a pipe, which would be read forever or block)."""
+    if path.is_dir():
+        return "is a folder, not a file"
+    return "is not a regular file (a device, pipe or socket)" if path.exists() else "does not exist"
+
+
+def _state_dict_mismatch(error: RuntimeError) -> str:
+    """load_state_dict's complaint on one line: its first line only says "Error(s) in loading
+    state_dict for X:", the keys and shapes that do not fit follow on the next lines."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return "; ".join(lines[1:] or lines)[:300]
 
 
 def _refuse_pickle(path: Path, error: Exception) -> UserError:
@@ -66,16 +67,10 @@ def _refuse_pickle(path: Path, error: Exception) -> UserError:
     instruction or global it stopped at (its message around that is advice to unpickle)."""
     advice = ("Weights only load failed", "Please file an issue", "Check the documentation")
     lines = [line.strip() for line in str(error).splitlines() if line.strip() and not line.strip().startswith(advice)]
-    reason = lines[0][:160] if lines else _first_line(error)[:160]
+    reason = lines[0][:160] if lines else first_line(error)[:160]
     return UserError(f"refusing to load {path}: it is a pickle that needs code execution to load "
                      f"(the weights-only loader stopped at: {reason}); save the model with torch.export (.pt2) or "
                      f"give package.module:factory with safetensors or weights-only state_dict")
-
-
-def _check_model_size(what: str, size: int) -> None:
-    if size > MAX_MODEL_BYTES:
-        raise UserError(f"{what} would take {byte_size(size)}, over the {byte_size(MAX_MODEL_BYTES)} "
-                        f"limit (raise it with the environment variable EDGEPORT_MAX_MODEL_BYTES)")
 
 
 def _checked_zip_sizes(archive: zipfile.ZipFile, what: str) -> dict[str, int]:
@@ -91,7 +86,7 @@ def _checked_zip_sizes(archive: zipfile.ZipFile, what: str) -> dict[str, int]:
     sizes = {entry.filename: entry.file_size for entry in entries}
     if len(sizes) != len(entries):
         raise UserError(f"refusing {what}: it holds two zip entries of the same name, the mark of a crafted file")
-    _check_model_size(f"{what} unpacked", sum(sizes.values()))
+    check_model_size(f"{what} unpacked", sum(sizes.values()))
     return sizes
 
 
@@ -153,7 +148,7 @@ def _unsafe_in_sympy_expression(expression: str) -> str | None:
     try:
         tokens = list(tokenize.generate_tokens(io.StringIO(expression).readline))
     except (tokenize.TokenError, SyntaxError) as error:
-        return _first_line(error)
+        return first_line(error)
     for token, following in zip(tokens, tokens[1:] + tokens[-1:]):
         text = token.string
         if token.type in (tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER, tokenize.NUMBER):
@@ -208,7 +203,7 @@ def _read_program_json(path: Path, entry: str, data: bytes) -> Any:
         parsed = json.loads(data)
         _check_program_strings(parsed, None, where)
     except (ValueError, RecursionError) as error:
-        raise UserError(f"cannot read {where}: {_first_line(error)}") from error
+        raise UserError(f"cannot read {where}: {first_line(error)}") from error
     return parsed
 
 
@@ -233,7 +228,7 @@ def _bytes_built_from_shapes(path: Path, config_entry: str, config: Any, record_
                 itemsize = deserialize_scalar_type(payload["tensor_meta"]["dtype"]).itemsize
                 allocated[stored] = math.prod(shape) * itemsize
     except (KeyError, TypeError, AttributeError, ValueError) as error:
-        raise UserError(f"cannot read {path} entry {config_entry}: malformed ({_first_line(error)})") from error
+        raise UserError(f"cannot read {path} entry {config_entry}: malformed ({first_line(error)})") from error
     return sum(allocated.values())
 
 
@@ -245,14 +240,14 @@ def _check_pt2_archive(path: Path) -> None:
             declared_sizes = _checked_zip_sizes(archive, str(path))
     except (zipfile.BadZipFile, OSError, EOFError) as error:
         raise UserError(f"cannot read {path} as a torch.export program (a .pt2 is a zip): "
-                        f"{_first_line(error)}") from error
+                        f"{first_line(error)}") from error
     # Everything below reads through torch's own zip reader, so what is checked is what torch will
     # see; the sizes were checked through Python's, so both must list the same entries.
     try:
         reader = PT2ArchiveReader(str(path))
         record_sizes = {name: reader.archive_file.get_record_size(name) for name in reader.get_file_names()}
     except Exception as error:  # torch's reader raises RuntimeError, AssertionError or ValueError
-        raise UserError(f"cannot read {path} as a torch.export program: {_first_line(error)}") from error
+        raise UserError(f"cannot read {path} as a torch.export program: {first_line(error)}") from error
     if record_sizes != {name.partition("/")[2]: size for name, size in declared_sizes.items()}:
         raise UserError(f"refusing {path}: torch's zip reader lists other entries than Python's, "
                         f"the mark of a crafted archive")
@@ -281,8 +276,8 @@ def _check_pt2_archive(path: Path) -> None:
                         _checked_zip_sizes(nested, f"{path} entry {pickle_entry}")
                 except zipfile.BadZipFile as error:
                     raise UserError(f"refusing {path}: entry {pickle_entry} is not a torch.save zip "
-                                    f"({_first_line(error)})") from error
-    _check_model_size(f"the tensors {path} declares", allocated)
+                                    f"({first_line(error)})") from error
+    check_model_size(f"the tensors {path} declares", allocated)
 
 
 @contextlib.contextmanager
@@ -317,7 +312,7 @@ def _load_program(path: Path) -> torch.nn.Module:
             # check_guards=False: the guards would be compiled from the file's Python source
             return torch.export.load(str(path)).module(check_guards=False)
         except Exception as error:
-            raise UserError(f"cannot read {path} as a torch.export program: {_first_line(error)}") from error
+            raise UserError(f"cannot read {path} as a torch.export program: {first_line(error)}") from error
 
 
 @contextlib.contextmanager
@@ -340,7 +335,7 @@ def _load_factory_model(spec: str) -> torch.nn.Module:
         try:
             module = importlib.import_module(module_name)
         except Exception as error:
-            raise UserError(f"cannot import {module_name} for {spec}: {_first_line(error)}") from error
+            raise UserError(f"cannot import {module_name} for {spec}: {first_line(error)}") from error
         factory = getattr(module, factory_name, None)
         if factory is None:
             raise UserError(f"cannot resolve {spec}: module {module_name} has no {factory_name}")
@@ -354,7 +349,7 @@ def _load_factory_model(spec: str) -> torch.nn.Module:
         try:
             model = factory()
         except Exception as error:
-            raise UserError(f"{spec} raised {type(error).__name__}: {_first_line(error)}") from error
+            raise UserError(f"{spec} raised {type(error).__name__}: {first_line(error)}") from error
     if not isinstance(model, torch.nn.Module):
         raise UserError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -428,7 +423,7 @@ def _check_torchscript_archive(path: Path) -> None:
                         raise UserError(f"refusing {path}: its TorchScript code ({entry}) calls {namespace}::"
                                         f"{operator}, {problem}; export the model with torch.export (.pt2) instead")
     except (zipfile.BadZipFile, OSError, UnicodeDecodeError, tokenize.TokenError, SyntaxError) as error:
-        raise UserError(f"cannot read {path} as a TorchScript archive: {_first_line(error)}") from error
+        raise UserError(f"cannot read {path} as a TorchScript archive: {first_line(error)}") from error
 
 
 def _load_torchscript(path: Path, submodule: str | None) -> torch.nn.Module:
@@ -441,7 +436,7 @@ def _load_torchscript(path: Path, submodule: str | None) -> torch.nn.Module:
     try:
         module = torch.jit.load(str(path), map_location="cpu")
     except Exception as error:  # torch raises RuntimeError or ValueError for archives it cannot compile
-        raise UserError(f"cannot read {path} as a TorchScript archive: {_first_line(error)}") from error
+        raise UserError(f"cannot read {path} as a TorchScript archive: {first_line(error)}") from error
     for part in submodule.split(".") if submodule else []:  # ScriptModules have no get_submodule
         children = dict(module.named_children())
         if part not in children:
@@ -487,9 +482,14 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"weights file {path} {_missing(path)}")
+    if path.stat().st_size == 0:
+        raise UserError(f"weights file {path} is empty")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
+            # safetensors refuses a header whose tensors do not cover the file exactly, so the
+            # file's size is what it unpacks to
+            check_model_size(f"weights {path}", path.stat().st_size)
             return load_file(path)
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
@@ -502,11 +502,15 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     except UserError:
         raise
     except Exception as error:
-        raise UserError(f"cannot read weights {path}: {_first_line(error)}") from error
+        raise UserError(f"cannot read weights {path}: {first_line(error)}") from error
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} holds a {type(state).__name__}, not a state_dict of tensors")
+    not_names = [key for key in state if not isinstance(key, str)]
+    if not_names:  # load_state_dict would fail on them with an AttributeError, not a message
+        raise UserError(f"{path} is not a state_dict: its keys must be parameter names, not {not_names[0]!r} "
+                        f"({type(not_names[0]).__name__})")
     return state
 
 
@@ -543,14 +547,11 @@ def load_model(spec: str | torch.nn.Module, weights: str | Path | None = None) -
     elif path.suffix == ".nir":  # HDF5 of arrays and strings: nir.read unpickles and runs nothing
         if weights is not None:
             raise UserError("a .nir file carries its own weights; drop --weights")
-        if not path.is_file():
-            raise UserError(f"model file {path} {_missing(path)}")
-        if path.stat().st_size > MAX_MODEL_BYTES:
-            raise UserError(f"{path} is {byte_size(path.stat().st_size)}, over the {byte_size(MAX_MODEL_BYTES)} "
-                            f"limit (raise it with the environment variable EDGEPORT_MAX_MODEL_BYTES)")
         from edgeport.export.nir import read_graph_model
 
-        return read_graph_model(path)
+        if not path.is_file():
+            raise UserError(f"model file {path} {_missing(path)}")
+        return read_graph_model(path)  # its HDF5 checked before it is read (nir._check_nir_file)
     elif _torchscript_spec(text) is not None:
         if weights is not None:
             raise UserError("a TorchScript archive carries its own weights; drop --weights")
@@ -572,7 +573,7 @@ def load_model(spec: str | torch.nn.Module, weights: str | Path | None = None) -
         try:
             model.load_state_dict(load_weights(weights))
         except RuntimeError as error:
-            raise UserError(f"weights {weights} do not fit {text}: {_first_line(error)}") from error
+            raise UserError(f"weights {weights} do not fit {text}: {_state_dict_mismatch(error)}") from error
     return in_eval_mode(model)
 
 
@@ -583,6 +584,9 @@ def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
     whose declared shape would take more than `edgeport.core.MAX_INPUT_BYTES`, before numpy
     allocates it. Members that are not `.npy` arrays are refused too, as numpy would read them whole.
     """
+    path = Path(path)
+    if not path.is_file():  # a pipe would block the read forever
+        raise UserError(f"inputs file {path} {_missing(path)}")
     try:
         with zipfile.ZipFile(path) as archive:
             for member in archive.infolist():
@@ -606,7 +610,7 @@ def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
     except UserError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise UserError(f"cannot read inputs {path}: {_first_line(error)}") from error
+        raise UserError(f"cannot read inputs {path}: {first_line(error)}") from error
     if not arrays:
         raise UserError(f"{path} holds no arrays")
     return arrays

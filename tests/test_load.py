@@ -6,6 +6,7 @@ import pickle
 import struct
 import subprocess
 import sys
+import threading
 import zipfile
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-import edgeport.load
+import edgeport.core
 from edgeport.errors import UserError
 from edgeport.load import load_arrays, load_model, load_weights
 
@@ -198,7 +199,7 @@ def test_pt2_guards_code_is_never_compiled(genuine, tmp_path):
 def test_pt2_zip_bomb_is_refused_before_torch_loads_it(genuine, tmp_path, monkeypatch, where):
     """64 MiB of zeros in under 1 MiB, against a 32 MiB limit: in the archive itself, or in the
     torch.save zip of its sample inputs, which torch would unpack in turn."""
-    monkeypatch.setattr(edgeport.load, "MAX_MODEL_BYTES", 32 * MIB)
+    monkeypatch.setattr(edgeport.core, "MAX_MODEL_BYTES", 32 * MIB)
     tampered = tmp_path / "bomb.pt2"
     if where == "archive":
         rewrite(genuine, tampered, {})
@@ -384,7 +385,7 @@ def test_weights_pickle_needing_code_is_refused(tmp_path, how):
 
 
 def test_weights_zip_bomb_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(edgeport.load, "MAX_MODEL_BYTES", 32 * MIB)
+    monkeypatch.setattr(edgeport.core, "MAX_MODEL_BYTES", 32 * MIB)
     path = tmp_path / "bomb.pt"
     with zipfile.ZipFile(path, "w") as archive:
         add_deflated_zeros(archive, "bomb/data/0", 64 * MIB)
@@ -432,3 +433,63 @@ def test_arrays_file_with_non_array_members_is_refused(tmp_path):
         archive.writestr("notes.txt", "hello")
     with pytest.raises(UserError, match="odd.npz holds notes.txt"):
         load_arrays(path)
+
+
+@pytest.mark.parametrize("kind", ["device", "empty", "folder"])
+def test_weights_that_are_no_file_of_data_are_refused_by_what_they_are(tmp_path, kind):
+    """A symlink to /dev/zero was reported as missing; an empty file as a bare 'EOFError'."""
+    path = tmp_path / "weights.safetensors"
+    if kind == "device":
+        path.symlink_to("/dev/zero")
+    elif kind == "empty":
+        path.write_bytes(b"")
+    else:
+        path.mkdir()
+    message = {"device": "is not a regular file", "empty": "is empty", "folder": "is a folder"}[kind]
+    with pytest.raises(UserError, match=f"weights file {path} {message}"):
+        load_weights(path)
+
+
+def test_weights_keyed_by_anything_but_names_are_refused(user_module, tmp_path):
+    """torch.load accepts {1: tensor}; load_state_dict then failed with an AttributeError (exit 3)."""
+    user_module("mymodel", FACTORIES)
+    path = tmp_path / "numbered.pt"
+    torch.save({"fc.weight": torch.ones(4, 16), 7: torch.ones(4)}, path)
+    with pytest.raises(UserError, match="numbered.pt is not a state_dict: .* not 7 \\(int\\)"):
+        load_model("mymodel:build", weights=path)
+
+
+def test_weights_that_do_not_fit_say_which_parameter_and_shapes(user_module, tmp_path):
+    """load_state_dict's first line only says 'Error(s) in loading state_dict for Net:'."""
+    user_module("mymodel", FACTORIES)
+    path = tmp_path / "wrong.pt"
+    torch.save({"fc.weight": torch.ones(3, 16), "fc.bias": torch.ones(4)}, path)
+    with pytest.raises(UserError) as refused:
+        load_model("mymodel:build", weights=path)
+    message = str(refused.value)
+    assert "\n" not in message and "do not fit mymodel:build" in message
+    assert "size mismatch for fc.weight" in message and "torch.Size([3, 16])" in message
+
+
+def test_arrays_from_a_pipe_are_refused_without_blocking(tmp_path):
+    """numpy opens a named pipe and waits for a writer forever."""
+    fifo = tmp_path / "inputs.npz"
+    os.mkfifo(fifo)
+    outcome: list[BaseException | None] = []
+
+    def read() -> None:
+        try:
+            load_arrays(fifo)
+            outcome.append(None)
+        except BaseException as error:  # handed to the test's thread
+            outcome.append(error)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(10)
+    if reader.is_alive():  # blocked: a writer releases it, so the run goes on to fail below
+        with open(fifo, "wb"):
+            pass
+        reader.join(10)
+    assert len(outcome) == 1 and isinstance(outcome[0], UserError)
+    assert f"inputs file {fifo} is not a regular file" in str(outcome[0])

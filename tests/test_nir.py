@@ -442,3 +442,143 @@ def test_a_planted_fault_in_the_nir_file_fails_verification(zoo_artifact, tmp_pa
     report = ep.verify(path, "snn-digits")
     assert not report.passed
     assert "output_0" in {o.name for o in report.failures()}
+
+
+def test_the_zoo_graph_loads_back_with_the_models_outputs(zoo_artifact):
+    """`ep.load_model` on edgeport's own NIR file gives the zoo SNN's readout at every step
+    (its reset loops run with the state after the reset, as the file's Input -> Output graph
+    alone says, not with the sidecar's state map)."""
+    model, loaded = ep.zoo.load("snn-digits"), ep.load_model(str(zoo_artifact.path))
+    images = ep.zoo.testset("snn-digits")[0][:64]
+    with torch.no_grad():
+        state, expected_state = loaded.initial_state(images), model.initial_state(images)
+        for _ in range(model.timesteps):
+            readout, *state = loaded.step(images, *state)
+            expected, *expected_state = model.step(images, *expected_state)
+            torch.testing.assert_close(readout, expected, rtol=1e-5, atol=1e-5)
+            assert torch.equal(readout.argmax(1), expected.argmax(1))
+
+
+@pytest.mark.parametrize("name", ["spikingjelly-hard-no-decay-input", "spikingjelly-soft", "snntorch-subtract"])
+def test_graphs_edgeport_writes_load_back_with_the_librarys_spikes(name, out):
+    """A hard-reset SpikingJelly net starts at v_reset (-0.1 here); the loaded graph started its
+    membranes at 0 and 6 of its 300 output spikes differed. It now starts each neuron at rest."""
+    make, _, _ = NETS[name]
+    artifact = ep.export(make(), CURRENTS[:1], targets=["nir"], snn_form="step", timesteps=T, out=out,
+                         verify_inputs=[CURRENTS[:1]])["nir"]
+    reference = torch.stack([outputs[0] for outputs in library_reference(make(), [CURRENTS] * T)])
+    with torch.no_grad():
+        loaded = ep.load_model(str(artifact.path))(torch.stack([CURRENTS] * T))
+    spikes = loaded[0] if isinstance(loaded, tuple) else loaded  # snnTorch's output=True adds the membrane
+    assert reference.sum() > 0 and torch.equal(spikes, reference)
+
+
+def edited_copy(source, destination, edit):
+    """A copy of the NIR file `source` changed in place with h5py: `edit(nodes_group, file)`."""
+    h5py = pytest.importorskip("h5py", reason="nir depends on h5py")
+    shutil.copy(source, destination)
+    with h5py.File(destination, "r+") as file:
+        edit(file["node/nodes"], file)
+    return destination
+
+
+def replace_dataset(group, name: str, **dataset) -> None:
+    del group[name]
+    group.create_dataset(name, **dataset)
+
+
+def link(group, name: str, target) -> None:
+    del group[name]
+    group[name] = target
+
+
+SECRET = np.arange(1, 11, dtype=np.float32)  # what a crafted graph would carry off as fc2's bias
+OUTSIDE_THE_FILE = {  # case: (edit of the zoo graph, what the refusal says)
+    "external storage": (lambda nodes, file, secret: replace_dataset(
+        nodes["fc2"], "bias", shape=(10,), dtype="<f4", external=[(str(secret), 0, 40)]), "keeps its data in .*secret"),
+    "external storage of /dev/zero": (lambda nodes, file, secret: replace_dataset(
+        nodes["fc2"], "bias", shape=(10,), dtype="<f4", external=[("/dev/zero", 0, 40)]),
+        "keeps its data in /dev/zero"),
+    "external link": (lambda nodes, file, secret: link(nodes, "fc2", __import__("h5py").ExternalLink(secret, "/fc2")),
+                      r"/node/nodes/fc2 is a link \(ExternalLink\)"),
+    "soft link": (lambda nodes, file, secret: link(nodes, "fc2", __import__("h5py").SoftLink("/node/nodes/fc1")),
+                  r"/node/nodes/fc2 is a link \(SoftLink\)"),
+    "hard-linked loop": (lambda nodes, file, secret: file["node/metadata"].__setitem__("loop", file["node/metadata"]),
+                         "already reached under another name"),
+}
+
+
+@pytest.mark.parametrize("case", OUTSIDE_THE_FILE)
+def test_a_nir_file_reaching_outside_itself_is_refused_in_one_line(case, zoo_artifact, tmp_path, capsys):
+    """HDF5 lets a dataset keep its bytes in any other file and a link point anywhere: nir.read
+    followed them, so a graph carried another file's bytes as weights into the exported model."""
+    h5py = pytest.importorskip("h5py", reason="nir depends on h5py")
+    edit, message = OUTSIDE_THE_FILE[case]
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(SECRET.tobytes())
+    if case == "external link":
+        secret = tmp_path / "secret.h5"
+        with h5py.File(secret, "w") as other:
+            other["fc2/type"] = np.bytes_(b"Affine")
+            other["fc2/weight"], other["fc2/bias"] = np.ones((10, 128), np.float32), SECRET
+    path = edited_copy(zoo_artifact.path, tmp_path / "crafted.nir", lambda nodes, file: edit(nodes, file, secret))
+    with pytest.raises(ep.UserError, match=f"refusing {path}: .*{message}"):
+        ep.load_model(str(path))
+    capsys.readouterr()
+    assert main(["export", str(path), "--snn-form", "step", "--timesteps", "2", "--input", "1x1x8x8",
+                 "-o", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and error.startswith("error: refusing") and leftovers(tmp_path / "out") == []
+
+
+def test_nir_datasets_are_counted_at_their_declared_size(zoo_artifact, tmp_path, monkeypatch):
+    """A dataset declared 64 MiB takes a few hundred bytes of file (a fill value), and nir.read
+    allocated all of it: the declared sizes, not the file's, are held to the limit."""
+    import edgeport.core
+
+    monkeypatch.setattr(edgeport.core, "MAX_MODEL_BYTES", 8 << 20)
+    assert ep.load_model(str(zoo_artifact.path)) is not None  # 0.4 MiB of genuine graph passes
+    def pad(nodes, file) -> None:  # 16 Mi float32 of nothing but a fill value
+        file["node/metadata"].create_dataset("padding", shape=(16 << 20,), dtype="<f4", chunks=(1 << 20,),
+                                             compression="gzip")
+
+    path = edited_copy(zoo_artifact.path, tmp_path / "bomb.nir", pad)
+    assert path.stat().st_size < 1 << 20
+    with pytest.raises(ep.UserError, match=r"datasets .*bomb.nir declares would take 64.3 MiB, over the 8 MiB limit"):
+        ep.load_model(str(path))
+
+
+MALFORMED = {  # case: (edit of the zoo graph, what the refusal says)
+    "zero groups": (lambda nodes, file: replace_dataset(nodes["conv1.0"], "groups", data=np.int64(0)),
+                    r"node conv1.0 \(Conv2d\) cannot run on what reaches it: non-positive groups"),
+    "groups as text": (lambda nodes, file: replace_dataset(nodes["conv1.0"], "groups", data=b"x"),
+                       r"node conv1.0 \(Conv2d\) holds a parameter that is not a number array"),
+    "dt as text": (lambda nodes, file: replace_dataset(file["node/metadata"], "dt", data=b"fast"),
+                   "its metadata dt 'fast' is not a positive number of seconds"),
+    "zero dt": (lambda nodes, file: replace_dataset(file["node/metadata"], "dt", data=0.0),
+                "its metadata dt '0.0' is not a positive number of seconds"),
+    "negative dt": (lambda nodes, file: replace_dataset(file["node/metadata"], "dt", data=-1e-4),
+                    "its metadata dt '-0.0001' is not a positive number of seconds"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_a_malformed_nir_graph_is_refused_naming_what_is_wrong(case, zoo_artifact, tmp_path, capsys):
+    """Each went through as a traceback (exit 3), or, with a dt of zero or below, ran silently."""
+    edit, message = MALFORMED[case]
+    path = edited_copy(zoo_artifact.path, tmp_path / "malformed.nir", edit)
+    with pytest.raises(ep.UserError, match=f"{path}: {message}"):
+        ep.load_model(str(path))
+    capsys.readouterr()
+    assert main(["export", str(path), "--snn-form", "step", "--timesteps", "2", "--input", "1x1x8x8",
+                 "-o", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0 and leftovers(tmp_path / "out") == []
+
+
+def test_an_input_of_another_shape_than_the_graphs_is_one_line(zoo_artifact, tmp_path, capsys):
+    """`--input 1x64` for a graph taking 1x8x8 images failed inside conv2d with exit 3."""
+    assert main(["export", str(zoo_artifact.path), "--snn-form", "step", "--timesteps", "2", "--input", "1x64",
+                 "-o", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "takes inputs of shape [1, 8, 8] per sample" in error
+    assert "give --input 1x1x8x8" in error and leftovers(tmp_path / "out") == []

@@ -43,6 +43,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
+import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -52,8 +53,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from edgeport.core import Artifact, Backend, ExportRequest, Runner, TensorSpec, option, source_sha256
-from edgeport.errors import BackendUnavailable, ExportError, UserError
+from edgeport.core import (Artifact, Backend, ExportRequest, Runner, TensorSpec, check_input_size, check_model_size,
+                           option, source_sha256)
+from edgeport.errors import BackendUnavailable, ExportError, UserError, first_line
 from edgeport.snn.convert import StatefulNeuron, SteppedNetwork
 from edgeport.snn.neurons import (LIF, NEURONS, Alpha, Lapicque, Leaky, MultiLevel, RecurrentLeaky, RecurrentSynaptic,
                                   Synaptic)
@@ -603,9 +605,12 @@ class _Program:
         if len(inputs) != 1 or any(o not in self.kinds for o in outputs):
             raise UserError(f"{path}: expected one Input node and the Output nodes {outputs}")
         self.input = inputs[0]
+        self.path = path
         back = _back_edges(list(graph.edges), self.input)
         forward = [edge for edge in graph.edges if edge not in back]
-        self.sources = {name: [s for s, t in forward if t == name] for name in self.nodes}
+        self.sources = {name: [] for name in self.nodes}
+        for source, target in forward:  # one pass: a file may hold many nodes
+            self.sources[target].append(source)
         self.order = self._topological(forward, path)
         self.loops = {target: self._loop(source, target, path) for source, target in back}
         self.neurons = {n.node: (index, n.membrane) for index, n in enumerate(neurons)}
@@ -613,19 +618,29 @@ class _Program:
         if stateful != set(self.neurons):
             raise UserError(f"{path}: the stateful nodes {sorted(stateful)} do not match the step's states "
                             f"{sorted(self.neurons)}")
-        self.params = {name: self._params(name, node) for name, node in self.nodes.items()}
+        self.params = {name: self._checked_params(name, node) for name, node in self.nodes.items()}
+
+    def _checked_params(self, name: str, node) -> dict:
+        """`_params`, with a value that is not the number or array NIR defines refused by node."""
+        try:
+            return self._params(name, node)
+        except (TypeError, ValueError) as error:
+            raise UserError(f"{self.path}: node {name} ({self.kinds[name]}) holds a parameter that is not a number "
+                            f"array: {first_line(error)}") from error
 
     def _topological(self, forward: list[tuple[str, str]], path: Path) -> list[str]:
         waiting = {name: len(self.sources[name]) for name in self.nodes}
+        targets: dict[str, list[str]] = {}
+        for source, target in forward:
+            targets.setdefault(source, []).append(target)
         ready, order = [self.input], []
         while ready:
             name = ready.pop(0)
             order.append(name)
-            for source, target in forward:
-                if source == name:
-                    waiting[target] -= 1
-                    if waiting[target] == 0:
-                        ready.append(target)
+            for target in targets.get(name, []):
+                waiting[target] -= 1
+                if waiting[target] == 0:
+                    ready.append(target)
         if len(order) != len(self.nodes):
             raise UserError(f"{path}: nodes {sorted(set(self.nodes) - set(order))} are not reached from the input")
         return order
@@ -698,7 +713,11 @@ class _Program:
         for name in self.order[1:]:
             # NIR sums every edge into a node; a loop brings the previous step's value
             inputs = [values[source] for source in self.sources[name]] + feedback.get(name, [])
-            values[name] = self._apply(name, functools.reduce(operator.add, inputs), start, charged, reset)
+            try:
+                values[name] = self._apply(name, functools.reduce(operator.add, inputs), start, charged, reset)
+            except (RuntimeError, IndexError) as error:  # shapes or settings the graph's type check let through
+                raise UserError(f"{self.path}: node {name} ({self.kinds[name]}) cannot run on what reaches it: "
+                                f"{first_line(error)}") from error
         next_states = [None] * len(self.neurons)
         for name, (index, membrane) in self.neurons.items():
             if membrane == BEFORE_RESET or name not in self.loops and self.kinds[name] in ("LI", "I"):
@@ -754,28 +773,45 @@ class NirGraphModel(nn.Module):
 
     Each step is `dt` seconds of NIR time (the graph's `dt` metadata where it has one, else
     `DEFAULT_READ_DT`), every stateful node integrated by one forward-Euler step, LIF/IF nodes
-    firing on `>` and resetting to v_reset in the same step, each starting at 0 and its membrane
-    (after the reset) a state named `v_<node>`. `step(x, *states)` is one step; `forward(x)`
-    runs a (T, B, ...) sequence and stacks each output over time. Primitives outside what the
-    interpreter reads (see `STATEFUL`, `STATELESS`), and cycles other than a reset loop, are
-    refused by name when the file is read.
+    firing on `>` and resetting to v_reset in the same step, each starting at rest (see
+    `_resting_membrane`) and its membrane (after the reset) a state named `v_<node>`.
+    `step(x, *states)` is one step on inputs of the Input node's shape; `forward(x)` runs a
+    (T, B, ...) sequence and stacks each output over time. Primitives outside what the
+    interpreter reads (see `STATEFUL`, `STATELESS`), cycles other than a reset loop, and graphs
+    whose first step from rest fails, are refused by name when the file is read.
     """
 
     def __init__(self, graph, path: Path):
         super().__init__()
-        metadata = getattr(graph, "metadata", None) or {}
-        self.dt = float(np.asarray(metadata["dt"])) if "dt" in metadata else DEFAULT_READ_DT
+        self.path = path
+        self.dt = _graph_time_step(getattr(graph, "metadata", None) or {}, path)
         kinds = {name: type(node).__name__ for name, node in graph.nodes.items()}
         neurons = [NeuronState(f"v_{name}", name, AFTER_RESET) for name, kind in kinds.items() if kind in STATEFUL]
         self.state_names = [re.sub(r"\W", "_", n.state) for n in neurons]
-        self.state_shapes = [np.shape(graph.nodes[n.node].r) for n in neurons]
         self.program = _Program(graph, path, self.dt, neurons, [n for n, kind in kinds.items() if kind == "Output"])
+        self.input_shape = _input_shape(graph.nodes[self.program.input], path)
+        self.rest = [_tensor(_resting_membrane(kinds[n.node], graph.nodes[n.node])) for n in neurons]
 
     def initial_state(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(x.new_zeros((x.shape[0], *shape)) for shape in self.state_shapes)
+        return tuple(x.new_zeros((x.shape[0], *rest.shape)) + rest for rest in self.rest)
 
     def step(self, x: torch.Tensor, *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if tuple(x.shape[1:]) != self.input_shape:  # else a layer fails deep inside, or broadcasts silently
+            raise UserError(f"{self.path} takes inputs of shape {list(self.input_shape)} per sample (its Input "
+                            f"node's), not {list(x.shape[1:])}: give --input 1x{'x'.join(map(str, self.input_shape))}")
         return tuple(self.program.step(x, list(states)))
+
+    def check_runs(self) -> None:
+        """Run one step from rest on zeros, so that a graph the interpreter cannot run (weights
+        that do not fit what reaches them, zero groups, a Flatten past the rank) is refused when
+        the file is read, naming the node, rather than in the middle of an export."""
+        try:
+            check_input_size("x", (1, *self.input_shape), torch.float32)
+        except UserError as error:
+            raise UserError(f"{self.path}: its Input node declares an unusable shape: {error}") from error
+        x = torch.zeros((1, *self.input_shape))
+        with torch.no_grad():
+            self.step(x, *self.initial_state(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         states, per_step = self.initial_state(x[0]), []
@@ -788,10 +824,104 @@ class NirGraphModel(nn.Module):
         return stacked[0] if len(stacked) == 1 else stacked
 
 
+def _resting_membrane(kind: str, node) -> np.ndarray:
+    """Where a neuron's membrane starts, NIR having no initial state: at rest, the value it
+    settles to without input. For LIF and LI that is v_leak (Norse starts there too); IF has
+    no leak and starts at v_reset, as SpikingJelly's IFNode does (and its LIFNode, which
+    edgeport writes with v_leak = v_reset); I at 0."""
+    if kind in ("LIF", "LI"):
+        return np.full(np.shape(node.r), node.v_leak, dtype=np.float64)
+    if kind == "IF":
+        return np.full(np.shape(node.r), node.v_reset, dtype=np.float64)
+    return np.zeros(np.shape(node.r))
+
+
+def _input_shape(node, path: Path) -> tuple[int, ...]:
+    """The unbatched input shape an Input node declares."""
+    try:
+        return _ints(node.input_type["input"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise UserError(f"{path}: its Input node declares no shape of whole numbers ({error})") from error
+
+
+def _graph_time_step(metadata: dict, path: Path) -> float:
+    """The graph's `dt` metadata in seconds (else `DEFAULT_READ_DT`): one positive number."""
+    if "dt" not in metadata:
+        return DEFAULT_READ_DT
+    try:
+        dt = float(np.asarray(metadata["dt"]).item())
+    except (TypeError, ValueError):
+        dt = math.nan
+    if not math.isfinite(dt) or dt <= 0:
+        raise UserError(f"{path}: its metadata dt {str(metadata['dt'])[:40]!r} is not a positive number of seconds")
+    return dt
+
+
+def _check_nir_file(path: str | Path) -> None:
+    """Refuse a NIR file that `nir.read` would let read other files or exhaust memory, before it
+    reads anything of it.
+
+    `nir.read` opens the HDF5 file and reads every dataset under its graph whole, whatever the
+    names. HDF5 lets a dataset keep its bytes in another file (external storage, or a virtual
+    dataset's mapping) and a link point into another file or elsewhere in this one, so a graph
+    could carry /etc/passwd or /dev/zero as weights: all refused, as nir.write never writes them.
+    A dataset's declared shape is allocated even when the file holds no data for it (a fill
+    value, or chunks that compress to nothing), so the declared sizes, not the file's, are counted
+    against `MAX_MODEL_BYTES`. An object reached twice (a hard-linked cycle) is refused too.
+    """
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"NIR file {path} does not exist or is no regular file")
+    check_model_size(f"{path}", path.stat().st_size)
+    try:
+        with h5py.File(path, "r") as hdf5:
+            declared = _hdf5_declared_bytes(hdf5, path)
+    except UserError:
+        raise
+    except Exception as error:  # h5py raises OSError, KeyError or ValueError for what is not HDF5
+        raise UserError(f"cannot read {path} as NIR (HDF5): {first_line(error)}") from error
+    check_model_size(f"the datasets {path} declares", declared)
+
+
+def _hdf5_declared_bytes(hdf5, path: Path) -> int:
+    """The bytes every dataset of an open HDF5 file declares, walking its groups once; a link
+    that is not a plain hard link, data stored outside the file, or an object seen twice is refused."""
+    import h5py
+
+    declared, seen, groups = 0, set(), [hdf5]
+    while groups:
+        group = groups.pop()
+        for name in group:
+            where = f"{group.name.rstrip('/')}/{name}"
+            link = group.get(name, getlink=True)
+            if not isinstance(link, h5py.HardLink):
+                target = getattr(link, "filename", "") or getattr(link, "path", "")
+                raise UserError(f"refusing {path}: {where} is a link ({type(link).__name__}) to {target}; a NIR "
+                                f"file holds its own groups and datasets, never links")
+            item = group[name]
+            if item.id in seen:
+                raise UserError(f"refusing {path}: {where} is an object already reached under another name (a "
+                                f"hard-linked loop or alias); nir.write never writes one")
+            seen.add(item.id)
+            if isinstance(item, h5py.Group):
+                groups.append(item)
+            elif isinstance(item, h5py.Dataset):
+                if item.external or item.is_virtual:
+                    elsewhere = os.fsdecode(item.external[0][0]) if item.external else "the files it maps"
+                    raise UserError(f"refusing {path}: dataset {where} keeps its data in {elsewhere}, outside the "
+                                    f"file; a NIR file holds its own arrays")
+                declared += item.size * item.dtype.itemsize
+    return declared
+
+
 def _read(path: str | Path):
     """The graph in the NIR file at `path`: HDF5 read by `nir.read`, arrays and strings only,
-    nothing unpickled or run; a file that is not NIR raises a `UserError` naming it."""
+    nothing unpickled or run, once `_check_nir_file` has found nothing that would read other
+    files or exhaust memory; a file that is not NIR raises a `UserError` naming it."""
     nir = _nir()
+    _check_nir_file(path)
     try:
         return nir.read(path)
     except Exception as error:  # h5py and nir raise their own errors for a file that is not NIR
@@ -801,7 +931,9 @@ def _read(path: str | Path):
 def read_graph_model(path: str | Path) -> NirGraphModel:
     """The NIR file at `path` as a `NirGraphModel`; a file that is not NIR, or holds what the
     interpreter cannot run, raises a `UserError` naming it."""
-    return NirGraphModel(_read(path), Path(path)).eval()
+    model = NirGraphModel(_read(path), Path(path)).eval()
+    model.check_runs()
+    return model
 
 
 class NirRunner(Runner):
@@ -815,8 +947,16 @@ class NirRunner(Runner):
 
     def load(self) -> "NirRunner":
         graph = _read(self.path)
-        neurons = [NeuronState(**record) for record in self.settings["states"]]
-        self.program = _Program(graph, self.path, float(self.settings["dt"]), neurons, self.settings["outputs"])
+        try:  # the sidecar is a file too: a hand-edited state map is refused, not a KeyError
+            neurons = [NeuronState(**record) for record in self.settings["states"]]
+            dt, outputs = _time_step(self.settings["dt"]), list(self.settings["outputs"])
+        except (KeyError, TypeError) as error:
+            raise UserError(f"{self.path}: its sidecar's NIR state map is malformed ({error!r}); export it "
+                            f"again") from error
+        if any(n.membrane not in (AFTER_RESET, BEFORE_RESET) for n in neurons):
+            raise UserError(f"{self.path}: its sidecar's NIR state map names a membrane other than "
+                            f"{AFTER_RESET!r} or {BEFORE_RESET!r}; export it again")
+        self.program = _Program(graph, self.path, dt, neurons, outputs)
         return self
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
