@@ -318,6 +318,28 @@ def verify(artifact: Artifact | str | Path, model: str | torch.nn.Module, inputs
     return report
 
 
+def _within_ranks(dynamic_axes: dict[str, dict[int, str]] | None, names: list[str], args: tuple[torch.Tensor, ...]
+                 ) -> dict[str, dict[int, str]] | None:
+    """`dynamic_axes` with each negative axis of an input in `names` counted from its last (-1
+    is the last axis), so that `dynamic_batch`'s axis 0 and a -4 name one axis once; an axis
+    beyond the input's rank raises UserError. The exporters index axes from 0: a -1 ended in
+    "list index out of range" in the Core ML one. Names of no input are left to the exporter."""
+    if not dynamic_axes:
+        return dynamic_axes
+    ranks = {name: arg.dim() for name, arg in zip(names, args)}
+    counted = dict(dynamic_axes)
+    for name, axes in dynamic_axes.items():
+        if name not in ranks:
+            continue
+        bad = [axis for axis in axes if isinstance(axis, bool) or not isinstance(axis, int)
+               or not -ranks[name] <= axis < ranks[name]]
+        if bad:
+            raise UserError(f"dynamic axis {bad[0]} of input {name!r} is outside its {ranks[name]} axes "
+                            f"(shape {list(args[names.index(name)].shape)})")
+        counted[name] = {axis % ranks[name]: symbol for axis, symbol in axes.items()}
+    return counted
+
+
 def export(model: str | torch.nn.Module, example: Example | None = None, targets: str | Sequence[str] = ("onnx",),
            out: str | Path = "build", *, name: str | None = None, weights: str | Path | None = None,
            verify_inputs: Sequence[Example | dict] | None = None, verify_inputs_source: str = "given inputs",
@@ -377,6 +399,7 @@ def export(model: str | torch.nn.Module, example: Example | None = None, targets
                      "state cleared at every call, as between samples)")
     if snn_form is None:
         _run_reference(torch_model, args)
+    dynamic_axes = _within_ranks(dynamic_axes, input_names(torch_model, len(args)), args)
     if dynamic_batch:
         names = input_names(torch_model, len(args))
         dynamic_axes = {n: {0: "batch", **(dynamic_axes or {}).get(n, {})} for n in names} | \

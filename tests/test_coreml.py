@@ -207,3 +207,82 @@ def test_cli_verify_of_a_package_keeps_coremltools_import_noise_off_stderr(tmp_p
     noise = [line for line in verified.stderr.splitlines() if "libcoremlpython" in line
              or "has not been tested" in line or "scikit-learn version" in line]
     assert not noise, verified.stderr
+
+
+class GhostModule(nn.Module):
+    """GhostNet's block: a primary and a cheap depthwise half concatenated, then cut to the
+    output width; when that is all of it, torch.export leaves `aten.alias`, which coremltools
+    has no converter for (timm's ghostnet and swin took the tracing fallback, and with dynamic
+    axes could not convert at all)."""
+
+    def __init__(self):
+        super().__init__()
+        self.primary, self.cheap = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 3, padding=1, groups=4)
+
+    def forward(self, x):
+        y = self.primary(x)
+        return torch.cat([y, self.cheap(y)], dim=1)[:, :8]
+
+
+def test_a_whole_tensor_slice_converts_through_torch_export(tmp_path):
+    torch.manual_seed(0)
+    program = torch.export.export(GhostModule().eval(), (torch.randn(1, 3, 8, 8),)).run_decompositions({})
+    assert torch.ops.aten.alias.default in {n.target for n in program.graph.nodes}  # what this test is about
+    artifact = ep.export(GhostModule().eval(), torch.randn(1, 3, 8, 8), targets=["coreml"], out=tmp_path)["coreml"]
+    assert artifact.exporter == "torch.export" and not any("failed" in note for note in artifact.notes)
+    assert artifact.parity.passed, artifact.parity.summary()
+
+
+class ReturnsOneTensorTwice(nn.Module):
+    """A snnTorch Lapicque step returns its membrane as an output and as its next state: one
+    tensor, two outputs. coremltools named both outputs alike and verification crashed with
+    an IndexError."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y.relu(), y, y, x
+
+
+def test_a_tensor_returned_twice_becomes_distinct_outputs(tmp_path):
+    artifact = ep.export(ReturnsOneTensorTwice().eval(), torch.randn(2, 4), targets=["coreml"],
+                         out=tmp_path)["coreml"]
+    assert [o.name for o in artifact.outputs] == ["output_0", "output_1", "output_2", "output_3"]
+    assert artifact.exporter == "torch.export" and artifact.parity.passed, artifact.parity.summary()
+    assert [o.name for o in artifact.parity.outputs] == ["output_0", "output_1", "output_2", "output_3"]
+
+
+def test_a_spiking_step_whose_output_is_its_state_verifies(tmp_path):
+    """snnTorch's Lapicque neuron followed by a Leaky that returns (spikes, membrane), as its
+    tutorials build them: in the step form that membrane is both an output and the next state.
+    The package's outputs were named alike and verification asked for a state it was not given."""
+    snntorch = pytest.importorskip("snntorch", reason="snntorch is in the dev extra")
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 32), snntorch.Lapicque(R=5.1, C=5e-3, time_step=1e-3, init_hidden=True),
+                        nn.Linear(32, 10), snntorch.Leaky(beta=0.8, init_hidden=True, output=True))
+    artifact = ep.export(net, torch.rand(1, 64), targets=["coreml"], out=tmp_path, snn_form="step",
+                         timesteps=4)["coreml"]
+    assert artifact.parity.passed, artifact.parity.summary()
+    assert len({o.name for o in artifact.outputs}) == len(artifact.outputs) == 4
+
+
+def test_a_negative_dynamic_axis_counts_from_the_end(tmp_path):
+    artifacts = ep.export("cnn-digits", targets=["coreml", "onnx"], out=tmp_path, dynamic_axes={"x": {-1: "width"}})
+    assert artifacts["coreml"].inputs[0].shape == [1, 1, 8, "width"] and artifacts["coreml"].parity.passed
+    assert artifacts["coreml"].settings["verification"]["flexible_shapes"]["checked"].endswith("passed")
+    assert artifacts["onnx"].inputs[0].shape == [1, 1, 8, "width"] and artifacts["onnx"].parity.passed
+    # with dynamic_batch, -4 is the batch axis itself, named once
+    batch = ep.export("cnn-digits", out=tmp_path / "batch", dynamic_batch=True, dynamic_axes={"x": {-4: "n"}})["onnx"]
+    assert batch.inputs[0].shape == ["n", 1, 8, 8]
+
+
+@pytest.mark.parametrize("target", ["coreml", "onnx"])
+@pytest.mark.parametrize("axis", [4, -5, "2"])
+def test_a_dynamic_axis_beyond_the_rank_is_refused_in_one_line(tmp_path, target, axis):
+    with pytest.raises(ep.UserError, match=rf"dynamic axis {axis} of input 'x' is outside its 4 axes"):
+        ep.export("cnn-digits", targets=[target], out=tmp_path, dynamic_axes={"x": {axis: "depth"}})
+    assert list(tmp_path.iterdir()) == []

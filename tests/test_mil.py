@@ -186,6 +186,14 @@ class Apply(nn.Module):
         return self.function(x)
 
 
+def assigned(x: torch.Tensor, where, value) -> torch.Tensor:
+    """A copy of x with `value` written at `where` (what torch.export turns into a scatter)."""
+    y = x.clone()
+    y[where] = value
+    return y
+
+
+SCATTER_INDEX = torch.tensor([[3, 0, 1, 4, 2], [1, 1, 0, 2, 4]])  # repeats: add accumulates them
 F = nn.functional
 LAYERS = {  # layers users bring, beyond the zoo: each MIL op's semantics (pads, ceil mode, modes) checked
     "conv_transpose+crop": (nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1, output_padding=1), (1, 3, 6, 6)),
@@ -219,6 +227,11 @@ LAYERS = {  # layers users bring, beyond the zoo: each MIL op's semantics (pads,
     "GRU": (nn.GRU(4, 4, batch_first=True), (1, 5, 4)),
     "LSTM": (nn.LSTM(4, 4, batch_first=True), (1, 5, 4)),
     "einsum": (Apply(lambda x: torch.einsum("bij,bkj->bik", x, x)), (2, 3, 4)),
+    # writes into a tensor: MIL scatter ops (and non_zero), which the interpreter once lacked
+    "scatter (scatter_along_axis, update)": (Apply(lambda x: x.scatter(1, SCATTER_INDEX, x * 2)), (2, 5)),
+    "scatter_add (scatter_along_axis, add)": (Apply(lambda x: x.scatter_add(1, SCATTER_INDEX, x)), (2, 5)),
+    "slice assignment (scatter)": (Apply(lambda x: assigned(x, (slice(None), slice(1, 3)), x[:, 3:5].exp())), (2, 5)),
+    "masked assignment (non_zero, scatter_nd)": (Apply(lambda x: assigned(x, x > 0.5, 0.0)), (2, 5)),
 }
 
 
@@ -228,6 +241,57 @@ def test_layers_beyond_the_zoo_verify(name, tmp_path):
     torch.manual_seed(0)
     artifact = ep.export(layer.eval(), torch.randn(*shape), targets=["coreml"], out=tmp_path)["coreml"]
     assert artifact.parity.passed and artifact.parity.candidate == "mil-interpreter (fp32)", artifact.parity.summary()
+
+
+def test_a_scatter_at_a_dynamic_batch_is_verified_at_both_sizes(tmp_path):
+    """GhostNet cuts its concatenated halves to the output width; with a dynamic batch coremltools
+    writes that as a `scatter`, which the interpreter lacked: the package went unchecked."""
+    model = Apply(lambda x: assigned(x, (slice(None), slice(1, 3)), x[:, 3:5].exp()))
+    artifact = ep.export(model, torch.randn(2, 5), targets=["coreml"], out=tmp_path, dynamic_batch=True)["coreml"]
+    assert artifact.settings["verification"]["structure"]["op_histogram"]["scatter"] >= 1
+    assert artifact.parity.passed and "numerical" not in artifact.settings["verification"]
+    assert artifact.settings["verification"]["flexible_shapes"]["checked"].endswith("passed")
+
+
+def coremltools_value(op: str, **inputs) -> np.ndarray:
+    """What coremltools' own definition of MIL op `op` computes on constant inputs (its value
+    inference, as its const-folding passes use it)."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import Function
+    from edgeport.export.mil import import_coremltools_quietly
+
+    ct = import_coremltools_quietly()
+    with Function({}, opset_version=ct.target.iOS15):
+        result = getattr(mb, op)(**{k: v.copy() if isinstance(v, np.ndarray) else v for k, v in inputs.items()})
+    return [r.val for r in result] if isinstance(result, (list, tuple)) else result.val
+
+
+RNG = np.random.default_rng(0)
+X = np.concatenate([[0.5, -0.5, 1.0, 0.0], RNG.standard_normal(116)]).astype(np.float32).reshape(2, 3, 4, 5)
+DEFINITIONS = {  # op -> inputs: values on an edge of the definition (x == alpha, ties, negative strides)
+    "thresholded_relu": dict(x=X, alpha=0.5), "elu": dict(x=X, alpha=0.7), "leaky_relu": dict(x=X, alpha=0.1),
+    "sigmoid_hard": dict(x=X, alpha=0.3, beta=0.4), "scaled_tanh": dict(x=X, alpha=2.0, beta=0.5),
+    "softplus_parametric": dict(x=X, alpha=np.array([1, 2, 3], np.float32), beta=np.array([.5, 1, 2], np.float32)),
+    "prelu": dict(x=X, alpha=np.array([0.1, 0.2, 0.3], np.float32)),
+    "gelu": dict(x=X, mode="TANH_APPROXIMATION"), "band_part": dict(x=X, lower=1, upper=0),
+    "reduce_log_sum_exp": dict(x=X, axes=[1, 3], keep_dims=True), "topk": dict(x=X, k=2, axis=1),
+    "argsort": dict(x=X, axis=1, ascending=True), "expand_dims": dict(x=X, axes=[1, -2]),
+    "pad": dict(x=X, pad=np.array([1, 2, 0, 1], np.int32), mode="reflect"),
+    "slice_by_index": dict(x=X, begin=np.array([0, 2, -1, 4], np.int32), end=np.array([2, 0, 0, 0], np.int32),
+                           stride=np.array([1, -1, -2, -1], np.int32), end_mask=[False, True, False, True]),
+    "scatter_along_axis": dict(data=X, indices=np.tile(np.array([1, 0, 3, 2, 1], np.int32), (2, 3, 2, 1)),
+                               updates=RNG.standard_normal((2, 3, 2, 5)).astype(np.float32), axis=2, mode="update"),
+}
+
+
+@pytest.mark.parametrize("op", DEFINITIONS)
+def test_ops_compute_what_coremltools_defines(op):
+    """thresholded_relu keeps an x equal to alpha ("x if x >= alpha"); the interpreter zeroed it."""
+    theirs, ours = coremltools_value(op, **DEFINITIONS[op]), OPS[op](**DEFINITIONS[op])
+    for expected, got in zip(theirs if isinstance(theirs, list) else [theirs], ours if isinstance(ours, tuple)
+                             else [ours]):
+        assert np.asarray(got).shape == np.asarray(expected).shape
+        assert np.allclose(got, expected, atol=1e-6), op
 
 
 def test_every_op_of_the_packages_made_here_has_an_implementation(vit_package):

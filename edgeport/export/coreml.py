@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.export.graph_signature import TensorArgument
 
 from edgeport.core import (Artifact, Backend, ExportRequest, Runner, TensorSpec, TorchRunner, draw_input,
                            flatten_outputs, input_names, option, source_sha256, vocabulary_size)
@@ -182,6 +183,47 @@ def unsupported_ops(program: torch.export.ExportedProgram) -> dict:
     return found
 
 
+def aliases_as_copies(program: torch.export.ExportedProgram) -> int:
+    """Turn every `aten.alias` of the graph into `aten.clone`, which coremltools converts as
+    the identity it is; returns how many. torch.export leaves an alias where a model slices the
+    whole of an axis (GhostNet's and Swin's `x[:, :channels]`) and coremltools has no converter
+    for it: the torch.export route failed there. Retargeting keeps the node's name, so a graph
+    output that is an alias stays the output the program's signature names."""
+    aliases = [node for node in program.graph.nodes
+               if node.op == "call_function" and node.target == torch.ops.aten.alias.default]
+    for node in aliases:
+        node.target = torch.ops.aten.clone.default
+    if aliases:
+        program.graph_module.recompile()
+    return len(aliases)
+
+
+def distinct_outputs(program: torch.export.ExportedProgram) -> int:
+    """Give every graph output its own node; returns how many were given one. coremltools
+    names each output by renaming its var, so an output the model returns twice (a spiking step
+    whose output is also its next membrane, `return y, y`) or an input it returns as it is would
+    leave the package with two outputs of one name, or fail to convert. Each repeat becomes
+    `output * 1`, an op coremltools keeps because its result is a program output."""
+    output = next(node for node in program.graph.nodes if node.op == "output")
+    inputs = {node.name for node in program.graph.nodes if node.op == "placeholder"} & set(
+        program.graph_signature.user_inputs)
+    seen, results, copies = set(), [], 0
+    for index, value in enumerate(output.args[0]):
+        repeated = isinstance(value, torch.fx.Node) and (value in seen or value.name in inputs)
+        if repeated and value.meta.get("val") is not None and value.meta["val"].dtype != torch.bool:
+            with program.graph.inserting_before(output):
+                copy = program.graph.call_function(torch.ops.aten.mul.Tensor, (value, 1))
+            copy.meta = dict(value.meta)
+            program.graph_signature.output_specs[index].arg = TensorArgument(name=copy.name)
+            value, copies = copy, copies + 1
+        seen.add(value)
+        results.append(value)
+    if copies:
+        output.args = (tuple(results),)
+        program.graph_module.recompile()
+    return copies
+
+
 def decompose_for_coreml(program: torch.export.ExportedProgram, rounds: int = 4):
     """Decompose every op coremltools lacks (or would refuse here) into ops it has, where
     PyTorch's core ATen decompositions know how (e.g. `new_ones`, `diff`, `__and__` in
@@ -290,11 +332,13 @@ def exported_for_coreml(model: torch.nn.Module, args: tuple[torch.Tensor, ...], 
             raise
         raise ExportError(f"torch.export cannot keep the dynamic axes {dynamic_axes} ({summarize_error(error)})") \
             from error
+    aliases_as_copies(program)
     program, applied, missing = decompose_for_coreml(program)
     if missing:
         where = "; ".join(f"{op_kind(op)} in {', '.join(sorted(set(paths))[:3])}" for op, paths in missing.items())
         raise ExportError(f"Core ML's converter has no conversion for: {where}")
     notes = [f"decomposed for Core ML: {', '.join(sorted(set(applied)))}"] if applied else []
+    distinct_outputs(program)
     clamped = clamp_to_fp16_range(program) if precision == "fp16" else 0
     if clamped:
         notes.append(f"fp16: {clamped} constants beyond fp16's range (attention-mask fills) clamped to +-{FP16_MAX:g}")
@@ -377,9 +421,13 @@ def check_structure(path: Path, names: list[str], outputs: list[str], args: tupl
         reloaded = ct.models.MLModel(str(path), skip_model_load=True)
     spec = reloaded.get_spec()
     features, dynamic = list(spec.description.input), dynamic_axes or {}
-    if len(features) != len(names) or len(spec.description.output) != len(outputs):
+    package_outputs = [f.name for f in spec.description.output]
+    if len(features) != len(names) or len(package_outputs) != len(outputs):
         raise ExportError(f"Core ML package has inputs {[f.name for f in features]} and outputs "
-                          f"{[f.name for f in spec.description.output]}; the model's are {names} and {outputs}")
+                          f"{package_outputs}; the model's are {names} and {outputs}")
+    if len(set(package_outputs)) != len(package_outputs):  # a runner's results, keyed by name, would lose one
+        raise ExportError(f"Core ML package names two outputs alike ({package_outputs}): the model returns one "
+                          f"tensor as several of its outputs {outputs}")
     got = {n: _feature_shape(f, dynamic.get(n, {})) for n, f in zip(names, features)}
     for name, arg in zip(names, args):
         expected = [dynamic.get(name, {}).get(axis, size) for axis, size in enumerate(arg.shape)]

@@ -143,7 +143,8 @@ def linear_activation(x, alpha, beta=0.0):
 
 
 def thresholded_relu(x, alpha=1.0):
-    return np.where(x > alpha, x, 0)
+    """x where x >= alpha, else 0 (activation.py: x equal to alpha is kept)."""
+    return np.where(x >= alpha, x, 0)
 
 
 def softmax(x, axis=-1):
@@ -473,6 +474,64 @@ def _gather_nd(negative_allowed: bool):
     return gather_nd
 
 
+# how a scatter combines an update with the value already there (scatter_gather.py's modes);
+# the unbuffered ufunc.at applies repeated indices one after another, as a scatter does
+SCATTER_MODES = {"add": np.add.at, "sub": np.subtract.at, "mul": np.multiply.at, "div": np.divide.at,
+                 "max": np.maximum.at, "min": np.minimum.at}
+
+
+def _scatter_into(data, positions: tuple[np.ndarray, ...], updates, mode: str) -> np.ndarray:
+    """A copy of `data` with each element of `updates` combined, by `mode`, into the element
+    of `data` that `positions` (one index array per axis of data, shaped like updates) names."""
+    out = np.array(data, copy=True)
+    updates = np.asarray(updates).astype(out.dtype, copy=False)
+    if str(mode) == "update":
+        out[positions] = updates
+    elif str(mode) in SCATTER_MODES:
+        SCATTER_MODES[str(mode)](out, positions, updates)
+    else:
+        raise InterpreterError(f"unknown scatter mode {mode!r}")
+    return out
+
+
+def _scatter(negative_allowed: bool):
+    def scatter(data, indices, updates, axis=0, mode="add", validate_indices=False):
+        """updates[..., i, ...] into data[..., indices[i], ...] along `axis`."""
+        axis = int(axis) % data.ndim
+        indices = _valid_indices(indices, data.shape[axis], negative_allowed)
+        positions = list(np.indices(updates.shape, sparse=True))
+        positions[axis] = indices[positions[axis]]
+        return _scatter_into(data, tuple(positions), updates, mode)
+    return scatter
+
+
+def _scatter_along_axis(negative_allowed: bool):
+    def scatter_along_axis(data, indices, updates, axis=0, mode="add", validate_indices=False):
+        """updates[p] into data at p with its `axis` coordinate replaced by indices[p]."""
+        axis = int(axis) % data.ndim
+        positions = list(np.indices(updates.shape, sparse=True))
+        positions[axis] = _valid_indices(indices, data.shape[axis], negative_allowed)
+        return _scatter_into(data, tuple(np.broadcast_arrays(*positions)), updates, mode)
+    return scatter_along_axis
+
+
+def _scatter_nd(negative_allowed: bool):
+    def scatter_nd(data, indices, updates, mode="add", validate_indices=False):
+        """updates[i] into the slice data[indices[i]] (indices' last axis indexes data's first ones)."""
+        depth = indices.shape[-1]
+        lead, trail = indices.shape[:-1], data.shape[depth:]
+        into_lead = lambda a: a.reshape(*lead, *[1] * len(trail))  # noqa: E731
+        heads = [into_lead(_valid_indices(indices[..., i], data.shape[i], negative_allowed)) for i in range(depth)]
+        tails = [a.reshape(*[1] * len(lead), *a.shape) for a in np.indices(trail, sparse=True)]
+        return _scatter_into(data, tuple(np.broadcast_arrays(*heads, *tails)), updates, mode)
+    return scatter_nd
+
+
+def non_zero(x):
+    """[N, rank] indices of the N non-zero elements, in row-major order."""
+    return np.argwhere(x)
+
+
 def select(cond, a, b):
     return np.where(cond, a, b)
 
@@ -663,7 +722,7 @@ OPS = {
     "reduce_argmax": _arg_reduction(np.argmax), "reduce_argmin": _arg_reduction(np.argmin),
     "reshape": reshape, "transpose": transpose, "expand_dims": expand_dims, "squeeze": squeeze,
     "slice_by_index": slice_by_index, "slice_by_size": slice_by_size, "concat": concat, "stack": stack,
-    "split": split, "tile": tile, "pad": pad, "select": select, "shape": shape, "fill": fill,
+    "split": split, "tile": tile, "pad": pad, "select": select, "non_zero": non_zero, "shape": shape, "fill": fill,
     "fill_like": fill_like, "range_1d": range_1d, "cumsum": cumsum, "band_part": band_part, "topk": topk,
     "argsort": argsort, "one_hot": one_hot, "flatten2d": flatten2d, "reverse": reverse,
     "crop": crop, "pixel_shuffle": pixel_shuffle, "pixel_unshuffle": pixel_unshuffle,
@@ -671,15 +730,19 @@ OPS = {
     "upsample_bilinear": upsample_bilinear, "scaled_dot_product_attention": scaled_dot_product_attention,
     "gather": _gather(negative_allowed=True), "gather_along_axis": _gather_along_axis(negative_allowed=True),
     "gather_nd": _gather_nd(negative_allowed=True),
+    "scatter": _scatter(negative_allowed=True), "scatter_along_axis": _scatter_along_axis(negative_allowed=True),
+    "scatter_nd": _scatter_nd(negative_allowed=True),
     "quantize": quantize, "dequantize": dequantize, "constexpr_affine_dequantize": constexpr_affine_dequantize,
     "constexpr_blockwise_shift_scale": constexpr_blockwise_shift_scale,
     "constexpr_lut_to_dense": constexpr_lut_to_dense, "constexpr_sparse_to_dense": constexpr_sparse_to_dense,
     "constexpr_cast": constexpr_cast,
 }
-# iOS17 changed the gathers: a negative index is out of bounds (iOS17/scatter_gather.py)
+# iOS17 changed the gathers and scatters: a negative index is out of bounds (iOS17/scatter_gather.py)
 IOS17_OPS = {"gather": _gather(negative_allowed=False),
              "gather_along_axis": _gather_along_axis(negative_allowed=False),
-             "gather_nd": _gather_nd(negative_allowed=False)}
+             "gather_nd": _gather_nd(negative_allowed=False), "scatter": _scatter(negative_allowed=False),
+             "scatter_along_axis": _scatter_along_axis(negative_allowed=False),
+             "scatter_nd": _scatter_nd(negative_allowed=False)}
 
 
 # --- loading and evaluating a program ----------------------------------------------------------
