@@ -326,17 +326,17 @@ def _within_ranks(dynamic_axes: dict[str, dict[int, str]] | None, names: list[st
     "list index out of range" in the Core ML one. Names of no input are left to the exporter."""
     if not dynamic_axes:
         return dynamic_axes
-    ranks = {name: arg.dim() for name, arg in zip(names, args)}
+    shapes = dict(zip(names, (arg.shape for arg in args)))
     counted = dict(dynamic_axes)
     for name, axes in dynamic_axes.items():
-        if name not in ranks:
+        if name not in shapes:
             continue
-        bad = [axis for axis in axes if isinstance(axis, bool) or not isinstance(axis, int)
-               or not -ranks[name] <= axis < ranks[name]]
+        rank = len(shapes[name])
+        bad = [axis for axis in axes if isinstance(axis, bool) or not isinstance(axis, int) or not -rank <= axis < rank]
         if bad:
-            raise UserError(f"dynamic axis {bad[0]} of input {name!r} is outside its {ranks[name]} axes "
-                            f"(shape {list(args[names.index(name)].shape)})")
-        counted[name] = {axis % ranks[name]: symbol for axis, symbol in axes.items()}
+            raise UserError(f"dynamic axis {bad[0]!r} of input {name!r} does not exist: it has {rank} axes (0 to "
+                            f"{rank - 1}, or -{rank} to -1 from the end), shape {'x'.join(map(str, shapes[name]))}")
+        counted[name] = {axis % rank: symbol for axis, symbol in axes.items()}
     return counted
 
 
@@ -549,9 +549,13 @@ def profile(target: str | Path | Artifact | torch.nn.Module, backend: str = "onn
         raise UserError(f"runs, warmup and sessions are integers (got {runs!r}, {warmup!r}, {sessions!r})")
     if runs <= 0 or warmup < 0:
         raise UserError(f"runs must be positive and warm-up non-negative (got runs={runs}, warmup={warmup})")
-    if not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in (warmup_s, min_duration_s)):
-        raise UserError(f"warmup_s and min_duration_s (--min-duration) are finite seconds, 0 or more (got "
-                        f"{warmup_s!r} and {min_duration_s!r})")
+    seconds = {"warmup_s": warmup_s, "min_duration_s (--min-duration)": min_duration_s,
+               "energy_window_s": energy_window_s, "idle_s": idle_s}
+    wrong = {name: value for name, value in seconds.items() if isinstance(value, bool)
+             or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0}
+    if wrong:  # checked before any run: on a machine without a meter a bad energy window would pass unseen
+        raise UserError(f"{', '.join(wrong)} must be finite seconds, 0 or more (got "
+                        f"{', '.join(repr(v) for v in wrong.values())})")
     if isinstance(target, torch.nn.Module) and backend not in TORCH_DEVICES:
         raise UserError(f"a torch module is profiled eagerly (backend='torch' or 'torch-cuda'); backend "
                         f"{backend!r} runs an exported artifact: export the model first")

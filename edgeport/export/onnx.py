@@ -214,11 +214,6 @@ def export_onnx(model: torch.nn.Module, args: tuple[torch.Tensor, ...], folder: 
     unknown = set(dynamic_axes or {}) - set(names)
     if unknown:
         raise UserError(f"dynamic axes name unknown inputs {sorted(unknown)}; the inputs are {names}")
-    for input_name, arg in zip(names, args):
-        beyond = [axis for axis in (dynamic_axes or {}).get(input_name, {}) if not 0 <= int(axis) < arg.dim()]
-        if beyond:
-            raise UserError(f"dynamic axis {beyond[0]} of input {input_name!r} does not exist: it has {arg.dim()} "
-                            f"axes (0 to {arg.dim() - 1}), shape {'x'.join(map(str, arg.shape))}")
     batch_axis = bool(dynamic_axes) and any(0 in axes for axes in dynamic_axes.values())
     if batch_axis:
         # torch.export specializes a size-1 dimension; trace with a batch of 2 to keep it symbolic
