@@ -162,6 +162,10 @@ def test_profile_bad_input(artifacts, tmp_path):
         ep.profile(broken)
     with pytest.raises(ep.UserError, match="did you mean jetson-orin-nano"):
         ep.profile(artifacts["cnn-digits"].path, device="jetson-orin-nan")
+    # refused before any run, meter or none: a NaN window once reached the meter only where there was one
+    for window in ({"energy_window_s": float("nan")}, {"idle_s": -1.0}, {"energy_window_s": True}):
+        with pytest.raises(ep.UserError, match=rf"^{next(iter(window))} must be finite seconds, 0 or more"):
+            ep.profile(artifacts["cnn-digits"].path, **window)
 
 
 def test_profile_splits_a_batch_of_inputs_as_verify_does(artifacts, tmp_path, capsys):
