@@ -11,6 +11,7 @@ here pretends to build an engine without it.
 """
 from __future__ import annotations
 
+import re
 import shlex
 import warnings
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from edgeport.core import Artifact, Backend, ExportRequest, Runner, option
 from edgeport.errors import BackendUnavailable, EdgeportWarning, UserError
 from edgeport.export.onnx import OnnxFileOptions, export_onnx
 from edgeport.export.onnxgraph import Constants, attribute_value, consumers, producers
+from edgeport.quant.config import tensorrt_width_caveat
 
 # From onnx-tensorrt's docs/operators.md (the parser's support matrix); operators listed there
 # as unsupported that later releases still do not implement.
@@ -133,6 +135,40 @@ def _zero_point_violations(zero_name: str, where: str, constants: Constants) -> 
     return violations
 
 
+# The types TensorRT quantizes to (INT4 for weights only), spelled as ONNX does (numpy's
+# "float8_e4m3fn" compares upper-cased without underscores). An ONNX QuantizeLinear without a
+# zero point or output_dtype writes UINT8, which TensorRT does not have.
+TENSORRT_QUANTIZED_TYPES = {"INT8", "INT4", "FLOAT8E4M3FN"}
+
+
+def _implicit_type_violations(node: onnx.NodeProto, where: str, graph: _GraphIndex) -> list[Violation]:
+    """A Q/DQ without a zero point takes its type from elsewhere: a QuantizeLinear from its
+    output_dtype attribute (UINT8 when absent), a DequantizeLinear from its input. ONNX Runtime
+    verifies that type's arithmetic (UINT8 clamps negatives to 0), which TensorRT's INT8 would
+    not reproduce."""
+    if node.op_type == "QuantizeLinear":
+        quantized_type = attribute_value(node, "output_dtype", 0) or onnx.TensorProto.UINT8
+        type_name = onnx.TensorProto.DataType.Name(quantized_type)
+    elif node.input[0] in graph.constants:
+        type_name = graph.constants[node.input[0]].dtype.name
+    else:
+        return []  # a DQ of a Q is checked at the Q
+    key = type_name.upper().replace("_", "")
+    if key == "INT4":
+        return _int4_activation_violations(node, where, graph)
+    if key in TENSORRT_QUANTIZED_TYPES:
+        return []
+    return [Violation("int8", where, f"no zero point, so ONNX quantizes to {type_name.upper()} here (what ONNX Runtime "
+                                     f"verified), TensorRT to INT8: give an INT8 zero point 0")]
+
+
+def _int4_activation_violations(node: onnx.NodeProto, where: str, graph: _GraphIndex) -> list[Violation]:
+    if graph.is_weight(node.input[0]):
+        return []
+    return [Violation("int4-weights-only", where, "INT4 on an activation: TensorRT quantizes weights only to INT4; "
+                                                  "activations take INT8 or FP8")]
+
+
 def _per_channel_violations(node: onnx.NodeProto, where: str, scales: int, graph: _GraphIndex) -> list[Violation]:
     if not graph.is_weight(node.input[0]):
         return [Violation("per-tensor-activations", where, f"{scales} scales on an activation: TensorRT quantizes "
@@ -160,6 +196,11 @@ def _quantization_violations(node: onnx.NodeProto, where: str, graph: _GraphInde
         violations.append(Violation("positive-scale", where, "every scale must be positive"))
     if len(node.input) > 2 and node.input[2]:
         violations += _zero_point_violations(node.input[2], where, graph.constants)
+        zero = graph.constants[node.input[2]] if node.input[2] in graph.constants else None
+        if zero is not None and zero.dtype.name == "int4":
+            violations += _int4_activation_violations(node, where, graph)
+    else:
+        violations += _implicit_type_violations(node, where, graph)
     if scale.size > 1:
         violations += _per_channel_violations(node, where, scale.size, graph)
     return violations
@@ -201,6 +242,24 @@ def check_readiness(path: str | Path) -> Readiness:
     return result
 
 
+def _shape_flag_value(shapes: dict[str, tuple[list[int], list[int], list[int]]], index: int) -> str:
+    """One --minShapes/--optShapes/--maxShapes value: trtexec splits it at commas, each entry
+    at its last colon, and drops single quotes from a name, so a name holding a comma or a
+    quote cannot be written there."""
+    unwritable = sorted(name for name in shapes if "," in name or "'" in name)
+    if unwritable:
+        raise UserError(f"trtexec cannot take shapes for inputs named {unwritable}: its shape flags split at commas "
+                        f"and drop single quotes; rename these inputs")
+    return ",".join(f"{name}:{'x'.join(map(str, dims[index]))}" for name, dims in shapes.items())
+
+
+def _check_profile_ranks(shapes: dict[str, tuple[list[int], list[int], list[int]]], dynamic: dict[str, list]) -> None:
+    for name, bounds in shapes.items():
+        if any(len(dims) != len(dynamic[name]) for dims in bounds):
+            raise UserError(f"the optimization profile of input {name!r} gives shapes {[list(d) for d in bounds]}, but "
+                            f"the ONNX input has rank {len(dynamic[name])} ({dynamic[name]})")
+
+
 def trtexec_command(onnx_path: Path, readiness: Readiness, precision: str = "fp16",
                     shapes: dict[str, tuple[list[int], list[int], list[int]]] | None = None) -> str:
     """The trtexec command line that builds the engine on the device (a Jetson, a GPU server).
@@ -215,9 +274,9 @@ def trtexec_command(onnx_path: Path, readiness: Readiness, precision: str = "fp1
         if not shapes or set(shapes) != set(readiness.dynamic_inputs):
             raise UserError(f"inputs with symbolic dimensions {sorted(readiness.dynamic_inputs)} need (min, opt, max) "
                             f"shapes for the optimization profile")
+        _check_profile_ranks(shapes, readiness.dynamic_inputs)
         for flag, index in (("--minShapes", 0), ("--optShapes", 1), ("--maxShapes", 2)):
-            args.append(f"{flag}=" + ",".join(f"{name}:{'x'.join(map(str, dims[index]))}"
-                                              for name, dims in shapes.items()))
+            args.append(f"{flag}={_shape_flag_value(shapes, index)}")
     return " ".join(shlex.quote(a) for a in args)
 
 
@@ -232,6 +291,12 @@ def write_trtexec_script(path: Path, command: str, readiness: Readiness) -> None
     path.write_text(f'#!/bin/sh\n# Build the TensorRT engine on the device (written by edgeport)\n'
                     f'cd "$(dirname "$0")" || exit 1\n{guard}{command}\n')
     path.chmod(0o755)
+
+
+def width_caveat(precision: str) -> str | None:
+    """`tensorrt_width_caveat` of a model quantized to `precision` ("w4a4"; None for a float one)."""
+    widths = re.fullmatch(r"w(\d+)a(\d+)", precision)
+    return tensorrt_width_caveat(*map(int, widths.groups())) if widths else None
 
 
 def tensorrt_module():
@@ -328,14 +393,40 @@ class TensorRTRunner(Runner):
         return {n: t.cpu().numpy() for n, t in outputs.items()}
 
 
-def profile_shapes(artifact: Artifact, args: tuple) -> tuple[dict, list[str]]:
-    """(min, opt, max) per input with symbolic dims, and a note for each bound lowered.
+def _largest_running(runs: Callable[[dict[str, int]], bool], sizes: dict[str, int], symbol: str,
+                     wanted: int) -> int:
+    """The largest size of `symbol` up to `wanted` at which the model runs (the others at their
+    example sizes), assuming it runs at every size from the example's up to that one."""
+    fits, fails = sizes[symbol], wanted
+    if runs(sizes | {symbol: wanted}):
+        return wanted
+    while fails - fits > 1:
+        middle = (fits + fails) // 2
+        fits, fails = (middle, fails) if runs(sizes | {symbol: middle}) else (fits, middle)
+    return fits
 
-    Min is 1 and opt the example's size; max is 4x the example (at least 8), lowered to the
-    largest size at which the ONNX file still runs in ONNX Runtime: a limit the graph does not
-    show, such as a BERT's position embeddings, would otherwise surface as a failed engine build
-    on the device. Dimensions that share a symbol move together; the search assumes a model that
-    runs at a size runs at every smaller one down to the example."""
+
+def _smallest_running(runs: Callable[[dict[str, int]], bool], sizes: dict[str, int], symbol: str) -> int:
+    """The smallest size of `symbol` from 1 up at which the model runs (the others at their
+    example sizes), assuming it runs at every size from that one up to the example's."""
+    if runs(sizes | {symbol: 1}):
+        return 1
+    fails, fits = 1, sizes[symbol]
+    while fits - fails > 1:
+        middle = (fits + fails) // 2
+        fails, fits = (fails, middle) if runs(sizes | {symbol: middle}) else (middle, fits)
+    return fits
+
+
+def profile_shapes(artifact: Artifact, args: tuple) -> tuple[dict, list[str]]:
+    """(min, opt, max) per input with symbolic dims, and a note for each bound moved.
+
+    Min is 1 and opt the example's size; max is 4x the example (at least 8). Both bounds move
+    to the nearest size at which the ONNX file still runs in ONNX Runtime: a limit the graph does
+    not show, such as a BERT's position embeddings (max) or unpadded convolutions that need a
+    few pixels (min), would otherwise surface as a failed engine build on the device, since
+    TensorRT builds for every shape of the profile. Dimensions that share a symbol move
+    together; the search assumes a model runs at every size between a bound and the example's."""
     specs = {spec.name: spec for spec in artifact.inputs}
     examples = {spec.name: np.asarray(arg) for spec, arg in zip(artifact.inputs, args)}
     sizes = {d: int(examples[spec.name].shape[axis]) for spec in artifact.inputs
@@ -344,8 +435,9 @@ def profile_shapes(artifact: Artifact, args: tuple) -> tuple[dict, list[str]]:
         return {}, []
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options, quiet = ort.SessionOptions(), ort.RunOptions()
+    # the search fails on purpose: keep ORT's error log of each failed size off the user's console
+    options.log_severity_level = quiet.log_severity_level = 4
     session = ort.InferenceSession(str(artifact.path), options, providers=["CPUExecutionProvider"])
 
     def runs(symbols: dict[str, int]) -> bool:
@@ -356,30 +448,27 @@ def profile_shapes(artifact: Artifact, args: tuple) -> tuple[dict, list[str]]:
                     example = np.take(example, np.arange(symbols[d]) % example.shape[axis], axis=axis)
             feeds[name] = example
         try:
-            session.run(None, feeds)
+            session.run(None, feeds, quiet)
         except Exception:  # ORT raises its own Fail/InvalidArgument types; any is "does not run"
             return False
         return True
 
-    highs, notes = {}, []
+    lows, highs, notes = {}, {}, []
     for symbol, size in sizes.items():
         wanted = max(8, 4 * size)
-        fits, fails = size, wanted
-        if runs(sizes | {symbol: wanted}):
-            fits = wanted
-        while fails - fits > 1:
-            middle = (fits + fails) // 2
-            fits, fails = (middle, fails) if runs(sizes | {symbol: middle}) else (fits, middle)
-        highs[symbol] = fits
-        if fits < wanted:
-            notes.append(f"TensorRT profile max for {symbol} is {fits}, not {wanted}: the ONNX file fails beyond "
-                         f"{fits} in ONNX Runtime (a size the model's code limits)")
+        lows[symbol] = _smallest_running(runs, sizes, symbol)
+        highs[symbol] = _largest_running(runs, sizes, symbol, wanted)
+        if lows[symbol] > 1:
+            notes.append(f"TensorRT profile min for {symbol} is {lows[symbol]}, not 1: the ONNX file fails below "
+                         f"{lows[symbol]} in ONNX Runtime (a size the model's layers need)")
+        if highs[symbol] < wanted:
+            notes.append(f"TensorRT profile max for {symbol} is {highs[symbol]}, not {wanted}: the ONNX file fails "
+                         f"beyond {highs[symbol]} in ONNX Runtime (a size the model's code limits)")
     shapes = {}
     for name, spec in specs.items():
         if any(isinstance(d, str) for d in spec.shape):
-            shapes[name] = ([1 if isinstance(d, str) else d for d in spec.shape],
-                            [sizes[d] if isinstance(d, str) else d for d in spec.shape],
-                            [highs[d] if isinstance(d, str) else d for d in spec.shape])
+            shapes[name] = tuple([bound[d] if isinstance(d, str) else d for d in spec.shape]
+                                 for bound in (lows, sizes, highs))
     return shapes, notes
 
 
@@ -421,6 +510,10 @@ class TensorRTBackend(Backend):
         onnx_artifact.files.insert(0, script.name)
         onnx_artifact.settings["tensorrt"] = {"readiness": readiness.to_dict(), "trtexec": command, "profiles": shapes,
                                               "precision": "int8" if readiness.quantized else options.precision}
+        caveat = width_caveat(request.precision)
+        if caveat:
+            onnx_artifact.notes.append(caveat)
+            warnings.warn(caveat, EdgeportWarning, stacklevel=2)
         if not readiness.ready:
             onnx_artifact.notes.append(readiness.summary())
             first = readiness.violations[0]

@@ -303,14 +303,20 @@ def preset(name: str, **overrides: object) -> QuantConfig:
     return dataclasses.replace(PRESETS[name], **{key: value for key, value in overrides.items() if value is not None})
 
 
+def tensorrt_width_caveat(w_bits: int, a_bits: int) -> str | None:
+    """What TensorRT will not run of weights of `w_bits` and activations of `a_bits` bits (None
+    where it runs them): its quantized kernels take INT8 activations with INT8 or INT4 weights
+    (and FP8)."""
+    if a_bits == 8 and w_bits in (4, 8):
+        return None
+    return (f"W{w_bits}A{a_bits} for TensorRT: TensorRT runs INT8 activations with INT8 or INT4 weights (and FP8) "
+            f"only; the -tensorrt.onnx keeps the narrower grid in INT8 Q/DQ, so the engine's accuracy is this "
+            f"model's but it runs at INT8 speed at best")
+
+
 def target_caveat(config: QuantConfig) -> str | None:
     """What the deployment target will not run of a quantization meant for it (None where it
-    runs all of it): TensorRT's quantized kernels take INT8 activations with INT8 or INT4
-    weights (and FP8); ONNX Runtime runs every width (narrower grids held in INT8)."""
+    runs all of it); ONNX Runtime runs every width (narrower grids held in INT8)."""
     if config.target != "tensorrt":
         return None
-    if config.a_bits == config.matmul_operand_bits == 8 and config.w_bits in (4, 8):
-        return None
-    return (f"W{config.w_bits}A{config.a_bits} for TensorRT: TensorRT runs INT8 activations with INT8 or INT4 "
-            f"weights (and FP8) only; the -tensorrt.onnx keeps the narrower grid in INT8 Q/DQ, so the engine's "
-            f"accuracy is this model's but it runs at INT8 speed at best")
+    return tensorrt_width_caveat(config.w_bits, min(config.a_bits, config.matmul_operand_bits))
