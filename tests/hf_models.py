@@ -13,6 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TEXT = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
             max_position_embeddings=64)
+GPT2 = dict(vocab_size=128, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0)
 VISION = dict(image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2,
               num_attention_heads=2, intermediate_size=64)
 
@@ -67,8 +68,7 @@ ARCHITECTURES = {
                                   num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                                   embedding_size=16, intra_bottleneck_size=16, true_hidden_size=16,
                                   max_position_embeddings=64), _text_inputs()),
-    "gpt2": lambda: (_build("GPT2Config", "GPT2Model", vocab_size=128, n_embd=32, n_layer=2, n_head=2,
-                            n_positions=64, bos_token_id=0, eos_token_id=0, use_cache=False), _text_inputs()[:1]),
+    "gpt2": lambda: (_build("GPT2Config", "GPT2Model", **GPT2, use_cache=False), _text_inputs()[:1]),
     "vit": lambda: (_build("ViTConfig", "ViTModel", **VISION), _image()),
     "deit": lambda: (_build("DeiTConfig", "DeiTModel", **VISION), _image()),
     "beit": lambda: (_build("BeitConfig", "BeitModel", **VISION), _image()),

@@ -6,6 +6,7 @@ one of its views), and BERT-family models need torch.export (the legacy tracer f
 import pytest
 
 import edgeport as ep
+from conftest import leftovers
 from hf_models import ARCHITECTURES
 
 
@@ -43,3 +44,44 @@ def test_cli_dynamic_axis_flag_is_parsed():
     assert parse_dynamic(["input_ids:1:sequence", "input_ids:0:batch"]) == {"input_ids": {1: "sequence", 0: "batch"}}
     with pytest.raises(ep.UserError, match="is not like"):
         parse_dynamic(["input_ids-1"])
+
+
+def test_decoder_returning_its_cache_is_refused_in_one_line(out):
+    """GPT-2 built as users build it (use_cache defaults to True) returns a DynamicCache that
+    neither exporter can write: one line that says what to change, nothing left behind."""
+    from hf_models import GPT2, _build, _text_inputs
+
+    model = _build("GPT2Config", "GPT2LMHeadModel", **GPT2)
+    with pytest.raises(ep.UserError, match=r"^GPT2LMHeadModel returns a DynamicCache at `cache`, which ONNX cannot "
+                                           r"hold \(its key/value cache\): build it with use_cache=False"):
+        ep.export(model, _text_inputs()[:1], out=out)
+    assert leftovers(out) == []
+
+
+def test_a_static_mask_beside_dynamic_ids_is_named(out):
+    """Only input_ids declared dynamic: the static attention_mask pins the sequence, and the
+    refusal names it instead of blaming the model alone."""
+    model, example = ARCHITECTURES["bert"]()
+    with pytest.raises(ep.UserError, match=r"input_ids axis 1 is always 16 .*static axes of the same size "
+                                           r"\(attention_mask axis 1 at 16\).*declare them dynamic too"):
+        ep.export(model, example, out=out, dynamic_axes={"input_ids": {1: "sequence"}})
+    assert leftovers(out) == []
+
+
+def test_dynamic_sequence_from_a_one_token_example(out):
+    """A decoder exported from a one-token example with a dynamic sequence runs at any length
+    (torch.export fixes a size-1 axis, and GPT-2's attention branches on a length of 1)."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    model, (ids,) = ARCHITECTURES["gpt2"]()
+    artifact = ep.export(model, ids[:, :1], out=out, dynamic_axes={"input_ids": {1: "sequence"}})["onnx"]
+    assert artifact.parity.passed and artifact.inputs[0].shape == [2, "sequence"]
+    assert artifact.outputs[0].name == "last_hidden_state" and artifact.outputs[0].shape[1] == "sequence"
+    session = ort.InferenceSession(str(artifact.path), providers=["CPUExecutionProvider"])
+    for length in (1, 9):
+        hidden = session.run(None, {"input_ids": ids[:, :length].numpy()})[0]
+        with torch.no_grad():
+            expected = model(ids[:, :length]).last_hidden_state.numpy()
+        assert hidden.shape == (2, length, 32) and np.abs(hidden - expected).max() < 1e-4 * np.abs(expected).max()

@@ -116,9 +116,14 @@ def output_names_for(outputs) -> list[str]:
     positional = [f"output_{i}" for i in range(len(leaves))]
     if not any(isinstance(key, (MappingKey, GetAttrKey)) for path in leaves for key in path):
         return positional
-    names = [".".join(str(key.key) if isinstance(key, MappingKey) else key.name if isinstance(key, GetAttrKey)
-                      else str(key.idx) for key in path) for path in leaves]
+    names = [_path_name(path) for path in leaves]
     return names if len(set(names)) == len(names) else positional
+
+
+def _path_name(path: tuple) -> str:
+    """A pytree path as a name: keys and fields joined by dots (`hidden_states.0`)."""
+    return ".".join(str(key.key) if isinstance(key, MappingKey) else key.name if isinstance(key, GetAttrKey)
+                    else str(key.idx) for key in path)
 
 
 def _tensor_specs(values) -> list[TensorSpec]:
@@ -214,19 +219,24 @@ def export_onnx(model: torch.nn.Module, args: tuple[torch.Tensor, ...], folder: 
     unknown = set(dynamic_axes or {}) - set(names)
     if unknown:
         raise UserError(f"dynamic axes name unknown inputs {sorted(unknown)}; the inputs are {names}")
-    batch_axis = bool(dynamic_axes) and any(0 in axes for axes in dynamic_axes.values())
-    if batch_axis:
-        # torch.export specializes a size-1 dimension; trace with a batch of 2 to keep it symbolic
-        args = tuple(a.expand(2, *a.shape[1:]).clone() if a.shape[0] == 1 else a for a in args)
+    widened = _size_one_dynamic_axes(names, args, dynamic_axes)
+    args = _traced_at_two(names, args, widened)
     try:
         with torch.no_grad():
-            outputs = output_names or output_names_for(model(*args))
+            returned = model(*args)
     except Exception as error:  # the model's own error, whatever its type
-        if not batch_axis:
+        if not widened:
             raise
-        raise UserError(f"a dynamic batch on axis 0: the model refuses its inputs at batch 2 ({summarize_error(error)}); "
-                        f"an input whose batch is on another axis (an LSTM state [layers, batch, hidden]) needs "
-                        f"dynamic axes that name that axis instead") from error
+        if all(axis == 0 for _, axis in widened):
+            raise UserError(f"a dynamic batch on axis 0: the model refuses its inputs at batch 2 "
+                            f"({summarize_error(error)}); an input whose batch is on another axis (an LSTM state "
+                            f"[layers, batch, hidden]) needs dynamic axes that name that axis instead") from error
+        axes = ", ".join(f"{name} axis {axis}" for name, axis in widened)
+        raise UserError(f"dynamic axes of size 1 ({axes}) are traced at size 2, which torch.export keeps symbolic: "
+                        f"the model refuses its inputs so ({summarize_error(error)}); give an example longer than 1 "
+                        f"on those axes") from error
+    _refuse_opaque_outputs(model, returned)
+    outputs = output_names or output_names_for(returned)
     path = folder / f"{name}.onnx"
     large = sum(p.numel() * p.element_size() for p in model.parameters()) > SINGLE_FILE_LIMIT
     order = ["torch.export", "legacy-torchscript"] if exporter == "auto" else [exporter]
@@ -260,7 +270,8 @@ def export_onnx(model: torch.nn.Module, args: tuple[torch.Tensor, ...], folder: 
                 # the legacy exporter would write the axis symbolic all the same: a file that
                 # passes at the example's size and fails at every other
                 raise UserError(f"the model fixes the size of a dynamic axis: {_fixed_axes(error, dynamic_axes)} "
-                                f"(found by torch.export); export without a dynamic axis there") from error
+                                f"(found by torch.export); export without a dynamic axis there"
+                                f"{_static_partners(names, args, dynamic_axes)}") from error
             failures[route] = error
             notes.append(f"{route} failed: {summarize_error(error)}")
             continue
@@ -272,6 +283,62 @@ def export_onnx(model: torch.nn.Module, args: tuple[torch.Tensor, ...], folder: 
             settings={"opset_requested": opset, "dynamic_axes": dynamic_axes or {}, "exporter_requested": exporter,
                       "external_data": len(files) > 1})
     raise ExportError(diagnose(model, args, failures))
+
+
+def _size_one_dynamic_axes(names: list[str], args: tuple[torch.Tensor, ...],
+                           dynamic_axes: dict[str, dict[int, str]] | None) -> list[tuple[str, int]]:
+    """The (input, axis) pairs declared dynamic whose example size is 1: torch.export fixes a
+    size-1 dimension to 1 (and transformers' attention branches on a symbolic length of 1), so
+    they are traced at 2. A dynamic batch widens every input's axis 0 of size 1, as before."""
+    batch = bool(dynamic_axes) and any(0 in axes for axes in dynamic_axes.values())
+    pairs = []
+    for name, arg in zip(names, args):
+        axes = set((dynamic_axes or {}).get(name, {})) | ({0} if batch else set())
+        pairs += [(name, axis) for axis in sorted(axes) if axis < arg.dim() and arg.shape[axis] == 1]
+    return pairs
+
+
+def _traced_at_two(names: list[str], args: tuple[torch.Tensor, ...],
+                   widened: list[tuple[str, int]]) -> tuple[torch.Tensor, ...]:
+    """`args` with each (input, axis) in `widened` repeated to size 2."""
+    traced = []
+    for name, arg in zip(names, args):
+        for axis in (axis for widened_name, axis in widened if widened_name == name):
+            arg = arg.expand(*arg.shape[:axis], 2, *arg.shape[axis + 1:]).clone()
+        traced.append(arg)
+    return tuple(traced)
+
+
+def _refuse_opaque_outputs(model: torch.nn.Module, returned) -> None:
+    """Refuse a model that returns an object neither exporter can write as tensors, naming it:
+    a `transformers` decoder built with `use_cache=True` (GPT-2's and Llama's default) returns
+    its key/value cache as a `DynamicCache`, which both exporters fail on in words of their own."""
+    leaves = torch.utils._pytree.tree_flatten_with_path(returned)[0]
+    opaque = [(path, leaf) for path, leaf in leaves
+              if leaf is not None and not isinstance(leaf, (torch.Tensor, int, float, bool, str))]
+    if not opaque:
+        return
+    path, leaf = opaque[0]
+    where = f"`{_path_name(path)}`" if path else "its output"
+    kind = type(leaf).__name__
+    hint = (" (its key/value cache): build it with use_cache=False (or set model.config.use_cache = False) to "
+            "export it" if kind.endswith("Cache") else ": return only tensors (in a tuple, dict or dataclass)")
+    raise UserError(f"{type(model).__name__} returns a {kind} at {where}, which ONNX cannot hold{hint}")
+
+
+def _static_partners(names: list[str], args: tuple[torch.Tensor, ...],
+                     dynamic_axes: dict[str, dict[int, str]]) -> str:
+    """A hint naming the static axes of other inputs as long as a dynamic one: a mask left
+    static pins the ids it must match (`input_ids` dynamic, `attention_mask` not)."""
+    sizes = {args[names.index(name)].shape[axis] for name, axes in dynamic_axes.items() for axis in axes
+             if name in names and axis < args[names.index(name)].dim()}
+    partners = [f"{name} axis {axis} at {size}" for name, arg in zip(names, args)
+                for axis, size in enumerate(arg.shape) if size in sizes and size > 1
+                and axis not in dynamic_axes.get(name, {})]
+    if not partners:
+        return ""
+    return (f"; static axes of the same size ({', '.join(partners)}): if the model ties them to the dynamic one "
+            f"(a mask as long as its ids), declare them dynamic too")
 
 
 # how torch.export says that the model's code pins a size the caller declared dynamic
