@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,33 +41,116 @@ def check_finite(feeds: dict[str, np.ndarray], purpose: str = "verification") ->
                 raise UserError(f"{purpose} input {name!r} contains {nan} NaN and {inf} Inf values")
 
 
+TOLERANCE_KINDS = ("relative-to-scale", "cosine", "exact")
+
+
+def check_tolerance(tolerance: Tolerance) -> None:
+    """Refuse a tolerance no output could meet (a NaN or negative bound: every output would
+    fail whatever the artifact computes) or one no output could miss (an infinite relative
+    bound, or cosine >= -1 with SQNR >= -inf: every output would pass); an unknown `kind`
+    too, which was judged as a relative bound of 0."""
+    if tolerance.kind not in TOLERANCE_KINDS:
+        raise UserError(f"tolerance kind {tolerance.kind!r} is not one of {', '.join(TOLERANCE_KINDS)}")
+    if tolerance.kind == "relative-to-scale" and not 0 <= tolerance.max_error < math.inf:
+        raise UserError(f"tolerance max_error must be a finite number >= 0 (relative to the output's scale), "
+                        f"not {tolerance.max_error}")
+    if tolerance.kind == "cosine":
+        if not -1 <= tolerance.min_cosine <= 1:
+            raise UserError(f"tolerance min_cosine must be between -1 and 1, not {tolerance.min_cosine}")
+        if math.isnan(tolerance.min_sqnr_db) or tolerance.min_sqnr_db == math.inf:
+            raise UserError(f"tolerance min_sqnr_db must be a number of dB below infinity, not {tolerance.min_sqnr_db}")
+        if tolerance.min_cosine == -1 and tolerance.min_sqnr_db == -math.inf:
+            raise UserError("tolerance min_cosine -1 with min_sqnr_db -inf passes every output: nothing is checked")
+
+
+def is_fill(array: np.ndarray) -> np.ndarray:
+    """Where a float array holds its dtype's largest magnitude (transformers fill masked
+    positions with float32's lowest, -3.4e38): a marker, not a number, so it must agree
+    exactly and stays out of the output's scale, where it would allow an error of 3.4e34."""
+    if array.dtype.kind != "f":
+        return np.zeros(array.shape, dtype=bool)
+    return np.isfinite(array) & (np.abs(array) >= np.finfo(array.dtype).max)
+
+
+def agreeing(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """Elementwise exact agreement, in the arrays' own dtypes (float64 cannot tell the int64
+    2**60 from 2**60 + 1); infinities of one sign agree, NaN agrees with nothing, and a fill
+    value agrees with a lower-precision candidate's own fill or infinity of the same sign."""
+    same = reference == candidate
+    if candidate.dtype.kind == "f":
+        fill = is_fill(reference)
+        held = np.isinf(candidate) | (np.abs(candidate) >= np.finfo(candidate.dtype).max)
+        same |= fill & held & (np.sign(reference) == np.sign(candidate))
+    return same
+
+
 def judge(name: str, reference: np.ndarray, candidate: np.ndarray, tolerance: Tolerance) -> OutputParity:
-    """Compute the error figures of one output and apply `tolerance` to them."""
+    """Compute the error figures of one output and apply `tolerance` to them.
+
+    Elements that agree exactly (equal infinities and fill values included) add no error;
+    any other element that is not a finite number on both sides (NaN in either, an infinity
+    against a number) is an error of unbounded size, which fails every tolerance and is
+    counted in the verdict's reason. The scale (max |reference|) and the cosine and SQNR are
+    taken over the elements that are numbers, so a fill value cannot hide an error."""
+    check_tolerance(tolerance)
     if reference.shape != candidate.shape:
         raise UserError(f"output {name!r}: shape {list(candidate.shape)} differs from reference "
                         f"{list(reference.shape)}")
-    ref, cand = reference.astype(np.float64).ravel(), candidate.astype(np.float64).ravel()
-    finite = bool(np.isfinite(cand).all()) and bool(np.isfinite(ref).all())
-    diff = np.abs(ref - cand) if finite else np.full_like(ref, np.inf)
-    scale = float(np.abs(ref).max()) if ref.size else 0.0
+    shape = list(reference.shape)
+    reference, candidate = reference.ravel(), candidate.ravel()
+    agree = agreeing(reference, candidate)
+    ref, cand = reference.astype(np.float64), candidate.astype(np.float64)
+    numeric = np.isfinite(ref) & np.isfinite(cand) & ~is_fill(reference) & ~agree
+    diff = np.where(agree, 0.0, np.inf)
+    diff[numeric] = np.abs(ref[numeric] - cand[numeric])
+    if reference.dtype.kind in "biu" and candidate.dtype.kind in "biu":
+        diff[~agree] = np.maximum(diff[~agree], 1.0)  # integers that differ differ by 1 at least
+    counted = np.isfinite(ref) & ~is_fill(reference)
+    scale = float(np.abs(ref[counted]).max()) if counted.any() else 0.0
     max_abs = float(diff.max()) if diff.size else 0.0
     max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
-    noise, signal = float((diff ** 2).sum()), float((ref ** 2).sum())
-    if noise == 0:
+    sized = bool(np.isfinite(diff).all())
+    unit = scale if scale > 0 else 1.0  # figures on values / scale: float64 outputs of 1e200 would overflow
+    kept = counted & (numeric | agree)
+    r, c = ref[kept] / unit, cand[kept] / unit
+    noise, signal = float((diff[kept] / unit) @ (diff[kept] / unit)), float(r @ r)
+    if noise == 0 and sized:
         sqnr = math.inf
     else:
-        sqnr = 10 * math.log10(signal / noise) if finite and signal > 0 else -math.inf
-    norms = float(np.linalg.norm(ref) * np.linalg.norm(cand))
-    cosine = float(ref @ cand / norms) if finite and norms > 0 else (1.0 if max_abs == 0 else 0.0)
-    mismatched = int((diff > 0).sum())
+        sqnr = 10 * math.log10(signal / noise) if sized and signal > 0 else -math.inf
+    norms = float(np.linalg.norm(r) * np.linalg.norm(c))
+    cosine = float(r @ c / norms) if sized and norms > 0 else (1.0 if max_abs == 0 else 0.0)
+    mismatched = int((~agree).sum())
     if tolerance.kind == "exact":
         passed = mismatched == 0
     elif tolerance.kind == "cosine":
-        passed = finite and cosine >= tolerance.min_cosine and sqnr >= tolerance.min_sqnr_db
+        passed = sized and cosine >= tolerance.min_cosine and sqnr >= tolerance.min_sqnr_db
     else:
-        passed = finite and max_rel <= tolerance.max_error
-    return OutputParity(name, list(reference.shape), max_abs, max_rel, scale, cosine, sqnr, mismatched,
-                        tolerance, passed)
+        passed = max_rel <= tolerance.max_error
+    reason = _unsized_reason(reference, candidate, agree)
+    if reason:
+        tolerance = replace(tolerance, why=f"{tolerance.why}; {reason}")
+    return OutputParity(name, shape, max_abs, max_rel, scale, cosine, sqnr, mismatched, tolerance, passed)
+
+
+def _unsized_reason(reference: np.ndarray, candidate: np.ndarray, agree: np.ndarray) -> str:
+    """Why an output's error has no size, in words ('' where every disagreement is between
+    two numbers): NaN in the reference proves nothing of the artifact on those inputs."""
+    if not reference.size:
+        return "the output has no elements: only its shape is compared"
+    parts = []
+    for side, values in (("the reference", reference), ("the candidate", candidate)):
+        if values.dtype.kind == "f":
+            nan, inf = int(np.isnan(values).sum()), int((np.isinf(values) & ~agree).sum())
+            if nan or inf:
+                parts.append(f"{side} has {nan} NaN and {inf} unmatched Inf values")
+    if reference.dtype.kind == "f" and np.isnan(reference).any():
+        parts.append("the model itself computes no number there on these inputs, so nothing is proven: "
+                     "verify on inputs it is defined on")
+    fills = int((is_fill(reference) & ~agree).sum())
+    if fills:
+        parts.append(f"{fills} fill values (the dtype's largest magnitude, a mask) are not matched")
+    return "; ".join(parts)
 
 
 def compare(reference: Runner, candidate: Runner, batches: list[dict[str, np.ndarray]],
@@ -80,8 +163,11 @@ def compare(reference: Runner, candidate: Runner, batches: list[dict[str, np.nda
     """
     if not batches:
         raise UserError("verification needs at least one input batch")
+    if tolerance is not None:
+        check_tolerance(tolerance)  # before the runs: a bad bound is known without them
     ref_outputs: list[list[np.ndarray]] = []
     cand_outputs: list[list[np.ndarray]] = []
+    names: list[str] = []
     samples = 0
     for feeds in batches:
         check_finite(feeds)
@@ -90,9 +176,12 @@ def compare(reference: Runner, candidate: Runner, batches: list[dict[str, np.nda
             raise UserError(f"{candidate.name} gives {len(cand)} outputs, {reference.name} gives {len(ref)}")
         ref_outputs.append(list(ref.values()))
         cand_outputs.append(list(cand.values()))
-        samples += next(iter(feeds.values())).shape[0] if feeds else 1
+        names = names or list(cand)  # the outputs it gave, not the names it declares: none is left unjudged
+        samples += _batch_size(feeds)
+    if not names:
+        raise UserError(f"{candidate.name} and {reference.name} give no outputs: there is nothing to compare")
     report = ParityReport(reference.name, candidate.name, samples, inputs_source)
-    for index, name in enumerate(candidate.output_names):
+    for index, name in enumerate(names):
         ref, cand, shape = _joined(name, [r[index] for r in ref_outputs], [c[index] for c in cand_outputs])
         chosen = tolerance if tolerance and np.issubdtype(ref.dtype, np.floating) else None
         if chosen is None and is_binary(ref):
@@ -101,6 +190,13 @@ def compare(reference: Runner, candidate: Runner, batches: list[dict[str, np.nda
         parity.shape = shape
         report.outputs.append(parity)
     return report
+
+
+def _batch_size(feeds: dict[str, np.ndarray]) -> int:
+    """The samples in one batch of feeds: its first input's leading axis (1 for a scalar input
+    or no inputs)."""
+    first = next(iter(feeds.values()), None)
+    return int(first.shape[0]) if first is not None and first.ndim else 1
 
 
 def quantization_cost(float_model, qmodel, args: tuple, *, output_names: Sequence[str] = (),
@@ -143,12 +239,12 @@ def _joined(name: str, references: list[np.ndarray], candidates: list[np.ndarray
     """One output of every batch joined for judging: along the batch axis where the batches'
     other axes agree, else element by element (batches of different sequence lengths), each
     batch's shapes checked first. Returns (reference, candidate, shape), a varying axis -1."""
-    references = [r.reshape(1, -1) if r.ndim == 0 else r for r in references]
-    candidates = [c.reshape(1, -1) if c.ndim == 0 else c for c in candidates]
-    for reference, candidate in zip(references, candidates):
+    for reference, candidate in zip(references, candidates):  # before scalars are reshaped: () is not (1, 1)
         if reference.shape != candidate.shape:
             raise UserError(f"output {name!r}: shape {list(candidate.shape)} differs from reference "
                             f"{list(reference.shape)}")
+    references = [r.reshape(1, -1) if r.ndim == 0 else r for r in references]
+    candidates = [c.reshape(1, -1) if c.ndim == 0 else c for c in candidates]
     if len({r.shape[1:] for r in references}) == 1:
         reference, candidate = np.concatenate(references), np.concatenate(candidates)
         return reference, candidate, list(reference.shape)
@@ -325,10 +421,12 @@ class GraphNode:
     inputs: list[str]
 
 
-def graph_node_outputs(model, args: tuple) -> dict[str, GraphNode]:
+def graph_node_outputs(model, args: tuple, output_names: Sequence[str] = ()) -> dict[str, GraphNode]:
     """{node name: GraphNode} of every op node of `model`'s torch.export graph (lowered to
     ATen) run on `args`, in the order the graph runs them. A `getitem` of an op's output tuple
-    is charged to that op (its module and op): Python's indexing computes nothing."""
+    is charged to that op (its module and op): Python's indexing computes nothing. The node
+    behind the graph's i-th output is also listed under `output_names[i]`: an exporter names
+    its graph outputs `output_0` or as the model does, so the last layer had no counterpart."""
     import operator
 
     import torch
@@ -348,8 +446,14 @@ def graph_node_outputs(model, args: tuple) -> dict[str, GraphNode]:
                                              [n.name for n in node.all_input_nodes])
             return value
 
+    module = program.module()
     with torch.no_grad():
-        Recorder(program.module()).run(*args)
+        Recorder(module).run(*args)
+    returned = next(node for node in module.graph.nodes if node.op == "output").args[0]
+    returned = returned if isinstance(returned, (tuple, list)) else [returned]
+    for alias, node in zip(output_names, returned):
+        if isinstance(node, torch.fx.Node) and node.name in found:
+            found[alias] = found[node.name]
     return found
 
 
@@ -413,12 +517,10 @@ def artifact_intermediates(artifact: Artifact, feeds: dict[str, np.ndarray]) -> 
 
 def _judge_intermediate(name: str, reference: np.ndarray, candidate: np.ndarray, precision: str) -> OutputParity:
     """`judge` on one intermediate, the reference first stored as the candidate stores it (a
-    float32 mask of -3.4e38 is -inf in an fp16 program); elements that agree exactly (infinities
-    included) count as equal."""
+    float32 mask of -3.4e38 is -inf in an fp16 program, which `judge` counts as agreeing). The
+    elements that agree exactly stay in the scale: zeroing them judged a tensor whose large
+    values agree bit for bit by its smallest, where one ulp is a large relative error."""
     reference = reference.astype(candidate.dtype) if candidate.dtype.kind == reference.dtype.kind == "f" else reference
-    same = reference == candidate
-    if same.any() and reference.dtype.kind == "f":
-        reference, candidate = np.where(same, 0, reference), np.where(same, 0, candidate)
     tolerance = TOLERANCES["exact"] if reference.dtype.kind in "biu" else tolerance_for(precision, reference.dtype)
     return judge(name, reference, candidate.astype(reference.dtype, copy=False), tolerance)
 
@@ -431,7 +533,7 @@ def localize_artifact(artifact: Artifact, model, feeds: dict[str, np.ndarray], n
     import torch
 
     args = tuple(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in names)
-    reference = graph_node_outputs(model, args)
+    reference = graph_node_outputs(model, args, [spec.name for spec in artifact.outputs])
     intermediates = [(name, op_type, np.asarray(value))
                      for name, op_type, value in artifact_intermediates(artifact, feeds)]
     paired = [(name, op_type, value) for name, op_type, value in intermediates
