@@ -539,6 +539,25 @@ def check_model_size(what: str, size: int) -> None:
                         f"limit (raise it with the environment variable EDGEPORT_MAX_MODEL_BYTES)")
 
 
+def second_size_feeds(model: torch.nn.Module, args: tuple, names: list[str], dynamic_axes: dict,
+                      ranges: dict[str, tuple[int, int]] | None = None
+                      ) -> tuple[list[dict[str, np.ndarray]], dict[str, int]]:
+    """Feeds at another size of every dynamic axis than the example's (three more, or three
+    fewer where `ranges`, {symbol: (low, high)}, end below that), drawn like the example (token
+    ids, masks 0/1), and the size chosen per symbol."""
+    sizes = {}
+    for name, arg in zip(names, args):
+        for axis, symbol in dynamic_axes.get(name, {}).items():
+            low, high = (ranges or {}).get(symbol, (1, math.inf))
+            sizes[symbol] = arg.shape[axis] + 3 if arg.shape[axis] + 3 <= high else max(low, arg.shape[axis] - 3)
+    rng, vocabulary, feeds = np.random.default_rng(2), vocabulary_size(model), {}
+    for name, arg in zip(names, args):
+        shape = [sizes[dynamic_axes[name][axis]] if axis in dynamic_axes.get(name, {}) else size
+                 for axis, size in enumerate(arg.shape)]
+        feeds[name] = draw_input(name, shape, arg.numpy().dtype, rng, like=arg.numpy(), vocabulary=vocabulary)
+    return [feeds], sizes
+
+
 def vocabulary_size(model: torch.nn.Module | None) -> int | None:
     """The number of rows of the model's first embedding table: the range of its token ids."""
     if model is None:

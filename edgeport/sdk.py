@@ -31,7 +31,7 @@ from edgeport import zoo
 from edgeport.core import (NOISE_FLOOR_CAP, NOISE_FLOOR_MULTIPLE, SIDECAR_SUFFIX, Artifact, Example, ExportRequest,
                            ParityReport, Source, Staging, TensorSpec, Tolerance, TorchRunner, as_args,
                            check_artifact_name, check_feeds, check_input_size, check_token_ids, draw_input, feeds_from,
-                           image_range, input_names, is_image, random_feeds, vocabulary_size)
+                           image_range, input_names, is_image, random_feeds, second_size_feeds, vocabulary_size)
 from edgeport.errors import (BackendUnavailable, CheckFailed, EdgeportError, EdgeportWarning, EverythingLeftFloat,
                              UserError)
 from edgeport.load import load_model, load_weights  # noqa: F401  (part of the SDK)
@@ -153,6 +153,40 @@ def _runners(artifact: Artifact, model: torch.nn.Module, form: SpikingForm | Non
         return UnrolledSteps(StreamingRunner(reference, snn, states)), UnrolledSteps(StreamingRunner(candidate, snn,
                                                                                                     states))
     return reference, candidate
+
+
+def verify_at_second_size(artifact: Artifact, model: torch.nn.Module, args: tuple[torch.Tensor, ...],
+                          dynamic_axes: dict[str, dict[int, str]], tolerance: Tolerance | None = None) -> str:
+    """Verify an artifact at another size of its dynamic axes than the example's
+    (three more, `second_size_feeds`): the export's own verification runs at the example's
+    size, where a dynamic axis that the graph pins in fact passes as well. Returns what was
+    checked; a failure raises CheckFailed. A size the torch model itself refuses is not one the
+    artifact owes: then three fewer, and else the line says that no other size was checked."""
+    names = input_names(model, len(args))
+    feeds, sizes = second_size_feeds(model, args, names, dynamic_axes)
+    for candidate in (feeds, second_size_feeds(model, args, names, dynamic_axes, ranges={
+            symbol: (1, size - 4) for symbol, size in sizes.items()})[0]):
+        batch = tuple(torch.from_numpy(candidate[0][n]) for n in names)
+        try:
+            with torch.no_grad():
+                model(*batch)
+        except Exception:  # the model's own limit (a position table): not the artifact's
+            continue
+        sizes = {symbol: candidate[0][name].shape[axis] for name, axes in dynamic_axes.items() if name in names
+                 for axis, symbol in axes.items()}
+        shown = ", ".join(f"{symbol}={size}" for symbol, size in sizes.items())
+        failed = (f"{artifact.path.name} passes at the example's size but fails at {shown}, a size its dynamic "
+                  f"axes promise")
+        try:
+            report = verify_artifact(artifact, model, [batch], f"seeded inputs at {shown}", tolerance=tolerance)
+        except UserError as error:  # inputs drawn here, so it is the artifact's output that disagrees (its shape)
+            raise CheckFailed(f"{failed}: {error}") from error
+        if report is None:
+            return f"not checked here (see notes) at {shown}"
+        if not report.passed:
+            raise CheckFailed(f"{failed}: {report.failures()[0].describe()}", report)
+        return report.summary().splitlines()[0]
+    return "not checked at another size: the torch model runs at none (three more or three fewer)"
 
 
 def _real_inputs_hint(given: Sequence[Example] | None) -> str:
@@ -458,6 +492,10 @@ def export(model: str | torch.nn.Module, example: Example | None = None, targets
                             raise CheckFailed(f"{backend.name} artifact {artifact.path.name} fails verification: "
                                               f"{worst.describe()}{saturation_hint(artifact)}"
                                               f"{_real_inputs_hint(verify_inputs)}", artifact.parity)
+                        if artifact.parity is not None and dynamic_axes and form is None and \
+                                "flexible_shapes" not in artifact.settings.get("verification", {}):  # else checked
+                            artifact.settings.setdefault("verification", {})["dynamic_axes"] = verify_at_second_size(
+                                artifact, torch_model, args, dynamic_axes, tolerance)
                 results[backend.name] = staging.commit(*produced)[-1]
         except EdgeportError as error:  # the other targets still run; their verified artifacts stay
             errors[backend.name] = error

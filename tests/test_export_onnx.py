@@ -136,3 +136,24 @@ def test_wrong_input_shape_is_a_user_error(out):
 def test_unknown_target(out):
     with pytest.raises(ep.UserError, match="unknown target 'onxx'; did you mean onnx"):
         ep.export("cnn-digits", targets=["onxx"], out=out)
+
+
+class CutToTracedLength(nn.Module):
+    """Keeps as many positions as the traced input had: `int(x.shape[1])` becomes a constant in
+    the legacy exporter's graph, which still declares the axis dynamic."""
+
+    def forward(self, x):
+        return x[:, :int(x.shape[1])] * 2
+
+
+def test_a_dynamic_axis_the_graph_pins_fails_verification_at_another_size(out):
+    """The export's verification at the example's size passes whatever the graph pins; a second
+    size, which the dynamic axis promises, shows the pinned one and leaves nothing behind."""
+    with pytest.raises(ep.CheckFailed, match=r"passes at the example's size but fails at seq=8"):
+        ep.export(CutToTracedLength(), torch.randn(1, 5, 3), out=out, dynamic_axes={"x": {1: "seq"}},
+                  exporter="legacy-torchscript")
+    assert leftovers(out) == []
+    model = ep.zoo.load("cnn-digits")
+    artifact = ep.export(model, ep.zoo.example("cnn-digits"), out=out, dynamic_batch=True)["onnx"]
+    assert artifact.settings["verification"]["dynamic_axes"] == \
+        "parity onnxruntime vs torch on 4 samples (seeded inputs at batch=4): passed"

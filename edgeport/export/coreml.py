@@ -25,7 +25,7 @@ import torch
 from torch.export.graph_signature import TensorArgument
 
 from edgeport.core import (Artifact, Backend, ExportRequest, Runner, TensorSpec, TorchRunner, draw_input,
-                           flatten_outputs, input_names, option, source_sha256, vocabulary_size)
+                           flatten_outputs, input_names, option, second_size_feeds, source_sha256, vocabulary_size)
 from edgeport.errors import BackendUnavailable, CheckFailed, ExportError, UserError
 from edgeport.export.mil import MILInterpreterRunner, import_coremltools_quietly
 from edgeport.export.onnx import output_names_for, quiet, summarize_error
@@ -443,29 +443,12 @@ def check_structure(path: Path, names: list[str], outputs: list[str], args: tupl
             "op_histogram": op_histogram(reloaded)}
 
 
-def _second_size_feeds(model: torch.nn.Module, args: tuple, names: list[str], dynamic_axes: dict,
-                       ranges: dict[str, tuple[int, int]]) -> tuple[list[dict[str, np.ndarray]], dict[str, int]]:
-    """Feeds at another size of every dynamic axis than the example's (three more, or fewer
-    where the range ends), drawn like the example (token ids, masks 0/1)."""
-    sizes = {}
-    for name, arg in zip(names, args):
-        for axis, symbol in dynamic_axes.get(name, {}).items():
-            low, high = ranges[symbol]
-            sizes[symbol] = arg.shape[axis] + 3 if arg.shape[axis] + 3 <= high else max(low, arg.shape[axis] - 3)
-    rng, vocabulary, feeds = np.random.default_rng(2), vocabulary_size(model), {}
-    for name, arg in zip(names, args):
-        shape = [sizes[dynamic_axes[name][axis]] if axis in dynamic_axes.get(name, {}) else size
-                 for axis, size in enumerate(arg.shape)]
-        feeds[name] = draw_input(name, shape, arg.numpy().dtype, rng, like=arg.numpy(), vocabulary=vocabulary)
-    return [feeds], sizes
-
-
 def flexible_output_shapes(model: torch.nn.Module, args: tuple, names: list[str], dynamic_axes: dict,
                            ranges: dict[str, tuple[int, int]]) -> list[list]:
     """The model's output shapes with each axis that follows a flexible input named by that
-    input's symbol, from the model run at the example and at `_second_size_feeds`' sizes: an ML
+    input's symbol, from the model run at the example and at `second_size_feeds`' sizes: an ML
     Program declares no shape for such an output. An axis that moves with no symbol is "flexible"."""
-    feeds, sizes = _second_size_feeds(model, args, names, dynamic_axes, ranges)
+    feeds, sizes = second_size_feeds(model, args, names, dynamic_axes, ranges)
     example_sizes = {symbol: int(arg.shape[axis]) for name, arg in zip(names, args)
                      for axis, symbol in dynamic_axes.get(name, {}).items()}
     with torch.no_grad():
@@ -482,7 +465,7 @@ def check_flexible_shapes(artifact: Artifact, model: torch.nn.Module, args: tupl
     verification covers the example's size); a failure raises CheckFailed."""
     from edgeport.verify import compare
 
-    feeds, sizes = _second_size_feeds(model, args, names, dynamic_axes, artifact.settings["flexible_ranges"])
+    feeds, sizes = second_size_feeds(model, args, names, dynamic_axes, artifact.settings["flexible_ranges"])
     runner = BACKEND.runner(artifact)
     try:
         runner.load()
