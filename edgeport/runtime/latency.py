@@ -99,10 +99,10 @@ def median_ci(sorted_samples: np.ndarray, block_medians: list[float] | None = No
     """95% confidence interval for the median, in the samples' unit (ms).
 
     The order-statistic interval (exact binomial; min to max below 6 samples, where it covers
-    less than 95 %, which `validity` flags) covers sampling noise within one run; with `block_medians` (one per session), it is widened to a Student-t
-    interval on their spread, which covers what changes between sessions (memory layout,
-    thread placement): without it, two profiles of one model would disagree beyond their
-    intervals. The spread is taken on the logarithm of the session medians (latency noise
+    less than 95 %, which `validity` flags) covers sampling noise within one run; with
+    `block_medians` (one per session), it is widened to a Student-t interval on their spread,
+    which covers what changes between sessions (memory layout, thread placement): without it,
+    two profiles of one model would disagree beyond their intervals. The spread is taken on the logarithm of the session medians (latency noise
     multiplies), so that the interval stays above zero however few and scattered they are.
     """
     low, high = median_order_statistics(len(sorted_samples))
@@ -187,7 +187,8 @@ def summarize(samples_ms: list[float], batch: int = 1, blocks: int = 1,
         raise UserError(f"the median latency is 0 ms: the timer (resolution {TIMER_RESOLUTION_MS:.3g} ms) "
                         f"cannot resolve one call; time several calls per sample")
     if block_sizes is not None and sum(block_sizes) != len(ordered):
-        raise UserError(f"session sizes {list(block_sizes)} add up to {sum(block_sizes)}, not the {len(ordered)} samples")
+        raise UserError(f"session sizes {list(block_sizes)} add up to {sum(block_sizes)}, not the "
+                        f"{len(ordered)} samples")
     data = np.sort(ordered)
     p50, p90, p95, p99 = (float(np.percentile(data, q)) for q in (50, 90, 95, 99))
     mean, std = float(data.mean()), float(data.std(ddof=1)) if len(data) > 1 else 0.0
@@ -195,7 +196,8 @@ def summarize(samples_ms: list[float], batch: int = 1, blocks: int = 1,
     iqr = float(np.percentile(data, 75) - np.percentile(data, 25))
     robust_cv = iqr / 1.349 / p50 if p50 > 0 else 0.0
     drift, problems = validity(ordered, robust_cv)
-    parts = np.split(ordered, np.cumsum(block_sizes)[:-1]) if block_sizes is not None else np.array_split(ordered, blocks)
+    parts = np.split(ordered, np.cumsum(block_sizes)[:-1]) if block_sizes is not None else \
+        np.array_split(ordered, blocks)
     block_medians = [float(np.median(part)) for part in parts if len(part)] if len(parts) > 1 else None
     return LatencyStats(list(map(float, samples_ms)), p50, p90, p95, p99, mean, std, cv, robust_cv,
                         median_ci(data, block_medians), 1000.0 * batch / p50, batch, drift, problems)
