@@ -293,8 +293,8 @@ class StreamingRunner(Runner):
         return self.reset()
 
     def reset(self, batch: int = 1) -> "StreamingRunner":
-        """Every state back to its initial value, for `batch` streams."""
-        self.state = [np.full([batch, *spec.shape[1:]], value, dtype=np.float32)
+        """Every state back to its initial value (one number, or one per element), for `batch` streams."""
+        self.state = [np.broadcast_to(np.asarray(value, dtype=np.float32), [batch, *spec.shape[1:]]).copy()
                       for spec, value in zip(self.state_specs, self.snn["initial_state_values"])]
         return self
 

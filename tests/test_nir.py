@@ -582,3 +582,34 @@ def test_an_input_of_another_shape_than_the_graphs_is_one_line(zoo_artifact, tmp
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "takes inputs of shape [1, 8, 8] per sample" in error
     assert "give --input 1x1x8x8" in error and leftovers(tmp_path / "out") == []
+
+
+def test_neurons_resting_at_different_potentials_stream_from_their_own_rest(out):
+    """A graph whose LIF neurons rest at different potentials (v_leak per neuron, as Norse and
+    Rockpool write them): the step artifact's streaming runner starts each neuron there, so a
+    stream on the device gives the graph's own spikes (its sidecar once kept one start value
+    per state, the first neuron's)."""
+    rng = np.random.default_rng(0)
+    leak = np.array([0.0, 0.4, -0.3, 0.8], np.float32)
+    graph = nir.NIRGraph(
+        nodes={"input": nir.Input(input_type={"input": np.array([3])}),
+               "fc": nir.Affine(weight=rng.uniform(0.1, 0.5, (4, 3)).astype(np.float32), bias=np.zeros(4, np.float32)),
+               "lif": nir.LIF(tau=np.full(4, 2e-4, np.float32), r=np.ones(4, np.float32), v_leak=leak,
+                              v_threshold=np.ones(4, np.float32)),
+               "output": nir.Output(output_type={"output": np.array([4])})},
+        edges=[("input", "fc"), ("fc", "lif"), ("lif", "output")])
+    out.mkdir(parents=True, exist_ok=True)
+    nir.write(out / "rest.nir", graph)
+    model = ep.load_model(str(out / "rest.nir"))
+    currents = torch.from_numpy(rng.uniform(0, 2, (T, 1, 3)).astype(np.float32))
+    with torch.no_grad():
+        expected = model(currents).numpy()
+    artifact = ep.export(str(out / "rest.nir"), currents[0], out=out, snn_form="step", timesteps=T)["onnx"]
+    assert artifact.settings["snn"]["initial_state_values"] == [leak.tolist()]
+    stream = StreamingRunner.open(artifact.path).load()
+    streamed = np.stack([list(stream.infer({"x": x.numpy()}).values())[0] for x in currents])
+    assert expected.sum() > 0 and np.array_equal(streamed, expected)
+    stream.snn["initial_state_values"] = [0.0]  # every neuron from 0, as the sidecar once said
+    stream.reset()
+    from_zero = np.stack([list(stream.infer({"x": x.numpy()}).values())[0] for x in currents])
+    assert not np.array_equal(from_zero, expected)

@@ -102,7 +102,7 @@ class SpikingForm:
                 "outputs": self.output_names[:self.outputs],
                 "state_inputs": self.input_names[1:] if self.form == "step" else [],
                 "state_outputs": self.output_names[self.outputs:],
-                "initial_state_values": [float(s.flatten()[0]) if s.numel() else 0.0 for s in states]}
+                "initial_state_values": [_start_value(s) for s in states]}
 
     def state_specs(self) -> list[TensorSpec]:
         """The state inputs of the step form (batch first), as the artifact declares them."""
@@ -116,6 +116,17 @@ class SpikingForm:
         """Whether the network was converted from snnTorch or SpikingJelly (then the library's
         own run is a second reference)."""
         return isinstance(self.stepped, SteppedNetwork)
+
+
+def _start_value(state: torch.Tensor) -> float | list:
+    """Where a state starts, for one sample (its batch axis dropped): one number where every
+    element starts alike, which keeps the sidecar small, else the values themselves (a NIR
+    graph's neurons at rest, v_leak per neuron, may differ)."""
+    one = state[0] if state.dim() else state
+    if not one.numel():
+        return 0.0
+    first = one.flatten()[0]
+    return float(first) if bool((one == first).all()) else one.tolist()
 
 
 def _runs_own_timesteps(model: nn.Module, stepped: nn.Module, timesteps: int, sequence: bool) -> bool:
