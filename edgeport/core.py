@@ -461,17 +461,58 @@ class TorchRunner(Runner):
         return {n: t.detach().cpu().numpy() for n, t in zip(self.output_names, flat)}
 
 
+def forward_parameters(model: torch.nn.Module, positional: bool = True) -> list[str]:
+    """The names of the forward's parameters, in order (a TorchScript module's from its
+    compiled schema): the positional ones, or with `positional=False` every one a keyword can
+    name (keyword-only ones too; `*args` and `**kwargs` are no names). Empty where the
+    forward has no signature to read."""
+    schema = getattr(getattr(model, "forward", None), "schema", None)
+    if schema is not None:
+        return [a.name for a in schema.arguments[1:]]
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) + (
+        () if positional else (inspect.Parameter.KEYWORD_ONLY,))
+    try:
+        return [p.name for p in inspect.signature(model.forward).parameters.values() if p.kind in kinds]
+    except (TypeError, ValueError):
+        return []
+
+
 def input_names(model: torch.nn.Module, count: int) -> list[str]:
     """Names for the first `count` positional inputs: the forward's parameter names (a
-    TorchScript module's from its compiled schema)."""
-    schema = getattr(getattr(model, "forward", None), "schema", None)
-    try:
-        params = [a.name for a in schema.arguments[1:]] if schema is not None else [
-            p.name for p in inspect.signature(model.forward).parameters.values()
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    except (TypeError, ValueError):
-        params = []
+    TorchScript module's from its compiled schema; a `KeywordInputs`' the names it passes)."""
+    params = forward_parameters(model)
     return [params[i] if i < len(params) else f"input_{i}" for i in range(count)]
+
+
+class KeywordInputs(torch.nn.Module):
+    """`model` called by keyword: the forward takes the tensors named `names` positionally, in
+    that order, and passes each to the model's parameter of that name, every other parameter
+    keeping its default. Exporters, runners and verification call a module positionally, and
+    a Hugging Face forward does not take its inputs in the order users name them (GPT-2's
+    `attention_mask` comes third, after the cache). Build one with `KeywordInputs.of`.
+
+    The model is the one child, `model`: module paths read `model.<its own path>`. The
+    source hash (`source_sha256`) is the model's own, as if it had been called directly."""
+
+    names: tuple[str, ...] = ()
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, names: Sequence[str]) -> "KeywordInputs":
+        """The wrapper of `model` taking `names`: a class of its own, whose forward's signature
+        lists those names (torch.export binds positional inputs, and their dynamic shapes, to
+        the names it reads there; `input_names` reads them too)."""
+        def forward(self, *tensors: torch.Tensor):
+            return self.model(**dict(zip(self.names, tensors)))
+
+        forward.__signature__ = inspect.Signature(
+            [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in ("self", *names)])
+        named = type(cls.__name__, (cls,), {"names": tuple(names), "forward": forward,
+                                            "__qualname__": cls.__qualname__, "__module__": cls.__module__})
+        return named(model)
 
 
 @contextlib.contextmanager
@@ -500,6 +541,8 @@ def capture(model: torch.nn.Module, args: tuple) -> torch.export.ExportedProgram
 
 def source_sha256(model: torch.nn.Module) -> str:
     """A hash of the model's class and every parameter and buffer (names, dtypes, shapes, bytes)."""
+    while isinstance(model, KeywordInputs):  # the model's own hash: the wrapper holds no weights
+        model = model.model
     digest = hashlib.sha256(type(model).__qualname__.encode())
     for name, tensor in sorted(model.state_dict().items()):
         tensor = tensor.detach().cpu().contiguous()
@@ -681,7 +724,8 @@ def draw_input(name: str, shape: Sequence[int], dtype: np.dtype, rng: np.random.
     in that range; other floats normal with the mean and spread of `like` (standard normal
     without it); a mask (its name says so) ones over a seeded prefix of its last axis, as
     padding leaves them (at least one position kept, so that no row is wholly masked); a
-    bool 0/1; other integers token ids in [0, vocabulary) — or within the range `like` shows."""
+    bool 0/1; token type ids (segments) 0 unless `like` shows others; other integers token ids
+    in [0, vocabulary) — or within the range `like` shows."""
     check_input_size(name, shape, dtype)
     dtype = np.dtype(dtype)
     if image is not None and is_image(shape, dtype):
@@ -695,6 +739,9 @@ def draw_input(name: str, shape: Sequence[int], dtype: np.dtype, rng: np.random.
         return (np.arange(shape[-1]) < kept).astype(dtype)
     if dtype == np.bool_:
         return rng.integers(0, 2, shape).astype(dtype)
+    if "token_type" in name.lower() and (like is None or not like.size):
+        # one segment: every model has type 0, and how many more it has (BERT 2, RoBERTa 1) it does not say
+        return np.zeros(shape, dtype)
     if like is not None and like.size:
         low, high = int(like.min()), int(like.max())
     else:

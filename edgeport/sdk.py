@@ -29,9 +29,10 @@ from edgeport.export import registry as backends
 from edgeport.export.onnx import saturation_hint
 from edgeport import zoo
 from edgeport.core import (NOISE_FLOOR_CAP, NOISE_FLOOR_MULTIPLE, SIDECAR_SUFFIX, Artifact, Example, ExportRequest,
-                           ParityReport, Source, Staging, TensorSpec, Tolerance, TorchRunner, as_args,
+                           KeywordInputs, ParityReport, Source, Staging, TensorSpec, Tolerance, TorchRunner, as_args,
                            check_artifact_name, check_feeds, check_input_size, check_token_ids, draw_input, feeds_from,
-                           image_range, input_names, is_image, random_feeds, second_size_feeds, vocabulary_size)
+                           forward_parameters, image_range, input_names, is_image, random_feeds, second_size_feeds,
+                           vocabulary_size)
 from edgeport.errors import (BackendUnavailable, CheckFailed, EdgeportError, EdgeportWarning, EverythingLeftFloat,
                              UserError)
 from edgeport.load import load_model, load_weights  # noqa: F401  (part of the SDK)
@@ -113,8 +114,10 @@ def resolve(model, example=None, weights=None, verify_inputs: Sequence[Example |
         if zoo_name is None:
             raise UserError("an example input is needed (e.g. --input 1x3x224x224); only zoo models bring their own")
         example = zoo.example(zoo_name)
-    source = Source(torch_model, _example_args(example, torch_model), model_label(model, torch_model),
-                    example_label=example_label)
+    label = model_label(model, torch_model)
+    if isinstance(example, dict):
+        torch_model, example = by_keyword(torch_model, example)
+    source = Source(torch_model, _example_args(example, torch_model), label, example_label=example_label)
     if verify_inputs is not None:
         source.verification = [as_args(calibration_batch(torch_model, b, "verification")) for b in verify_inputs]
         source.verification_label = "given inputs"
@@ -122,6 +125,28 @@ def resolve(model, example=None, weights=None, verify_inputs: Sequence[Example |
         source.verification = zoo_batches(zoo_name, source.example[0].shape[0])
         source.verification_label = f"{zoo_name} test images"
     return source.with_default_verification()
+
+
+def by_keyword(model: torch.nn.Module, example: dict[str, torch.Tensor | np.ndarray]
+               ) -> tuple[KeywordInputs, tuple[torch.Tensor, ...]]:
+    """`model` called by the names of a dict `example` (`KeywordInputs`: its inputs named and
+    ordered as the dict's keys, every other parameter of the forward at its default) and the
+    example's tensors in that order. Each key must name a parameter of the forward, positional
+    or keyword-only; per-token arrays (ids, mask, types, positions) must share one shape."""
+    forward = f"{type(model).__name__}.forward"
+    if not example:
+        raise UserError(f"the example dict is empty: name {forward}'s inputs, e.g. {{'input_ids': ids}}")
+    parameters = forward_parameters(model, positional=False)
+    unknown = [n for n in example if n not in parameters]
+    if unknown:
+        raise UserError(f"example input {unknown[0]!r} names no parameter of {forward} "
+                        f"(its parameters: {', '.join(parameters) or 'none that a keyword can name'})")
+    wrong = {n: type(v).__name__ for n, v in example.items() if not isinstance(v, (torch.Tensor, np.ndarray))}
+    if wrong:
+        name, kind = next(iter(wrong.items()))
+        raise UserError(f"example input {name!r} is a {kind}: each value must be a tensor or numpy array")
+    _check_token_aligned(example, "example")
+    return KeywordInputs.of(model, list(example)), as_args(tuple(example.values()))
 
 
 def _run_reference(model: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
@@ -316,8 +341,10 @@ def verify(artifact: Artifact | str | Path, model: str | torch.nn.Module, inputs
            inputs_source: str = "given inputs", localize: bool = False) -> ParityReport:
     """Run `artifact` and the torch `model` on the same inputs and report per-output parity.
 
-    `inputs` is a sequence of batches (each a tensor or tuple of tensors); with None, a zoo
-    model's test images are used, or seeded draws shaped as the export's example was. A
+    `inputs` is a sequence of batches (each a tensor or tuple of tensors in the artifact's input
+    order, or a dict by input name); with None, a zoo
+    model's test images are used, or seeded draws shaped as the export's example was. An
+    artifact exported from a dict example calls `model` by those names again. A
     spiking artifact is verified step by step against the same form of `model`.
     `localize=True` also finds where the artifact departs, on the first batch: the report's
     `localization` lists `edgeport.verify.Localization`s (its intermediate tensors against
@@ -332,7 +359,10 @@ def verify(artifact: Artifact | str | Path, model: str | torch.nn.Module, inputs
                       EdgeportWarning, stacklevel=2)
     snn = art.settings.get("snn")
     example = _seeded_example(art)
+    if art.settings.get("keyword_inputs"):  # exported from a dict example: the model is called by those names
+        example = dict(zip(art.settings["keyword_inputs"], example))
     source = resolve(model, example, weights, inputs, example_label="a seeded example shaped as the export's")
+    example = source.example
     _run_reference(source.model, example)
     if inputs is not None:
         source.verification_label = inputs_source
@@ -374,7 +404,8 @@ def _within_ranks(dynamic_axes: dict[str, dict[int, str]] | None, names: list[st
     return counted
 
 
-def export(model: str | torch.nn.Module, example: Example | None = None, targets: str | Sequence[str] = ("onnx",),
+def export(model: str | torch.nn.Module, example: Example | dict[str, torch.Tensor | np.ndarray] | None = None,
+           targets: str | Sequence[str] = ("onnx",),
            out: str | Path = "build", *, name: str | None = None, weights: str | Path | None = None,
            verify_inputs: Sequence[Example | dict] | None = None, verify_inputs_source: str = "given inputs",
            check: bool = True,
@@ -384,7 +415,11 @@ def export(model: str | torch.nn.Module, example: Example | None = None, targets
            ) -> dict[str, Artifact]:
     """Export `model` to every target in `targets` under `out`, verifying each artifact.
 
-    `example` is one input batch (a zoo model brings its own). Every artifact is verified
+    `example` is one input batch (a zoo model brings its own): a tensor, a tuple in the
+    forward's order, or a dict by parameter name ({"input_ids": ids, "attention_mask": mask}),
+    which calls the model by keyword (`by_keyword`): each key a parameter of the forward in any
+    position or keyword-only, the artifact's inputs named and ordered as the keys, every other
+    parameter at its default. Every artifact is verified
     against the torch model on `verify_inputs` (a sequence of batches, each a tensor, a tuple
     in the forward's order or a dict by its input names; default: a zoo
     model's test images, else the example plus seeded random draws; reports name given batches
@@ -444,6 +479,8 @@ def export(model: str | torch.nn.Module, example: Example | None = None, targets
     # with the float model and its test images
     settings = {"source": model if isinstance(model, str) else getattr(model, "zoo_name", source.label),
                 "example_shapes": [list(a.shape) for a in args]}  # what `verify` re-draws later
+    if isinstance(torch_model, KeywordInputs):  # `verify` calls the model by these names again
+        settings["keyword_inputs"] = list(torch_model.names)
     if source.vocabulary and any(not a.is_floating_point() for a in args):
         settings["vocabulary"] = source.vocabulary  # profiling draws token ids below it
     if any(is_neuron(m) for m in torch_model.modules()):  # estimates say that they price its synapses as MACs

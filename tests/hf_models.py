@@ -81,3 +81,30 @@ ARCHITECTURES = {
     "mobilevit": lambda: (_build("MobileViTConfig", "MobileViTModel", image_size=64, hidden_sizes=[16, 24, 32],
                                  neck_hidden_sizes=[8, 8, 16, 16, 24, 24, 32], initializer_range=0.5), _image(64)),
 }
+
+
+# the keyword-input tests' size: hidden 32, 2 layers, vocabulary 100
+SMALL_TEXT = dict(TEXT, vocab_size=100)
+
+
+def small_gpt2() -> torch.nn.Module:
+    """GPT-2 (hidden 32, 2 layers, vocabulary 100) without its cache, as it exports to ONNX;
+    a `package.module:factory` the CLI can load."""
+    return _build("GPT2Config", "GPT2Model", **dict(GPT2, vocab_size=100), use_cache=False)
+
+
+def small_bert() -> torch.nn.Module:
+    """BERT (hidden 32, 2 layers, vocabulary 100); a `package.module:factory` the CLI can load."""
+    return _build("BertConfig", "BertModel", **SMALL_TEXT)
+
+
+class KeywordOnlyEncoder(torch.nn.Module):
+    """A BERT behind a forward whose inputs are keyword-only, as wrappers in users' code often
+    take them: no input can be passed by position."""
+
+    def __init__(self, bert: torch.nn.Module):
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
