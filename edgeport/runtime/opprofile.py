@@ -21,6 +21,7 @@ from __future__ import annotations
 import bisect
 import gc
 import json
+import re
 import tempfile
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -46,14 +47,20 @@ CATEGORIES = {
 }
 ROOT = "<root>"  # the model's own forward, outside any submodule
 UNMAPPED = "(not traced to a module)"  # a runtime node with no path to the exported graph
-TORCH_CATEGORIES = {
-    "conv": ("conv", "convolution", "mkldnn_convolution"), "matmul/gemm": ("addmm", "mm", "linear", "bmm", "matmul"),
-    "attention": ("softmax", "scaled_dot_product"), "normalization": ("layer_norm", "batch_norm", "group_norm"),
-    "data movement": ("view", "reshape", "permute", "transpose", "cat", "select", "slice", "expand", "clone",
-                      "contiguous", "copy_", "flatten", "max_pool", "avg_pool", "adaptive_avg_pool", "mean")}
+TORCH_ATTENTION_STEMS = ("softmax", "scaled_dot_product", "flash_attention", "efficient_attention")
+TORCH_MATMULS = {"addmm", "mm", "linear", "bmm", "matmul", "baddbmm", "addmv", "mv", "dot", "einsum",
+                 "addmm_activation"}
+TORCH_NORM_STEMS = ("layer_norm", "batch_norm", "group_norm", "instance_norm", "rms_norm")
+TORCH_DATA_MOVEMENT = {"view", "reshape", "permute", "transpose", "t", "cat", "stack", "select", "slice", "narrow",
+                       "expand", "clone", "contiguous", "copy_", "to", "to_copy", "flatten", "unflatten", "squeeze",
+                       "unsqueeze", "split", "split_with_sizes", "chunk", "unbind", "index_select", "gather",
+                       "embedding", "as_strided", "unsafe_view", "reshape_alias", "pad", "constant_pad_nd", "mean",
+                       "repeat", "tile", "roll", "flip"}
 WARMUP_RUNS = 5  # profiled runs dropped before aggregating: first runs allocate and fill caches
 TORCH_WARMUP_RUNS = 10  # torch.profiler itself runs its first few traced calls far slower (0.3 s each here)
 MODULE_SCOPE = "edgeport.module::"  # torch.profiler ranges that name the module an op ran in
+MATMUL_DATA_INPUTS = {"QLinearMatMul": (0, 3), "QGemm": (0, 3)}  # the two matrices; (0, 1) for the others
+PARAMETER_NAME = re.compile(r"^([A-Za-z_][\w.]*?)\.(?:weight|bias)(?:$|_)")  # features.0.weight_quantized
 
 
 def category(op_type: str, inputs_are_weights: bool = True) -> str:
@@ -61,6 +68,49 @@ def category(op_type: str, inputs_are_weights: bool = True) -> str:
     if op_type in CATEGORIES["matmul/gemm"] and not inputs_are_weights:
         return "attention"
     return next((c for c, ops in CATEGORIES.items() if op_type in ops), "elementwise")
+
+
+def constant_tensors(graph: onnx.GraphProto) -> set[str]:
+    """The tensors fixed before any input arrives: initializers, Constant outputs, and the
+    outputs of nodes fed only by those (a weight's DequantizeLinear, Transpose or Cast: in a
+    QDQ graph a Linear's weight reaches its MatMul through a DequantizeLinear, never directly)."""
+    constant = {i.name for i in graph.initializer}
+    for node in graph.node:  # ONNX keeps nodes in topological order
+        if node.op_type == "Constant" or all(not t or t in constant for t in node.input):
+            constant.update(node.output)
+    return constant
+
+
+def multiplies_a_weight(node: onnx.NodeProto, constant: set[str]) -> bool:
+    """Whether one of the matrices a matmul-like node multiplies is a weight (a constant);
+    scales and zero points, constants in every quantized matmul, are not looked at."""
+    data_inputs = MATMUL_DATA_INPUTS.get(node.op_type, (0, 1))
+    return any(i < len(node.input) and node.input[i] in constant for i in data_inputs)
+
+
+def module_of_weights(tensors: Iterable[str]) -> str | None:
+    """The module whose parameter a node reads (`features.0.weight_quantized` names
+    `features.0`): exporters name initializers by parameter path, and tools that rewrite a
+    graph (onnxruntime's quantize_dynamic) keep it as a prefix."""
+    for tensor in tensors:
+        match = PARAMETER_NAME.match(tensor)
+        if match:
+            return match.group(1)
+    return None
+
+
+def exported_module(node: onnx.NodeProto) -> str | None:
+    """The module path of a node of the exported graph: ROOT for the model's own forward,
+    None where the node does not say and reads no named parameter. Only the torch.export
+    exporter's name scopes and the legacy exporter's `/scope/Op` names place a node in the
+    root forward: a node with neither (written by another tool, or added after export) says
+    nothing, and counting it as the root would claim its time was traced."""
+    path = module_path(node)
+    if path:
+        return path
+    if node.name.startswith("/") or any(p.key == "pkg.torch.onnx.name_scopes" for p in node.metadata_props):
+        return ROOT
+    return module_of_weights(node.input)
 
 
 @dataclass
@@ -168,8 +218,14 @@ class GraphTracer:
 
     def __init__(self, exported: onnx.GraphProto, optimized: onnx.GraphProto | None):
         self.exported = {n.name: n for n in exported.node}
-        self.modules = {n.name: module_path(n) or ROOT for n in exported.node}
+        self.modules = {n.name: exported_module(n) for n in exported.node}
         self.producer = {o: n.name for n in exported.node for o in n.output}
+        constant = constant_tensors(exported)
+        for node in exported.node:  # a weight that reaches its node through a DequantizeLinear still names it
+            if self.modules[node.name] is None:
+                self.modules[node.name] = module_of_weights(
+                    t for i in node.input if i in constant and i in self.producer
+                    for t in self.exported[self.producer[i]].input)
         self.consumers: dict[str, list[str]] = {}
         for node in exported.node:
             for tensor in node.input:
@@ -199,9 +255,9 @@ class GraphTracer:
         for tensor in node.input:
             if len(self.consumers.get(tensor, [])) == 1:
                 return self._module_of(self.consumers[tensor][0], op_type)
-        return None
+        return module_of_weights(node.input)
 
-    def _module_of(self, exported_name: str, op_type: str, depth: int = 4) -> str:
+    def _module_of(self, exported_name: str, op_type: str, depth: int = 4) -> str | None:
         """The module of the exported node `exported_name`, or, when a fusion ended there
         (a Conv fused with the BatchNormalization and Relu after it keeps the Relu's output),
         of the node up its input chain with the fused node's `op_type`: the conv does the work."""
@@ -245,15 +301,69 @@ def _run_index(starts: list[float], timestamp: float) -> int:
     return bisect.bisect_right(starts, timestamp) - 1
 
 
+def name_every_node(model: onnx.ModelProto) -> bool:
+    """Give each unnamed node of `model` a unique name, `<op type>_<position>`; True if any
+    lacked one. ONNX Runtime's profiler makes up names for unnamed nodes from indices its
+    saved optimized graph does not keep, so those nodes (edgeport's own Q/DQ nodes, files
+    built with onnx.helper) could never be traced; naming them first changes no kernel."""
+    taken = {n.name for n in model.graph.node}
+    unnamed = [n for n in model.graph.node if not n.name]
+    for position, node in enumerate(model.graph.node):
+        if not node.name:
+            name, suffix = f"{node.op_type}_{position}", 0
+            while name in taken:
+                suffix += 1
+                name = f"{node.op_type}_{position}_{suffix}"
+            node.name = name
+            taken.add(name)
+    return bool(unnamed)
+
+
+def _uses_external_data(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def _read_trace(trace_file: str) -> list[dict]:
+    """The events of ONNX Runtime's profiler trace; a missing, empty or cut-off file is a
+    UserError that says so (it happens when the disk is full or the temp folder vanished)."""
+    from edgeport.errors import UserError
+
+    try:
+        events = json.loads(Path(trace_file).read_text()) if trace_file else None
+    except (OSError, ValueError) as error:
+        raise UserError(f"ONNX Runtime's profiler left no readable trace ({trace_file or 'no file'}: "
+                        f"{str(error).splitlines()[0][:120]}); profile again, or with ops=False (--no-ops)") from error
+    if not isinstance(events, list):
+        raise UserError(f"ONNX Runtime's profiler left no readable trace ({trace_file or 'no file'}); profile "
+                        f"again, or with ops=False (--no-ops)")
+    return events
+
+
+def _is_weighted(name: str, optimized: dict[str, onnx.NodeProto], optimized_constants: set[str],
+                 exported: dict[str, onnx.NodeProto], exported_constants: set[str]) -> bool:
+    """Whether the profiled node `name` multiplies a weight: read in the graph that ran
+    (the optimized one), else in the exported node it came from; a node found in neither
+    counts as weighted, the common case."""
+    if name in optimized:
+        return multiplies_a_weight(optimized[name], optimized_constants)
+    original = exported.get(name) or exported.get(name.split("/")[0])
+    return original is None or multiplies_a_weight(original, exported_constants)
+
+
 def profile_onnxruntime(path: str | Path, feeds: list[dict[str, np.ndarray]], runs: int = 50,
                         threads: int | None = None) -> OpProfile:
     """Run an ONNX model `runs` times (after WARMUP_RUNS) under ONNX Runtime's profiler and
-    aggregate per node: median µs per run, category and `nn.Module` path."""
+    aggregate per node: median time per run in µs, category and `nn.Module` path. The
+    profiler's trace and the optimized graph are written to a temporary folder that is
+    removed before returning; `threads` sets intra-op threads as the timed runner does."""
     import onnxruntime as ort
 
-    exported = onnx.load(str(path), load_external_data=False).graph
-    weights = {i.name for i in exported.initializer}
-    with tempfile.TemporaryDirectory() as tmp:
+    model = onnx.load(str(path), load_external_data=False)
+    # named in memory only where the weights are inside the file: external data is found
+    # relative to the file's own folder, which a model given as bytes does not have
+    renamed = not _uses_external_data(model) and name_every_node(model)
+    exported = model.graph
+    with tempfile.TemporaryDirectory(prefix="edgeport-ops-") as tmp:
         options = ort.SessionOptions()
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "ort")
@@ -261,13 +371,18 @@ def profile_onnxruntime(path: str | Path, feeds: list[dict[str, np.ndarray]], ru
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        names = [i.name for i in session.get_inputs()]
-        for i in range(WARMUP_RUNS + runs):
-            session.run(None, {n: feeds[i % len(feeds)][n] for n in names})
-        events = json.loads(Path(session.end_profiling()).read_text())
-        del session
-        gc.collect()  # release its worker threads now; they would spin beside the next timing
+            options.inter_op_num_threads = 1  # as OnnxRuntimeRunner sets it
+        session = ort.InferenceSession(model.SerializeToString() if renamed else str(path), options,
+                                       providers=["CPUExecutionProvider"])
+        try:
+            names = [i.name for i in session.get_inputs()]
+            for i in range(WARMUP_RUNS + runs):
+                session.run(None, {n: feeds[i % len(feeds)][n] for n in names})
+        finally:
+            trace_file = session.end_profiling()  # written now, inside the folder about to be removed
+            del session
+            gc.collect()  # release its worker threads now; they would spin beside the next timing
+        events = _read_trace(trace_file)
         optimized_file = Path(tmp) / "optimized.onnx"
         optimized = onnx.load(str(optimized_file), load_external_data=False).graph if optimized_file.exists() \
             else None
@@ -283,36 +398,68 @@ def profile_onnxruntime(path: str | Path, feeds: list[dict[str, np.ndarray]], ru
         node_name = event["name"].removesuffix("_kernel_time")
         op_types[node_name] = event.get("args", {}).get("op_name", "")
         records.append((node_name, run, float(event["dur"])))
-    originals = {n.name: n for n in exported.node}
+    ran = {n.name: n for n in optimized.node} if optimized is not None else {}
+    ran_constants = constant_tensors(optimized) if optimized is not None else set()
+    originals, original_constants = {n.name: n for n in exported.node}, constant_tensors(exported)
     ops = []
     for node_name, (median_us, calls) in aggregate(records, len(starts)).items():
-        original = originals.get(node_name) or originals.get(node_name.split("/")[0])
-        is_weighted = original is None or any(i in weights for i in original.input)
+        weighted = _is_weighted(node_name, ran, ran_constants, originals, original_constants)
         ops.append(OpTime(node_name, op_types[node_name], tracer.module(node_name),
-                          category(op_types[node_name], is_weighted), median_us, calls))
+                          category(op_types[node_name], weighted), median_us, calls))
     return OpProfile("onnxruntime", len(starts), sorted(ops, key=lambda o: -o.median_us),
                      float(np.median([e["dur"] for e in run_events])) if run_events else None)
 
 
 def _module_scopes(model) -> list:
     """Forward hooks that open a torch.profiler range named after each submodule's path
-    while it runs, so that every aten op can be traced to its innermost module."""
+    while it runs, so that every aten op can be traced to its innermost module.
+
+    The open ranges live in a stack held by the hooks, not on the modules: an attribute left
+    on the user's module would outlive the profile and make `torch.save` and `copy.deepcopy`
+    of it fail (a RecordFunction cannot be pickled)."""
     import torch
+
+    open_ranges: list = []
+
+    def opener(scope: str):
+        def enter(mod, args):
+            record = torch.autograd.profiler.record_function(scope)
+            record.__enter__()
+            open_ranges.append(record)
+        return enter
+
+    def leave(mod, args, output):
+        if open_ranges:
+            open_ranges.pop().__exit__(None, None, None)
 
     handles = []
     for name, module in model.named_modules():
-        if not name:
-            continue
-
-        def enter(mod, args, scope=f"{MODULE_SCOPE}{name}"):
-            mod._edgeport_range = torch.autograd.profiler.record_function(scope)
-            mod._edgeport_range.__enter__()
-
-        def leave(mod, args, output):
-            mod._edgeport_range.__exit__(None, None, None)
-
-        handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+        if name:
+            handles += [module.register_forward_pre_hook(opener(f"{MODULE_SCOPE}{name}")),
+                        module.register_forward_hook(leave)]
     return handles
+
+
+def torch_category(op: str) -> str:
+    """The category of an aten op (`aten::` prefix or not), by the same classes as ONNX
+    Runtime's nodes. ATen spells one op many ways (`conv2d`, `thnn_conv2d`,
+    `_slow_conv2d_forward`, `mkldnn_convolution`; `native_layer_norm`,
+    `_native_batch_norm_legit_no_training`; `max_pool2d_with_indices`), so families are
+    matched by stem, not by exact name."""
+    bare = op.removeprefix("aten::").lstrip("_")
+    if any(stem in bare for stem in TORCH_ATTENTION_STEMS):
+        return "attention"
+    if "conv" in bare:
+        return "conv"
+    if bare in TORCH_MATMULS:
+        return "matmul/gemm"
+    if any(stem in bare for stem in TORCH_NORM_STEMS):
+        return "normalization"
+    if "quantize" in bare:
+        return "quantization"
+    if bare in TORCH_DATA_MOVEMENT or "pool" in bare:
+        return "data movement"
+    return "elementwise"
 
 
 def _torch_module(event) -> str:
@@ -361,9 +508,7 @@ def profile_torch(model, input_names: list[str], feeds: list[dict[str, np.ndarra
     ops = []
     for key, (median_us, calls) in aggregate(records, len(starts)).items():
         op, module = kinds[key]
-        bare = op.removeprefix("aten::")
-        cat = next((c for c, names in TORCH_CATEGORIES.items() if bare.lstrip("_") in names), "elementwise")
-        ops.append(OpTime(key, bare, module, cat, median_us, calls))
+        ops.append(OpTime(key, op.removeprefix("aten::"), module, torch_category(op), median_us, calls))
     run_medians = [float(e.cpu_time_total) for e in run_events[TORCH_WARMUP_RUNS:]]
     return OpProfile("torch", len(starts), sorted(ops, key=lambda o: -o.median_us),
                      float(np.median(run_medians)) if run_medians else None)

@@ -8,6 +8,7 @@ profiling slows every node (its shares are then scaled to the p50 measured witho
 from __future__ import annotations
 
 import logging
+import os
 import resource
 from pathlib import Path
 from typing import Callable
@@ -24,6 +25,7 @@ from edgeport.runtime.report import Energy, Profile, SessionMemory, Variant, env
 log = logging.getLogger(__name__)  # the steps of a profile, each seconds long
 
 PROC_STATUS = Path("/proc/self/status")
+CPU_TOPOLOGY = Path("/sys/devices/system/cpu")
 CLEAR_REFS = Path("/proc/self/clear_refs")
 MEMORY_RUNS = 10  # inferences in the measured session, so that its peak includes activations
 
@@ -99,6 +101,33 @@ class SessionMemoryProbe:
                              max(0.0, peak - self.before) if peak is not None else None, process_peak)
 
 
+def physical_cores() -> int:
+    """The physical cores this process may run on, ONNX Runtime's default number of intra-op
+    threads: one per distinct (package, core) among the CPUs of its affinity mask, read from
+    sysfs; the logical CPU count where sysfs cannot tell."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for cpu in allowed:
+        topology = CPU_TOPOLOGY / f"cpu{cpu}" / "topology"
+        try:
+            cores.add(((topology / "physical_package_id").read_text().strip(),
+                       (topology / "core_id").read_text().strip()))
+        except OSError:
+            return len(allowed)
+    return len(cores) or len(allowed)
+
+
+def runtime_threads(backend: str, threads: int | None) -> int:
+    """The intra-op threads the profiled runtime ran on: `threads` where ONNX Runtime was
+    given it, else its default (one per physical core); for torch eager, torch's own setting,
+    which the torch runner takes as it finds it."""
+    if backend.startswith("torch"):
+        import torch
+
+        return torch.get_num_threads()
+    return threads or physical_cores()
+
+
 def session_memory(make_runner: Callable[[], Runner], feeds: list[dict[str, np.ndarray]]) -> SessionMemory:
     """The memory of one session of `make_runner` running MEMORY_RUNS inferences, measured
     before any other session of the profile, so that its allocations are not reused ones."""
@@ -142,5 +171,8 @@ def profile_runner(make_runner: Callable[[], Runner], feeds: list[dict[str, np.n
     if op_profiler:
         log.info("time per op")
     op_profile = op_profiler().scale_to(latency.p50) if op_profiler else None
-    return Profile(target, backend, device, latency, energy_record, inputs_source, memory, environment(threads),
+    # environment() records `threads or torch's setting`: for ONNX Runtime left at its
+    # default that is torch's thread count, not the one the session ran on
+    manifest = {**environment(threads), "threads": runtime_threads(backend, threads)}
+    return Profile(target, backend, device, latency, energy_record, inputs_source, memory, manifest,
                    op_profile, estimate, throughput, dict(throughput_skipped or {}), label, variant)
