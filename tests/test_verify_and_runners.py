@@ -20,6 +20,19 @@ def cnn_artifact(tmp_path_factory):
     return ep.export("cnn-digits", out=tmp_path_factory.mktemp("cnn"))["onnx"]
 
 
+def swap_weight_rows(path, op_type: str) -> onnx.NodeProto:
+    """Swap the first two rows of the weight of the first `op_type` node in the ONNX file at
+    `path` (a planted fault of the same shape, which only numbers can reveal); returns the node."""
+    graph = onnx.load(str(path))
+    node = next(n for n in graph.graph.node if n.op_type == op_type)
+    weight = next(i for i in graph.graph.initializer if i.name == node.input[1])
+    values = numpy_helper.to_array(weight).copy()
+    values[[0, 1]] = values[[1, 0]]
+    weight.CopyFrom(numpy_helper.from_array(values, weight.name))
+    onnx.save(graph, str(path))
+    return node
+
+
 def test_runners_share_one_interface(cnn_artifact):
     images = ep.zoo.testset("cnn-digits")[0][:1].numpy()
     ort_runner = OnnxRuntimeRunner(cnn_artifact.path, threads=1).load()
@@ -139,14 +152,8 @@ def test_a_corrupted_conv_weight_is_charged_to_the_conv_its_batchnorm_was_folded
         model.bn.running_var.uniform_(0.5, 2)
     example = torch.randn(1, 3, 8, 8)
     path = ep.export(model, example, out=tmp_path)["onnx"].path
-    graph = onnx.load(str(path))
-    conv = next(node for node in graph.graph.node if node.op_type == "Conv")
-    assert not any(node.op_type == "BatchNormalization" for node in graph.graph.node)  # folded
-    weight = next(i for i in graph.graph.initializer if i.name == conv.input[1])
-    values = numpy_helper.to_array(weight).copy()
-    values[[0, 1]] = values[[1, 0]]
-    weight.CopyFrom(numpy_helper.from_array(values, weight.name))
-    onnx.save(graph, str(path))
+    assert not any(node.op_type == "BatchNormalization" for node in onnx.load(str(path)).graph.node)  # folded
+    conv = swap_weight_rows(path, "Conv")
     with pytest.warns(ep.EdgeportWarning, match="changed since edgeport exported"):
         report = ep.verify(path, model, [example], localize=True)
     first = report.localization[0].first
@@ -294,13 +301,7 @@ def test_a_corrupted_last_layer_is_localized_to_it(tmp_path):
     """The file names its graph output `output_0`, torch's graph `linear`: the classifier
     was compared with nothing, and a corrupted classifier showed no departure."""
     path = ep.export("cnn-digits", out=tmp_path)["onnx"].path
-    graph = onnx.load(str(path))
-    gemm = next(node for node in graph.graph.node if node.op_type == "Gemm")
-    weight = next(i for i in graph.graph.initializer if i.name == gemm.input[1])
-    values = numpy_helper.to_array(weight).copy()
-    values[[0, 1]] = values[[1, 0]]
-    weight.CopyFrom(numpy_helper.from_array(values, weight.name))
-    onnx.save(graph, str(path))
+    swap_weight_rows(path, "Gemm")
     with pytest.warns(ep.EdgeportWarning, match="changed since edgeport exported"):
         report = ep.verify(path, ep.zoo.load("cnn-digits"), [ep.zoo.testset("cnn-digits")[0][:2]], localize=True)
     first = report.localization[0].first
