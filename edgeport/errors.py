@@ -5,6 +5,7 @@ Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import math
 import re
 
 
@@ -49,6 +50,14 @@ class EdgeportWarning(UserWarning):
 
 
 ENVIRONMENT_PROBLEMS: list[str] = []  # malformed settings read at import; the CLI refuses to run with them
+
+
+def finite_at_least(value: object, least: float, strictly: bool = False) -> bool:
+    """Whether `value` is a finite real number (not a bool) above `least`, or equal to it unless
+    `strictly`: the check of a figure a user or a file gives, where NaN compares False both ways
+    and would slip past `value < least`."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and (value > least or (value == least and not strictly)))
 
 
 def first_line(error: BaseException) -> str:

@@ -15,7 +15,6 @@ import dataclasses
 import gc
 import inspect
 import logging
-import math
 import os
 import re
 import warnings
@@ -34,7 +33,7 @@ from edgeport.core import (NOISE_FLOOR_CAP, NOISE_FLOOR_MULTIPLE, SIDECAR_SUFFIX
                            forward_parameters, image_range, input_names, is_image, random_feeds, second_size_feeds,
                            vocabulary_size)
 from edgeport.errors import (BackendUnavailable, CheckFailed, EdgeportError, EdgeportWarning, EverythingLeftFloat,
-                             UserError)
+                             UserError, finite_at_least)
 from edgeport.load import load_model, load_weights  # noqa: F401  (part of the SDK)
 from edgeport.quant.config import QuantConfig
 from edgeport.runtime.report import Profile
@@ -187,18 +186,16 @@ def verify_at_second_size(artifact: Artifact, model: torch.nn.Module, args: tupl
     size, where a dynamic axis that the graph pins in fact passes as well. Returns what was
     checked; a failure raises CheckFailed. A size the torch model itself refuses is not one the
     artifact owes: then three fewer, and else the line says that no other size was checked."""
-    names = input_names(model, len(args))
-    feeds, sizes = second_size_feeds(model, args, names, dynamic_axes)
-    for candidate in (feeds, second_size_feeds(model, args, names, dynamic_axes, ranges={
-            symbol: (1, size - 4) for symbol, size in sizes.items()})[0]):
-        batch = tuple(torch.from_numpy(candidate[0][n]) for n in names)
+    names, ranges = input_names(model, len(args)), None
+    for _ in ("three more", "three fewer"):
+        feeds, sizes = second_size_feeds(model, args, names, dynamic_axes, ranges)
+        batch = tuple(torch.from_numpy(feeds[0][n]) for n in names)
         try:
             with torch.no_grad():
                 model(*batch)
         except Exception:  # the model's own limit (a position table): not the artifact's
+            ranges = {symbol: (1, size - 4) for symbol, size in sizes.items()}  # below the example's size
             continue
-        sizes = {symbol: candidate[0][name].shape[axis] for name, axes in dynamic_axes.items() if name in names
-                 for axis, symbol in axes.items()}
         shown = ", ".join(f"{symbol}={size}" for symbol, size in sizes.items())
         failed = (f"{artifact.path.name} passes at the example's size but fails at {shown}, a size its dynamic "
                   f"axes promise")
@@ -626,8 +623,7 @@ def profile(target: str | Path | Artifact | torch.nn.Module, backend: str = "onn
         raise UserError(f"runs must be positive and warm-up non-negative (got runs={runs}, warmup={warmup})")
     seconds = {"warmup_s": warmup_s, "min_duration_s (--min-duration)": min_duration_s,
                "energy_window_s": energy_window_s, "idle_s": idle_s}
-    wrong = {name: value for name, value in seconds.items() if isinstance(value, bool)
-             or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0}
+    wrong = {name: value for name, value in seconds.items() if not finite_at_least(value, 0)}
     if wrong:  # checked before any run: on a machine without a meter a bad energy window would pass unseen
         raise UserError(f"{', '.join(wrong)} must be finite seconds, 0 or more (got "
                         f"{', '.join(repr(v) for v in wrong.values())})")

@@ -18,7 +18,6 @@ import gc
 import hashlib
 import json
 import logging
-import math
 import os
 import platform
 import time
@@ -31,7 +30,7 @@ from typing import Callable
 
 import numpy as np
 
-from edgeport.errors import UserError
+from edgeport.errors import UserError, finite_at_least
 
 CATALOG = Path(__file__).with_name("catalog.toml")
 log = logging.getLogger(__name__)  # the host calibration takes seconds on first use
@@ -83,14 +82,6 @@ class Device:
         return self.peak[self.peak_precision(precision)] * 1e12
 
 
-def _positive(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-
-
-def _non_negative(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
-
-
 def check_device(device: Device) -> Device:
     """`device` itself if its figures can price a model; else a UserError naming the device and
     the figure. Peaks (TOPS/TFLOPS), bandwidth (GB/s) and active power (W) must be finite and
@@ -102,17 +93,17 @@ def check_device(device: Device) -> Device:
         problems.append(f"peak {device.peak!r} lists no precision (e.g. peak = {{ fp32 = 1.0 }}, in TOPS)")
     else:
         problems += [f"peak {p} = {v!r} TOPS is not a finite positive number"
-                     for p, v in device.peak.items() if not _positive(v)]
-    for figure, unit, ok in (("memory_bandwidth_gbs", "GB/s", _positive), ("active_w", "W", _positive),
-                             ("idle_w", "W", _non_negative), ("node_overhead_us", "µs", _non_negative)):
+                     for p, v in device.peak.items() if not finite_at_least(v, 0, strictly=True)]
+    for figure, unit, strictly in (("memory_bandwidth_gbs", "GB/s", True), ("active_w", "W", True),
+                                   ("idle_w", "W", False), ("node_overhead_us", "µs", False)):
         value = getattr(device, figure)
-        if not ok(value):
-            kind = "positive" if ok is _positive else "non-negative"
-            problems.append(f"{figure} = {value!r} {unit} is not a finite {kind} number")
+        if not finite_at_least(value, 0, strictly):
+            problems.append(f"{figure} = {value!r} {unit} is not a finite {'positive' if strictly else 'non-negative'} "
+                            f"number")
     efficiency = device.efficiency if isinstance(device.efficiency, dict) else {}
     for kind in ("compute", "memory"):
         value = efficiency.get(kind)
-        if not (_positive(value) and value <= 1):
+        if not (finite_at_least(value, 0, strictly=True) and value <= 1):
             problems.append(f"efficiency {kind} = {value!r} is not a fraction above 0 and at most 1")
     if not problems and device.idle_w >= device.active_w:  # no energy left for the work: net 0 or below
         problems.append(f"idle_w = {device.idle_w!r} W is not below active_w = {device.active_w!r} W")

@@ -14,7 +14,6 @@ and the profiler then reports energy as unavailable, with the reason.
 """
 from __future__ import annotations
 
-import math
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from edgeport.errors import EdgeportError, UserError
+from edgeport.errors import EdgeportError, UserError, finite_at_least
 
 SAMPLE_INTERVAL_S = 0.05
 SAMPLER_THREAD = "edgeport-energy-sampler"  # the thread that polls a meter while a window is open
@@ -49,8 +48,7 @@ def _finite_at_least(value: float, least: float, what: str, strictly: bool = Fal
     """`value` if it is a finite number above `least` (or equal to it unless `strictly`); else a
     UserError naming `what`: a NaN bound would let every reading through, an infinite window never
     closes, and a window of NaN seconds holds no inference to divide by."""
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not number or not math.isfinite(value) or value < least or (strictly and value == least):
+    if not finite_at_least(value, least, strictly):
         bound = f"above {least:g}" if strictly else f"{least:g} or more"
         raise UserError(f"{what} must be a finite number {bound}, not {value!r}")
     return value

@@ -102,8 +102,9 @@ def median_ci(sorted_samples: np.ndarray, block_medians: list[float] | None = No
     less than 95 %, which `validity` flags) covers sampling noise within one run; with
     `block_medians` (one per session), it is widened to a Student-t interval on their spread,
     which covers what changes between sessions (memory layout, thread placement): without it,
-    two profiles of one model would disagree beyond their intervals. The spread is taken on the logarithm of the session medians (latency noise
-    multiplies), so that the interval stays above zero however few and scattered they are.
+    two profiles of one model would disagree beyond their intervals. The spread is taken on the
+    logarithm of the session medians (latency noise multiplies), so that the interval stays
+    above zero however few and scattered they are.
     """
     low, high = median_order_statistics(len(sorted_samples))
     lo, hi = float(sorted_samples[low]), float(sorted_samples[high])
